@@ -1,0 +1,189 @@
+"""The coordinator's rounds: sample devices, aggregate with a built-in Flower strategy, evaluate, record.
+
+The round loop calls the strategy's own ``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
+``aggregate_evaluate`` (Flower's aggregation, not ours) and adds what ``Strategy.start`` lacks: a checkpoint
+of the global model after every round, resume after a crash, per-round JSONL, a progress display, and the
+server-side evaluation on held-out speakers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from server.report import MetricsLog, write_report
+from shared.config import RunConfig, StrategyConfig
+from shared.data.corpora import Utterance, read_speakers_tsv
+from shared.data.dataset import FeatureCache
+from shared.data.prepare import Prepared, prepare
+from shared.metrics import ErrorCounts
+from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.transducer import Transducer
+from shared.training import score
+
+__all__ = ["make_strategy", "run_federation", "sum_error_counts"]
+
+log = logging.getLogger("chorus.server")
+
+
+def sum_error_counts(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Evaluation aggregation: pool word-error counts (exact WER), not a weighted mean of device WERs."""
+    errors = sum(int(r["metrics"]["word-errors"]) for r in records)
+    words = sum(int(r["metrics"]["words"]) for r in records)
+    examples = sum(int(r["metrics"][weighted_by_key]) for r in records)
+    return MetricRecord({"word-errors": errors, "words": words, "num-examples": examples,
+                         "wer": errors / words if words else 0.0})
+
+
+def make_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
+    common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                                  min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
+                                  min_available_nodes=cfg.min_available_nodes,
+                                  evaluate_metrics_aggr_fn=sum_error_counts)
+    if cfg.name == "fedavg":
+        return flwr_strategy.FedAvg(**common)
+    if cfg.name == "fedavgm":
+        return flwr_strategy.FedAvgM(**common, server_learning_rate=cfg.server_lr)
+    if cfg.name == "fedadam":
+        return flwr_strategy.FedAdam(**common, eta=cfg.server_lr)
+    if cfg.name == "fedyogi":
+        return flwr_strategy.FedYogi(**common, eta=cfg.server_lr)
+    if cfg.name == "fedadagrad":
+        return flwr_strategy.FedAdagrad(**common, eta=cfg.server_lr)
+    if cfg.name == "fedmedian":
+        return flwr_strategy.FedMedian(**common)
+    if cfg.name == "fedtrimmedavg":
+        return flwr_strategy.FedTrimmedAvg(**common)
+    raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose fedavg, fedavgm, fedadam, fedyogi, "
+                     f"fedadagrad, fedmedian or fedtrimmedavg")
+
+
+def _heldout_utterances(prepared: Prepared, budget: int) -> list[Utterance]:
+    """An even spread of utterances over the held-out speakers, so every speaker counts in each round."""
+    by_speaker = prepared.corpus.by_speaker()
+    per_speaker = max(1, budget // max(1, len(prepared.split.heldout)))
+    return [u for s in prepared.split.heldout for u in by_speaker.get(s, [])[:per_speaker]]
+
+
+def _initial_model(cfg: RunConfig) -> Transducer:
+    if cfg.model.init_checkpoint:
+        return load_checkpoint(cfg.model.init_checkpoint, expect=cfg.model).build()
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model)
+
+
+def _replies_ok(replies: Iterable[Message]) -> tuple[list[Message], int]:
+    replies = list(replies)
+    failures = [m for m in replies if m.has_error()]
+    for m in failures:
+        log.warning("device %s failed: %s", m.metadata.src_node_id, m.error.reason)
+    return [m for m in replies if not m.has_error()], len(failures)
+
+
+def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
+                utterances: list[Utterance]) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluation harness only: held-out WER grouped by the hidden attributes in speakers.tsv."""
+    attributes = read_speakers_tsv(prepared.corpus.root)
+    if not attributes:
+        return {}
+    speaker_of = {u.id: u.speaker for u in utterances}
+    columns = [c for c in next(iter(attributes.values())) if c in ("accent", "gender", "age_group", "age",
+                                                                    "channel_rate")]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for column in columns:
+        groups: dict[str, tuple[ErrorCounts, set[str]]] = {}
+        for uid, counts in per_utt.items():
+            speaker = speaker_of[uid]
+            value = attributes.get(speaker, {}).get(column, "?")
+            total, speakers = groups.get(value, (ErrorCounts(0, 0, 0), set()))
+            groups[value] = (total + counts, speakers | {speaker})
+        out[column] = {v: {"wer": c.wer, "words": c.words, "speakers": len(s)} for v, (c, s) in groups.items()
+                       if c.words}
+    return out
+
+
+def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Run ``cfg.num_server_rounds`` rounds (or finish them, with ``resume``); returns the run directory."""
+    prepared = prepare(cfg)
+    run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = cfg.workdir_path / "runs" / run_id
+    ckpt_dir = run_dir / "checkpoints"
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    (run_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1, sort_keys=True) + "\n")
+
+    model = _initial_model(cfg)
+    first_round = 1
+    if resume and (ckpt_dir / "global.pt").exists():
+        ckpt = load_checkpoint(ckpt_dir / "global.pt", expect=cfg.model)
+        load_state(model, ckpt.state_dict, source=str(ckpt_dir / "global.pt"))
+        first_round = int(ckpt.meta["round"]) + 1
+        kept = [r for r in metrics.records() if r["round"] < first_round]
+        metrics.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        log.info("resuming run %s after round %d", run_id, first_round - 1)
+    else:
+        metrics.path.unlink(missing_ok=True)
+        save_checkpoint(ckpt_dir / "initial.pt", model, cfg.model, round=0)
+
+    strategy = make_strategy(cfg.strategy)
+    heldout = _heldout_utterances(prepared, cfg.eval.heldout_utterances)
+    features = FeatureCache(prepared.corpus, prepared.cmvn)
+    arrays = ArrayRecord(model.state_dict())
+
+    def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
+        load_state(model, arrays.to_torch_state_dict(), source="aggregated global model")
+        return score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
+
+    if first_round == 1:
+        counts, _ = evaluate_heldout()
+        metrics.append({"round": 0, "heldout_wer": counts.wer, "heldout_words": counts.words, "seconds": 0.0})
+
+    columns = [TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}")]
+    per_utt: dict[str, ErrorCounts] = {}
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=first_round - 1, status="")
+        for server_round in range(first_round, cfg.num_server_rounds + 1):
+            start = time.monotonic()
+            train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            train_ok, train_failed = _replies_ok(grid.send_and_receive(train_msgs, timeout=cfg.strategy.timeout))
+            train_failed += len(train_msgs) - len(train_ok) - train_failed  # devices that never answered
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, train_ok)
+            if new_arrays is not None:
+                arrays = new_arrays
+            eval_msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            eval_ok, eval_failed = _replies_ok(grid.send_and_receive(eval_msgs, timeout=cfg.strategy.timeout))
+            device_eval = strategy.aggregate_evaluate(server_round, eval_ok)
+            counts, per_utt = evaluate_heldout()
+            record = {
+                "round": server_round,
+                "train_loss": None if train_metrics is None else float(train_metrics["train-loss"]),
+                "train_replies": len(train_ok), "train_failures": train_failed,
+                "eval_replies": len(eval_ok), "eval_failures": eval_failed,
+                "device_wer": None if device_eval is None else float(device_eval["wer"]),
+                "device_words": None if device_eval is None else int(device_eval["words"]),
+                "heldout_wer": counts.wer, "heldout_words": counts.words,
+                "seconds": round(time.monotonic() - start, 3),
+            }
+            save_checkpoint(ckpt_dir / "global.pt", model, cfg.model, round=server_round, run_id=run_id)
+            metrics.append(record)
+            progress.update(task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  "
+                                                    f"held-out WER {counts.wer:.3f}")
+            log.info("round %d: %s", server_round, json.dumps(record, sort_keys=True))
+
+    if not per_utt:  # resumed after the last round: evaluate once for the report
+        _, per_utt = evaluate_heldout()
+    report = write_report(run_dir, title=f"Chorus federated run {run_id}", config=cfg.to_flat(),
+                          records=metrics.records(), breakdowns=_breakdowns(prepared, per_utt, heldout))
+    print(f"Report: {report}")
+    return run_dir

@@ -1,0 +1,180 @@
+"""The one typed run configuration of Chorus.
+
+Flower hands every app a flat ``run_config`` dict: ``[tool.flwr.app.config]`` of pyproject.toml with
+``--run-config`` overrides fused in, nested keys flattened with dots, values bool/int/float/str only.
+``RunConfig.from_flat`` turns that dict into frozen dataclasses exactly once, rejecting unknown keys and
+wrong types with the key's name, so a typo in an override fails loudly instead of being ignored.
+
+Every default here is also written in pyproject.toml (a test keeps the two equal), because Flower only
+accepts ``--run-config`` keys that exist there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "RunConfig", "SynthConfig", "SplitConfig", "ModelConfig", "TrainConfig",
+           "EvalConfig", "StrategyConfig"]
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, or its value has the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    speakers: int = 60  # enough for 20 federated clients plus public and held-out speakers
+    utterances: int = 40  # per speaker: ~30 to fine-tune on, ~10 to evaluate locally
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    # Public speakers pretrain centrally and train the tokenizer/CMVN; they never join the federation.
+    public_speakers: int = 24
+    # Held-out speakers are never trained on: the server scores the global model on them each round.
+    heldout_speakers: int = 16
+    # Share of each device's own utterances kept aside for its local evaluation.
+    local_eval_fraction: float = 0.25
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "transformer"  # transformer | sliding-window
+    d_model: int = 144
+    num_layers: int = 6
+    num_heads: int = 4
+    ffn_dim: int = 576
+    left_context: int = 64  # encoder frames (40 ms each): 2.56 s of history
+    dropout: float = 0.1
+    vocab_size: int = 256
+    init_checkpoint: str = ""  # "" = random init; else a `chorus train` checkpoint to start from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 8  # optimizer steps per device per round
+    lr: float = 1e-3
+    batch_frames: int = 4000  # padded feature frames per batch (B x T): bounds device memory
+    spec_augment: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    heldout_utterances: int = 120  # server-side evaluation budget per round (utterances)
+    beam: int = 1  # 1 = greedy search
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | fedmedian | fedtrimmedavg
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    server_lr: float = 0.01  # eta of FedAdam/FedYogi/FedAdagrad; server learning rate of FedAvgM
+    timeout: float = 3600.0  # seconds the server waits for device replies in one phase of a round
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int = 3
+    # Where corpora, artifacts (tokenizer, CMVN, checkpoints) and runs/ live. "" means $CHORUS_HOME, else
+    # the current directory. `flwr run` executes the app from an installed copy, so pass an absolute path.
+    workdir: str = ""
+    run_id: str = ""  # "" = a timestamp chosen by the server
+    resume: bool = False  # continue run `run-id` from its last completed round
+    corpus: str = "synth"  # "synth" = the default synthetic corpus; else a corpus directory
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    @property
+    def workdir_path(self) -> Path:
+        root = self.workdir or os.environ.get("CHORUS_HOME", "") or "."
+        return Path(root).expanduser().resolve()
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run_config (keys like ``model.d-model``); unknown keys are errors."""
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            parts = key.replace("-", "_").split(".")
+            node = nested
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"run config key {key!r}: {parts[0]!r} is not a section")
+            node[parts[-1]] = value
+        return _build(cls, nested, prefix="")
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """The inverse of ``from_flat``: kebab-case dotted keys, as in pyproject.toml."""
+        flat: dict[str, bool | int | float | str] = {}
+        _flatten(self, "", flat)
+        return flat
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        names = ", ".join(repr(_kebab(prefix + name)) for name in unknown)
+        raise ConfigError(f"unknown run config key(s) {names}; known: "
+                          + ", ".join(sorted(_kebab(prefix + k) for k in known)))
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = _kebab(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"run config key {key!r} is a section, got value {value!r}")
+            kwargs[name] = _build(hint, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    if isinstance(hint, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"run config key {key!r} must be {hint.__name__}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, bool | int | float | str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _flatten(value, prefix + f.name + ".", out)
+        else:
+            out[_kebab(prefix + f.name)] = value
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,150 @@
+"""From a run config to everything a device or the server needs: corpus, speaker split, tokenizer, CMVN.
+
+Speakers are split three ways, disjointly:
+    public     pretraining, the tokenizer's text and the CMVN statistics (the "public" data a vendor owns)
+    federated  one device each; their audio never leaves the device
+    heldout    never trained on; the server scores every global model on them
+
+``prepare`` (server / CLI) builds the artifacts once and caches them; ``open_prepared`` (devices) only loads
+them, so many simulated devices starting at once never race to write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from shared.config import RunConfig
+from shared.data.corpora import Corpus, Utterance, load_corpus
+from shared.data.dataset import FeatureCache
+from shared.data.features import GlobalCMVN
+from shared.data.tokenizer import Tokenizer
+
+__all__ = ["SpeakerSplit", "Prepared", "split_speakers", "prepare", "open_prepared", "corpus_dir",
+           "local_split"]
+
+# How many public utterances estimate the global CMVN: plenty for 80 means and variances.
+_CMVN_UTTERANCES = 400
+# Extra public text for the tokenizer on the synthetic corpus: the command grammar is public knowledge.
+_GRAMMAR_SENTENCES = 5000
+
+
+class PrepareError(ValueError):
+    """The corpus cannot be split or prepared as configured."""
+
+
+@dataclass(frozen=True)
+class SpeakerSplit:
+    public: tuple[str, ...]
+    federated: tuple[str, ...]
+    heldout: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    corpus: Corpus
+    split: SpeakerSplit
+    tokenizer: Tokenizer
+    cmvn: GlobalCMVN
+    artifacts: Path
+
+    def speaker_for_partition(self, partition_id: int) -> str:
+        """Simulation: node partition-id -> the one federated speaker whose device it plays."""
+        if not 0 <= partition_id < len(self.split.federated):
+            raise PrepareError(f"partition-id {partition_id} is out of range: the corpus has "
+                               f"{len(self.split.federated)} federated speakers (0..{len(self.split.federated) - 1})")
+        return self.split.federated[partition_id]
+
+
+def split_speakers(speakers: Sequence[str], *, public: int, heldout: int, seed: int) -> SpeakerSplit:
+    """A seeded shuffle of the speakers, cut into public / held-out / federated."""
+    if public < 1 or heldout < 1 or public + heldout >= len(speakers):
+        raise PrepareError(f"cannot split {len(speakers)} speakers into split.public-speakers={public}, "
+                           f"split.heldout-speakers={heldout} and at least one federated speaker")
+    order = sorted(speakers)
+    random.Random(seed).shuffle(order)
+    return SpeakerSplit(public=tuple(sorted(order[:public])),
+                        heldout=tuple(sorted(order[public:public + heldout])),
+                        federated=tuple(sorted(order[public + heldout:])))
+
+
+def local_split(utterances: Sequence[Utterance], eval_fraction: float) -> tuple[list[Utterance], list[Utterance]]:
+    """A device's own utterances -> (train, local eval); deterministic, at least one of each when possible."""
+    ordered = sorted(utterances, key=lambda u: u.id)
+    n_eval = min(len(ordered) - 1, max(1, round(len(ordered) * eval_fraction))) if len(ordered) > 1 else 0
+    return ordered[n_eval:], ordered[:n_eval]
+
+
+def corpus_dir(cfg: RunConfig) -> Path:
+    if cfg.corpus == "synth":
+        s = cfg.synth
+        return cfg.workdir_path / "data" / f"synth-seed{s.seed}-{s.speakers}x{s.utterances}"
+    path = Path(cfg.corpus).expanduser()
+    return path if path.is_absolute() else (cfg.workdir_path / path).resolve()
+
+
+def _artifact_dir(cfg: RunConfig) -> Path:
+    sp = cfg.split
+    return cfg.workdir_path / "artifacts" / f"{corpus_dir(cfg).name}-p{sp.public_speakers}-h{sp.heldout_speakers}-s{sp.seed}"
+
+
+def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
+    """Synthesize (if needed), split, and build the tokenizer and CMVN artifacts; cached on disk."""
+    root = corpus_dir(cfg)
+    if cfg.corpus == "synth":
+        from shared.data.synth import synthesize  # espeak-ng is only needed for the default corpus
+
+        synthesize(root, speakers=cfg.synth.speakers, utterances=cfg.synth.utterances, seed=cfg.synth.seed,
+                   progress=progress)
+    corpus = load_corpus(root)
+    split = split_speakers(corpus.speakers(), public=cfg.split.public_speakers,
+                           heldout=cfg.split.heldout_speakers, seed=cfg.split.seed)
+    artifacts = _artifact_dir(cfg)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(artifacts / "split.json", {"public": split.public, "federated": split.federated,
+                                                  "heldout": split.heldout})
+    by_speaker = corpus.by_speaker()
+    public_utts = [u for s in split.public for u in by_speaker.get(s, [])]
+
+    tok_path = artifacts / f"tokenizer-{cfg.model.vocab_size}.model"
+    if not tok_path.exists():
+        texts = [u.text for u in public_utts]
+        if cfg.corpus == "synth":
+            from shared.data.commands import sample_sentences
+
+            texts += sample_sentences(_GRAMMAR_SENTENCES, seed=cfg.synth.seed + 1)
+        Tokenizer.train(texts, tok_path, vocab_size=cfg.model.vocab_size)
+
+    cmvn_path = artifacts / "cmvn.json"
+    if not cmvn_path.exists():
+        sample = public_utts[:: max(1, len(public_utts) // _CMVN_UTTERANCES)]
+        raw = FeatureCache(corpus, None, max_items=0)  # raw fbank, skipping (and counting) bad files
+        cmvn = GlobalCMVN.fit(f for f in (raw.features(u) for u in sample) if f is not None)
+        tmp = cmvn_path.with_suffix(".tmp")
+        cmvn.save(tmp)
+        tmp.replace(cmvn_path)
+    return open_prepared(cfg)
+
+
+def open_prepared(cfg: RunConfig) -> Prepared:
+    """Load what ``prepare`` built; a clear error if it has not run (devices never build artifacts)."""
+    root = corpus_dir(cfg)
+    artifacts = _artifact_dir(cfg)
+    tok_path = artifacts / f"tokenizer-{cfg.model.vocab_size}.model"
+    for needed in (artifacts / "split.json", tok_path, artifacts / "cmvn.json"):
+        if not needed.exists():
+            raise PrepareError(f"{needed} is missing: run `chorus data prepare` (or let the server prepare) "
+                               f"for corpus {root} first")
+    split_json = json.loads((artifacts / "split.json").read_text())
+    split = SpeakerSplit(**{k: tuple(v) for k, v in split_json.items()})
+    return Prepared(corpus=load_corpus(root, validate=False), split=split, tokenizer=Tokenizer.load(tok_path),
+                    cmvn=GlobalCMVN.load(artifacts / "cmvn.json"), artifacts=artifacts)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)

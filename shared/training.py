@@ -1,0 +1,98 @@
+"""The training step and the scoring loop that central pretraining, devices and the server all share.
+
+Plain PyTorch, no Flower: a device's local fine-tuning, `chorus train` and the server's held-out evaluation
+call these same functions, so a model is trained and scored the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from shared.data.corpora import Utterance
+from shared.data.dataset import Batch, FeatureCache, make_batches
+from shared.data.features import spec_augment
+from shared.data.tokenizer import Tokenizer
+from shared.metrics import ErrorCounts, error_counts
+from shared.models.transducer import Transducer
+
+__all__ = ["StepStats", "train_steps", "transcribe", "score"]
+
+# Transducer gradients spike early in training; clipping keeps a few local steps from wrecking a good model.
+GRAD_CLIP_NORM = 5.0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # mean per-token transducer loss over the steps taken
+    steps: int
+    utterances: int  # utterance visits (with repeats) that produced gradients
+    compute_cost: float  # mean expected encoder compute share (1.0 for dense encoders)
+
+
+def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
+    if not batches:
+        raise ValueError("no training batches: every utterance was skipped or the device has no data")
+    while True:
+        yield from batches
+
+
+def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, optimizer: torch.optim.Optimizer,
+                spec_augment_seed: int | None = 0) -> StepStats:
+    """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None.
+
+    Loss per batch: summed transducer NLL / target tokens (a per-token loss whose scale does not depend on
+    batch composition).
+    """
+    model.train()
+    generator = torch.Generator().manual_seed(spec_augment_seed) if spec_augment_seed is not None else None
+    total_loss, total_cost, visits = 0.0, 0.0, 0
+    source = cycle(batches)
+    for _ in range(steps):
+        batch = next(source)
+        feats = batch.feats
+        if generator is not None:
+            feats = spec_augment(feats, batch.feat_lens, generator=generator)
+        out = model(feats, batch.feat_lens, batch.targets, batch.target_lens)
+        loss = out.loss_per_utt.sum() / batch.target_lens.sum().clamp(min=1)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite transducer loss {loss.item()} on batch {batch.ids[:3]}...")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        optimizer.step()
+        total_loss += loss.item()
+        total_cost += float(out.compute_cost)
+        visits += len(batch.ids)
+    return StepStats(loss=total_loss / max(steps, 1), steps=steps, utterances=visits,
+                     compute_cost=total_cost / max(steps, 1))
+
+
+@torch.no_grad()
+def transcribe(model: Transducer, batches: Sequence[Batch], tokenizer: Tokenizer, *, beam: int = 1) -> dict[str, str]:
+    """utterance id -> hypothesis text (greedy search for beam=1, beam search otherwise)."""
+    model.eval()
+    hyps: dict[str, str] = {}
+    for batch in batches:
+        if beam == 1:
+            tokens = model.greedy_search(batch.feats, batch.feat_lens)
+        else:
+            tokens = model.beam_search(batch.feats, batch.feat_lens, beam=beam)
+        hyps.update({uid: tokenizer.decode(t) for uid, t in zip(batch.ids, tokens)})
+    return hyps
+
+
+def score(model: Transducer, utterances: Sequence[Utterance], *, features: FeatureCache, tokenizer: Tokenizer,
+          beam: int = 1, batch_frames: int = 8000) -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
+    """Decode ``utterances`` and count word errors: (all together, per utterance id)."""
+    batches = make_batches(utterances, features=features, tokenizer=tokenizer, max_frames=batch_frames,
+                           shuffle=False, seed=0)
+    hyps = transcribe(model, batches, tokenizer, beam=beam)
+    per_utt = {u.id: error_counts([u.text], [hyps[u.id]]) for u in utterances if u.id in hyps}
+    total = ErrorCounts(0, 0, 0)
+    for counts in per_utt.values():
+        total = total + counts
+    return total, per_utt

@@ -1,0 +1,111 @@
+"""The `chorus` command line: one front door for data, simulation, training, benchmarks and devices."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shared.config import ConfigError, RunConfig
+
+app = typer.Typer(help="Chorus: federated edge learning for streaming speech recognition.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Corpora and artifacts.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Run-config override KEY=VALUE (keys as in pyproject's [tool.flwr.app.config]); repeatable.")]
+
+
+def _config(overrides: list[str] | None, **fixed: bool | int | float | str) -> RunConfig:
+    flat: dict[str, bool | int | float | str] = dict(RunConfig().to_flat())
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string
+        flat[key.strip()] = value
+    flat.update(fixed)
+    try:
+        return RunConfig.from_flat(flat)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/synth"),
+    speakers: Annotated[int, typer.Option(min=1)] = 200,
+    utterances: Annotated[int, typer.Option(min=1, help="Utterances per speaker.")] = 40,
+    seed: int = 7,
+    workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
+) -> None:
+    """Synthesize the default voice-assistant corpus (espeak-ng): audio, manifest.jsonl, speakers.tsv."""
+    from shared.data.synth import synthesize
+
+    path = synthesize(out, speakers=speakers, utterances=utterances, seed=seed, workers=workers)
+    typer.echo(f"Corpus: {path}")
+
+
+@data_app.command("prepare")
+def data_prepare(set_: SetOption = None) -> None:
+    """Synthesize (if needed), split speakers, train the tokenizer and fit CMVN for a run config."""
+    from shared.data.prepare import prepare
+
+    prepared = prepare(_config(set_))
+    split = prepared.split
+    typer.echo(f"Corpus {prepared.corpus.root}: {len(prepared.corpus.utterances)} utterances, "
+               f"{len(prepared.corpus.skipped)} skipped; speakers public {len(split.public)}, federated "
+               f"{len(split.federated)}, held-out {len(split.heldout)}; artifacts {prepared.artifacts}")
+
+
+@app.command("simulate")
+def simulate_cmd(
+    clients: Annotated[int, typer.Option(min=2, help="Simulated devices (one speaker each).")] = 20,
+    rounds: Annotated[int, typer.Option(min=1)] = 3,
+    run_id: Annotated[str, typer.Option(help="runs/<run-id>/ (default: a timestamp).")] = "",
+    resume: Annotated[bool, typer.Option(help="Finish run --run-id from its last completed round.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """A federated run in Flower's simulation engine (Ray) on the default corpus; writes runs/<id>/."""
+    from simulations.simulate import simulate
+
+    cfg = _config(set_, **{"num-server-rounds": rounds, "run-id": run_id, "resume": resume})
+    if cfg.corpus == "synth":
+        needed = clients + cfg.split.public_speakers + cfg.split.heldout_speakers
+        if cfg.synth.speakers < needed:
+            cfg = _config(set_, **{"num-server-rounds": rounds, "run-id": run_id, "resume": resume,
+                                   "synth.speakers": needed})
+    run_dir = simulate(cfg, num_supernodes=clients)
+    typer.echo(f"Report: {run_dir / 'report.md'}")
+
+
+@app.command("train")
+def train_cmd(
+    steps: Annotated[int, typer.Option(min=1)] = 3000,
+    run_id: Annotated[str, typer.Option(help="runs/<run-id>/ (default: train-<timestamp>).")] = "",
+    resume: Annotated[bool, typer.Option(help="Continue run --run-id from its last checkpoint.")] = False,
+    speakers: Annotated[str, typer.Option(help="public (default) or train (public + federated).")] = "public",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    eval_every: Annotated[int, typer.Option(min=1)] = 500,
+    set_: SetOption = None,
+) -> None:
+    """Central pretraining on the public speakers (checkpoints, resume, SpecAugment, held-out WER)."""
+    from datetime import datetime, timezone
+
+    from simulations.train import TrainPlan, train_central
+
+    cfg = _config(set_)
+    run_id = run_id or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers)
+    best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
+    typer.echo(f"Best checkpoint: {best}")
+
+
+if __name__ == "__main__":
+    app()

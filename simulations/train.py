@@ -1,0 +1,121 @@
+"""`chorus train`: central pretraining on the public speakers, the model that federation starts from.
+
+Checkpoints every ``ckpt_every`` steps hold the model, the optimizer, the step and the RNG states, so
+``--resume`` after a crash continues exactly where the last checkpoint left off. The held-out speakers score
+the model every ``eval_every`` steps; the best one is kept as ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from server.report import MetricsLog
+from shared.config import RunConfig
+from shared.data.dataset import FeatureCache, make_batches
+from shared.data.prepare import Prepared, prepare
+from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.transducer import Transducer
+from shared.training import score, train_steps
+
+__all__ = ["TrainPlan", "train_central"]
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    steps: int = 3000
+    peak_lr: float = 2e-3
+    warmup: int = 300  # transducers diverge without a warm-up at this learning rate
+    eval_every: int = 500
+    ckpt_every: int = 250
+    eval_utterances: int = 200
+    speakers: str = "public"  # public | train (public + federated: an upper bound, data a vendor never has)
+
+
+def _lr_at(step: int, plan: TrainPlan) -> float:
+    if step < plan.warmup:
+        return plan.peak_lr * (step + 1) / plan.warmup
+    progress = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
+    return plan.peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _train_speakers(prepared: Prepared, which: str) -> tuple[str, ...]:
+    if which == "public":
+        return prepared.split.public
+    if which == "train":
+        return prepared.split.public + prepared.split.federated
+    raise ValueError(f"speakers={which!r}: choose public or train")
+
+
+def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: bool = False,
+                  progress: bool = True) -> Path:
+    """Train ``plan.steps`` steps; returns the path of the best checkpoint (by held-out WER)."""
+    prepared = prepare(cfg, progress=progress)
+    by_speaker = prepared.corpus.by_speaker()
+    train_utts = [u for s in _train_speakers(prepared, plan.speakers) for u in by_speaker.get(s, [])]
+    heldout = [u for s in prepared.split.heldout for u in by_speaker.get(s, [])]
+    heldout = heldout[:: max(1, len(heldout) // plan.eval_utterances)][: plan.eval_utterances]
+    features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=len(train_utts) + len(heldout))
+    ckpt_dir = run_dir / "checkpoints"
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    (run_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_flat(), **{f"plan.{k}": v for k, v in
+                                                                            plan.__dict__.items()}}, indent=1))
+
+    torch.manual_seed(cfg.train.seed)
+    model: Transducer = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.peak_lr, weight_decay=1e-3)
+    step, best_wer = 0, float("inf")
+    if resume and (ckpt_dir / "last.pt").exists():
+        ckpt = load_checkpoint(ckpt_dir / "last.pt", expect=cfg.model)
+        load_state(model, ckpt.state_dict, source=str(ckpt_dir / "last.pt"))
+        optimizer.load_state_dict(ckpt.meta["optimizer"])
+        torch.set_rng_state(ckpt.meta["rng"])
+        step, best_wer = int(ckpt.meta["step"]), float(ckpt.meta["best_wer"])
+        kept = [r for r in metrics.records() if r["step"] <= step]
+        metrics.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    else:
+        metrics.path.unlink(missing_ok=True)
+
+    epoch = step // max(1, plan.ckpt_every)
+    columns = [TextColumn("[bold]central training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("train", total=plan.steps, completed=step, status="")
+        while step < plan.steps:
+            # Reshuffle at every checkpoint boundary, seeded by it, so a resumed run sees the same batches.
+            batches = make_batches(train_utts, features=features, tokenizer=prepared.tokenizer,
+                                   max_frames=cfg.train.batch_frames, shuffle=True, seed=cfg.train.seed + epoch)
+            chunk = min(plan.ckpt_every - step % plan.ckpt_every, plan.steps - step)
+            start = time.monotonic()
+            losses = []
+            for _ in range(chunk):
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(step, plan)
+                stats = train_steps(model, [batches[step % len(batches)]], steps=1, optimizer=optimizer,
+                                    spec_augment_seed=step if cfg.train.spec_augment else None)
+                losses.append(stats.loss)
+                step += 1
+                bar.update(task, completed=step, status=f"loss {stats.loss:.3f}")
+            record: dict[str, float | int | None] = {"step": step, "train_loss": sum(losses) / len(losses),
+                                                     "lr": _lr_at(step - 1, plan),
+                                                     "seconds": round(time.monotonic() - start, 2)}
+            if step % plan.eval_every == 0 or step == plan.steps:
+                counts, _ = score(model, heldout, features=features, tokenizer=prepared.tokenizer)
+                record["heldout_wer"] = counts.wer
+                if counts.wer < best_wer:
+                    best_wer = counts.wer
+                    save_checkpoint(ckpt_dir / "best.pt", model, cfg.model, step=step, heldout_wer=counts.wer)
+                bar.update(task, status=f"loss {record['train_loss']:.3f}  held-out WER {counts.wer:.3f}")
+            metrics.append(record)
+            epoch += 1
+            save_checkpoint(ckpt_dir / "last.pt", model, cfg.model, step=step, best_wer=best_wer,
+                            optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+    best = ckpt_dir / "best.pt"
+    return best if best.exists() else ckpt_dir / "last.pt"

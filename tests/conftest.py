@@ -1,0 +1,33 @@
+"""Shared fixtures: locations of the real corpora beside the checkout, and a tiny run config."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def real_corpus(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real corpus {path} is absent (it ships only beside the developers' checkout)")
+    return path
+
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (sudo apt-get install espeak-ng)")
+
+# A federation small enough for CI: 4 devices, 2 public and 2 held-out speakers, a 2-layer model.
+TINY_RUN = {
+    "synth.speakers": 8, "synth.utterances": 6, "synth.seed": 3,
+    "split.public-speakers": 2, "split.heldout-speakers": 2,
+    "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
+    "model.vocab-size": 128,
+    "train.local-steps": 2, "train.batch-frames": 3000,
+    "eval.heldout-utterances": 6,
+    "strategy.min-train-nodes": 4, "strategy.min-evaluate-nodes": 4, "strategy.min-available-nodes": 4,
+}
