@@ -37,7 +37,8 @@ def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: Devic
                            max_frames=cfg.train.batch_frames, shuffle=True, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     stats = train_steps(model, batches, steps=cfg.train.local_steps, optimizer=optimizer,
-                        spec_augment_seed=seed if cfg.train.spec_augment else None)
+                        spec_augment_seed=seed if cfg.train.spec_augment else None,
+                        compute_weight=cfg.train.compute_weight)
     return LocalUpdate(state_dict=model.state_dict(), loss=stats.loss, steps=stats.steps,
                        num_examples=sum(len(b.ids) for b in batches), compute_cost=stats.compute_cost,
                        skipped=len(data.features.skipped))

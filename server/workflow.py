@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,7 +152,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     columns = [TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}")]
     per_utt: dict[str, ErrorCounts] = {}
-    with Progress(*columns, transient=False) as progress:
+    # `flwr run --stream` relays our stdout line by line: a live bar only on a terminal, a line per round always.
+    with Progress(*columns, transient=False, disable=not sys.stdout.isatty()) as progress:
         task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=first_round - 1, status="")
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
@@ -179,7 +181,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             metrics.append(record)
             progress.update(task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  "
                                                     f"held-out WER {counts.wer:.3f}")
-            log.info("round %d: %s", server_round, json.dumps(record, sort_keys=True))
+            print(f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
+                  f"devices {len(train_ok)} ok / {train_failed} failed, device WER {record['device_wer']}, "
+                  f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)", flush=True)
 
     if not per_utt:  # resumed after the last round: evaluate once for the report
         _, per_utt = evaluate_heldout()

@@ -64,6 +64,9 @@ class TrainConfig:
     lr: float = 1e-3
     batch_frames: int = 4000  # padded feature frames per batch (B x T): bounds device memory
     spec_augment: bool = True
+    # lambda of Xie et al.'s compute-cost loss: loss = transducer + lambda * expected executed compute share.
+    # Only the amortized encoder's cost depends on its weights; for dense encoders the term is a constant.
+    compute_weight: float = 0.0
     seed: int = 0
 
 

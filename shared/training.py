@@ -41,11 +41,11 @@ def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
 
 
 def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, optimizer: torch.optim.Optimizer,
-                spec_augment_seed: int | None = 0) -> StepStats:
+                spec_augment_seed: int | None = 0, compute_weight: float = 0.0) -> StepStats:
     """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None.
 
     Loss per batch: summed transducer NLL / target tokens (a per-token loss whose scale does not depend on
-    batch composition).
+    batch composition) + ``compute_weight`` x the encoder's expected executed compute share (Xie et al.).
     """
     model.train()
     generator = torch.Generator().manual_seed(spec_augment_seed) if spec_augment_seed is not None else None
@@ -61,7 +61,7 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite transducer loss {loss.item()} on batch {batch.ids[:3]}...")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + compute_weight * out.compute_cost).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
         total_loss += loss.item()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
     epoch = step // max(1, plan.ckpt_every)
     columns = [TextColumn("[bold]central training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, disable=not (progress and sys.stdout.isatty())) as bar:
         task = bar.add_task("train", total=plan.steps, completed=step, status="")
         while step < plan.steps:
             # Reshuffle at every checkpoint boundary, seeded by it, so a resumed run sees the same batches.
@@ -99,7 +100,8 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, plan)
                 stats = train_steps(model, [batches[step % len(batches)]], steps=1, optimizer=optimizer,
-                                    spec_augment_seed=step if cfg.train.spec_augment else None)
+                                    spec_augment_seed=step if cfg.train.spec_augment else None,
+                                    compute_weight=cfg.train.compute_weight)
                 losses.append(stats.loss)
                 step += 1
                 bar.update(task, completed=step, status=f"loss {stats.loss:.3f}")
@@ -114,6 +116,8 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                     save_checkpoint(ckpt_dir / "best.pt", model, cfg.model, step=step, heldout_wer=counts.wer)
                 bar.update(task, status=f"loss {record['train_loss']:.3f}  held-out WER {counts.wer:.3f}")
             metrics.append(record)
+            if progress and not sys.stdout.isatty():  # no live bar in a log file: one line per checkpoint
+                print(json.dumps(record, sort_keys=True), flush=True)
             epoch += 1
             save_checkpoint(ckpt_dir / "last.pt", model, cfg.model, step=step, best_wer=best_wer,
                             optimizer=optimizer.state_dict(), rng=torch.get_rng_state())

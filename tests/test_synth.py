@@ -5,6 +5,8 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,19 @@ def test_narrowband_devices_have_no_energy_above_4_khz() -> None:
 
     assert share_above_4_khz(8_000) < 1e-4
     assert share_above_4_khz(16_000) > 1e-2
+
+
+@needs_espeak
+def test_rendering_keeps_espeak_timing() -> None:
+    """Resampling 22.05 -> 16 kHz must keep the duration (a wrong ratio would halve it)."""
+    speaker = sample_population(1, seed=0)[0]
+    text = "remind me to water the plants tomorrow morning"
+    voice, pitch, rate = speaker.espeak_voice, str(speaker.pitch), str(speaker.rate)
+    command = ["espeak-ng", "-v", voice, "-p", pitch, "-s", rate, "--stdout", text]
+    dry_samples, dry_rate = sf.read(BytesIO(subprocess.run(command, capture_output=True, check=True).stdout))
+    rendered = render_utterance(speaker, text, noise_seed=0)
+    reverberant_tail_s = speaker.device.rt60_s / 2
+    assert len(rendered) / SAMPLE_RATE == pytest.approx(len(dry_samples) / dry_rate + reverberant_tail_s, abs=0.01)
 
 
 def test_missing_espeak_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
