@@ -28,8 +28,7 @@ from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
-from shared.models.transducer import Transducer
+from shared.models.checkpoint import initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.training import score
 
 __all__ = ["make_strategy", "run_federation", "sum_error_counts"]
@@ -76,13 +75,6 @@ def _heldout_utterances(prepared: Prepared, budget: int) -> list[Utterance]:
     return [u for s in prepared.split.heldout for u in by_speaker.get(s, [])[:per_speaker]]
 
 
-def _initial_model(cfg: RunConfig) -> Transducer:
-    if cfg.model.init_checkpoint:
-        return load_checkpoint(cfg.model.init_checkpoint, expect=cfg.model).build()
-    torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model)
-
-
 def _replies_ok(replies: Iterable[Message]) -> tuple[list[Message], int]:
     replies = list(replies)
     failures = [m for m in replies if m.has_error()]
@@ -123,7 +115,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     (run_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1, sort_keys=True) + "\n")
 
-    model = _initial_model(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = initial_model(cfg.model)
     first_round = 1
     if resume and (ckpt_dir / "global.pt").exists():
         ckpt = load_checkpoint(ckpt_dir / "global.pt", expect=cfg.model)

@@ -47,7 +47,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "transformer"  # transformer | sliding-window
+    name: str = "transformer"  # transformer | sliding-window | amortized | convrnnt
     d_model: int = 144
     num_layers: int = 6
     num_heads: int = 4

@@ -65,7 +65,7 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
         total_loss += loss.item()
-        total_cost += float(out.compute_cost)
+        total_cost += float(out.compute_cost.detach())
         visits += len(batch.ids)
     return StepStats(loss=total_loss / max(steps, 1), steps=steps, utterances=visits,
                      compute_cost=total_cost / max(steps, 1))

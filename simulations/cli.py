@@ -14,6 +14,8 @@ app = typer.Typer(help="Chorus: federated edge learning for streaming speech rec
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora and artifacts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(help="Benchmarks (JSON on stdout, measured side by side in one run).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Run-config override KEY=VALUE (keys as in pyproject's [tool.flwr.app.config]); repeatable.")]
@@ -105,6 +107,21 @@ def train_cmd(
     plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers)
     best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
     typer.echo(f"Best checkpoint: {best}")
+
+
+@bench_app.command("compute")
+def bench_compute_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (minutes); numbers prove the pipeline only.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-compute[-quick]).")] = "",
+    reuse: Annotated[bool, typer.Option(help="Reuse models already trained under runs/<bench-id>/.")] = True,
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+) -> None:
+    """Dense vs sliding-window vs ConvRNN-T vs compute-amortized Transformer: WER, FLOPs, batch-1 RTF."""
+    from simulations.bench_compute import main
+
+    main(quick=quick, workdir=workdir.resolve(), bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
+         reuse=reuse, as_json=json_)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from server.report import MetricsLog
 from shared.config import RunConfig
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
-from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.checkpoint import initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
 
@@ -70,7 +70,7 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                                                                             plan.__dict__.items()}}, indent=1))
 
     torch.manual_seed(cfg.train.seed)
-    model: Transducer = build_model(cfg.model)
+    model: Transducer = initial_model(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.peak_lr, weight_decay=1e-3)
     step, best_wer = 0, float("inf")
     if resume and (ckpt_dir / "last.pt").exists():

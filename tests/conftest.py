@@ -31,3 +31,11 @@ TINY_RUN = {
     "eval.heldout-utterances": 6,
     "strategy.min-train-nodes": 4, "strategy.min-evaluate-nodes": 4, "strategy.min-available-nodes": 4,
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    # Tests run many small ops: one thread is faster than two fighting over a 2-core CI machine.
+    import torch
+
+    torch.set_num_threads(1)

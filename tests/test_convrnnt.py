@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -11,6 +13,15 @@ from torch import Tensor, nn
 from shared.models.convrnnt import ConvRNNTConfig, ConvRNNTEncoder, ConvRNNTState
 
 FEATURES = 80
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These tests run many tiny ops; on the shared 2-core machine intra-op threads only contend (up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from shared.config import ModelConfig
+from shared.models.amortized_transformer import AmortizedConfig, AmortizedTransformerEncoder
+from shared.models.convrnnt import ConvRNNTConfig, ConvRNNTEncoder
 from shared.models.transducer import Transducer, TransducerConfig
 from shared.models.transformer import CausalTransformerEncoder, TransformerConfig, sliding_window_config
 
-__all__ = ["CheckpointError", "Checkpoint", "build_model", "save_checkpoint", "load_checkpoint"]
+__all__ = ["MODEL_NAMES", "CheckpointError", "Checkpoint", "build_model", "load_state", "save_checkpoint",
+           "load_checkpoint", "initial_model"]
+
+MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")
 
 _FORMAT = "chorus-checkpoint-v1"
 # Sliding-window baseline (Xie et al.'s comparison): attention limited to this many past encoder frames.
@@ -39,9 +44,44 @@ def build_model(cfg: ModelConfig) -> Transducer:
         encoder: nn.Module = CausalTransformerEncoder(enc_cfg)
     elif cfg.name == "sliding-window":
         encoder = CausalTransformerEncoder(sliding_window_config(enc_cfg, window=SLIDING_WINDOW))
+    elif cfg.name == "amortized":
+        encoder = AmortizedTransformerEncoder(AmortizedConfig(base=enc_cfg))
+    elif cfg.name == "convrnnt":
+        encoder = ConvRNNTEncoder(convrnnt_config(cfg))
     else:
-        raise CheckpointError(f"model.name={cfg.name!r} is not a model; choose transformer or sliding-window")
+        raise CheckpointError(f"model.name={cfg.name!r} is not a model; choose one of {', '.join(MODEL_NAMES)}")
     return Transducer(encoder, TransducerConfig(vocab_size=cfg.vocab_size))
+
+
+def convrnnt_config(cfg: ModelConfig) -> ConvRNNTConfig:
+    """ConvRNN-T sized to match the transformer of the same ``d_model`` in parameters (within ~10%):
+    CNN widths 4/3 x d_model and LSTM width 2 x d_model (192 and 288 at the default d_model 144, 2.4 M)."""
+    channels = max(8, round(cfg.d_model * 4 / 3 / 8) * 8)
+    return ConvRNNTConfig(output_dim=cfg.d_model, local_channels=channels, global_channels=channels,
+                          lstm_hidden_size=2 * cfg.d_model, dropout=cfg.dropout)
+
+
+def initial_model(cfg: ModelConfig) -> Transducer:
+    """``build_model``, with ``cfg.init_checkpoint``'s weights when one is set.
+
+    An amortized model may start from a dense transformer checkpoint of the same sizes: its blocks take the
+    dense weights and only the arbitrators start fresh (gates start mostly on, so it starts as the dense model).
+    """
+    model = build_model(cfg)
+    if not cfg.init_checkpoint:
+        return model
+    ckpt = load_checkpoint(cfg.init_checkpoint)
+    source = ckpt.model_config
+    dense_to_amortized = cfg.name == "amortized" and source.name == "transformer"
+    if source.name != cfg.name and not dense_to_amortized:
+        raise CheckpointError(f"model.init-checkpoint {cfg.init_checkpoint} holds a {source.name!r} model, "
+                              f"model.name is {cfg.name!r}")
+    state = dict(ckpt.state_dict)
+    if dense_to_amortized:
+        own = model.state_dict()
+        state.update({k: v for k, v in own.items() if ".arbitrator." in k})
+    load_state(model, state, source=f"model.init-checkpoint {cfg.init_checkpoint}")
+    return model
 
 
 @dataclass

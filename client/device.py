@@ -1,0 +1,380 @@
+"""A device on its own: join a federation as a Flower SuperNode, or transcribe a recording as it streams.
+
+``chorus device join`` starts Flower 1.42's ``flower-supernode`` bound to this device's data:
+
+* ``--superlink HOST:PORT`` is the SuperLink's one HTTPS port; ``--root-certificates`` the CA that signed
+  its certificate; ``--auth-supernode-private-key`` this device's OpenSSH EC private key, whose public half
+  the operator registered (``chorus server start`` / ``flwr supernode register``). An unregistered key is
+  refused: the SuperNode logs "Exit Code: 305 ... Failed to activate SuperNode" and exits with status 1.
+* ``--node-config "data-dir='...' artifacts-dir='...'"``: Flower parses the value as TOML ``key=value``
+  pairs; single quotes make a TOML literal string, so paths need no escaping unless they contain a
+  single quote. The ClientApp reads both keys (``client.data.node_data``).
+* ``--port`` is the SuperNode's own Runtime API port (where its ClientApp processes connect): one per
+  SuperNode on a machine.
+
+``chorus device transcribe`` pushes audio through the on-device pipeline chunk by chunk, exactly as a
+microphone would: StreamingFbank -> global CMVN -> ``Transducer.stream``; it prints partial hypotheses as
+they grow, the final text, the real-time factor, and (amortized model) the share of encoder compute its
+gates skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+# torch, the model and the audio stack load inside `transcribe`: `chorus --help` and `device join` stay fast.
+if TYPE_CHECKING:
+    from shared.data.features import GlobalCMVN
+    from shared.data.tokenizer import Tokenizer
+
+__all__ = ["DeviceError", "Transcript", "device_cli", "node_config_arg", "start_supernode", "stop_supernode",
+           "transcribe"]
+
+
+class DeviceError(ValueError):
+    """A device command cannot run as asked; the message names the file, directory or address."""
+
+
+# -- joining a federation -----------------------------------------------------------------------------------
+
+def _toml_path(path: Path) -> str:
+    text = str(path)
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"  # TOML literal string: taken verbatim
+    if '"' not in text and "\\" not in text and "\n" not in text:
+        return f'"{text}"'
+    raise DeviceError(f"{text!r}: Flower's --node-config cannot carry a path with both quote kinds or a newline; "
+                      "move the directory")
+
+
+def node_config_arg(*, data_dir: Path, artifacts_dir: Path) -> str:
+    """The ``--node-config`` value binding a SuperNode to this device's data and the public artifacts."""
+    return f"data-dir={_toml_path(data_dir)} artifacts-dir={_toml_path(artifacts_dir)}"
+
+
+def _flower_executable(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise DeviceError(f"`{name}` is not installed in {Path(sys.executable).parent} or on PATH (pip install flwr)")
+    return found
+
+
+def _check_file(path: Path, what: str) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise DeviceError(f"{what} {path}: no such file")
+    return path
+
+
+def start_supernode(*, superlink: str, data_dir: Path, artifacts_dir: Path, root_cert: Path,
+                    auth_key: Path | None, port: int, host: str = "127.0.0.1", state_dir: Path | None = None,
+                    log_file: Path | None = None, max_retries: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``flower-supernode`` for this device (see the module docstring for the flags).
+
+    Its FLWR_HOME (where it unpacks the app) and log (default ``state_dir/supernode.log``) live in
+    ``state_dir`` (default ``data_dir/../.supernode-<port>``). It runs in its own session: stop it with
+    :func:`stop_supernode`. Returns at once.
+
+    Raises:
+        DeviceError: a directory or key/certificate file is missing, or the address has no port.
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    artifacts_dir = Path(artifacts_dir).expanduser().resolve()
+    for directory, what in ((data_dir, "data directory"), (artifacts_dir, "artifacts directory")):
+        if not directory.is_dir():
+            raise DeviceError(f"{what} {directory}: no such directory")
+    if ":" not in superlink:
+        raise DeviceError(f"--superlink {superlink!r}: expected HOST:PORT of the SuperLink")
+    root_cert = _check_file(root_cert, "root certificate")
+    state_dir = Path(state_dir or data_dir.parent / f".supernode-{port}").resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_file) if log_file is not None else state_dir / "supernode.log"
+    cmd = [_flower_executable("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_cert),
+           "--host", host, "--port", str(port),
+           "--node-config", node_config_arg(data_dir=data_dir, artifacts_dir=artifacts_dir)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(_check_file(auth_key, "SuperNode private key"))]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # flwr-clientapp by name
+    env["FLWR_HOME"] = str(state_dir / "flwr")
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=state_dir, start_new_session=True)
+
+
+def stop_supernode(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int | None:
+    """SIGTERM the SuperNode and the processes it started; SIGKILL what is left after ``timeout``.
+    Returns the SuperNode's exit status (None if it could not be reaped)."""
+    return _stop_tree(proc, timeout)
+
+
+# Process-tree helpers: the same as in server/deploy.py (client/ and server/ do not import each other).
+def _process_tree(pid: int) -> list[int]:
+    """``pid``'s live descendants, and Flower's detached helpers that name it with ``--parent-pid`` (a
+    SuperExec outlives a SuperNode that exits on its own, reparented away from it), with theirs (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+        if any(a == b"--parent-pid" and b == str(pid).encode() for a, b in zip(args, args[1:])):
+            children.setdefault(pid, []).append(int(entry.name))
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, []) if c not in found and c != pid]
+        found += frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_tree(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    pids = [proc.pid, *_process_tree(proc.pid)]
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc.poll() is None or any(_running(pid) for pid in pids[1:])):
+        time.sleep(0.1)
+    for pid in pids:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# -- streaming transcription --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Transcript:
+    """What :func:`transcribe` returns.
+
+    Attributes:
+        text: the final hypothesis.
+        audio_seconds: duration of the input.
+        compute_seconds: wall time spent in features, encoder and search (not in loading).
+        skipped_share: share of encoder sub-block executions the amortized model's gates skipped (0 for dense).
+        native_rate: the file's sample rate (resampled to 16 kHz when different).
+        model_name: the checkpoint's ``model.name``.
+    """
+
+    text: str
+    audio_seconds: float
+    compute_seconds: float
+    skipped_share: float
+    native_rate: int
+    model_name: str
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: compute time / audio time (below 1 keeps up with a live microphone)."""
+        return self.compute_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+
+def _load_artifacts(artifacts: Path, vocab_size: int) -> tuple[Tokenizer, GlobalCMVN]:
+    from shared.data.features import FeatureError, GlobalCMVN
+    from shared.data.tokenizer import Tokenizer, TokenizerError
+
+    artifacts = Path(artifacts).expanduser().resolve()
+    if not artifacts.is_dir():
+        raise DeviceError(f"artifacts directory {artifacts}: no such directory")
+    try:
+        return Tokenizer.load(artifacts / f"tokenizer-{vocab_size}.model"), GlobalCMVN.load(artifacts / "cmvn.json")
+    except (TokenizerError, FeatureError) as err:
+        raise DeviceError(f"{err} (expected the artifacts `chorus data prepare` wrote for "
+                          f"model.vocab-size={vocab_size})") from err
+
+
+def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int = 160,
+               on_partial: Callable[[str], None] | None = None) -> Transcript:
+    """Stream ``audio`` through the device pipeline in ``chunk_ms`` pieces; ``on_partial(text)`` is called each
+    time the hypothesis changes.
+
+    Raises:
+        DeviceError: a missing or unreadable audio file, checkpoint or artifact (the message names it), or a
+            bad ``chunk_ms``.
+    """
+    import numpy as np
+    import torch
+
+    from shared.data.audio import SAMPLE_RATE, AudioError, load_audio, probe_audio
+    from shared.data.features import StreamingFbank
+    from shared.models.checkpoint import CheckpointError, load_checkpoint
+
+    if chunk_ms < 10:
+        raise DeviceError(f"--chunk-ms {chunk_ms}: chunks must be at least 10 ms (one feature frame shift)")
+    audio = Path(audio).expanduser()
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise DeviceError(str(err)) from err
+    tokenizer, cmvn = _load_artifacts(artifacts, ckpt.model_config.vocab_size)
+    if tokenizer.vocab_size != ckpt.model_config.vocab_size:
+        raise DeviceError(f"tokenizer in {artifacts} has {tokenizer.vocab_size} pieces, checkpoint {checkpoint} "
+                          f"expects {ckpt.model_config.vocab_size}")
+    try:
+        native_rate = probe_audio(audio, resample=True)
+        samples = load_audio(audio, sample_rate=SAMPLE_RATE, resample=True)
+    except AudioError as err:
+        raise DeviceError(str(err)) from err
+
+    model = ckpt.build().eval()
+    gated = hasattr(model.encoder, "gate_stats")
+    if gated:
+        model.encoder.reset_gate_stats()
+    chunk = SAMPLE_RATE * chunk_ms // 1000
+    compute = 0.0
+    text = ""
+    fbank = StreamingFbank()
+    state = model.init_stream(batch_size=1)
+
+    def push(frames: np.ndarray) -> None:
+        nonlocal state, text
+        if frames.shape[0] == 0:
+            return
+        state = model.stream(torch.from_numpy(cmvn.apply(frames))[None], state)
+        new_text = tokenizer.decode(state.hypotheses[0])
+        if new_text != text:
+            text = new_text
+            if on_partial is not None:
+                on_partial(text)
+
+    for start in range(0, samples.shape[0], chunk):  # a live source would block here for chunk_ms
+        began = time.perf_counter()
+        push(fbank.accept(samples[start:start + chunk]))
+        compute += time.perf_counter() - began
+    began = time.perf_counter()
+    push(fbank.finish())
+    compute += time.perf_counter() - began
+    stats = model.encoder.gate_stats() if gated else None
+    skipped = 1.0 - stats.executed_share if stats is not None and stats.frames else 0.0
+    return Transcript(text=text, audio_seconds=samples.shape[0] / SAMPLE_RATE, compute_seconds=compute,
+                      skipped_share=skipped, native_rate=native_rate,
+                      model_name=ckpt.model_config.name)
+
+
+# -- command line: mounted by the lead as `chorus device ...` -----------------------------------------------
+
+device_cli = typer.Typer(help="A device: join a federation, or transcribe a recording as it streams.",
+                         no_args_is_help=True)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(code=1)
+
+
+@device_cli.command("join")
+def join_cmd(
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink (its HTTPS port).")],
+    data: Annotated[Path, typer.Option(help="This device's recordings (manifest.jsonl, Kaldi or FSDD layout).")],
+    artifacts: Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json from `chorus data prepare`.")],
+    root_cert: Annotated[Path, typer.Option(help="CA certificate that signed the SuperLink's certificate.")],
+    auth_key: Annotated[Path, typer.Option(help="This device's OpenSSH EC private key (its .pub is registered).")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="This SuperNode's own Runtime API port.")] = 9094,
+    state_dir: Annotated[Optional[Path], typer.Option(help="SuperNode log and FLWR_HOME "
+                                                          "(default: .supernode-<port> beside --data).")] = None,
+) -> None:
+    """Join a federation as a Flower SuperNode training on this device's own recordings; Ctrl-C leaves."""
+    from shared.data.corpora import CorpusError, load_corpus
+
+    state_dir = (state_dir or data.resolve().parent / f".supernode-{port}").resolve()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
+    try:
+        corpus = load_corpus(data)
+        proc = start_supernode(superlink=superlink, data_dir=data, artifacts_dir=artifacts, root_cert=root_cert,
+                               auth_key=auth_key, port=port, state_dir=state_dir)
+    except (DeviceError, CorpusError) as err:
+        raise _fail(err) from err
+    typer.echo(f"SuperNode {proc.pid} joining {superlink} with {len(corpus.utterances)} utterances from "
+               f"{corpus.root} ({len(corpus.skipped)} skipped); log {state_dir / 'supernode.log'}. Ctrl-C leaves.")
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        stop_supernode(proc)
+    if code:
+        log = state_dir / "supernode.log"
+        refused = "Exit Code: 305" in log.read_text(errors="replace") if log.is_file() else False
+        reason = ("the SuperLink refused this device (\"Failed to activate SuperNode\", Flower exit code 305): its "
+                  ".pub is not registered, or the SuperLink still counts this node online after an unclean stop "
+                  "(retry in about a minute)" if refused else f"see {log}")
+        typer.echo(f"error: the SuperNode exited with status {code}: {reason}", err=True)
+        raise typer.Exit(code=1)
+
+
+@device_cli.command("transcribe")
+def transcribe_cmd(
+    audio: Annotated[Path, typer.Argument(help="Audio file (WAV, FLAC, ...; resampled to 16 kHz if needed).")],
+    checkpoint: Annotated[Path, typer.Option(help="A Chorus checkpoint (global.pt, best.pt, ...).")],
+    artifacts: Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json.")],
+    chunk_ms: Annotated[int, typer.Option(min=10, help="Audio pushed per step, in ms.")] = 160,
+) -> None:
+    """Transcribe a recording as it streams: partial hypotheses, final text, real-time factor, compute skipped."""
+    from rich.console import Console
+
+    from shared.data.audio import SAMPLE_RATE
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console()
+    live = Live(Text(""), console=console, auto_refresh=False, transient=True) if console.is_terminal else None
+
+    def show(text: str) -> None:
+        if live is not None:
+            live.update(Text(f"… {text}"), refresh=True)
+        else:
+            typer.echo(f"partial: {text}")
+
+    try:
+        if live is not None:
+            live.start()
+        try:
+            result = transcribe(audio, checkpoint=checkpoint, artifacts=artifacts, chunk_ms=chunk_ms, on_partial=show)
+        finally:
+            if live is not None:
+                live.stop()
+    except DeviceError as err:
+        raise _fail(err) from err
+    if result.native_rate != SAMPLE_RATE:
+        typer.echo(f"note: {audio} is {result.native_rate} Hz; resampled to {SAMPLE_RATE} Hz")
+    typer.echo(f"final: {result.text}")
+    typer.echo(f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
+               f"of audio, {chunk_ms} ms chunks)")
+    kind = "gated sub-blocks" if result.model_name == "amortized" else f"dense {result.model_name} model"
+    typer.echo(f"encoder compute skipped: {100 * result.skipped_share:.1f}% ({kind})")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,118 @@
+"""End to end on real processes: a TLS SuperLink with SuperNode authentication, two devices with their own
+data directories, 2 rounds through `flwr run`; and a device whose key was never registered is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.device import start_supernode, stop_supernode
+from server.deploy import (CONNECTION_NAME, flower_env, make_dev_certificates, make_node_keys, register_supernodes,
+                           start_superlink, stop_process, wait_until_listening, write_flower_config)
+from shared.config import RunConfig
+from shared.data.prepare import prepare
+from shared.models.checkpoint import load_checkpoint
+from tests.conftest import REPO_ROOT, TINY_RUN, needs_espeak
+
+pytestmark = [pytest.mark.slow, needs_espeak]
+
+# 2 public + 2 held-out speakers on the server, 2 federated speakers, each on its own device.
+DEPLOY_RUN = {**TINY_RUN, "synth.speakers": 6, "num-server-rounds": 2, "run-id": "deploy",
+              "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 2,
+              "strategy.timeout": 120.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _device_dirs(cfg: RunConfig, root: Path) -> list[tuple[Path, Path]]:
+    """One (data dir, artifacts dir) per federated speaker: its own recordings and a copy of the public artifacts,
+    as a phone would hold them."""
+    prepared = prepare(cfg, progress=False)
+    by_speaker = prepared.corpus.by_speaker()
+    manifest = [json.loads(line) for line in (prepared.corpus.root / "manifest.jsonl").read_text().splitlines()]
+    devices = []
+    for index, speaker in enumerate(prepared.split.federated):
+        data, artifacts = root / f"device-{index}" / "data", root / f"device-{index}" / "artifacts"
+        ids = {u.id for u in by_speaker[speaker]}
+        entries = [e for e in manifest if e["id"] in ids]
+        for entry in entries:
+            (data / entry["audio"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(prepared.corpus.root / entry["audio"], data / entry["audio"])
+        (data / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+        artifacts.mkdir(parents=True)
+        for name in (f"tokenizer-{cfg.model.vocab_size}.model", "cmvn.json"):
+            shutil.copy2(prepared.artifacts / name, artifacts / name)
+        devices.append((data, artifacts))
+    return devices
+
+
+def test_tls_superlink_two_authenticated_devices(tmp_path: Path) -> None:
+    workdir = tmp_path / "server"
+    cfg = RunConfig.from_flat({**DEPLOY_RUN, "workdir": str(workdir)})
+    devices = _device_dirs(cfg, tmp_path)
+    assert len(devices) == 2
+    certs = make_dev_certificates(tmp_path / "pki")
+    keys = make_node_keys(tmp_path / "pki", 3)  # the third is never registered
+    port = _free_port()
+    overrides = tmp_path / "run_config.toml"
+    overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in cfg.to_flat().items()))
+
+    link = start_superlink(certs=tmp_path / "pki", port=port, state_dir=tmp_path / "superlink")
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_until_listening(link, "127.0.0.1", port, timeout=60)
+        flwr_home = write_flower_config(tmp_path / "flwr", address=f"127.0.0.1:{port}", root_cert=certs.ca_cert)
+        node_ids = register_supernodes([k.public_key for k in keys[:2]], flwr_home=flwr_home)
+        assert len(set(node_ids)) == 2
+        for index, (data, artifacts) in enumerate(devices + devices[:1]):
+            nodes.append(start_supernode(superlink=f"127.0.0.1:{port}", data_dir=data, artifacts_dir=artifacts,
+                                         root_cert=certs.ca_cert, auth_key=keys[index].private_key,
+                                         port=_free_port(), state_dir=tmp_path / f"supernode-{index}"))
+        intruder = nodes[2]
+
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("flwr")), "run", str(REPO_ROOT),
+             CONNECTION_NAME, "--run-config", str(overrides), "--stream"],
+            env=flower_env(flwr_home), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+        logs = {p.name: (p / "supernode.log").read_text() for p in sorted(tmp_path.glob("supernode-*"))}
+        assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
+                                        (tmp_path / "superlink" / "superlink.log").read_text()[-3000:], logs)
+
+        run_dir = workdir / "runs" / "deploy"
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [0, 1, 2], result.stdout[-3000:]
+        for record in records[1:]:
+            assert record["train_replies"] == 2 and record["train_failures"] == 0
+            assert record["eval_replies"] == 2 and record["device_words"] > 0
+        initial = load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict
+        final = load_checkpoint(run_dir / "checkpoints" / "global.pt")
+        assert final.meta["round"] == 2
+        changed = [k for k in initial if not torch.equal(initial[k], final.state_dict[k])]
+        assert len(changed) > len(initial) // 2, "two devices' updates should move the global model"
+
+        # The unregistered device was refused: it logs Flower's exit code 305 and exits with status 1.
+        assert intruder.wait(timeout=60) == 1
+        refused = (tmp_path / "supernode-2" / "supernode.log").read_text()
+        assert "Exit Code: 305" in refused and "Failed to activate SuperNode" in refused
+        assert "No SuperNode found with the given public key" in (tmp_path / "superlink" / "superlink.log").read_text()
+    finally:
+        for node in nodes:
+            stop_supernode(node)
+        stop_process(link)
