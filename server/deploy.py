@@ -52,6 +52,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.processes import stop_tree
+
 __all__ = ["CONNECTION_NAME", "DeployError", "DevCertificates", "NodeKeyPair", "flower_env", "make_dev_certificates",
            "make_node_keys", "register_supernodes", "server_cli", "start_superlink", "stop_process",
            "wait_until_listening", "write_flower_config"]
@@ -254,58 +256,7 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int
     """Stop ``proc`` and every process it started (Flower detaches its SuperExec and app processes into
     sessions of their own, so a process group is not enough): SIGTERM, then SIGKILL after ``timeout``.
     Returns the exit status of ``proc`` (None if it could not be reaped)."""
-    return _stop_tree(proc, timeout)
-
-
-def _process_tree(pid: int) -> list[int]:
-    """``pid``'s live descendants, and Flower's detached helpers that name it with ``--parent-pid`` (a
-    SuperExec outlives a SuperNode that exits on its own, reparented away from it), with theirs (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-        if any(a == b"--parent-pid" and b == str(pid).encode() for a, b in zip(args, args[1:])):
-            children.setdefault(pid, []).append(int(entry.name))
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        frontier = [c for p in frontier for c in children.get(p, []) if c not in found and c != pid]
-        found += frontier
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return False
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _stop_tree(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    pids = [proc.pid, *_process_tree(proc.pid)]
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (proc.poll() is None or any(_running(pid) for pid in pids[1:])):
-        time.sleep(0.1)
-    for pid in pids:
-        if _running(pid):
-            _signal(pid, signal.SIGKILL)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
+    return stop_tree(proc, timeout)
 
 
 # -- Flower configuration and registration ------------------------------------------------------------------

@@ -8,12 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from client.device import device_cli
+from server.deploy import server_cli
 from shared.config import ConfigError, RunConfig
 
 app = typer.Typer(help="Chorus: federated edge learning for streaming speech recognition.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora and artifacts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(server_cli, name="server")
+app.add_typer(device_cli, name="device")
 bench_app = typer.Typer(help="Benchmarks (JSON on stdout, measured side by side in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from shared.config import RunConfig
 from shared.data.prepare import prepare
+from shared.processes import stop_pid
 
 __all__ = ["REPO_ROOT", "simulate", "stop_local_superlink"]
 
@@ -57,10 +57,7 @@ def stop_local_superlink(flwr_home: Path) -> None:
         except OSError:
             continue
         if "flower-superlink" in cmdline and marker in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            stop_pid(int(proc.name), timeout=10.0)  # with its simulation process and Ray workers
 
 
 def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True) -> Path:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, needs_espeak]
 # 2 public + 2 held-out speakers on the server, 2 federated speakers, each on its own device.
 DEPLOY_RUN = {**TINY_RUN, "synth.speakers": 6, "num-server-rounds": 2, "run-id": "deploy",
               "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 2,
-              "strategy.timeout": 120.0}
+              "strategy.timeout": 180.0}
 
 
 def _free_port() -> int:
@@ -90,7 +90,7 @@ def test_tls_superlink_two_authenticated_devices(tmp_path: Path) -> None:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("flwr")), "run", str(REPO_ROOT),
              CONNECTION_NAME, "--run-config", str(overrides), "--stream"],
-            env=flower_env(flwr_home), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+            env=flower_env(flwr_home), cwd=REPO_ROOT, capture_output=True, text=True, timeout=420)
         logs = {p.name: (p / "supernode.log").read_text() for p in sorted(tmp_path.glob("supernode-*"))}
         assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
                                         (tmp_path / "superlink" / "superlink.log").read_text()[-3000:], logs)
