@@ -6,6 +6,7 @@ enough; both the coordinator (SuperLink) and a device (SuperNode) stop their Flo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,10 +45,8 @@ def _running(pid: int) -> bool:
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def stop_tree(proc: subprocess.Popen[bytes], timeout: float) -> int | None:

@@ -707,10 +707,8 @@ class AmortizedTransformerEncoder(nn.Module):
         self._check_feats(chunk, "chunk")
         if chunk.shape[0] != state.pending.shape[0]:
             raise ValueError(f"chunk has batch {chunk.shape[0]}, the state has batch {state.pending.shape[0]}")
-        feats = torch.cat([state.pending, chunk.to(state.pending.dtype)], dim=1)
-        frames = self.frontend(feats)
+        frames, pending = self.frontend.stream(state.pending, chunk)
         count = frames.shape[1]
-        pending = feats[:, ConvSubsampling.factor * count :]
         if count == 0:
             return frames, AmortizedState(pending=pending, layers=state.layers, offset=state.offset)
         valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)

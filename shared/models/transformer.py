@@ -179,6 +179,14 @@ class ConvSubsampling(nn.Module):
         hidden = F.relu(self.conv1(feats.transpose(1, 2)))
         return F.relu(self.conv2(hidden)).transpose(1, 2)
 
+    def stream(self, pending: Tensor, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """Streaming step: (pending (B, p, F), chunk (B, t, F)) -> (new frames (B, t', D), new pending frames).
+
+        The input frames not yet consumed by a complete output frame stay pending for the next chunk."""
+        feats = torch.cat([pending, chunk.to(pending.dtype)], dim=1)
+        frames = self(feats)
+        return frames, feats[:, self.factor * frames.shape[1]:]
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention over a sliding causal window, with RoPE, built from Linear layers (Opacus-ready).
@@ -345,10 +353,8 @@ class CausalTransformerEncoder(nn.Module):
         self._check_feats(chunk, "chunk")
         if chunk.shape[0] != state.pending.shape[0]:
             raise ValueError(f"chunk has batch {chunk.shape[0]}, the state has batch {state.pending.shape[0]}")
-        feats = torch.cat([state.pending, chunk.to(state.pending.dtype)], dim=1)
-        frames = self.frontend(feats)
+        frames, pending = self.frontend.stream(state.pending, chunk)
         count = frames.shape[1]
-        pending = feats[:, ConvSubsampling.factor * count :]
         if count == 0:
             return frames, TransformerState(pending=pending, layers=state.layers, offset=state.offset)
         frames, layers = self._encode(frames, state.layers, state.offset)
