@@ -1,6 +1,8 @@
 """Flower ClientApp: one speaker's device. A thin adapter: records in, plain functions, records out.
 
-Every reply passes the privacy audit before it leaves (shared/privacy/audit.py).
+Every reply passes the privacy audit before it leaves: ``audit_mod`` (shared/privacy/audit.py) wraps every
+handler of this app, in simulation and in deployment, checks the reply against the allowlist and against the
+arrays the server sent, and turns a violation into an error reply.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from client.data import DeviceData, node_data
 from client.evaluate import evaluate_local
 from client.train import fine_tune
 from shared.config import RunConfig
-from shared.privacy.audit import audit_reply
+from shared.privacy.audit import audit_mod
 
-app = ClientApp()
+# Mods wrap handlers when they are registered: audit_mod must be here, not added to `app` later.
+app = ClientApp(mods=[audit_mod])
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.Tensor], DeviceData, int, int]:
@@ -29,11 +32,6 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
     return cfg, state, data, seed_id, int(msg.content["config"]["server-round"])
 
 
-def _reply(msg: Message, content: RecordDict, global_state: dict[str, torch.Tensor]) -> Message:
-    audit_reply(content, expected_arrays={k: tuple(v.shape) for k, v in global_state.items()})
-    return Message(content=content, reply_to=msg)
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, state, data, seed_id, server_round = _setup(msg, context)
@@ -41,7 +39,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"train-loss": update.loss, "local-steps": update.steps,
                             "num-examples": update.num_examples, "compute-cost": update.compute_cost,
                             "skipped-utterances": update.skipped})
-    return _reply(msg, RecordDict({"arrays": ArrayRecord(update.state_dict), "metrics": metrics}), state)
+    return Message(RecordDict({"arrays": ArrayRecord(update.state_dict), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -50,4 +48,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     counts = evaluate_local(cfg, state, data)
     metrics = MetricRecord({"word-errors": counts.errors, "words": counts.words,
                             "num-examples": counts.utterances, "wer": counts.wer if counts.words else 0.0})
-    return _reply(msg, RecordDict({"metrics": metrics}), state)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,23 +1,46 @@
 """The one allowlist of what a device may send to the server, and the audit that enforces it.
 
 A reply from a device may carry only:
-    - ArrayRecords under allowlisted names, whose arrays are floating-point tensors with exactly the names
-      and shapes of the global model the server sent (so nothing can ride along: no token ids, no audio);
-    - one MetricRecord whose keys are all in ``ALLOWED_METRICS`` and whose values are numbers.
+    - ArrayRecords under allowlisted names (``ALLOWED_ARRAY_RECORDS``), each the counterpart of the
+      ArrayRecord of the same name that the server sent: exactly its keys, and for every key a
+      floating-point array of the same dtype and shape, stored in Flower's numpy serialization with nothing
+      after the array (so nothing can ride along: no token ids, no audio, no embeddings, no trailing bytes);
+    - MetricRecords under allowlisted names (``ALLOWED_METRIC_RECORDS``) whose keys are all in
+      ``ALLOWED_METRICS`` and whose values are finite int/float scalars (no lists: a list of ints is a
+      sequence of token ids).
 No ConfigRecord (free-form strings could carry a transcript or a speaker id) and no other record.
-The audit runs on every reply in the tests (a client mod), and devices run it on their own replies before
-sending, so a bug that would leak data fails the round on the device instead of leaking.
+
+:func:`audit_mod` is a Flower client mod, attached to the ClientApp (``client/client_app.py``), so every reply
+of every run, simulated or deployed, passes the audit on the device before it leaves. A reply that fails
+becomes an error reply (the device's round fails, nothing of its content leaves) whose reason names the
+offending record/key (a name that could itself be data, e.g. a transcript used as a metric key, is redacted
+there and logged on the device). The mod also keeps exception text off the wire: Flower would send
+``str(exception)`` of a failing handler to the server, and our errors name local files, utterance ids and
+transcripts; the device logs them and the server gets only the exception's type.
+
+What the audit cannot see: data encoded in the values of the model weights themselves (the arrays have the
+global model's exact form, but their numbers are the device's). It stops accidental and structural leaks;
+bounding what weights reveal is a job for differential privacy.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import logging
+import math
+import re
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
-__all__ = ["ALLOWED_ARRAY_RECORDS", "ALLOWED_METRICS", "PrivacyViolation", "audit_reply"]
+__all__ = ["ALLOWED_ARRAY_RECORDS", "ALLOWED_METRIC_RECORDS", "ALLOWED_METRICS", "PrivacyViolation",
+           "audit_mod", "audit_reply"]
+
+log = logging.getLogger("chorus.privacy")
 
 ALLOWED_ARRAY_RECORDS = frozenset({"arrays"})
+ALLOWED_METRIC_RECORDS = frozenset({"metrics"})
 ALLOWED_METRICS = frozenset({
     "num-examples",  # utterances used: the aggregation weight
     "train-loss",  # mean per-token transducer loss over the local steps
@@ -28,42 +51,120 @@ ALLOWED_METRICS = frozenset({
     "wer",
     "skipped-utterances",  # bad local files skipped (a count, never which)
 })
+_FLOAT_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16"})
+_KNOWN_DTYPES = _FLOAT_DTYPES | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {
+    "bool", "complex64", "complex128"}
+
+# A name that looks like a code identifier may be quoted in the reason sent to the server; anything else (a
+# transcript with spaces, a speaker id with digits, a long string) is quoted only in the device's own log.
+_QUOTABLE = re.compile(r"[a-z][a-z_.-]{0,31}")
 
 
 class PrivacyViolation(RuntimeError):
-    """A device reply carries something outside the allowlist."""
+    """A device reply carries something outside the allowlist.
+
+    ``str(violation)`` is safe to send to the server (record/key names that could be data are redacted);
+    ``culprit`` is the unredacted offending name, for the device's own log.
+    """
+
+    def __init__(self, message: str, culprit: str = "") -> None:
+        super().__init__(message)
+        self.culprit = culprit
 
 
-def audit_reply(content: RecordDict, expected_arrays: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """Raise PrivacyViolation naming the first record/key that is not allowed.
+def _q(name: str) -> str:
+    """``name`` quoted for a reason that leaves the device, or a redaction if it might be data."""
+    return repr(name) if _QUOTABLE.fullmatch(name) else f"<redacted name of {len(name)} characters>"
 
-    ``expected_arrays``: name -> shape of the model the server sent; when given, a reply's arrays must
-    match it exactly.
+
+def _dtype(dtype: object) -> str:
+    """A dtype for a reason that leaves the device: a label is free text, a structured dtype has field names."""
+    return str(dtype) if str(dtype) in _KNOWN_DTYPES else "<unrecognized dtype>"
+
+
+def _audit_array(name: str, key: str, array: Array, sent: Array) -> None:
+    where, culprit = f"{_q(name)}/{_q(key)}", f"{name}/{key}"
+    if array.dtype not in _FLOAT_DTYPES:
+        raise PrivacyViolation(f"array {where} has dtype {_dtype(array.dtype)}: only float model parameters may "
+                               f"leave a device", culprit)
+    if (array.dtype, tuple(array.shape)) != (sent.dtype, tuple(sent.shape)):
+        raise PrivacyViolation(f"array {where} is {array.dtype}{list(array.shape)}, the global model's is "
+                               f"{sent.dtype}{list(sent.shape)}", culprit)
+    # dtype/shape are only labels: the bytes must be exactly the canonical serialization of such an array.
+    try:
+        decoded = array.numpy()
+    except Exception as ex:  # noqa: BLE001 - any undecodable payload is refused
+        raise PrivacyViolation(f"array {where} does not decode as a numpy array ({type(ex).__name__})",
+                               culprit) from None
+    if (str(decoded.dtype), tuple(decoded.shape)) != (array.dtype, tuple(array.shape)):
+        raise PrivacyViolation(f"array {where} is labelled {array.dtype}{list(array.shape)} but holds "
+                               f"{_dtype(decoded.dtype)}{list(decoded.shape)}", culprit)
+    if Array(decoded).data != array.data:  # np.save of what np.load gave back: the canonical bytes
+        raise PrivacyViolation(f"array {where} carries bytes beyond its values", culprit)
+
+
+def audit_reply(content: RecordDict, sent: RecordDict) -> None:
+    """Raise :class:`PrivacyViolation` naming the first record/key of a reply that is not allowed.
+
+    ``sent`` is the content of the message the server sent: a reply's ArrayRecord must match the sent
+    ArrayRecord of the same name exactly (keys, dtypes, shapes); with none sent, no arrays may go back.
     """
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
             if name not in ALLOWED_ARRAY_RECORDS:
-                raise PrivacyViolation(f"array record {name!r} is not on the allowlist")
-            if expected_arrays is not None:
-                got = {key: tuple(array.shape) for key, array in record.items()}
-                if got != dict(expected_arrays):
-                    extra = sorted(set(got) - set(expected_arrays))
-                    reshaped = sorted(k for k in got.keys() & expected_arrays.keys() if got[k] != tuple(expected_arrays[k]))
-                    raise PrivacyViolation(f"array record {name!r} does not match the global model: extra "
-                                           f"{extra[:5]}, reshaped {reshaped[:5]}, missing "
-                                           f"{sorted(set(expected_arrays) - set(got))[:5]}")
+                raise PrivacyViolation(f"array record {_q(name)} is not on the allowlist", name)
+            sent_record = sent.get(name)
+            if not isinstance(sent_record, ArrayRecord):
+                raise PrivacyViolation(f"array record {_q(name)}: the server sent no such arrays to answer", name)
+            got, expected = set(record.keys()), set(sent_record.keys())
+            if got != expected:
+                extra = sorted(got - expected)
+                raise PrivacyViolation(f"array record {_q(name)} does not match the global model: extra "
+                                       f"[{', '.join(_q(k) for k in extra[:5])}], missing "
+                                       f"{len(expected - got)} key(s)", extra[0] if extra else name)
             for key, array in record.items():
-                if array.dtype not in ("float32", "float64", "float16", "bfloat16"):
-                    raise PrivacyViolation(f"array {name}/{key} has dtype {array.dtype}: only float model "
-                                           f"parameters may leave a device")
+                _audit_array(name, key, array, sent_record[key])
         elif isinstance(record, MetricRecord):
+            if name not in ALLOWED_METRIC_RECORDS:
+                raise PrivacyViolation(f"metric record {_q(name)} is not on the allowlist", name)
             for key, value in record.items():
                 if key not in ALLOWED_METRICS:
-                    raise PrivacyViolation(f"metric {key!r} is not on the allowlist")
-                values = value if isinstance(value, list) else [value]
-                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                    raise PrivacyViolation(f"metric {key!r} is not numeric: {value!r}")
+                    raise PrivacyViolation(f"metric {_q(key)} is not on the allowlist", key)
+                if isinstance(value, list):
+                    raise PrivacyViolation(f"metric {_q(key)} is a list: only scalars may leave a device", key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise PrivacyViolation(f"metric {_q(key)} is not a finite number", key)
         elif isinstance(record, ConfigRecord):
-            raise PrivacyViolation(f"config record {name!r} in a device reply: free-form values may not leave")
+            raise PrivacyViolation(f"config record {_q(name)} in a device reply: free-form values may not leave", name)
         else:
-            raise PrivacyViolation(f"record {name!r} of type {type(record).__name__} is not allowed")
+            raise PrivacyViolation(f"record {_q(name)} of type {type(record).__name__} is not allowed", name)
+
+
+def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: the reply to ``msg`` leaves only if it passes :func:`audit_reply`.
+
+    Otherwise the reply is an error (its content never leaves) whose reason names the offending record/key.
+    A handler's exception becomes an error reply naming only the exception type; its text stays in the log.
+    """
+    kind = msg.metadata.message_type
+    try:
+        reply = call_next(msg, context)
+    except Exception as ex:  # noqa: BLE001 - every failure must be answered without its text
+        log.exception("device %s handler failed; the server is told only the exception type", kind)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"device {kind} handler raised {type(ex).__name__} (details in the device "
+                                    f"log: exception text may name local data, so it does not leave)"),
+                       reply_to=msg)
+    if reply.has_error():
+        log.error("device %s handler replied with error %s: %s", kind, reply.error.code, reply.error.reason)
+        return Message(Error(code=reply.error.code,
+                             reason=f"device {kind} handler replied with error code {reply.error.code} (reason "
+                                    f"in the device log)"), reply_to=msg)
+    try:
+        audit_reply(reply.content, msg.content if msg.has_content() else RecordDict())
+    except PrivacyViolation as violation:
+        log.error("privacy audit refused the %s reply: %s (culprit %r)", kind, violation, violation.culprit)
+        reason = f"privacy audit refused the device's {kind} reply: {violation}"
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+    return reply
+
