@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, make_batches
@@ -19,7 +20,7 @@ from shared.data.tokenizer import Tokenizer
 from shared.metrics import ErrorCounts, error_counts
 from shared.models.transducer import Transducer
 
-__all__ = ["StepStats", "train_steps", "transcribe", "score"]
+__all__ = ["Reweighter", "StepStats", "train_steps", "transcribe", "score"]
 
 # Transducer gradients spike early in training; clipping keeps a few local steps from wrecking a good model.
 GRAD_CLIP_NORM = 5.0
@@ -31,6 +32,17 @@ class StepStats:
     steps: int
     utterances: int  # utterance visits (with repeats) that produced gradients
     compute_cost: float  # mean expected encoder compute share (1.0 for dense encoders)
+    penalty: float = 0.0  # mean value of the ``penalty`` hook (e.g. EWC) over the steps taken; 0 without one
+
+
+class Reweighter(Protocol):
+    """Per-utterance loss weights for ``train_steps`` (e.g. ``shared.fairness.arw.AdversarialReweighter``).
+
+    Called once per step with the (unaugmented) batch and the (B,) per-utterance transducer NLL; returns (B,)
+    weights (used detached). It may update its own state, e.g. take an adversary step, inside the call.
+    """
+
+    def __call__(self, batch: Batch, losses: Tensor) -> Tensor: ...
 
 
 def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
@@ -41,15 +53,25 @@ def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
 
 
 def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, optimizer: torch.optim.Optimizer,
-                spec_augment_seed: int | None = 0, compute_weight: float = 0.0) -> StepStats:
+                spec_augment_seed: int | None = 0, compute_weight: float = 0.0,
+                penalty: Callable[[nn.Module], Tensor] | None = None,
+                reweighter: Reweighter | None = None) -> StepStats:
     """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None.
 
-    Loss per batch: summed transducer NLL / target tokens (a per-token loss whose scale does not depend on
-    batch composition) + ``compute_weight`` x the encoder's expected executed compute share (Xie et al.).
+    Objective per batch, with L_i the transducer NLL of utterance i and N the batch's target tokens:
+
+        sum_i w_i * L_i / N  +  compute_weight * expected compute share  +  penalty(model)
+
+    * w_i = 1 without a ``reweighter``, so the first term is the per-token loss (its scale does not depend on
+      batch composition); with one, w = ``reweighter(batch, L)`` (detached), e.g. ARL weights.
+    * the compute term is Xie et al.'s compute-cost loss (only the amortized encoder's cost depends on weights).
+    * ``penalty`` is any regularizer of the parameters, e.g. ``shared.fairness.ewc.EWCPenalty``.
+
+    ``StepStats.loss`` is always the unweighted per-token loss, comparable with and without the hooks.
     """
     model.train()
     generator = torch.Generator().manual_seed(spec_augment_seed) if spec_augment_seed is not None else None
-    total_loss, total_cost, visits = 0.0, 0.0, 0
+    total_loss, total_cost, total_penalty, visits = 0.0, 0.0, 0.0, 0
     source = cycle(batches)
     for _ in range(steps):
         batch = next(source)
@@ -57,18 +79,31 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         if generator is not None:
             feats = spec_augment(feats, batch.feat_lens, generator=generator)
         out = model(feats, batch.feat_lens, batch.targets, batch.target_lens)
-        loss = out.loss_per_utt.sum() / batch.target_lens.sum().clamp(min=1)
+        tokens = batch.target_lens.sum().clamp(min=1)
+        loss = out.loss_per_utt.sum() / tokens
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite transducer loss {loss.item()} on batch {batch.ids[:3]}...")
+        objective = loss
+        if reweighter is not None:
+            weights = reweighter(batch, out.loss_per_utt).detach().to(out.loss_per_utt)
+            if weights.shape != out.loss_per_utt.shape:
+                raise ValueError(f"reweighter returned weights of shape {tuple(weights.shape)} for a batch of "
+                                 f"{len(batch.ids)} utterances")
+            objective = (weights * out.loss_per_utt).sum() / tokens
+        objective = objective + compute_weight * out.compute_cost
+        if penalty is not None:
+            penalty_value = penalty(model)
+            objective = objective + penalty_value
+            total_penalty += float(penalty_value.detach())
         optimizer.zero_grad(set_to_none=True)
-        (loss + compute_weight * out.compute_cost).backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
         total_loss += loss.item()
         total_cost += float(out.compute_cost.detach())
         visits += len(batch.ids)
     return StepStats(loss=total_loss / max(steps, 1), steps=steps, utterances=visits,
-                     compute_cost=total_cost / max(steps, 1))
+                     compute_cost=total_cost / max(steps, 1), penalty=total_penalty / max(steps, 1))
 
 
 @torch.no_grad()
