@@ -2,8 +2,14 @@
 
 The round loop calls the strategy's own ``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
 ``aggregate_evaluate`` (Flower's aggregation, not ours) and adds what ``Strategy.start`` lacks: a checkpoint
-of the global model after every round, resume after a crash, per-round JSONL, a progress display, and the
-server-side evaluation on held-out speakers.
+of the global model and the strategy's state after every round, resume after a crash (server/checkpoint.py),
+per-round JSONL, a progress display, and the server-side evaluation on held-out speakers.
+
+Device failures: a device that replies with an error (its ClientApp raised) or does not reply within
+``strategy.timeout`` (it dropped out) is logged with its node id and counted (``train_failures`` /
+``eval_failures``); the round aggregates the others' updates when at least ``strategy.min-train-nodes``
+answered. With fewer, the round keeps the previous global model (and strategy state) and records
+``"aggregated": false``: a handful of devices is not a trustworthy update.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from server.checkpoint import load_round, rewind_metrics, save_round
 from server.report import MetricsLog, write_report
 from shared.config import RunConfig, StrategyConfig
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import initial_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.checkpoint import initial_model, load_state, save_checkpoint
 from shared.training import score
 
 __all__ = ["make_strategy", "run_federation", "sum_error_counts"]
@@ -75,12 +82,22 @@ def _heldout_utterances(prepared: Prepared, budget: int) -> list[Utterance]:
     return [u for s in prepared.split.heldout for u in by_speaker.get(s, [])[:per_speaker]]
 
 
-def _replies_ok(replies: Iterable[Message]) -> tuple[list[Message], int]:
+def _sort_replies(sent: list[Message], replies: Iterable[Message], *, phase: str,
+                  server_round: int) -> tuple[list[Message], int]:
+    """The replies that carry content, and how many devices failed: replied with an error, or not at all
+    within ``strategy.timeout`` (dropped out). Each failure is logged with the device's node id."""
     replies = list(replies)
-    failures = [m for m in replies if m.has_error()]
-    for m in failures:
-        log.warning("device %s failed: %s", m.metadata.src_node_id, m.error.reason)
-    return [m for m in replies if not m.has_error()], len(failures)
+    ok = [m for m in replies if not m.has_error()]
+    for m in replies:
+        if m.has_error():
+            log.warning("round %d %s: device %s failed: %s", server_round, phase, m.metadata.src_node_id,
+                        m.error.reason)
+    answered = {m.metadata.src_node_id for m in replies}
+    silent = sorted(m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered)
+    if silent:
+        log.warning("round %d %s: no reply within strategy.timeout from device(s) %s", server_round, phase,
+                    ", ".join(map(str, silent)))
+    return ok, len(replies) - len(ok) + len(silent)
 
 
 def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
@@ -116,26 +133,28 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1, sort_keys=True) + "\n")
 
     torch.manual_seed(cfg.train.seed)
-    model = initial_model(cfg.model)
+    model = initial_model(cfg.model)  # always holds the global model (``arrays`` is its wire copy)
+    strategy = make_strategy(cfg.strategy)
+    global_ckpt = ckpt_dir / "global.pt"
     first_round = 1
-    if resume and (ckpt_dir / "global.pt").exists():
-        ckpt = load_checkpoint(ckpt_dir / "global.pt", expect=cfg.model)
-        load_state(model, ckpt.state_dict, source=str(ckpt_dir / "global.pt"))
-        first_round = int(ckpt.meta["round"]) + 1
-        kept = [r for r in metrics.records() if r["round"] < first_round]
-        metrics.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    if resume and global_ckpt.exists():
+        # The checkpoint commits a round; metrics lines of later rounds (a kill after the line, before the
+        # checkpoint) belong to a round that runs again, so they go.
+        first_round = load_round(global_ckpt, model, cfg.model, strategy_name=cfg.strategy.name,
+                                 strategy=strategy) + 1
+        rewind_metrics(metrics.path, before=first_round)
         log.info("resuming run %s after round %d", run_id, first_round - 1)
+        print(f"resuming run {run_id} after round {first_round - 1}", flush=True)
     else:
         metrics.path.unlink(missing_ok=True)
+        global_ckpt.unlink(missing_ok=True)  # an earlier run's under this id must never be resumed into this one
         save_checkpoint(ckpt_dir / "initial.pt", model, cfg.model, round=0)
 
-    strategy = make_strategy(cfg.strategy)
     heldout = _heldout_utterances(prepared, cfg.eval.heldout_utterances)
     features = FeatureCache(prepared.corpus, prepared.cmvn)
     arrays = ArrayRecord(model.state_dict())
 
     def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
-        load_state(model, arrays.to_torch_state_dict(), source="aggregated global model")
         return score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
 
     if first_round == 1:
@@ -151,17 +170,27 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
             train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-            train_ok, train_failed = _replies_ok(grid.send_and_receive(train_msgs, timeout=cfg.strategy.timeout))
-            train_failed += len(train_msgs) - len(train_ok) - train_failed  # devices that never answered
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, train_ok)
+            train_ok, train_failed = _sort_replies(
+                train_msgs, grid.send_and_receive(train_msgs, timeout=cfg.strategy.timeout),
+                phase="train", server_round=server_round)
+            needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
+            if len(train_ok) >= needed:
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, train_ok)
+            else:  # too few updates to trust: keep the global model, and leave the strategy's state untouched
+                log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the "
+                            "global model is kept", server_round, len(train_ok), needed)
+                new_arrays, train_metrics = None, None
             if new_arrays is not None:
-                arrays = new_arrays
+                load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
+                arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
             eval_msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            eval_ok, eval_failed = _replies_ok(grid.send_and_receive(eval_msgs, timeout=cfg.strategy.timeout))
+            eval_ok, eval_failed = _sort_replies(
+                eval_msgs, grid.send_and_receive(eval_msgs, timeout=cfg.strategy.timeout),
+                phase="evaluate", server_round=server_round)
             device_eval = strategy.aggregate_evaluate(server_round, eval_ok)
             counts, per_utt = evaluate_heldout()
             record = {
-                "round": server_round,
+                "round": server_round, "aggregated": new_arrays is not None,
                 "train_loss": None if train_metrics is None else float(train_metrics["train-loss"]),
                 "train_replies": len(train_ok), "train_failures": train_failed,
                 "eval_replies": len(eval_ok), "eval_failures": eval_failed,
@@ -170,12 +199,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "heldout_wer": counts.wer, "heldout_words": counts.words,
                 "seconds": round(time.monotonic() - start, 3),
             }
-            save_checkpoint(ckpt_dir / "global.pt", model, cfg.model, round=server_round, run_id=run_id)
-            metrics.append(record)
+            metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)
+            save_round(global_ckpt, model, cfg.model, server_round=server_round, run_id=run_id,
+                       strategy_name=cfg.strategy.name, strategy=strategy)
             progress.update(task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  "
                                                     f"held-out WER {counts.wer:.3f}")
+            kept = "" if record["aggregated"] else " (too few: global model kept)"
             print(f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
-                  f"devices {len(train_ok)} ok / {train_failed} failed, device WER {record['device_wer']}, "
+                  f"devices {len(train_ok)} ok / {train_failed} failed{kept}, device WER {record['device_wer']}, "
                   f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)", flush=True)
 
     if not per_utt:  # resumed after the last round: evaluate once for the report

@@ -1,0 +1,278 @@
+"""Round checkpoints and `--resume`: the global model and the strategy's state survive a crash, every round
+is recorded exactly once.
+
+Fast tests drive the strategy and ``run_federation`` directly (a scripted in-process grid, no Ray); the slow one
+kills a real ``chorus simulate`` mid-run (the whole process tree, SIGKILL) and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.supercore.task_identity import TaskIdentity
+
+import server.workflow
+from server.checkpoint import STRATEGY_STATE, load_round, rewind_metrics, save_round
+from server.workflow import make_strategy, run_federation
+from shared.config import RunConfig, StrategyConfig
+from shared.models.checkpoint import build_model, load_checkpoint
+from simulations.simulate import REPO_ROOT, stop_local_superlink
+from tests.conftest import TINY_RUN, needs_espeak
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Outside a Flower process nobody sets the task identity that every new instruction Message records.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class ScriptedGrid:
+    """An in-process stand-in for Flower's Grid: devices whose training adds a fixed pseudo-random step to
+    the global model (seeded by round and node), so a run is exactly reproducible. ``failing`` devices reply
+    with an error, ``silent`` ones never reply; ``crash_at`` raises in that round, as a killed server would."""
+
+    def __init__(self, nodes: int = 4, *, failing: Iterable[int] = (), silent: Iterable[int] = (),
+                 crash_at: int | None = None) -> None:
+        self.nodes = list(range(1, nodes + 1))
+        self.failing, self.silent, self.crash_at = set(failing), set(silent), crash_at
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):  # a fixed order: exact sums
+            node, server_round = msg.metadata.dst_node_id, int(msg.content["config"]["server-round"])
+            if server_round == self.crash_at:
+                raise KeyboardInterrupt(f"server killed in round {server_round}")
+            if node in self.silent:
+                continue
+            if node in self.failing:
+                replies.append(Message(Error(code=0, reason="scripted device fault"), reply_to=msg))
+            elif msg.metadata.message_type == "train":
+                step = torch.Generator().manual_seed(1000 * server_round + node)
+                state = {k: v + 0.01 * torch.randn(v.shape, generator=step)
+                         for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+                replies.append(Message(RecordDict({
+                    "arrays": ArrayRecord(state),
+                    "metrics": MetricRecord({"train-loss": 1.0 / server_round, "num-examples": 2 + node})}),
+                    reply_to=msg))
+            else:
+                replies.append(Message(RecordDict({"metrics": MetricRecord(
+                    {"word-errors": node, "words": 10, "num-examples": 3, "wer": node / 10})}), reply_to=msg))
+        return replies
+
+
+def _tiny_model_cfg():  # the TINY_RUN model
+    return RunConfig.from_flat(TINY_RUN).model
+
+
+def _one_round(strategy: flwr_strategy.Strategy, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
+    grid = ScriptedGrid(nodes=2)
+    msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(msgs))
+    assert new_arrays is not None
+    return new_arrays
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_strategy_state_round_trips_through_the_checkpoint(tmp_path: Path, name: str) -> None:
+    model_cfg = _tiny_model_cfg()
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    if name == "fedavgm":  # make_strategy's FedAvgM has no momentum (none configurable): give it some here
+        strategy: flwr_strategy.Strategy = flwr_strategy.FedAvgM(server_learning_rate=0.5, server_momentum=0.9)
+        fresh: flwr_strategy.Strategy = flwr_strategy.FedAvgM(server_learning_rate=0.5, server_momentum=0.9)
+    else:
+        strategy, fresh = (make_strategy(StrategyConfig(name=name, server_lr=0.01)) for _ in range(2))
+    arrays = _one_round(strategy, ArrayRecord(model.state_dict()), server_round=1)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    arrays = ArrayRecord(model.state_dict())
+
+    path = save_round(tmp_path / "global.pt", model, model_cfg, server_round=1, run_id="t", strategy_name=name,
+                      strategy=strategy)
+    restored_model = build_model(model_cfg)
+    assert load_round(path, restored_model, model_cfg, strategy_name=name, strategy=fresh) == 1
+
+    saved = [a for a in STRATEGY_STATE if getattr(strategy, a, None) is not None]
+    assert saved, f"{name} should carry state after a round"
+    for attr in saved:
+        before, after = getattr(strategy, attr), getattr(fresh, attr)
+        pairs = [(before[k], after[k]) for k in before] if isinstance(before, dict) else list(zip(before, after))
+        assert len(pairs) == len(before)
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in pairs), attr
+    assert all(torch.equal(v, restored_model.state_dict()[k]) for k, v in model.state_dict().items())
+    # The next round from the restored strategy is the next round of the original, to the bit.
+    expected = _one_round(strategy, arrays, server_round=2).to_torch_state_dict()
+    got = _one_round(fresh, ArrayRecord(restored_model.state_dict()), server_round=2).to_torch_state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_refuses_another_strategy(tmp_path: Path) -> None:
+    model_cfg = _tiny_model_cfg()
+    model = build_model(model_cfg)
+    path = save_round(tmp_path / "global.pt", model, model_cfg, server_round=2, run_id="t", strategy_name="fedadam",
+                      strategy=make_strategy(StrategyConfig(name="fedadam")))
+    with pytest.raises(ValueError, match="fedadam"):
+        load_round(path, model, model_cfg, strategy_name="fedavg", strategy=make_strategy(StrategyConfig()))
+
+
+def test_rewind_metrics_drops_uncommitted_and_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"round": r}) + "\n" for r in range(4)) + '{"round": 4, "heldo')
+    assert [r["round"] for r in rewind_metrics(path, before=3)] == [0, 1, 2]
+    assert [json.loads(line)["round"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert not path.with_name("metrics.jsonl.tmp").exists()
+
+
+# -- run_federation, crashed and resumed (scripted grid, real data preparation and held-out scoring) --------
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("resume")  # one synthesized corpus for the module's runs
+
+
+def _cfg(workdir: Path, run_id: str, **extra: bool | int | float | str) -> RunConfig:
+    return RunConfig.from_flat({**TINY_RUN, "num-server-rounds": 3, "workdir": str(workdir), "run-id": run_id,
+                                "strategy.name": "fedadam", **extra})
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_espeak
+def test_resume_after_a_crash_matches_an_uninterrupted_run(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    whole = run_federation(ScriptedGrid(), _cfg(workdir, "whole"))
+
+    # Killed after round 2's metrics line and before its checkpoint: round 2 is not committed.
+    real_save_round = server.workflow.save_round
+
+    def killed_in_round_2(*args, server_round: int, **kwargs):  # type: ignore[no-untyped-def]
+        if server_round == 2:
+            with (workdir / "runs" / "crash" / "metrics.jsonl").open("a") as f:
+                f.write('{"round": 3, "torn')  # and a torn line, as from a kill mid-write
+            raise KeyboardInterrupt("server killed between the metrics line and the checkpoint")
+        return real_save_round(*args, server_round=server_round, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(server.workflow, "save_round", killed_in_round_2)
+        run_federation(ScriptedGrid(), _cfg(workdir, "crash"))
+    crashed = workdir / "runs" / "crash"
+    assert load_checkpoint(crashed / "checkpoints" / "global.pt").meta["round"] == 1
+
+    run_dir = run_federation(ScriptedGrid(), _cfg(workdir, "crash"), resume=True)
+    assert "resuming run crash after round 1" in capsys.readouterr().out
+    assert _rounds(run_dir) == [0, 1, 2, 3]
+    final, expected = (load_checkpoint(d / "checkpoints" / "global.pt") for d in (run_dir, whole))
+    assert final.meta["round"] == 3
+    # Same model and same Adam moments as the run that never stopped: no round redone, none lost, no state reset.
+    assert all(torch.equal(expected.state_dict[k], final.state_dict[k]) for k in expected.state_dict)
+    for attr in ("m_t", "v_t"):
+        a, b = expected.meta["strategy"]["state"][attr], final.meta["strategy"]["state"][attr]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    def timeless(d: Path) -> list[dict[str, object]]:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert timeless(run_dir) == timeless(whole)  # the same records, round by round
+
+    # A resume of a finished run redoes nothing.
+    run_federation(ScriptedGrid(), _cfg(workdir, "crash"), resume=True)
+    assert _rounds(run_dir) == [0, 1, 2, 3]
+
+
+@needs_espeak
+def test_crash_before_the_first_checkpoint_restarts_cleanly(workdir: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(ScriptedGrid(crash_at=1), _cfg(workdir, "early", **{"num-server-rounds": 1}))
+    run_dir = run_federation(ScriptedGrid(), _cfg(workdir, "early", **{"num-server-rounds": 1}), resume=True)
+    assert _rounds(run_dir) == [0, 1]
+
+
+# -- a real `chorus simulate`, killed and resumed ---------------------------------------------------------
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose command line or environment holds ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.name == str(os.getpid()) or (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                continue
+            if marker.encode() in (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _wait_gone(marker: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # two full `chorus simulate` starts: several minutes on 2 busy cores
+@needs_espeak
+def test_kill_and_resume_a_real_simulation(tmp_path: Path) -> None:
+    marker = f"chorus-resume-test-{uuid.uuid4().hex}"  # in the environment of every process the run starts
+    env = {**os.environ, "CHORUS_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"}
+    sets = [arg for k, v in {**TINY_RUN, "workdir": str(tmp_path)}.items() for arg in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "4", "--rounds", "3",
+           "--run-id", "killed", *sets]
+    run_dir = tmp_path / "runs" / "killed"
+    metrics = run_dir / "metrics.jsonl"
+    log = (tmp_path / "first.log").open("wb")
+    try:
+        first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own process group
+        # Round 1's metrics line, then its checkpoint (written atomically: once the file is there it is whole).
+        deadline = time.monotonic() + 480
+        while not (metrics.exists() and '"round": 1,' in metrics.read_text() and (ckpt := run_dir / "checkpoints"
+                                                                                  / "global.pt").exists()):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 did not finish in time"
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: no cleanup of any kind
+        first.wait()
+        stop_local_superlink(tmp_path / ".flwr")  # Flower's SuperLink runs in a session of its own
+        assert not _wait_gone(marker, 30), "processes of the killed run survived"
+        committed = load_checkpoint(ckpt).meta["round"]
+        lines_before = metrics.read_text().splitlines()[:committed + 1]  # rounds 0..committed
+
+        resumed = subprocess.run([*cmd, "--resume"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+        lines = metrics.read_text().splitlines()
+        assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
+        assert lines[:committed + 1] == lines_before  # committed rounds were not run again
+        final = load_checkpoint(run_dir / "checkpoints" / "global.pt")
+        assert final.meta["round"] == 3 and final.meta["run_id"] == "killed"
+        assert (run_dir / "report.md").exists()
+        assert not _wait_gone(marker, 30), "processes of the resumed run survived"
+    finally:
+        log.close()
+        stop_local_superlink(tmp_path / ".flwr")
+        for pid in _processes_with(marker):  # only what this test started: it carries the test's marker
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
