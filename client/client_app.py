@@ -35,11 +35,12 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, state, data, seed_id, server_round = _setup(msg, context)
-    update = fine_tune(cfg, state, data, server_round=server_round, partition_id=seed_id)
-    metrics = MetricRecord({"train-loss": update.loss, "local-steps": update.steps,
-                            "num-examples": update.num_examples, "compute-cost": update.compute_cost,
-                            "skipped-utterances": update.skipped})
-    return Message(RecordDict({"arrays": ArrayRecord(update.state_dict), "metrics": metrics}), reply_to=msg)
+    # DP-SGD keeps its accountant in context.state, which persists on the device across rounds. A device whose
+    # privacy budget is spent raises PrivacyBudgetExhausted: audit_mod answers with an error naming that type.
+    ledger = {"device_state": context.state} if cfg.dp.enabled else {}
+    update = fine_tune(cfg, state, data, server_round=server_round, partition_id=seed_id, **ledger)
+    return Message(RecordDict({"arrays": ArrayRecord(update.state_dict), "metrics": MetricRecord(update.metrics())}),
+                   reply_to=msg)
 
 
 @app.evaluate()

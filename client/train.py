@@ -1,40 +1,98 @@
-"""A device's local round: fine-tune the received global model on its own utterances."""
+"""A device's local round: fine-tune the received global model on its own utterances.
+
+With ``dp.enabled`` the round is DP-SGD (``shared.privacy.dp.dp_train_steps``: per-utterance clipping, Poisson
+sampling, Gaussian noise) and the device keeps its privacy ledger, an ``AccountantState``, in its own persistent
+state (Flower's ``context.state``, a ConfigRecord under :data:`ACCOUNTANT_KEY`), so epsilon adds up over every
+round the device trains in this run. The ledger is charged *before* the round trains (RDP accounting does not
+depend on the data, so the round's cost is known in advance): a round that fails halfway is paid for, never
+released for free. A round that would take epsilon past ``dp.epsilon-budget`` is refused before any training:
+``fine_tune`` logs the epsilon and the budget on the device and raises ``PrivacyBudgetExhausted``; the privacy
+audit mod (``shared/privacy/audit.py``) turns that into an error reply naming only the exception type, which the
+server logs and counts as a failed device ("device train handler raised PrivacyBudgetExhausted").
+
+What a DP reply carries (:meth:`LocalUpdate.metrics`): the update, ``epsilon``, ``local-steps`` (public) and
+``num-examples`` = 1. Left out, because they are computed from the training utterances without noise and so lie
+outside the DP guarantee (which covers the model update only): the training loss, the amortized encoder's compute
+share, the number of skipped files and the exact number of training utterances (with add/remove-one-utterance
+adjacency, an exact count alone tells neighbouring datasets apart). FedAvg therefore weighs DP devices equally.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+from flwr.app import ConfigRecord, RecordDict
 
 from client.data import DeviceData
-from shared.config import RunConfig
-from shared.data.dataset import make_batches
+from shared.config import DPConfig, RunConfig
+from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
+from shared.models.transducer import Transducer
+from shared.privacy.dp import AccountantState, PrivacyBudgetExhausted, check_budget, dp_train_steps, make_dp_compatible
 from shared.training import train_steps
 
-__all__ = ["LocalUpdate", "fine_tune"]
+__all__ = ["ACCOUNTANT_KEY", "LocalUpdate", "fine_tune", "load_accountant", "store_accountant"]
+
+log = logging.getLogger("chorus.client")
+
+# context.state key of the device's privacy ledger: a ConfigRecord of AccountantState.to_record().
+ACCOUNTANT_KEY = "dp-accountant"
 
 
 @dataclass(frozen=True)
 class LocalUpdate:
     state_dict: dict[str, torch.Tensor]
-    loss: float
+    loss: float  # mean per-token training loss (under DP: of the Poisson-sampled utterances; never sent then)
     steps: int
-    num_examples: int  # distinct local training utterances: the FedAvg weight
+    num_examples: int  # distinct local training utterances: the FedAvg weight without DP
     compute_cost: float
     skipped: int
+    epsilon: float | None = None  # epsilon spent after this round (at dp.delta); None without DP
+
+    def metrics(self) -> dict[str, int | float]:
+        """The reply's MetricRecord: every key is on the audit's allowlist."""
+        if self.epsilon is None:
+            return {"train-loss": self.loss, "local-steps": self.steps, "num-examples": self.num_examples,
+                    "compute-cost": self.compute_cost, "skipped-utterances": self.skipped}
+        # DP: only what the guarantee covers or what is public (see the module docstring).
+        return {"epsilon": self.epsilon, "local-steps": self.steps, "num-examples": 1}
+
+
+def load_accountant(device_state: RecordDict) -> AccountantState:
+    """The device's privacy ledger from its persistent state (empty before its first DP round)."""
+    record = device_state.get(ACCOUNTANT_KEY)
+    return AccountantState.from_record(dict(record) if record is not None else {})
+
+
+def store_accountant(device_state: RecordDict, ledger: AccountantState) -> None:
+    device_state[ACCOUNTANT_KEY] = ConfigRecord(ledger.to_record())
 
 
 def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData, *,
-              server_round: int, partition_id: int) -> LocalUpdate:
+              server_round: int, partition_id: int, device_state: RecordDict | None = None) -> LocalUpdate:
     """``cfg.train.local_steps`` AdamW steps from the global weights (a fresh optimizer each round: the
-    device keeps no optimizer state between rounds, so a device may skip rounds without stale moments)."""
+    device keeps no optimizer state between rounds, so a device may skip rounds without stale moments).
+
+    With ``cfg.dp.enabled`` they are DP-SGD steps, accounted in ``device_state`` (the device's ``context.state``,
+    required then).
+
+    Raises:
+        PrivacyBudgetExhausted: DP only: the round would take epsilon past ``cfg.dp.epsilon_budget``; nothing
+            was trained and the ledger is unchanged.
+    """
     seed = cfg.train.seed * 1_000_003 + server_round * 1009 + partition_id
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout; DP-SGD draws its samples, masks and noise from OS entropy
     model = build_model(cfg.model)
     load_state(model, global_state, source="global model from the server")
     batches = make_batches(data.train, features=data.features, tokenizer=data.tokenizer,
                            max_frames=cfg.train.batch_frames, shuffle=True, seed=seed)
+    if cfg.dp.enabled:
+        if device_state is None:
+            raise ValueError("dp.enabled: fine_tune needs the device's persistent state (context.state) to keep "
+                             "its privacy accountant across rounds")
+        return _dp_fine_tune(cfg, model, batches, data, server_round=server_round, device_state=device_state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     stats = train_steps(model, batches, steps=cfg.train.local_steps, optimizer=optimizer,
                         spec_augment_seed=seed if cfg.train.spec_augment else None,
@@ -42,3 +100,34 @@ def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: Devic
     return LocalUpdate(state_dict=model.state_dict(), loss=stats.loss, steps=stats.steps,
                        num_examples=sum(len(b.ids) for b in batches), compute_cost=stats.compute_cost,
                        skipped=len(data.features.skipped))
+
+
+def _dp_fine_tune(cfg: RunConfig, model: Transducer, batches: list[Batch], data: DeviceData, *, server_round: int,
+                  device_state: RecordDict) -> LocalUpdate:
+    dp: DPConfig = cfg.dp
+    steps = cfg.train.local_steps
+    ledger = load_accountant(device_state)
+    try:
+        check_budget(ledger, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps,
+                     delta=dp.delta, epsilon_budget=dp.epsilon_budget)
+    except PrivacyBudgetExhausted as refused:
+        log.warning("round %d: privacy budget exhausted, this device does not train: epsilon %.4g spent of its "
+                    "budget %.4g (delta %g); the round would bring it to %.4g", server_round, refused.epsilon,
+                    refused.budget, refused.delta, refused.next_epsilon)
+        raise
+    planned = ledger.after(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
+    store_accountant(device_state, planned)  # charged before training: a failed round is paid for too
+    make_dp_compatible(model)  # ConvRNN-T: nn.LSTM -> DPLSTM (same weights and keys); before the optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    result = dp_train_steps(model, batches, steps=steps, optimizer=optimizer, noise_multiplier=dp.noise_multiplier,
+                            max_grad_norm=dp.max_grad_norm, sample_rate=dp.sample_rate, accountant=ledger,
+                            delta=dp.delta, epsilon_budget=dp.epsilon_budget, batch_frames=cfg.train.batch_frames,
+                            spec_augment=cfg.train.spec_augment, compute_weight=cfg.train.compute_weight)
+    if result.accountant != planned:  # dp_train_steps checks this too; the ledger must hold what was spent
+        raise RuntimeError(f"DP round spent {result.accountant}, the ledger was charged {planned}")
+    log.info("round %d: DP-SGD %d steps (sigma %g, q %g, C %g): epsilon %.4g of budget %.4g (delta %g)",
+             server_round, steps, dp.noise_multiplier, dp.sample_rate, dp.max_grad_norm, result.epsilon,
+             dp.epsilon_budget, dp.delta)
+    return LocalUpdate(state_dict=model.state_dict(), loss=result.stats.loss, steps=result.stats.steps,
+                       num_examples=sum(len(b.ids) for b in batches), compute_cost=result.stats.compute_cost,
+                       skipped=len(data.features.skipped), epsilon=result.epsilon)

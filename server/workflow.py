@@ -82,6 +82,13 @@ def _heldout_utterances(prepared: Prepared, budget: int) -> list[Utterance]:
     return [u for s in prepared.split.heldout for u in by_speaker.get(s, [])[:per_speaker]]
 
 
+def _metric(aggregated: MetricRecord | None, key: str) -> float | None:
+    """One key of the strategy's aggregated reply metrics (weighted by num-examples), None where absent."""
+    if aggregated is None or key not in aggregated:
+        return None
+    return float(aggregated[key])
+
+
 def _sort_replies(sent: list[Message], replies: Iterable[Message], *, phase: str,
                   server_round: int) -> tuple[list[Message], int]:
     """The replies that carry content, and how many devices failed: replied with an error, or not at all
@@ -191,7 +198,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             counts, per_utt = evaluate_heldout()
             record = {
                 "round": server_round, "aggregated": new_arrays is not None,
-                "train_loss": None if train_metrics is None else float(train_metrics["train-loss"]),
+                # DP replies carry no training loss (it lies outside the guarantee) but their epsilon spent
+                "train_loss": _metric(train_metrics, "train-loss"),
+                "train_epsilon": _metric(train_metrics, "epsilon"),
                 "train_replies": len(train_ok), "train_failures": train_failed,
                 "eval_replies": len(eval_ok), "eval_failures": eval_failed,
                 "device_wer": None if device_eval is None else float(device_eval["wer"]),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["ConfigError", "RunConfig", "SynthConfig", "SplitConfig", "ModelConfig", "TrainConfig",
-           "EvalConfig", "StrategyConfig"]
+           "EvalConfig", "StrategyConfig", "DPConfig"]
 
 
 class ConfigError(ValueError):
@@ -89,6 +89,44 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Local DP-SGD on every device (``shared/privacy/dp.py``); the privacy unit is one training utterance.
+
+    The defaults let a device with the default corpus (~30 training utterances, ``train.local-steps`` = 8) take
+    part in 7 rounds before its budget is spent: epsilon 3.2 after one round, 5.2 after 3, 7.8 after 7
+    (RDP accounting at delta 1e-5); the 8th round would pass 8 and is refused.
+    """
+
+    enabled: bool = False  # off by default: DP-SGD costs accuracy and ~1.3-2x step time; runs opt in
+    # sigma: noise std = sigma x max-grad-norm. 1.5 with q = 0.25 buys ~7 rounds of 8 steps within epsilon 8;
+    # 1.0 would spend the budget in 2 rounds, 2.0 would add a third more noise per step than 1.5.
+    noise_multiplier: float = 1.5
+    # C, the L2 bound of each utterance's gradient (all parameters together): Opacus' customary 1.0. Per-token
+    # losses keep utterance gradients of a similar scale, so one C fits short and long utterances alike.
+    max_grad_norm: float = 1.0
+    # q, each utterance's chance to join a step's Poisson sample: ~7 of a device's ~30 utterances per step.
+    # Larger q averages the noise over more utterances but weakens privacy amplification by subsampling.
+    sample_rate: float = 0.25
+    # delta of the (epsilon, delta) guarantee: well below 1 / (utterances on a device), as is customary.
+    delta: float = 1e-5
+    # A device refuses a round that would take its epsilon past this (8: the upper end of what deployed
+    # DP-SGD systems report; 1e9 effectively disables the refusal, e.g. to trace epsilon vs WER).
+    epsilon_budget: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier >= 0.0:
+            raise ConfigError(f"dp.noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0.0:
+            raise ConfigError(f"dp.max-grad-norm must be positive, got {self.max_grad_norm}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ConfigError(f"dp.sample-rate must lie in (0, 1], got {self.sample_rate}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"dp.delta must lie in (0, 1), got {self.delta}")
+        if not self.epsilon_budget > 0.0:
+            raise ConfigError(f"dp.epsilon-budget must be positive, got {self.epsilon_budget}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     num_server_rounds: int = 3
     # Where corpora, artifacts (tokenizer, CMVN, checkpoints) and runs/ live. "" means $CHORUS_HOME, else
@@ -103,6 +141,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     @property
     def workdir_path(self) -> Path:

@@ -20,13 +20,16 @@ app.add_typer(server_cli, name="server")
 app.add_typer(device_cli, name="device")
 bench_app = typer.Typer(help="Benchmarks (JSON on stdout, measured side by side in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Evaluations (JSON on stdout, a report under runs/<id>/).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Run-config override KEY=VALUE (keys as in pyproject's [tool.flwr.app.config]); repeatable.")]
 
 
-def _config(overrides: list[str] | None, **fixed: bool | int | float | str) -> RunConfig:
-    flat: dict[str, bool | int | float | str] = dict(RunConfig().to_flat())
+def _parse_sets(overrides: list[str] | None) -> dict[str, bool | int | float | str]:
+    """``--set KEY=VALUE`` items -> {key: value}; VALUE is TOML (``3``, ``true``, ``"x"``) or a bare string."""
+    parsed: dict[str, bool | int | float | str] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -35,7 +38,13 @@ def _config(overrides: list[str] | None, **fixed: bool | int | float | str) -> R
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare string
-        flat[key.strip()] = value
+        parsed[key.strip()] = value
+    return parsed
+
+
+def _config(overrides: list[str] | None, **fixed: bool | int | float | str) -> RunConfig:
+    flat: dict[str, bool | int | float | str] = dict(RunConfig().to_flat())
+    flat.update(_parse_sets(overrides))
     flat.update(fixed)
     try:
         return RunConfig.from_flat(flat)
@@ -126,6 +135,25 @@ def bench_compute_cmd(
 
     main(quick=quick, workdir=workdir.resolve(), bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
          reuse=reuse, as_json=json_)
+
+
+@eval_app.command("privacy")
+def eval_privacy_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (under 5 min); numbers prove the pipeline only.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers.")] = None,
+    eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-privacy[-quick]).")] = "",
+    reuse: Annotated[bool, typer.Option(help="Reuse a base model already trained under runs/<eval-id>/.")] = True,
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    set_: SetOption = None,
+) -> None:
+    """Local DP-SGD: epsilon vs held-out WER (non-DP + 3 noise levels), DP step time, membership-inference AUC."""
+    from simulations.eval_privacy import FULL, QUICK, main
+
+    plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
+    main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
+         checkpoint=checkpoint.resolve() if checkpoint else None, reuse=reuse, as_json=json_)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from shared.privacy.audit import ALLOWED_METRICS, audit_mod
 from tests.conftest import TINY_RUN, needs_espeak
 
 TRAIN_METRICS = {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
+DP_TRAIN_METRICS = {"epsilon", "local-steps", "num-examples"}  # DP-SGD: only what the guarantee covers
 EVAL_METRICS = {"word-errors", "words", "num-examples", "wer"}
 TRANSCRIPT = "remind me to call doctor patel at noon"
 
@@ -104,14 +105,16 @@ def global_model_spec(cfg: RunConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 @pytest.mark.slow
 @needs_espeak
-def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   dp: bool) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
     from server.workflow import run_federation
 
     cfg = RunConfig.from_flat({**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path / "work"),
-                               "run-id": "privacy"})
+                               "run-id": "privacy", "dp.enabled": dp})
     sensitive = sensitive_strings(cfg)  # also prepares the data, before any device starts
     longest = max(sensitive, key=len)  # the scan itself finds a transcript in bytes, a short value in a key
     assert leaks(b"\x00" + longest.encode() + b"\x00", [], sensitive) == [longest]
@@ -156,7 +159,8 @@ def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch:
             names += list(arrays.keys())
         metrics = content["metrics"]
         assert isinstance(metrics, MetricRecord)
-        assert set(metrics.keys()) == (TRAIN_METRICS if kind == MessageType.TRAIN else EVAL_METRICS), path.name
+        train_metrics = DP_TRAIN_METRICS if dp else TRAIN_METRICS
+        assert set(metrics.keys()) == (train_metrics if kind == MessageType.TRAIN else EVAL_METRICS), path.name
         assert set(metrics.keys()) <= ALLOWED_METRICS
         for key, value in metrics.items():
             assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key
@@ -173,6 +177,10 @@ def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch:
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
         assert (r["train_replies"], r["train_failures"], r["eval_replies"], r["eval_failures"]) == (4, 0, 4, 0), r
+        # the server logs the devices' mean epsilon under DP, and their training loss only without it
+        assert (r["train_epsilon"] is not None, r["train_loss"] is not None) == (dp, not dp), r
+    if dp:  # every device's ledger kept adding up across the rounds it trained in
+        assert 0.0 < records[1]["train_epsilon"] < records[2]["train_epsilon"] <= cfg.dp.epsilon_budget
 
 
 # --- a leaky device is stopped on the device -----------------------------------------------------------------

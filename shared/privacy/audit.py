@@ -50,6 +50,9 @@ ALLOWED_METRICS = frozenset({
     "words",  # evaluation: reference word count (pooled WER = sum errors / sum words)
     "wer",
     "skipped-utterances",  # bad local files skipped (a count, never which)
+    # DP-SGD (dp.enabled): the device's epsilon spent so far at dp.delta. RDP accounting is a function of the
+    # public noise multiplier, sample rate and step count only, never of the data, so it reveals nothing private.
+    "epsilon",
 })
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16"})
 _KNOWN_DTYPES = _FLOAT_DTYPES | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {

@@ -1,0 +1,60 @@
+"""`chorus eval privacy --quick --json`: one JSON object with every setting's keys, a report and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.privacy.dp import AccountantState
+from tests.conftest import REPO_ROOT, needs_espeak
+
+pytestmark = [pytest.mark.slow, needs_espeak]
+
+SETTING_KEYS = {"name", "dp", "noise_multiplier", "epsilon", "epsilon_per_client", "epsilon_per_round", "heldout_wer",
+                "device_wer", "relative_device_wer_cost", "rounds",
+                "relative_wer_cost", "mia", "device_failures", "seconds_per_device_round", "seconds"}
+
+
+@pytest.mark.timeout(2400)  # ~2 min of CPU: under 5 min on 2 free cores, far longer on a loaded machine
+def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "eval", "privacy", "--quick", "--json",
+                          "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=2300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert {"base", "non_dp", "settings", "step_time", "targets", "plan", "duration_s", "run_dir"} <= set(result)
+    assert 0.0 <= result["base"]["mia"]["auc"] <= 1.0  # the attack on a model that saw no device data
+
+    settings = result["settings"]
+    assert settings[0]["name"] == "non-dp" and settings[0]["epsilon"] is None and not settings[0]["dp"]
+    dp = [s for s in settings if s["dp"]]
+    assert len(dp) >= 3
+    plan = result["plan"]
+    for s in settings:
+        assert SETTING_KEYS <= set(s), f"{s['name']} lacks {SETTING_KEYS - set(s)}"
+        assert 0.0 <= s["heldout_wer"] and s["device_failures"] == 0
+        for attack in ("device_update", "global_model"):
+            assert 0.0 <= s["mia"][attack]["auc"] <= 1.0 and s["mia"][attack]["members"] > 0
+    for s in dp:
+        # Every device reported its epsilon; all trained every round at the same (sigma, q), so they agree with
+        # the RDP accountant fed rounds x local steps.
+        assert len(s["epsilon_per_client"]) == plan["devices"]
+        expected = AccountantState().after(noise_multiplier=s["noise_multiplier"],
+                                           sample_rate=plan["dp"]["sample_rate"],
+                                           steps=plan["rounds"] * plan["local_steps"]).epsilon(plan["dp"]["delta"])
+        assert all(math.isclose(e, expected, rel_tol=1e-9) for e in s["epsilon_per_client"].values())
+        assert len(s["epsilon_per_round"]) == plan["rounds"]
+        assert s["epsilon_per_round"] == sorted(s["epsilon_per_round"])  # it only grows
+    by_sigma = sorted(dp, key=lambda s: s["noise_multiplier"])
+    assert [s["epsilon"] for s in by_sigma] == sorted((s["epsilon"] for s in dp), reverse=True)  # more noise, less eps
+
+    step = result["step_time"]
+    assert step["plain_s"] > 0 and step["dp_s"] > 0 and step["ratio"] == pytest.approx(step["dp_s"] / step["plain_s"])
+    run_dir = Path(result["run_dir"])
+    report = (run_dir / "report.md").read_text()
+    assert "| non-dp |" in report and "wer_vs_epsilon.png" in report
+    assert (run_dir / "wer_vs_epsilon.png").stat().st_size > 0
