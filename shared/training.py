@@ -7,7 +7,7 @@ call these same functions, so a model is trained and scored the same way whereve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -45,6 +45,14 @@ class Reweighter(Protocol):
     def __call__(self, batch: Batch, losses: Tensor) -> Tensor: ...
 
 
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on ``device`` (the model's); a no-op on the CPU."""
+    if device.type == "cpu":
+        return batch
+    return replace(batch, feats=batch.feats.to(device), feat_lens=batch.feat_lens.to(device),
+                   targets=batch.targets.to(device), target_lens=batch.target_lens.to(device))
+
+
 def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
     if not batches:
         raise ValueError("no training batches: every utterance was skipped or the device has no data")
@@ -70,6 +78,8 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
     ``StepStats.loss`` is always the unweighted per-token loss, comparable with and without the hooks.
     """
     model.train()
+    device = next(model.parameters()).device
+    # SpecAugment masks are drawn on the CPU, so a seed gives the same masks whichever device trains.
     generator = torch.Generator().manual_seed(spec_augment_seed) if spec_augment_seed is not None else None
     total_loss, total_cost, total_penalty, visits = 0.0, 0.0, 0.0, 0
     source = cycle(batches)
@@ -78,7 +88,8 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         feats = batch.feats
         if generator is not None:
             feats = spec_augment(feats, batch.feat_lens, generator=generator)
-        out = model(feats, batch.feat_lens, batch.targets, batch.target_lens)
+        batch = on_device(replace(batch, feats=feats), device)
+        out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
         tokens = batch.target_lens.sum().clamp(min=1)
         loss = out.loss_per_utt.sum() / tokens
         if not math.isfinite(loss.item()):
@@ -110,8 +121,10 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
 def transcribe(model: Transducer, batches: Sequence[Batch], tokenizer: Tokenizer, *, beam: int = 1) -> dict[str, str]:
     """utterance id -> hypothesis text (greedy search for beam=1, beam search otherwise)."""
     model.eval()
+    device = next(model.parameters()).device
     hyps: dict[str, str] = {}
     for batch in batches:
+        batch = on_device(batch, device)
         if beam == 1:
             tokens = model.greedy_search(batch.feats, batch.feat_lens)
         else:

@@ -108,6 +108,7 @@ def train_cmd(
     speakers: Annotated[str, typer.Option(help="public (default) or train (public + federated).")] = "public",
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     eval_every: Annotated[int, typer.Option(min=1)] = 500,
+    device: Annotated[str, typer.Option(help="torch device to train on: cpu (default) or e.g. cuda.")] = "cpu",
     set_: SetOption = None,
 ) -> None:
     """Central pretraining on the public speakers (checkpoints, resume, SpecAugment, held-out WER)."""
@@ -117,7 +118,7 @@ def train_cmd(
 
     cfg = _config(set_)
     run_id = run_id or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers)
+    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers, device=device)
     best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
     typer.echo(f"Best checkpoint: {best}")
 
@@ -129,12 +130,14 @@ def bench_compute_cmd(
     bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-compute[-quick]).")] = "",
     reuse: Annotated[bool, typer.Option(help="Reuse models already trained under runs/<bench-id>/.")] = True,
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    train_device: Annotated[str, typer.Option(
+        help="torch device for training the models (e.g. cuda); measurements always run on the CPU.")] = "cpu",
 ) -> None:
     """Dense vs sliding-window vs ConvRNN-T vs compute-amortized Transformer: WER, FLOPs, batch-1 RTF."""
     from simulations.bench_compute import main
 
     main(quick=quick, workdir=workdir.resolve(), bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
-         reuse=reuse, as_json=json_)
+         reuse=reuse, as_json=json_, train_device=train_device)
 
 
 @eval_app.command("privacy")

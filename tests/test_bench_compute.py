@@ -22,7 +22,7 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
                           "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    assert set(result["models"]) == {"transformer", "sliding-window", "convrnnt", "amortized"}
+    assert set(result["models"]) == {"transformer", "transformer-continued", "sliding-window", "convrnnt", "amortized"}
     for name, row in result["models"].items():
         assert KEYS <= set(row), f"{name} lacks {KEYS - set(row)}"
         assert row["params"] > 0 and row["encoder_gflops_per_audio_second"] > 0 and row["batch1_streaming_rtf"] > 0
@@ -33,3 +33,7 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
     curve = result["amortized_curve"]
     assert len(curve) >= 4 and all(0.0 < c["executed_share"] <= 1.0 for c in curve)
     assert (Path(result["run_dir"]) / "report.md").exists()
+    # The amortized models' WER is relative to the dense model trained as long (base + fine-tuning steps).
+    continued = result["models"]["transformer-continued"]
+    for point in curve:
+        assert point["relative_wer_vs_dense"] == pytest.approx(point["wer"] / continued["wer"])

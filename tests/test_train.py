@@ -59,3 +59,10 @@ def test_corrupt_and_mismatched_checkpoints_are_named(cfg: RunConfig, tmp_path: 
         load_checkpoint(good, expect=other)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_device_this_machine_lacks_is_named(cfg: RunConfig) -> None:
+    plan = TrainPlan(steps=1, eval_every=1, warmup=1, eval_utterances=2, device="cuda")
+    with pytest.raises(ValueError, match="device='cuda' is not usable here"):
+        train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / "gpu", progress=False)
