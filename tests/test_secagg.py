@@ -39,6 +39,7 @@ from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
 from tests.conftest import TINY_RUN, needs_espeak
+from tests.test_privacy_invariant import leaks, sensitive_strings
 from tests.test_resume import _processes_with, _task_identity  # noqa: F401 (autouse fixture)
 
 DEVICES = 4
@@ -143,13 +144,18 @@ def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -
     # ... and it is an aggregate of trained updates, not the global model sent back
     assert max(float((plain[k] - arrays.to_torch_state_dict()[k].double()).abs().max()) for k in plain) > 10 * bound
 
-    # What left the devices: the protocol's records only; no plain update, no float array, no named array.
+    # What left the devices: the protocol's records only; no plain update, no float array, no named array, and
+    # no transcript, utterance id, speaker id or speakers.tsv value anywhere in the serialized replies.
     stages = [stage for stage, _ in grid.replies]
     assert stages.count(Stage.SETUP) == DEVICES and stages.count(Stage.UNMASK) == len(survivors)
+    sensitive = sensitive_strings(cfg)
     for stage, reply in grid.replies:
         assert not reply.has_error(), (stage, reply.error.reason)
         assert all(len(record) == 0 for record in reply.content.array_records.values()), stage
         assert "arrays" not in reply.content
+        names = [n for name, record in reply.content.items() for n in (name, *record.keys())]
+        wire = message_to_proto(reply).SerializeToString()
+        assert not leaks(wire, names, sensitive), (stage, leaks(wire, names, sensitive))
 
 
 @needs_espeak
