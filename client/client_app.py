@@ -1,5 +1,6 @@
 """Flower ClientApp: one speaker's device. A thin adapter: records in, plain functions, records out.
 
+Train replies can be securely aggregated (SecAgg+, ``client/secagg.py``) and clipped for central DP, by run config.
 Every reply passes the privacy audit before it leaves: ``audit_mod`` (shared/privacy/audit.py) wraps every
 handler of this app, in simulation and in deployment, checks the reply against the allowlist and against the
 arrays the server sent, and turns a violation into an error reply.
@@ -10,15 +11,27 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.data import DeviceData, node_data
 from client.evaluate import evaluate_local
+from client.secagg import secure_aggregation_mod
 from client.train import fine_tune
 from shared.config import RunConfig
 from shared.privacy.audit import audit_mod
 
 # Mods wrap handlers when they are registered: audit_mod must be here, not added to `app` later.
 app = ClientApp(mods=[audit_mod])
+
+
+def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """``strategy.central-dp = "client"``: Flower's ``fixedclipping_mod`` clips this device's model change to the
+    norm the server's DP wrapper sent, before it leaves (under SecAgg+, before it is masked). Train only: an
+    evaluate instruction carries no clipping norm."""
+    if RunConfig.from_flat(context.run_config).strategy.central_dp == "client":
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.Tensor], DeviceData, int, int]:
@@ -32,7 +45,9 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
     return cfg, state, data, seed_id, int(msg.content["config"]["server-round"])
 
 
-@app.train()
+# Order, outermost first: audit_mod (app-wide) sees what leaves; SecAgg+ masks the clipped update; clipping sees
+# the handler's plain update.
+@app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, state, data, seed_id, server_round = _setup(msg, context)
     # DP-SGD keeps its accountant in context.state, which persists on the device across rounds. A device whose

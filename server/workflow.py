@@ -5,6 +5,10 @@ The round loop calls the strategy's own ``configure_train`` / ``aggregate_train`
 of the global model and the strategy's state after every round, resume after a crash (server/checkpoint.py),
 per-round JSONL, a progress display, and the server-side evaluation on held-out speakers.
 
+Privacy options of the train phase (run config): ``strategy.secure-aggregation`` runs it through SecAgg+
+(server/secagg.py: the server gets only the aggregate); ``strategy.central-dp`` wraps the strategy in Flower's
+fixed-clipping DP wrapper (server- or device-side clipping, Gaussian noise on the aggregate).
+
 Device failures: a device that replies with an error (its ClientApp raised) or does not reply within
 ``strategy.timeout`` (it dropped out) is logged with its node id and counted (``train_failures`` /
 ``eval_failures``); the round aggregates the others' updates when at least ``strategy.min-train-nodes``
@@ -30,7 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.checkpoint import load_round, rewind_metrics, save_round
 from server.report import MetricsLog, write_report
-from shared.config import RunConfig, StrategyConfig
+from server.secagg import secure_train_round
+from shared.config import CentralDPConfig, RunConfig, StrategyConfig
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
@@ -38,7 +43,7 @@ from shared.metrics import ErrorCounts
 from shared.models.checkpoint import initial_model, load_state, save_checkpoint
 from shared.training import score
 
-__all__ = ["make_strategy", "run_federation", "sum_error_counts"]
+__all__ = ["make_strategy", "run_federation", "stateful_strategy", "sum_error_counts"]
 
 log = logging.getLogger("chorus.server")
 
@@ -52,7 +57,27 @@ def sum_error_counts(records: list[RecordDict], weighted_by_key: str) -> MetricR
                          "wer": errors / words if words else 0.0})
 
 
-def make_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
+def make_strategy(cfg: StrategyConfig, central_dp: CentralDPConfig | None = None) -> flwr_strategy.Strategy:
+    """The run's Flower strategy; with ``strategy.central-dp`` wrapped in Flower's fixed-clipping DP wrapper."""
+    base = _base_strategy(cfg)
+    if cfg.central_dp == "none":
+        return base
+    dp = central_dp or CentralDPConfig()
+    wrapper = (flwr_strategy.DifferentialPrivacyServerSideFixedClipping if cfg.central_dp == "server"
+               else flwr_strategy.DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(base, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
+                   num_sampled_clients=dp.sampled_clients)
+
+
+def stateful_strategy(strategy: flwr_strategy.Strategy) -> flwr_strategy.Strategy:
+    """The strategy that holds the cross-round state (a DP wrapper keeps none; the strategy it wraps does)."""
+    if isinstance(strategy, (flwr_strategy.DifferentialPrivacyServerSideFixedClipping,
+                             flwr_strategy.DifferentialPrivacyClientSideFixedClipping)):
+        return strategy.strategy
+    return strategy
+
+
+def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
     common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                                   min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
                                   min_available_nodes=cfg.min_available_nodes,
@@ -129,6 +154,27 @@ def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
     return out
 
 
+def _train_phase(grid: Grid, strategy: flwr_strategy.Strategy, cfg: RunConfig, server_round: int,
+                 arrays: ArrayRecord) -> tuple[ArrayRecord | None, MetricRecord | None, int, int]:
+    """One round's training: (new global arrays, or None to keep the model; aggregated metrics; devices
+    aggregated; devices failed). Plainly, or with ``strategy.secure-aggregation`` through SecAgg+
+    (server/secagg.py), where a device counts as answered when its masked update is in the sum."""
+    if cfg.strategy.secure_aggregation:
+        secure = secure_train_round(grid, strategy, server_round, arrays, cfg.secagg, timeout=cfg.strategy.timeout,
+                                    min_contributors=cfg.strategy.min_train_nodes)
+        return secure.arrays, secure.metrics, secure.contributed, secure.failed
+    train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    train_ok, failed = _sort_replies(train_msgs, grid.send_and_receive(train_msgs, timeout=cfg.strategy.timeout),
+                                     phase="train", server_round=server_round)
+    needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
+    if len(train_ok) < needed:  # too few updates to trust: keep the global model and the strategy's state
+        log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the global model is "
+                    "kept", server_round, len(train_ok), needed)
+        return None, None, len(train_ok), failed
+    new_arrays, metrics = strategy.aggregate_train(server_round, train_ok)
+    return new_arrays, metrics, len(train_ok), failed
+
+
 def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     """Run ``cfg.num_server_rounds`` rounds (or finish them, with ``resume``); returns the run directory."""
     prepared = prepare(cfg)
@@ -141,14 +187,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
 
     torch.manual_seed(cfg.train.seed)
     model = initial_model(cfg.model)  # always holds the global model (``arrays`` is its wire copy)
-    strategy = make_strategy(cfg.strategy)
+    strategy = make_strategy(cfg.strategy, cfg.central_dp)
     global_ckpt = ckpt_dir / "global.pt"
     first_round = 1
     if resume and global_ckpt.exists():
         # The checkpoint commits a round; metrics lines of later rounds (a kill after the line, before the
         # checkpoint) belong to a round that runs again, so they go.
         first_round = load_round(global_ckpt, model, cfg.model, strategy_name=cfg.strategy.name,
-                                 strategy=strategy) + 1
+                                 strategy=stateful_strategy(strategy)) + 1
         rewind_metrics(metrics.path, before=first_round)
         log.info("resuming run %s after round %d", run_id, first_round - 1)
         print(f"resuming run {run_id} after round {first_round - 1}", flush=True)
@@ -176,17 +222,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=first_round - 1, status="")
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
-            train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-            train_ok, train_failed = _sort_replies(
-                train_msgs, grid.send_and_receive(train_msgs, timeout=cfg.strategy.timeout),
-                phase="train", server_round=server_round)
-            needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
-            if len(train_ok) >= needed:
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, train_ok)
-            else:  # too few updates to trust: keep the global model, and leave the strategy's state untouched
-                log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the "
-                            "global model is kept", server_round, len(train_ok), needed)
-                new_arrays, train_metrics = None, None
+            new_arrays, train_metrics, train_answered, train_failed = _train_phase(grid, strategy, cfg,
+                                                                                   server_round, arrays)
             if new_arrays is not None:
                 load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
@@ -201,7 +238,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 # DP replies carry no training loss (it lies outside the guarantee) but their epsilon spent
                 "train_loss": _metric(train_metrics, "train-loss"),
                 "train_epsilon": _metric(train_metrics, "epsilon"),
-                "train_replies": len(train_ok), "train_failures": train_failed,
+                "train_replies": train_answered, "train_failures": train_failed,
                 "eval_replies": len(eval_ok), "eval_failures": eval_failed,
                 "device_wer": None if device_eval is None else float(device_eval["wer"]),
                 "device_words": None if device_eval is None else int(device_eval["words"]),
@@ -210,12 +247,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             }
             metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)
             save_round(global_ckpt, model, cfg.model, server_round=server_round, run_id=run_id,
-                       strategy_name=cfg.strategy.name, strategy=strategy)
+                       strategy_name=cfg.strategy.name, strategy=stateful_strategy(strategy))
             progress.update(task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  "
                                                     f"held-out WER {counts.wer:.3f}")
             kept = "" if record["aggregated"] else " (too few: global model kept)"
             print(f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
-                  f"devices {len(train_ok)} ok / {train_failed} failed{kept}, device WER {record['device_wer']}, "
+                  f"devices {train_answered} ok / {train_failed} failed{kept}, device WER {record['device_wer']}, "
                   f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)", flush=True)
 
     if not per_utt:  # resumed after the last round: evaluate once for the report

@@ -149,12 +149,25 @@ def eval_privacy_cmd(
     eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-privacy[-quick]).")] = "",
     reuse: Annotated[bool, typer.Option(help="Reuse a base model already trained under runs/<eval-id>/.")] = True,
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    devices: Annotated[Optional[int], typer.Option(min=2, help="Federated devices (default: the plan's).")] = None,
+    noise_multipliers: Annotated[str, typer.Option(
+        help="DP noise multipliers, comma-separated, e.g. 0.5,1,1.5,2 (default: the plan's).")] = "",
     set_: SetOption = None,
 ) -> None:
     """Local DP-SGD: epsilon vs held-out WER (non-DP + 3 noise levels), DP step time, membership-inference AUC."""
+    from dataclasses import replace
+
     from simulations.eval_privacy import FULL, QUICK, main
 
     plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
+    if devices is not None:
+        plan = replace(plan, devices=devices)
+    if noise_multipliers:
+        try:
+            sigmas = tuple(float(x) for x in noise_multipliers.split(","))
+        except ValueError as err:
+            raise typer.BadParameter(f"--noise-multipliers {noise_multipliers!r}: {err}") from err
+        plan = replace(plan, noise_multipliers=sigmas)
     main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
          checkpoint=checkpoint.resolve() if checkpoint else None, reuse=reuse, as_json=json_)
 

@@ -33,10 +33,13 @@ curve shows what each noise level costs; whether each stays within the 8.0 targe
 
 Plans: ``QUICK`` (``--quick``) is CI-sized: a tiny corpus and model, minutes; its numbers prove the pipeline only
 (a 30-step base model has WER 1, and 7 training + 3 local-eval utterances per device give a noisy AUC). ``FULL`` is the
-default corpus (20 devices, 24 public and 16 held-out speakers), the default 6-layer model, a 1500-step base model
-(or ``--checkpoint``), 3 rounds of 8 local steps: about 1.5 h on 2 free CPU cores, sequential (measured: the same
-with 4 devices and a given 8-layer checkpoint took 590 s of CPU; the 20 devices scale that about 5x, and training the
-base model adds the README's ~14 min).
+default corpus (24 public and 16 held-out speakers), 6 of its federated speakers as devices, the default model and a
+1500-step base model (or ``--checkpoint``), 3 rounds of 8 local steps, sigma 1.0 / 1.5 / 2.0, sequential. It is
+sized from the README's measured run (10 devices, sigma 0.5 too, an 8-layer ``--checkpoint``: 58 min in all, 406 s
+without DP and 406-1147 s per DP setting on 2 cores shared with other jobs, load average 7-10): 6 devices and 3 noise
+levels scale that to about 20-35 min (an estimate, not measured; training the base model, without
+``--checkpoint``, adds the README's ~14 min).
+``--devices`` and ``--noise-multipliers`` change the plan.
 """
 
 from __future__ import annotations
@@ -99,8 +102,9 @@ QUICK = PrivacyPlan(
                "train.batch-frames": 3000, "train.local-steps": 6, "dp.sample-rate": 0.5},
     base_steps=30, devices=4, rounds=2, noise_multipliers=(0.5, 1.0, 2.0), heldout_utterances=16, timing_steps=2)
 # The documented setting: the default corpus and model, dp.* defaults (q = 0.25, C = 1.0), sigma around the
-# default 1.5 (3 rounds of 8 steps: epsilon ~35 at 0.5, 9.9 at 1.0, 5.2 at 1.5, 3.4 at 2.0).
-FULL = PrivacyPlan(overrides={}, base_steps=1500, devices=20, rounds=3, noise_multipliers=(0.5, 1.0, 1.5, 2.0),
+# default 1.5 (3 rounds of 8 steps: epsilon 35 at 0.5, 9.9 at 1.0, 5.2 at 1.5, 3.4 at 2.0); 6 devices and 3 noise
+# levels keep it near 40 min on 2 loaded cores (see the module docstring).
+FULL = PrivacyPlan(overrides={}, base_steps=1500, devices=6, rounds=3, noise_multipliers=(1.0, 1.5, 2.0),
                    heldout_utterances=320, timing_steps=10)
 
 

@@ -23,7 +23,8 @@ SETTING_KEYS = {"name", "dp", "noise_multiplier", "epsilon", "epsilon_per_client
 @pytest.mark.timeout(2400)  # ~2 min of CPU: under 5 min on 2 free cores, far longer on a loaded machine
 def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "simulations.cli", "eval", "privacy", "--quick", "--json",
-                          "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=2300)
+                          "--workdir", str(tmp_path), "--devices", "4", "--noise-multipliers", "0.5,1,2"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=2300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert {"base", "non_dp", "settings", "step_time", "targets", "plan", "duration_s", "run_dir"} <= set(result)
@@ -32,7 +33,7 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
     settings = result["settings"]
     assert settings[0]["name"] == "non-dp" and settings[0]["epsilon"] is None and not settings[0]["dp"]
     dp = [s for s in settings if s["dp"]]
-    assert len(dp) >= 3
+    assert [s["noise_multiplier"] for s in dp] == [0.5, 1.0, 2.0]  # --noise-multipliers
     plan = result["plan"]
     for s in settings:
         assert SETTING_KEYS <= set(s), f"{s['name']} lacks {SETTING_KEYS - set(s)}"

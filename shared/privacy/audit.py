@@ -18,6 +18,10 @@ there and logged on the device). The mod also keeps exception text off the wire:
 ``str(exception)`` of a failing handler to the server, and our errors name local files, utterance ids and
 transcripts; the device logs them and the server gets only the exception's type.
 
+SecAgg+ (``strategy.secure-aggregation``): a reply to a stage of the protocol is checked against that stage's own
+allowlist instead (``shared/privacy/secagg_audit.py``: public keys, encrypted shares for neighbours, the masked
+integer update, allowlisted metrics), because under SecAgg+ the plain update never leaves the device.
+
 What the audit cannot see: data encoded in the values of the model weights themselves (the arrays have the
 global model's exact form, but their numbers are the device's). It stops accidental and structural leaks;
 bounding what weights reveal is a job for differential privacy.
@@ -149,7 +153,12 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     Otherwise the reply is an error (its content never leaves) whose reason names the offending record/key.
     A handler's exception becomes an error reply naming only the exception type; its text stays in the log.
     """
+    # SecAgg+ stages (strategy.secure-aggregation) have their own allowlist; imported here because it builds on
+    # this module's. The request is read before the handler runs: secaggplus_mod consumes part of it.
+    from shared.privacy.secagg_audit import audit_secagg_reply, secagg_request
+
     kind = msg.metadata.message_type
+    secagg = secagg_request(msg.content) if msg.has_content() else None
     try:
         reply = call_next(msg, context)
     except Exception as ex:  # noqa: BLE001 - every failure must be answered without its text
@@ -164,7 +173,10 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
                              reason=f"device {kind} handler replied with error code {reply.error.code} (reason "
                                     f"in the device log)"), reply_to=msg)
     try:
-        audit_reply(reply.content, msg.content if msg.has_content() else RecordDict())
+        if secagg is not None:
+            audit_secagg_reply(reply.content, secagg)
+        else:
+            audit_reply(reply.content, msg.content if msg.has_content() else RecordDict())
     except PrivacyViolation as violation:
         log.error("privacy audit refused the %s reply: %s (culprit %r)", kind, violation, violation.culprit)
         reason = f"privacy audit refused the device's {kind} reply: {violation}"

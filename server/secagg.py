@@ -1,0 +1,187 @@
+"""The train phase of a round through SecAgg+: the server learns the weighted sum of the updates, not one of them.
+
+Why this module speaks Flower's legacy API: in Flower 1.42 SecAgg+ exists only as ``SecAggPlusWorkflow``
+(``flwr.server.workflow``), written for the legacy ``LegacyContext`` + ``flwr.server.strategy.Strategy``
+(``configure_fit`` / ``aggregate_fit`` with ``FitIns`` / ``FitRes``), while our rounds run the Message-API strategies
+of ``flwr.serverapp.strategy``. Everything legacy stays here, behind one function, :func:`secure_train_round`:
+
+    1. the run's own (Message-API) strategy samples the devices and builds their train instructions
+       (``configure_train``; central-DP wrappers add their clipping norm there);
+    2. ``SecAggPlusWorkflow`` runs its four stages with those devices: setup (public keys), share keys (encrypted
+       Shamir shares, relayed by the server), collect masked vectors (the device trains, then uploads its
+       quantized, weighted and masked update), unmask (shares of the survivors' seeds and of the dropped devices'
+       keys): the masks cancel in the sum, and only the weighted mean of the updates comes out;
+    3. the strategy's own ``aggregate_train`` runs on replies that each carry that mean (with each device's
+       plain metrics): FedAvg of identical arrays is the mean itself; FedAvgM / FedAdam / FedYogi / FedAdagrad
+       take their server step from it; the client-side central-DP wrapper adds its noise to it. Strategies that
+       need each update (FedMedian, FedTrimmedAvg, server-side clipping) are refused by the config.
+
+A small subclass of the workflow (``_MessageApiSecAggPlus``) sends our Message-API train instruction (arrays keyed
+by parameter name, the strategy's config) in the masked-vector stage instead of a legacy ``FitIns``, so the
+device-side handler is the usual one; the device answers in the legacy ``FitRes`` layout that
+``secaggplus_mod`` and this workflow parse (``client/secagg.py``).
+
+Quantization: SecAgg+ adds integers modulo 2^32. Each device multiplies its parameters by its weight
+``num-examples / secagg.max-weight``, clips them to +-``secagg.clipping-range`` and rounds them stochastically to
+``secagg.quantization-range`` levels, so the securely aggregated mean differs from the float FedAvg of the same
+updates by at most ``quantization_step(cfg) x devices / (sum of the weights)`` per parameter (unbiased).
+
+What the server still learns per device under SecAgg+: that it took part, when it answered each stage, its
+public keys, the encrypted shares it relays, and its plain reply metrics (``num-examples``, training loss,
+local steps; DP-SGD replies carry only epsilon, steps and a weight of 1). Its update stays masked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+
+from shared.config import SecAggConfig
+
+__all__ = ["SecureRound", "quantization_step", "secure_train_round"]
+
+log = logging.getLogger("chorus.server")
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """One secure train phase: the strategy's aggregate (None if too few devices completed the protocol)."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    contributed: int  # devices whose masked update is in the sum
+    failed: int  # sampled devices that are not (error, dropout, or the protocol halted)
+
+
+def quantization_step(cfg: SecAggConfig) -> float:
+    """The width of one quantization level of a weighted parameter (before the division by the weights)."""
+    return 2.0 * cfg.clipping_range / cfg.quantization_range
+
+
+class _Relay(LegacyStrategy):
+    """The legacy strategy the workflow drives: it relays the Message-API strategy's sampling and keeps the
+    securely aggregated result; the real aggregation happens afterwards in the Message-API strategy."""
+
+    def __init__(self, sampled: list[int], grid: Grid, run_id: int) -> None:
+        super().__init__()
+        self.proxies = [GridClientProxy(node, grid, run_id) for node in sampled]
+        self.results: list[tuple[ClientProxy, FitRes]] = []
+        self.aggregated = False
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: object) -> list[tuple[ClientProxy, FitIns]]:
+        # The real instructions replace these in _MessageApiSecAggPlus.setup_stage: nothing to serialize here.
+        empty = FitIns(Parameters(tensors=[], tensor_type=""), {})
+        return [(proxy, empty) for proxy in self.proxies]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[object]) -> tuple[Parameters | None, dict[str, object]]:
+        # Every FitRes carries the unmasked weighted mean by now (the workflow put it there).
+        self.results, self.aggregated = list(results), True
+        return None, {}
+
+    def initialize_parameters(self, client_manager: object) -> Parameters | None:
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: object) -> list:
+        return []  # evaluation runs in the Message-API loop (server/workflow.py)
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+class _MessageApiSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, sending our Message-API train instructions in the masked-vector stage."""
+
+    def __init__(self, instructions: dict[int, RecordDict], **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._instructions = instructions
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:  # type: ignore[override]
+        proceed = super().setup_stage(grid, context, state)
+        # One RecordDict per device: the next stage adds that device's own key shares to it in place (the
+        # strategy's messages share one RecordDict), next to the arrays (keyed by parameter name) and config.
+        state.nid_to_fitins = {node: RecordDict(dict(self._instructions[node].items()))
+                               for node in state.nid_to_fitins}
+        return proceed
+
+
+def _mean_record(results: list[tuple[ClientProxy, FitRes]], sent: ArrayRecord) -> ArrayRecord:
+    """The unmasked mean (a legacy Parameters list, in the order the devices sent their arrays: the global
+    model's) as an ArrayRecord with the global model's names and dtypes."""
+    arrays = parameters_to_ndarrays(results[0][1].parameters)
+    if len(arrays) != len(sent):
+        raise ValueError(f"SecAgg+ returned {len(arrays)} arrays, the global model has {len(sent)}")
+    out = {}
+    for (key, reference), value in zip(sent.items(), arrays, strict=True):
+        if tuple(value.shape) != tuple(reference.shape):
+            raise ValueError(f"SecAgg+ aggregate {key!r} has shape {tuple(value.shape)}, the global model's is "
+                             f"{tuple(reference.shape)}")
+        out[key] = Array(np.asarray(value, dtype=reference.numpy().dtype))
+    return ArrayRecord(out)
+
+
+def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
+                       cfg: SecAggConfig, *, timeout: float, min_contributors: int) -> SecureRound:
+    """Run the train phase of ``server_round`` through SecAgg+ and aggregate with ``strategy``.
+
+    ``timeout`` bounds each of the four stages. Devices that fail or drop out in any stage are left out; the
+    round completes while every sampled device keeps at least the reconstruction threshold of its neighbours,
+    else the workflow halts and nothing is aggregated. With fewer than ``min_contributors`` updates in the sum
+    the strategy does not step either (its state stays as it was) and the global model is kept.
+    """
+    messages: list[Message] = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    sampled = [m.metadata.dst_node_id for m in messages]
+    if len(sampled) < 2:  # SecAgg+ needs two devices at least; fewer would reveal the one update
+        log.warning("round %d: %d device(s) sampled: SecAgg+ needs at least 2, nothing aggregated", server_round,
+                    len(sampled))
+        return SecureRound(None, None, 0, len(sampled))
+    instructions = {m.metadata.dst_node_id: m.content for m in messages}
+    relay = _Relay(sampled, grid, run_id=0)
+    # The workflow keeps its round and global model in the LegacyContext's state: a scratch one per round.
+    scratch = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(scratch, strategy=relay)
+    context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    context.state[MAIN_PARAMS_RECORD] = arrays
+    workflow = _MessageApiSecAggPlus(instructions, num_shares=cfg.num_shares,
+                                     reconstruction_threshold=cfg.reconstruction_threshold,
+                                     max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
+                                     quantization_range=cfg.quantization_range, timeout=timeout)
+    workflow(grid, context)
+    if not relay.aggregated or not relay.results:
+        log.warning("round %d: SecAgg+ halted (too few devices completed a stage): nothing aggregated",
+                    server_round)
+        return SecureRound(None, None, 0, len(sampled))
+    contributed = len(relay.results)
+    if contributed < min_contributors:
+        log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the global model is "
+                    "kept", server_round, contributed, min_contributors)
+        return SecureRound(None, None, contributed, len(sampled) - contributed)
+    mean = _mean_record(relay.results, arrays)
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies: Iterable[Message] = [
+        Message(RecordDict({"arrays": mean,
+                            "metrics": MetricRecord({**res.metrics, "num-examples": res.num_examples})}),  # type: ignore[dict-item]
+                reply_to=by_node[proxy.node_id])
+        for proxy, res in relay.results]
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    log.info("round %d: SecAgg+ aggregated %d of %d sampled devices", server_round, contributed, len(sampled))
+    return SecureRound(new_arrays, metrics, contributed, len(sampled) - contributed)

@@ -1,0 +1,103 @@
+"""Central DP by config (``strategy.central-dp``): Flower's fixed-clipping DP wrappers around the run's strategy.
+
+Each test runs one real round (``run_federation``, our ClientApp with its mods, the real local training) through
+the in-process Grid of tests/test_secagg.py, which serializes every message as the wire does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
+from flwr.serverapp import strategy as flwr_strategy
+
+from server.workflow import make_strategy, run_federation, stateful_strategy
+from shared.config import RunConfig
+from shared.data.prepare import prepare
+from shared.models.checkpoint import load_checkpoint
+from tests.conftest import TINY_RUN, needs_espeak
+from tests.test_resume import _task_identity  # noqa: F401 (autouse fixture)
+from tests.test_secagg import InProcessGrid
+
+CLIP = 1e-3  # far below a TINY_RUN device's round-1 change, so every update is clipped
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("central-dp")
+    prepare(RunConfig.from_flat({**TINY_RUN, "workdir": str(path)}), progress=False)
+    return path
+
+
+def _round(workdir: Path, run_id: str, **extra: bool | int | float | str) -> tuple[InProcessGrid, Path]:
+    cfg = RunConfig.from_flat({**TINY_RUN, "workdir": str(workdir), "run-id": run_id, "num-server-rounds": 1,
+                               "central-dp.clipping-norm": CLIP, "central-dp.sampled-clients": 4,
+                               "central-dp.noise-multiplier": 1.0, **extra})
+    grid = InProcessGrid(cfg)
+    return grid, run_federation(grid, cfg)
+
+
+def _change_norm(state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum(((state[k].double() - initial[k].double()) ** 2).sum() for k in initial)))
+
+
+def _round_one(run_dir: Path) -> dict[str, object]:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+
+
+def test_make_strategy_wraps_by_config() -> None:
+    cfg = RunConfig.from_flat({"strategy.name": "fedadam", "strategy.central-dp": "client"})
+    strategy = make_strategy(cfg.strategy, cfg.central_dp)
+    assert isinstance(strategy, flwr_strategy.DifferentialPrivacyClientSideFixedClipping)
+    assert isinstance(stateful_strategy(strategy), flwr_strategy.FedAdam)  # its moments are what is checkpointed
+    server = RunConfig.from_flat({"strategy.central-dp": "server"})
+    assert isinstance(make_strategy(server.strategy, server.central_dp),
+                      flwr_strategy.DifferentialPrivacyServerSideFixedClipping)
+    assert isinstance(make_strategy(RunConfig().strategy), flwr_strategy.FedAvg)
+
+
+@needs_espeak
+def test_a_round_with_server_side_clipping(workdir: Path) -> None:
+    grid, run_dir = _round(workdir, "server", **{"strategy.central-dp": "server"})
+    one = _round_one(run_dir)
+    assert (one["aggregated"], one["train_replies"], one["train_failures"]) == (True, 4, 0), one
+    initial = load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict
+    # The devices sent their unclipped updates (the server clips them): each moved further than the clip.
+    updates = [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
+               if stage == "plain" and "arrays" in reply.content]
+    assert len(updates) == 4 and all(_change_norm(u, initial) > 10 * CLIP for u in updates)
+    final = load_checkpoint(run_dir / "checkpoints" / "global.pt").state_dict
+    # mean of clipped changes (norm <= CLIP) + Gaussian noise of std sigma x CLIP / 4 on every parameter
+    params = sum(v.numel() for v in initial.values())
+    noise = 1.0 * CLIP / 4 * params ** 0.5
+    assert 0.5 * noise < _change_norm(final, initial) < CLIP + 1.5 * noise
+
+
+@needs_espeak
+def test_a_round_with_client_side_clipping(workdir: Path) -> None:
+    grid, run_dir = _round(workdir, "client", **{"strategy.central-dp": "client"})
+    one = _round_one(run_dir)
+    assert (one["aggregated"], one["train_replies"], one["train_failures"]) == (True, 4, 0), one
+    initial = load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict
+    # fixedclipping_mod clipped each update on its device, before the audit and the wire
+    updates = [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
+               if stage == "plain" and "arrays" in reply.content]
+    assert len(updates) == 4
+    assert all(CLIP * 0.999 < _change_norm(u, initial) <= CLIP * 1.0001 for u in updates)
+    evaluate = [reply for stage, reply in grid.replies if stage == "plain" and "arrays" not in reply.content]
+    assert evaluate and not any(r.has_error() for r in evaluate)  # the clipping mod is on train only
+
+
+@needs_espeak
+def test_client_side_clipping_under_secagg(workdir: Path) -> None:
+    """The combination that hides every update: devices clip, SecAgg+ masks, the server adds noise to the sum."""
+    grid, run_dir = _round(workdir, "client-secagg",
+                           **{"strategy.central-dp": "client", "strategy.secure-aggregation": True})
+    one = _round_one(run_dir)
+    assert (one["aggregated"], one["train_replies"], one["train_failures"]) == (True, 4, 0), one
+    masked = [reply for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
+    assert len(masked) == 4 and not any(r.has_error() for r in masked)
+    assert not any("arrays" in reply.content for stage, reply in grid.replies if stage != "plain")
