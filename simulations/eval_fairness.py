@@ -5,8 +5,10 @@ devices fine-tune it in each arm; every arm runs our ServerApp workflow (``serve
 ``fairness.enabled``: federated k-means cohort discovery, disaggregated evaluation) with:
 
     fedavg      plain FedAvg rounds
-    ewc         the last ``targeted_rounds`` rounds train only the devices of the worst automatic cohort, with an
-                EWC penalty (Fisher of the base model, federated) against forgetting the others (Trinh et al.)
+    ewc         the EWC penalty (Fisher of the base model, federated; anchored at each round's global model) on
+                every local step of every round, and the last ``targeted_rounds`` rounds train only the devices of
+                the worst automatic cohort, so the penalty holds the others' knowledge while it is fine-tuned for
+                (Trinh et al.)
     arw         adversarial reweighting on every device (ARL weights from utterance statistics + the device's
                 speaker embedding; the adversary is federated with the model)
     ewc+arw     both

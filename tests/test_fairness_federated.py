@@ -496,3 +496,16 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     # 3 k-means passes (2 iterations + assignment), 1 Fisher, and 2 rounds of train + evaluate, 4 devices each
     assert seen == {p.KMEANS_QUERY: 12, p.FISHER_QUERY: 4, MessageType.TRAIN: 8, MessageType.EVALUATE: 8}
     assert "Fairness: automatic cohorts" in (run_dir / "report.md").read_text()
+
+    # 4. fairness.fisher=public: the same estimator on the server, on public speakers' utterances.
+    from server.fairness import public_fisher
+    from shared.models.checkpoint import initial_model
+
+    model = initial_model(cfg.model)
+    public_utts = [u for s in prepared.split.public for u in prepared.corpus.by_speaker()[s]]
+    sums = public_fisher(model, public_utts, features=FeatureCache(prepared.corpus, prepared.cmvn),
+                         tokenizer=prepared.tokenizer, batch_frames=cfg.train.batch_frames)
+    fisher = normalized_fisher(sums, [n for n, _ in model.named_parameters()])
+    assert set(fisher) == {n for n, _ in model.named_parameters()} and sums.count >= 1
+    values = torch.cat([f.flatten() for f in fisher.values()])
+    assert bool((values >= 0).all()) and float(values.mean()) == pytest.approx(1.0, rel=1e-4)
