@@ -102,7 +102,7 @@ _TINY_MODEL = {"model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2,
 
 QUICK = FairnessPlan(
     name="quick",
-    overrides={**_TINY_MODEL, "train.local-steps": 3, "train.batch-frames": 3000, "eval.heldout-utterances": 8,
+    overrides={**_TINY_MODEL, "train.local-steps": 3, "train.batch-frames": 3000, "eval.heldout-utterances": 4,
                "fairness.num-cohorts": 3, "fairness.kmeans-iterations": 3, "fairness.embedder-steps": 20,
                "fairness.arw-warmup": 1, "fairness.arw-lr": 0.05},
     corpus_overrides={"synth": {"synth.speakers": 12, "synth.utterances": 8, "synth.seed": 5,
