@@ -4,6 +4,11 @@ Train replies can be securely aggregated (SecAgg+, ``client/secagg.py``) and cli
 Every reply passes the privacy audit before it leaves: ``audit_mod`` (shared/privacy/audit.py) wraps every
 handler of this app, in simulation and in deployment, checks the reply against the allowlist and against the
 arrays the server sent, and turns a violation into an error reply.
+
+Fairness phases (``fairness.enabled``; message contract in ``shared/fairness/protocol.py``, device side in
+``client/fairness.py``): two query handlers (``query.kmeans``: federated k-means; ``query.fisher``: EWC's Fisher
+sums), and train / evaluate messages that may carry an EWC Fisher, ARW adversary arrays, targeted cohort ids or
+centroids. A message without them is a plain round.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.data import DeviceData, node_data
 from client.evaluate import evaluate_local
+from client.fairness import (cohort_eval_record, embedder_location, fisher_reply, idle_train_reply, kmeans_reply,
+                             local_fairness)
 from client.secagg import secure_aggregation_mod
 from client.train import fine_tune
 from shared.config import RunConfig
+from shared.fairness import protocol
 from shared.privacy.audit import audit_mod
 
 # Mods wrap handlers when they are registered: audit_mod must be here, not added to `app` later.
@@ -50,12 +58,18 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
 @app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, state, data, seed_id, server_round = _setup(msg, context)
+    # EWC / ARW / targeted round, as the message asks (nothing extra: plain fine-tuning of `state`).
+    local = local_fairness(msg.content, context.state, data, embedder_location(cfg, context.node_config),
+                           global_state=state, local_steps=cfg.train.local_steps)
+    if not local.takes_part:  # a targeted round for other cohorts: decided here, the cohort id never leaves
+        return Message(idle_train_reply(msg.content, skipped=len(data.features.skipped)), reply_to=msg)
     # DP-SGD keeps its accountant in context.state, which persists on the device across rounds. A device whose
     # privacy budget is spent raises PrivacyBudgetExhausted: audit_mod answers with an error naming that type.
     ledger = {"device_state": context.state} if cfg.dp.enabled else {}
-    update = fine_tune(cfg, state, data, server_round=server_round, partition_id=seed_id, **ledger)
-    return Message(RecordDict({"arrays": ArrayRecord(update.state_dict), "metrics": MetricRecord(update.metrics())}),
-                   reply_to=msg)
+    update = fine_tune(cfg, local.model_state, data, server_round=server_round, partition_id=seed_id,
+                       penalty=local.penalty, reweighter=local.reweighter, **ledger)
+    return Message(RecordDict({"arrays": local.reply_arrays(update.state_dict),
+                               "metrics": MetricRecord(update.metrics())}), reply_to=msg)
 
 
 @app.evaluate()
@@ -64,4 +78,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     counts = evaluate_local(cfg, state, data)
     metrics = MetricRecord({"word-errors": counts.errors, "words": counts.words,
                             "num-examples": counts.utterances, "wer": counts.wer if counts.words else 0.0})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    reply = RecordDict({"metrics": metrics})
+    if protocol.CENTROIDS in msg.content:  # disaggregated evaluation: dense per-cohort counts
+        reply[protocol.COHORT_EVAL] = cohort_eval_record(msg.content, context.state, data,
+                                                         embedder_location(cfg, context.node_config), counts)
+    return Message(reply, reply_to=msg)
+
+
+@app.query("kmeans")
+def kmeans(msg: Message, context: Context) -> Message:
+    """One federated Lloyd iteration: dense per-cluster sums and counts of this device's speaker embedding."""
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_flat(context.run_config)
+    data = node_data(cfg, context.node_config)
+    return Message(kmeans_reply(msg.content, context.state, data, embedder_location(cfg, context.node_config)),
+                   reply_to=msg)
+
+
+@app.query("fisher")
+def fisher(msg: Message, context: Context) -> Message:
+    """EWC: summed squared gradients of the global model on this device's training utterances."""
+    cfg, state, data, _, _ = _setup(msg, context)
+    return Message(fisher_reply(cfg, state, data), reply_to=msg)

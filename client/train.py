@@ -20,10 +20,12 @@ adjacency, an exact count alone tells neighbouring datasets apart). FedAvg there
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
+from torch import nn
 
 from client.data import DeviceData
 from shared.config import DPConfig, RunConfig
@@ -31,7 +33,7 @@ from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
 from shared.models.transducer import Transducer
 from shared.privacy.dp import AccountantState, PrivacyBudgetExhausted, check_budget, dp_train_steps, make_dp_compatible
-from shared.training import train_steps
+from shared.training import Reweighter, train_steps
 
 __all__ = ["ACCOUNTANT_KEY", "LocalUpdate", "fine_tune", "load_accountant", "store_accountant"]
 
@@ -71,12 +73,15 @@ def store_accountant(device_state: RecordDict, ledger: AccountantState) -> None:
 
 
 def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData, *,
-              server_round: int, partition_id: int, device_state: RecordDict | None = None) -> LocalUpdate:
+              server_round: int, partition_id: int, device_state: RecordDict | None = None,
+              penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+              reweighter: Reweighter | None = None) -> LocalUpdate:
     """``cfg.train.local_steps`` AdamW steps from the global weights (a fresh optimizer each round: the
     device keeps no optimizer state between rounds, so a device may skip rounds without stale moments).
 
     With ``cfg.dp.enabled`` they are DP-SGD steps, accounted in ``device_state`` (the device's ``context.state``,
-    required then).
+    required then). ``penalty`` (EWC) and ``reweighter`` (ARW) are ``train_steps``' hooks, set by the fairness
+    phases (``client/fairness.py``); DP-SGD takes neither (its guarantee covers its own clipped steps only).
 
     Raises:
         PrivacyBudgetExhausted: DP only: the round would take epsilon past ``cfg.dp.epsilon_budget``; nothing
@@ -89,6 +94,9 @@ def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: Devic
     batches = make_batches(data.train, features=data.features, tokenizer=data.tokenizer,
                            max_frames=cfg.train.batch_frames, shuffle=True, seed=seed)
     if cfg.dp.enabled:
+        if penalty is not None or reweighter is not None:
+            raise ValueError("dp.enabled: DP-SGD rounds take no EWC penalty or ARW reweighter (fairness.ewc-lambda, "
+                             "fairness.arw)")
         if device_state is None:
             raise ValueError("dp.enabled: fine_tune needs the device's persistent state (context.state) to keep "
                              "its privacy accountant across rounds")
@@ -96,7 +104,7 @@ def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: Devic
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     stats = train_steps(model, batches, steps=cfg.train.local_steps, optimizer=optimizer,
                         spec_augment_seed=seed if cfg.train.spec_augment else None,
-                        compute_weight=cfg.train.compute_weight)
+                        compute_weight=cfg.train.compute_weight, penalty=penalty, reweighter=reweighter)
     return LocalUpdate(state_dict=model.state_dict(), loss=stats.loss, steps=stats.steps,
                        num_examples=sum(len(b.ids) for b in batches), compute_cost=stats.compute_cost,
                        skipped=len(data.features.skipped))

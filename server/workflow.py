@@ -33,6 +33,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from server.checkpoint import load_round, rewind_metrics, save_round
+from server.fairness import FairnessRounds
 from server.report import MetricsLog, write_report
 from server.secagg import secure_train_round
 from shared.config import CentralDPConfig, RunConfig, StrategyConfig
@@ -206,6 +207,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     heldout = _heldout_utterances(prepared, cfg.eval.heldout_utterances)
     features = FeatureCache(prepared.corpus, prepared.cmvn)
     arrays = ArrayRecord(model.state_dict())
+    # Fairness without demographics (fairness.enabled): cohort discovery (and EWC's Fisher) before round 1, then
+    # the strategy's round methods with the fairness additions (server/fairness.py).
+    fairness = (FairnessRounds.start(grid, cfg, prepared=prepared, model=model, run_dir=run_dir, resume=resume)
+                if cfg.fairness.enabled else None)
+    rounds = strategy if fairness is None else fairness.wrap(strategy)
 
     def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
         return score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
@@ -222,16 +228,16 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=first_round - 1, status="")
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
-            new_arrays, train_metrics, train_answered, train_failed = _train_phase(grid, strategy, cfg,
+            new_arrays, train_metrics, train_answered, train_failed = _train_phase(grid, rounds, cfg,
                                                                                    server_round, arrays)
             if new_arrays is not None:
                 load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
-            eval_msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
             eval_ok, eval_failed = _sort_replies(
                 eval_msgs, grid.send_and_receive(eval_msgs, timeout=cfg.strategy.timeout),
                 phase="evaluate", server_round=server_round)
-            device_eval = strategy.aggregate_evaluate(server_round, eval_ok)
+            device_eval = rounds.aggregate_evaluate(server_round, eval_ok)
             counts, per_utt = evaluate_heldout()
             record = {
                 "round": server_round, "aggregated": new_arrays is not None,
@@ -244,10 +250,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "device_words": None if device_eval is None else int(device_eval["words"]),
                 "heldout_wer": counts.wer, "heldout_words": counts.words,
                 "seconds": round(time.monotonic() - start, 3),
+                **({} if fairness is None else fairness.round_fields(server_round)),
             }
             metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)
             save_round(global_ckpt, model, cfg.model, server_round=server_round, run_id=run_id,
                        strategy_name=cfg.strategy.name, strategy=stateful_strategy(strategy))
+            if fairness is not None:
+                fairness.save(run_dir)  # the federated adversary, beside the checkpoint
             progress.update(task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  "
                                                     f"held-out WER {counts.wer:.3f}")
             kept = "" if record["aggregated"] else " (too few: global model kept)"
@@ -259,5 +268,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         _, per_utt = evaluate_heldout()
     report = write_report(run_dir, title=f"Chorus federated run {run_id}", config=cfg.to_flat(),
                           records=metrics.records(), breakdowns=_breakdowns(prepared, per_utt, heldout))
+    if fairness is not None:
+        fairness.finish(run_dir)  # fairness.json and the per-cohort section of report.md
     print(f"Report: {report}")
     return run_dir

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["ConfigError", "RunConfig", "SynthConfig", "SplitConfig", "ModelConfig", "TrainConfig",
-           "EvalConfig", "StrategyConfig", "DPConfig", "SecAggConfig", "CentralDPConfig"]
+           "EvalConfig", "StrategyConfig", "DPConfig", "SecAggConfig", "CentralDPConfig", "FairnessConfig"]
 
 
 class ConfigError(ValueError):
@@ -205,6 +205,60 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class FairnessConfig:
+    """Fairness without demographics (``server/fairness.py``, ``client/fairness.py``, ``shared/fairness``).
+
+    With ``enabled``, ``chorus data prepare`` also trains the on-device speaker-embedding extractor on the public
+    speakers, and every run starts with federated k-means cohort discovery and evaluates per cohort each round.
+    EWC (``ewc-lambda`` > 0), targeted rounds (``targeted-rounds`` > 0) and ARW (``arw``) are opt-in on top.
+    """
+
+    enabled: bool = False  # off by default: cohort discovery adds a prepare-time extractor and k-means round trips
+    # C, the automatic cohorts (k-means clusters of device speaker embeddings); seeded from public speakers,
+    # so split.public-speakers must be at least this large.
+    num_cohorts: int = 4
+    # Lloyd iterations of federated k-means (one round trip each, plus one assignment pass); 5 converge on tens
+    # of speakers.
+    kmeans_iterations: int = 5
+    # std of the Gaussian noise each device adds to its k-means sums and counts (0 = exact; see the docs).
+    kmeans_noise: float = 0.0
+    # AAM-softmax training steps of the speaker-embedding extractor (~0.35 s each on one core at default sizes).
+    embedder_steps: int = 300
+    # lambda of the EWC penalty lambda * sum F (theta - theta*)^2, F normalized to mean 1 (0 = no EWC).
+    ewc_lambda: float = 0.0
+    fisher: str = "federated"  # federated (devices return Fisher sums) | public (server, public speakers)
+    # The last N rounds train only the devices of the worst cohorts (each device decides locally).
+    targeted_rounds: int = 0
+    target_cohorts: int = 1  # how many of the worst cohorts a targeted round trains
+    arw: bool = False  # adversarial reweighting (ARL weights; the adversary is federated with the model)
+    arw_hidden: int = 0  # 0 = a linear adversary (ARL's finding for small data); else one hidden layer
+    arw_lr: float = 0.01  # the adversary's Adam learning rate on the device
+    arw_warmup: int = 1  # rounds in which the adversary stays uniform (all weights 2) before the min-max starts
+
+    def __post_init__(self) -> None:
+        if self.num_cohorts < 2:
+            raise ConfigError(f"fairness.num-cohorts must be >= 2, got {self.num_cohorts}")
+        if self.kmeans_iterations < 0 or self.embedder_steps < 1:
+            raise ConfigError(f"need fairness.kmeans-iterations >= 0 and fairness.embedder-steps >= 1, got "
+                              f"{self.kmeans_iterations} and {self.embedder_steps}")
+        if not self.kmeans_noise >= 0.0:
+            raise ConfigError(f"fairness.kmeans-noise must be >= 0, got {self.kmeans_noise}")
+        if not self.ewc_lambda >= 0.0:
+            raise ConfigError(f"fairness.ewc-lambda must be >= 0, got {self.ewc_lambda}")
+        if self.fisher not in ("federated", "public"):
+            raise ConfigError(f"fairness.fisher={self.fisher!r}: choose federated or public")
+        if self.targeted_rounds < 0 or self.arw_warmup < 0 or self.arw_hidden < 0:
+            raise ConfigError(f"fairness.targeted-rounds, fairness.arw-warmup and fairness.arw-hidden must be >= 0, "
+                              f"got {self.targeted_rounds}, {self.arw_warmup} and {self.arw_hidden}")
+        if not 1 <= self.target_cohorts <= self.num_cohorts:
+            raise ConfigError(f"fairness.target-cohorts={self.target_cohorts} exceeds fairness.num-cohorts="
+                              f"{self.num_cohorts}" if self.target_cohorts > self.num_cohorts else
+                              f"fairness.target-cohorts must be >= 1, got {self.target_cohorts}")
+        if not self.arw_lr > 0.0:
+            raise ConfigError(f"fairness.arw-lr must be positive, got {self.arw_lr}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     num_server_rounds: int = 3
     # Where corpora, artifacts (tokenizer, CMVN, checkpoints) and runs/ live. "" means $CHORUS_HOME, else
@@ -222,6 +276,14 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
+
+    def __post_init__(self) -> None:
+        # The fairness phases' dense vectors are built for SecAgg+ to sum, but their query phases do not run
+        # through SecAggPlusWorkflow yet: refuse rather than let the combination look protected.
+        if self.fairness.enabled and self.strategy.secure_aggregation:
+            raise ConfigError("fairness.enabled with strategy.secure-aggregation is not supported yet: the cohort "
+                              "discovery and per-cohort evaluation vectors would reach the server unmasked")
 
     @property
     def workdir_path(self) -> Path:

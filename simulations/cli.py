@@ -172,5 +172,27 @@ def eval_privacy_cmd(
          checkpoint=checkpoint.resolve() if checkpoint else None, reuse=reuse, as_json=json_)
 
 
+@eval_app.command("fairness")
+def eval_fairness_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (under 5 min); numbers prove the pipeline only.")] = False,
+    corpus: Annotated[Optional[str], typer.Option(
+        help="Only this corpus ('synth' or a corpus directory); default: synth and ../shared/data/speechocean762-dev.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers.")] = None,
+    eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-fairness[-quick]).")] = "",
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    set_: SetOption = None,
+) -> None:
+    """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both; automatic vs metadata cohorts."""
+    from simulations.eval_fairness import FULL, QUICK, main
+
+    try:
+        plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from err
+    main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
+         corpus=corpus, checkpoint=checkpoint.resolve() if checkpoint else None)
+
+
 if __name__ == "__main__":
     app()

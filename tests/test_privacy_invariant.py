@@ -252,7 +252,8 @@ def _stub_device(monkeypatch: pytest.MonkeyPatch, state_dict: dict[str, torch.Te
     def setup(msg: Message, context: Context):  # noqa: ANN202
         return RunConfig.from_flat({}), msg.content["arrays"].to_torch_state_dict(), None, 0, 1
 
-    def fine_tune(cfg, state, data, *, server_round, partition_id) -> LocalUpdate:  # noqa: ANN001
+    def fine_tune(cfg, state, data, *, server_round, partition_id, penalty, reweighter) -> LocalUpdate:  # noqa: ANN001
+        assert penalty is None and reweighter is None  # a plain train message: no EWC, no ARW
         return LocalUpdate(state_dict=state_dict, loss=1.25, steps=2, num_examples=5, compute_cost=1.0, skipped=0)
 
     monkeypatch.setattr(client_app, "_setup", setup)

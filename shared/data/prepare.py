@@ -24,7 +24,7 @@ from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
 
 __all__ = ["SpeakerSplit", "Prepared", "split_speakers", "prepare", "open_prepared", "corpus_dir",
-           "local_split"]
+           "local_split", "artifact_dir", "speaker_embedder_path", "build_speaker_embedder"]
 
 # How many public utterances estimate the global CMVN: plenty for 80 means and variances.
 _CMVN_UTTERANCES = 400
@@ -86,13 +86,37 @@ def corpus_dir(cfg: RunConfig) -> Path:
     return path if path.is_absolute() else (cfg.workdir_path / path).resolve()
 
 
-def _artifact_dir(cfg: RunConfig) -> Path:
+def artifact_dir(cfg: RunConfig) -> Path:
+    """Where ``prepare`` keeps the run's artifacts (split, tokenizer, CMVN, speaker embedder)."""
     sp = cfg.split
     return cfg.workdir_path / "artifacts" / f"{corpus_dir(cfg).name}-p{sp.public_speakers}-h{sp.heldout_speakers}-s{sp.seed}"
 
 
+def speaker_embedder_path(artifacts: Path, cfg: RunConfig) -> Path:
+    """The public speaker-embedding extractor among the artifacts (named by its training steps, so a changed
+    ``fairness.embedder-steps`` trains a new one instead of reusing a stale one)."""
+    return artifacts / f"speaker-embedder-{cfg.fairness.embedder_steps}.pt"
+
+
+def build_speaker_embedder(cfg: RunConfig, corpus: Corpus, public: Sequence[str], cmvn: GlobalCMVN,
+                           artifacts: Path) -> Path:
+    """Train the on-device speaker-embedding extractor (AAM-softmax) on the public speakers, once; the file
+    travels to devices with the tokenizer and CMVN. Its embeddings never leave a device."""
+    path = speaker_embedder_path(artifacts, cfg)
+    if path.exists():
+        return path
+    from shared.models.speaker_embedding import collect_features, save_speaker_embedder, train_speaker_embedding
+
+    by_speaker = corpus.by_speaker()
+    feats, speakers = collect_features([u for s in public for u in by_speaker.get(s, [])],
+                                       FeatureCache(corpus, cmvn, max_items=0))
+    model = train_speaker_embedding(feats, speakers, steps=cfg.fairness.embedder_steps, seed=cfg.train.seed)
+    return save_speaker_embedder(path, model)
+
+
 def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
-    """Synthesize (if needed), split, and build the tokenizer and CMVN artifacts; cached on disk."""
+    """Synthesize (if needed), split, and build the tokenizer and CMVN artifacts (and, with ``fairness.enabled``,
+    the speaker-embedding extractor); cached on disk."""
     root = corpus_dir(cfg)
     if cfg.corpus == "synth":
         from shared.data.synth import synthesize  # espeak-ng is only needed for the default corpus
@@ -102,7 +126,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
     corpus = load_corpus(root)
     split = split_speakers(corpus.speakers(), public=cfg.split.public_speakers,
                            heldout=cfg.split.heldout_speakers, seed=cfg.split.seed)
-    artifacts = _artifact_dir(cfg)
+    artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(artifacts / "split.json", {"public": split.public, "federated": split.federated,
                                                   "heldout": split.heldout})
@@ -126,13 +150,15 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
         tmp = cmvn_path.with_suffix(".tmp")
         cmvn.save(tmp)
         tmp.replace(cmvn_path)
+    if cfg.fairness.enabled:  # cohort discovery and ARW need the public speaker-embedding extractor
+        build_speaker_embedder(cfg, corpus, split.public, GlobalCMVN.load(cmvn_path), artifacts)
     return open_prepared(cfg)
 
 
 def open_prepared(cfg: RunConfig) -> Prepared:
     """Load what ``prepare`` built; a clear error if it has not run (devices never build artifacts)."""
     root = corpus_dir(cfg)
-    artifacts = _artifact_dir(cfg)
+    artifacts = artifact_dir(cfg)
     tok_path = artifacts / f"tokenizer-{cfg.model.vocab_size}.model"
     for needed in (artifacts / "split.json", tok_path, artifacts / "cmvn.json"):
         if not needed.exists():

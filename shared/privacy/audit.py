@@ -1,10 +1,15 @@
 """The one allowlist of what a device may send to the server, and the audit that enforces it.
 
 A reply from a device may carry only:
-    - ArrayRecords under allowlisted names (``ALLOWED_ARRAY_RECORDS``), each the counterpart of the
-      ArrayRecord of the same name that the server sent: exactly its keys, and for every key a
-      floating-point array of the same dtype and shape, stored in Flower's numpy serialization with nothing
-      after the array (so nothing can ride along: no token ids, no audio, no embeddings, no trailing bytes);
+    - ArrayRecords under allowlisted names (``ALLOWED_ARRAY_RECORDS``), each the counterpart of a record the
+      server sent: exactly the keys, and for every key a floating-point array of exactly the dtype and shape
+      that the sent record implies (``_expected_arrays``), stored in Flower's numpy serialization with nothing
+      after the array (so nothing can ride along: no token ids, no audio, no embeddings, no trailing bytes).
+      ``arrays`` (the model update) and ``fisher-sums`` (EWC: squared gradients) mirror the sent ``arrays``;
+      the fairness phases' aggregate-only statistics (``kmeans-stats``, ``cohort-eval``) are dense over all
+      clusters, their shapes derived from the sent ``centroids`` (C, E), so their form says nothing about the
+      device (its cluster or cohort shows only in which entry is non-zero: SecAgg+ hides that; see
+      ``server/fairness.py`` for what the server learns without it);
     - MetricRecords under allowlisted names (``ALLOWED_METRIC_RECORDS``) whose keys are all in
       ``ALLOWED_METRICS`` and whose values are finite int/float scalars (no lists: a list of ints is a
       sequence of token ids).
@@ -43,7 +48,14 @@ __all__ = ["ALLOWED_ARRAY_RECORDS", "ALLOWED_METRIC_RECORDS", "ALLOWED_METRICS",
 
 log = logging.getLogger("chorus.privacy")
 
-ALLOWED_ARRAY_RECORDS = frozenset({"arrays"})
+# Record names are spelled here, not imported from shared.fairness.protocol: the allowlist stays readable in
+# one place, and tests/test_fairness_federated.py checks the two agree.
+ALLOWED_ARRAY_RECORDS = frozenset({
+    "arrays",  # model parameters (with ARW, plus the adversary's "arw.*" parameters the server sent)
+    "fisher-sums",  # EWC: summed squared minibatch gradients of the sent global model, one per its keys
+    "kmeans-stats",  # federated k-means: dense per-cluster embedding sums (C, E) and counts (C,)
+    "cohort-eval",  # disaggregated evaluation: dense per-cohort word errors, words, speakers, (C,) each
+})
 ALLOWED_METRIC_RECORDS = frozenset({"metrics"})
 ALLOWED_METRICS = frozenset({
     "num-examples",  # utterances used: the aggregation weight
@@ -57,6 +69,9 @@ ALLOWED_METRICS = frozenset({
     # DP-SGD (dp.enabled): the device's epsilon spent so far at dp.delta. RDP accounting is a function of the
     # public noise multiplier, sample rate and step count only, never of the data, so it reveals nothing private.
     "epsilon",
+    # EWC's federated Fisher: how many minibatches a device's Fisher sums cover (the divisor of the average; a
+    # count the server could already infer from the training num-examples).
+    "fisher-batches",
 })
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16"})
 _KNOWN_DTYPES = _FLOAT_DTYPES | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {
@@ -89,14 +104,15 @@ def _dtype(dtype: object) -> str:
     return str(dtype) if str(dtype) in _KNOWN_DTYPES else "<unrecognized dtype>"
 
 
-def _audit_array(name: str, key: str, array: Array, sent: Array) -> None:
+def _audit_array(name: str, key: str, array: Array, expected: tuple[str, tuple[int, ...]], reference: str) -> None:
     where, culprit = f"{_q(name)}/{_q(key)}", f"{name}/{key}"
     if array.dtype not in _FLOAT_DTYPES:
-        raise PrivacyViolation(f"array {where} has dtype {_dtype(array.dtype)}: only float model parameters may "
-                               f"leave a device", culprit)
-    if (array.dtype, tuple(array.shape)) != (sent.dtype, tuple(sent.shape)):
-        raise PrivacyViolation(f"array {where} is {array.dtype}{list(array.shape)}, the global model's is "
-                               f"{sent.dtype}{list(sent.shape)}", culprit)
+        raise PrivacyViolation(f"array {where} has dtype {_dtype(array.dtype)}: only float model parameters and "
+                               f"statistics may leave a device", culprit)
+    dtype, shape = expected
+    if (array.dtype, tuple(array.shape)) != (dtype, shape):
+        raise PrivacyViolation(f"array {where} is {array.dtype}{list(array.shape)}, {reference} "
+                               f"{dtype}{list(shape)}", culprit)
     # dtype/shape are only labels: the bytes must be exactly the canonical serialization of such an array.
     try:
         decoded = array.numpy()
@@ -110,27 +126,48 @@ def _audit_array(name: str, key: str, array: Array, sent: Array) -> None:
         raise PrivacyViolation(f"array {where} carries bytes beyond its values", culprit)
 
 
+def _expected_arrays(name: str, sent: RecordDict) -> tuple[dict[str, tuple[str, tuple[int, ...]]], str]:
+    """What an allowlisted reply ArrayRecord must hold, derived from the sent content: key -> (dtype, shape),
+    and how to name that reference in a reason."""
+    source = "centroids" if name in ("kmeans-stats", "cohort-eval") else "arrays"
+    sent_record = sent.get(source)
+    if not isinstance(sent_record, ArrayRecord):
+        if source == "arrays" and name == "arrays":
+            raise PrivacyViolation(f"array record {_q(name)}: the server sent no such arrays to answer", name)
+        raise PrivacyViolation(f"array record {_q(name)}: the server sent no {_q(source)} to answer", name)
+    if source == "arrays":  # the model update and the Fisher sums mirror the global model exactly
+        return {k: (a.dtype, tuple(a.shape)) for k, a in sent_record.items()}, "the global model's is"
+    centroids = sent_record.get("centroids") if "centroids" in sent_record else None
+    if centroids is None or len(centroids.shape) != 2 or centroids.dtype not in _FLOAT_DTYPES:
+        raise PrivacyViolation(f"array record {_q(name)}: the server's 'centroids' are not a (C, E) float array",
+                               name)
+    clusters, dim = (int(n) for n in centroids.shape)
+    dtype = centroids.dtype
+    if name == "kmeans-stats":
+        return {"sums": (dtype, (clusters, dim)), "counts": (dtype, (clusters,))}, "expected"
+    return {key: (dtype, (clusters,)) for key in ("errors", "words", "speakers")}, "expected"
+
+
 def audit_reply(content: RecordDict, sent: RecordDict) -> None:
     """Raise :class:`PrivacyViolation` naming the first record/key of a reply that is not allowed.
 
-    ``sent`` is the content of the message the server sent: a reply's ArrayRecord must match the sent
-    ArrayRecord of the same name exactly (keys, dtypes, shapes); with none sent, no arrays may go back.
+    ``sent`` is the content of the message the server sent: a reply's ArrayRecord must match exactly (keys,
+    dtypes, shapes) what the sent record it answers implies (``_expected_arrays``); with none sent, no arrays
+    may go back.
     """
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
             if name not in ALLOWED_ARRAY_RECORDS:
                 raise PrivacyViolation(f"array record {_q(name)} is not on the allowlist", name)
-            sent_record = sent.get(name)
-            if not isinstance(sent_record, ArrayRecord):
-                raise PrivacyViolation(f"array record {_q(name)}: the server sent no such arrays to answer", name)
-            got, expected = set(record.keys()), set(sent_record.keys())
-            if got != expected:
-                extra = sorted(got - expected)
-                raise PrivacyViolation(f"array record {_q(name)} does not match the global model: extra "
+            expected, reference = _expected_arrays(name, sent)
+            got = set(record.keys())
+            if got != set(expected):
+                extra = sorted(got - set(expected))
+                raise PrivacyViolation(f"array record {_q(name)} does not match what the server sent: extra "
                                        f"[{', '.join(_q(k) for k in extra[:5])}], missing "
-                                       f"{len(expected - got)} key(s)", extra[0] if extra else name)
+                                       f"{len(set(expected) - got)} key(s)", extra[0] if extra else name)
             for key, array in record.items():
-                _audit_array(name, key, array, sent_record[key])
+                _audit_array(name, key, array, expected[key], reference)
         elif isinstance(record, MetricRecord):
             if name not in ALLOWED_METRIC_RECORDS:
                 raise PrivacyViolation(f"metric record {_q(name)} is not on the allowlist", name)

@@ -1,0 +1,112 @@
+"""The fairness phases' message contract: the record, config and metric names that the server
+(``server/fairness.py``), the devices (``client/fairness.py``) and the privacy audit
+(``shared/privacy/audit.py``) share, and the small conversions both sides need.
+
+Phases (server -> device: what is sent; device -> server: what the reply may carry):
+
+=========================  =====================================================  ==========================================
+message type               server sends                                           device replies
+=========================  =====================================================  ==========================================
+``query.kmeans``           ``centroids`` {"centroids": (C, E) float64},           ``kmeans-stats`` {"sums": (C, E),
+                           config ``kmeans-noise``                                "counts": (C,)} (dense, float64)
+``query.fisher``           ``arrays`` (the global model)                          ``fisher-sums`` (the keys, dtypes and shapes
+                                                                                  of ``arrays``), metric ``fisher-batches``
+``train``                  ``arrays`` (model, plus ``arw.*`` adversary arrays     ``arrays`` (same keys) and ``metrics``;
+                           with ARW), optional ``fisher`` (EWC), ``centroids``    a device outside the targeted cohorts
+                           and config ``target-cohorts`` (targeted round),        returns the received arrays unchanged
+                           config ``ewc-lambda``, ``arw-lr``, ``arw-frozen``      with ``num-examples`` 0
+``evaluate``               ``arrays``, ``centroids``                              ``metrics`` and ``cohort-eval`` {"errors",
+                                                                                  "words", "speakers": (C,)} (dense)
+=========================  =====================================================  ==========================================
+
+Shapes of every reply record derive from what the server sent (C and E from ``centroids``, the model's keys
+from ``arrays``), so the audit can check them exactly. The device's speaker embedding and cohort id live only
+in its ``context.state`` (``EMBEDDING_STATE``, ``COHORT_STATE``); neither ever appears in a reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.fairness.arw import Adversary
+
+__all__ = [
+    "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
+    "EMBEDDING_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
+    "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "TARGET_COHORTS", "adversary_from_state", "centroids_digest",
+    "join_adversary", "split_adversary",
+]
+
+# Message types of the two query phases (``@app.query("kmeans")`` / ``@app.query("fisher")`` on the device).
+KMEANS_QUERY = "query.kmeans"
+FISHER_QUERY = "query.fisher"
+
+# Records the server sends.
+CENTROIDS = "centroids"  # {"centroids": (C, E) float64}
+FISHER = "fisher"  # parameter name -> diagonal Fisher (normalized to mean 1), for the EWC penalty
+ADVERSARY_PREFIX = "arw."  # the ARW adversary's arrays ride inside "arrays" under this prefix
+
+# Records a device may send back (the audit derives their shapes from the records above).
+KMEANS_STATS = "kmeans-stats"  # {"sums": (C, E), "counts": (C,)}
+COHORT_EVAL = "cohort-eval"  # {"errors", "words", "speakers"}: (C,) each
+COHORT_EVAL_KEYS = ("errors", "words", "speakers")
+FISHER_SUMS = "fisher-sums"  # summed squared gradients, one array per key of the sent "arrays"
+FISHER_BATCHES = "fisher-batches"  # metric: minibatches behind the Fisher sums
+
+# Config keys the server sets per phase or round.
+KMEANS_NOISE = "kmeans-noise"  # std of the Gaussian noise a device adds to its k-means sums and counts
+EWC_LAMBDA = "ewc-lambda"
+TARGET_COHORTS = "target-cohorts"  # list of cohort ids a targeted round trains
+ARW_LR = "arw-lr"
+ARW_FROZEN = "arw-frozen"  # True during the warm-up rounds: weights stay uniform, the adversary does not move
+
+# What a device keeps in its own context.state (never sent).
+EMBEDDING_STATE = "chorus-speaker-embedding"  # ArrayRecord {"embedding": (E,) float64}
+COHORT_STATE = "chorus-cohort"  # ConfigRecord {"cohort-id": int, "centroids": digest of the centroids}
+
+
+class ProtocolError(ValueError):
+    """A fairness message does not have the form this module describes (the message names the record/key)."""
+
+
+def split_adversary(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``arrays`` as sent in a round -> (model state dict, adversary state dict without the prefix)."""
+    model = {k: v for k, v in state.items() if not k.startswith(ADVERSARY_PREFIX)}
+    adversary = {k[len(ADVERSARY_PREFIX):]: v for k, v in state.items() if k.startswith(ADVERSARY_PREFIX)}
+    return model, adversary
+
+
+def join_adversary(model: Mapping[str, Tensor], adversary: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """The inverse of :func:`split_adversary`: one state dict for one ArrayRecord (Flower's strategies aggregate
+    exactly one ArrayRecord per reply, so the adversary is averaged with the model, weighted the same way)."""
+    clash = [k for k in model if k.startswith(ADVERSARY_PREFIX)]
+    if clash:
+        raise ProtocolError(f"model parameters {clash[:3]} use the adversary prefix {ADVERSARY_PREFIX!r}")
+    return {**model, **{ADVERSARY_PREFIX + k: v for k, v in (adversary or {}).items()}}
+
+
+def adversary_from_state(state: Mapping[str, Tensor]) -> Adversary:
+    """Rebuild an :class:`Adversary` from its state dict alone (linear, or one hidden layer), float32."""
+    if set(state) == {"net.weight", "net.bias"}:
+        model = Adversary(int(state["net.weight"].shape[1]))
+    elif set(state) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}:
+        hidden, inputs = state["net.0.weight"].shape
+        model = Adversary(int(inputs), hidden_dim=int(hidden))
+    else:
+        raise ProtocolError(f"adversary arrays {sorted(state)} are neither a linear nor a one-hidden-layer Adversary")
+    try:
+        model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in state.items()})
+    except RuntimeError as err:
+        raise ProtocolError(f"adversary arrays do not fit an Adversary: {err}") from err
+    return model
+
+
+def centroids_digest(centroids: np.ndarray) -> str:
+    """A short fingerprint of a centroid matrix: a device's stored cohort id is valid for these centroids only."""
+    array = np.ascontiguousarray(centroids, dtype=np.float64)
+    return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()[:16]

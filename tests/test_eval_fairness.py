@@ -1,0 +1,57 @@
+"""`chorus eval fairness --quick`: the whole experiment runs and prints one JSON object with the table's keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.eval_fairness import QUICK, FairnessPlan
+from shared.config import ConfigError
+from tests.conftest import REPO_ROOT, SHARED_DATA, needs_espeak
+
+SUMMARY_KEYS = {"overall_wer", "worst_wer", "best_wer", "gap", "bottom_share", "variance", "worst_cohort",
+                "cohort_wer", "cohort_words"}
+
+
+@pytest.mark.slow
+@needs_espeak
+@pytest.mark.timeout(900)  # a hang guard, not a timing check: --quick takes a few minutes on 2 shared cores
+def test_quick_fairness_eval_prints_one_json_object(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "simulations.cli", "eval", "fairness", "--quick",
+                             "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout)  # stdout is exactly one JSON object; progress went to stderr
+    assert {"experiment", "plan", "targets", "corpora", "seconds", "report"} <= set(summary)
+    assert summary["plan"] == "quick"
+    corpora = summary["corpora"]
+    if (SHARED_DATA / "speechocean762-dev").is_dir():
+        assert set(corpora) == {"synth", "speechocean762-dev"}
+    else:
+        assert "absent" in corpora["speechocean762-dev"]["skipped"]
+    for name, section in corpora.items():
+        if "skipped" in section:
+            continue
+        assert set(section["arms"]) == set(QUICK.arms), name
+        for arm, row in [("base", section["base"]), *section["arms"].items()]:
+            for partition in ("automatic", "metadata"):
+                assert SUMMARY_KEYS <= set(row[partition]), (name, arm, partition)
+            assert 0.0 <= row["automatic"]["overall_wer"] and row["automatic"]["cohorts"] == 3
+        for arm, row in section["arms"].items():
+            # The server's sums of the devices' dense vectors equal a central recount of the same cohorts.
+            assert row["federated_matches_recount"], (name, arm)
+        assert section["arms"]["ewc"]["targeted_cohorts"] and not section["arms"]["fedavg"]["targeted_cohorts"]
+    report = Path(summary["report"]).read_text()
+    assert "| fedavg | automatic |" in report and "| ewc+arw | metadata |" in report
+    assert (Path(summary["report"]).parent / "fairness-synth.png").exists()
+
+
+def test_plan_overrides_are_checked_and_win_over_corpus_defaults() -> None:
+    plan = QUICK.with_overrides({"split.public-speakers": 5, "fairness.num-cohorts": 2})
+    assert isinstance(plan, FairnessPlan) and plan.overrides["fairness.num-cohorts"] == 2
+    assert "split.public-speakers" not in plan.corpus_overrides["synth"]
+    with pytest.raises(ConfigError, match="'fairness.num-cohort'"):
+        QUICK.with_overrides({"fairness.num-cohort": 2})

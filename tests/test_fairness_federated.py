@@ -1,0 +1,511 @@
+"""Fairness phases as Flower messages: federated k-means, disaggregated evaluation, targeted rounds, EWC and ARW,
+with the privacy audit on every reply.
+
+Fast tests drive ``server/fairness.py`` against in-process devices (``client/fairness.py`` behind ``audit_mod``)
+over a stand-in grid. The slow test runs a whole federation with every phase on through Flower's simulation
+engine (Ray) with our real ServerApp workflow and ClientApp, records every reply as it leaves a device, and
+checks it against the audit, the reference k-means and the pooled device WER.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict)
+from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.fairness import cohort_eval_record, idle_train_reply, kmeans_reply, local_fairness
+from server.fairness import (FairnessRounds, discover_cohorts, normalized_fisher, sum_cohort_eval, worst_cohorts)
+from shared.config import ConfigError, RunConfig
+from shared.fairness import protocol as p
+from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary
+from shared.fairness.cohorts import assign, cohort_report, federated_kmeans, init_centroids
+from shared.fairness.ewc import FisherSums
+from shared.metrics import ErrorCounts
+from shared.privacy.audit import (ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod,
+                                  audit_reply)
+from tests.conftest import TINY_RUN, needs_espeak
+
+E = 8  # embedding dimension of the fast tests
+UNUSED = Path("/nonexistent/speaker-embedder.pt")  # devices here hold their embedding in state already
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Outside a Flower process nobody sets the task identity that every new instruction Message records.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _embeddings(n: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 3 directions: speaker embeddings with 3 clear groups."""
+    rng = np.random.default_rng(seed)
+    centers = np.eye(E)[:3] * 3.0
+    points = centers[np.arange(n) % 3] + rng.normal(scale=0.5, size=(n, E))
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def _device_state(embedding: np.ndarray) -> RecordDict:
+    return RecordDict({p.EMBEDDING_STATE: ArrayRecord({"embedding": Array(np.asarray(embedding, np.float64))})})
+
+
+class LocalGrid:
+    """A stand-in for Flower's Grid: every message goes to an in-process device (a ClientApp with its own
+    ``context.state``); each (sent, reply) pair is kept for inspection."""
+
+    def __init__(self, app: ClientApp, states: dict[int, RecordDict]) -> None:
+        self.app, self.states = app, states
+        self.exchanges: list[tuple[Message, Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.states)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1},
+                              state=self.states[node], run_config={})
+            reply = self.app(message, context)
+            self.exchanges.append((message, reply))
+            replies.append(reply)
+        return replies
+
+
+def _device_app(device_counts: dict[int, ErrorCounts] | None = None) -> ClientApp:
+    """Devices running client/fairness.py's phases behind the privacy audit, as client/client_app.py does."""
+    app = ClientApp(mods=[audit_mod])
+
+    @app.query("kmeans")
+    def kmeans(msg: Message, context: Context) -> Message:
+        return Message(kmeans_reply(msg.content, context.state, None, UNUSED), reply_to=msg)  # type: ignore[arg-type]
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        counts = (device_counts or {})[context.node_id]
+        metrics = MetricRecord({"word-errors": counts.errors, "words": counts.words,
+                                "num-examples": counts.utterances, "wer": counts.wer if counts.words else 0.0})
+        cohort = cohort_eval_record(msg.content, context.state, None, UNUSED, counts)  # type: ignore[arg-type]
+        return Message(RecordDict({"metrics": metrics, p.COHORT_EVAL: cohort}), reply_to=msg)
+
+    return app
+
+
+def _audited(grid: LocalGrid) -> None:
+    for sent, reply in grid.exchanges:
+        assert not reply.has_error(), reply.error.reason
+        audit_reply(reply.content, sent.content)  # the mod already did; the test checks it independently
+
+
+# -- cohort discovery --------------------------------------------------------------------------------------
+
+def test_kmeans_phase_equals_the_reference_and_devices_keep_their_cohort() -> None:
+    embeddings = _embeddings(12)
+    states = {node: _device_state(e) for node, e in enumerate(embeddings, start=1)}
+    grid = LocalGrid(_device_app(), states)
+    initial = init_centroids(_embeddings(6, seed=9), 3, seed=0)  # "public" speakers seed the centroids
+
+    centroids, sizes, shifts = discover_cohorts(grid, grid.get_node_ids(), initial, iterations=4)
+
+    np.testing.assert_allclose(centroids, federated_kmeans(list(embeddings), initial, iterations=4), atol=1e-12)
+    labels = assign(embeddings, centroids)
+    assert sizes.tolist() == np.bincount(labels, minlength=3).astype(float).tolist()
+    assert len(shifts) == 4 and shifts[-1] <= shifts[0]
+    for node, state in states.items():  # each device knows its own cohort, for the final centroids
+        kept = state[p.COHORT_STATE]
+        assert kept["cohort-id"] == labels[node - 1] and kept["centroids"] == p.centroids_digest(centroids)
+    assert len(grid.exchanges) == 12 * 5  # 4 Lloyd iterations + the assignment pass
+    _audited(grid)
+    for _, reply in grid.exchanges:  # dense: every cluster's row, whatever the device's cluster
+        stats = reply.content[p.KMEANS_STATS]
+        assert set(reply.content.keys()) == {p.KMEANS_STATS}
+        assert stats["sums"].shape == (3, E) and stats["counts"].shape == (3,)
+        assert stats["counts"].numpy().sum() == 1.0
+
+
+def test_noisy_kmeans_hides_the_embedding_bytes() -> None:
+    embeddings = _embeddings(6)
+    grid = LocalGrid(_device_app(), {n: _device_state(e) for n, e in enumerate(embeddings, start=1)})
+    discover_cohorts(grid, grid.get_node_ids(), embeddings[:3].copy(), iterations=1, noise_std=0.05)
+    _audited(grid)
+    for _, reply in grid.exchanges:
+        wire = message_to_proto(reply).SerializeToString()
+        counts = reply.content[p.KMEANS_STATS]["counts"].numpy()
+        assert np.count_nonzero(counts) == 3 and not np.allclose(counts, np.round(counts))
+        assert not any(e.tobytes() in wire for e in embeddings)
+    # Without noise a device whose cluster holds only its own embedding returns that embedding as the sum:
+    # exactly what SecAgg+ (or noise) must hide, and what the docs say the server learns otherwise.
+    exact = LocalGrid(_device_app(), {1: _device_state(embeddings[0])})
+    discover_cohorts(exact, [1], embeddings[:3].copy(), iterations=0)
+    assert embeddings[0].tobytes() in message_to_proto(exact.exchanges[0][1]).SerializeToString()
+
+
+# -- disaggregated evaluation ---------------------------------------------------------------------------------
+
+def test_per_cohort_counts_pool_to_the_overall_device_wer() -> None:
+    embeddings = _embeddings(9, seed=3)
+    counts = {node: ErrorCounts(errors=node % 4 + 1, words=10 + node, utterances=2) for node in range(1, 10)}
+    states = {node: _device_state(e) for node, e in enumerate(embeddings, start=1)}
+    grid = LocalGrid(_device_app(counts), states)
+    centroids = init_centroids(embeddings, 3, seed=1)
+    messages = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
+                                    "config": ConfigRecord({"server-round": 1}),
+                                    p.CENTROIDS: ArrayRecord({"centroids": Array(centroids)})}),
+                        dst_node_id=node, message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages)
+    _audited(grid)
+
+    total = sum_cohort_eval(replies, 3)
+    assert total.errors.sum() == sum(c.errors for c in counts.values())
+    assert total.words.sum() == sum(c.words for c in counts.values()) and total.speakers.sum() == 9
+    labels = assign(embeddings, centroids)
+    for k in range(3):  # per cohort: exactly its devices' counts
+        assert total.words[k] == sum(c.words for n, c in counts.items() if labels[n - 1] == k)
+    report = cohort_report(total.errors, total.words, speakers_per_cohort=total.speakers)
+    pooled = sum(c.errors for c in counts.values()) / sum(c.words for c in counts.values())
+    assert report.overall_wer == pytest.approx(pooled)
+    for reply in replies:  # dense vectors with the device's counts at one cohort
+        words = reply.content[p.COHORT_EVAL]["words"].numpy()
+        assert words.shape == (3,) and np.count_nonzero(words) == 1
+
+
+# -- the audit of the new records ----------------------------------------------------------------------------
+
+def _kmeans_sent(c: int = 3) -> RecordDict:
+    return RecordDict({p.CENTROIDS: ArrayRecord({"centroids": Array(np.zeros((c, E)))}),
+                       "config": ConfigRecord({"server-round": 0})})
+
+
+@pytest.mark.parametrize("case, content, match", [
+    ("an extra cluster row", lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((4, E))),
+                                                                    "counts": Array(np.zeros(3))})},
+     r"'kmeans-stats'/'sums' is float64\[4, 8\], expected float64\[3, 8\]"),
+    ("an extra key", lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((3, E))),
+                                                           "counts": Array(np.zeros(3)),
+                                                           "embedding": Array(np.zeros(E))})},
+     r"extra \['embedding'\]"),
+    ("int counts", lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((3, E))),
+                                                         "counts": Array(np.zeros(3, dtype=np.int64))})},
+     "dtype int64"),
+    ("the embedding as a record", lambda: {"embedding": ArrayRecord({"embedding": Array(np.zeros(E))})},
+     "array record 'embedding' is not on the allowlist"),
+    ("cohort vectors of the wrong length", lambda: {p.COHORT_EVAL: ArrayRecord(
+        {k: Array(np.zeros(5)) for k in p.COHORT_EVAL_KEYS})}, r"expected float64\[3\]"),
+])
+def test_audit_derives_the_shapes_of_fairness_replies_from_what_was_sent(case: str, content, match: str) -> None:  # noqa: ANN001
+    with pytest.raises(PrivacyViolation, match=match):
+        audit_reply(RecordDict(content()), _kmeans_sent())
+
+
+def test_the_audit_allowlist_names_the_protocol_records() -> None:
+    assert {p.KMEANS_STATS, p.COHORT_EVAL, p.FISHER_SUMS} <= ALLOWED_ARRAY_RECORDS
+    assert p.FISHER_BATCHES in ALLOWED_METRICS
+
+
+def test_audit_refuses_fairness_replies_the_server_did_not_ask_for() -> None:
+    no_centroids = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}), "config": ConfigRecord({"server-round": 1})})
+    stats = {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((3, E))), "counts": Array(np.zeros(3))})}
+    with pytest.raises(PrivacyViolation, match="the server sent no 'centroids'"):
+        audit_reply(RecordDict(stats), no_centroids)
+    fisher = ArrayRecord({"w": torch.zeros(2), "extra": torch.zeros(3)})
+    with pytest.raises(PrivacyViolation, match=r"extra \['extra'\]"):
+        audit_reply(RecordDict({p.FISHER_SUMS: fisher}), no_centroids)
+    audit_reply(RecordDict({p.FISHER_SUMS: ArrayRecord({"w": torch.ones(2)}),
+                            "metrics": MetricRecord({p.FISHER_BATCHES: 3})}), no_centroids)
+
+
+# -- targeted rounds, EWC and ARW on the device --------------------------------------------------------------
+
+GLOBAL = {"encoder.w": torch.randn(4, 3), "joiner.b": torch.randn(5)}
+
+
+def _train_content(*, targets: list[int] | None = None, fisher: bool = False, adversary: Adversary | None = None,
+                   frozen: bool = False, centroids: np.ndarray | None = None) -> RecordDict:
+    config = ConfigRecord({"server-round": 2})
+    content = RecordDict({"arrays": ArrayRecord(p.join_adversary(GLOBAL, None if adversary is None
+                                                                 else adversary.state_dict())),
+                          "config": config})
+    if targets is not None:
+        config[p.TARGET_COHORTS] = targets
+        content[p.CENTROIDS] = ArrayRecord({"centroids": Array(centroids)})  # type: ignore[arg-type]
+    if fisher:
+        config[p.EWC_LAMBDA] = 5.0
+        content[p.FISHER] = ArrayRecord({k: torch.ones_like(v) for k, v in GLOBAL.items()})
+    if adversary is not None:
+        config[p.ARW_LR] = 0.05
+        config[p.ARW_FROZEN] = frozen
+    return content
+
+
+def test_a_targeted_round_trains_only_the_targeted_cohorts() -> None:
+    embeddings = _embeddings(6)
+    centroids = init_centroids(embeddings, 3, seed=0)
+    labels = assign(embeddings, centroids)
+    content = _train_content(targets=[int(labels[0])], centroids=centroids)
+    for embedding, label in zip(embeddings, labels, strict=True):
+        state = _device_state(embedding)
+        local = local_fairness(content, state, None, UNUSED,  # type: ignore[arg-type]
+                               global_state=content["arrays"].to_torch_state_dict(), local_steps=2)
+        assert local.takes_part == (label == labels[0])
+        assert state[p.COHORT_STATE]["cohort-id"] == label  # decided and kept on the device
+    idle = idle_train_reply(content, skipped=0)
+    audit_reply(idle, content)
+    assert idle["metrics"]["num-examples"] == 0 and idle["arrays"] is content["arrays"]
+
+
+def test_fedavg_ignores_a_weight_zero_reply_and_the_server_drops_it() -> None:
+    def reply(scale: float, weight: int) -> Message:
+        sent = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+        state = {k: v * scale for k, v in GLOBAL.items()}
+        metrics = {"train-loss": 1.0, "local-steps": 2, "num-examples": weight, "compute-cost": 1.0,
+                   "skipped-utterances": 0}
+        return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=sent)
+
+    trained, other, idle = reply(2.0, 3), reply(3.0, 1), reply(1.0, 0)
+    fedavg = flwr_strategy.FedAvg()
+    with_idle, _ = fedavg.aggregate_train(1, [trained, other, idle])
+    without, _ = fedavg.aggregate_train(1, [trained, other])
+    for key in GLOBAL:
+        np.testing.assert_allclose(with_idle[key].numpy(), without[key].numpy())  # type: ignore[index]
+        np.testing.assert_allclose(without[key].numpy(), GLOBAL[key].numpy() * 2.25, rtol=1e-6)  # type: ignore[index]
+    with pytest.raises(ZeroDivisionError):  # all weights 0: Flower's FedAvg divides by zero ...
+        fedavg.aggregate_train(1, [idle])
+    rounds = FairnessRounds(cfg=RunConfig.from_flat({"fairness.enabled": True}), centroids=np.zeros((3, E)),
+                            cohort_sizes=np.zeros(3))
+    assert rounds.aggregate_train(fedavg, 1, [idle]) == (None, None)  # ... so the server keeps the model
+    arrays, _ = rounds.aggregate_train(flwr_strategy.FedMedian(), 1, [trained, idle])
+    np.testing.assert_allclose(arrays["joiner.b"].numpy(), GLOBAL["joiner.b"].numpy() * 2, rtol=1e-6)  # type: ignore[index]
+
+
+def test_ewc_and_arw_come_from_the_message() -> None:
+    torch.manual_seed(0)
+    adversary = Adversary(UTTERANCE_STATISTICS + E)
+    with torch.no_grad():
+        adversary.net.weight.normal_()  # type: ignore[union-attr]
+    content = _train_content(fisher=True, adversary=adversary, frozen=True)
+    local = local_fairness(content, _device_state(_embeddings(1)[0]), None, UNUSED,  # type: ignore[arg-type]
+                           global_state=content["arrays"].to_torch_state_dict(), local_steps=3)
+    assert local.takes_part and set(local.model_state) == set(GLOBAL)
+    assert local.penalty is not None and local.penalty.lam == 5.0
+    assert local.reweighter is not None and local.reweighter.warmup_steps == 3  # frozen for the whole round
+    torch.testing.assert_close(local.reweighter.adversary.state_dict()["net.weight"], adversary.net.weight)  # type: ignore[union-attr]
+    reply = local.reply_arrays({k: v + 1 for k, v in local.model_state.items()})
+    assert set(reply.keys()) == set(content["arrays"].keys())  # model + adversary, nothing else
+    audit_reply(RecordDict({"arrays": reply}), content)
+    # A device whose extractor disagrees with the adversary's input size says so.
+    with pytest.raises(p.ProtocolError, match="takes 11 inputs, the device has 3 utterance statistics \\+ a "
+                                               "4-dimensional"):
+        local_fairness(content, _device_state(np.ones(4) / 2), None, UNUSED,  # type: ignore[arg-type]
+                       global_state=content["arrays"].to_torch_state_dict(), local_steps=3)
+
+
+def test_adversary_arrays_round_trip_and_are_split_off_the_aggregate() -> None:
+    for hidden in (0, 5):
+        adversary = Adversary(7, hidden_dim=hidden)
+        model, rest = p.split_adversary(p.join_adversary(GLOBAL, adversary.state_dict()))
+        assert set(model) == set(GLOBAL)
+        rebuilt = p.adversary_from_state(rest)
+        for key, value in adversary.state_dict().items():
+            torch.testing.assert_close(rebuilt.state_dict()[key], value)
+    with pytest.raises(p.ProtocolError, match="neither a linear nor"):
+        p.adversary_from_state({"net.weight": torch.zeros(1, 3)})
+
+    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True})
+    rounds = FairnessRounds(cfg=cfg, centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3), adversary=Adversary(7))
+    sent = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    replies = []
+    for weight, value in ((1, 1.0), (3, 3.0)):
+        adversary = Adversary(7)
+        with torch.no_grad():
+            adversary.net.bias.fill_(value)  # type: ignore[union-attr]
+        arrays = ArrayRecord(p.join_adversary(GLOBAL, adversary.state_dict()))
+        metrics = MetricRecord({"train-loss": 1.0, "num-examples": weight})
+        replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=sent))
+    arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 1, replies)
+    assert arrays is not None and set(arrays.keys()) == set(GLOBAL)
+    assert float(rounds.adversary.net.bias.detach()) == pytest.approx(2.5)  # type: ignore[union-attr]
+
+
+# -- server-side pieces ----------------------------------------------------------------------------------------
+
+def test_normalized_fisher_and_worst_cohorts() -> None:
+    sums = FisherSums(sums={"a": torch.tensor([2.0, 6.0]), "b": torch.tensor([4.0]), "buffer": torch.zeros(1)},
+                      count=2)
+    fisher = normalized_fisher(sums, ["a", "b"])
+    assert set(fisher) == {"a", "b"}
+    torch.testing.assert_close(torch.cat([fisher["a"], fisher["b"]]), torch.tensor([0.5, 1.5, 1.0]))
+    with pytest.raises(ValueError, match="zero everywhere"):
+        normalized_fisher(FisherSums(sums={"a": torch.zeros(2)}, count=1), ["a"])
+    report = cohort_report(np.array([1.0, 5.0, 3.0, 0.0]), np.array([10.0, 10.0, 10.0, 0.0]))
+    assert worst_cohorts(report, 2) == [1, 2]  # cohort 3 has no words: never targeted
+
+
+def test_fairness_config_names_the_bad_value() -> None:
+    with pytest.raises(ConfigError, match="fairness.fisher='secret': choose federated or public"):
+        RunConfig.from_flat({"fairness.fisher": "secret"})
+    with pytest.raises(ConfigError, match="fairness.target-cohorts=5 exceeds fairness.num-cohorts=4"):
+        RunConfig.from_flat({"fairness.target-cohorts": 5})
+    with pytest.raises(ConfigError, match="fairness.kmeans-noise must be >= 0, got -1.0"):
+        RunConfig.from_flat({"fairness.kmeans-noise": -1.0})
+
+
+# -- the whole federation through Flower's simulation engine (Ray) ------------------------------------------
+
+FAIR_RUN = {**TINY_RUN, "synth.speakers": 10, "split.public-speakers": 4, "num-server-rounds": 2,
+            "fairness.enabled": True, "fairness.num-cohorts": 2, "fairness.kmeans-iterations": 2,
+            "fairness.embedder-steps": 8, "fairness.ewc-lambda": 1.0, "fairness.fisher": "federated",
+            "fairness.targeted-rounds": 1, "fairness.arw": True, "fairness.arw-warmup": 1}
+EXPECTED_RECORDS = {p.KMEANS_QUERY: {p.KMEANS_STATS}, p.FISHER_QUERY: {p.FISHER_SUMS, "metrics"},
+                    MessageType.TRAIN: {"arrays", "metrics"}, MessageType.EVALUATE: {"metrics", p.COHORT_EVAL}}
+
+
+class RecordExchanges:
+    """Client mod, outermost: writes each message a device gets and the reply that leaves it, serialized as
+    Flower sends them (Ray runs devices in other processes: files are the channel back to the test)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = str(out_dir)
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+        reply = call_next(msg, context)
+        stem = (f"{self.out_dir}/{msg.metadata.message_type}-r{msg.content['config']['server-round']}"
+                f"-p{context.node_config['partition-id']}-{uuid4().hex[:8]}")
+        Path(stem + ".sent").write_bytes(message_to_proto(msg).SerializeToString())
+        Path(stem + ".reply").write_bytes(message_to_proto(reply).SerializeToString())
+        return reply
+
+
+def _device_embeddings(cfg: RunConfig, devices: int) -> np.ndarray:
+    """What each simulated device computes for itself (same extractor, same utterances)."""
+    from client.data import device_data
+    from shared.data.prepare import open_prepared, speaker_embedder_path
+    from shared.models.speaker_embedding import load_speaker_embedder
+
+    embedder = load_speaker_embedder(speaker_embedder_path(open_prepared(cfg).artifacts, cfg))
+    rows = []
+    for pid in range(devices):
+        data = device_data(cfg, pid)
+        rows.append(embedder.embed_speaker([data.features.features(u) for u in [*data.train, *data.eval]])
+                    .numpy().astype(np.float64))
+    return np.stack(rows)
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    import client.client_app as client_app
+    from server.fairness import public_embeddings
+    from server.workflow import run_federation
+    from shared.data.dataset import FeatureCache
+    from shared.data.prepare import prepare, speaker_embedder_path
+    from shared.models.speaker_embedding import load_speaker_embedder
+    from tests.test_privacy_invariant import leaks, sensitive_strings
+
+    cfg = RunConfig.from_flat({**FAIR_RUN, "workdir": str(tmp_path / "work"), "run-id": "fair"})
+    sensitive = sensitive_strings(cfg)  # also prepares the data (and the speaker embedder), before devices start
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    exchanges = tmp_path / "exchanges"
+    exchanges.mkdir()
+
+    outer = ClientApp(mods=[RecordExchanges(exchanges)])
+
+    def forward(msg: Message, context: Context) -> Message:
+        # run_simulation's Python API gives devices no run config (`flwr run` would): hand them the run's, on a
+        # copy (Flower refuses a device context whose run_config changed).
+        device = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                         state=context.state, run_config={**context.run_config, **cfg.to_flat()})
+        return client_app.app(msg, device)
+
+    outer.train()(forward)
+    outer.evaluate()(forward)
+    outer.query("kmeans")(forward)
+    outer.query("fisher")(forward)
+    server_app = ServerApp()
+    run_dirs: list[Path] = []
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_dirs.append(run_federation(grid, cfg))
+
+    run_simulation(server_app=server_app, client_app=outer, num_supernodes=4,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "num_gpus": 0}})
+    assert run_dirs, "the ServerApp did not finish"
+    run_dir = run_dirs[0]
+
+    # 1. The k-means phase through Flower equals the reference protocol on the same embeddings.
+    prepared = prepare(cfg, progress=False)
+    embedder = load_speaker_embedder(speaker_embedder_path(prepared.artifacts, cfg))
+    public = public_embeddings(embedder, prepared.split.public, prepared.corpus.by_speaker(),
+                               FeatureCache(prepared.corpus, prepared.cmvn))
+    initial = init_centroids(public, 2, seed=cfg.train.seed)
+    devices = _device_embeddings(cfg, 4)
+    fairness = json.loads((run_dir / "fairness.json").read_text())
+    expected = federated_kmeans(list(devices), initial, iterations=2)
+    np.testing.assert_allclose(np.asarray(fairness["centroids"]), expected, atol=1e-6)
+    labels = assign(devices, expected)
+    assert fairness["cohort_sizes"] == np.bincount(labels, minlength=2).astype(float).tolist()
+
+    # 2. Per-cohort counts from the devices pool to the overall device WER, every round.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert (r["train_replies"], r["train_failures"], r["eval_replies"], r["eval_failures"]) == (4, 0, 4, 0), r
+        assert sum(r["cohort_words"]) == r["device_words"] > 0
+        assert sum(r["cohort_errors"]) / sum(r["cohort_words"]) == pytest.approx(r["device_wer"])
+        assert r["cohort_overall_wer"] == pytest.approx(r["device_wer"])
+        assert sum(r["cohort_speakers"]) == 4
+    targeted = records[2]["targeted_cohorts"]  # round 2 trains only the worst cohort's devices
+    assert records[1]["train_contributors"] == 4
+    assert records[2]["train_contributors"] == sum(int(labels[d] in targeted) for d in range(4)) >= 1
+
+    # 3. Every reply passes the audit against what its device was sent, and carries nothing sensitive.
+    seen: dict[str, int] = {}
+    for sent_path in sorted(exchanges.glob("*.sent")):
+        kind = sent_path.name.split("-r")[0]
+        seen[kind] = seen.get(kind, 0) + 1
+        sent = message_from_proto(ProtoMessage.FromString(sent_path.read_bytes()))
+        wire = Path(str(sent_path)[: -len(".sent")] + ".reply").read_bytes()
+        reply = message_from_proto(ProtoMessage.FromString(wire))
+        assert not reply.has_error(), f"{sent_path.name}: {reply.error.reason}"
+        assert set(reply.content.keys()) == EXPECTED_RECORDS[kind], sent_path.name
+        audit_reply(reply.content, sent.content)
+        names = list(reply.content.keys()) + [k for r in reply.content.values() for k in r.keys()]
+        assert not leaks(wire, names, sensitive), f"{sent_path.name} carries {leaks(wire, names, sensitive)}"
+        if kind != p.KMEANS_QUERY:  # (a k-means sum of one embedding is that embedding: see the docs)
+            assert not any(e.tobytes() in wire or e.astype(np.float32).tobytes() in wire for e in devices)
+        if kind == MessageType.TRAIN:
+            arrays = reply.content["arrays"]
+            assert any(k.startswith(p.ADVERSARY_PREFIX) for k in arrays.keys())
+            if reply.content["metrics"]["num-examples"] == 0:  # not targeted: the global arrays, unchanged
+                assert all(arrays[k].data == sent.content["arrays"][k].data for k in arrays.keys())
+    # 3 k-means passes (2 iterations + assignment), 1 Fisher, and 2 rounds of train + evaluate, 4 devices each
+    assert seen == {p.KMEANS_QUERY: 12, p.FISHER_QUERY: 4, MessageType.TRAIN: 8, MessageType.EVALUATE: 8}
+    assert "Fairness: automatic cohorts" in (run_dir / "report.md").read_text()
+
+    # 4. fairness.fisher=public: the same estimator on the server, on public speakers' utterances.
+    from server.fairness import public_fisher
+    from shared.models.checkpoint import initial_model
+
+    model = initial_model(cfg.model)
+    public_utts = [u for s in prepared.split.public for u in prepared.corpus.by_speaker()[s]]
+    sums = public_fisher(model, public_utts, features=FeatureCache(prepared.corpus, prepared.cmvn),
+                         tokenizer=prepared.tokenizer, batch_frames=cfg.train.batch_frames)
+    fisher = normalized_fisher(sums, [n for n, _ in model.named_parameters()])
+    assert set(fisher) == {n for n, _ in model.named_parameters()} and sums.count >= 1
+    values = torch.cat([f.flatten() for f in fisher.values()])
+    assert bool((values >= 0).all()) and float(values.mean()) == pytest.approx(1.0, rel=1e-4)
