@@ -88,9 +88,9 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         feats = batch.feats
         if generator is not None:
             feats = spec_augment(feats, batch.feat_lens, generator=generator)
-        batch = on_device(replace(batch, feats=feats), device)
-        out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
-        tokens = batch.target_lens.sum().clamp(min=1)
+        moved = on_device(replace(batch, feats=feats), device)  # the reweighter sees ``batch``, unaugmented
+        out = model(moved.feats, moved.feat_lens, moved.targets, moved.target_lens)
+        tokens = moved.target_lens.sum().clamp(min=1)
         loss = out.loss_per_utt.sum() / tokens
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite transducer loss {loss.item()} on batch {batch.ids[:3]}...")
