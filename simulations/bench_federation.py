@@ -38,17 +38,19 @@ The pure baseline ("pure local-training time for the same work"), per round r:
        same up to utterance lengths), ``client.train.fine_tune`` on ``client.data.device_data`` with the run's
        config, ``server_round=r`` and the partition id (so the same seeds, batches and steps as a device);
     2. K other devices evaluate locally (``client.evaluate.evaluate_local``), as the round's evaluate phase;
-    3. the server's held-out scoring (``shared.training.score`` on the same utterances, in this process).
-Phases 1 and 2 run on a pool of P worker processes (P = the devices Ray trains at once: one CPU per device, P
-CPUs given to Ray), one torch thread each as in the ClientApp, each task pulled by the next free worker as
-Ray's actor pool does; phase 3 runs in this process with torch's default threads, as in the ServerApp. The
-workers are started and have imported torch and the client code before the clock starts, and load the corpus
-index, tokenizer and features on their first task; Ray's actors are started before round 1 too, but import
-the ClientApp (torch included) with their first message: that is part of round 1's cold start. Weights: every task starts from the
-federated run's final global model (training cost does not depend on the weights; greedy-decoding cost does,
-slightly), loaded once per worker. Nothing is serialized or sent: what the baseline leaves out — messages
-and model copies through the SuperLink and Ray, sampling, aggregation, checkpoints, process scheduling — is
-exactly what the ratio measures.
+    3. the server's held-out scoring (``shared.training.score`` on the same utterances).
+The baseline runs in a child process that leads a session of its own, as the Flower side's SuperLink does
+(Linux's autogroup scheduler shares the CPU between sessions). Phases 1 and 2 run on a pool of P worker
+processes (P = the devices Ray trains at once: one CPU per device, P CPUs given to Ray), one torch thread each
+as in the ClientApp, each task pulled by the next free worker as Ray's actor pool does; phase 3 runs in the
+baseline process itself with torch's default threads, as in the ServerApp. The workers are started and have
+imported torch and the client code before the clock starts, and load the corpus index, tokenizer and features
+on their first task; Ray's actors are started before round 1 too, but import the ClientApp (torch included)
+with their first message: that is part of round 1's cold start. Weights: every task starts from the federated
+run's final global model (training cost does not depend on the weights; greedy-decoding cost does, slightly),
+loaded once per worker. Nothing is serialized or sent: what the baseline leaves out — messages and model
+copies through the SuperLink and Ray, sampling, aggregation, checkpoints, process scheduling — is exactly what
+the ratio measures.
 
 The federated run keeps at most ``strategy.max-in-flight`` = 2 P messages waiting for devices
 (``simulations.simulate.sampling_overrides``; ``--set strategy.max-in-flight=0`` measures Flower's own
@@ -425,6 +427,49 @@ def _pure_rounds(cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint
     return rounds
 
 
+def _pure_rounds_in_own_session(cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint: Path,
+                                log: Any) -> list[dict[str, float]]:
+    """:func:`_pure_rounds` in a child process that leads a session of its own, as the Flower side's
+    SuperLink does (``simulations.simulate``). Linux's autogroup scheduler (``kernel.sched_autogroup_enabled``)
+    shares the CPU between sessions, not processes: run inside this process's session, the baseline would
+    share one slice with whatever else that session runs (a test session, a shell's other jobs) while the
+    Flower tree had a slice of its own; measured so, on a busy machine, the baseline took 2-3x the wall time
+    of the same work through Flower."""
+    import subprocess
+    import tempfile
+
+    from shared.processes import stop_tree
+    from simulations.simulate import REPO_ROOT
+
+    with tempfile.TemporaryDirectory(prefix="chorus-baseline-") as tmp:
+        spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"flat": cfg.to_flat(), "clients": plan.clients, "per_round": plan.per_round,
+                                    "rounds": plan.rounds, "seed": plan.seed, "parallel": parallel,
+                                    "checkpoint": str(checkpoint)}))
+        code = "import sys; from simulations.bench_federation import _baseline_child; _baseline_child(*sys.argv[1:])"
+        proc = subprocess.Popen([sys.executable, "-c", code, str(spec), str(result)], cwd=REPO_ROOT,
+                                start_new_session=True)
+        try:
+            status = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: the child is in its own session, out of reach of Ctrl-C
+                stop_tree(proc, timeout=10.0)
+        if status != 0 or not result.exists():
+            raise RuntimeError(f"the baseline process exited with {status} (its errors are above)")
+        return json.loads(result.read_text())
+
+
+def _baseline_child(spec_path: str, result_path: str) -> None:
+    """Entry point of :func:`_pure_rounds_in_own_session`'s child: read the spec, write the rounds."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = RunConfig.from_flat(spec["flat"])
+    plan = FederationPlan(clients=spec["clients"], per_round=spec["per_round"], rounds=spec["rounds"],
+                          seed=spec["seed"])
+    rounds = _pure_rounds(cfg, plan, spec["parallel"], Path(spec["checkpoint"]),
+                          lambda msg: print(msg, file=sys.stderr, flush=True))
+    Path(result_path).write_text(json.dumps(rounds))
+
+
 # -- the simulation engine's message poll --------------------------------------------------------------------
 
 _RUN_ID, _TASK_ID, _SERVER_NODE_ID = 1, 7, 1  # the ServerApp's identity in a simulation (SuperLink node id 1)
@@ -534,7 +579,7 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
 
     log("baseline: the same work without Flower")
     with TreeMemorySampler() as baseline_memory:
-        pure = _pure_rounds(cfg, plan, parallel, run_dir / "checkpoints" / "global.pt", log)
+        pure = _pure_rounds_in_own_session(cfg, plan, parallel, run_dir / "checkpoints" / "global.pt", log)
     pure_seconds = [p["seconds"] for p in pure]
     # CPU time of the whole tree in each round: from the first sample that saw round r-1's metrics line to the
     # first that saw round r's (line r holds round r - 1; line 1 is round 0, the initial evaluation).
