@@ -133,6 +133,40 @@ def _sort_replies(sent: list[Message], replies: Iterable[Message], *, phase: str
     return ok, len(replies) - len(ok) + len(silent)
 
 
+PULL_INTERVAL = 0.1  # seconds between looks for replies in a windowed phase (Flower's InMemoryGrid default)
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
+                      max_in_flight: int) -> list[Message]:
+    """``grid.send_and_receive`` with at most ``max_in_flight`` messages waiting for devices at once (0: all).
+
+    Why a window: Flower 1.42's simulation engine finds work by asking its in-memory LinkState, every 0.1 s,
+    for each of the N nodes' next message, and each such query walks every message in the store; it runs in
+    the process, and under the GIL, of the ServerApp, on the cores the devices train on. A sweep costs CPU in
+    proportion to N x waiting messages: 284 ms for 1,000 nodes with 50 waiting, 30 ms with 4, measured on
+    2 shared cores (``simulations/bench_federation.py:engine_poll_sweep_ms``; the benchmark reports it). A window as wide as the devices that run at
+    once, plus as many queued, keeps every device busy and sends the same messages, gets the same replies
+    and aggregates them the same way. The phase as a whole gets ``timeout``, as with ``send_and_receive``;
+    messages not yet sent when it passes count as devices that did not answer.
+    """
+    if max_in_flight == 0 or len(messages) <= max_in_flight:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    deadline = time.monotonic() + timeout
+    queued = iter(messages)
+    waiting: set[str] = set()
+    replies: list[Message] = []
+    while True:
+        while len(waiting) < max_in_flight and (msg := next(queued, None)) is not None:
+            waiting.update(grid.push_messages([msg]))
+        if not waiting or time.monotonic() >= deadline:
+            return replies
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        if not pulled:
+            time.sleep(PULL_INTERVAL)
+
+
 def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
                 utterances: list[Utterance]) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluation harness only: held-out WER grouped by the hidden attributes in speakers.tsv."""
@@ -165,7 +199,8 @@ def _train_phase(grid: Grid, strategy: flwr_strategy.Strategy, cfg: RunConfig, s
                                     min_contributors=cfg.strategy.min_train_nodes)
         return secure.arrays, secure.metrics, secure.contributed, secure.failed
     train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    train_ok, failed = _sort_replies(train_msgs, grid.send_and_receive(train_msgs, timeout=cfg.strategy.timeout),
+    train_ok, failed = _sort_replies(train_msgs, _send_and_receive(grid, train_msgs, timeout=cfg.strategy.timeout,
+                                                                    max_in_flight=cfg.strategy.max_in_flight),
                                      phase="train", server_round=server_round)
     needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
     if len(train_ok) < needed:  # too few updates to trust: keep the global model and the strategy's state
@@ -233,9 +268,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             if new_arrays is not None:
                 load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
+            train_seconds = time.monotonic() - start  # sampling, devices' training, aggregation
             eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
             eval_ok, eval_failed = _sort_replies(
-                eval_msgs, grid.send_and_receive(eval_msgs, timeout=cfg.strategy.timeout),
+                eval_msgs, _send_and_receive(grid, eval_msgs, timeout=cfg.strategy.timeout,
+                                             max_in_flight=cfg.strategy.max_in_flight),
                 phase="evaluate", server_round=server_round)
             device_eval = rounds.aggregate_evaluate(server_round, eval_ok)
             counts, per_utt = evaluate_heldout()
@@ -249,7 +286,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "device_wer": None if device_eval is None else float(device_eval["wer"]),
                 "device_words": None if device_eval is None else int(device_eval["words"]),
                 "heldout_wer": counts.wer, "heldout_words": counts.words,
-                "seconds": round(time.monotonic() - start, 3),
+                "seconds": round(time.monotonic() - start, 3), "train_seconds": round(train_seconds, 3),
                 **({} if fairness is None else fairness.round_fields(server_round)),
             }
             metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)

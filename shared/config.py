@@ -93,6 +93,10 @@ class StrategyConfig:
     # (the server clips each update, so it sees them: not with SecAgg+); "client" (devices clip, the server adds
     # the noise: combines with SecAgg+, the server then never holds an unclipped or single update).
     central_dp: str = "none"
+    # Messages waiting for devices at once (0: all of a phase at once, as Flower's send_and_receive). The
+    # simulation engine's cost per 0.1 s grows with nodes x waiting messages: `chorus simulate` and
+    # `chorus bench federation` set it to twice the devices that train at once (server/workflow.py says why).
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if self.central_dp not in ("none", "server", "client"):
@@ -104,6 +108,8 @@ class StrategyConfig:
             raise ConfigError(f"strategy.name={self.name!r} needs each device's update, which "
                               f"strategy.secure-aggregation hides: use a mean-based strategy (fedavg, fedavgm, "
                               f"fedadam, fedyogi, fedadagrad)")
+        if self.max_in_flight < 0:
+            raise ConfigError(f"strategy.max-in-flight must be >= 0 (0: no limit), got {self.max_in_flight}")
 
 
 @dataclass(frozen=True)

@@ -82,21 +82,32 @@ def data_prepare(set_: SetOption = None) -> None:
 @app.command("simulate")
 def simulate_cmd(
     clients: Annotated[int, typer.Option(min=2, help="Simulated devices (one speaker each).")] = 20,
+    per_round: Annotated[Optional[int], typer.Option(
+        min=1, help="Devices sampled per round for training (and, separately, for evaluation); default: all.")] = None,
     rounds: Annotated[int, typer.Option(min=1)] = 3,
+    parallel: Annotated[Optional[int], typer.Option(
+        min=1, help="Devices training at once (Ray actors, one CPU each); default: the cores available.")] = None,
     run_id: Annotated[str, typer.Option(help="runs/<run-id>/ (default: a timestamp).")] = "",
     resume: Annotated[bool, typer.Option(help="Finish run --run-id from its last completed round.")] = False,
     set_: SetOption = None,
 ) -> None:
     """A federated run in Flower's simulation engine (Ray) on the default corpus; writes runs/<id>/."""
-    from simulations.simulate import simulate
+    from simulations.simulate import available_cores, sampling_overrides, simulate
 
-    cfg = _config(set_, **{"num-server-rounds": rounds, "run-id": run_id, "resume": resume})
+    per_round = clients if per_round is None else per_round
+    if per_round > clients:
+        raise typer.BadParameter(f"--per-round {per_round} exceeds --clients {clients}")
+    parallel = available_cores() if parallel is None else parallel
+    explicit = _parse_sets(set_)
+    fixed: dict[str, bool | int | float | str] = {  # an explicit --set strategy.* key wins over --per-round
+        k: v for k, v in sampling_overrides(clients, per_round, parallel=parallel).items() if k not in explicit}
+    fixed.update({"num-server-rounds": rounds, "run-id": run_id, "resume": resume})
+    cfg = _config(set_, **fixed)
     if cfg.corpus == "synth":
         needed = clients + cfg.split.public_speakers + cfg.split.heldout_speakers
         if cfg.synth.speakers < needed:
-            cfg = _config(set_, **{"num-server-rounds": rounds, "run-id": run_id, "resume": resume,
-                                   "synth.speakers": needed})
-    run_dir = simulate(cfg, num_supernodes=clients)
+            cfg = _config(set_, **fixed, **{"synth.speakers": needed})
+    run_dir = simulate(cfg, num_supernodes=clients, parallel=parallel)
     typer.echo(f"Report: {run_dir / 'report.md'}")
 
 
@@ -192,6 +203,34 @@ def eval_fairness_cmd(
         raise typer.BadParameter(str(err)) from err
     main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
          corpus=corpus, checkpoint=checkpoint.resolve() if checkpoint else None)
+
+
+@bench_app.command("federation")
+def bench_federation_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (minutes); numbers prove the pipeline only.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    clients: Annotated[Optional[int], typer.Option(
+        min=2, help="Simulated devices (default 1000; --quick 20).")] = None,
+    per_round: Annotated[Optional[int], typer.Option(
+        min=1, help="Devices per round (default 50; --quick 5).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="Rounds (default 2; --quick 2).")] = None,
+    parallel: Annotated[Optional[int], typer.Option(
+        min=1, help="Devices training at once, in Flower and in the baseline (default: the cores available).")] = None,
+    bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-federation[-quick]).")] = "",
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    set_: SetOption = None,
+) -> None:
+    """Flower at scale: round wall time, peak memory of the process tree, overhead vs pure local training."""
+    from simulations.bench_federation import FULL, QUICK, main
+
+    plan = QUICK if quick else FULL
+    try:
+        plan = plan.with_changes(clients=clients, per_round=per_round, rounds=rounds, parallel=parallel,
+                                 overrides=_parse_sets(set_))
+    except (ValueError, ConfigError) as err:
+        raise typer.BadParameter(str(err)) from err
+    main(plan, workdir=workdir.resolve(),
+         bench_id=bench_id or ("bench-federation-quick" if quick else "bench-federation"), as_json=json_)
 
 
 if __name__ == "__main__":
