@@ -433,8 +433,8 @@ def _pure_rounds_in_own_session(cfg: RunConfig, plan: FederationPlan, parallel: 
     SuperLink does (``simulations.simulate``). Linux's autogroup scheduler (``kernel.sched_autogroup_enabled``)
     shares the CPU between sessions, not processes: run inside this process's session, the baseline would
     share one slice with whatever else that session runs (a test session, a shell's other jobs) while the
-    Flower tree had a slice of its own; measured so, on a busy machine, the baseline took 2-3x the wall time
-    of the same work through Flower."""
+    Flower tree had a slice of its own. (On the busy shared machine this alone did not make the two sides'
+    CPU shares equal: see the README's figures.)"""
     import subprocess
     import tempfile
 
