@@ -62,6 +62,7 @@ numbers to quote. ``--quick`` is CI-sized; its numbers only prove the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -218,13 +219,11 @@ def _memory(pid: int, *, pss: bool) -> tuple[int, int]:
         return 0, 0
     if not pss:
         return rss, 0
-    try:
+    with contextlib.suppress(OSError, IndexError, ValueError):  # no smaps_rollup: PSS falls back to RSS
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
                 if line.startswith(b"Pss:"):
                     return rss, int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
     return rss, rss
 
 

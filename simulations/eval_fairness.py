@@ -67,7 +67,8 @@ from shared.fairness.cohorts import (Cohorts, CohortCounts, CohortReport, assign
                                      cohort_counts_by_speaker, cohort_report, tree_cohorts)
 from shared.metrics import ErrorCounts
 
-__all__ = ["ARMS", "FULL", "FairnessPlan", "InProcessGrid", "QUICK", "main", "run_fairness_eval"]
+__all__ = ["ARMS", "FULL", "FairnessPlan", "InProcessGrid", "QUICK", "main", "run_fairness_eval",
+           "server_identity"]
 
 SPEECHOCEAN = "speechocean762-dev"
 # The issue's targets, reported next to the measurements.
@@ -165,7 +166,7 @@ class InProcessGrid:
 
 
 @contextlib.contextmanager
-def _server_identity() -> Iterator[None]:
+def server_identity() -> Iterator[None]:
     """Flower stamps every new instruction Message with the run of the process it runs in; a ServerApp process
     sets that identity, this one plays the server, so it sets it for the federation and restores it after."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
@@ -304,7 +305,7 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path,
         run_dir = _finished_run(cfg)
         if run_dir is None:
             grid = InProcessGrid(client_app, devices, flat)  # devices read only the shared keys; the rest: messages
-            with _server_identity():
+            with server_identity():
                 run_dir = run_federation(grid, cfg)  # type: ignore[arg-type]
         else:
             _note(f"{key}: arm {arm} reused from {run_dir} (same config, all rounds done)")

@@ -51,11 +51,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app as client_app
 from client.data import DeviceData, device_data
@@ -68,6 +67,7 @@ from shared.models.checkpoint import build_model, load_checkpoint, load_state, s
 from shared.privacy.dp import measure_step_times
 from shared.privacy.membership import MembershipAttack, loss_threshold_attack, utterance_losses
 from shared.training import score
+from simulations.eval_fairness import server_identity  # both evaluations play the server in-process
 from simulations.train import TrainPlan, train_central
 
 __all__ = ["PrivacyPlan", "QUICK", "FULL", "run_privacy_eval", "main"]
@@ -143,20 +143,8 @@ class _Federation:
     rounds_log: list[dict[str, Any]] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _server_identity() -> Iterator[None]:
-    """Flower stamps every new instruction Message with the run of the process it runs in; a ServerApp process
-    sets that identity, this one plays the server, so it sets it for the federation and restores it after."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _federate(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: int, rounds: int) -> _Federation:
-    with _server_identity():
+    with server_identity():
         return _federate_rounds(cfg, base_state, devices=devices, rounds=rounds)
 
 

@@ -27,6 +27,7 @@ Sampling: :func:`sampling_overrides` maps "K of N devices per round, P at once" 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -156,12 +157,10 @@ def _start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.P
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SimulationError(f"flower-superlink exited with {proc.returncode} before serving; see {log_file}")
-        try:
+        with contextlib.suppress(urllib.error.URLError, OSError):  # not up yet
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2.0) as reply:
                 if reply.status == 200:
                     return proc, port, log_file
-        except (urllib.error.URLError, OSError):
-            pass
         time.sleep(0.3)
     stop_tree(proc, timeout=10.0)
     raise SimulationError(f"flower-superlink did not answer on 127.0.0.1:{port} within "

@@ -48,6 +48,12 @@ def _round_one(run_dir: Path) -> dict[str, object]:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
 
 
+def _train_updates(grid: InProcessGrid) -> list[dict[str, torch.Tensor]]:
+    """The model arrays of the devices' plain train replies, as the grid recorded them."""
+    return [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
+            if stage == "plain" and "arrays" in reply.content]
+
+
 def test_make_strategy_wraps_by_config() -> None:
     cfg = RunConfig.from_flat({"strategy.name": "fedadam", "strategy.central-dp": "client"})
     strategy = make_strategy(cfg.strategy, cfg.central_dp)
@@ -66,8 +72,7 @@ def test_a_round_with_server_side_clipping(workdir: Path) -> None:
     assert (one["aggregated"], one["train_replies"], one["train_failures"]) == (True, 4, 0), one
     initial = load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict
     # The devices sent their unclipped updates (the server clips them): each moved further than the clip.
-    updates = [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
-               if stage == "plain" and "arrays" in reply.content]
+    updates = _train_updates(grid)
     assert len(updates) == 4 and all(_change_norm(u, initial) > 10 * CLIP for u in updates)
     final = load_checkpoint(run_dir / "checkpoints" / "global.pt").state_dict
     # mean of clipped changes (norm <= CLIP) + Gaussian noise of std sigma x CLIP / 4 on every parameter
@@ -83,8 +88,7 @@ def test_a_round_with_client_side_clipping(workdir: Path) -> None:
     assert (one["aggregated"], one["train_replies"], one["train_failures"]) == (True, 4, 0), one
     initial = load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict
     # fixedclipping_mod clipped each update on its device, before the audit and the wire
-    updates = [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
-               if stage == "plain" and "arrays" in reply.content]
+    updates = _train_updates(grid)
     assert len(updates) == 4
     assert all(CLIP * 0.999 < _change_norm(u, initial) <= CLIP * 1.0001 for u in updates)
     evaluate = [reply for stage, reply in grid.replies if stage == "plain" and "arrays" not in reply.content]

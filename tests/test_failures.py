@@ -10,12 +10,7 @@ with our ServerApp workflow and our device functions, wrapped so that one device
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +20,8 @@ import torch
 from server.workflow import run_federation
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
-from simulations.simulate import REPO_ROOT
 from tests.conftest import TINY_RUN, needs_espeak
-from tests.test_resume import ScriptedGrid, _processes_with, _task_identity  # noqa: F401 (autouse fixture)
+from tests.test_resume import ScriptedGrid, _task_identity, run_marked  # noqa: F401 (autouse fixture)
 
 FAULTY, DROPOUT = 1, 2  # partition ids: raises in every train and evaluate; silent past the timeout in round 1
 TIMEOUT = 20.0  # strategy.timeout (s): a normal tiny-model device answers well within it on 2 loaded cores
@@ -113,27 +107,9 @@ def test_faulty_and_dropped_devices_in_the_ray_simulation(tmp_path: Path) -> Non
     flat = {**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path), "run-id": "faults",
             "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 4,
             "strategy.timeout": TIMEOUT}
-    marker = f"chorus-failures-test-{uuid.uuid4().hex}"  # in the environment of every process the run starts
-    env = {**os.environ, "CHORUS_TEST_MARKER": marker, "FLWR_HOME": str(tmp_path / ".flwr"),
-           "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
     code = f"from tests.test_failures import simulate_with_failures; simulate_with_failures({flat!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=840)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        deadline = time.monotonic() + 30
-        while (left := _processes_with(marker)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:  # only what this test started: it carries the test's marker
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert proc.returncode == 0, output[-5000:]
+    returncode, output, left = run_marked(code, name="failures", env={"FLWR_HOME": str(tmp_path / ".flwr")})
+    assert returncode == 0, output[-5000:]
     assert not left, f"processes of the simulation survived it: {left}"
 
     run_dir = tmp_path / "runs" / "faults"

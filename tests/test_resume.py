@@ -7,6 +7,7 @@ kills a real ``chorus simulate`` mid-run (the whole process tree, SIGKILL) and r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -228,6 +229,30 @@ def _wait_gone(marker: str, timeout: float) -> list[int]:
     return left
 
 
+def _kill_marked(marker: str) -> None:
+    for pid in _processes_with(marker):  # only what this test started: it carries the test's marker
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_marked(code: str, *, name: str, env: dict[str, str], timeout: float = 840) -> tuple[int, str, list[int]]:
+    """Run ``python -c code`` in a session of its own, every process it starts marked by an environment
+    variable; returns (exit code, output, processes still alive 30 s after it ended — then killed)."""
+    marker = f"chorus-{name}-test-{uuid.uuid4().hex}"
+    env = {**os.environ, **env, "CHORUS_TEST_MARKER": marker, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        left = _wait_gone(marker, 30)
+        _kill_marked(marker)
+    return proc.returncode, output, left
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two full `chorus simulate` starts: several minutes on 2 busy cores
 @needs_espeak
@@ -271,8 +296,4 @@ def test_kill_and_resume_a_real_simulation(tmp_path: Path) -> None:
     finally:
         log.close()
         stop_local_superlink(tmp_path / ".flwr")
-        for pid in _processes_with(marker):  # only what this test started: it carries the test's marker
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_marked(marker)

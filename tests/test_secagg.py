@@ -13,12 +13,6 @@ num-examples / max-weight, so every parameter lies within N x step / sum(weights
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,7 +34,7 @@ from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
 from tests.conftest import TINY_RUN, needs_espeak
 from tests.test_privacy_invariant import leaks, sensitive_strings
-from tests.test_resume import _processes_with, _task_identity  # noqa: F401 (autouse fixture)
+from tests.test_resume import _task_identity, run_marked  # noqa: F401 (autouse fixture)
 
 DEVICES = 4
 
@@ -292,27 +286,9 @@ def simulate_secagg(flat: dict[str, Any]) -> None:
 def test_secagg_round_with_a_dropout_in_the_ray_simulation(tmp_path: Path) -> None:
     flat = {**TINY_RUN, "num-server-rounds": 1, "workdir": str(tmp_path), "run-id": "secagg",
             "strategy.secure-aggregation": True, "strategy.min-train-nodes": 3}
-    marker = f"chorus-secagg-test-{uuid.uuid4().hex}"
-    env = {**os.environ, "CHORUS_TEST_MARKER": marker, "FLWR_HOME": str(tmp_path / ".flwr"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
     code = f"from tests.test_secagg import simulate_secagg; simulate_secagg({flat!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=env["PYTHONPATH"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=840)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        deadline = time.monotonic() + 30
-        while (left := _processes_with(marker)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:  # only what this test started: it carries the test's marker
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert proc.returncode == 0, output[-5000:]
+    returncode, output, _ = run_marked(code, name="secagg", env={"FLWR_HOME": str(tmp_path / ".flwr")})
+    assert returncode == 0, output[-5000:]
 
     run_dir = tmp_path / "runs" / "secagg"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
