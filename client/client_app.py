@@ -69,7 +69,9 @@ def train(msg: Message, context: Context) -> Message:
     update = fine_tune(cfg, local.model_state, data, server_round=server_round, partition_id=seed_id,
                        penalty=local.penalty, reweighter=local.reweighter, **ledger)
     return Message(RecordDict({"arrays": local.reply_arrays(update.state_dict),
-                               "metrics": MetricRecord(update.metrics())}), reply_to=msg)
+                               "metrics": MetricRecord({**update.metrics(),
+                                                        **local.reply_metrics(update.num_examples)})}),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -30,7 +30,7 @@ from shared.config import RunConfig
 from shared.data.dataset import make_batches
 from shared.data.prepare import artifact_dir, speaker_embedder_path
 from shared.fairness import protocol as p
-from shared.fairness.arw import UTTERANCE_STATISTICS, AdversarialReweighter, adversary_inputs
+from shared.fairness.arw import UTTERANCE_STATISTICS, AdversarialReweighter, PopulationStats, adversary_inputs
 from shared.fairness.cohorts import assign, client_kmeans_stats, cohort_error_vectors
 from shared.fairness.ewc import EWCPenalty, fisher_sums
 from shared.metrics import ErrorCounts
@@ -160,6 +160,15 @@ class LocalFairness:
     penalty: EWCPenalty | None = None
     reweighter: AdversarialReweighter | None = None
 
+    def reply_metrics(self, num_examples: int) -> dict[str, float]:
+        """ARW's reply metrics (none without ARW): the round's ``ScoreSums`` and the ARL weight mass
+        ``num_examples x mean weight`` (what the server weighs this update by under population ARW)."""
+        if self.reweighter is None:
+            return {}
+        sums = self.reweighter.score_sums
+        return dict(zip(p.ARW_METRICS, (sums.score, sums.count, sums.score_loss,
+                                        num_examples * self.reweighter.mean_weight())))
+
     def reply_arrays(self, trained: Mapping[str, Tensor]) -> ArrayRecord:
         """The reply's single ArrayRecord: the fine-tuned model and, with ARW, the adversary after its steps."""
         adversary = None if self.reweighter is None else self.reweighter.adversary.state_dict()
@@ -201,9 +210,13 @@ def local_fairness(content: RecordDict, state: RecordDict, data: DeviceData, emb
             raise p.ProtocolError(f"the adversary takes {got} inputs, the device has {UTTERANCE_STATISTICS} utterance "
                                   f"statistics + a {embedding.shape[0]}-dimensional speaker embedding")
         frozen = bool(config.get(p.ARW_FROZEN, False))
+        population = None
+        if p.ARW_MEAN_SCORE in config:  # population ARW: normalize by the federation's mean score, not the batch's
+            population = PopulationStats(mean_score=float(config[p.ARW_MEAN_SCORE]),  # type: ignore[arg-type]
+                                         weighted_loss=float(config.get(p.ARW_WEIGHTED_LOSS, 0.0)))  # type: ignore[arg-type]
         reweighter = AdversarialReweighter(
             adversary, lr=float(config.get(p.ARW_LR, 1e-2)),  # type: ignore[arg-type]
-            warmup_steps=local_steps if frozen else 0,
+            warmup_steps=local_steps if frozen else 0, population=population,
             inputs=functools.partial(adversary_inputs, speaker_embedding=embedding))
     return LocalFairness(takes_part=True, model_state=model_state, penalty=penalty, reweighter=reweighter)
 
@@ -217,4 +230,7 @@ def idle_train_reply(content: RecordDict, *, skipped: int) -> RecordDict:
     """
     metrics = MetricRecord({"train-loss": 0.0, "local-steps": 0, "num-examples": 0, "compute-cost": 0.0,
                             "skipped-utterances": skipped})
+    arrays = content["arrays"]
+    if isinstance(arrays, ArrayRecord) and any(k.startswith(p.ADVERSARY_PREFIX) for k in arrays):
+        metrics.update({key: 0.0 for key in p.ARW_METRICS})
     return RecordDict({"arrays": content["arrays"], "metrics": metrics})

@@ -39,10 +39,16 @@ Each round:
 ARW schedule: the adversary is frozen at uniform weights for the first ``fairness.arw-warmup`` rounds; after
 that, on every local step of every training device, the learner takes its step with the current adversary's
 weights and then the adversary takes one ascent step on the same batch (``arw.AdversarialReweighter``); the
-adversary's arrays are averaged with the model's (same FedAvg weights) and sent back next round. Weights are
-normalized within each device's batch (ARL's in-batch form): with one speaker per device, this reweights a
-speaker's utterances (long, noisy, hard ones up), not speakers against each other, and Adam's invariance to a
-constant loss scale means a device-wide factor would not change its update anyway.
+adversary's arrays are averaged with the model's (same FedAvg weights) and sent back next round. With
+``fairness.arw-normalization=batch`` weights are normalized within each device's batch (ARL's in-batch form):
+with one speaker per device, this reweights a speaker's utterances (long, noisy, hard ones up), not speakers
+against each other. With ``population``, every ARW reply carries its ``ScoreSums`` (summed adversary scores,
+utterance-steps, score x loss); the server sums them into ``PopulationStats`` (mean score m, score-weighted loss
+L_w) and sends them with the next round, where a device weighs utterance i by ``1 + s_i / m`` (Lahoti's form
+normalized over the federation) and its adversary ascends the population surrogate (``arw.population_surrogate``).
+Adam's invariance to a constant loss scale would erase a device-wide factor, so the server also hands the
+strategy each update weighted by its ARL weight mass (the reply's ``arw-weight``, num-examples x the device's mean
+weight) instead of its utterance count: a device the adversary scores high pulls the average toward its update.
 
 What the server learns (no SecAgg+ in this build; it would sum the dense vectors before the server reads
 them, and the server would learn only the sums):
@@ -54,11 +60,15 @@ them, and the server would learn only the sums):
     * targeted rounds: a reply with ``num-examples`` 0 (and unchanged arrays) tells the server the device is not
       in a targeted cohort; a positive weight tells it the device is in one of them.
     * Fisher sums: squared gradients on the device's data (model-shaped, like an update).
+    * ARW: the adversary's update (inside ``arrays``) and four scalars: summed scores, utterance-steps, summed
+      score x loss and the weight mass; a device's scores are a projection of its inputs that the adversary's
+      update already carries. All are summable: SecAgg+ would leave the server only their totals.
     * The speaker embedding itself, utterance statistics, transcripts and cohort ids as such never leave a device.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -81,7 +91,7 @@ from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, speaker_embedder_path
 from shared.data.tokenizer import Tokenizer
 from shared.fairness import protocol as p
-from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary
+from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats, ScoreSums
 from shared.fairness.cohorts import (CohortCounts, CohortReport, cohort_report, init_centroids, server_update)
 from shared.fairness.ewc import FisherSums, add_fisher_sums, fisher_sums
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
@@ -93,6 +103,8 @@ log = logging.getLogger("chorus.server.fairness")
 
 _PUBLIC_FISHER_UTTERANCES = 256  # enough minibatches for a stable diagonal; a pass costs about one local round
 _ADVERSARY_FILE = "adversary.pt"
+_LOG_FILE = "fairness-log.json"  # the evaluations so far, committed with each round's checkpoint
+_POPULATION_FILE = "arw-population.json"  # population ARW's normalizers for the next round, beside the adversary
 
 
 # -- Flower plumbing -------------------------------------------------------------------------------------------
@@ -287,6 +299,7 @@ class FairnessRounds:
         cohort_sizes: (C,) devices per cohort in the last k-means pass.
         fisher: parameter name -> normalized Fisher (EWC), or None.
         adversary: the federated ARW adversary, or None.
+        population: population ARW's normalizers from the last round's replies (None before the first).
         last_report: the latest disaggregated evaluation (what targeted rounds target).
         log: JSON-ready records: discovery, then one per evaluated round.
     """
@@ -296,6 +309,7 @@ class FairnessRounds:
     cohort_sizes: np.ndarray
     fisher: dict[str, Tensor] | None = None
     adversary: Adversary | None = None
+    population: PopulationStats | None = None
     last_report: CohortReport | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
     _round_notes: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -340,6 +354,8 @@ class FairnessRounds:
             state.fisher = normalized_fisher(sums, [n for n, _ in model.named_parameters()])
             state.log.append({"phase": "fisher", "source": f.fisher, "minibatches": sums.count,
                               "seconds": round(time.monotonic() - start, 3)})
+        if resume and run_dir is not None:
+            state.restore_log(run_dir)
         if f.arw:
             torch.manual_seed(cfg.train.seed)
             state.adversary = Adversary(UTTERANCE_STATISTICS + embedder.config.embedding_dim, hidden_dim=f.arw_hidden)
@@ -372,6 +388,11 @@ class FairnessRounds:
         if self.adversary is not None:
             config[p.ARW_LR] = float(f.arw_lr)
             config[p.ARW_FROZEN] = server_round <= f.arw_warmup
+            if f.arw_normalization == "population" and self.population is not None:
+                config[p.ARW_MEAN_SCORE] = self.population.mean_score
+                config[p.ARW_WEIGHTED_LOSS] = self.population.weighted_loss
+                notes.update(arw_mean_score=self.population.mean_score,
+                             arw_weighted_loss=self.population.weighted_loss)
             arrays = ArrayRecord(p.join_adversary(arrays.to_torch_state_dict(), self.adversary.state_dict()))
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         extra = RecordDict()
@@ -393,6 +414,8 @@ class FairnessRounds:
             log.warning("round %d: no device trained (none in the targeted cohorts answered): the global model "
                         "is kept", server_round)
             return None, None
+        if self.adversary is not None:
+            contributing = self._population_round(contributing)
         arrays, metrics = strategy.aggregate_train(server_round, contributing)
         if arrays is None:
             return None, metrics
@@ -402,6 +425,30 @@ class FairnessRounds:
         elif adversary_state:
             raise p.ProtocolError(f"replies carry adversary arrays {sorted(adversary_state)[:3]} but ARW is off")
         return ArrayRecord(model_state), metrics
+
+    def _population_round(self, replies: list[Message]) -> list[Message]:
+        """ARW: the next round's ``PopulationStats`` from the replies' summed ``ScoreSums``; under population
+        normalization, the replies as the strategy should weigh them (``num-examples`` := ``arw-weight``)."""
+        totals = ScoreSums(0.0, 0.0, 0.0)
+        for reply in replies:
+            metrics = reply.content["metrics"]
+            missing = [k for k in p.ARW_METRICS if k not in metrics]  # type: ignore[operator]
+            if missing:
+                raise p.ProtocolError(f"an ARW train reply from node {reply.metadata.src_node_id} lacks the metrics "
+                                      f"{missing}")
+            score, count, score_loss, _ = (float(metrics[k]) for k in p.ARW_METRICS)  # type: ignore[index, arg-type]
+            totals = totals + ScoreSums(score, count, score_loss)
+        if totals.count > 0 and totals.score > 0:
+            self.population = totals.population()
+        if self.cfg.fairness.arw_normalization != "population":
+            return replies
+        weighted = []  # copies: the strategy weighs by num-examples, and here that is the ARL weight mass
+        for reply in replies:
+            metrics = reply.content["metrics"]
+            content = RecordDict({**reply.content, "metrics": MetricRecord(
+                {**metrics, "num-examples": float(metrics[p.ARW_WEIGHT])})})  # type: ignore[dict-item, index, arg-type]
+            weighted.append(Message(metadata=copy.deepcopy(reply.metadata), content=content))
+        return weighted
 
     def configure_evaluate(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
                            grid: Grid) -> list[Message]:
@@ -429,14 +476,34 @@ class FairnessRounds:
         entries = [e for e in self.log if e["phase"] == "evaluate" and e["round"] == server_round]
         return {k: v for k, v in entries[-1].items() if k not in ("phase", "round")} if entries else {}
 
+    def restore_log(self, run_dir: Path) -> None:
+        """A resumed run: the evaluations of the rounds the checkpoint committed (saved with it), so
+        ``fairness.json`` covers the whole run and a targeted round ranks cohorts as the crashed run would, and
+        population ARW's normalizers."""
+        population = run_dir / "checkpoints" / _POPULATION_FILE
+        if population.is_file():
+            self.population = PopulationStats(**json.loads(population.read_text()))
+        saved = run_dir / "checkpoints" / _LOG_FILE
+        if not saved.is_file():
+            return
+        evaluations = [e for e in json.loads(saved.read_text()) if e["phase"] == "evaluate"]
+        self.log.extend(evaluations)
+        if evaluations and sum(evaluations[-1]["cohort_words"]) > 0:
+            last = evaluations[-1]
+            self.last_report = cohort_report(np.asarray(last["cohort_errors"], dtype=np.float64),
+                                             np.asarray(last["cohort_words"], dtype=np.float64),
+                                             speakers_per_cohort=np.asarray(last["cohort_speakers"], dtype=np.float64))
+
     def save(self, run_dir: Path) -> None:
-        """Keep the adversary beside the round's checkpoint (a resumed run continues with it)."""
+        """Keep the adversary and the log beside the round's checkpoint (a resumed run continues with them)."""
+        _write_atomic(run_dir / "checkpoints" / _LOG_FILE, json.dumps(self.log))
         if self.adversary is not None:
             path = run_dir / "checkpoints" / _ADVERSARY_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             torch.save(self.adversary.state_dict(), tmp)
             tmp.replace(path)
+            if self.population is not None:
+                _write_atomic(path.with_name(_POPULATION_FILE), json.dumps(self.population._asdict()))
 
     def finish(self, run_dir: Path) -> Path:
         """``fairness.json`` (centroids, cohort sizes, every evaluation) and a section of ``report.md``."""
@@ -477,6 +544,13 @@ class FairnessRounds:
         self.last_report = cohort_report(counts.errors, counts.words, speakers_per_cohort=counts.speakers) \
             if counts.words.sum() > 0 else None
         self.log.append({"phase": "evaluate", "round": server_round - 1, **_report_fields(self.last_report, counts)})
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class FairStrategy:

@@ -240,6 +240,11 @@ class FairnessConfig:
     arw_hidden: int = 0  # 0 = a linear adversary (ARL's finding for small data); else one hidden layer
     arw_lr: float = 0.01  # the adversary's Adam learning rate on the device
     arw_warmup: int = 1  # rounds in which the adversary stays uniform (all weights 2) before the min-max starts
+    # batch: ARL's in-batch normalization on each device (reweights a speaker's own utterances); population: the
+    # federation's mean score (devices report summable score sums), so whole devices are up- or down-weighted too
+    # (the server weighs each update by its ARL weight mass). population needs arw-warmup >= 1: the first round
+    # measures the population.
+    arw_normalization: str = "batch"
 
     def __post_init__(self) -> None:
         if self.num_cohorts < 2:
@@ -262,6 +267,11 @@ class FairnessConfig:
                               f"fairness.target-cohorts must be >= 1, got {self.target_cohorts}")
         if not self.arw_lr > 0.0:
             raise ConfigError(f"fairness.arw-lr must be positive, got {self.arw_lr}")
+        if self.arw_normalization not in ("batch", "population"):
+            raise ConfigError(f"fairness.arw-normalization={self.arw_normalization!r}: choose batch or population")
+        if self.arw_normalization == "population" and self.arw_warmup < 1:
+            raise ConfigError("fairness.arw-normalization=population needs fairness.arw-warmup >= 1 (the first round "
+                              f"measures the population's mean adversary score), got {self.arw_warmup}")
 
 
 @dataclass(frozen=True)

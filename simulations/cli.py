@@ -24,7 +24,7 @@ eval_app = typer.Typer(help="Evaluations (JSON on stdout, a report under runs/<i
 app.add_typer(eval_app, name="eval")
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Run-config override KEY=VALUE (keys as in pyproject's [tool.flwr.app.config]); repeatable.")]
+    "--set", help="Run-config override KEY=VALUE (keys as in pyproject's \\[tool.flwr.app.config]); repeatable.")]
 
 
 def _parse_sets(overrides: list[str] | None) -> dict[str, bool | int | float | str]:
@@ -192,15 +192,25 @@ def eval_fairness_cmd(
         help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers.")] = None,
     eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-fairness[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    arms: Annotated[str, typer.Option(
+        help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw); also targeted, arw-pop, ewc+arw-pop.")] = "",
     set_: SetOption = None,
 ) -> None:
     """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both; automatic vs metadata cohorts."""
-    from simulations.eval_fairness import FULL, QUICK, main
+    from dataclasses import replace
+
+    from simulations.eval_fairness import ARMS, FULL, QUICK, main
 
     try:
         plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from err
+    if arms:
+        chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+        unknown = [a for a in chosen if a not in ARMS]
+        if unknown or not chosen:
+            raise typer.BadParameter(f"--arms {arms!r}: {unknown or 'none'} not among {', '.join(ARMS)}")
+        plan = replace(plan, arms=chosen)
     main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
          corpus=corpus, checkpoint=checkpoint.resolve() if checkpoint else None)
 

@@ -12,8 +12,9 @@ devices fine-tune it in each arm; every arm runs our ServerApp workflow (``serve
     arw         adversarial reweighting on every device (ARL weights from utterance statistics + the device's
                 speaker embedding; the adversary is federated with the model)
     ewc+arw     both
-    (``arm_overrides`` also knows ``targeted``: the targeted rounds without EWC, what EWC adds to targeting alone;
-    no plan runs it by default, to fit the shared CPU)
+    (``arm_overrides`` also knows ``targeted``: the targeted rounds without EWC, what EWC adds to targeting alone,
+    and ``arw-pop`` / ``ewc+arw-pop``: ARW normalized over the federation, ``fairness.arw-normalization=
+    population``, which also reweighs devices against each other; pick arms with ``--arms``)
 
 Measured per arm, on the federated devices' own local-eval utterances (what the devices evaluate), for the
 final global model (and the base model once):
@@ -120,7 +121,7 @@ FULL = FairnessPlan(
     overrides={"train.local-steps": 8, "eval.heldout-utterances": 32, "fairness.num-cohorts": 4,
                "fairness.kmeans-iterations": 5, "fairness.embedder-steps": 200, "fairness.arw-warmup": 1},
     corpus_overrides={"synth": {"synth.speakers": 60, "synth.utterances": 40},
-                      SPEECHOCEAN: {"split.public-speakers": 24, "split.heldout-speakers": 16}},
+                      SPEECHOCEAN: {"split.public-speakers": 48, "split.heldout-speakers": 8}},
     devices=12, rounds=3, targeted_rounds=1, base_steps=1500, ewc_lambda=10.0,
     arms=("fedavg", "ewc", "arw", "ewc+arw"),
 )
@@ -130,14 +131,16 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
     """The run-config keys that make an arm (on top of the plan's shared ones)."""
     targeted = {"fairness.targeted-rounds": plan.targeted_rounds}
     ewc = {**targeted, "fairness.ewc-lambda": plan.ewc_lambda, "fairness.fisher": "federated"}
+    population = {"fairness.arw": True, "fairness.arw-normalization": "population"}
     arms: dict[str, dict[str, Any]] = {"fedavg": {}, "targeted": targeted, "ewc": ewc,
-                                       "arw": {"fairness.arw": True}, "ewc+arw": {**ewc, "fairness.arw": True}}
+                                       "arw": {"fairness.arw": True}, "ewc+arw": {**ewc, "fairness.arw": True},
+                                       "arw-pop": population, "ewc+arw-pop": {**ewc, **population}}
     if arm not in arms:
         raise ValueError(f"arm {arm!r} is not one of {', '.join(arms)}")
     return arms[arm]
 
 
-ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw")
+ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-pop", "ewc+arw-pop")
 
 
 # -- an in-process grid --------------------------------------------------------------------------------------

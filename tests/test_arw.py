@@ -100,6 +100,23 @@ def test_warm_up_keeps_the_adversary_frozen_and_uniform() -> None:
     assert reweighter.steps == 4 and reweighter.score_sums.count == 16.0
 
 
+def test_population_weights_and_weight_mass() -> None:
+    """With the federation's mean score m, w_i = 1 + s_i / m; the reweighter keeps the mass it handed out."""
+    batch, losses = _batch(4), torch.tensor([1.0, 5.0, 2.0, 0.5])
+    adversary = Adversary(UTTERANCE_STATISTICS)
+    with torch.no_grad():
+        adversary.net.weight.copy_(torch.tensor([[1.0, 0.5, -0.5]]))  # type: ignore[union-attr]
+    scores = torch.sigmoid(adversary(utterance_statistics(batch.feats, batch.feat_lens))).detach()
+    population = PopulationStats(mean_score=0.8, weighted_loss=2.0)
+    reweighter = AdversarialReweighter(adversary, warmup_steps=1, population=population)
+    assert reweighter.mean_weight() == 2.0  # nothing handed out yet: the uniform weight
+    torch.testing.assert_close(reweighter(batch, losses), torch.full((4,), 2.0))  # warm-up
+    weights = reweighter(batch, losses)
+    torch.testing.assert_close(weights, 1 + scores / 0.8)
+    assert reweighter.weight_sum == pytest.approx(8.0 + float(weights.sum()))
+    assert reweighter.mean_weight() == pytest.approx((8.0 + float(weights.sum())) / 8)
+
+
 def test_population_surrogate_gradients_sum_to_the_central_arl_gradient() -> None:
     batch = _batch(10, seed=2)
     losses = torch.rand(10, generator=torch.Generator().manual_seed(3)) * 5

@@ -28,7 +28,7 @@ from client.fairness import cohort_eval_record, idle_train_reply, kmeans_reply, 
 from server.fairness import (FairnessRounds, discover_cohorts, normalized_fisher, sum_cohort_eval, worst_cohorts)
 from shared.config import ConfigError, RunConfig
 from shared.fairness import protocol as p
-from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary
+from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats
 from shared.fairness.cohorts import assign, cohort_report, federated_kmeans, init_centroids
 from shared.fairness.ewc import FisherSums
 from shared.metrics import ErrorCounts
@@ -330,14 +330,78 @@ def test_adversary_arrays_round_trip_and_are_split_off_the_aggregate() -> None:
         with torch.no_grad():
             adversary.net.bias.fill_(value)  # type: ignore[union-attr]
         arrays = ArrayRecord(p.join_adversary(GLOBAL, adversary.state_dict()))
-        metrics = MetricRecord({"train-loss": 1.0, "num-examples": weight})
-        replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=sent))
+        replies.append(_arw_reply(arrays, weight, score=0.5 * weight, score_loss=weight, weight_mass=2.0 * weight))
     arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 1, replies)
     assert arrays is not None and set(arrays.keys()) == set(GLOBAL)
     assert float(rounds.adversary.net.bias.detach()) == pytest.approx(2.5)  # type: ignore[union-attr]
+    bare = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=sent)
+    with pytest.raises(p.ProtocolError, match=r"lacks the metrics \['arw-score', 'arw-count'"):
+        rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [bare])
+
+
+def _arw_reply(arrays: ArrayRecord, num_examples: int, *, score: float, score_loss: float,
+               weight_mass: float) -> Message:
+    sent = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    metrics = MetricRecord({"train-loss": 1.0, "num-examples": num_examples,
+                            **dict(zip(p.ARW_METRICS, (score, float(num_examples), score_loss, weight_mass)))})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=sent)
+
+
+def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_weight_mass() -> None:
+    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True,
+                               "fairness.arw-normalization": "population"})
+    rounds = FairnessRounds(cfg=cfg, centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3),
+                            adversary=Adversary(UTTERANCE_STATISTICS + E))
+    adversary = rounds.adversary.state_dict()  # type: ignore[union-attr]
+    # Two devices with 4 utterances each; the adversary scored the second one's utterances higher.
+    easy = _arw_reply(ArrayRecord(p.join_adversary({k: v * 0 for k, v in GLOBAL.items()}, adversary)), 4,
+                      score=0.8, score_loss=0.8, weight_mass=4 * 1.4)
+    hard = _arw_reply(ArrayRecord(p.join_adversary({k: v * 0 + 1 for k, v in GLOBAL.items()}, adversary)), 4,
+                      score=2.4, score_loss=7.2, weight_mass=4 * 2.6)
+    arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [easy, hard])
+    # The population's mean score m = 3.2 / 8 and score-weighted loss L_w = 8 / 3.2, for the next round ...
+    assert rounds.population == pytest.approx((0.4, 2.5))
+    # ... and FedAvg weighed the updates 5.6 : 10.4 (their ARL weight mass), not 4 : 4 (their utterances).
+    np.testing.assert_allclose(arrays["joiner.b"].numpy(), np.full(5, 10.4 / 16.0), rtol=1e-6)  # type: ignore[index]
+
+    # The next round's message carries the normalizers; the device's reweighter uses them.
+    content = _train_content(adversary=Adversary(UTTERANCE_STATISTICS + E))
+    content["config"][p.ARW_MEAN_SCORE], content["config"][p.ARW_WEIGHTED_LOSS] = rounds.population  # type: ignore[index]
+    local = local_fairness(content, _device_state(_embeddings(1)[0]), None, UNUSED,  # type: ignore[arg-type]
+                           global_state=content["arrays"].to_torch_state_dict(), local_steps=3)
+    assert local.reweighter is not None and local.reweighter.population == pytest.approx((0.4, 2.5))
+    metrics = local.reply_metrics(num_examples=5)
+    assert list(metrics) == list(p.ARW_METRICS) and metrics[p.ARW_WEIGHT] == 10.0  # no step yet: weight 2 each
+    audit_reply(RecordDict({"metrics": MetricRecord(metrics)}), content)
+
+    # Batch normalization (the default) keeps the strategy's utterance weights.
+    rounds = FairnessRounds(cfg=RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True}),
+                            centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3),
+                            adversary=Adversary(UTTERANCE_STATISTICS + E))
+    arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [easy, hard])
+    np.testing.assert_allclose(arrays["joiner.b"].numpy(), np.full(5, 0.5), rtol=1e-6)  # type: ignore[index]
 
 
 # -- server-side pieces ----------------------------------------------------------------------------------------
+
+def test_a_resumed_run_keeps_the_committed_evaluations_and_population_stats(tmp_path: Path) -> None:
+    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True,
+                               "fairness.arw-normalization": "population"})
+    crashed = FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2), adversary=Adversary(11),
+                             population=PopulationStats(0.4, 2.5))
+    crashed.log += [{"phase": "kmeans", "devices": 2},
+                    {"phase": "evaluate", "round": 1, "cohort_errors": [1.0, 6.0], "cohort_words": [10.0, 10.0],
+                     "cohort_speakers": [1.0, 1.0]}]
+    crashed.save(tmp_path)  # with round 1's checkpoint
+    crashed.log.append({"phase": "evaluate", "round": 2, "cohort_errors": [9.0, 0.0], "cohort_words": [10.0, 10.0],
+                        "cohort_speakers": [1.0, 1.0]})  # round 2 evaluated, then the crash: not committed
+    resumed = FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2))
+    resumed.restore_log(tmp_path)
+    assert [e["round"] for e in resumed.log if e["phase"] == "evaluate"] == [1]
+    assert resumed.last_report is not None and resumed.last_report.worst_cohort == 1  # what round 2 targets
+    assert resumed.population == PopulationStats(0.4, 2.5)
+    FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2)).restore_log(tmp_path / "new")  # nothing saved: nothing restored
+
 
 def test_normalized_fisher_and_worst_cohorts() -> None:
     sums = FisherSums(sums={"a": torch.tensor([2.0, 6.0]), "b": torch.tensor([4.0]), "buffer": torch.zeros(1)},
@@ -358,6 +422,10 @@ def test_fairness_config_names_the_bad_value() -> None:
         RunConfig.from_flat({"fairness.target-cohorts": 5})
     with pytest.raises(ConfigError, match="fairness.kmeans-noise must be >= 0, got -1.0"):
         RunConfig.from_flat({"fairness.kmeans-noise": -1.0})
+    with pytest.raises(ConfigError, match="fairness.arw-normalization='speaker': choose batch or population"):
+        RunConfig.from_flat({"fairness.arw-normalization": "speaker"})
+    with pytest.raises(ConfigError, match="population needs fairness.arw-warmup >= 1"):
+        RunConfig.from_flat({"fairness.arw-normalization": "population", "fairness.arw-warmup": 0})
 
 
 # -- the whole federation through Flower's simulation engine (Ray) ------------------------------------------
@@ -365,7 +433,8 @@ def test_fairness_config_names_the_bad_value() -> None:
 FAIR_RUN = {**TINY_RUN, "synth.speakers": 10, "split.public-speakers": 4, "num-server-rounds": 2,
             "fairness.enabled": True, "fairness.num-cohorts": 2, "fairness.kmeans-iterations": 2,
             "fairness.embedder-steps": 8, "fairness.ewc-lambda": 1.0, "fairness.fisher": "federated",
-            "fairness.targeted-rounds": 1, "fairness.arw": True, "fairness.arw-warmup": 1}
+            "fairness.targeted-rounds": 1, "fairness.arw": True, "fairness.arw-warmup": 1,
+            "fairness.arw-normalization": "population"}
 EXPECTED_RECORDS = {p.KMEANS_QUERY: {p.KMEANS_STATS}, p.FISHER_QUERY: {p.FISHER_SUMS, "metrics"},
                     MessageType.TRAIN: {"arrays", "metrics"}, MessageType.EVALUATE: {"metrics", p.COHORT_EVAL}}
 
@@ -471,6 +540,7 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
         assert sum(r["cohort_speakers"]) == 4
     targeted = records[2]["targeted_cohorts"]  # round 2 trains only the worst cohort's devices
     assert records[1]["train_contributors"] == 4
+    assert records[2]["arw_mean_score"] == pytest.approx(0.5)  # the warm-up's uniform adversary: sigmoid(0)
     assert records[2]["train_contributors"] == sum(int(labels[d] in targeted) for d in range(4)) >= 1
 
     # 3. Every reply passes the audit against what its device was sent, and carries nothing sensitive.
@@ -493,6 +563,10 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
             assert any(k.startswith(p.ADVERSARY_PREFIX) for k in arrays.keys())
             if reply.content["metrics"]["num-examples"] == 0:  # not targeted: the global arrays, unchanged
                 assert all(arrays[k].data == sent.content["arrays"][k].data for k in arrays.keys())
+            # population ARW: round 1 (warm-up) measures the population, round 2 is normalized by it
+            config = sent.content["config"]
+            assert (p.ARW_MEAN_SCORE in config) == (config["server-round"] == 2), sent_path.name
+            assert set(p.ARW_METRICS) <= set(reply.content["metrics"].keys())
     # 3 k-means passes (2 iterations + assignment), 1 Fisher, and 2 rounds of train + evaluate, 4 devices each
     assert seen == {p.KMEANS_QUERY: 12, p.FISHER_QUERY: 4, MessageType.TRAIN: 8, MessageType.EVALUATE: 8}
     assert "Fairness: automatic cohorts" in (run_dir / "report.md").read_text()

@@ -31,7 +31,9 @@ forms ``PopulationStats`` (mean score m, score-weighted mean loss L_w) and sends
 ``population`` set the learner's weights are ``w_i = 1 + s_i / m`` and the adversary ascends the surrogate
 ``sum_i s_i (loss_i - L_w) / (m * tokens)``. Its gradient, summed over devices, is exactly the gradient of the
 population ARL objective (d/dtheta of sum_i s_i l_i / sum_j s_j = sum_j ds_j (l_j - L_w) / sum_j s_j); the
-stats are one round stale.
+stats are one round stale. A device-wide factor on the learner's loss does not change an Adam update (Adam is
+invariant to the loss scale), so the cross-device half of the weights has to act where updates meet: the server
+weighs each device's update by its weight mass (``AdversarialReweighter.mean_weight`` x its utterances).
 
 Legend of tensor symbols:
     B   utterances in a batch;  T  feature frames;  F  feature dimension
@@ -217,6 +219,7 @@ class AdversarialReweighter:
         steps: calls so far.
         last_objective: the adversary's objective before its latest step (NaN until the first step).
         score_sums: ``ScoreSums`` accumulated over all calls (reset it between rounds).
+        weight_sum: the learner's weights summed over all calls (utterance-steps; 2 each while frozen).
     """
 
     def __init__(self, adversary: nn.Module, *, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-2,
@@ -242,6 +245,11 @@ class AdversarialReweighter:
         self.steps = 0
         self.last_objective = math.nan
         self.score_sums = ScoreSums(0.0, 0.0, 0.0)
+        self.weight_sum = 0.0
+
+    def mean_weight(self) -> float:
+        """The mean learner weight over all calls so far (2 before any call: the uniform weight)."""
+        return self.weight_sum / self.score_sums.count if self.score_sums.count else 2.0
 
     def objective(self, logits: Tensor, losses: Tensor, tokens: Tensor) -> Tensor:
         """What the adversary maximizes, per token: the weighted loss (in-batch) or the population surrogate."""
@@ -269,8 +277,10 @@ class AdversarialReweighter:
                                                       float((scores * losses).sum()))
         self.steps += 1
         if self.steps <= self.warmup_steps:
+            self.weight_sum += 2.0 * losses.numel()
             return torch.full_like(losses, 2.0)
         weights = arl_weights(logits.detach(), population=self.population)
+        self.weight_sum += float(weights.sum())
         objective = self.objective(logits, losses, tokens)
         self.optimizer.zero_grad(set_to_none=True)
         (-objective).backward()

@@ -14,7 +14,9 @@ message type               server sends                                         
 ``train``                  ``arrays`` (model, plus ``arw.*`` adversary arrays     ``arrays`` (same keys) and ``metrics``;
                            with ARW), optional ``fisher`` (EWC), ``centroids``    a device outside the targeted cohorts
                            and config ``target-cohorts`` (targeted round),        returns the received arrays unchanged
-                           config ``ewc-lambda``, ``arw-lr``, ``arw-frozen``      with ``num-examples`` 0
+                           config ``ewc-lambda``, ``arw-lr``, ``arw-frozen``,     with ``num-examples`` 0; with ARW, metrics
+                           with population ARW ``arw-mean-score``,                ``arw-score``, ``arw-count``,
+                           ``arw-weighted-loss``                                  ``arw-score-loss``, ``arw-weight``
 ``evaluate``               ``arrays``, ``centroids``                              ``metrics`` and ``cohort-eval`` {"errors",
                                                                                   "words", "speakers": (C,)} (dense)
 =========================  =====================================================  ==========================================
@@ -36,7 +38,7 @@ from torch import Tensor
 from shared.fairness.arw import Adversary
 
 __all__ = [
-    "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
+    "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "ARW_MEAN_SCORE", "ARW_METRICS", "ARW_WEIGHT", "ARW_WEIGHTED_LOSS", "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
     "EMBEDDING_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
     "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "TARGET_COHORTS", "adversary_from_state", "centroids_digest",
     "join_adversary", "split_adversary",
@@ -64,6 +66,14 @@ EWC_LAMBDA = "ewc-lambda"
 TARGET_COHORTS = "target-cohorts"  # list of cohort ids a targeted round trains
 ARW_LR = "arw-lr"
 ARW_FROZEN = "arw-frozen"  # True during the warm-up rounds: weights stay uniform, the adversary does not move
+# Population ARW (fairness.arw-normalization=population): the federation's PopulationStats of the last round.
+ARW_MEAN_SCORE = "arw-mean-score"
+ARW_WEIGHTED_LOSS = "arw-weighted-loss"
+
+# Metrics of an ARW device's train reply: its ScoreSums (three summable scalars) and its ARL weight mass,
+# num-examples x the mean weight its utterances got (the aggregation weight under population ARW).
+ARW_WEIGHT = "arw-weight"
+ARW_METRICS = ("arw-score", "arw-count", "arw-score-loss", ARW_WEIGHT)
 
 # What a device keeps in its own context.state (never sent).
 EMBEDDING_STATE = "chorus-speaker-embedding"  # ArrayRecord {"embedding": (E,) float64}

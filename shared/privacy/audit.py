@@ -72,6 +72,10 @@ ALLOWED_METRICS = frozenset({
     # EWC's federated Fisher: how many minibatches a device's Fisher sums cover (the divisor of the average; a
     # count the server could already infer from the training num-examples).
     "fisher-batches",
+    # ARW (fairness.arw): the device's summed adversary scores, utterance-steps, score x loss, and its ARL weight
+    # mass. Scalars, like the loss; a score is a projection of the device's inputs that the adversary's own update
+    # (inside "arrays") already carries. Summable, so SecAgg+ could hide them per device.
+    "arw-score", "arw-count", "arw-score-loss", "arw-weight",
 })
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16"})
 _KNOWN_DTYPES = _FLOAT_DTYPES | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {
