@@ -463,6 +463,8 @@ def run_fairness_eval(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus
         raise ValueError(f"corpus {corpus!r} is neither 'synth' nor a corpus directory")
     if checkpoint is not None and not corpus:  # a base model's tokenizer belongs to one corpus
         raise ValueError("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
+    if corpus and corpus != "synth":  # a directory named on the command line is relative to the shell, not the workdir
+        corpus = str(Path(corpus).resolve())
     corpora = [corpus] if corpus else ["synth", str(speechocean)]
     summary: dict[str, Any] = {"experiment": "fairness", "plan": plan.name,
                                "targets": TARGETS, "corpora": {}}
