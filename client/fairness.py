@@ -233,4 +233,4 @@ def idle_train_reply(content: RecordDict, *, skipped: int) -> RecordDict:
     arrays = content["arrays"]
     if isinstance(arrays, ArrayRecord) and any(k.startswith(p.ADVERSARY_PREFIX) for k in arrays):
         metrics.update({key: 0.0 for key in p.ARW_METRICS})
-    return RecordDict({"arrays": content["arrays"], "metrics": metrics})
+    return RecordDict({"arrays": arrays, "metrics": metrics})

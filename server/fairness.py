@@ -461,8 +461,7 @@ class FairnessRounds:
     def evaluated(self, server_round: int, replies: Sequence[Message]) -> dict[str, Any]:
         """Sum the devices' per-cohort vectors; the fields for the round's metrics.jsonl line."""
         counts = sum_cohort_eval(replies, self.centroids.shape[0])
-        self.last_report = cohort_report(counts.errors, counts.words, speakers_per_cohort=counts.speakers) \
-            if counts.words.sum() > 0 else None
+        self.last_report = _ranked(counts)
         fields = {**_report_fields(self.last_report, counts), **self._round_notes.pop(server_round, {})}
         self.log.append({"phase": "evaluate", "round": server_round, **fields})
         return fields
@@ -488,11 +487,10 @@ class FairnessRounds:
             return
         evaluations = [e for e in json.loads(saved.read_text()) if e["phase"] == "evaluate"]
         self.log.extend(evaluations)
-        if evaluations and sum(evaluations[-1]["cohort_words"]) > 0:
+        if evaluations:
             last = evaluations[-1]
-            self.last_report = cohort_report(np.asarray(last["cohort_errors"], dtype=np.float64),
-                                             np.asarray(last["cohort_words"], dtype=np.float64),
-                                             speakers_per_cohort=np.asarray(last["cohort_speakers"], dtype=np.float64))
+            self.last_report = _ranked(CohortCounts(*(np.asarray(last[f"cohort_{k}"], dtype=np.float64)
+                                                      for k in ("errors", "words", "speakers"))))
 
     def save(self, run_dir: Path) -> None:
         """Keep the adversary and the log beside the round's checkpoint (a resumed run continues with them)."""
@@ -541,9 +539,14 @@ class FairnessRounds:
         replies = _exchange(grid, messages, phase=f"round {server_round} pre-targeting evaluation",
                             timeout=self.cfg.strategy.timeout)
         counts = sum_cohort_eval(replies, self.centroids.shape[0])
-        self.last_report = cohort_report(counts.errors, counts.words, speakers_per_cohort=counts.speakers) \
-            if counts.words.sum() > 0 else None
+        self.last_report = _ranked(counts)
         self.log.append({"phase": "evaluate", "round": server_round - 1, **_report_fields(self.last_report, counts)})
+
+
+def _ranked(counts: CohortCounts) -> CohortReport | None:
+    """The report that ranks cohorts (what a targeted round targets); None when no device evaluated any words."""
+    return cohort_report(counts.errors, counts.words, speakers_per_cohort=counts.speakers) \
+        if counts.words.sum() > 0 else None
 
 
 def _write_atomic(path: Path, text: str) -> None:

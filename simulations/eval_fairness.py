@@ -459,12 +459,12 @@ def run_fairness_eval(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus
     out = workdir / "runs" / eval_id
     out.mkdir(parents=True, exist_ok=True)
     speechocean = Path(__file__).resolve().parents[1].parent / "shared" / "data" / SPEECHOCEAN
-    if corpus and corpus != "synth" and not Path(corpus).is_dir():
-        raise ValueError(f"corpus {corpus!r} is neither 'synth' nor a corpus directory")
+    if corpus and corpus != "synth":  # a directory named on the command line is relative to the shell, not the workdir
+        if not Path(corpus).is_dir():
+            raise ValueError(f"corpus {corpus!r} is neither 'synth' nor a corpus directory")
+        corpus = str(Path(corpus).resolve())
     if checkpoint is not None and not corpus:  # a base model's tokenizer belongs to one corpus
         raise ValueError("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
-    if corpus and corpus != "synth":  # a directory named on the command line is relative to the shell, not the workdir
-        corpus = str(Path(corpus).resolve())
     corpora = [corpus] if corpus else ["synth", str(speechocean)]
     summary: dict[str, Any] = {"experiment": "fairness", "plan": plan.name,
                                "targets": TARGETS, "corpora": {}}

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from flwr.app import Context
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -20,6 +21,14 @@ def real_corpus(name: str) -> Path:
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (sudo apt-get install espeak-ng)")
+
+def with_run_config(context: Context, run_config: dict[str, bool | int | float | str]) -> Context:
+    """The device's context with the run's config added. run_simulation's Python API gives devices no run config
+    (`flwr run` would); a copy, since Flower refuses a device context whose run_config changed (and turns the
+    reply into an error)."""
+    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                   state=context.state, run_config={**context.run_config, **run_config})
+
 
 # A federation small enough for CI: 4 devices, 2 public and 2 held-out speakers, a 2-layer model.
 TINY_RUN = {

@@ -34,7 +34,7 @@ from shared.fairness.ewc import FisherSums
 from shared.metrics import ErrorCounts
 from shared.privacy.audit import (ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod,
                                   audit_reply)
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, needs_espeak, with_run_config
 
 E = 8  # embedding dimension of the fast tests
 UNUSED = Path("/nonexistent/speaker-embedder.pt")  # devices here hold their embedding in state already
@@ -493,11 +493,7 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     outer = ClientApp(mods=[RecordExchanges(exchanges)])
 
     def forward(msg: Message, context: Context) -> Message:
-        # run_simulation's Python API gives devices no run config (`flwr run` would): hand them the run's, on a
-        # copy (Flower refuses a device context whose run_config changed).
-        device = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                         state=context.state, run_config={**context.run_config, **cfg.to_flat()})
-        return client_app.app(msg, device)
+        return client_app.app(msg, with_run_config(context, cfg.to_flat()))
 
     outer.train()(forward)
     outer.evaluate()(forward)

@@ -31,7 +31,7 @@ from shared.config import RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.models.checkpoint import initial_model
 from shared.privacy.audit import ALLOWED_METRICS, audit_mod
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, needs_espeak, with_run_config
 
 TRAIN_METRICS = {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
 DP_TRAIN_METRICS = {"epsilon", "local-steps", "num-examples"}  # DP-SGD: only what the guarantee covers
@@ -62,11 +62,7 @@ def recorded_client_app(out_dir: Path, run_config: dict[str, bool | int | float 
     outer = ClientApp(mods=[RecordReplies(out_dir)])
 
     def forward(msg: Message, context: Context) -> Message:
-        # run_simulation's Python API gives devices no run config (`flwr run` would): hand them the run's. On a
-        # copy: Flower refuses a device context whose run_config changed (and turns the reply into an error).
-        device = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                         state=context.state, run_config={**context.run_config, **run_config})
-        return client_app.app(msg, device)
+        return client_app.app(msg, with_run_config(context, run_config))
 
     outer.train()(forward)
     outer.evaluate()(forward)

@@ -32,7 +32,7 @@ from shared.data.prepare import prepare
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, needs_espeak, with_run_config
 from tests.test_privacy_invariant import leaks, sensitive_strings
 from tests.test_resume import _task_identity, run_marked  # noqa: F401 (autouse fixture)
 
@@ -252,9 +252,7 @@ def _device_app(flat: dict[str, Any]):  # type: ignore[no-untyped-def]
         if (int(context.node_config["partition-id"]) == DROPOUT and configs is not None
                 and configs[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS):
             raise ConnectionError("simulated dropout after the key exchange")
-        device = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                         state=context.state, run_config={**context.run_config, **flat})
-        return client_app.app(msg, device)
+        return client_app.app(msg, with_run_config(context, flat))
 
     app.train()(forward)
     app.evaluate()(forward)

@@ -38,7 +38,8 @@ from torch import Tensor
 from shared.fairness.arw import Adversary
 
 __all__ = [
-    "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "ARW_MEAN_SCORE", "ARW_METRICS", "ARW_WEIGHT", "ARW_WEIGHTED_LOSS", "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
+    "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "ARW_MEAN_SCORE", "ARW_METRICS", "ARW_WEIGHT", "ARW_WEIGHTED_LOSS",
+    "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
     "EMBEDDING_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
     "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "TARGET_COHORTS", "adversary_from_state", "centroids_digest",
     "join_adversary", "split_adversary",
