@@ -104,7 +104,8 @@ def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: Devic
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     stats = train_steps(model, batches, steps=cfg.train.local_steps, optimizer=optimizer,
                         spec_augment_seed=seed if cfg.train.spec_augment else None,
-                        compute_weight=cfg.train.compute_weight, penalty=penalty, reweighter=reweighter)
+                        compute_weight=cfg.train.compute_weight, ctc_weight=cfg.train.ctc_weight,
+                        fastemit_lambda=cfg.train.fastemit_lambda, penalty=penalty, reweighter=reweighter)
     return LocalUpdate(state_dict=model.state_dict(), loss=stats.loss, steps=stats.steps,
                        num_examples=sum(len(b.ids) for b in batches), compute_cost=stats.compute_cost,
                        skipped=len(data.features.skipped))

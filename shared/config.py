@@ -67,6 +67,10 @@ class TrainConfig:
     # lambda of Xie et al.'s compute-cost loss: loss = transducer + lambda * expected executed compute share.
     # Only the amortized encoder's cost depends on its weights; for dense encoders the term is a constant.
     compute_weight: float = 0.0
+    # Auxiliary CTC loss on the encoder (weight) and FastEmit (lambda): both concentrate each token's emission
+    # on one frame, without which greedy search misses tokens that the full-sum loss already scores as likely.
+    ctc_weight: float = 0.3
+    fastemit_lambda: float = 0.01
     seed: int = 0
 
 

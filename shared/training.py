@@ -61,14 +61,17 @@ def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
 
 
 def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, optimizer: torch.optim.Optimizer,
-                spec_augment_seed: int | None = 0, compute_weight: float = 0.0,
-                penalty: Callable[[nn.Module], Tensor] | None = None,
+                spec_augment_seed: int | None = 0, compute_weight: float = 0.0, ctc_weight: float = 0.0,
+                fastemit_lambda: float = 0.0, penalty: Callable[[nn.Module], Tensor] | None = None,
                 reweighter: Reweighter | None = None) -> StepStats:
     """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None.
 
     Objective per batch, with L_i the transducer NLL of utterance i and N the batch's target tokens:
 
-        sum_i w_i * L_i / N  +  compute_weight * expected compute share  +  penalty(model)
+        sum_i w_i * (L_i + ctc_weight * C_i) / N  +  compute_weight * expected compute share  +  penalty(model)
+
+    * C_i is the auxiliary CTC loss of utterance i (``Transducer.forward(ctc=True)``) and ``fastemit_lambda``
+      FastEmit's gradient scale on label emissions; both make emissions peaky enough for greedy search.
 
     * w_i = 1 without a ``reweighter``, so the first term is the per-token loss (its scale does not depend on
       batch composition); with one, w = ``reweighter(batch, L)`` (detached), e.g. ARL weights.
@@ -89,18 +92,22 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         if generator is not None:
             feats = spec_augment(feats, batch.feat_lens, generator=generator)
         moved = on_device(replace(batch, feats=feats), device)  # the reweighter sees ``batch``, unaugmented
-        out = model(moved.feats, moved.feat_lens, moved.targets, moved.target_lens)
+        out = model(moved.feats, moved.feat_lens, moved.targets, moved.target_lens,
+                    fastemit_lambda=fastemit_lambda, ctc=ctc_weight > 0)
         tokens = moved.target_lens.sum().clamp(min=1)
         loss = out.loss_per_utt.sum() / tokens
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite transducer loss {loss.item()} on batch {batch.ids[:3]}...")
-        objective = loss
+        per_utt = out.loss_per_utt
+        if out.ctc_loss_per_utt is not None:
+            per_utt = per_utt + ctc_weight * out.ctc_loss_per_utt
+        objective = per_utt.sum() / tokens
         if reweighter is not None:
             weights = reweighter(batch, out.loss_per_utt).detach().to(out.loss_per_utt)
             if weights.shape != out.loss_per_utt.shape:
                 raise ValueError(f"reweighter returned weights of shape {tuple(weights.shape)} for a batch of "
                                  f"{len(batch.ids)} utterances")
-            objective = (weights * out.loss_per_utt).sum() / tokens
+            objective = (weights * per_utt).sum() / tokens
         objective = objective + compute_weight * out.compute_cost
         if penalty is not None:
             penalty_value = penalty(model)

@@ -20,6 +20,8 @@ app.add_typer(server_cli, name="server")
 app.add_typer(device_cli, name="device")
 bench_app = typer.Typer(help="Benchmarks (JSON on stdout, measured side by side in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+model_app = typer.Typer(help="Shipped base models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 eval_app = typer.Typer(help="Evaluations (JSON on stdout, a report under runs/<id>/).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -149,6 +151,57 @@ def bench_compute_cmd(
 
     main(quick=quick, workdir=workdir.resolve(), bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
          reuse=reuse, as_json=json_, train_device=train_device)
+
+
+@model_app.command("ship")
+def model_ship_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A `chorus train` checkpoint (runs/<id>/checkpoints/best.pt).")],
+    name: Annotated[str, typer.Option(help="File name under shared/models/shipped/ (without .pt).")],
+    command: Annotated[str, typer.Option(help="The exact command that trained it (recorded in the manifest).")],
+    hardware: Annotated[str, typer.Option(help="Where it trained, e.g. '2-core CPU'.")],
+    eval_corpus: Annotated[Path, typer.Option(help="Unseen speakers to measure it on (a `chorus data synth` corpus).")],
+    eval_command: Annotated[str, typer.Option(help="The command that made --eval-corpus.")],
+) -> None:
+    """Ship a trained checkpoint: float16 copy with its front end, sha256 and measured WER in the manifest."""
+    import json
+
+    from simulations.ship import ship
+
+    entry = ship(checkpoint.resolve(), name=name, command=command, hardware=hardware,
+                 eval_corpus=eval_corpus.resolve(), eval_command=eval_command)
+    print(json.dumps({k: entry[k] for k in ("sha256", "bytes", "parameters")} | {"wer": entry["eval"]["wer"]}))
+
+
+@eval_app.command("wer")
+def eval_wer_cmd(
+    corpus: Annotated[Path, typer.Option(help="Any corpus directory `load_corpus` reads (e.g. `chorus data synth`'s).")],
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="A `chorus train` checkpoint (default: the shipped base model).")] = None,
+    by: Annotated[str, typer.Option(help="Comma-separated speakers.tsv attributes, e.g. accent,fleet,age_group.")] = "",
+    beam: Annotated[int, typer.Option(min=1, help="1 = greedy search (streaming); more = modified beam search.")] = 1,
+    limit: Annotated[int, typer.Option(min=0, help="Decode at most this many utterances (0 = all).")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """WER of a checkpoint on a corpus, overall and per speaker attribute."""
+    import json
+    import sys
+
+    from simulations.eval_wer import EvalWerError, default_checkpoint, evaluate_wer
+
+    try:
+        result = evaluate_wer(checkpoint or default_checkpoint(), corpus.resolve(),
+                              by=[b.strip() for b in by.split(",") if b.strip()], beam=beam, limit=limit)
+    except (EvalWerError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if json_:
+        print(json.dumps(result))
+        return
+    typer.echo(f"WER {result['wer']:.4f} over {result['words']} words, {result['utterances']} utterances "
+               f"({result['skipped']} skipped), beam {beam}")
+    for name, values in result["by"].items():
+        typer.echo(f"  by {name}: " + ", ".join(f"{v} {w:.4f}" for v, w in values.items()))
+    sys.stdout.flush()
 
 
 @eval_app.command("privacy")

@@ -21,7 +21,7 @@ from server.report import MetricsLog
 from shared.config import RunConfig
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
-from shared.models.checkpoint import initial_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.checkpoint import Frontend, initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
 
@@ -64,6 +64,7 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
     heldout = [u for s in prepared.split.heldout for u in by_speaker.get(s, [])]
     heldout = heldout[:: max(1, len(heldout) // plan.eval_utterances)][: plan.eval_utterances]
     features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=len(train_utts) + len(heldout))
+    frontend = Frontend(tokenizer=prepared.tokenizer, cmvn=prepared.cmvn)
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     (run_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,8 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                     group["lr"] = _lr_at(step, plan)
                 stats = train_steps(model, [batches[step % len(batches)]], steps=1, optimizer=optimizer,
                                     spec_augment_seed=step if cfg.train.spec_augment else None,
-                                    compute_weight=cfg.train.compute_weight)
+                                    compute_weight=cfg.train.compute_weight,
+                                    ctc_weight=cfg.train.ctc_weight, fastemit_lambda=cfg.train.fastemit_lambda)
                 losses.append(stats.loss)
                 step += 1
                 bar.update(task, completed=step, status=f"loss {stats.loss:.3f}")
@@ -118,13 +120,14 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                 record["heldout_wer"] = counts.wer
                 if counts.wer < best_wer:
                     best_wer = counts.wer
-                    save_checkpoint(ckpt_dir / "best.pt", model, cfg.model, step=step, heldout_wer=counts.wer)
+                    save_checkpoint(ckpt_dir / "best.pt", model, cfg.model, frontend=frontend, step=step,
+                                    heldout_wer=counts.wer)
                 bar.update(task, status=f"loss {record['train_loss']:.3f}  held-out WER {counts.wer:.3f}")
             metrics.append(record)
             if progress and not sys.stdout.isatty():  # no live bar in a log file: one line per checkpoint
                 print(json.dumps(record, sort_keys=True), flush=True)
             epoch += 1
-            save_checkpoint(ckpt_dir / "last.pt", model, cfg.model, step=step, best_wer=best_wer,
+            save_checkpoint(ckpt_dir / "last.pt", model, cfg.model, frontend=frontend, step=step, best_wer=best_wer,
                             optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
     best = ckpt_dir / "best.pt"
     return best if best.exists() else ckpt_dir / "last.pt"

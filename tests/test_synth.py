@@ -226,3 +226,25 @@ def test_missing_espeak_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SynthError, match=r"^espeak-ng not found: install it with `sudo apt-get install espeak-ng`$"):
         synthesize(tmp_path / "corpus", speakers=1, utterances=1, seed=0, progress=False)
     assert not (tmp_path / "corpus").exists()
+
+
+@needs_espeak
+def test_an_interrupted_synthesis_resumes_with_the_speakers_it_had_not_finished(tmp_path: Path) -> None:
+    args = {"speakers": 3, "utterances": 2, "seed": 11}
+    whole = synthesize(tmp_path / "whole", **args, workers=1, progress=False)
+    corpus = synthesize(tmp_path / "corpus", **args, workers=1, progress=False)
+    # The state a kill leaves: no synth.json or manifest yet, one speaker finished, one half-written, one not begun.
+    (corpus / "synth.json").unlink()
+    (corpus / "manifest.jsonl").unlink()
+    (corpus / "synth.partial.json").write_text(json.dumps({"format_version": 1, **args}))
+    (corpus / "audio/spk0001/done.json").unlink()
+    (corpus / "audio/spk0001/spk0001-0001.flac").unlink()
+    shutil.rmtree(corpus / "audio/spk0002")
+    kept = corpus / "audio/spk0000/spk0000-0000.flac"
+    before = kept.stat().st_mtime_ns
+
+    synthesize(corpus, **args, workers=1, progress=False)
+    assert kept.stat().st_mtime_ns == before, "a finished speaker must not be rendered again"
+    assert (corpus / "manifest.jsonl").read_bytes() == (whole / "manifest.jsonl").read_bytes()
+    assert (corpus / "audio/spk0002/spk0002-0001.flac").is_file()
+    assert not (corpus / "synth.partial.json").exists()

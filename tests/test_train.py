@@ -66,3 +66,25 @@ def test_a_device_this_machine_lacks_is_named(cfg: RunConfig) -> None:
     plan = TrainPlan(steps=1, eval_every=1, warmup=1, eval_utterances=2, device="cuda")
     with pytest.raises(ValueError, match="device='cuda' is not usable here"):
         train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / "gpu", progress=False)
+
+
+def test_checkpoints_carry_their_front_end_and_runs_that_start_from_one_use_it(cfg: RunConfig, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from shared.data.prepare import prepare
+
+    plan = TrainPlan(steps=2, ckpt_every=2, eval_every=2, warmup=1, eval_utterances=2)
+    best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / "frontend", progress=False)
+    trained_with = prepare(cfg, progress=False)
+    frontend = load_checkpoint(best).frontend
+    assert frontend is not None
+    assert frontend.tokenizer.model_proto == trained_with.tokenizer.model_proto
+    assert (frontend.cmvn.mean == trained_with.cmvn.mean).all()
+
+    # Another corpus (its own public speakers would train another tokenizer): the run takes the checkpoint's.
+    other = RunConfig.from_flat({**cfg.to_flat(), "synth.seed": 5, "model.init-checkpoint": str(best)})
+    prepared = prepare(other, progress=False)
+    assert prepared.tokenizer.model_proto == frontend.tokenizer.model_proto
+    assert (prepared.cmvn.std == frontend.cmvn.std).all()
+    assert prepared.artifacts != prepare(replace(other, model=replace(other.model, init_checkpoint="")),
+                                         progress=False).artifacts

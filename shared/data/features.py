@@ -203,11 +203,15 @@ class GlobalCMVN:
                                f"be {N_MELS}")
         return ((feats - self.mean) / self.std).astype(np.float32)
 
+    def to_json(self) -> str:
+        """The statistics as JSON ``{"mean": [...], "std": [...]}`` (exact float round trip)."""
+        return json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist()}) + "\n"
+
     def save(self, path: Path | str) -> None:
-        """Write the statistics as JSON ``{"mean": [...], "std": [...]}`` (exact float round trip)."""
+        """Write :meth:`to_json` to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist()}) + "\n")
+        path.write_text(self.to_json())
 
     @classmethod
     def load(cls, path: Path | str) -> GlobalCMVN:

@@ -11,6 +11,7 @@ them, so many simulated devices starting at once never race to write the same fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from shared.data.corpora import Corpus, Utterance, load_corpus
 from shared.data.dataset import FeatureCache
 from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
+from shared.files import write_bytes_atomic
+from shared.models.checkpoint import checkpoint_frontend, init_checkpoint_path
 
 __all__ = ["SpeakerSplit", "Prepared", "split_speakers", "prepare", "open_prepared", "corpus_dir",
            "local_split", "artifact_dir", "speaker_embedder_path", "build_speaker_embedder"]
@@ -87,9 +90,24 @@ def corpus_dir(cfg: RunConfig) -> Path:
 
 
 def artifact_dir(cfg: RunConfig) -> Path:
-    """Where ``prepare`` keeps the run's artifacts (split, tokenizer, CMVN, speaker embedder)."""
+    """Where ``prepare`` keeps the run's artifacts (split, tokenizer, CMVN, speaker embedder).
+
+    A run that starts from a checkpoint carrying its front end uses that tokenizer and CMVN, so its artifacts are
+    kept apart, named by the checkpoint's content.
+    """
     sp = cfg.split
-    return cfg.workdir_path / "artifacts" / f"{corpus_dir(cfg).name}-p{sp.public_speakers}-h{sp.heldout_speakers}-s{sp.seed}"
+    plain = cfg.workdir_path / "artifacts" / f"{corpus_dir(cfg).name}-p{sp.public_speakers}-h{sp.heldout_speakers}-s{sp.seed}"
+    init = init_checkpoint_path(cfg.model)
+    frontend = checkpoint_frontend(init) if init is not None and init.is_file() else None
+    if frontend is None:
+        return plain
+    digest = frontend.digest()
+    tok_path, cmvn_path = plain / f"tokenizer-{cfg.model.vocab_size}.model", plain / "cmvn.json"
+    if tok_path.is_file() and cmvn_path.is_file():  # e.g. a base model trained on this very split
+        own = hashlib.sha256(tok_path.read_bytes() + cmvn_path.read_bytes()).hexdigest()
+        if own == digest:
+            return plain
+    return plain.with_name(f"{plain.name}-fe{digest[:12]}")
 
 
 def speaker_embedder_path(artifacts: Path, cfg: RunConfig) -> Path:
@@ -128,12 +146,23 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
                            heldout=cfg.split.heldout_speakers, seed=cfg.split.seed)
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(artifacts / "split.json", {"public": split.public, "federated": split.federated,
-                                                  "heldout": split.heldout})
+    write_bytes_atomic(artifacts / "split.json", (json.dumps({"public": split.public, "federated": split.federated,
+                                                              "heldout": split.heldout}, indent=1) + "\n").encode())
     by_speaker = corpus.by_speaker()
     public_utts = [u for s in split.public for u in by_speaker.get(s, [])]
 
     tok_path = artifacts / f"tokenizer-{cfg.model.vocab_size}.model"
+    cmvn_path = artifacts / "cmvn.json"
+    init = init_checkpoint_path(cfg.model)
+    frontend = checkpoint_frontend(init) if init is not None else None
+    if frontend is not None:  # the starting model's own tokenizer and CMVN: a new one would not fit its weights
+        if frontend.tokenizer.vocab_size != cfg.model.vocab_size:
+            raise PrepareError(f"model.init-checkpoint {init} has a {frontend.tokenizer.vocab_size}-piece tokenizer, "
+                               f"model.vocab-size is {cfg.model.vocab_size}")
+        if not tok_path.exists():
+            write_bytes_atomic(tok_path, frontend.tokenizer.model_proto)
+        if not cmvn_path.exists():
+            write_bytes_atomic(cmvn_path, frontend.cmvn.to_json().encode())
     if not tok_path.exists():
         texts = [u.text for u in public_utts]
         if cfg.corpus == "synth":
@@ -142,14 +171,11 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
             texts += sample_sentences(_GRAMMAR_SENTENCES, seed=cfg.synth.seed + 1)
         Tokenizer.train(texts, tok_path, vocab_size=cfg.model.vocab_size)
 
-    cmvn_path = artifacts / "cmvn.json"
     if not cmvn_path.exists():
         sample = public_utts[:: max(1, len(public_utts) // _CMVN_UTTERANCES)]
         raw = FeatureCache(corpus, None, max_items=0)  # raw fbank, skipping (and counting) bad files
         cmvn = GlobalCMVN.fit(f for f in (raw.features(u) for u in sample) if f is not None)
-        tmp = cmvn_path.with_suffix(".tmp")
-        cmvn.save(tmp)
-        tmp.replace(cmvn_path)
+        write_bytes_atomic(cmvn_path, cmvn.to_json().encode())
     if cfg.fairness.enabled:  # cohort discovery and ARW need the public speaker-embedding extractor
         build_speaker_embedder(cfg, corpus, split.public, GlobalCMVN.load(cmvn_path), artifacts)
     return open_prepared(cfg)
@@ -169,8 +195,3 @@ def open_prepared(cfg: RunConfig) -> Prepared:
     return Prepared(corpus=load_corpus(root, validate=False), split=split, tokenizer=Tokenizer.load(tok_path),
                     cmvn=GlobalCMVN.load(artifacts / "cmvn.json"), artifacts=artifacts)
 
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)

@@ -71,6 +71,7 @@ Output layout (``synthesize(out, ...)``)::
     out/synth.json                               arguments + format version (the cache key)
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -92,6 +93,7 @@ from audiomentations import AddColorNoise, BandPassFilter
 from scipy.signal import fftconvolve, firwin, resample_poly
 
 from shared.data.commands import sample_sentence, spoken_form
+from shared.files import write_text_atomic
 
 __all__ = [
     "ACCENTS",
@@ -114,6 +116,9 @@ __all__ = [
 SAMPLE_RATE = 16_000
 ESPEAK_SAMPLE_RATE = 22_050
 NARROWBAND_SAMPLE_RATE = 8_000
+# A speaker's finished rows, and the arguments of a run that has not finished (what makes it resumable).
+_DONE_FILE = "done.json"
+_IN_PROGRESS_FILE = "synth.partial.json"
 # Bump when the audio, the manifest or the speaker table would change for the same arguments.
 FORMAT_VERSION = 1
 PEAK_LEVEL = 0.9
@@ -503,11 +508,18 @@ def _utterance_seeds(seed: int, speaker_index: int, utterance_index: int) -> tup
 
 
 def _synthesize_speaker(job: _SpeakerJob) -> list[_Utterance]:
-    """Render and write all utterances of one speaker (the unit of work of the pool)."""
-    executable = _espeak_executable()
+    """Render and write all utterances of one speaker (the unit of work of the pool).
+
+    A finished speaker leaves ``audio/<speaker>/done.json`` (its manifest rows, written last and atomically), so an
+    interrupted ``synthesize`` resumes with the speakers it had not finished.
+    """
     speaker = job.speaker
-    channel = _Channel(speaker.device)
     folder = job.out / "audio" / speaker.id
+    done = folder / _DONE_FILE
+    if done.is_file():
+        return [_Utterance(**row) for row in json.loads(done.read_text())]
+    executable = _espeak_executable()
+    channel = _Channel(speaker.device)
     folder.mkdir(parents=True, exist_ok=True)
     utterances: list[_Utterance] = []
     for utterance_index in range(job.utterances):
@@ -523,6 +535,7 @@ def _synthesize_speaker(job: _SpeakerJob) -> list[_Utterance]:
             text=text,
             duration=round(len(audio) / SAMPLE_RATE, 3),
         ))
+    write_text_atomic(done, json.dumps([dataclasses.asdict(u) for u in utterances]))
     return utterances
 
 
@@ -580,11 +593,6 @@ def _is_cached(out: Path, arguments: dict[str, int]) -> bool:
         return False
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file so that a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def synthesize(
@@ -599,8 +607,9 @@ def synthesize(
     """Build (or reuse) the corpus of ``speakers`` x ``utterances`` commands in ``out``.
 
     Returns ``out``.  If ``out/synth.json`` records the same arguments and the manifest is
-    there, nothing is done.  Otherwise ``out/audio`` and the metadata files are replaced;
-    ``synth.json`` is written last, so an interrupted run is rebuilt next time.  ``workers``
+    there, nothing is done.  An interrupted run with the same arguments resumes: speakers it finished
+    are kept (``audio/<speaker>/done.json``); otherwise ``out/audio`` and the metadata files are replaced.
+    ``synth.json`` is written last.  ``workers``
     (default ``os.cpu_count()``) and ``progress`` do not change the result.
 
     Example::
@@ -624,15 +633,19 @@ def synthesize(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "synth.json").unlink(missing_ok=True)
-    if (out / "audio").exists():
+    in_progress = out / _IN_PROGRESS_FILE
+    resumable = in_progress.is_file() and json.loads(in_progress.read_text()) == arguments
+    if (out / "audio").exists() and not resumable:
         shutil.rmtree(out / "audio")
+    write_text_atomic(in_progress, json.dumps(arguments))
     population = sample_population(speakers, seed)
     jobs = [_SpeakerJob(out, index, speaker, utterances, seed) for index, speaker in enumerate(population)]
     rows = _run_jobs(jobs, min(workers, speakers), progress)
 
     rows.sort(key=lambda row: row.id)
-    _write_text(out / "manifest.jsonl", "".join(row.manifest_line() + "\n" for row in rows))
+    write_text_atomic(out / "manifest.jsonl", "".join(row.manifest_line() + "\n" for row in rows))
     table = ["\t".join(SPEAKER_COLUMNS)] + [speaker.tsv_row() for speaker in population]
-    _write_text(out / "speakers.tsv", "\n".join(table) + "\n")
-    _write_text(out / "synth.json", json.dumps(arguments, indent=2) + "\n")
+    write_text_atomic(out / "speakers.tsv", "\n".join(table) + "\n")
+    write_text_atomic(out / "synth.json", json.dumps(arguments, indent=2) + "\n")
+    in_progress.unlink()
     return out

@@ -93,6 +93,7 @@ class Tokenizer:
             raise TokenizerError(f"{source}: special ids {special_ids}, expected unk_id=0 and no bos/eos/pad "
                                  "(the transducer's blank must be the one id past the vocabulary)")
         self._processor = processor
+        self.model_proto = bytes(model_proto)
 
     @classmethod
     def train(cls, texts: Iterable[str], out_path: Path | str, vocab_size: int = 256) -> Tokenizer:

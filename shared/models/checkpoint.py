@@ -2,34 +2,52 @@
 
 One path for every user (central training, the server, a device): ``build_model(ModelConfig)`` and
 ``load_checkpoint(path)``, so train and evaluate can never disagree about how a model is made.
+
+A checkpoint written by ``chorus train`` also carries its **front end**: the sentencepiece tokenizer and the
+CMVN statistics it was trained with (``Frontend``). A model is useless without them, so whoever starts from a
+checkpoint (``model.init-checkpoint``) uses its front end instead of training a new one.
+
+The trained base models that ship with Chorus live in ``shared/models/shipped/`` (float16, with
+``manifest.json``: sha256, the command that made each one, data, time, hardware, measured WER).
+``model.init-checkpoint = "shipped"`` (the default) picks the one whose architecture matches the model config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
-import os
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from shared.config import ModelConfig
+from shared.data.features import GlobalCMVN
+from shared.data.tokenizer import Tokenizer
+from shared.files import torch_save_atomic
 from shared.models.amortized_transformer import AmortizedConfig, AmortizedTransformerEncoder
 from shared.models.convrnnt import ConvRNNTConfig, ConvRNNTEncoder
 from shared.models.transducer import Transducer, TransducerConfig
 from shared.models.transformer import CausalTransformerEncoder, TransformerConfig, sliding_window_config
 
-__all__ = ["MODEL_NAMES", "CheckpointError", "Checkpoint", "build_model", "load_state", "save_checkpoint",
-           "load_checkpoint", "initial_model"]
+__all__ = ["MODEL_NAMES", "SHIPPED", "SHIPPED_DIR", "CheckpointError", "Checkpoint", "Frontend", "build_model",
+           "load_state", "save_checkpoint", "load_checkpoint", "initial_model", "init_checkpoint_path",
+           "shipped_manifest", "sha256_of", "checkpoint_frontend"]
 
 MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")
 
 _FORMAT = "chorus-checkpoint-v1"
 # Sliding-window baseline (Xie et al.'s comparison): attention limited to this many past encoder frames.
 SLIDING_WINDOW = 8
+# ``model.init-checkpoint`` value that names the shipped base model of the configured architecture.
+SHIPPED = "shipped"
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
 class CheckpointError(ValueError):
@@ -61,16 +79,48 @@ def convrnnt_config(cfg: ModelConfig) -> ConvRNNTConfig:
                           lstm_hidden_size=2 * cfg.d_model, dropout=cfg.dropout)
 
 
+def shipped_manifest() -> dict[str, Any]:
+    """``shared/models/shipped/manifest.json``: file name -> what it is, how it was made, what it scores."""
+    path = SHIPPED_DIR / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init_checkpoint", "dropout")}
+
+
+def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
+    """The checkpoint ``cfg.init_checkpoint`` names: None for "" (random init), the shipped base of the same
+    architecture for "shipped" (an amortized model takes the dense one: see ``initial_model``), else the path."""
+    if not cfg.init_checkpoint:
+        return None
+    if cfg.init_checkpoint != SHIPPED:
+        return Path(cfg.init_checkpoint).expanduser()
+    wanted = [_architecture(cfg)]
+    if cfg.name == "amortized":
+        wanted.append(_architecture(dataclasses.replace(cfg, name="transformer")))
+    manifest = shipped_manifest()
+    for arch in wanted:
+        for file_name, entry in manifest.items():
+            if entry.get("model_config") == arch:
+                return SHIPPED_DIR / file_name
+    sizes = ", ".join(f"{k}={v}" for k, v in _architecture(cfg).items())
+    raise CheckpointError(f"model.init-checkpoint={SHIPPED!r}: no shipped base model has this architecture "
+                          f"({sizes}); shipped: {', '.join(sorted(manifest)) or 'none'}. Set "
+                          "model.init-checkpoint to a checkpoint of yours, or to \"\" for random weights")
+
+
 def initial_model(cfg: ModelConfig) -> Transducer:
-    """``build_model``, with ``cfg.init_checkpoint``'s weights when one is set.
+    """``build_model``, with the weights of the checkpoint ``cfg.init_checkpoint`` names (``init_checkpoint_path``).
 
     An amortized model may start from a dense transformer checkpoint of the same sizes: its blocks take the
     dense weights and only the arbitrators start fresh (gates start mostly on, so it starts as the dense model).
     """
     model = build_model(cfg)
-    if not cfg.init_checkpoint:
+    path = init_checkpoint_path(cfg)
+    if path is None:
         return model
-    ckpt = load_checkpoint(cfg.init_checkpoint)
+    ckpt = load_checkpoint(path)
     source = ckpt.model_config
     dense_to_amortized = cfg.name == "amortized" and source.name == "transformer"
     if source.name != cfg.name and not dense_to_amortized:
@@ -84,16 +134,45 @@ def initial_model(cfg: ModelConfig) -> Transducer:
     return model
 
 
+@dataclass(frozen=True)
+class Frontend:
+    """What turns audio and text into a model's inputs and targets: its tokenizer and CMVN statistics."""
+
+    tokenizer: Tokenizer
+    cmvn: GlobalCMVN
+
+    def digest(self) -> str:
+        """sha256 of the tokenizer and the CMVN statistics: equal digests, interchangeable front ends."""
+        return hashlib.sha256(self.tokenizer.model_proto + self.cmvn.to_json().encode()).hexdigest()
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.model_proto, "cmvn_mean": self.cmvn.mean.tolist(),
+                "cmvn_std": self.cmvn.std.tolist()}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], *, source: str) -> Frontend:
+        return cls(tokenizer=Tokenizer(bytes(meta["tokenizer"]), source=f"{source} (tokenizer)"),
+                   cmvn=GlobalCMVN(mean=np.asarray(meta["cmvn_mean"]), std=np.asarray(meta["cmvn_std"])))
+
+
 @dataclass
 class Checkpoint:
     model_config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]  # step, round, metrics, optimizer/strategy state: whatever the writer needs back
+    source: str = "checkpoint"
 
     def build(self) -> Transducer:
         model = build_model(self.model_config)
-        load_state(model, self.state_dict, source="checkpoint")
+        load_state(model, self.state_dict, source=self.source)
         return model
+
+    @property
+    def frontend(self) -> Frontend | None:
+        """The tokenizer and CMVN the model was trained with, when the writer stored them."""
+        if "frontend" not in self.meta:
+            return None
+        return Frontend.from_meta(self.meta["frontend"], source=self.source)
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
@@ -109,16 +188,23 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source:
     model.load_state_dict(state_dict)
 
 
-def save_checkpoint(path: Path | str, model: nn.Module, model_config: ModelConfig, **meta: Any) -> Path:
-    """Atomically write weights + config + meta (a crash mid-write never leaves a torn checkpoint)."""
+def save_checkpoint(path: Path | str, model: nn.Module, model_config: ModelConfig, *,
+                    frontend: Frontend | None = None, dtype: torch.dtype | None = None, **meta: Any) -> Path:
+    """Atomically write weights + config + meta (a crash mid-write never leaves a torn checkpoint).
+
+    ``frontend`` travels with the weights; ``dtype`` (e.g. float16 for shipping) casts floating-point weights
+    (loading casts them back to the model's dtype).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": _FORMAT, "model_config": dataclasses.asdict(model_config),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    if frontend is not None:
+        meta = {**meta, "frontend": frontend.to_meta()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    payload = {"format": _FORMAT, "model_config": dataclasses.asdict(model_config), "state_dict": state,
+               "meta": meta}
+    return torch_save_atomic(path, payload)
 
 
 def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> Checkpoint:
@@ -143,4 +229,31 @@ def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> C
                  and getattr(model_config, f.name) != getattr(expect, f.name)]
         if diffs:
             raise CheckpointError(f"checkpoint {path} is a different model: " + "; ".join(diffs))
-    return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"])
+    return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"],
+                      source=str(path))
+
+
+def checkpoint_frontend(path: Path | str) -> Frontend | None:
+    """The front end stored in the checkpoint at ``path`` (memoized per file version; None if it has none)."""
+    stat = Path(path).stat()
+    return _frontend_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _frontend_cached(path: str, size: int, mtime_ns: int) -> Frontend | None:
+    return load_checkpoint(path).frontend
+
+
+@lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path | str) -> str:
+    """Hex sha256 of a file (memoized per size and modification time)."""
+    stat = Path(path).stat()
+    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)

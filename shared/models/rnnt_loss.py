@@ -132,7 +132,8 @@ def _forward_variables(across: Tensor, along: Tensor) -> Tensor:
 
 
 def rnnt_loss(
-    logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, *, blank: int
+    logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, *, blank: int,
+    fastemit_lambda: float = 0.0,
 ) -> Tensor:
     """Per-utterance RNN-T negative log-likelihood.
 
@@ -142,6 +143,9 @@ def rnnt_loss(
         logit_lengths: (B,) valid frames per utterance, each in [1, T].
         target_lengths: (B,) valid labels per utterance, each in [0, U].
         blank: index of the blank class in V.
+        fastemit_lambda: FastEmit regularization (Yu et al. 2021): the gradient through every label emission is
+            scaled by ``1 + lambda`` while the loss value is unchanged, which favours alignments that emit early
+            and so concentrates each label's emission on few frames (what greedy search needs).
 
     Returns:
         (B,) ``-log P(targets | logits)`` in the dtype of ``logits``.
@@ -154,6 +158,8 @@ def rnnt_loss(
     if batch == 0:
         return logits.sum(dim=(1, 2, 3)) * 0.0
     blank_lp, emit_lp = _lattice_log_probs(logits, targets, target_lengths, blank)
+    if fastemit_lambda:
+        emit_lp = emit_lp * (1.0 + fastemit_lambda) - emit_lp.detach() * fastemit_lambda
     max_frames, max_labels = emit_lp.shape[1], emit_lp.shape[2]
     if max_frames <= max_labels + 1:
         alpha = _forward_variables(across=blank_lp[:, :-1], along=emit_lp)

@@ -145,11 +145,13 @@ class TransducerOutput(NamedTuple):
         loss_per_utt: (B,) RNN-T negative log-likelihood per utterance (nats).
         compute_cost: scalar share of the encoder's gateable compute used (see ``EncoderOutput``).
         enc_lens: (B,) encoder frames per utterance.
+        ctc_loss_per_utt: (B,) CTC negative log-likelihood of the encoder alone (``ctc=True``), else None.
     """
 
     loss_per_utt: Tensor
     compute_cost: Tensor
     enc_lens: Tensor
+    ctc_loss_per_utt: Tensor | None = None
 
 
 class StreamState(NamedTuple):
@@ -187,14 +189,18 @@ class Transducer(nn.Module):
         self.predictor = StatelessPredictor(config.vocab_size, config.pred_dim, config.context_size)
         self.joiner = Joiner(int(encoder.output_dim), config.pred_dim, config.joint_dim, config.vocab_size + 1)
 
-    def forward(self, feats: Tensor, feat_lens: Tensor, targets: Tensor, target_lens: Tensor) -> TransducerOutput:
-        """Per-utterance RNN-T loss.
+    def forward(self, feats: Tensor, feat_lens: Tensor, targets: Tensor, target_lens: Tensor, *,
+                fastemit_lambda: float = 0.0, ctc: bool = False) -> TransducerOutput:
+        """Per-utterance RNN-T loss (and, with ``ctc``, the auxiliary CTC loss of the encoder).
 
         Args:
             feats: (B, T, F) features, padded.
             feat_lens: (B,) valid frames; each must yield at least one encoder frame.
             targets: (B, U) token ids in [0, V), padded with anything.
             target_lens: (B,) valid tokens.
+            fastemit_lambda: FastEmit regularization of the RNN-T gradient (see ``rnnt_loss``).
+            ctc: also return the CTC loss of ``ctc_logits``: it makes the encoder's frames peaky, so each token
+                is decided at one frame, which greedy search needs (no extra parameters: the joiner's own layers).
 
         Returns:
             ``TransducerOutput``; the joiner runs once over the (B, T', U + 1) grid trimmed to the longest
@@ -213,8 +219,19 @@ class Transducer(nn.Module):
         targets = targets[:, :max_tokens]
         predicted = self.predictor(self.predictor.training_context(targets, target_lens))
         logits = self.joiner(encoded.frames[:, :max_frames], predicted)
-        loss = rnnt_loss(logits, targets, encoded.lengths, target_lens, blank=self.blank)
-        return TransducerOutput(loss_per_utt=loss, compute_cost=encoded.compute_cost, enc_lens=encoded.lengths)
+        loss = rnnt_loss(logits, targets, encoded.lengths, target_lens, blank=self.blank,
+                         fastemit_lambda=fastemit_lambda)
+        ctc_loss = None
+        if ctc:
+            log_probs = self.ctc_logits(encoded.frames[:, :max_frames]).log_softmax(dim=-1).float()
+            ctc_loss = F.ctc_loss(log_probs.transpose(0, 1), targets, encoded.lengths, target_lens,
+                                  blank=self.blank, reduction="none", zero_infinity=True)
+        return TransducerOutput(loss_per_utt=loss, compute_cost=encoded.compute_cost, enc_lens=encoded.lengths,
+                                ctc_loss_per_utt=ctc_loss)
+
+    def ctc_logits(self, frames: Tensor) -> Tensor:
+        """(B, T', D) encoder frames -> (B, T', V + 1) CTC logits: the joiner with no predictor input."""
+        return self.joiner.output(torch.tanh(self.joiner.encoder_proj(frames)))
 
     def _greedy_frames(
         self, frames: Tensor, frame_counts: Tensor, context: Tensor, max_symbols_per_frame: int

@@ -1,0 +1,75 @@
+"""`chorus model ship`: turn a trained checkpoint into a shipped base model with its manifest entry.
+
+The shipped file is the checkpoint's weights in float16 with its front end (tokenizer and CMVN), under
+``shared/models/shipped/`` (package data, so every install starts from it). Its manifest entry records what a user
+needs to trust and reproduce it: sha256, size, architecture, the exact training command, the training corpus and
+seed, training steps, time and hardware, and the WER of the *shipped* (float16) file on an evaluation corpus of
+unseen speakers, overall and per accent, fleet, age group and gender.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.files import write_text_atomic
+from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint, save_checkpoint, sha256_of, shipped_manifest
+from simulations.eval_wer import evaluate_wer
+
+__all__ = ["ship"]
+
+# Attributes the manifest breaks WER down by (synthetic corpus' speakers.tsv, plus the fleet).
+BY = ("accent", "fleet", "age_group", "gender", "channel_rate")
+
+
+def _training_record(run_dir: Path) -> dict[str, Any]:
+    """Steps, wall time and settings of the `chorus train` run that wrote the checkpoint (when its files exist)."""
+    record: dict[str, Any] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        record["train_seconds"] = round(sum(float(r.get("seconds", 0.0)) for r in rows), 1)
+        record["learning_curve"] = [{"step": r["step"], "train_loss": round(r["train_loss"], 4),
+                                     **({"heldout_wer": r["heldout_wer"]} if "heldout_wer" in r else {})}
+                                    for r in rows if "heldout_wer" in r]
+    config = run_dir / "config.json"
+    if config.is_file():
+        record["run_config"] = json.loads(config.read_text())
+    return record
+
+
+def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpus: Path,
+         eval_command: str) -> dict[str, Any]:
+    """Write ``shared/models/shipped/<name>.pt`` and its entry in ``manifest.json``; returns the entry."""
+    ckpt = load_checkpoint(checkpoint)
+    frontend = ckpt.frontend
+    if frontend is None:
+        raise ValueError(f"checkpoint {checkpoint} carries no tokenizer and CMVN: only `chorus train` checkpoints ship")
+    model = ckpt.build()
+    out = SHIPPED_DIR / f"{name}.pt"
+    step = ckpt.meta.get("step")
+    save_checkpoint(out, model, ckpt.model_config, frontend=frontend, dtype=torch.float16, step=step,
+                    source_heldout_wer=ckpt.meta.get("heldout_wer"))
+    evaluation = evaluate_wer(out, eval_corpus, by=BY)
+    architecture = {k: v for k, v in ckpt.model_config.__dict__.items() if k not in ("init_checkpoint", "dropout")}
+    entry = {
+        "model_config": architecture,
+        "sha256": sha256_of(out),
+        "bytes": out.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float16",
+        "command": command,
+        "hardware": hardware,
+        "step": step,
+        **_training_record(checkpoint.parent.parent),
+        "eval": {"command": eval_command, "corpus": Path(eval_corpus).name, "beam": evaluation["beam"],
+                 "wer": evaluation["wer"], "words": evaluation["words"], "utterances": evaluation["utterances"],
+                 "by": evaluation["by"], "by_words": evaluation["by_words"]},
+    }
+    manifest = shipped_manifest()
+    manifest[out.name] = entry
+    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return entry
