@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 
 from shared.config import ModelConfig
+from shared.files import write_text_atomic
 from shared.models.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 
 __all__ = ["STRATEGY_STATE", "strategy_state", "restore_strategy_state", "save_round", "load_round",
@@ -97,7 +97,5 @@ def rewind_metrics(path: Path, *, before: int) -> list[dict[str, Any]]:
                 continue
             if record["round"] < before:
                 kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return kept

@@ -94,6 +94,7 @@ from shared.fairness import protocol as p
 from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats, ScoreSums
 from shared.fairness.cohorts import (CohortCounts, CohortReport, cohort_report, init_centroids, server_update)
 from shared.fairness.ewc import FisherSums, add_fisher_sums, fisher_sums
+from shared.files import torch_save_atomic, write_text_atomic
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
 
 __all__ = ["FairStrategy", "FairnessRounds", "discover_cohorts", "federated_fisher", "normalized_fisher", "public_embeddings",
@@ -494,14 +495,12 @@ class FairnessRounds:
 
     def save(self, run_dir: Path) -> None:
         """Keep the adversary and the log beside the round's checkpoint (a resumed run continues with them)."""
-        _write_atomic(run_dir / "checkpoints" / _LOG_FILE, json.dumps(self.log))
+        write_text_atomic(run_dir / "checkpoints" / _LOG_FILE, json.dumps(self.log))
         if self.adversary is not None:
             path = run_dir / "checkpoints" / _ADVERSARY_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(self.adversary.state_dict(), tmp)
-            tmp.replace(path)
+            torch_save_atomic(path, self.adversary.state_dict())
             if self.population is not None:
-                _write_atomic(path.with_name(_POPULATION_FILE), json.dumps(self.population._asdict()))
+                write_text_atomic(path.with_name(_POPULATION_FILE), json.dumps(self.population._asdict()))
 
     def finish(self, run_dir: Path) -> Path:
         """``fairness.json`` (centroids, cohort sizes, every evaluation) and a section of ``report.md``."""
@@ -549,11 +548,6 @@ def _ranked(counts: CohortCounts) -> CohortReport | None:
         if counts.words.sum() > 0 else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class FairStrategy:

@@ -55,7 +55,9 @@ class ModelConfig:
     left_context: int = 64  # encoder frames (40 ms each): 2.56 s of history
     dropout: float = 0.1
     vocab_size: int = 256
-    init_checkpoint: str = ""  # "" = random init; else a `chorus train` checkpoint to start from
+    # "shipped" = the shipped base model of this architecture (shared/models/shipped/); "" = random init; else a
+    # `chorus train` checkpoint. A run uses the starting checkpoint's tokenizer and CMVN.
+    init_checkpoint: str = "shipped"
 
 
 @dataclass(frozen=True)

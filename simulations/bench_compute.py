@@ -58,13 +58,14 @@ class BenchPlan:
 QUICK = BenchPlan(
     overrides={"synth.speakers": 10, "synth.utterances": 8, "synth.seed": 5, "split.public-speakers": 6,
                "split.heldout-speakers": 3, "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2,
-               "model.ffn-dim": 256, "model.vocab-size": 128, "train.batch-frames": 3000},
+               "model.ffn-dim": 256, "model.vocab-size": 128, "model.init-checkpoint": "",
+               "train.batch-frames": 3000},
     steps=24, amortized_steps=8, lambdas=(0.05, 0.2, 0.5, 1.0), eval_utterances=12, stream_utterances=3, repeats=1)
 # The README's table: the default corpus (24 public / 16 held-out speakers), 8 blocks (2.34 M parameters),
 # ~53 utterances per step. Its models were trained with `--train-device cuda` (3 base models side by side in
 # 3.5 min on one H200, then the 5 fine-tuned ones); on 2 CPU cores the training alone takes many hours.
 FULL = BenchPlan(
-    overrides={"model.num-layers": 8, "train.batch-frames": 16000},
+    overrides={"model.num-layers": 8, "model.init-checkpoint": "", "train.batch-frames": 16000},
     steps=3200, amortized_steps=2500, lambdas=(0.1, 0.3, 1.0, 3.0), eval_utterances=320,
     stream_utterances=16, repeats=3)
 

@@ -134,8 +134,8 @@ QUICK = FederationPlan(
     overrides={"synth.speakers": 24, "synth.utterances": 6, "synth.seed": 3,
                "split.public-speakers": 2, "split.heldout-speakers": 2,
                "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-               "model.vocab-size": 128, "train.local-steps": 2, "train.batch-frames": 3000,
-               "eval.heldout-utterances": 6})
+               "model.vocab-size": 128, "model.init-checkpoint": "", "train.local-steps": 2,
+               "train.batch-frames": 3000, "eval.heldout-utterances": 6})
 # The target: 1,000 speaker-devices, 50 per round, the default model and training. 1,040 synthetic
 # speakers (1,000 federated + 24 public + 16 held-out) with 8 utterances each keep synthesis to one pass of
 # ~8,300 utterances; a device then fine-tunes on 6 and evaluates on 2.

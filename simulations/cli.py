@@ -268,6 +268,17 @@ def eval_fairness_cmd(
          corpus=corpus, checkpoint=checkpoint.resolve() if checkpoint else None)
 
 
+@bench_app.command("synth")
+def bench_synth_cmd(
+    quick: Annotated[bool, typer.Option(help="4 speakers x 3 utterances (CI); default 40 x 10.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Corpus synthesis throughput (utterances/s): one worker vs every core, side by side."""
+    from simulations.bench_synth import main
+
+    main(quick=quick, as_json=json_)
+
+
 @bench_app.command("federation")
 def bench_federation_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny settings for CI (minutes); numbers prove the pipeline only.")] = False,

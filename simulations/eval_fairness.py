@@ -100,7 +100,7 @@ class FairnessPlan:
 
 
 _TINY_MODEL = {"model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-               "model.vocab-size": 128}
+               "model.vocab-size": 128, "model.init-checkpoint": ""}
 
 QUICK = FairnessPlan(
     name="quick",

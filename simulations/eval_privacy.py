@@ -99,7 +99,7 @@ QUICK = PrivacyPlan(
     overrides={"synth.speakers": 10, "synth.utterances": 10, "synth.seed": 11, "split.public-speakers": 4,
                "split.heldout-speakers": 2, "split.local-eval-fraction": 0.3, "model.d-model": 64,
                "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128, "model.vocab-size": 128,
-               "train.batch-frames": 3000, "train.local-steps": 6, "dp.sample-rate": 0.5},
+               "model.init-checkpoint": "", "train.batch-frames": 3000, "train.local-steps": 6, "dp.sample-rate": 0.5},
     base_steps=30, devices=4, rounds=2, noise_multipliers=(0.5, 1.0, 2.0), heldout_utterances=16, timing_steps=2)
 # The documented setting: the default corpus and model, dp.* defaults (q = 0.25, C = 1.0), sigma around the
 # default 1.5 (3 rounds of 8 steps: epsilon 35 at 0.5, 9.9 at 1.0, 5.2 at 1.5, 3.4 at 2.0); 6 devices and 3 noise

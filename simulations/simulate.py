@@ -41,6 +41,7 @@ from pathlib import Path
 
 from shared.config import RunConfig, StrategyConfig
 from shared.data.prepare import prepare
+from shared.models.checkpoint import init_checkpoint_path
 from shared.processes import stop_pid, stop_tree
 
 __all__ = ["REPO_ROOT", "available_cores", "sampling_overrides", "simulate", "stop_local_superlink",
@@ -189,6 +190,9 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
         cfg = RunConfig.from_flat({**cfg.to_flat(), "run-id": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")})
     if not cfg.workdir:
         cfg = RunConfig.from_flat({**cfg.to_flat(), "workdir": str(cfg.workdir_path)})
+    init = init_checkpoint_path(cfg.model)
+    if init is not None:  # an absolute path: the app runs from a bundle (FAB) that carries no weights
+        cfg = RunConfig.from_flat({**cfg.to_flat(), "model.init-checkpoint": str(init.resolve())})
     prepared = prepare(cfg, progress=progress)
     if num_supernodes > len(prepared.split.federated):
         raise SimulationError(f"--clients {num_supernodes} exceeds the {len(prepared.split.federated)} federated "

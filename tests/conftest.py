@@ -35,7 +35,7 @@ TINY_RUN = {
     "synth.speakers": 8, "synth.utterances": 6, "synth.seed": 3,
     "split.public-speakers": 2, "split.heldout-speakers": 2,
     "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-    "model.vocab-size": 128,
+    "model.vocab-size": 128, "model.init-checkpoint": "",
     "train.local-steps": 2, "train.batch-frames": 3000,
     "eval.heldout-utterances": 6,
     "strategy.min-train-nodes": 4, "strategy.min-evaluate-nodes": 4, "strategy.min-available-nodes": 4,

@@ -77,7 +77,9 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
     assert result["peak_rss_bytes"] > 500 * 2**20 and result["peak_processes"] >= 5
     assert any(name.startswith("ray") for name in result["peak_rss_gib_by_process"])  # Ray's workers are counted
     assert all(c > 0 for c in result["round_cpu_seconds"] + result["pure_round_cpu_seconds"])
-    assert result["cpu_overhead_ratio"] > 0 and result["timing_reliable"] in (True, False)
+    assert result["cpu_overhead_ratio"] > 0 and isinstance(result["timing_reliable"], bool)
+    if not result["timing_reliable"]:  # a busy machine gives no verdict on the wall-time target
+        assert result["targets"]["overhead_ratio_met"] is None
     assert result["federation_cpu_seconds_by_process"].get("flower-superlink", 0) > 0
     assert result["max_in_flight"] == 2 * result["parallel"]  # the window (windowed when 5 > 2 x cores)
     assert len(result["train_phase_seconds"]) == 2 and result["train_overhead_ratio"] > 0

@@ -147,3 +147,25 @@ def test_invalid_inputs_raise(kwargs: dict[str, object], message: str) -> None:
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         rnnt_loss(**arguments)  # type: ignore[arg-type]
+
+
+def test_fastemit_keeps_the_loss_and_scales_the_gradient_of_label_emissions() -> None:
+    """FastEmit (Yu et al. 2021): the same loss value, and a gradient that is the plain one plus lambda times the
+    part flowing through label emissions (so it is linear in lambda and differs from the plain one)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    targets, t_lens, u_lens = torch.tensor([[1, 2, 3], [3, 1, 0]]), torch.tensor([6, 4]), torch.tensor([3, 2])
+
+    def grad(lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = logits.clone().requires_grad_(True)
+        loss = rnnt_loss(x, targets, t_lens, u_lens, blank=4, fastemit_lambda=lam).sum()
+        loss.backward()
+        assert x.grad is not None
+        return loss.detach(), x.grad
+
+    plain_value, plain_grad = grad(0.0)
+    fast_value, fast_grad = grad(0.5)
+    assert torch.allclose(plain_value, fast_value)
+    assert not torch.allclose(plain_grad, fast_grad)
+    double_value, double_grad = grad(1.0)
+    assert torch.allclose(fast_grad - plain_grad, 0.5 * (double_grad - plain_grad), atol=1e-10)

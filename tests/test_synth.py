@@ -248,3 +248,17 @@ def test_an_interrupted_synthesis_resumes_with_the_speakers_it_had_not_finished(
     assert (corpus / "manifest.jsonl").read_bytes() == (whole / "manifest.jsonl").read_bytes()
     assert (corpus / "audio/spk0002/spk0002-0001.flac").is_file()
     assert not (corpus / "synth.partial.json").exists()
+
+
+@needs_espeak
+def test_synth_benchmark_runs_one_worker_and_every_core() -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+    from simulations.simulate import available_cores
+
+    result = CliRunner().invoke(app, ["bench", "synth", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["one_worker"]["workers"], out["all_cores"]["workers"]) == (1, available_cores())
+    assert out["one_worker"]["utterances_per_second"] > 0 and out["all_cores"]["utterances_per_second"] > 0

@@ -53,7 +53,8 @@ def test_corrupt_and_mismatched_checkpoints_are_named(cfg: RunConfig, tmp_path: 
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pt is corrupt"):
         load_checkpoint(bad)
-    good = next((cfg.workdir_path / "runs").glob("*/checkpoints/last.pt"))
+    plan = TrainPlan(steps=1, ckpt_every=1, eval_every=1, warmup=1, eval_utterances=2)
+    good = train_central(cfg, plan, run_dir=tmp_path / "one-step", progress=False).parent / "last.pt"
     other = RunConfig.from_flat({**TINY_RUN, "model.d-model": 96}).model
     with pytest.raises(CheckpointError, match="d_model: checkpoint 64 vs expected 96"):
         load_checkpoint(good, expect=other)

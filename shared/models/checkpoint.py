@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -85,6 +87,26 @@ def shipped_manifest() -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _shipped_file(file_name: str) -> Path:
+    """Where a shipped checkpoint is. A Flower app bundle (FAB) carries the code and the manifest but no weights,
+    so when the app runs from one, the weights are found in the installed ``chorus`` distribution."""
+    path = SHIPPED_DIR / file_name
+    if path.is_file():
+        return path
+    try:
+        dist = importlib.metadata.distribution("chorus")
+    except importlib.metadata.PackageNotFoundError:
+        return path
+    relative = f"shared/models/shipped/{file_name}"
+    direct_url = dist.read_text("direct_url.json")
+    if direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"):  # pip install -e
+        source = Path(urlparse(json.loads(direct_url)["url"]).path) / relative
+        if source.is_file():
+            return source
+    installed = Path(str(dist.locate_file(relative)))
+    return installed if installed.is_file() else path
+
+
 def _architecture(cfg: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init_checkpoint", "dropout")}
 
@@ -103,7 +125,7 @@ def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
     for arch in wanted:
         for file_name, entry in manifest.items():
             if entry.get("model_config") == arch:
-                return SHIPPED_DIR / file_name
+                return _shipped_file(file_name)
     sizes = ", ".join(f"{k}={v}" for k, v in _architecture(cfg).items())
     raise CheckpointError(f"model.init-checkpoint={SHIPPED!r}: no shipped base model has this architecture "
                           f"({sizes}); shipped: {', '.join(sorted(manifest)) or 'none'}. Set "

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 
 from shared.data.corpora import Utterance
 from shared.data.dataset import FeatureCache
+from shared.files import torch_save_atomic
 
 __all__ = [
     "AAMSoftmax",
@@ -341,10 +341,7 @@ def save_speaker_embedder(path: Path | str, model: SpeakerEmbedder) -> Path:
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
     payload = {"format": _FORMAT, "config": config,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return torch_save_atomic(path, payload)
 
 
 def load_speaker_embedder(path: Path | str) -> SpeakerEmbedder:
