@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from shared.files import write_text_atomic
-from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint, save_checkpoint, sha256_of, shipped_manifest
+from shared.models.checkpoint import SHIPPED_DIR, architecture, load_checkpoint, save_checkpoint, sha256_of, shipped_manifest
 from simulations.eval_wer import evaluate_wer
 
 __all__ = ["ship"]
@@ -54,9 +54,8 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
     save_checkpoint(out, model, ckpt.model_config, frontend=frontend, dtype=torch.float16, step=step,
                     source_heldout_wer=ckpt.meta.get("heldout_wer"))
     evaluation = evaluate_wer(out, eval_corpus, by=BY)
-    architecture = {k: v for k, v in ckpt.model_config.__dict__.items() if k not in ("init_checkpoint", "dropout")}
     entry = {
-        "model_config": architecture,
+        "model_config": architecture(ckpt.model_config),
         "sha256": sha256_of(out),
         "bytes": out.stat().st_size,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -11,7 +11,6 @@ them, so many simulated devices starting at once never race to write the same fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from shared.data.corpora import Corpus, Utterance, load_corpus
 from shared.data.dataset import FeatureCache
 from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
-from shared.files import write_bytes_atomic
-from shared.models.checkpoint import checkpoint_frontend, init_checkpoint_path
+from shared.files import write_bytes_atomic, write_text_atomic
+from shared.models.checkpoint import Frontend, checkpoint_frontend, init_checkpoint_path
 
 __all__ = ["SpeakerSplit", "Prepared", "split_speakers", "prepare", "open_prepared", "corpus_dir",
            "local_split", "artifact_dir", "speaker_embedder_path", "build_speaker_embedder"]
@@ -102,12 +101,16 @@ def artifact_dir(cfg: RunConfig) -> Path:
     if frontend is None:
         return plain
     digest = frontend.digest()
-    tok_path, cmvn_path = plain / f"tokenizer-{cfg.model.vocab_size}.model", plain / "cmvn.json"
+    tok_path, cmvn_path = _frontend_files(plain, cfg.model.vocab_size)
     if tok_path.is_file() and cmvn_path.is_file():  # e.g. a base model trained on this very split
-        own = hashlib.sha256(tok_path.read_bytes() + cmvn_path.read_bytes()).hexdigest()
-        if own == digest:
+        if Frontend(Tokenizer.load(tok_path), GlobalCMVN.load(cmvn_path)).digest() == digest:
             return plain
     return plain.with_name(f"{plain.name}-fe{digest[:12]}")
+
+
+def _frontend_files(artifacts: Path, vocab_size: int) -> tuple[Path, Path]:
+    """The tokenizer and CMVN files among a run's artifacts."""
+    return artifacts / f"tokenizer-{vocab_size}.model", artifacts / "cmvn.json"
 
 
 def speaker_embedder_path(artifacts: Path, cfg: RunConfig) -> Path:
@@ -146,13 +149,12 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
                            heldout=cfg.split.heldout_speakers, seed=cfg.split.seed)
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(artifacts / "split.json", (json.dumps({"public": split.public, "federated": split.federated,
-                                                              "heldout": split.heldout}, indent=1) + "\n").encode())
+    write_text_atomic(artifacts / "split.json", json.dumps({"public": split.public, "federated": split.federated,
+                                                            "heldout": split.heldout}, indent=1) + "\n")
     by_speaker = corpus.by_speaker()
     public_utts = [u for s in split.public for u in by_speaker.get(s, [])]
 
-    tok_path = artifacts / f"tokenizer-{cfg.model.vocab_size}.model"
-    cmvn_path = artifacts / "cmvn.json"
+    tok_path, cmvn_path = _frontend_files(artifacts, cfg.model.vocab_size)
     init = init_checkpoint_path(cfg.model)
     frontend = checkpoint_frontend(init) if init is not None else None
     if frontend is not None:  # the starting model's own tokenizer and CMVN: a new one would not fit its weights
@@ -162,7 +164,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
         if not tok_path.exists():
             write_bytes_atomic(tok_path, frontend.tokenizer.model_proto)
         if not cmvn_path.exists():
-            write_bytes_atomic(cmvn_path, frontend.cmvn.to_json().encode())
+            write_text_atomic(cmvn_path, frontend.cmvn.to_json())
     if not tok_path.exists():
         texts = [u.text for u in public_utts]
         if cfg.corpus == "synth":
@@ -175,7 +177,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
         sample = public_utts[:: max(1, len(public_utts) // _CMVN_UTTERANCES)]
         raw = FeatureCache(corpus, None, max_items=0)  # raw fbank, skipping (and counting) bad files
         cmvn = GlobalCMVN.fit(f for f in (raw.features(u) for u in sample) if f is not None)
-        write_bytes_atomic(cmvn_path, cmvn.to_json().encode())
+        write_text_atomic(cmvn_path, cmvn.to_json())
     if cfg.fairness.enabled:  # cohort discovery and ARW need the public speaker-embedding extractor
         build_speaker_embedder(cfg, corpus, split.public, GlobalCMVN.load(cmvn_path), artifacts)
     return open_prepared(cfg)
@@ -185,13 +187,13 @@ def open_prepared(cfg: RunConfig) -> Prepared:
     """Load what ``prepare`` built; a clear error if it has not run (devices never build artifacts)."""
     root = corpus_dir(cfg)
     artifacts = artifact_dir(cfg)
-    tok_path = artifacts / f"tokenizer-{cfg.model.vocab_size}.model"
-    for needed in (artifacts / "split.json", tok_path, artifacts / "cmvn.json"):
+    tok_path, cmvn_path = _frontend_files(artifacts, cfg.model.vocab_size)
+    for needed in (artifacts / "split.json", tok_path, cmvn_path):
         if not needed.exists():
             raise PrepareError(f"{needed} is missing: run `chorus data prepare` (or let the server prepare) "
                                f"for corpus {root} first")
     split_json = json.loads((artifacts / "split.json").read_text())
     split = SpeakerSplit(**{k: tuple(v) for k, v in split_json.items()})
     return Prepared(corpus=load_corpus(root, validate=False), split=split, tokenizer=Tokenizer.load(tok_path),
-                    cmvn=GlobalCMVN.load(artifacts / "cmvn.json"), artifacts=artifacts)
+                    cmvn=GlobalCMVN.load(cmvn_path), artifacts=artifacts)
 

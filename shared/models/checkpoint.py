@@ -40,7 +40,7 @@ from shared.models.transformer import CausalTransformerEncoder, TransformerConfi
 
 __all__ = ["MODEL_NAMES", "SHIPPED", "SHIPPED_DIR", "CheckpointError", "Checkpoint", "Frontend", "build_model",
            "load_state", "save_checkpoint", "load_checkpoint", "initial_model", "init_checkpoint_path",
-           "shipped_manifest", "sha256_of", "checkpoint_frontend"]
+           "shipped_manifest", "sha256_of", "checkpoint_frontend", "architecture"]
 
 MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")
 
@@ -107,7 +107,8 @@ def _shipped_file(file_name: str) -> Path:
     return installed if installed.is_file() else path
 
 
-def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that decide a model's weights' shapes and meaning (not where it starts or its dropout)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init_checkpoint", "dropout")}
 
 
@@ -118,15 +119,15 @@ def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
         return None
     if cfg.init_checkpoint != SHIPPED:
         return Path(cfg.init_checkpoint).expanduser()
-    wanted = [_architecture(cfg)]
+    wanted = [architecture(cfg)]
     if cfg.name == "amortized":
-        wanted.append(_architecture(dataclasses.replace(cfg, name="transformer")))
+        wanted.append(architecture(dataclasses.replace(cfg, name="transformer")))
     manifest = shipped_manifest()
     for arch in wanted:
         for file_name, entry in manifest.items():
             if entry.get("model_config") == arch:
                 return _shipped_file(file_name)
-    sizes = ", ".join(f"{k}={v}" for k, v in _architecture(cfg).items())
+    sizes = ", ".join(f"{k}={v}" for k, v in architecture(cfg).items())
     raise CheckpointError(f"model.init-checkpoint={SHIPPED!r}: no shipped base model has this architecture "
                           f"({sizes}); shipped: {', '.join(sorted(manifest)) or 'none'}. Set "
                           "model.init-checkpoint to a checkpoint of yours, or to \"\" for random weights")
@@ -245,10 +246,9 @@ def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> C
     except TypeError as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable model config: {err}") from err
     if expect is not None:
-        diffs = [f"{f.name}: checkpoint {getattr(model_config, f.name)!r} vs expected {getattr(expect, f.name)!r}"
-                 for f in dataclasses.fields(ModelConfig)
-                 if f.name not in ("init_checkpoint", "dropout")
-                 and getattr(model_config, f.name) != getattr(expect, f.name)]
+        own, wanted = architecture(model_config), architecture(expect)
+        diffs = [f"{name}: checkpoint {own[name]!r} vs expected {wanted[name]!r}" for name in own
+                 if own[name] != wanted[name]]
         if diffs:
             raise CheckpointError(f"checkpoint {path} is a different model: " + "; ".join(diffs))
     return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"],
@@ -266,16 +266,6 @@ def _frontend_cached(path: str, size: int, mtime_ns: int) -> Frontend | None:
     return load_checkpoint(path).frontend
 
 
-@lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_of(path: Path | str) -> str:
-    """Hex sha256 of a file (memoized per size and modification time)."""
-    stat = Path(path).stat()
-    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    """Hex sha256 of a file (what the shipped manifest records)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
