@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 CLIENTS ?= 20
 ROUNDS ?= 3
 
-.PHONY: setup espeak simulate test bench clean
+.PHONY: setup espeak simulate lint test test-fast bench clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Chorus needs Python 3.11 (set PYTHON=python3.11)")'
@@ -34,8 +34,15 @@ espeak:
 simulate: setup
 	$(BIN)/chorus simulate --clients $(CLIENTS) --rounds $(ROUNDS)
 
-test: setup
+lint: setup
+	$(BIN)/ruff check server client shared simulations tests
+
+test: lint
 	$(BIN)/python -m pytest
+
+# The edit loop: everything but the end-to-end tests (Ray, subprocesses).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

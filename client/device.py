@@ -231,7 +231,7 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
                       model_name=ckpt.model_config.name)
 
 
-# -- command line: mounted by the lead as `chorus device ...` -----------------------------------------------
+# -- command line: `chorus device ...` -----------------------------------------------
 
 device_cli = typer.Typer(help="A device: join a federation, or transcribe a recording as it streams.",
                          no_args_is_help=True)

@@ -330,7 +330,7 @@ def register_supernodes(public_keys: Iterable[Path], *, flwr_home: Path, connect
     return node_ids
 
 
-# -- command line: mounted by the lead as `chorus server ...` -----------------------------------------------
+# -- command line: `chorus server ...` -----------------------------------------------
 
 server_cli = typer.Typer(help="Run the federation's server: development certificates, a TLS SuperLink.",
                          no_args_is_help=True)

@@ -3,8 +3,9 @@
 ``server/workflow.py`` calls :meth:`FairnessRounds.start` when ``fairness.enabled`` is set and then drives its
 rounds through :meth:`FairnessRounds.wrap` (the run's Flower strategy with the fairness additions: the round
 loop stays the same); the math lives in ``shared/fairness`` (cohorts, EWC, ARW) and the message contract in
-``shared/fairness/protocol.py``. All phases use Flower's Message API: ``grid.send_and_receive`` with
-``query.kmeans`` / ``query.fisher`` messages, and extra records on the strategy's train / evaluate messages.
+``shared/fairness/protocol.py``. All phases use Flower's Message API through the server's one send/receive path
+(``server/exchange.py``: the ``strategy.max-in-flight`` window, and every reply validated) with ``query.kmeans`` /
+``query.fisher`` messages, and extra records on the strategy's train / evaluate messages.
 
 Before round 1 (:meth:`FairnessRounds.start`):
     1. **Initial centroids**: the public speaker-embedding extractor (trained by ``prepare`` on the public
@@ -85,7 +86,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from torch import Tensor, nn
 
-from shared.config import ConfigError, RunConfig
+from server.exchange import exchange
+from shared.config import ConfigError, RunConfig, StrategyConfig
 from shared.data.corpora import Utterance
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, speaker_embedder_path
@@ -118,20 +120,6 @@ def _wait_for_nodes(grid: Grid, minimum: int, *, poll: float = 1.0) -> list[int]
     return nodes
 
 
-def _exchange(grid: Grid, messages: list[Message], *, phase: str, timeout: float) -> list[Message]:
-    """Send, wait, and keep the replies with content; failures and silent devices are logged by node id."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    ok = [m for m in replies if not m.has_error()]
-    for m in replies:
-        if m.has_error():
-            log.warning("%s: device %s failed: %s", phase, m.metadata.src_node_id, m.error.reason)
-    answered = {m.metadata.src_node_id for m in replies}
-    silent = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
-    if silent:
-        log.warning("%s: no reply within strategy.timeout from device(s) %s", phase, ", ".join(map(str, silent)))
-    return ok
-
-
 def _centroid_record(centroids: np.ndarray) -> ArrayRecord:
     return ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids, dtype=np.float64))})
 
@@ -160,7 +148,8 @@ def public_embeddings(embedder: SpeakerEmbedder, speakers: Sequence[str], by_spe
 
 
 def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray, *, iterations: int,
-                     noise_std: float = 0.0, timeout: float = 3600.0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+                     noise_std: float = 0.0, strategy: StrategyConfig = StrategyConfig()
+                     ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Federated k-means over the devices ``node_ids`` (``query.kmeans``).
 
     ``iterations`` Lloyd updates, then one assignment-only pass with the final centroids (devices keep their
@@ -182,7 +171,7 @@ def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray,
                               "config": ConfigRecord({"server-round": 0, "iteration": iteration,
                                                       p.KMEANS_NOISE: float(noise_std)})})
         messages = [Message(content=content, dst_node_id=node, message_type=p.KMEANS_QUERY) for node in node_ids]
-        replies = _exchange(grid, messages, phase=f"k-means iteration {iteration}", timeout=timeout)
+        replies = exchange(grid, messages, phase=f"k-means iteration {iteration}", strategy=strategy).ok
         if not replies:
             raise RuntimeError(f"no device answered k-means iteration {iteration}")
         sums = sum(_reply_array(r, p.KMEANS_STATS, "sums") for r in replies)
@@ -194,11 +183,12 @@ def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray,
     return current, np.asarray(counts, dtype=np.float64), shifts
 
 
-def federated_fisher(grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *, timeout: float) -> FisherSums:
+def federated_fisher(grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *,
+                     strategy: StrategyConfig = StrategyConfig()) -> FisherSums:
     """The devices' summed Fisher sums of the global model ``arrays`` (``query.fisher``)."""
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})})
     messages = [Message(content=content, dst_node_id=node, message_type=p.FISHER_QUERY) for node in node_ids]
-    replies = _exchange(grid, messages, phase="Fisher", timeout=timeout)
+    replies = exchange(grid, messages, phase="Fisher", strategy=strategy).ok
     if not replies:
         raise RuntimeError("no device answered the Fisher phase")
     parts = []
@@ -337,7 +327,7 @@ class FairnessRounds:
         nodes = _wait_for_nodes(grid, cfg.strategy.min_available_nodes)
         start = time.monotonic()
         centroids, sizes, shifts = discover_cohorts(grid, nodes, initial, iterations=f.kmeans_iterations,
-                                                    noise_std=f.kmeans_noise, timeout=cfg.strategy.timeout)
+                                                    noise_std=f.kmeans_noise, strategy=cfg.strategy)
         state = cls(cfg=cfg, centroids=centroids, cohort_sizes=sizes)
         state.log.append({"phase": "kmeans", "devices": len(nodes), "iterations": f.kmeans_iterations,
                           "noise": f.kmeans_noise, "cohort_sizes": sizes.tolist(), "shifts": shifts,
@@ -347,7 +337,7 @@ class FairnessRounds:
         if f.ewc_lambda > 0:
             start = time.monotonic()
             if f.fisher == "federated":
-                sums = federated_fisher(grid, nodes, ArrayRecord(model.state_dict()), timeout=cfg.strategy.timeout)
+                sums = federated_fisher(grid, nodes, ArrayRecord(model.state_dict()), strategy=cfg.strategy)
             else:
                 public_utts = [u for s in prepared.split.public for u in by_speaker.get(s, [])]
                 sums = public_fisher(model, public_utts, features=features, tokenizer=prepared.tokenizer,
@@ -535,8 +525,8 @@ class FairnessRounds:
         """A disaggregated evaluation of the current model before a targeted first round (recorded as round-1
         "before"): the strategy samples devices as for any evaluation."""
         messages = self.configure_evaluate(strategy, server_round - 1, arrays, grid)
-        replies = _exchange(grid, messages, phase=f"round {server_round} pre-targeting evaluation",
-                            timeout=self.cfg.strategy.timeout)
+        replies = exchange(grid, messages, phase=f"round {server_round} pre-targeting evaluation",
+                           strategy=self.cfg.strategy).ok
         counts = sum_cohort_eval(replies, self.centroids.shape[0])
         self.last_report = _ranked(counts)
         self.log.append({"phase": "evaluate", "round": server_round - 1, **_report_fields(self.last_report, counts)})

@@ -11,8 +11,10 @@ fixed-clipping DP wrapper (server- or device-side clipping, Gaussian noise on th
 
 Device failures: a device that replies with an error (its ClientApp raised) or does not reply within
 ``strategy.timeout`` (it dropped out) is logged with its node id and counted (``train_failures`` /
-``eval_failures``); the round aggregates the others' updates when at least ``strategy.min-train-nodes``
-answered. With fewer, the round keeps the previous global model (and strategy state) and records
+``eval_failures``). A reply the server refuses (server/exchange.py: outside the allowlist, non-finite, an
+update norm or weight out of bounds) is logged and counted too (``rejected_updates`` / ``rejected_evaluations``)
+and never aggregated. The round aggregates the valid updates when at least ``strategy.min-train-nodes`` sent
+one. With fewer, the round keeps the previous global model (and strategy state) and records
 ``"aggregated": false``: a handful of devices is not a trustworthy update.
 """
 
@@ -24,19 +26,20 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from server.checkpoint import load_round, rewind_metrics, save_round
+from server.exchange import exchange
 from server.fairness import FairnessRounds
 from server.report import MetricsLog, write_report
 from server.secagg import secure_train_round
-from shared.config import CentralDPConfig, RunConfig, StrategyConfig
+from shared.config import STRATEGIES, CentralDPConfig, RunConfig, StrategyConfig
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
@@ -96,9 +99,15 @@ def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
     if cfg.name == "fedmedian":
         return flwr_strategy.FedMedian(**common)
     if cfg.name == "fedtrimmedavg":
-        return flwr_strategy.FedTrimmedAvg(**common)
-    raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose fedavg, fedavgm, fedadam, fedyogi, "
-                     f"fedadagrad, fedmedian or fedtrimmedavg")
+        return flwr_strategy.FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    if cfg.name == "krum":
+        return flwr_strategy.Krum(**common, num_malicious_nodes=cfg.num_malicious)
+    if cfg.name == "multikrum":
+        return flwr_strategy.MultiKrum(**common, num_malicious_nodes=cfg.num_malicious,
+                                       num_nodes_to_select=max(1, cfg.min_train_nodes - cfg.num_malicious))
+    if cfg.name == "bulyan":
+        return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
+    raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose one of {', '.join(STRATEGIES)}")
 
 
 def _heldout_utterances(prepared: Prepared, budget: int) -> list[Utterance]:
@@ -113,58 +122,6 @@ def _metric(aggregated: MetricRecord | None, key: str) -> float | None:
     if aggregated is None or key not in aggregated:
         return None
     return float(aggregated[key])
-
-
-def _sort_replies(sent: list[Message], replies: Iterable[Message], *, phase: str,
-                  server_round: int) -> tuple[list[Message], int]:
-    """The replies that carry content, and how many devices failed: replied with an error, or not at all
-    within ``strategy.timeout`` (dropped out). Each failure is logged with the device's node id."""
-    replies = list(replies)
-    ok = [m for m in replies if not m.has_error()]
-    for m in replies:
-        if m.has_error():
-            log.warning("round %d %s: device %s failed: %s", server_round, phase, m.metadata.src_node_id,
-                        m.error.reason)
-    answered = {m.metadata.src_node_id for m in replies}
-    silent = sorted(m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered)
-    if silent:
-        log.warning("round %d %s: no reply within strategy.timeout from device(s) %s", server_round, phase,
-                    ", ".join(map(str, silent)))
-    return ok, len(replies) - len(ok) + len(silent)
-
-
-PULL_INTERVAL = 0.1  # seconds between looks for replies in a windowed phase (Flower's InMemoryGrid default)
-
-
-def _send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
-                      max_in_flight: int) -> list[Message]:
-    """``grid.send_and_receive`` with at most ``max_in_flight`` messages waiting for devices at once (0: all).
-
-    Why a window: Flower 1.42's simulation engine finds work by asking its in-memory LinkState, every 0.1 s,
-    for each of the N nodes' next message, and each such query walks every message in the store; it runs in
-    the process, and under the GIL, of the ServerApp, on the cores the devices train on. A sweep costs CPU in
-    proportion to N x waiting messages: 284 ms for 1,000 nodes with 50 waiting, 30 ms with 4, measured on
-    2 shared cores (``simulations/bench_federation.py:engine_poll_sweep_ms``; the benchmark reports it). A window as wide as the devices that run at
-    once, plus as many queued, keeps every device busy and sends the same messages, gets the same replies
-    and aggregates them the same way. The phase as a whole gets ``timeout``, as with ``send_and_receive``;
-    messages not yet sent when it passes count as devices that did not answer.
-    """
-    if max_in_flight == 0 or len(messages) <= max_in_flight:
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    deadline = time.monotonic() + timeout
-    queued = iter(messages)
-    waiting: set[str] = set()
-    replies: list[Message] = []
-    while True:
-        while len(waiting) < max_in_flight and (msg := next(queued, None)) is not None:
-            waiting.update(grid.push_messages([msg]))
-        if not waiting or time.monotonic() >= deadline:
-            return replies
-        pulled = list(grid.pull_messages(waiting))
-        replies.extend(pulled)
-        waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-        if not pulled:
-            time.sleep(PULL_INTERVAL)
 
 
 def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
@@ -190,25 +147,23 @@ def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
 
 
 def _train_phase(grid: Grid, strategy: flwr_strategy.Strategy, cfg: RunConfig, server_round: int,
-                 arrays: ArrayRecord) -> tuple[ArrayRecord | None, MetricRecord | None, int, int]:
+                 arrays: ArrayRecord) -> tuple[ArrayRecord | None, MetricRecord | None, int, int, int]:
     """One round's training: (new global arrays, or None to keep the model; aggregated metrics; devices
-    aggregated; devices failed). Plainly, or with ``strategy.secure-aggregation`` through SecAgg+
-    (server/secagg.py), where a device counts as answered when its masked update is in the sum."""
+    aggregated; devices failed; replies rejected). Plainly, or with ``strategy.secure-aggregation`` through
+    SecAgg+ (server/secagg.py), where a device counts as answered when its masked update is in the sum."""
     if cfg.strategy.secure_aggregation:
         secure = secure_train_round(grid, strategy, server_round, arrays, cfg.secagg, timeout=cfg.strategy.timeout,
                                     min_contributors=cfg.strategy.min_train_nodes)
-        return secure.arrays, secure.metrics, secure.contributed, secure.failed
+        return secure.arrays, secure.metrics, secure.contributed, secure.failed, 0
     train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    train_ok, failed = _sort_replies(train_msgs, _send_and_receive(grid, train_msgs, timeout=cfg.strategy.timeout,
-                                                                    max_in_flight=cfg.strategy.max_in_flight),
-                                     phase="train", server_round=server_round)
+    replies = exchange(grid, train_msgs, phase=f"round {server_round} train", strategy=cfg.strategy)
     needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
-    if len(train_ok) < needed:  # too few updates to trust: keep the global model and the strategy's state
-        log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the global model is "
-                    "kept", server_round, len(train_ok), needed)
-        return None, None, len(train_ok), failed
-    new_arrays, metrics = strategy.aggregate_train(server_round, train_ok)
-    return new_arrays, metrics, len(train_ok), failed
+    if len(replies.ok) < needed:  # too few updates to trust: keep the global model and the strategy's state
+        log.warning("round %d: %d valid update(s), fewer than strategy.min-train-nodes=%d: the global model is "
+                    "kept", server_round, len(replies.ok), needed)
+        return None, None, len(replies.ok), replies.failed, replies.rejected
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies.ok)
+    return new_arrays, metrics, len(replies.ok), replies.failed, replies.rejected
 
 
 def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
@@ -263,18 +218,15 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=first_round - 1, status="")
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
-            new_arrays, train_metrics, train_answered, train_failed = _train_phase(grid, rounds, cfg,
-                                                                                   server_round, arrays)
+            new_arrays, train_metrics, train_answered, train_failed, train_rejected = _train_phase(
+                grid, rounds, cfg, server_round, arrays)
             if new_arrays is not None:
                 load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
             train_seconds = time.monotonic() - start  # sampling, devices' training, aggregation
             eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            eval_ok, eval_failed = _sort_replies(
-                eval_msgs, _send_and_receive(grid, eval_msgs, timeout=cfg.strategy.timeout,
-                                             max_in_flight=cfg.strategy.max_in_flight),
-                phase="evaluate", server_round=server_round)
-            device_eval = rounds.aggregate_evaluate(server_round, eval_ok)
+            evaluated = exchange(grid, eval_msgs, phase=f"round {server_round} evaluate", strategy=cfg.strategy)
+            device_eval = rounds.aggregate_evaluate(server_round, evaluated.ok)
             counts, per_utt = evaluate_heldout()
             record = {
                 "round": server_round, "aggregated": new_arrays is not None,
@@ -282,7 +234,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "train_loss": _metric(train_metrics, "train-loss"),
                 "train_epsilon": _metric(train_metrics, "epsilon"),
                 "train_replies": train_answered, "train_failures": train_failed,
-                "eval_replies": len(eval_ok), "eval_failures": eval_failed,
+                "rejected_updates": train_rejected,
+                "eval_replies": len(evaluated.ok), "eval_failures": evaluated.failed,
+                "rejected_evaluations": evaluated.rejected,
                 "device_wer": None if device_eval is None else float(device_eval["wer"]),
                 "device_words": None if device_eval is None else int(device_eval["words"]),
                 "heldout_wer": counts.wer, "heldout_words": counts.words,
@@ -298,7 +252,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                                                     f"held-out WER {counts.wer:.3f}")
             kept = "" if record["aggregated"] else " (too few: global model kept)"
             print(f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
-                  f"devices {train_answered} ok / {train_failed} failed{kept}, device WER {record['device_wer']}, "
+                  f"devices {train_answered} ok / {train_failed} failed / {train_rejected} rejected{kept}, "
+                  f"device WER {record['device_wer']}, "
                   f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)", flush=True)
 
     if not per_utt:  # resumed after the last round: evaluate once for the report

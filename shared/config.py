@@ -45,9 +45,12 @@ class SplitConfig:
     seed: int = 7
 
 
+MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "transformer"  # transformer | sliding-window | amortized | convrnnt
+    name: str = "transformer"  # one of MODEL_NAMES
     d_model: int = 144
     num_layers: int = 6
     num_heads: int = 4
@@ -58,6 +61,17 @@ class ModelConfig:
     # "shipped" = the shipped base model of this architecture (shared/models/shipped/); "" = random init; else a
     # `chorus train` checkpoint. A run uses the starting checkpoint's tokenizer and CMVN.
     init_checkpoint: str = "shipped"
+
+    def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name={self.name!r} is not a model; choose {', '.join(MODEL_NAMES)}")
+        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.left_context < 0:
+            raise ConfigError(f"model.left-context must be >= 0, got {self.left_context}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -82,9 +96,15 @@ class EvalConfig:
     beam: int = 1  # 1 = greedy search
 
 
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+              "bulyan")
+# Strategies that need each device's update, which strategy.secure-aggregation hides.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | fedmedian | fedtrimmedavg
+    name: str = "fedavg"  # one of STRATEGIES
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_nodes: int = 2
@@ -103,19 +123,41 @@ class StrategyConfig:
     # simulation engine's cost per 0.1 s grows with nodes x waiting messages: `chorus simulate` and
     # `chorus bench federation` set it to twice the devices that train at once (server/workflow.py says why).
     max_in_flight: int = 0
+    # The server trusts no device (server/exchange.py): a train reply's weight (num-examples, distinct local
+    # utterances) must be at most max-examples, and its update norm at most max-update-norm (0: no absolute
+    # bound) and at most update-norm-factor x the round's median update norm (0: off).
+    max_examples: int = 1000
+    max_update_norm: float = 0.0
+    update_norm_factor: float = 10.0
+    # Byzantine-robust aggregation: f, the malicious devices Krum / MultiKrum / Bulyan are built to tolerate
+    # (MultiKrum averages the min-train-nodes - f best-scored updates; Bulyan needs 4f + 3 replies a round), and
+    # the share FedTrimmedAvg cuts from each end.
+    num_malicious: int = 0
+    trim_beta: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"strategy.name={self.name!r} is not supported; choose {', '.join(STRATEGIES)}")
         if self.central_dp not in ("none", "server", "client"):
             raise ConfigError(f"strategy.central-dp must be none, server or client, got {self.central_dp!r}")
         if self.secure_aggregation and self.central_dp == "server":
             raise ConfigError("strategy.central-dp = \"server\" clips each device's update on the server, which "
                               "strategy.secure-aggregation hides from it: use strategy.central-dp = \"client\"")
-        if self.secure_aggregation and self.name in ("fedmedian", "fedtrimmedavg"):
+        if self.secure_aggregation and self.name in ROBUST_STRATEGIES:
             raise ConfigError(f"strategy.name={self.name!r} needs each device's update, which "
                               f"strategy.secure-aggregation hides: use a mean-based strategy (fedavg, fedavgm, "
                               f"fedadam, fedyogi, fedadagrad)")
         if self.max_in_flight < 0:
             raise ConfigError(f"strategy.max-in-flight must be >= 0 (0: no limit), got {self.max_in_flight}")
+        if self.num_malicious < 0:
+            raise ConfigError(f"strategy.num-malicious must be >= 0, got {self.num_malicious}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"strategy.trim-beta must lie in [0, 0.5), got {self.trim_beta}")
+        if self.max_examples < 1:
+            raise ConfigError(f"strategy.max-examples must be >= 1, got {self.max_examples}")
+        for key, value in (("max-update-norm", self.max_update_norm), ("update-norm-factor", self.update_norm_factor)):
+            if not value >= 0:
+                raise ConfigError(f"strategy.{key} must be >= 0 (0: off), got {value}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +178,7 @@ class SecAggConfig:
     # weighs 1), and a bound far above them wastes quantization precision.
     max_weight: float = 100.0
     # Weighted parameters are clipped to +-clipping-range before quantization: |parameter| x num-examples /
-    # max-weight must stay inside it (measured: the 1,500-step base model's largest |parameter| is 4.7).
+    # max-weight must stay inside it (a trained base model's largest |parameter| is a few units).
     clipping_range: float = 8.0
     # Integer levels over [-clipping-range, clipping-range]: 2^22, Flower's default, so that the sum of up to
     # 2^10 devices fits the 2^32 modulus. Step 2 x 8 / 2^22 = 3.8e-6 before the division by the weights.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -25,6 +25,12 @@ app.add_typer(model_app, name="model")
 eval_app = typer.Typer(help="Evaluations (JSON on stdout, a report under runs/<id>/).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr naming the culprit, exit status 2 (a usage error), no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Run-config override KEY=VALUE (keys as in pyproject's \\[tool.flwr.app.config]); repeatable.")]
 
@@ -35,7 +41,7 @@ def _parse_sets(overrides: list[str] | None) -> dict[str, bool | int | float | s
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE")
+            fail(f"--set {item!r}: expected KEY=VALUE")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -51,7 +57,7 @@ def _config(overrides: list[str] | None, **fixed: bool | int | float | str) -> R
     try:
         return RunConfig.from_flat(flat)
     except ConfigError as err:
-        raise typer.BadParameter(str(err)) from err
+        fail(str(err))
 
 
 @data_app.command("synth")
@@ -98,7 +104,7 @@ def simulate_cmd(
 
     per_round = clients if per_round is None else per_round
     if per_round > clients:
-        raise typer.BadParameter(f"--per-round {per_round} exceeds --clients {clients}")
+        fail(f"--per-round {per_round} exceeds --clients {clients}")
     parallel = available_cores() if parallel is None else parallel
     explicit = _parse_sets(set_)
     fixed: dict[str, bool | int | float | str] = {  # an explicit --set strategy.* key wins over --per-round
@@ -192,8 +198,7 @@ def eval_wer_cmd(
         result = evaluate_wer(checkpoint or default_checkpoint(), corpus.resolve(),
                               by=[b.strip() for b in by.split(",") if b.strip()], beam=beam, limit=limit)
     except (EvalWerError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(err))
     if json_:
         print(json.dumps(result))
         return
@@ -230,7 +235,7 @@ def eval_privacy_cmd(
         try:
             sigmas = tuple(float(x) for x in noise_multipliers.split(","))
         except ValueError as err:
-            raise typer.BadParameter(f"--noise-multipliers {noise_multipliers!r}: {err}") from err
+            fail(f"--noise-multipliers {noise_multipliers!r}: {err}")
         plan = replace(plan, noise_multipliers=sigmas)
     main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
          checkpoint=checkpoint.resolve() if checkpoint else None, reuse=reuse, as_json=json_)
@@ -257,12 +262,12 @@ def eval_fairness_cmd(
     try:
         plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
     except ConfigError as err:
-        raise typer.BadParameter(str(err)) from err
+        fail(str(err))
     if arms:
         chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
         unknown = [a for a in chosen if a not in ARMS]
         if unknown or not chosen:
-            raise typer.BadParameter(f"--arms {arms!r}: {unknown or 'none'} not among {', '.join(ARMS)}")
+            fail(f"--arms {arms!r}: {unknown or 'none'} not among {', '.join(ARMS)}")
         plan = replace(plan, arms=chosen)
     main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
          corpus=corpus, checkpoint=checkpoint.resolve() if checkpoint else None)
@@ -302,9 +307,31 @@ def bench_federation_cmd(
         plan = plan.with_changes(clients=clients, per_round=per_round, rounds=rounds, parallel=parallel,
                                  overrides=_parse_sets(set_))
     except (ValueError, ConfigError) as err:
-        raise typer.BadParameter(str(err)) from err
+        fail(str(err))
     main(plan, workdir=workdir.resolve(),
          bench_id=bench_id or ("bench-federation-quick" if quick else "bench-federation"), as_json=json_)
+
+
+@bench_app.command("robustness")
+def bench_robustness_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (about a minute); numbers prove the pipeline only.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    attacks: Annotated[str, typer.Option(help="Comma-separated subset of nan,scaled,sign-flip,noise,shuffled.")] = "",
+    defenses: Annotated[str, typer.Option(
+        help="Comma-separated subset of fedavg,fedavg-no-norm-bound,fedmedian,fedtrimmedavg,krum,multikrum,bulyan.")] = "",
+    bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-robustness[-quick]).")] = "",
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    set_: SetOption = None,
+) -> None:
+    """Attacks x defenses x share of malicious devices: held-out WER after the rounds, beside the clean runs."""
+    from simulations.bench_robustness import FULL, QUICK, main
+
+    try:
+        plan = (QUICK if quick else FULL).with_changes(attacks=attacks, defenses=defenses, overrides=_parse_sets(set_))
+    except (ValueError, ConfigError) as err:
+        fail(str(err))
+    main(plan, workdir=workdir.resolve(),
+         bench_id=bench_id or ("bench-robustness-quick" if quick else "bench-robustness"), as_json=json_)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ Targets (reported, never asserted): automatic cohorts reveal a larger WER gap th
 al.: 65.0% vs 41.7%); EWC and ARW lower the worst-cohort WER without raising the overall WER.
 
 How the federation runs: every device is the real ClientApp (``client.client_app.app``, privacy audit included)
-called in this process through :class:`InProcessGrid`, a stand-in for Flower's Grid with a persistent
-``context.state`` per device, and the server is the real workflow with the run's Flower strategy. Left out:
+called in this process through ``simulations/harness.py``'s :class:`InProcessGrid` (a persistent
+``context.state`` per device), and the server is the real workflow with the run's Flower strategy. Left out:
 transport and Ray (whose start-up per arm alone would break ``--quick``'s budget on 2 shared cores); the
 fairness phases through Ray are tested in ``tests/test_fairness_federated.py``.
 
@@ -54,22 +54,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from shared.config import RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.prepare import Prepared, prepare, speaker_embedder_path
-from shared.fairness.cohorts import (Cohorts, CohortCounts, CohortReport, assign, attribute_cohorts,
-                                     cohort_counts_by_speaker, cohort_report, tree_cohorts)
+from shared.fairness.cohorts import CohortReport, assign, cohort_report
 from shared.metrics import ErrorCounts
+from simulations.harness import InProcessGrid, server_identity
+from simulations.metadata_cohorts import Cohorts, attribute_cohorts, cohort_counts_by_speaker, tree_cohorts
 
-__all__ = ["ARMS", "FULL", "FairnessPlan", "InProcessGrid", "QUICK", "main", "run_fairness_eval",
-           "server_identity"]
+__all__ = ["ARMS", "FULL", "FairnessPlan", "QUICK", "main", "run_fairness_eval"]
 
 SPEECHOCEAN = "speechocean762-dev"
 # The issue's targets, reported next to the measurements.
@@ -144,43 +142,6 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
 
 
 ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-pop", "ewc+arw-pop")
-
-
-# -- an in-process grid --------------------------------------------------------------------------------------
-
-class InProcessGrid:
-    """A stand-in for Flower's ``Grid``: ``devices`` simulated devices (node ids 1..N, ``partition-id`` 0..N-1),
-    each a call of ``client_app`` in this process with its own persistent ``Context`` (``context.state`` lives
-    as long as the grid, as a SuperNode's does for a run)."""
-
-    def __init__(self, client_app: Any, devices: int, run_config: dict[str, bool | int | float | str]) -> None:
-        self.client_app = client_app
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1},
-                                       state=RecordDict(), run_config=dict(run_config))
-                         for node in range(1, devices + 1)}
-        self.messages = 0
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def send_and_receive(self, messages: Sequence[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            self.messages += 1
-            replies.append(self.client_app(message, self.contexts[message.metadata.dst_node_id]))
-        return replies
-
-
-@contextlib.contextmanager
-def server_identity() -> Iterator[None]:
-    """Flower stamps every new instruction Message with the run of the process it runs in; a ServerApp process
-    sets that identity, this one plays the server, so it sets it for the federation and restores it after."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ device, ``dp.*`` keys of the run config). For each setting, measured in this one
                            (same speaker, same channel: only having been trained on tells them apart); per-token
                            losses of all devices pooled into one ROC AUC
     mia.global_model       the same attack on the final global model (all devices' training vs local-eval utterances)
-and once: ``step_time`` (``shared.privacy.dp.measure_step_times``: median seconds of a plain and a DP-SGD optimizer
+and once: ``step_time`` (``measure_step_times``: median seconds of a plain and a DP-SGD optimizer
 step on the same batch of a device's training data, one thread, alternating).
 
 How the federation runs, and why not through ``chorus simulate``: every device is the real ClientApp
@@ -47,27 +47,30 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import copy
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 
 from client.client_app import app as client_app
 from client.data import DeviceData, device_data
 from server.workflow import make_strategy
 from shared.config import RunConfig
 from shared.data.corpora import Utterance
-from shared.data.dataset import FeatureCache, make_batches
+from shared.data.dataset import Batch, FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
-from shared.privacy.dp import measure_step_times
+from shared.models.transducer import Transducer
+from shared.privacy.dp import DPSGD, GradSampleMode, make_dp_compatible, validate
 from shared.privacy.membership import MembershipAttack, loss_threshold_attack, utterance_losses
-from shared.training import score
-from simulations.eval_fairness import server_identity  # both evaluations play the server in-process
+from shared.training import score, train_steps
+from simulations.harness import InProcessGrid, server_identity
 from simulations.train import TrainPlan, train_central
 
 __all__ = ["PrivacyPlan", "QUICK", "FULL", "run_privacy_eval", "main"]
@@ -108,30 +111,52 @@ FULL = PrivacyPlan(overrides={}, base_steps=1500, devices=6, rounds=3, noise_mul
                    heldout_utterances=320, timing_steps=10)
 
 
-# --- the federation: the real ClientApp per device, the run's Flower strategy on the server side ---------------
+# --- step time: a DP-SGD step against a plain one ------------------------------------------------------------
 
-class _LocalGrid:
-    """A Grid for Flower's strategy whose nodes are ClientApp calls in this process, each with its own Context
-    (its ``state`` persists across rounds, as a SuperNode keeps it)."""
+class StepTimes(NamedTuple):
+    """Seconds per optimizer step on the same batch: plain ``train_steps`` and ``dp_train_steps`` (q = 1)."""
 
-    def __init__(self, cfg: RunConfig, devices: int) -> None:
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1,
-                                                                            "num-partitions": devices},
-                                       state=RecordDict(), run_config=cfg.to_flat())
-                         for node in range(1, devices + 1)}
-        self.seconds: list[float] = []  # wall time of each device's train call
+    plain: float
+    dp: float
 
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+    @property
+    def ratio(self) -> float:
+        return self.dp / self.plain
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+
+def measure_step_times(model: Transducer, batch: Batch, *, steps: int = 5,
+                       grad_sample_mode: GradSampleMode = "hooks") -> StepTimes:
+    """Median seconds of a plain and a DP-SGD optimizer step on exactly ``batch``, each on its own copy of ``model``.
+
+    Plain: ``train_steps`` (AdamW, its gradient clipping, no SpecAugment). DP: the step ``dp_train_steps`` runs,
+    on ``batch`` as one Poisson sample (AdamW, per-sample gradients, clipping, noise), ConvRNN-T with DPLSTM.
+    The two alternate, one step each, so a machine's changing load hits both alike; the first pair is a warm-up.
+    Excluded: once-per-round work (wrapping the model, accounting: about 0.1-0.5 s per round on a CPU).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    plain_model = copy.deepcopy(model).train()  # a plain ConvRNN-T keeps nn.LSTM, as a device without DP runs it
+    dp_model = make_dp_compatible(copy.deepcopy(model)).train()
+    validate(dp_model)
+    plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
+    plain_times: list[float] = []
+    dp_times: list[float] = []
+    with DPSGD(dp_model, torch.optim.AdamW(dp_model.parameters(), lr=1e-4), noise_multiplier=1.0,
+                max_grad_norm=1.0, expected_batch_size=float(len(batch)), generator=torch.Generator().manual_seed(0),
+                grad_sample_mode=grad_sample_mode) as dpsgd:
+        for repeat in range(steps + 1):
             start = time.perf_counter()
-            replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
-            self.seconds.append(time.perf_counter() - start)
-        return replies
+            train_steps(plain_model, [batch], steps=1, optimizer=plain_optimizer, spec_augment_seed=None)
+            middle = time.perf_counter()
+            dpsgd.step([batch])
+            end = time.perf_counter()
+            if repeat:
+                plain_times.append(middle - start)
+                dp_times.append(end - middle)
+    return StepTimes(plain=statistics.median(plain_times), dp=statistics.median(dp_times))
 
+
+# --- the federation: the real ClientApp per device, the run's Flower strategy on the server side ---------------
 
 @dataclass
 class _Federation:
@@ -151,7 +176,7 @@ def _federate(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: i
 def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: int,
                      rounds: int) -> _Federation:
     strategy = make_strategy(cfg.strategy)
-    grid = _LocalGrid(cfg, devices)
+    grid = InProcessGrid(client_app, devices, cfg.to_flat())
     model = build_model(cfg.model)
     load_state(model, base_state, source="base model")
     arrays = ArrayRecord(model.state_dict())

@@ -8,8 +8,8 @@ start and stop the SuperLink:
     - the managed SuperLink listens on fixed ports (39091, 39093) whatever FLWR_HOME is, so two runs at once
       (two test sessions, a benchmark beside a test) would share one, and the first to finish would stop the
       other's; ours listens on a free port of its own;
-    - ``flwr run`` gives the managed SuperLink 15 s to come up, which a loaded machine exceeds (importing
-      flower-superlink alone took 15 s on 2 busy cores); we wait up to ``SUPERLINK_START_TIMEOUT``;
+    - ``flwr run`` gives the managed SuperLink 15 s to come up, which a loaded machine exceeds; we wait up to
+      ``SUPERLINK_START_TIMEOUT``;
     - the managed SuperLink keeps running after the run; we stop ours, with everything it started.
 Data and artifacts are prepared here first, so the synthesis progress bar shows in this terminal and the
 simulated devices only ever read them.
@@ -77,7 +77,7 @@ def sampling_overrides(clients: int, per_round: int, *, parallel: int) -> dict[s
     aggregates, so that one failing device of 50 does not void the round.
 
     ``strategy.max-in-flight`` = 2 x ``parallel``: a device in each Ray actor and one queued behind it, no
-    more messages waiting than that (``server/workflow.py:_send_and_receive`` says why).
+    more messages waiting than that (``server/exchange.py:_send_and_receive`` says why).
     """
     if not 1 <= per_round <= clients:
         raise ValueError(f"per-round devices must be in 1..{clients} (the number of clients), got {per_round}")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from shared.config import RunConfig
-from simulations.bench_federation import QUICK, FederationPlan, TreeMemorySampler
+from shared.processes import TreeMemorySampler
+from simulations.bench_federation import QUICK, FederationPlan
 from simulations.simulate import sampling_overrides
 from tests.conftest import REPO_ROOT, needs_espeak
 

@@ -19,8 +19,9 @@ from shared.config import RunConfig
 from shared.data.prepare import prepare
 from shared.models.checkpoint import load_checkpoint
 from tests.conftest import TINY_RUN, needs_espeak
-from tests.test_resume import _task_identity  # noqa: F401 (autouse fixture)
 from tests.test_secagg import InProcessGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 CLIP = 1e-3  # far below a TINY_RUN device's round-1 change, so every update is clipped
 

@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from shared.fairness.cohorts import (
-    assign,
-    attribute_cohorts,
-    client_kmeans_stats,
-    cohort_counts_by_speaker,
-    federated_kmeans,
-    init_centroids,
-    server_update,
-    tree_cohorts,
-)
+from shared.fairness.cohorts import assign, client_kmeans_stats, federated_kmeans, init_centroids, server_update
 from shared.metrics import ErrorCounts
+from simulations.metadata_cohorts import attribute_cohorts, cohort_counts_by_speaker, tree_cohorts
 
 
 def _blobs(seed: int = 0, per_blob: int = 40, centers: int = 4, dim: int = 8) -> np.ndarray:

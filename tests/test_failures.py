@@ -21,7 +21,10 @@ from server.workflow import run_federation
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
 from tests.conftest import TINY_RUN, needs_espeak
-from tests.test_resume import ScriptedGrid, _task_identity, run_marked  # noqa: F401 (autouse fixture)
+from tests.conftest import ScriptedGrid
+from tests.test_resume import run_marked
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 FAULTY, DROPOUT = 1, 2  # partition ids: raises in every train and evaluate; silent past the timeout in round 1
 TIMEOUT = 20.0  # strategy.timeout (s): a normal tiny-model device answers well within it on 2 loaded cores

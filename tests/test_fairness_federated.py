@@ -10,7 +10,6 @@ checks it against the audit, the reference k-means and the pooled device WER.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from uuid import uuid4
 
@@ -22,7 +21,6 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.fairness import cohort_eval_record, idle_train_reply, kmeans_reply, local_fairness
 from server.fairness import (FairnessRounds, discover_cohorts, normalized_fisher, sum_cohort_eval, worst_cohorts)
@@ -32,6 +30,7 @@ from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats
 from shared.fairness.cohorts import assign, cohort_report, federated_kmeans, init_centroids
 from shared.fairness.ewc import FisherSums
 from shared.metrics import ErrorCounts
+from simulations.harness import InProcessGrid
 from shared.privacy.audit import (ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod,
                                   audit_reply)
 from tests.conftest import TINY_RUN, needs_espeak, with_run_config
@@ -40,12 +39,7 @@ E = 8  # embedding dimension of the fast tests
 UNUSED = Path("/nonexistent/speaker-embedder.pt")  # devices here hold their embedding in state already
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Outside a Flower process nobody sets the task identity that every new instruction Message records.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _embeddings(n: int, seed: int = 0) -> np.ndarray:
@@ -60,27 +54,9 @@ def _device_state(embedding: np.ndarray) -> RecordDict:
     return RecordDict({p.EMBEDDING_STATE: ArrayRecord({"embedding": Array(np.asarray(embedding, np.float64))})})
 
 
-class LocalGrid:
-    """A stand-in for Flower's Grid: every message goes to an in-process device (a ClientApp with its own
-    ``context.state``); each (sent, reply) pair is kept for inspection."""
-
-    def __init__(self, app: ClientApp, states: dict[int, RecordDict]) -> None:
-        self.app, self.states = app, states
-        self.exchanges: list[tuple[Message, Message]] = []
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.states)
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1},
-                              state=self.states[node], run_config={})
-            reply = self.app(message, context)
-            self.exchanges.append((message, reply))
-            replies.append(reply)
-        return replies
+def LocalGrid(app: ClientApp, states: dict[int, RecordDict]) -> InProcessGrid:  # noqa: N802 - reads as a class
+    """The harness's Grid: in-process devices with the given ``context.state``s and an empty run config."""
+    return InProcessGrid(app, states, {})
 
 
 def _device_app(device_counts: dict[int, ErrorCounts] | None = None) -> ClientApp:
@@ -400,7 +376,8 @@ def test_a_resumed_run_keeps_the_committed_evaluations_and_population_stats(tmp_
     assert [e["round"] for e in resumed.log if e["phase"] == "evaluate"] == [1]
     assert resumed.last_report is not None and resumed.last_report.worst_cohort == 1  # what round 2 targets
     assert resumed.population == PopulationStats(0.4, 2.5)
-    FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2)).restore_log(tmp_path / "new")  # nothing saved: nothing restored
+    # nothing saved: nothing restored
+    FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2)).restore_log(tmp_path / "new")
 
 
 def test_normalized_fisher_and_worst_cohorts() -> None:

@@ -12,7 +12,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.workflow import _send_and_receive, _sort_replies
+from server.exchange import _send_and_receive, exchange
+from shared.config import StrategyConfig
 from simulations.bench_federation import in_memory_federation
 
 RUN_ID, TASK_ID, SUPERLINK_NODE = 1, 7, 1
@@ -48,14 +49,15 @@ class Federation:
                     if node_id in self.silent:
                         continue
                     time.sleep(self.work_s)
-                    reply = Message(RecordDict({"metrics": MetricRecord({"node": node_id % 1000})}), reply_to=msg)
+                    reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": node_id % 1000})}),
+                                    reply_to=msg)
                     reply.metadata.__dict__["_message_id"] = str(uuid4())  # as the engine's worker does
                     self.state.store_message_res(reply)
             self._stop.wait(0.01)
 
     def messages(self, count: int) -> list[Message]:
         return [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node_id,
-                        message_type="train") for node_id in self.node_ids[:count]]
+                        message_type="query.window") for node_id in self.node_ids[:count]]
 
     def __enter__(self) -> Federation:
         self._thread.start()
@@ -86,8 +88,7 @@ def test_a_silent_device_holds_a_slot_until_the_phase_deadline_and_is_counted() 
     with Federation(10, silent=frozenset({0})) as fed:
         msgs = fed.messages(6)
         start = time.monotonic()
-        replies = _send_and_receive(fed.grid, msgs, timeout=2.0, max_in_flight=2)
+        replies = exchange(fed.grid, msgs, phase="window", strategy=StrategyConfig(timeout=2.0, max_in_flight=2))
         elapsed = time.monotonic() - start
-    ok, failed = _sort_replies(msgs, replies, phase="train", server_round=1)
-    assert len(ok) == 5 and failed == 1  # the other five went through the remaining slot
+    assert (len(replies.ok), replies.failed, replies.rejected) == (5, 1, 0)  # the others used the remaining slot
     assert 2.0 <= elapsed < 10.0

@@ -16,14 +16,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 import server.workflow
 from server.checkpoint import STRATEGY_STATE, load_round, rewind_metrics, save_round
@@ -31,52 +29,10 @@ from server.workflow import make_strategy, run_federation
 from shared.config import RunConfig, StrategyConfig
 from shared.models.checkpoint import build_model, load_checkpoint
 from simulations.simulate import REPO_ROOT, stop_local_superlink
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, ScriptedGrid, needs_espeak
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Outside a Flower process nobody sets the task identity that every new instruction Message records.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class ScriptedGrid:
-    """An in-process stand-in for Flower's Grid: devices whose training adds a fixed pseudo-random step to
-    the global model (seeded by round and node), so a run is exactly reproducible. ``failing`` devices reply
-    with an error, ``silent`` ones never reply; ``crash_at`` raises in that round, as a killed server would."""
-
-    def __init__(self, nodes: int = 4, *, failing: Iterable[int] = (), silent: Iterable[int] = (),
-                 crash_at: int | None = None) -> None:
-        self.nodes = list(range(1, nodes + 1))
-        self.failing, self.silent, self.crash_at = set(failing), set(silent), crash_at
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):  # a fixed order: exact sums
-            node, server_round = msg.metadata.dst_node_id, int(msg.content["config"]["server-round"])
-            if server_round == self.crash_at:
-                raise KeyboardInterrupt(f"server killed in round {server_round}")
-            if node in self.silent:
-                continue
-            if node in self.failing:
-                replies.append(Message(Error(code=0, reason="scripted device fault"), reply_to=msg))
-            elif msg.metadata.message_type == "train":
-                step = torch.Generator().manual_seed(1000 * server_round + node)
-                state = {k: v + 0.01 * torch.randn(v.shape, generator=step)
-                         for k, v in msg.content["arrays"].to_torch_state_dict().items()}
-                replies.append(Message(RecordDict({
-                    "arrays": ArrayRecord(state),
-                    "metrics": MetricRecord({"train-loss": 1.0 / server_round, "num-examples": 2 + node})}),
-                    reply_to=msg))
-            else:
-                replies.append(Message(RecordDict({"metrics": MetricRecord(
-                    {"word-errors": node, "words": 10, "num-examples": 3, "wer": node / 10})}), reply_to=msg))
-        return replies
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _tiny_model_cfg():  # the TINY_RUN model
@@ -138,7 +94,7 @@ def test_rewind_metrics_drops_uncommitted_and_torn_lines(tmp_path: Path) -> None
     path.write_text("".join(json.dumps({"round": r}) + "\n" for r in range(4)) + '{"round": 4, "heldo')
     assert [r["round"] for r in rewind_metrics(path, before=3)] == [0, 1, 2]
     assert [json.loads(line)["round"] for line in path.read_text().splitlines()] == [0, 1, 2]
-    assert not path.with_name("metrics.jsonl.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left behind
 
 
 # -- run_federation, crashed and resumed (scripted grid, real data preparation and held-out scoring) --------

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.serde import message_to_proto
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 import client.client_app as client_app
@@ -32,49 +32,40 @@ from shared.data.prepare import prepare
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
+from simulations import harness
 from tests.conftest import TINY_RUN, needs_espeak, with_run_config
 from tests.test_privacy_invariant import leaks, sensitive_strings
-from tests.test_resume import _task_identity, run_marked  # noqa: F401 (autouse fixture)
+from tests.test_resume import run_marked
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 DEVICES = 4
 
 
-def _wire(msg: Message) -> Message:
-    """``msg`` as the other side receives it: serialized and parsed (the workflow sends several devices one
-    RecordDict, which a device's mods change in place; on the wire each device gets its own)."""
-    return message_from_proto(message_to_proto(msg))
-
-
-class InProcessGrid:
-    """Flower's Grid over our real ClientApp in this process: messages serialized both ways as on the wire, one
-    persistent Context per device. A device in
-    ``drop_at`` (node id -> SecAgg+ stage) stops answering from that stage on, as a device that lost its link."""
+class InProcessGrid(harness.InProcessGrid):
+    """The harness's Grid over our real ClientApp, on the wire, for ``DEVICES`` devices. A device in ``drop_at``
+    (node id -> SecAgg+ stage) stops answering from that stage on, as a device that lost its link."""
 
     def __init__(self, cfg: RunConfig, drop_at: dict[int, str] | None = None) -> None:
-        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=cfg.to_flat(),
-                                       node_config={"partition-id": node - 1, "num-partitions": DEVICES})
-                         for node in range(1, DEVICES + 1)}
+        super().__init__(client_app.app, DEVICES, cfg.to_flat(), on_wire=True)
         self.drop_at = drop_at or {}
         self.dropped: set[int] = set()
-        self.replies: list[tuple[str, Message]] = []  # (stage, reply) as each left its device
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
+    @staticmethod
+    def stage(msg: Message) -> str:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        return str(configs[Key.STAGE]) if configs is not None else "plain"
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-            node = msg.metadata.dst_node_id
-            configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-            stage = str(configs[Key.STAGE]) if configs is not None else "plain"
-            if self.drop_at.get(node) == stage:
-                self.dropped.add(node)
-            if node in self.dropped:
-                continue
-            reply = client_app.app(_wire(msg), self.contexts[node])
-            self.replies.append((stage, _wire(reply)))  # its own copy: strategies may change what they get
-            replies.append(_wire(reply))
-        return replies
+    def answers(self, msg: Message) -> bool:
+        node = msg.metadata.dst_node_id
+        if self.drop_at.get(node) == self.stage(msg):
+            self.dropped.add(node)
+        return node not in self.dropped
+
+    @property
+    def replies(self) -> list[tuple[str, Message]]:
+        """(stage, reply) as each left its device."""
+        return [(self.stage(msg), reply) for msg, reply in self.exchanges]
 
 
 def _cfg(workdir: Path, **extra: Any) -> RunConfig:

@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput
+from shared.models.encoder import EncoderOutput, check_batch, check_chunk, rotary_tables, rotate
 from shared.models.flops import arbitrator_flops_per_frame, ffn_flops_per_frame, mha_flops_per_frame
 from shared.models.transformer import (
     CausalSelfAttention,
@@ -250,27 +250,6 @@ def _straight_through_gumbel(logit: Tensor, temperature: float) -> Tensor:
     return hard + (relaxed - relaxed.detach())
 
 
-def _rotary_tables(offset: int, frames: int, d_head: int, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosines and sines (t', d_h / 2) of the RoPE angles of frames ``offset .. offset + t' - 1``.
-
-    The dense model's formula (float64 angles, so positions of unbounded streams stay exact): rotations agree bit
-    for bit. Computed once per chunk and indexed by the blocks' gathered frames.
-    """
-    positions = torch.arange(offset, offset + frames, dtype=torch.float64)
-    inverse_frequencies = 10000.0 ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-    angles = positions[:, None] * inverse_frequencies[None, :]
-    return (
-        angles.cos().to(device=reference.device, dtype=reference.dtype),
-        angles.sin().to(device=reference.device, dtype=reference.dtype),
-    )
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE to x (..., n, d_h): each pair (x_i, x_{i + d_h/2}) turns by its frame's angle (cos, sin broadcast)."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
-
-
 def _attend(
     qkv: Tensor,
     positions: Tensor,
@@ -303,7 +282,7 @@ def _attend(
     batch, count, width = qkv.shape
     d_model = width // 3
     qkv = qkv.view(batch, count, 3, num_heads, d_model // num_heads).permute(2, 0, 3, 1, 4)
-    query, key = _rotate(qkv[:2], *rotary).unbind(0)
+    query, key = rotate(qkv[:2], *rotary).unbind(0)
     extended = ActiveKVCache(
         key=torch.cat([cache.key, key], dim=2),
         value=torch.cat([cache.value, qkv[2]], dim=2),
@@ -433,7 +412,7 @@ class AmortizedBlock(nn.Module):
         if x.shape[1] == 0:
             return x, cache, gates
         if rotary is None:
-            rotary = _rotary_tables(offset, x.shape[1], self.attention.d_head, x)
+            rotary = rotary_tables(offset, x.shape[1], self.attention.d_head, x)
         if gather:
             x, extended = self._attention_gathered(x, cache, offset, gates.mha > 0, rotary)
             x = self._feed_forward_gathered(x, gates.ffn > 0)
@@ -631,7 +610,7 @@ class AmortizedTransformerEncoder(nn.Module):
     ) -> tuple[Tensor, tuple[ActiveKVCache, ...], tuple[BlockGates, ...]]:
         """Blocks and final norm over (B, t', D) subsampled frames starting at ``offset``; records gate counts."""
         frames = self.frontend_dropout(frames)
-        rotary = _rotary_tables(offset, frames.shape[1], self.blocks[0].attention.d_head, frames)
+        rotary = rotary_tables(offset, frames.shape[1], self.blocks[0].attention.d_head, frames)
         new_layers, all_gates = [], []
         for block, cache in zip(self.blocks, layers, strict=True):
             frames, cache, gates = block(
@@ -657,10 +636,6 @@ class AmortizedTransformerEncoder(nn.Module):
             total += self.mha_flops + self.ffn_flops + arbitrator
         return (expected * weights).sum() / (total * weights.sum().clamp(min=1.0))
 
-    def _check_feats(self, feats: Tensor, name: str) -> None:
-        if feats.dim() != 3 or feats.shape[2] != self.input_dim:
-            raise ValueError(f"{name} must be (B, T, F={self.input_dim}), got shape {tuple(feats.shape)}")
-
     def encode_with_gates(
         self, feats: Tensor, lengths: Tensor, *, gather: bool | None = None
     ) -> tuple[EncoderOutput, tuple[BlockGates, ...]]:
@@ -675,11 +650,7 @@ class AmortizedTransformerEncoder(nn.Module):
             ``EncoderOutput`` (frames (B, T', D), zeros beyond each length; lengths (B,); compute_cost, a scalar)
             and one ``BlockGates`` of (B, T') tensors per block.
         """
-        self._check_feats(feats, "feats")
-        if lengths.shape != (feats.shape[0],):
-            raise ValueError(f"lengths must be (B={feats.shape[0]},), got shape {tuple(lengths.shape)}")
-        if feats.shape[0] > 0 and (int(lengths.min()) < 0 or int(lengths.max()) > feats.shape[1]):
-            raise ValueError(f"lengths must lie in [0, T={feats.shape[1]}], got {lengths.tolist()}")
+        check_batch(feats, lengths, self.input_dim)
         gather = self._resolve_gather(gather)
         out_lengths = self.subsampled_length(lengths)
         frames = self.frontend(feats)
@@ -704,9 +675,7 @@ class AmortizedTransformerEncoder(nn.Module):
         Returns:
             (B, t', D) newly completed encoder frames (t' may be 0) and the new state.
         """
-        self._check_feats(chunk, "chunk")
-        if chunk.shape[0] != state.pending.shape[0]:
-            raise ValueError(f"chunk has batch {chunk.shape[0]}, the state has batch {state.pending.shape[0]}")
+        check_chunk(chunk, self.input_dim, state.pending.shape[0])
         frames, pending = self.frontend.stream(state.pending, chunk)
         count = frames.shape[1]
         if count == 0:

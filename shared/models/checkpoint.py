@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import ModelConfig
+from shared.config import MODEL_NAMES, ModelConfig
 from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
 from shared.files import torch_save_atomic
@@ -42,7 +42,6 @@ __all__ = ["MODEL_NAMES", "SHIPPED", "SHIPPED_DIR", "CheckpointError", "Checkpoi
            "load_state", "save_checkpoint", "load_checkpoint", "initial_model", "init_checkpoint_path",
            "shipped_manifest", "sha256_of", "checkpoint_frontend", "architecture"]
 
-MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")
 
 _FORMAT = "chorus-checkpoint-v1"
 # Sliding-window baseline (Xie et al.'s comparison): attention limited to this many past encoder frames.
@@ -211,18 +210,27 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source:
     model.load_state_dict(state_dict)
 
 
+def _check_finite(state: dict[str, torch.Tensor], context: str) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{context}: weight {key!r} has {int((~torch.isfinite(value)).sum())} non-finite "
+                                  f"value(s)")
+
+
 def save_checkpoint(path: Path | str, model: nn.Module, model_config: ModelConfig, *,
                     frontend: Frontend | None = None, dtype: torch.dtype | None = None, **meta: Any) -> Path:
     """Atomically write weights + config + meta (a crash mid-write never leaves a torn checkpoint).
 
     ``frontend`` travels with the weights; ``dtype`` (e.g. float16 for shipping) casts floating-point weights
-    (loading casts them back to the model's dtype).
+    (loading casts them back to the model's dtype). A model with a non-finite weight is refused (CheckpointError
+    naming the tensor): a checkpoint is finite by construction, so no run ever resumes from a broken model.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if frontend is not None:
         meta = {**meta, "frontend": frontend.to_meta()}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _check_finite(state, f"refusing to write checkpoint {path}")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     payload = {"format": _FORMAT, "model_config": dataclasses.asdict(model_config), "state_dict": state,
@@ -243,7 +251,7 @@ def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> C
         raise CheckpointError(f"checkpoint {path} is not a {_FORMAT} file")
     try:
         model_config = ModelConfig(**payload["model_config"])
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable model config: {err}") from err
     if expect is not None:
         own, wanted = architecture(model_config), architecture(expect)
@@ -251,6 +259,7 @@ def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> C
                  if own[name] != wanted[name]]
         if diffs:
             raise CheckpointError(f"checkpoint {path} is a different model: " + "; ".join(diffs))
+    _check_finite(payload["state_dict"], f"checkpoint {path} is unusable")
     return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"],
                       source=str(path))
 

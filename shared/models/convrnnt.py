@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, constant_cost
+from shared.models.encoder import EncoderOutput, check_batch, check_chunk, constant_cost
 
 __all__ = [
     "ConvRNNTConfig",
@@ -518,10 +518,6 @@ class ConvRNNTEncoder(nn.Module):
         frames = self.output_linear(self.dropout(hidden))  # (B, t', D)
         return frames, ConvRNNTState(local_context=local_state, global_context=global_state, lstm=LSTMState(h=h, c=c))
 
-    def _check_feats(self, feats: Tensor, name: str) -> None:
-        if feats.dim() != 3 or feats.size(2) != self.input_dim:
-            raise ValueError(f"{name} must have shape (B, T, {self.input_dim}), got {tuple(feats.shape)}")
-
     def forward(self, feats: Tensor, lengths: Tensor) -> EncoderOutput:
         """Encode a padded batch.
 
@@ -533,12 +529,8 @@ class ConvRNNTEncoder(nn.Module):
             EncoderOutput with frames (B, T // 4, D) (zeros past each utterance's length), lengths (B,) = lengths // 4,
             and compute_cost 1 (a dense encoder).
         """
-        self._check_feats(feats, "feats")
+        check_batch(feats, lengths, self.input_dim)
         batch_size, num_frames, _ = feats.shape
-        if lengths.shape != (batch_size,):
-            raise ValueError(f"lengths must have shape ({batch_size},), got {tuple(lengths.shape)}")
-        if batch_size > 0 and (int(lengths.min()) < 0 or int(lengths.max()) > num_frames):
-            raise ValueError(f"lengths must lie in 0..{num_frames}, got {lengths.tolist()}")
         lengths = lengths.to(feats.device)
         valid = torch.arange(num_frames, device=feats.device) < lengths.unsqueeze(1)  # (B, T)
         feats = feats.masked_fill(~valid.unsqueeze(2), 0.0)
@@ -558,8 +550,5 @@ class ConvRNNTEncoder(nn.Module):
         Returns:
             frames (B, t', D), the encoder frames whose inputs are now complete (t' may be 0), and the new state.
         """
-        self._check_feats(chunk, "chunk")
-        state_batch = state.lstm.h.size(1)
-        if chunk.size(0) != state_batch:
-            raise ValueError(f"chunk has batch size {chunk.size(0)} but the state was made for {state_batch}")
+        check_chunk(chunk, self.input_dim, state.lstm.h.size(1))
         return self._step(chunk, state)

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["EncoderOutput", "StreamingEncoder"]
+__all__ = ["EncoderOutput", "StreamingEncoder", "check_batch", "check_chunk", "constant_cost", "rotary_tables",
+           "rotate"]
 
 
 class EncoderOutput(NamedTuple):
@@ -64,3 +65,42 @@ class StreamingEncoder(Protocol):
 def constant_cost(reference: Tensor) -> Tensor:
     """The compute cost of a dense encoder: always all of it."""
     return reference.new_ones(())
+
+
+def check_batch(feats: Tensor, lengths: Tensor, input_dim: int) -> None:
+    """Raise ValueError unless feats is (B, T, F=input_dim) and lengths (B,) with every length in [0, T]."""
+    if feats.dim() != 3 or feats.shape[2] != input_dim:
+        raise ValueError(f"feats must be (B, T, F={input_dim}), got shape {tuple(feats.shape)}")
+    if lengths.shape != (feats.shape[0],):
+        raise ValueError(f"lengths must be (B={feats.shape[0]},), got shape {tuple(lengths.shape)}")
+    if feats.shape[0] > 0 and (int(lengths.min()) < 0 or int(lengths.max()) > feats.shape[1]):
+        raise ValueError(f"lengths must lie in [0, T={feats.shape[1]}], got {lengths.tolist()}")
+
+
+def check_chunk(chunk: Tensor, input_dim: int, state_batch: int) -> None:
+    """Raise ValueError unless chunk is (B, t, F=input_dim) with the batch size B the streaming state was made for."""
+    if chunk.dim() != 3 or chunk.shape[2] != input_dim:
+        raise ValueError(f"chunk must be (B, t, F={input_dim}), got shape {tuple(chunk.shape)}")
+    if chunk.shape[0] != state_batch:
+        raise ValueError(f"chunk has batch {chunk.shape[0]}, the state has batch {state_batch}")
+
+
+def rotary_tables(offset: int, frames: int, d_head: int, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Cosines and sines (t', d_h / 2) of the RoPE angles of frames ``offset .. offset + t' - 1``.
+
+    Angles are computed in float64 so that positions of unbounded streams (millions of frames) stay exact; the
+    tables come in ``reference``'s dtype and device.
+    """
+    positions = torch.arange(offset, offset + frames, dtype=torch.float64)
+    inverse_frequencies = 10000.0 ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
+    angles = positions[:, None] * inverse_frequencies[None, :]
+    return (
+        angles.cos().to(device=reference.device, dtype=reference.dtype),
+        angles.sin().to(device=reference.device, dtype=reference.dtype),
+    )
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply RoPE to x (..., n, d_h): each pair (x_i, x_{i + d_h/2}) turns by its frame's angle (cos, sin broadcast)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)

@@ -278,9 +278,7 @@ def train_speaker_embedding(
     Each step draws ``batch_size`` utterances uniformly and a random ``crop_frames`` window of each (2 s by
     default: a fixed length keeps batches unpadded, and random windows augment). The margin ramps linearly
     from 0 to ``margin`` over the first quarter of the steps (margin warm-up, as in Wespeaker recipes: a full
-    margin on a random network slows the start), Adam at a constant ``lr``. Cost at the default sizes: about
-    0.35 s of one CPU core per step (measured), so the default 300 steps (10 passes over 24 speakers x 40
-    utterances) take about 2 minutes on one core.
+    margin on a random network slows the start), Adam at a constant ``lr``.
 
     Args:
         features: per utterance, (T, F) features (CMVN-normalized fbank, e.g. from ``collect_features``).

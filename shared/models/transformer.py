@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, constant_cost
+from shared.models.encoder import EncoderOutput, check_batch, check_chunk, constant_cost, rotary_tables, rotate
 
 __all__ = [
     "CausalSelfAttention",
@@ -99,26 +99,6 @@ def subsampled_length(lengths: Tensor) -> Tensor:
     """(B,) input frame counts -> (B,) encoder frame counts of the 4x front end (0 below 7 input frames)."""
     first = torch.div(lengths - 3, 2, rounding_mode="floor") + 1
     return (torch.div(first - 3, 2, rounding_mode="floor") + 1).clamp(min=0)
-
-
-def _rotary_tables(offset: int, frames: int, d_head: int, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosines and sines (t', d_h / 2) of the RoPE angles of frames ``offset .. offset + t' - 1``.
-
-    Angles are computed in float64 so that positions of unbounded streams (millions of frames) stay exact.
-    """
-    positions = torch.arange(offset, offset + frames, dtype=torch.float64)
-    inverse_frequencies = 10000.0 ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-    angles = positions[:, None] * inverse_frequencies[None, :]
-    return (
-        angles.cos().to(device=reference.device, dtype=reference.dtype),
-        angles.sin().to(device=reference.device, dtype=reference.dtype),
-    )
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE to x (B, H, t', d_h): each pair (x_i, x_{i + d_h/2}) turns by its frame's angle."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
 def _band_mask(frames: int, cached: int, left_context: int, device: torch.device) -> Tensor:
@@ -223,11 +203,11 @@ class CausalSelfAttention(nn.Module):
         """
         batch, frames, d_model = x.shape
         query, key, value = self.qkv(x).view(batch, frames, 3, self.num_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        cos, sin = _rotary_tables(offset, frames, self.d_head, x)
-        keys = torch.cat([cache.key, _rotate(key, cos, sin)], dim=2)
+        cos, sin = rotary_tables(offset, frames, self.d_head, x)
+        keys = torch.cat([cache.key, rotate(key, cos, sin)], dim=2)
         values = torch.cat([cache.value, value], dim=2)
         mask = _band_mask(frames, cache.key.shape[2], self.left_context, x.device)
-        attended = F.scaled_dot_product_attention(_rotate(query, cos, sin), keys, values, attn_mask=mask)
+        attended = F.scaled_dot_product_attention(rotate(query, cos, sin), keys, values, attn_mask=mask)
         output = self.out(attended.transpose(1, 2).reshape(batch, frames, d_model))
         if frame_mask is not None:
             output = output * frame_mask.unsqueeze(-1).to(output.dtype)
@@ -313,10 +293,6 @@ class CausalTransformerEncoder(nn.Module):
             new_layers.append(cache)
         return self.final_norm(frames), tuple(new_layers)
 
-    def _check_feats(self, feats: Tensor, name: str) -> None:
-        if feats.dim() != 3 or feats.shape[2] != self.input_dim:
-            raise ValueError(f"{name} must be (B, T, F={self.input_dim}), got shape {tuple(feats.shape)}")
-
     def forward(self, feats: Tensor, lengths: Tensor) -> EncoderOutput:
         """Encode whole utterances.
 
@@ -327,11 +303,7 @@ class CausalTransformerEncoder(nn.Module):
         Returns:
             ``EncoderOutput`` with frames (B, T', D) (zeros beyond each length), lengths (B,) and a constant cost 1.
         """
-        self._check_feats(feats, "feats")
-        if lengths.shape != (feats.shape[0],):
-            raise ValueError(f"lengths must be (B={feats.shape[0]},), got shape {tuple(lengths.shape)}")
-        if feats.shape[0] > 0 and (int(lengths.min()) < 0 or int(lengths.max()) > feats.shape[1]):
-            raise ValueError(f"lengths must lie in [0, T={feats.shape[1]}], got {lengths.tolist()}")
+        check_batch(feats, lengths, self.input_dim)
         out_lengths = self.subsampled_length(lengths)
         frames = self.frontend(feats)
         if frames.shape[1] > 0:
@@ -350,9 +322,7 @@ class CausalTransformerEncoder(nn.Module):
         Returns:
             (B, t', D) newly completed encoder frames (t' may be 0) and the new state.
         """
-        self._check_feats(chunk, "chunk")
-        if chunk.shape[0] != state.pending.shape[0]:
-            raise ValueError(f"chunk has batch {chunk.shape[0]}, the state has batch {state.pending.shape[0]}")
+        check_chunk(chunk, self.input_dim, state.pending.shape[0])
         frames, pending = self.frontend.stream(state.pending, chunk)
         count = frames.shape[1]
         if count == 0:

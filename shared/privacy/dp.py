@@ -23,9 +23,8 @@ DP-SGD (Abadi et al. 2016) as Opacus implements it; the choices that make it val
       and the wrapped optimizer steps.
     * Per-sample gradients: Opacus' ``GradSampleModule`` in "hooks" mode. Every layer of the four models has a
       hooks grad sampler (Linear, Conv1d incl. depthwise, Embedding, LayerNorm; ConvRNN-T needs ``DPLSTM``,
-      see ``make_dp_compatible``). Measured on the 6-layer transformer (``python -m shared.privacy.dp``: 8
-      utterances of 3 s, one CPU thread), a DP step took 1.3x a plain one with hooks, 1.8x with functorch;
-      ghost clipping does not run on these models (Opacus' Linear norm sampler handles
+      see ``make_dp_compatible``); ``chorus eval privacy`` reports a DP step's time against a plain one. Ghost
+      clipping does not run on these models (Opacus' Linear norm sampler handles
       2-D and 3-D inputs only, the joiner's is 4-D (B, T', U + 1, J)).
     * Randomness: Poisson sampling, SpecAugment masks and noise come from one generator seeded from OS entropy
       unless ``seed`` is given (tests). Never derive them from the round number or partition id: the server
@@ -53,12 +52,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import copy
 import functools
 import math
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Mapping, NamedTuple, Sequence
@@ -74,10 +69,10 @@ from shared.data.dataset import Batch
 from shared.data.features import spec_augment as _spec_augment
 from shared.models.convrnnt import ConvRNNTEncoder
 from shared.models.transducer import Transducer
-from shared.training import StepStats, train_steps
+from shared.training import StepStats
 
-__all__ = ["AccountantState", "DPCompatibilityError", "DPRound", "PrivacyBudgetExhausted", "StepTimes",
-           "check_budget", "dp_train_steps", "make_dp_compatible", "measure_step_times", "validate"]
+__all__ = ["AccountantState", "DPCompatibilityError", "DPRound", "DPSGD", "GradSampleMode", "PrivacyBudgetExhausted",
+           "check_budget", "dp_train_steps", "make_dp_compatible", "validate"]
 
 GradSampleMode = Literal["hooks", "functorch"]
 
@@ -361,7 +356,7 @@ def dp_train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, o
     ledger = accountant.accountant()
 
     total_loss, total_cost, loss_steps, visits = 0.0, 0.0, 0, 0
-    with _DPSGD(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    with DPSGD(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=sample_rate * len(pool), generator=generator,
                 grad_sample_mode=grad_sample_mode) as dpsgd:
         dpsgd.optimizer.attach_step_hook(ledger.get_optimizer_hook_fn(sample_rate=sample_rate))
@@ -385,7 +380,7 @@ def dp_train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, o
     return DPRound(stats=stats, accountant=state, epsilon=epsilon)
 
 
-class _DPSGD:
+class DPSGD:
     """Opacus around a model for the length of a ``with`` block: per-sample gradients, clipping, noise.
 
     On exit the model is as before: no hooks, no per-sample attributes on its parameters.
@@ -401,7 +396,7 @@ class _DPSGD:
         self._force_functorch = grad_sample_mode == "functorch"
         self._warnings = warnings.catch_warnings()
 
-    def __enter__(self) -> _DPSGD:
+    def __enter__(self) -> DPSGD:
         self.model.train()
         self.module = GradSampleModule(self.model, batch_first=True, loss_reduction="mean",
                                        force_functorch=self._force_functorch)
@@ -506,80 +501,3 @@ def _collate(group: list[_Example]) -> Batch:
         targets[row, : example.targets.shape[0]] = example.targets
     return Batch(feats=feats, feat_lens=feat_lens, targets=targets, target_lens=target_lens,
                  ids=[example.id for example in group])
-
-
-# --- Step time ---------------------------------------------------------------------------------------------------
-
-class StepTimes(NamedTuple):
-    """Seconds per optimizer step on the same batch: plain ``train_steps`` and ``dp_train_steps`` (q = 1)."""
-
-    plain: float
-    dp: float
-
-    @property
-    def ratio(self) -> float:
-        return self.dp / self.plain
-
-
-def measure_step_times(model: Transducer, batch: Batch, *, steps: int = 5,
-                       grad_sample_mode: GradSampleMode = "hooks") -> StepTimes:
-    """Median seconds of a plain and a DP-SGD optimizer step on exactly ``batch``, each on its own copy of ``model``.
-
-    Plain: ``train_steps`` (AdamW, its gradient clipping, no SpecAugment). DP: the step ``dp_train_steps`` runs,
-    on ``batch`` as one Poisson sample (AdamW, per-sample gradients, clipping, noise), ConvRNN-T with DPLSTM.
-    The two alternate, one step each, so a machine's changing load hits both alike; the first pair is a warm-up.
-    Excluded: once-per-round work (wrapping the model, accounting: about 0.1-0.5 s per round on a CPU).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be positive, got {steps}")
-    plain_model = copy.deepcopy(model).train()  # a plain ConvRNN-T keeps nn.LSTM, as a device without DP runs it
-    dp_model = make_dp_compatible(copy.deepcopy(model)).train()
-    validate(dp_model)
-    plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
-    plain_times: list[float] = []
-    dp_times: list[float] = []
-    with _DPSGD(dp_model, torch.optim.AdamW(dp_model.parameters(), lr=1e-4), noise_multiplier=1.0,
-                max_grad_norm=1.0, expected_batch_size=float(len(batch)), generator=torch.Generator().manual_seed(0),
-                grad_sample_mode=grad_sample_mode) as dpsgd:
-        for repeat in range(steps + 1):
-            start = time.perf_counter()
-            train_steps(plain_model, [batch], steps=1, optimizer=plain_optimizer, spec_augment_seed=None)
-            middle = time.perf_counter()
-            dpsgd.step([batch])
-            end = time.perf_counter()
-            if repeat:
-                plain_times.append(middle - start)
-                dp_times.append(end - middle)
-    return StepTimes(plain=statistics.median(plain_times), dp=statistics.median(dp_times))
-
-
-def _main() -> None:
-    from shared.config import ModelConfig
-    from shared.models.checkpoint import build_model
-
-    parser = argparse.ArgumentParser(description="DP-SGD vs plain step time on one random batch")
-    parser.add_argument("--model", default="transformer")
-    parser.add_argument("--num-layers", type=int, default=ModelConfig.num_layers)
-    parser.add_argument("--batch", type=int, default=8, help="utterances per step")
-    parser.add_argument("--frames", type=int, default=300, help="feature frames per utterance (10 ms each)")
-    parser.add_argument("--tokens", type=int, default=20, help="target tokens per utterance")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--modes", nargs="+", default=["hooks", "functorch"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = ModelConfig(name=args.model, num_layers=args.num_layers)
-    model = build_model(cfg)
-    batch = Batch(feats=torch.randn(args.batch, args.frames, model.encoder.input_dim),
-                  feat_lens=torch.full((args.batch,), args.frames), targets=torch.randint(0, cfg.vocab_size,
-                  (args.batch, args.tokens)), target_lens=torch.full((args.batch,), args.tokens),
-                  ids=[f"u{i}" for i in range(args.batch)])
-    for mode in args.modes:
-        times = measure_step_times(model, batch, steps=args.steps, grad_sample_mode=mode)
-        print(f"{args.model} B={args.batch} T={args.frames} U={args.tokens} threads={args.threads} {mode}: "
-              f"plain {times.plain:.3f} s/step, DP {times.dp:.3f} s/step, ratio {times.ratio:.2f}")
-
-
-if __name__ == "__main__":
-    _main()
