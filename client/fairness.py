@@ -186,20 +186,18 @@ def local_fairness(content: RecordDict, state: RecordDict, data: DeviceData, emb
       speaker embedding, and stays frozen (uniform weights) while ``arw-frozen`` is set.
     """
     config = content["config"] if isinstance(content.get("config"), ConfigRecord) else ConfigRecord()
+    instruction = p.TrainInstruction.from_config(config)
     model_state, adversary_state = p.split_adversary(global_state)
-    if p.TARGET_COHORTS in config:
-        targets = config[p.TARGET_COHORTS]
-        targets = [int(t) for t in (targets if isinstance(targets, list) else [targets])]  # type: ignore[union-attr]
+    if instruction.target_cohorts is not None:
         cohort = cohort_id(state, speaker_embedding(state, data, embedder_path), _centroids(content))
-        if cohort not in targets:
+        if cohort not in instruction.target_cohorts:
             return LocalFairness(takes_part=False, model_state=model_state)
     penalty = None
     if p.FISHER in content:
         fisher = content[p.FISHER]
         if not isinstance(fisher, ArrayRecord):
             raise p.ProtocolError(f"{p.FISHER!r} must be an ArrayRecord")
-        lam = float(config.get(p.EWC_LAMBDA, 0.0))  # type: ignore[arg-type]
-        penalty = EWCPenalty(model_state, fisher.to_torch_state_dict(), lam)
+        penalty = EWCPenalty(model_state, fisher.to_torch_state_dict(), instruction.ewc_lambda or 0.0)
     reweighter = None
     if adversary_state:
         adversary = p.adversary_from_state(adversary_state)
@@ -209,14 +207,13 @@ def local_fairness(content: RecordDict, state: RecordDict, data: DeviceData, emb
         if got != expected:
             raise p.ProtocolError(f"the adversary takes {got} inputs, the device has {UTTERANCE_STATISTICS} utterance "
                                   f"statistics + a {embedding.shape[0]}-dimensional speaker embedding")
-        frozen = bool(config.get(p.ARW_FROZEN, False))
         population = None
-        if p.ARW_MEAN_SCORE in config:  # population ARW: normalize by the federation's mean score, not the batch's
-            population = PopulationStats(mean_score=float(config[p.ARW_MEAN_SCORE]),  # type: ignore[arg-type]
-                                         weighted_loss=float(config.get(p.ARW_WEIGHTED_LOSS, 0.0)))  # type: ignore[arg-type]
+        if instruction.arw_mean_score is not None:  # population ARW: normalize by the federation's mean score
+            population = PopulationStats(mean_score=instruction.arw_mean_score,
+                                         weighted_loss=instruction.arw_weighted_loss or 0.0)
         reweighter = AdversarialReweighter(
-            adversary, lr=float(config.get(p.ARW_LR, 1e-2)),  # type: ignore[arg-type]
-            warmup_steps=local_steps if frozen else 0, population=population,
+            adversary, lr=1e-2 if instruction.arw_lr is None else instruction.arw_lr,
+            warmup_steps=local_steps if instruction.arw_frozen else 0, population=population,
             inputs=functools.partial(adversary_inputs, speaker_embedding=embedding))
     return LocalFairness(takes_part=True, model_state=model_state, penalty=penalty, reweighter=reweighter)
 

@@ -75,7 +75,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +364,7 @@ class FairnessRounds:
                         grid: Grid) -> list[Message]:
         """The strategy's train messages plus what EWC, ARW and a targeted round need."""
         f = self.cfg.fairness
-        config = ConfigRecord()
+        instruction = p.TrainInstruction()
         notes = self._round_notes.setdefault(server_round, {})
         if self.is_targeted(server_round):
             if self.last_report is None:  # the first round is targeted: rank cohorts on the current model
@@ -372,24 +372,23 @@ class FairnessRounds:
             if self.last_report is None:
                 raise RuntimeError(f"round {server_round} is targeted but no device evaluation has any words")
             targets = worst_cohorts(self.last_report, f.target_cohorts)
-            config[p.TARGET_COHORTS] = targets
+            instruction = replace(instruction, target_cohorts=tuple(targets))
             notes["targeted_cohorts"] = targets
         if self.fisher is not None:
-            config[p.EWC_LAMBDA] = float(f.ewc_lambda)
+            instruction = replace(instruction, ewc_lambda=float(f.ewc_lambda))
         if self.adversary is not None:
-            config[p.ARW_LR] = float(f.arw_lr)
-            config[p.ARW_FROZEN] = server_round <= f.arw_warmup
+            instruction = replace(instruction, arw_lr=float(f.arw_lr), arw_frozen=server_round <= f.arw_warmup)
             if f.arw_normalization == "population" and self.population is not None:
-                config[p.ARW_MEAN_SCORE] = self.population.mean_score
-                config[p.ARW_WEIGHTED_LOSS] = self.population.weighted_loss
+                instruction = replace(instruction, arw_mean_score=self.population.mean_score,
+                                      arw_weighted_loss=self.population.weighted_loss)
                 notes.update(arw_mean_score=self.population.mean_score,
                              arw_weighted_loss=self.population.weighted_loss)
             arrays = ArrayRecord(p.join_adversary(arrays.to_torch_state_dict(), self.adversary.state_dict()))
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        messages = list(strategy.configure_train(server_round, arrays, instruction.to_config(ConfigRecord()), grid))
         extra = RecordDict()
         if self.fisher is not None:
             extra[p.FISHER] = ArrayRecord(self.fisher)
-        if p.TARGET_COHORTS in config:
+        if instruction.target_cohorts is not None:
             extra[p.CENTROIDS] = _centroid_record(self.centroids)
         for message in messages:
             for name, record in extra.items():

@@ -556,3 +556,15 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     assert set(fisher) == {n for n, _ in model.named_parameters()} and sums.count >= 1
     values = torch.cat([f.flatten() for f in fisher.values()])
     assert bool((values >= 0).all()) and float(values.mean()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_train_instruction_round_trips_through_the_config_and_names_a_bad_value() -> None:
+    sent = p.TrainInstruction(target_cohorts=(0, 2), ewc_lambda=5.0, arw_lr=0.01, arw_frozen=False,
+                              arw_mean_score=0.5, arw_weighted_loss=1.25)
+    config = sent.to_config(ConfigRecord({"server-round": 3}))
+    assert p.TrainInstruction.from_config(config) == sent
+    assert p.TrainInstruction.from_config(ConfigRecord({"server-round": 3})) == p.TrainInstruction()  # a plain round
+    with pytest.raises(p.ProtocolError, match="'arw-frozen' must be true or false"):
+        p.TrainInstruction.from_config(ConfigRecord({p.ARW_FROZEN: 1}))
+    with pytest.raises(p.ProtocolError, match="'target-cohorts' must be cohort ids"):
+        p.TrainInstruction.from_config(ConfigRecord({p.TARGET_COHORTS: [0.5]}))

@@ -29,10 +29,13 @@ in its ``context.state`` (``EMBEDDING_STATE``, ``COHORT_STATE``); neither ever a
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+from flwr.app import ConfigRecord
 from torch import Tensor
 
 from shared.fairness.arw import Adversary
@@ -41,7 +44,8 @@ __all__ = [
     "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "ARW_MEAN_SCORE", "ARW_METRICS", "ARW_WEIGHT", "ARW_WEIGHTED_LOSS",
     "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
     "EMBEDDING_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
-    "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "TARGET_COHORTS", "adversary_from_state", "centroids_digest",
+    "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "TARGET_COHORTS", "TrainInstruction", "adversary_from_state",
+    "centroids_digest",
     "join_adversary", "split_adversary",
 ]
 
@@ -81,8 +85,66 @@ EMBEDDING_STATE = "chorus-speaker-embedding"  # ArrayRecord {"embedding": (E,) f
 COHORT_STATE = "chorus-cohort"  # ConfigRecord {"cohort-id": int, "centroids": digest of the centroids}
 
 
+_INSTRUCTION_KEYS = {"target_cohorts": TARGET_COHORTS, "ewc_lambda": EWC_LAMBDA, "arw_lr": ARW_LR,
+                     "arw_frozen": ARW_FROZEN, "arw_mean_score": ARW_MEAN_SCORE,
+                     "arw_weighted_loss": ARW_WEIGHTED_LOSS}
+
+
 class ProtocolError(ValueError):
     """A fairness message does not have the form this module describes (the message names the record/key)."""
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """The fairness part of a train message's config, typed: the server writes it (``to_config``), the device
+    reads it (``from_config``). A field left None is not sent; each belongs with a record the message carries.
+
+    Attributes:
+        target_cohorts: a targeted round: only devices of these cohorts train (with ``centroids``).
+        ewc_lambda: the EWC penalty's strength (with a ``fisher`` record).
+        arw_lr: the ARW adversary's learning rate (with ``arw.*`` arrays); the rest of ARW's fields likewise.
+        arw_frozen: warm-up: weights stay uniform and the adversary does not move.
+        arw_mean_score: population ARW: the federation's mean adversary score, to normalize by.
+        arw_weighted_loss: population ARW: the federation's ARL-weighted mean loss.
+    """
+
+    target_cohorts: tuple[int, ...] | None = None
+    ewc_lambda: float | None = None
+    arw_lr: float | None = None
+    arw_frozen: bool | None = None
+    arw_mean_score: float | None = None
+    arw_weighted_loss: float | None = None
+
+    def to_config(self, config: ConfigRecord) -> ConfigRecord:
+        """Write the fields that are set into ``config`` (under the names of this module); returns it."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                config[_INSTRUCTION_KEYS[field.name]] = list(value) if isinstance(value, tuple) else value
+        return config
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> TrainInstruction:
+        """Read what ``to_config`` wrote; ProtocolError naming the key of a value of the wrong type."""
+        values: dict[str, object] = {}
+        for name, key in _INSTRUCTION_KEYS.items():
+            if key not in config:
+                continue
+            value = config[key]
+            if name == "target_cohorts":
+                items = value if isinstance(value, list) else [value]
+                if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                    raise ProtocolError(f"config {key!r} must be cohort ids (integers), got {value!r}")
+                values[name] = tuple(int(i) for i in items)  # type: ignore[arg-type]
+            elif name == "arw_frozen":
+                if not isinstance(value, bool):
+                    raise ProtocolError(f"config {key!r} must be true or false, got {value!r}")
+                values[name] = value
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ProtocolError(f"config {key!r} must be a finite number, got {value!r}")
+                values[name] = float(value)
+        return cls(**values)  # type: ignore[arg-type]
 
 
 def split_adversary(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
