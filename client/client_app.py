@@ -8,7 +8,8 @@ arrays the server sent, and turns a violation into an error reply.
 Fairness phases (``fairness.enabled``; message contract in ``shared/fairness/protocol.py``, device side in
 ``client/fairness.py``): two query handlers (``query.kmeans``: federated k-means; ``query.fisher``: EWC's Fisher
 sums), and train / evaluate messages that may carry an EWC Fisher, ARW adversary arrays, targeted cohort ids or
-centroids. A message without them is a plain round.
+centroids. A message without them is a plain round. Under SecAgg+ the k-means statistics and per-cohort counts
+leave only inside a secure sum (a train message with ``protocol.SECURE_SUM``; the plain forms are refused).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.data import DeviceData, node_data
 from client.evaluate import evaluate_local
 from client.fairness import (cohort_eval_record, embedder_location, fisher_reply, idle_train_reply, kmeans_reply,
-                             local_fairness)
-from client.secagg import secure_aggregation_mod
+                             local_fairness, remember_evaluation, secure_sum_reply)
+from client.secagg import SecureAggregationRequired, secure_aggregation_mod
 from client.train import fine_tune
 from shared.config import RunConfig
 from shared.fairness import protocol
@@ -36,8 +37,8 @@ app = ClientApp(mods=[audit_mod])
 def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """``strategy.central-dp = "client"``: Flower's ``fixedclipping_mod`` clips this device's model change to the
     norm the server's DP wrapper sent, before it leaves (under SecAgg+, before it is masked). Train only: an
-    evaluate instruction carries no clipping norm."""
-    if RunConfig.from_flat(context.run_config).strategy.central_dp == "client":
+    evaluate instruction carries no clipping norm, and a fairness phase's secure sum is no model update."""
+    if RunConfig.from_flat(context.run_config).strategy.central_dp == "client" and protocol.SECURE_SUM not in msg.content:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -55,8 +56,21 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
 
 # Order, outermost first: audit_mod (app-wide) sees what leaves; SecAgg+ masks the clipped update; clipping sees
 # the handler's plain update.
+def _unmasked(cfg: RunConfig, what: str) -> None:
+    """A device whose run asks for SecAgg+ sends fairness vectors only inside a secure sum."""
+    if cfg.strategy.secure_aggregation:
+        raise SecureAggregationRequired(f"strategy.secure-aggregation is on, but the server asked for {what} in "
+                                        f"plain: it would name this device's cohort, so the device refuses")
+
+
 @app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    if protocol.SECURE_SUM in msg.content:  # a fairness phase's sum under SecAgg+: no training
+        torch.set_num_threads(1)
+        cfg = RunConfig.from_flat(context.run_config)
+        return Message(secure_sum_reply(msg.content, context.state, node_data(cfg, context.node_config),
+                                        embedder_location(cfg, context.node_config), bound=cfg.secagg.sum_bound),
+                       reply_to=msg)
     cfg, state, data, seed_id, server_round = _setup(msg, context)
     # EWC / ARW / targeted round, as the message asks (nothing extra: plain fine-tuning of `state`).
     local = local_fairness(msg.content, context.state, data, embedder_location(cfg, context.node_config),
@@ -76,12 +90,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, state, data, _, _ = _setup(msg, context)
+    cfg, state, data, _, server_round = _setup(msg, context)
     counts = evaluate_local(cfg, state, data)
+    remember_evaluation(context.state, server_round, counts)  # stays here: for a secure per-cohort sum
     metrics = MetricRecord({"word-errors": counts.errors, "words": counts.words,
                             "num-examples": counts.utterances, "wer": counts.wer if counts.words else 0.0})
     reply = RecordDict({"metrics": metrics})
     if protocol.CENTROIDS in msg.content:  # disaggregated evaluation: dense per-cohort counts
+        _unmasked(cfg, "per-cohort evaluation counts")
         reply[protocol.COHORT_EVAL] = cohort_eval_record(msg.content, context.state, data,
                                                          embedder_location(cfg, context.node_config), counts)
     return Message(reply, reply_to=msg)
@@ -92,6 +108,7 @@ def kmeans(msg: Message, context: Context) -> Message:
     """One federated Lloyd iteration: dense per-cluster sums and counts of this device's speaker embedding."""
     torch.set_num_threads(1)
     cfg = RunConfig.from_flat(context.run_config)
+    _unmasked(cfg, "k-means statistics")
     data = node_data(cfg, context.node_config)
     return Message(kmeans_reply(msg.content, context.state, data, embedder_location(cfg, context.node_config)),
                    reply_to=msg)
@@ -101,4 +118,5 @@ def kmeans(msg: Message, context: Context) -> Message:
 def fisher(msg: Message, context: Context) -> Message:
     """EWC: summed squared gradients of the global model on this device's training utterances."""
     cfg, state, data, _, _ = _setup(msg, context)
+    _unmasked(cfg, "Fisher sums")
     return Message(fisher_reply(cfg, state, data), reply_to=msg)

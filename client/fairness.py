@@ -9,7 +9,9 @@ utterances, kept in ``context.state``) and its cohort id (nearest centroid, kept
 digest of the centroids it refers to). What leaves: dense per-cluster k-means sums and counts, dense per-cohort
 error/word/speaker counts, Fisher sums with the model's shapes, and model (+ adversary) weights. Without
 SecAgg+ the server sees each device's vectors, and a dense vector with one non-zero entry still names the
-device's cohort: the dense form hides it only once the vectors are summed before the server reads them.
+device's cohort: the dense form hides it only once the vectors are summed before the server reads them, which
+SecAgg+ does (``strategy.secure-aggregation``: the device answers in a secure sum, :func:`secure_sum_reply`, and
+refuses to send either record in plain).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from shared.models.checkpoint import build_model, load_state
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
 
 __all__ = ["LocalFairness", "cohort_eval_record", "cohort_id", "embedder_location", "fisher_reply",
-           "idle_train_reply", "kmeans_reply", "local_fairness", "speaker_embedding"]
+           "idle_train_reply", "kmeans_reply", "local_fairness", "remember_evaluation", "secure_sum_reply",
+           "speaker_embedding"]
 
 
 # -- the device's speaker embedding and cohort -------------------------------------------------------------
@@ -127,6 +130,45 @@ def cohort_eval_record(content: RecordDict, state: RecordDict, data: DeviceData,
                                    speakers=1 if counts.words else 0)
     return ArrayRecord({key: Array(np.asarray(value, dtype=np.float64))
                         for key, value in zip(p.COHORT_EVAL_KEYS, vectors, strict=True)})
+
+
+def remember_evaluation(state: RecordDict, server_round: int, counts: ErrorCounts) -> None:
+    """Keep the device's latest evaluation counts in ``state``: under SecAgg+ the server asks for them per
+    cohort afterwards, in a secure sum (:func:`secure_sum_reply`)."""
+    state[p.EVAL_STATE] = ConfigRecord({"round": server_round, "errors": counts.errors, "words": counts.words,
+                                        "utterances": counts.utterances})
+
+
+def secure_sum_reply(content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path, *,
+                     bound: float) -> RecordDict:
+    """A fairness phase under SecAgg+ (``protocol.SECURE_SUM``): this device's part of the named sum (its k-means
+    statistics, or its last evaluation's per-cohort counts), as a train reply of weight 1 for ``secaggplus_mod``
+    to mask. Each value must lie within +-``bound`` (``SecAggConfig.sum_bound``), or the sum would be clipped."""
+    request = content.get(p.SECURE_SUM)
+    which = request.get("sum") if isinstance(request, ConfigRecord) else None
+    if which == p.KMEANS_STATS:
+        arrays = kmeans_reply(content, state, data, embedder_path)[p.KMEANS_STATS]
+    elif which == p.COHORT_EVAL:
+        server_round = content["config"]["server-round"] if isinstance(content.get("config"), ConfigRecord) else None
+        kept = state.get(p.EVAL_STATE)
+        if not isinstance(kept, ConfigRecord) or kept.get("round") != server_round:
+            raise p.ProtocolError(f"{p.SECURE_SUM!r} asks for the per-cohort counts of round {server_round}, which "
+                                  f"this device did not evaluate")
+        counts = ErrorCounts(int(kept["errors"]), int(kept["words"]), int(kept["utterances"]))  # type: ignore[arg-type]
+        arrays = cohort_eval_record(content, state, data, embedder_path, counts)
+    else:
+        raise p.ProtocolError(f"{p.SECURE_SUM!r} must name the sum {p.KMEANS_STATS!r} or {p.COHORT_EVAL!r}, got "
+                              f"{which!r}")
+    assert isinstance(arrays, ArrayRecord)
+    template = content.get("arrays")
+    expected = {k: tuple(v.shape) for k, v in template.items()} if isinstance(template, ArrayRecord) else None
+    if expected != {k: tuple(v.shape) for k, v in arrays.items()}:
+        raise p.ProtocolError(f"{p.SECURE_SUM!r} {which!r}: 'arrays' must be zeros shaped like the sum, got {expected}")
+    peak = max(float(np.abs(v.numpy()).max(initial=0.0)) for v in arrays.values())
+    if peak > bound:
+        raise p.ProtocolError(f"{p.SECURE_SUM!r} {which!r}: a value of {peak:g} exceeds the SecAgg+ bound {bound:g} "
+                              f"(secagg.clipping-range x secagg.max-weight)")
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
 
 
 def fisher_reply(cfg: RunConfig, global_state: dict[str, Tensor], data: DeviceData) -> RecordDict:

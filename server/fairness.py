@@ -51,8 +51,12 @@ Adam's invariance to a constant loss scale would erase a device-wide factor, so 
 strategy each update weighted by its ARL weight mass (the reply's ``arw-weight``, num-examples x the device's mean
 weight) instead of its utterance count: a device the adversary scores high pulls the average toward its update.
 
-What the server learns (no SecAgg+ in this build; it would sum the dense vectors before the server reads
-them, and the server would learn only the sums):
+Under SecAgg+ (``strategy.secure-aggregation``) each k-means iteration and each round's per-cohort counts are a
+secure sum (``server/secagg.py``: the SecAgg+ protocol on a train message carrying ``protocol.SECURE_SUM``); the
+server learns only the per-cluster and per-cohort totals, and a device refuses to send either in plain. The run
+config refuses what would still leave unmasked: ARW's scalars, targeted rounds' weights and federated Fisher sums.
+
+What the server learns without SecAgg+:
     * k-means: each device's reply has one non-zero row, so the server learns each device's cluster
       (its cohort) and its embedding, unless ``fairness.kmeans-noise`` is large; with noise it learns a noised
       embedding. With SecAgg+ it would learn only per-cluster totals.
@@ -87,7 +91,8 @@ from flwr.serverapp import strategy as flwr_strategy
 from torch import Tensor, nn
 
 from server.exchange import exchange
-from shared.config import ConfigError, RunConfig, StrategyConfig
+from server.secagg import secure_sum
+from shared.config import ConfigError, RunConfig, SecAggConfig, StrategyConfig
 from shared.data.corpora import Utterance
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, speaker_embedder_path
@@ -147,14 +152,30 @@ def public_embeddings(embedder: SpeakerEmbedder, speakers: Sequence[str], by_spe
     return np.stack(rows)
 
 
+def _secure_sum(grid: Grid, nodes: Sequence[int], content: RecordDict, record: str,
+                shapes: dict[str, tuple[int, ...]], *, secagg: SecAggConfig, strategy: StrategyConfig,
+                phase: str) -> dict[str, np.ndarray]:
+    """The devices' ``record`` arrays (k-means statistics or per-cohort counts) summed over ``nodes`` under
+    SecAgg+: the server learns only the totals (``server/secagg.py``)."""
+    content = RecordDict(dict(content.items()))
+    content[p.SECURE_SUM] = ConfigRecord({"sum": record})
+    content["arrays"] = ArrayRecord({key: Array(np.zeros(shape)) for key, shape in shapes.items()})
+    result = secure_sum(grid, nodes, content, secagg, timeout=strategy.timeout, phase=phase)
+    if result.sums is None:
+        raise RuntimeError(f"{phase}: SecAgg+ summed nothing ({result.failed} of {len(nodes)} devices failed or the "
+                           f"protocol halted)")
+    return result.sums
+
+
 def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray, *, iterations: int,
-                     noise_std: float = 0.0, strategy: StrategyConfig = StrategyConfig()
-                     ) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Federated k-means over the devices ``node_ids`` (``query.kmeans``).
+                     noise_std: float = 0.0, strategy: StrategyConfig = StrategyConfig(),
+                     secagg: SecAggConfig | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Federated k-means over the devices ``node_ids`` (``query.kmeans``, or with ``secagg`` a secure sum of
+    the same statistics: the server sees only the per-cluster totals).
 
     ``iterations`` Lloyd updates, then one assignment-only pass with the final centroids (devices keep their
     cohort id; the summed counts are the cohort sizes). The same as ``cohorts.federated_kmeans`` over the
-    devices' embeddings when every device answers and ``noise_std`` is 0.
+    devices' embeddings when every device answers and ``noise_std`` is 0 (under SecAgg+, up to quantization).
 
     Returns:
         (C, E) final centroids, (C,) summed counts of the last pass, per-iteration centroid shift (L2 norm).
@@ -170,12 +191,19 @@ def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray,
         content = RecordDict({p.CENTROIDS: _centroid_record(current),
                               "config": ConfigRecord({"server-round": 0, "iteration": iteration,
                                                       p.KMEANS_NOISE: float(noise_std)})})
-        messages = [Message(content=content, dst_node_id=node, message_type=p.KMEANS_QUERY) for node in node_ids]
-        replies = exchange(grid, messages, phase=f"k-means iteration {iteration}", strategy=strategy).ok
-        if not replies:
-            raise RuntimeError(f"no device answered k-means iteration {iteration}")
-        sums = sum(_reply_array(r, p.KMEANS_STATS, "sums") for r in replies)
-        counts = sum(_reply_array(r, p.KMEANS_STATS, "counts") for r in replies)
+        phase = f"k-means iteration {iteration}"
+        if secagg is not None:
+            total = _secure_sum(grid, node_ids, content, p.KMEANS_STATS,
+                                {"sums": current.shape, "counts": current.shape[:1]}, secagg=secagg,
+                                strategy=strategy, phase=phase)
+            sums, counts = total["sums"], total["counts"]
+        else:
+            messages = [Message(content=content, dst_node_id=node, message_type=p.KMEANS_QUERY) for node in node_ids]
+            replies = exchange(grid, messages, phase=phase, strategy=strategy).ok
+            if not replies:
+                raise RuntimeError(f"no device answered k-means iteration {iteration}")
+            sums = sum(_reply_array(r, p.KMEANS_STATS, "sums") for r in replies)
+            counts = sum(_reply_array(r, p.KMEANS_STATS, "counts") for r in replies)
         if iteration < iterations:
             updated = server_update(current, sums, counts, min_count=min_count)
             shifts.append(float(np.linalg.norm(updated - current)))
@@ -293,6 +321,7 @@ class FairnessRounds:
         population: population ARW's normalizers from the last round's replies (None before the first).
         last_report: the latest disaggregated evaluation (what targeted rounds target).
         log: JSON-ready records: discovery, then one per evaluated round.
+        grid: where the per-cohort counts are summed under SecAgg+ (``strategy.secure-aggregation``).
     """
 
     cfg: RunConfig
@@ -303,6 +332,7 @@ class FairnessRounds:
     population: PopulationStats | None = None
     last_report: CohortReport | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    grid: Grid | None = None
     _round_notes: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     # -- before round 1 ----------------------------------------------------------------------------------------
@@ -326,10 +356,12 @@ class FairnessRounds:
         initial = init_centroids(public, f.num_cohorts, seed=cfg.train.seed)
         nodes = _wait_for_nodes(grid, cfg.strategy.min_available_nodes)
         start = time.monotonic()
+        secagg = cfg.secagg if cfg.strategy.secure_aggregation else None
         centroids, sizes, shifts = discover_cohorts(grid, nodes, initial, iterations=f.kmeans_iterations,
-                                                    noise_std=f.kmeans_noise, strategy=cfg.strategy)
-        state = cls(cfg=cfg, centroids=centroids, cohort_sizes=sizes)
+                                                    noise_std=f.kmeans_noise, strategy=cfg.strategy, secagg=secagg)
+        state = cls(cfg=cfg, centroids=centroids, cohort_sizes=sizes, grid=grid)
         state.log.append({"phase": "kmeans", "devices": len(nodes), "iterations": f.kmeans_iterations,
+                          "secure": secagg is not None,
                           "noise": f.kmeans_noise, "cohort_sizes": sizes.tolist(), "shifts": shifts,
                           "seconds": round(time.monotonic() - start, 3)})
         print(f"cohort discovery: {len(nodes)} devices, {f.kmeans_iterations} k-means iterations, cohort sizes "
@@ -442,15 +474,32 @@ class FairnessRounds:
 
     def configure_evaluate(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
                            grid: Grid) -> list[Message]:
-        """The strategy's evaluate messages, with the centroids (the device's cohort is the nearest one)."""
+        """The strategy's evaluate messages, with the centroids (the device's cohort is the nearest one). Under
+        SecAgg+ the centroids go in the secure sum that follows instead (:meth:`cohort_counts`)."""
         messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        for message in messages:
-            message.content[p.CENTROIDS] = _centroid_record(self.centroids)
+        if not self.cfg.strategy.secure_aggregation:
+            for message in messages:
+                message.content[p.CENTROIDS] = _centroid_record(self.centroids)
         return messages
+
+    def cohort_counts(self, server_round: int, replies: Sequence[Message]) -> CohortCounts:
+        """The evaluating devices' per-cohort (errors, words, speakers), summed: from their replies, or under
+        SecAgg+ in a secure sum over the devices that answered (each kept its counts of ``server_round``)."""
+        num_cohorts = self.centroids.shape[0]
+        if not self.cfg.strategy.secure_aggregation:
+            return sum_cohort_eval(replies, num_cohorts)
+        if self.grid is None:
+            raise RuntimeError("a secure per-cohort sum needs the grid FairnessRounds.start was given")
+        content = RecordDict({p.CENTROIDS: _centroid_record(self.centroids),
+                              "config": ConfigRecord({"server-round": server_round})})
+        sums = _secure_sum(self.grid, [r.metadata.src_node_id for r in replies], content, p.COHORT_EVAL,
+                           {key: (num_cohorts,) for key in p.COHORT_EVAL_KEYS}, secagg=self.cfg.secagg,
+                           strategy=self.cfg.strategy, phase=f"round {server_round} per-cohort counts")
+        return CohortCounts(*(np.rint(sums[key]) for key in p.COHORT_EVAL_KEYS))  # counts: whole numbers
 
     def evaluated(self, server_round: int, replies: Sequence[Message]) -> dict[str, Any]:
         """Sum the devices' per-cohort vectors; the fields for the round's metrics.jsonl line."""
-        counts = sum_cohort_eval(replies, self.centroids.shape[0])
+        counts = self.cohort_counts(server_round, replies)
         self.last_report = _ranked(counts)
         fields = {**_report_fields(self.last_report, counts), **self._round_notes.pop(server_round, {})}
         self.log.append({"phase": "evaluate", "round": server_round, **fields})
@@ -526,7 +575,7 @@ class FairnessRounds:
         messages = self.configure_evaluate(strategy, server_round - 1, arrays, grid)
         replies = exchange(grid, messages, phase=f"round {server_round} pre-targeting evaluation",
                            strategy=self.cfg.strategy).ok
-        counts = sum_cohort_eval(replies, self.centroids.shape[0])
+        counts = self.cohort_counts(server_round - 1, replies)
         self.last_report = _ranked(counts)
         self.log.append({"phase": "evaluate", "round": server_round - 1, **_report_fields(self.last_report, counts)})
 

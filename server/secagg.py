@@ -26,6 +26,10 @@ Quantization: SecAgg+ adds integers modulo 2^32. Each device multiplies its para
 ``secagg.quantization-range`` levels, so the securely aggregated mean differs from the float FedAvg of the same
 updates by at most ``quantization_step(cfg) x devices / (sum of the weights)`` per parameter (unbiased).
 
+The fairness phases (``server/fairness.py``) use the same protocol for sums that are not model updates
+(:func:`secure_sum`): the k-means statistics of cohort discovery and the per-cohort evaluation counts. Each device
+answers with weight 1, so the weighted mean times the number of contributors is the sum.
+
 What the server still learns per device under SecAgg+: that it took part, when it answered each stage, its
 public keys, the encrypted shares it relays, and its plain reply metrics (``num-examples``, training loss,
 local steps; DP-SGD replies carry only epsilon, steps and a weight of 1). Its update stays masked.
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -53,7 +57,7 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from shared.config import SecAggConfig
 
-__all__ = ["SecureRound", "quantization_step", "secure_train_round"]
+__all__ = ["SecureRound", "SecureSum", "quantization_step", "secure_sum", "secure_train_round"]
 
 log = logging.getLogger("chorus.server")
 
@@ -109,7 +113,8 @@ class _Relay(LegacyStrategy):
 
 
 class _MessageApiSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, sending our Message-API train instructions in the masked-vector stage."""
+    """Flower's SecAgg+ workflow, sending our Message-API train instructions in the masked-vector stage, and
+    recovering from devices that drop out before sharing their keys or next to another dropped device."""
 
     def __init__(self, instructions: dict[int, RecordDict], **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -122,6 +127,25 @@ class _MessageApiSecAggPlus(SecAggPlusWorkflow):
         state.nid_to_fitins = {node: RecordDict(dict(self._instructions[node].items()))
                                for node in state.nid_to_fitins}
         return proceed
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:  # type: ignore[override]
+        proceed = super().share_keys_stage(grid, context, state)
+        # Flower 1.42 counts a device that never shared its keys (it dropped out in setup or here) as "dead" in
+        # the unmask stage, where its neighbours hold no share of its key: the device-side mod fails with a
+        # KeyError and the round halts. No one masked anything with such a device, so from here on the sampled
+        # devices and their neighbourhoods are the devices that shared their keys.
+        state.sampled_node_ids = set(state.active_node_ids)
+        state.nid_to_neighbours = {node: neighbours & state.active_node_ids
+                                   for node, neighbours in state.nid_to_neighbours.items()
+                                   if node in state.active_node_ids}
+        return proceed
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:  # type: ignore[override]
+        # Flower removes a dropped device's pairwise mask with each of its neighbours, but only neighbours whose
+        # masked vectors are in the sum added one: two dropped neighbours would corrupt the sum otherwise.
+        for node in state.sampled_node_ids - state.active_node_ids:
+            state.nid_to_neighbours[node] = (state.nid_to_neighbours[node] & state.active_node_ids) | {node}
+        return super().unmask_stage(grid, context, state)
 
 
 def _mean_record(results: list[tuple[ClientProxy, FitRes]], sent: ArrayRecord) -> ArrayRecord:
@@ -139,6 +163,25 @@ def _mean_record(results: list[tuple[ClientProxy, FitRes]], sent: ArrayRecord) -
     return ArrayRecord(out)
 
 
+def _run_protocol(grid: Grid, instructions: dict[int, RecordDict], arrays: ArrayRecord, server_round: int,
+                  cfg: SecAggConfig, *, timeout: float) -> list[tuple[ClientProxy, FitRes]] | None:
+    """The four SecAgg+ stages with the devices of ``instructions`` (node id -> what its handler receives in the
+    masked-vector stage); the results of the devices whose masked vectors are in the sum (each carrying the
+    unmasked weighted mean), or None when the protocol halted."""
+    relay = _Relay(sorted(instructions), grid, run_id=0)
+    # The workflow keeps its round and global model in the LegacyContext's state: a scratch one per round.
+    scratch = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(scratch, strategy=relay)
+    context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    context.state[MAIN_PARAMS_RECORD] = arrays
+    workflow = _MessageApiSecAggPlus(instructions, num_shares=cfg.num_shares,
+                                     reconstruction_threshold=cfg.reconstruction_threshold,
+                                     max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
+                                     quantization_range=cfg.quantization_range, timeout=timeout)
+    workflow(grid, context)
+    return relay.results if relay.aggregated and relay.results else None
+
+
 def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
                        cfg: SecAggConfig, *, timeout: float, min_contributors: int) -> SecureRound:
     """Run the train phase of ``server_round`` through SecAgg+ and aggregate with ``strategy``.
@@ -154,34 +197,61 @@ def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy, server_roun
         log.warning("round %d: %d device(s) sampled: SecAgg+ needs at least 2, nothing aggregated", server_round,
                     len(sampled))
         return SecureRound(None, None, 0, len(sampled))
-    instructions = {m.metadata.dst_node_id: m.content for m in messages}
-    relay = _Relay(sampled, grid, run_id=0)
-    # The workflow keeps its round and global model in the LegacyContext's state: a scratch one per round.
-    scratch = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    context = LegacyContext(scratch, strategy=relay)
-    context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
-    context.state[MAIN_PARAMS_RECORD] = arrays
-    workflow = _MessageApiSecAggPlus(instructions, num_shares=cfg.num_shares,
-                                     reconstruction_threshold=cfg.reconstruction_threshold,
-                                     max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
-                                     quantization_range=cfg.quantization_range, timeout=timeout)
-    workflow(grid, context)
-    if not relay.aggregated or not relay.results:
+    results = _run_protocol(grid, {m.metadata.dst_node_id: m.content for m in messages}, arrays, server_round, cfg,
+                            timeout=timeout)
+    if results is None:
         log.warning("round %d: SecAgg+ halted (too few devices completed a stage): nothing aggregated",
                     server_round)
         return SecureRound(None, None, 0, len(sampled))
-    contributed = len(relay.results)
+    contributed = len(results)
     if contributed < min_contributors:
         log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the global model is "
                     "kept", server_round, contributed, min_contributors)
         return SecureRound(None, None, contributed, len(sampled) - contributed)
-    mean = _mean_record(relay.results, arrays)
+    mean = _mean_record(results, arrays)
     by_node = {m.metadata.dst_node_id: m for m in messages}
     replies: Iterable[Message] = [
         Message(RecordDict({"arrays": mean,
                             "metrics": MetricRecord({**res.metrics, "num-examples": res.num_examples})}),  # type: ignore[dict-item]
                 reply_to=by_node[proxy.node_id])
-        for proxy, res in relay.results]
+        for proxy, res in results]
     new_arrays, metrics = strategy.aggregate_train(server_round, replies)
     log.info("round %d: SecAgg+ aggregated %d of %d sampled devices", server_round, contributed, len(sampled))
     return SecureRound(new_arrays, metrics, contributed, len(sampled) - contributed)
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """One secure sum: the total of the devices' arrays (None if the protocol halted), and who is in it."""
+
+    sums: dict[str, np.ndarray] | None
+    contributed: int
+    failed: int
+
+
+def secure_sum(grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: SecAggConfig, *, timeout: float,
+               phase: str) -> SecureSum:
+    """The sum over ``nodes`` of the arrays each device computes for ``content``: the server learns the total,
+    not one device's part (the fairness phases' k-means statistics and per-cohort counts).
+
+    ``content["arrays"]`` holds zeros with the names, shapes and dtypes of the sum (what the device's reply and
+    the audit are checked against). Each device answers with weight 1 (``num-examples``), so SecAgg+'s weighted
+    mean times the number of contributors is the sum; each summand is quantized with step
+    ``quantization_step(cfg) x max-weight`` and must lie within +-``cfg.sum_bound``.
+    """
+    arrays = content.get("arrays")
+    if not isinstance(arrays, ArrayRecord):
+        raise ValueError(f"{phase}: a secure sum needs 'arrays' (zeros shaped like the sum)")
+    if len(nodes) < 2:
+        log.warning("%s: %d device(s): SecAgg+ needs at least 2, nothing summed", phase, len(nodes))
+        return SecureSum(None, 0, len(nodes))
+    # One RecordDict per device: the protocol adds each device's own records to it in place.
+    results = _run_protocol(grid, {node: RecordDict(dict(content.items())) for node in nodes}, arrays, 0, cfg,
+                            timeout=timeout)
+    if results is None:
+        log.warning("%s: SecAgg+ halted (too few devices completed a stage): nothing summed", phase)
+        return SecureSum(None, 0, len(nodes))
+    mean = _mean_record(results, arrays)
+    sums = {key: value.numpy() * len(results) for key, value in mean.items()}
+    log.info("%s: SecAgg+ summed %d of %d devices", phase, len(results), len(nodes))
+    return SecureSum(sums, len(results), len(nodes) - len(results))

@@ -160,6 +160,12 @@ class StrategyConfig:
                 raise ConfigError(f"strategy.{key} must be >= 0 (0: off), got {value}")
 
 
+# What each fairness option would send outside SecAgg+'s masks (RunConfig refuses it with secure aggregation).
+_UNMASKED = {"fairness.arw": "each device's ARW scalars (adversary scores, weight mass)",
+             "fairness.targeted-rounds": "a weight of 0 (not in a targeted cohort) or > 0",
+             "fairness.fisher=federated": "each device's Fisher sums (use fairness.fisher=public)"}
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """SecAgg+ (Bell et al., CCS 2020) as Flower's ``SecAggPlusWorkflow`` runs it (``strategy.secure-aggregation``).
@@ -196,6 +202,12 @@ class SecAggConfig:
             raise ConfigError(f"secagg.clipping-range must be positive, got {self.clipping_range}")
         if not 0 < self.quantization_range < 2**32:
             raise ConfigError(f"secagg.quantization-range must lie in (0, 2^32), got {self.quantization_range}")
+
+    @property
+    def sum_bound(self) -> float:
+        """The largest magnitude a summand of a secure sum (weight 1) may have: a device weighs its values by
+        1 / ``max-weight``, and the protocol clips weighted values to +-``clipping-range``."""
+        return self.clipping_range * self.max_weight
 
 
 @dataclass(frozen=True)
@@ -343,11 +355,16 @@ class RunConfig:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
     def __post_init__(self) -> None:
-        # The fairness phases' dense vectors are built for SecAgg+ to sum, but their query phases do not run
-        # through SecAggPlusWorkflow yet: refuse rather than let the combination look protected.
-        if self.fairness.enabled and self.strategy.secure_aggregation:
-            raise ConfigError("fairness.enabled with strategy.secure-aggregation is not supported yet: the cohort "
-                              "discovery and per-cohort evaluation vectors would reach the server unmasked")
+        # Under SecAgg+ cohort discovery and the per-cohort evaluation are secure sums (server/fairness.py); what
+        # would still leave a device unmasked is refused rather than left to look protected.
+        f = self.fairness
+        if f.enabled and self.strategy.secure_aggregation:
+            unmasked = {"fairness.arw": f.arw, "fairness.targeted-rounds": f.targeted_rounds > 0,
+                        "fairness.fisher=federated": f.ewc_lambda > 0 and f.fisher == "federated"}
+            for key, on in unmasked.items():
+                if on:
+                    raise ConfigError(f"{key} with strategy.secure-aggregation is not supported: "
+                                      f"{_UNMASKED[key]} would reach the server unmasked")
 
     @property
     def workdir_path(self) -> Path:

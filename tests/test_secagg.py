@@ -16,19 +16,26 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_to_proto
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 import client.client_app as client_app
 from client.data import node_data
 from client.train import fine_tune
+import client.fairness as client_fairness
+from server.fairness import FairnessRounds, public_embeddings
 from server.secagg import quantization_step, secure_train_round
-from server.workflow import make_strategy
+from server.workflow import make_strategy, run_federation
 from shared.config import ConfigError, RunConfig
-from shared.data.prepare import prepare
+from shared.data.dataset import FeatureCache
+from shared.data.prepare import artifact_dir, prepare, speaker_embedder_path
+from shared.fairness import protocol as p
+from shared.fairness.cohorts import assign, federated_kmeans, init_centroids
+from shared.models.speaker_embedding import load_speaker_embedder
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
@@ -105,7 +112,8 @@ def _max_error(secure: ArrayRecord, plain: dict[str, torch.Tensor]) -> float:
 
 
 @needs_espeak
-@pytest.mark.parametrize("drop", [None, Stage.COLLECT_MASKED_VECTORS], ids=["all-answer", "one-drops-out"])
+@pytest.mark.parametrize("drop", [None, Stage.COLLECT_MASKED_VECTORS, Stage.SETUP],
+                         ids=["all-answer", "one-drops-out", "one-drops-before-sharing-keys"])
 def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -> None:
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True})
     torch.manual_seed(0)
@@ -132,7 +140,8 @@ def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -
     # What left the devices: the protocol's records only; no plain update, no float array, no named array, and
     # no transcript, utterance id, speaker id or speakers.tsv value anywhere in the serialized replies.
     stages = [stage for stage, _ in grid.replies]
-    assert stages.count(Stage.SETUP) == DEVICES and stages.count(Stage.UNMASK) == len(survivors)
+    assert stages.count(Stage.SETUP) == DEVICES - (drop == Stage.SETUP)
+    assert stages.count(Stage.UNMASK) == len(survivors)
     sensitive = sensitive_strings(cfg)
     for stage, reply in grid.replies:
         assert not reply.has_error(), (stage, reply.error.reason)
@@ -141,6 +150,26 @@ def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -
         names = [n for name, record in reply.content.items() for n in (name, *record.keys())]
         wire = message_to_proto(reply).SerializeToString()
         assert not leaks(wire, names, sensitive), (stage, leaks(wire, names, sensitive))
+
+
+@needs_espeak
+def test_dp_sgd_updates_go_through_secagg(workdir: Path) -> None:
+    """DP-SGD and SecAgg+ together: every device trains with Opacus (its accountant advances), its masked update
+    weighs 1 (a DP reply carries no utterance count), and the unmasked mean is a finite model that moved."""
+    cfg = _cfg(workdir, **{"strategy.secure-aggregation": True, "dp.enabled": True, "dp.noise-multiplier": 1.0,
+                           "dp.epsilon-budget": 1e9, "secagg.max-weight": 2.0})  # just above the weights
+    arrays = ArrayRecord(initial_model(cfg.model).state_dict())
+    grid = InProcessGrid(cfg)
+    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
+                                min_contributors=2)
+    assert (result.contributed, result.failed) == (DEVICES, 0) and result.arrays is not None
+    collected = [reply.content for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
+    assert [int(c["fitres.num_examples"]["num_examples"]) for c in collected] == [1] * DEVICES
+    epsilons = [float(c["fitres.metrics"]["epsilon"]) for c in collected]
+    assert all(0 < e < 1e9 for e in epsilons) and len(set(epsilons)) == 1  # same steps, same accountant
+    sent, got = arrays.to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in got.values())
+    assert max(float((got[k].double() - sent[k].double()).abs().max()) for k in sent) > 10 * _tolerance(cfg, [1] * DEVICES)
 
 
 @needs_espeak
@@ -169,8 +198,114 @@ def test_config_refuses_what_secagg_cannot_do() -> None:
         RunConfig.from_flat({"strategy.secure-aggregation": True, "strategy.central-dp": "server"})
     with pytest.raises(ConfigError, match="fedmedian"):
         RunConfig.from_flat({"strategy.secure-aggregation": True, "strategy.name": "fedmedian"})
+    secure_fairness = {"strategy.secure-aggregation": True, "fairness.enabled": True}
+    RunConfig.from_flat({**secure_fairness, "fairness.ewc-lambda": 1.0, "fairness.fisher": "public"})
+    for key, value, match in [("fairness.arw", True, "fairness.arw with"),
+                              ("fairness.targeted-rounds", 1, "fairness.targeted-rounds with"),
+                              ("fairness.ewc-lambda", 1.0, "fairness.fisher=federated with")]:
+        with pytest.raises(ConfigError, match=match):
+            RunConfig.from_flat({**secure_fairness, "num-server-rounds": 3, key: value})
     with pytest.raises(ConfigError, match="reconstruction-threshold"):
         RunConfig.from_flat({"secagg.reconstruction-threshold": 0.0})
+
+
+# --- the fairness phases under SecAgg+ ---------------------------------------------------------------------
+
+SECURE_FAIRNESS = {"strategy.secure-aggregation": True, "fairness.enabled": True, "fairness.num-cohorts": 2,
+                   "fairness.kmeans-iterations": 2, "fairness.embedder-steps": 8}
+
+
+@pytest.fixture(scope="module")
+def fair_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secagg-fairness")
+    prepare(_cfg(path, **SECURE_FAIRNESS), progress=False)  # also trains the public speaker embedder
+    return path
+
+
+def _device_embedding(cfg: RunConfig, node: int) -> np.ndarray:
+    """What device ``node`` computes for itself (the public extractor over all of its utterances)."""
+    data = node_data(cfg, {"partition-id": node - 1, "num-partitions": DEVICES})
+    return client_fairness.speaker_embedding(RecordDict(), data, speaker_embedder_path(artifact_dir(cfg), cfg))
+
+
+@needs_espeak
+def test_fairness_phases_under_secagg_sum_what_the_plain_phases_sum(fair_workdir: Path) -> None:
+    """Cohort discovery and the per-cohort evaluation counts as SecAgg+ sums, with a device that drops out in
+    the first k-means iteration: the centroids, cohort sizes and per-cohort counts equal those of the plain
+    protocol over the devices that stayed (up to quantization), and no device sends its vectors in plain."""
+    cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
+    model = initial_model(cfg.model)
+    grid = InProcessGrid(cfg, drop_at={3: Stage.COLLECT_MASKED_VECTORS})
+    rounds = FairnessRounds.start(grid, cfg, prepared=prepare(cfg, progress=False), model=model)
+    survivors = [n for n in grid.get_node_ids() if n not in grid.dropped]
+    assert survivors == [1, 2, 4]
+
+    # The reference: the plain protocol's math over the survivors' embeddings, from the same initial centroids.
+    prepared = prepare(cfg, progress=False)
+    embedder = load_speaker_embedder(speaker_embedder_path(prepared.artifacts, cfg))
+    public = public_embeddings(embedder, prepared.split.public, prepared.corpus.by_speaker(),
+                               FeatureCache(prepared.corpus, prepared.cmvn))
+    embeddings = np.stack([_device_embedding(cfg, n) for n in survivors])
+    expected = federated_kmeans(list(embeddings), init_centroids(public, 2, seed=cfg.train.seed), iterations=2)
+    step = quantization_step(cfg.secagg) * cfg.secagg.max_weight  # one summand's quantization step
+    np.testing.assert_allclose(rounds.centroids, expected, atol=len(survivors) * step)
+    labels = assign(embeddings, expected)
+    np.testing.assert_allclose(rounds.cohort_sizes, np.bincount(labels, minlength=2), atol=len(survivors) * step)
+
+    # Evaluation: plain per-device counts (allowlisted metrics), then the per-cohort vectors as a secure sum.
+    strategy = make_strategy(cfg.strategy)
+    messages = rounds.configure_evaluate(strategy, 1, ArrayRecord(model.state_dict()), grid)
+    assert messages and all(p.CENTROIDS not in m.content for m in messages)  # the centroids go in the sum only
+    replies = grid.send_and_receive(messages)
+    assert all(not r.has_error() and p.COHORT_EVAL not in r.content for r in replies)
+    counts = rounds.cohort_counts(1, replies)
+    by_node = {r.metadata.src_node_id: r.content["metrics"] for r in replies}
+    for cohort in range(2):
+        members = [n for n, label in zip(survivors, labels, strict=True) if label == cohort]
+        assert counts.errors[cohort] == sum(by_node[n]["word-errors"] for n in members)
+        assert counts.words[cohort] == sum(by_node[n]["words"] for n in members)
+        assert counts.speakers[cohort] == sum(1 for n in members if by_node[n]["words"])
+    assert counts.words.sum() > 0
+
+    # Nothing of the fairness phases left a device in plain: protocol records only, no embedding bytes.
+    for msg, reply in grid.exchanges:
+        assert not reply.has_error(), reply.error.reason
+        assert p.KMEANS_STATS not in reply.content and p.COHORT_EVAL not in reply.content
+        assert all(len(record) == 0 for record in reply.content.array_records.values())
+        wire = message_to_proto(reply).SerializeToString()
+        assert not any(e.tobytes() in wire or e.astype(np.float32).tobytes() in wire for e in embeddings)
+
+
+@needs_espeak
+def test_a_federated_round_with_fairness_under_secagg(fair_workdir: Path) -> None:
+    """The whole round loop (server/workflow.py) with cohort discovery, EWC (public Fisher) and the
+    disaggregated evaluation under SecAgg+: per-cohort counts pool to the devices' own counts, and no device's
+    k-means statistics, per-cohort counts or update leave it in plain."""
+    cfg = _cfg(fair_workdir, **SECURE_FAIRNESS, **{"num-server-rounds": 1, "fairness.ewc-lambda": 1.0,
+                                                   "fairness.fisher": "public", "run-id": "secure-fairness"})
+    grid = InProcessGrid(cfg)
+    run_dir = run_federation(grid, cfg)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["round"], record["train_replies"], record["eval_replies"]) == (1, DEVICES, DEVICES)
+    assert sum(record["cohort_words"]) == record["device_words"] > 0
+    assert sum(record["cohort_errors"]) / sum(record["cohort_words"]) == pytest.approx(record["device_wer"])
+    assert sum(record["cohort_speakers"]) == DEVICES
+    fairness = json.loads((run_dir / "fairness.json").read_text())
+    assert sum(fairness["cohort_sizes"]) == pytest.approx(DEVICES, abs=1e-2)
+    for _, reply in grid.exchanges:
+        assert not reply.has_error(), reply.error.reason
+        assert not {p.KMEANS_STATS, p.COHORT_EVAL, p.FISHER_SUMS, "arrays"} & set(reply.content.keys())
+
+
+@needs_espeak
+def test_a_device_that_requires_secagg_refuses_plain_fairness_vectors(fair_workdir: Path) -> None:
+    cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
+    grid = InProcessGrid(cfg)
+    centroids = ArrayRecord({"centroids": Array(np.zeros((2, 8)))})
+    kmeans = [Message(RecordDict({p.CENTROIDS: centroids, "config": ConfigRecord({"server-round": 0})}),
+                      dst_node_id=node, message_type=p.KMEANS_QUERY) for node in grid.get_node_ids()]
+    replies = grid.send_and_receive(kmeans)
+    assert replies and all(r.has_error() and "SecureAggregationRequired" in r.error.reason for r in replies)
 
 
 # --- the audit of SecAgg+ replies ---------------------------------------------------------------------------

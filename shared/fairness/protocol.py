@@ -43,8 +43,8 @@ from shared.fairness.arw import Adversary
 __all__ = [
     "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "ARW_MEAN_SCORE", "ARW_METRICS", "ARW_WEIGHT", "ARW_WEIGHTED_LOSS",
     "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
-    "EMBEDDING_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
-    "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "TARGET_COHORTS", "TrainInstruction", "adversary_from_state",
+    "EMBEDDING_STATE", "EVAL_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
+    "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "SECURE_SUM", "TARGET_COHORTS", "TrainInstruction", "adversary_from_state",
     "centroids_digest",
     "join_adversary", "split_adversary",
 ]
@@ -65,6 +65,11 @@ COHORT_EVAL_KEYS = ("errors", "words", "speakers")
 FISHER_SUMS = "fisher-sums"  # summed squared gradients, one array per key of the sent "arrays"
 FISHER_BATCHES = "fisher-batches"  # metric: minibatches behind the Fisher sums
 
+# Under SecAgg+ (strategy.secure-aggregation) the k-means statistics and the per-cohort counts are not sent as
+# the records above: the server asks for them in a SecAgg+ round (a train message with this ConfigRecord, naming
+# the sum, and "arrays" holding zeros shaped like it), and the device answers with those arrays, masked.
+SECURE_SUM = "secure-sum"  # ConfigRecord {"sum": KMEANS_STATS or COHORT_EVAL}
+
 # Config keys the server sets per phase or round.
 KMEANS_NOISE = "kmeans-noise"  # std of the Gaussian noise a device adds to its k-means sums and counts
 EWC_LAMBDA = "ewc-lambda"
@@ -83,6 +88,7 @@ ARW_METRICS = ("arw-score", "arw-count", "arw-score-loss", ARW_WEIGHT)
 # What a device keeps in its own context.state (never sent).
 EMBEDDING_STATE = "chorus-speaker-embedding"  # ArrayRecord {"embedding": (E,) float64}
 COHORT_STATE = "chorus-cohort"  # ConfigRecord {"cohort-id": int, "centroids": digest of the centroids}
+EVAL_STATE = "chorus-last-evaluation"  # ConfigRecord {"round", "errors", "words", "utterances"} (for SECURE_SUM)
 
 
 _INSTRUCTION_KEYS = {"target_cohorts": TARGET_COHORTS, "ewc_lambda": EWC_LAMBDA, "arw_lr": ARW_LR,

@@ -11,9 +11,10 @@ The audit allows exactly this, and checks every value that it can:
                             ``ctxts``: one ciphertext per destination, all of one length, at most
                             ``MAX_SECRET_BYTES``: Shamir shares of this device's mask seed and key, encrypted
                             for the neighbour (the server only relays them and cannot read them)
-    collect masked vectors  ``masked_params``: the weight factor (shape [1]) and one array per global-model array,
-                            of its shape, integer, each entry in [0, 2^32), in canonical numpy bytes: the update,
-                            quantized and masked by pairwise and private masks that cancel only in the sum;
+    collect masked vectors  ``masked_params``: the weight factor (shape [1]) and one array per array the server
+                            sent (the global model's, or a fairness phase's secure-sum zeros), of its shape,
+                            integer, each entry in [0, 2^32), in canonical numpy bytes: the update, quantized
+                            and masked by pairwise and private masks that cancel only in the sum;
                             ``fitres.parameters`` empty; ``fitres.num_examples`` one count; ``fitres.metrics`` only
                             allowlisted metric keys with finite scalar values (what the plain path sends in its
                             MetricRecord); ``fitres.status`` exactly code 0 with an empty message
