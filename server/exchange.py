@@ -69,14 +69,19 @@ def exchange(grid: Grid, messages: list[Message], *, phase: str, strategy: Strat
     ``strategy`` gives the phase's ``timeout``, the ``max_in_flight`` window and the bounds on replies."""
     sent = {m.metadata.dst_node_id: m for m in messages}
     replies = _send_and_receive(grid, messages, timeout=strategy.timeout, max_in_flight=strategy.max_in_flight)
-    answered = {m.metadata.src_node_id for m in replies}
+    # The grid gave each message its id when it sent it. An error reply the SuperLink writes for a device (e.g.
+    # "Node Unavailable" when the device stopped its heartbeats) comes from the SuperLink, not the device: match
+    # replies to devices by the message they answer, so such a device counts as failed once, not also as silent.
+    node_of = {m.metadata.message_id: node for node, m in sent.items() if m.metadata.message_id}
+    answered = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
     silent = sorted(node for node in sent if node not in answered)
     if silent:
         log.warning("%s: no reply within strategy.timeout from device(s) %s", phase, ", ".join(map(str, silent)))
     failed, candidates = len(silent), []
     for reply in replies:
         if reply.has_error():
-            log.warning("%s: device %s failed: %s", phase, reply.metadata.src_node_id, reply.error.reason)
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            log.warning("%s: device %s failed: %s", phase, node, reply.error.reason)
             failed += 1
             continue
         request = sent.get(reply.metadata.src_node_id)

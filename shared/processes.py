@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -41,11 +42,12 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def stop_tree(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    """SIGTERM ``proc`` and its tree, SIGKILL what is left after ``timeout``; ``proc``'s exit status or None."""
+def stop_tree(proc: subprocess.Popen[Any], timeout: float, *, first: signal.Signals = signal.SIGTERM) -> int | None:
+    """Send ``first`` (SIGTERM; SIGKILL to emulate a crash) to ``proc`` and its tree, SIGKILL what is left after
+    ``timeout``; ``proc``'s exit status or None."""
     pids = [proc.pid, *_process_tree(proc.pid)]
     for pid in pids:
-        _signal(pid, signal.SIGTERM)
+        _signal(pid, first)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (proc.poll() is None or any(_running(pid) for pid in pids[1:])):
         time.sleep(0.1)

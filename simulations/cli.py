@@ -334,5 +334,17 @@ def bench_robustness_cmd(
          bench_id=bench_id or ("bench-robustness-quick" if quick else "bench-robustness"), as_json=json_)
 
 
+@bench_app.command("faults")
+def bench_faults_cmd(
+    json_: Annotated[bool, typer.Option("--json", help="Print the outcome as one JSON object.")] = False,
+    bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-faults).")] = "bench-faults",
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+) -> None:
+    """A TLS deployment on loopback that loses a device mid-round and its SuperLink mid-run: what it recorded."""
+    from simulations.bench_faults import main
+
+    main(workdir=workdir.resolve(), bench_id=bench_id, as_json=json_)
+
+
 if __name__ == "__main__":
     app()

@@ -44,8 +44,8 @@ from shared.data.prepare import prepare
 from shared.models.checkpoint import init_checkpoint_path
 from shared.processes import stop_pid, stop_tree
 
-__all__ = ["REPO_ROOT", "available_cores", "sampling_overrides", "simulate", "stop_local_superlink",
-           "superlink_marker"]
+__all__ = ["REPO_ROOT", "available_cores", "free_port", "sampling_overrides", "simulate", "stop_local_superlink",
+           "superlink_marker", "toml_value"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "chorus-simulation"  # the [superlink.<name>] entry in $FLWR_HOME/config.toml
@@ -96,7 +96,8 @@ def superlink_marker(flwr_home: Path) -> str:
     return str(flwr_home / "local-superlink")
 
 
-def _toml_value(value: bool | int | float | str) -> str:
+def toml_value(value: bool | int | float | str) -> str:
+    """A run-config value as TOML (for ``flwr run --run-config FILE``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -104,7 +105,8 @@ def _toml_value(value: bool | int | float | str) -> str:
     return repr(value)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -147,7 +149,7 @@ def _start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.P
     state_dir = Path(superlink_marker(flwr_home))
     state_dir.mkdir(parents=True, exist_ok=True)
     log_file = state_dir / "superlink.log"
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) or "flower-superlink"
     cmd = [exe, "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
            "--port", str(port), "--database", str(_database(flwr_home, port))]
@@ -200,7 +202,7 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
     run_dir = cfg.workdir_path / "runs" / cfg.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = run_dir / "run_config.toml"
-    overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
+    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.to_flat().items()))
     flwr_home = cfg.workdir_path / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"

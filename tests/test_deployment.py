@@ -4,8 +4,6 @@ data directories, 2 rounds through `flwr run`; and a device whose key was never 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +15,9 @@ from client.device import start_supernode, stop_supernode
 from server.deploy import (CONNECTION_NAME, flower_env, make_dev_certificates, make_node_keys, register_supernodes,
                            start_superlink, stop_process, wait_until_listening, write_flower_config)
 from shared.config import RunConfig
-from shared.data.prepare import prepare
 from shared.models.checkpoint import load_checkpoint
+from simulations.bench_faults import device_dirs
+from simulations.simulate import free_port, toml_value
 from tests.conftest import REPO_ROOT, TINY_RUN, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
@@ -29,50 +28,16 @@ DEPLOY_RUN = {**TINY_RUN, "synth.speakers": 6, "num-server-rounds": 2, "run-id":
               "strategy.timeout": 180.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _toml(value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
-def _device_dirs(cfg: RunConfig, root: Path) -> list[tuple[Path, Path]]:
-    """One (data dir, artifacts dir) per federated speaker: its own recordings and a copy of the public artifacts,
-    as a phone would hold them."""
-    prepared = prepare(cfg, progress=False)
-    by_speaker = prepared.corpus.by_speaker()
-    manifest = [json.loads(line) for line in (prepared.corpus.root / "manifest.jsonl").read_text().splitlines()]
-    devices = []
-    for index, speaker in enumerate(prepared.split.federated):
-        data, artifacts = root / f"device-{index}" / "data", root / f"device-{index}" / "artifacts"
-        ids = {u.id for u in by_speaker[speaker]}
-        entries = [e for e in manifest if e["id"] in ids]
-        for entry in entries:
-            (data / entry["audio"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(prepared.corpus.root / entry["audio"], data / entry["audio"])
-        (data / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-        artifacts.mkdir(parents=True)
-        for name in (f"tokenizer-{cfg.model.vocab_size}.model", "cmvn.json"):
-            shutil.copy2(prepared.artifacts / name, artifacts / name)
-        devices.append((data, artifacts))
-    return devices
-
-
 def test_tls_superlink_two_authenticated_devices(tmp_path: Path) -> None:
     workdir = tmp_path / "server"
     cfg = RunConfig.from_flat({**DEPLOY_RUN, "workdir": str(workdir)})
-    devices = _device_dirs(cfg, tmp_path)
+    devices = device_dirs(cfg, tmp_path)
     assert len(devices) == 2
     certs = make_dev_certificates(tmp_path / "pki")
     keys = make_node_keys(tmp_path / "pki", 3)  # the third is never registered
-    port = _free_port()
+    port = free_port()
     overrides = tmp_path / "run_config.toml"
-    overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in cfg.to_flat().items()))
+    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.to_flat().items()))
 
     link = start_superlink(certs=tmp_path / "pki", port=port, state_dir=tmp_path / "superlink")
     nodes: list[subprocess.Popen[bytes]] = []
@@ -84,7 +49,7 @@ def test_tls_superlink_two_authenticated_devices(tmp_path: Path) -> None:
         for index, (data, artifacts) in enumerate(devices + devices[:1]):
             nodes.append(start_supernode(superlink=f"127.0.0.1:{port}", data_dir=data, artifacts_dir=artifacts,
                                          root_cert=certs.ca_cert, auth_key=keys[index].private_key,
-                                         port=_free_port(), state_dir=tmp_path / f"supernode-{index}"))
+                                         port=free_port(), state_dir=tmp_path / f"supernode-{index}"))
         intruder = nodes[2]
 
         result = subprocess.run(

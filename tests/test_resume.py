@@ -8,6 +8,7 @@ kills a real ``chorus simulate`` mid-run (the whole process tree, SIGKILL) and r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import strategy as flwr_strategy
 
 import server.workflow
+import shared.files
 from server.checkpoint import STRATEGY_STATE, load_round, rewind_metrics, save_round
 from server.workflow import make_strategy, run_federation
 from shared.config import RunConfig, StrategyConfig
@@ -152,6 +155,52 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(workdir: Path, monkey
     # A resume of a finished run redoes nothing.
     run_federation(ScriptedGrid(), _cfg(workdir, "crash"), resume=True)
     assert _rounds(run_dir) == [0, 1, 2, 3]
+
+
+class _FullDisk:
+    """A file on a disk that fills up: half of the first write lands, then ENOSPC."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@needs_espeak
+def test_a_full_disk_while_writing_a_checkpoint_loses_nothing(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's disk fills up while it writes round 2's checkpoint: the run stops with the OS error, round 1's
+    checkpoint stays whole, no partial file is left, and ``resume`` finishes the run as if nothing had happened."""
+    whole = run_federation(ScriptedGrid(), _cfg(workdir, "disk-whole"))
+    real_fdopen, writes = os.fdopen, []
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        file = real_fdopen(fd, *args, **kwargs)
+        writes.append(name)
+        if name.startswith("global.pt.") and sum(w.startswith("global.pt.") for w in writes) == 2:
+            return _FullDisk(file)
+        return file
+
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="No space left"):
+        patch.setattr(shared.files.os, "fdopen", fdopen)
+        run_federation(ScriptedGrid(), _cfg(workdir, "disk"))
+    checkpoints = workdir / "runs" / "disk" / "checkpoints"
+    assert load_checkpoint(checkpoints / "global.pt").meta["round"] == 1
+    assert not list(checkpoints.glob("*.tmp")), "a partial temporary file was left behind"
+
+    run_dir = run_federation(ScriptedGrid(), _cfg(workdir, "disk"), resume=True)
+    final, expected = (load_checkpoint(d / "checkpoints" / "global.pt") for d in (run_dir, whole))
+    assert final.meta["round"] == 3 and _rounds(run_dir) == [0, 1, 2, 3]
+    assert all(torch.equal(expected.state_dict[k], final.state_dict[k]) for k in expected.state_dict)
 
 
 @needs_espeak

@@ -8,10 +8,10 @@ from typing import Iterable
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from typer.testing import CliRunner
 
-from server.exchange import InvalidReply, update_norm, validate_reply
+from server.exchange import InvalidReply, exchange, update_norm, validate_reply
 from server.workflow import run_federation
 from shared.config import ConfigError, RunConfig, StrategyConfig
 from shared.models.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -98,6 +98,33 @@ def test_each_malformed_train_reply_is_rejected_with_its_reason(change, reason: 
     change(reply.content)
     with pytest.raises(InvalidReply, match=reason):
         validate_reply(reply, request, StrategyConfig())
+
+
+class UnavailableGrid:
+    """Flower's SuperLink answering for a device whose heartbeats stopped: an error reply ("Node Unavailable")
+    from the SuperLink's own node id, to the message the device never took. The other device answers."""
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grid does when it sends
+            if msg.metadata.dst_node_id == 7:
+                reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink wrote it, not device 7
+            else:
+                reply = Message(RecordDict({"metrics": MetricRecord({"word-errors": 1, "words": 4,
+                                                                     "num-examples": 1, "wer": 0.25})}),
+                                reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def test_a_device_the_superlink_answers_for_counts_as_one_failure() -> None:
+    """Seen in `chorus bench faults`: a killed device counted twice (an error reply and a missing one)."""
+    messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                        message_type=MessageType.EVALUATE) for node in (7, 8)]
+    result = exchange(UnavailableGrid(), messages, phase="evaluate", strategy=StrategyConfig())  # type: ignore[arg-type]
+    assert (len(result.ok), result.failed, result.rejected) == (1, 1, 0)
 
 
 def test_a_non_finite_checkpoint_is_neither_written_nor_loaded(tmp_path: Path) -> None:
