@@ -1,9 +1,17 @@
 """Shared fixtures: locations of the real corpora beside the checkout, a tiny run config, the server's task
-identity, and a federation of scripted devices."""
+identity, a federation of scripted devices; and the helpers several test modules use (a tiny transducer, the
+privacy scan, processes run and cleaned up by marker)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,6 +20,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from shared.config import RunConfig
+from shared.data.corpora import read_speakers_tsv
+from shared.data.dataset import Batch
+from shared.models.transducer import Transducer, TransducerConfig
+from shared.models.transformer import CausalTransformerEncoder, TransformerConfig
 from simulations.harness import InProcessGrid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +105,95 @@ class ScriptedGrid(InProcessGrid):
                 {"train-loss": 1.0 / server_round, "num-examples": 2 + node})}), reply_to=msg)
         return Message(RecordDict({"metrics": MetricRecord(
             {"word-errors": node, "words": 10, "num-examples": 3, "wer": node / 10})}), reply_to=msg)
+
+
+# -- helpers shared by test modules ---------------------------------------------------------------------------
+
+TINY_ENCODER = TransformerConfig(input_dim=16, d_model=32, num_heads=2, ffn_dim=64, num_layers=1, left_context=8,
+                                 dropout=0.0)
+
+
+def tiny_transducer(seed: int = 0) -> Transducer:
+    torch.manual_seed(seed)
+    return Transducer(CausalTransformerEncoder(TINY_ENCODER), TransducerConfig(vocab_size=5, pred_dim=16, joint_dim=16))
+
+
+def tiny_batches(count: int, seed: int = 1) -> list[Batch]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(count):
+        feats = torch.randn(2, 48, TINY_ENCODER.input_dim, generator=generator)
+        targets = torch.randint(0, 5, (2, 3), generator=generator)
+        batches.append(Batch(feats=feats, feat_lens=torch.tensor([48, 40]), targets=targets,
+                             target_lens=torch.tensor([3, 2]), ids=[f"u{i}a", f"u{i}b"]))
+    return batches
+
+
+def sensitive_strings(cfg: RunConfig) -> list[str]:
+    """Everything a device holds that must never reach the server, as strings."""
+    from shared.data.prepare import prepare
+
+    prepared = prepare(cfg, progress=False)
+    utterances = prepared.corpus.utterances
+    attributes = read_speakers_tsv(prepared.corpus.root)
+    assert utterances and attributes, "the scan needs transcripts and speakers.tsv attributes to look for"
+    values = {u.text for u in utterances} | {u.id for u in utterances} | {u.speaker for u in utterances}
+    values |= set(attributes) | {v for row in attributes.values() for v in row.values()}
+    return sorted(v for v in values if v)
+
+
+def leaks(wire: bytes, names: list[str], sensitive: list[str]) -> list[str]:
+    """Sensitive strings found in a serialized reply or among its record names and keys.
+
+    Long strings (transcripts, ids, accents) are searched for in all the bytes, model weights included; short
+    ones ("53", "m1", "adult") would match float bytes by chance, so only the names and keys are checked for
+    them (equal, or containing one of 4+ characters).
+    """
+    found = [s for s in sensitive if len(s) >= 6 and s.encode() in wire]
+    found += [s for s in sensitive for n in names if n == s or (len(s) >= 4 and s in n)]
+    return found
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose command line or environment holds ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.name == str(os.getpid()) or (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                continue
+            if marker.encode() in (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def wait_gone(marker: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def kill_marked(marker: str) -> None:
+    for pid in processes_with(marker):  # only what this test started: it carries the test's marker
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_marked(code: str, *, name: str, env: dict[str, str], timeout: float = 840) -> tuple[int, str, list[int]]:
+    """Run ``python -c code`` in a session of its own, every process it starts marked by an environment
+    variable; returns (exit code, output, processes still alive 30 s after it ended — then killed)."""
+    marker = f"chorus-{name}-test-{uuid.uuid4().hex}"
+    env = {**os.environ, **env, "CHORUS_TEST_MARKER": marker, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        left = wait_gone(marker, 30)
+        kill_marked(marker)
+    return proc.returncode, output, left

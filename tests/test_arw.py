@@ -21,7 +21,7 @@ from shared.fairness.arw import (
     utterance_statistics,
 )
 from shared.training import GRAD_CLIP_NORM, train_steps
-from tests.test_ewc import tiny_batches, tiny_transducer
+from tests.conftest import tiny_batches, tiny_transducer
 
 
 def _batch(size: int = 6, seed: int = 0) -> Batch:

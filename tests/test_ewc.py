@@ -7,31 +7,10 @@ import copy
 import pytest
 import torch
 
-from shared.data.dataset import Batch
 from shared.fairness.ewc import EWCPenalty, add_fisher_sums, fisher_from_sums, fisher_sums, transducer_loss
-from shared.models.transducer import Transducer, TransducerConfig
-from shared.models.transformer import CausalTransformerEncoder, TransformerConfig
+from shared.models.transducer import Transducer
 from shared.training import train_steps
-
-TINY_ENCODER = TransformerConfig(input_dim=16, d_model=32, num_heads=2, ffn_dim=64, num_layers=1, left_context=8,
-                                 dropout=0.0)
-
-
-def tiny_transducer(seed: int = 0) -> Transducer:
-    torch.manual_seed(seed)
-    return Transducer(CausalTransformerEncoder(TINY_ENCODER), TransducerConfig(vocab_size=5, pred_dim=16, joint_dim=16))
-
-
-def tiny_batches(count: int, seed: int = 1) -> list[Batch]:
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for i in range(count):
-        feats = torch.randn(2, 48, TINY_ENCODER.input_dim, generator=generator)
-        targets = torch.randint(0, 5, (2, 3), generator=generator)
-        batches.append(Batch(feats=feats, feat_lens=torch.tensor([48, 40]), targets=targets,
-                             target_lens=torch.tensor([3, 2]), ids=[f"u{i}a", f"u{i}b"]))
-    return batches
-
+from tests.conftest import tiny_batches, tiny_transducer
 
 def _perturbed(model: torch.nn.Module, scale: float = 0.1, seed: int = 3) -> torch.nn.Module:
     moved = copy.deepcopy(model)

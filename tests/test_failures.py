@@ -20,9 +20,7 @@ import torch
 from server.workflow import run_federation
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
-from tests.conftest import TINY_RUN, needs_espeak
-from tests.conftest import ScriptedGrid
-from tests.test_resume import run_marked
+from tests.conftest import TINY_RUN, ScriptedGrid, needs_espeak, run_marked
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -33,7 +33,7 @@ from shared.metrics import ErrorCounts
 from simulations.harness import InProcessGrid
 from shared.privacy.audit import (ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod,
                                   audit_reply)
-from tests.conftest import TINY_RUN, needs_espeak, with_run_config
+from tests.conftest import TINY_RUN, leaks, needs_espeak, sensitive_strings, with_run_config
 
 E = 8  # embedding dimension of the fast tests
 UNUSED = Path("/nonexistent/speaker-embedder.pt")  # devices here hold their embedding in state already
@@ -459,7 +459,6 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     from shared.data.dataset import FeatureCache
     from shared.data.prepare import prepare, speaker_embedder_path
     from shared.models.speaker_embedding import load_speaker_embedder
-    from tests.test_privacy_invariant import leaks, sensitive_strings
 
     cfg = RunConfig.from_flat({**FAIR_RUN, "workdir": str(tmp_path / "work"), "run-id": "fair"})
     sensitive = sensitive_strings(cfg)  # also prepares the data (and the speaker embedder), before devices start

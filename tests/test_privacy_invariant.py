@@ -28,10 +28,9 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-
 import client.client_app as client_app
 from client.train import LocalUpdate
 from shared.config import RunConfig
-from shared.data.corpora import read_speakers_tsv
 from shared.models.checkpoint import initial_model
 from shared.privacy.audit import ALLOWED_METRICS, audit_mod
-from tests.conftest import TINY_RUN, needs_espeak, with_run_config
+from tests.conftest import TINY_RUN, leaks, needs_espeak, sensitive_strings, with_run_config
 
 TRAIN_METRICS = {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
 DP_TRAIN_METRICS = {"epsilon", "local-steps", "num-examples"}  # DP-SGD: only what the guarantee covers
@@ -67,31 +66,6 @@ def recorded_client_app(out_dir: Path, run_config: dict[str, bool | int | float 
     outer.train()(forward)
     outer.evaluate()(forward)
     return outer
-
-
-def sensitive_strings(cfg: RunConfig) -> list[str]:
-    """Everything a device holds that must never reach the server, as strings."""
-    from shared.data.prepare import prepare
-
-    prepared = prepare(cfg, progress=False)
-    utterances = prepared.corpus.utterances
-    attributes = read_speakers_tsv(prepared.corpus.root)
-    assert utterances and attributes, "the scan needs transcripts and speakers.tsv attributes to look for"
-    values = {u.text for u in utterances} | {u.id for u in utterances} | {u.speaker for u in utterances}
-    values |= set(attributes) | {v for row in attributes.values() for v in row.values()}
-    return sorted(v for v in values if v)
-
-
-def leaks(wire: bytes, names: list[str], sensitive: list[str]) -> list[str]:
-    """Sensitive strings found in a serialized reply or among its record names and keys.
-
-    Long strings (transcripts, ids, accents) are searched for in all the bytes, model weights included; short
-    ones ("53", "m1", "adult") would match float bytes by chance, so only the names and keys are checked for
-    them (equal, or containing one of 4+ characters).
-    """
-    found = [s for s in sensitive if len(s) >= 6 and s.encode() in wire]
-    found += [s for s in sensitive for n in names if n == s or (len(s) >= 4 and s in n)]
-    return found
 
 
 def global_model_spec(cfg: RunConfig) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -7,7 +7,6 @@ kills a real ``chorus simulate`` mid-run (the whole process tree, SIGKILL) and r
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -32,7 +31,7 @@ from server.workflow import make_strategy, run_federation
 from shared.config import RunConfig, StrategyConfig
 from shared.models.checkpoint import build_model, load_checkpoint
 from simulations.simulate import REPO_ROOT, stop_local_superlink
-from tests.conftest import TINY_RUN, ScriptedGrid, needs_espeak
+from tests.conftest import TINY_RUN, ScriptedGrid, kill_marked, needs_espeak, wait_gone
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -213,51 +212,6 @@ def test_crash_before_the_first_checkpoint_restarts_cleanly(workdir: Path) -> No
 
 # -- a real `chorus simulate`, killed and resumed ---------------------------------------------------------
 
-def _processes_with(marker: str) -> list[int]:
-    """Live processes whose command line or environment holds ``marker`` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if entry.name == str(os.getpid()) or (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
-                continue
-            if marker.encode() in (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-def _wait_gone(marker: str, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := _processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
-def _kill_marked(marker: str) -> None:
-    for pid in _processes_with(marker):  # only what this test started: it carries the test's marker
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def run_marked(code: str, *, name: str, env: dict[str, str], timeout: float = 840) -> tuple[int, str, list[int]]:
-    """Run ``python -c code`` in a session of its own, every process it starts marked by an environment
-    variable; returns (exit code, output, processes still alive 30 s after it ended — then killed)."""
-    marker = f"chorus-{name}-test-{uuid.uuid4().hex}"
-    env = {**os.environ, **env, "CHORUS_TEST_MARKER": marker, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        left = _wait_gone(marker, 30)
-        _kill_marked(marker)
-    return proc.returncode, output, left
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two full `chorus simulate` starts: several minutes on 2 busy cores
 @needs_espeak
@@ -283,7 +237,7 @@ def test_kill_and_resume_a_real_simulation(tmp_path: Path) -> None:
         os.killpg(first.pid, signal.SIGKILL)  # a crash: no cleanup of any kind
         first.wait()
         stop_local_superlink(tmp_path / ".flwr")  # Flower's SuperLink runs in a session of its own
-        assert not _wait_gone(marker, 30), "processes of the killed run survived"
+        assert not wait_gone(marker, 30), "processes of the killed run survived"
         committed = load_checkpoint(ckpt).meta["round"]
         lines_before = metrics.read_text().splitlines()[:committed + 1]  # rounds 0..committed
 
@@ -297,8 +251,8 @@ def test_kill_and_resume_a_real_simulation(tmp_path: Path) -> None:
         final = load_checkpoint(run_dir / "checkpoints" / "global.pt")
         assert final.meta["round"] == 3 and final.meta["run_id"] == "killed"
         assert (run_dir / "report.md").exists()
-        assert not _wait_gone(marker, 30), "processes of the resumed run survived"
+        assert not wait_gone(marker, 30), "processes of the resumed run survived"
     finally:
         log.close()
         stop_local_superlink(tmp_path / ".flwr")
-        _kill_marked(marker)
+        kill_marked(marker)

@@ -40,9 +40,7 @@ from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
 from simulations import harness
-from tests.conftest import TINY_RUN, needs_espeak, with_run_config
-from tests.test_privacy_invariant import leaks, sensitive_strings
-from tests.test_resume import run_marked
+from tests.conftest import TINY_RUN, leaks, needs_espeak, run_marked, sensitive_strings, with_run_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
