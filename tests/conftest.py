@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.task_identity import TaskIdentity
 
+import client.client_app as client_app
 from shared.config import RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.dataset import Batch
@@ -197,3 +199,33 @@ def run_marked(code: str, *, name: str, env: dict[str, str], timeout: float = 84
         left = wait_gone(marker, 30)
         kill_marked(marker)
     return proc.returncode, output, left
+
+
+SECAGG_DEVICES = 4
+
+
+class SecAggGrid(InProcessGrid):
+    """The harness's Grid over our real ClientApp, on the wire, for ``SECAGG_DEVICES`` devices (SecAgg+ and
+    central-DP tests). A device in ``drop_at`` (node id -> SecAgg+ stage) stops answering from that stage on, as
+    a device that lost its link."""
+
+    def __init__(self, cfg: RunConfig, drop_at: dict[int, str] | None = None) -> None:
+        super().__init__(client_app.app, SECAGG_DEVICES, cfg.to_flat(), on_wire=True)
+        self.drop_at = drop_at or {}
+        self.dropped: set[int] = set()
+
+    @staticmethod
+    def stage(msg: Message) -> str:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        return str(configs[Key.STAGE]) if configs is not None else "plain"
+
+    def answers(self, msg: Message) -> bool:
+        node = msg.metadata.dst_node_id
+        if self.drop_at.get(node) == self.stage(msg):
+            self.dropped.add(node)
+        return node not in self.dropped
+
+    @property
+    def replies(self) -> list[tuple[str, Message]]:
+        """(stage, reply) as each left its device."""
+        return [(self.stage(msg), reply) for msg, reply in self.exchanges]

@@ -18,8 +18,7 @@ from server.workflow import make_strategy, run_federation, stateful_strategy
 from shared.config import RunConfig
 from shared.data.prepare import prepare
 from shared.models.checkpoint import load_checkpoint
-from tests.conftest import TINY_RUN, needs_espeak
-from tests.test_secagg import InProcessGrid
+from tests.conftest import TINY_RUN, SecAggGrid, needs_espeak
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -33,11 +32,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _round(workdir: Path, run_id: str, **extra: bool | int | float | str) -> tuple[InProcessGrid, Path]:
+def _round(workdir: Path, run_id: str, **extra: bool | int | float | str) -> tuple[SecAggGrid, Path]:
     cfg = RunConfig.from_flat({**TINY_RUN, "workdir": str(workdir), "run-id": run_id, "num-server-rounds": 1,
                                "central-dp.clipping-norm": CLIP, "central-dp.sampled-clients": 4,
                                "central-dp.noise-multiplier": 1.0, **extra})
-    grid = InProcessGrid(cfg)
+    grid = SecAggGrid(cfg)
     return grid, run_federation(grid, cfg)
 
 
@@ -49,7 +48,7 @@ def _round_one(run_dir: Path) -> dict[str, object]:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
 
 
-def _train_updates(grid: InProcessGrid) -> list[dict[str, torch.Tensor]]:
+def _train_updates(grid: SecAggGrid) -> list[dict[str, torch.Tensor]]:
     """The model arrays of the devices' plain train replies, as the grid recorded them."""
     return [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
             if stage == "plain" and "arrays" in reply.content]

@@ -39,38 +39,12 @@ from shared.models.speaker_embedding import load_speaker_embedder
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
-from simulations import harness
-from tests.conftest import TINY_RUN, leaks, needs_espeak, run_marked, sensitive_strings, with_run_config
+from tests.conftest import (SECAGG_DEVICES, TINY_RUN, SecAggGrid, leaks, needs_espeak, run_marked, sensitive_strings,
+                            with_run_config)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-DEVICES = 4
-
-
-class InProcessGrid(harness.InProcessGrid):
-    """The harness's Grid over our real ClientApp, on the wire, for ``DEVICES`` devices. A device in ``drop_at``
-    (node id -> SecAgg+ stage) stops answering from that stage on, as a device that lost its link."""
-
-    def __init__(self, cfg: RunConfig, drop_at: dict[int, str] | None = None) -> None:
-        super().__init__(client_app.app, DEVICES, cfg.to_flat(), on_wire=True)
-        self.drop_at = drop_at or {}
-        self.dropped: set[int] = set()
-
-    @staticmethod
-    def stage(msg: Message) -> str:
-        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        return str(configs[Key.STAGE]) if configs is not None else "plain"
-
-    def answers(self, msg: Message) -> bool:
-        node = msg.metadata.dst_node_id
-        if self.drop_at.get(node) == self.stage(msg):
-            self.dropped.add(node)
-        return node not in self.dropped
-
-    @property
-    def replies(self) -> list[tuple[str, Message]]:
-        """(stage, reply) as each left its device."""
-        return [(self.stage(msg), reply) for msg, reply in self.exchanges]
+DEVICES = SECAGG_DEVICES
 
 
 def _cfg(workdir: Path, **extra: Any) -> RunConfig:
@@ -116,7 +90,7 @@ def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True})
     torch.manual_seed(0)
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
-    grid = InProcessGrid(cfg, drop_at={2: drop} if drop else None)
+    grid = SecAggGrid(cfg, drop_at={2: drop} if drop else None)
     result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
                                 min_contributors=2)
     survivors = [n for n in grid.get_node_ids() if n not in grid.dropped]
@@ -157,7 +131,7 @@ def test_dp_sgd_updates_go_through_secagg(workdir: Path) -> None:
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True, "dp.enabled": True, "dp.noise-multiplier": 1.0,
                            "dp.epsilon-budget": 1e9, "secagg.max-weight": 2.0})  # just above the weights
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
-    grid = InProcessGrid(cfg)
+    grid = SecAggGrid(cfg)
     result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
                                 min_contributors=2)
     assert (result.contributed, result.failed) == (DEVICES, 0) and result.arrays is not None
@@ -175,7 +149,7 @@ def test_too_many_dropouts_keep_the_global_model(workdir: Path) -> None:
     """Below the reconstruction threshold the masks cannot be removed: nothing is aggregated."""
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True, "secagg.reconstruction-threshold": 1.0})
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
-    grid = InProcessGrid(cfg, drop_at={2: Stage.COLLECT_MASKED_VECTORS})
+    grid = SecAggGrid(cfg, drop_at={2: Stage.COLLECT_MASKED_VECTORS})
     result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
                                 min_contributors=2)
     assert (result.arrays, result.contributed, result.failed) == (None, 0, DEVICES)
@@ -185,7 +159,7 @@ def test_too_many_dropouts_keep_the_global_model(workdir: Path) -> None:
 def test_a_device_that_requires_secagg_refuses_a_plain_instruction(workdir: Path) -> None:
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True})
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
-    grid = InProcessGrid(cfg)
+    grid = SecAggGrid(cfg)
     strategy = make_strategy(RunConfig().strategy)
     replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
     assert replies and all(r.has_error() and "SecureAggregationRequired" in r.error.reason for r in replies)
@@ -233,7 +207,7 @@ def test_fairness_phases_under_secagg_sum_what_the_plain_phases_sum(fair_workdir
     protocol over the devices that stayed (up to quantization), and no device sends its vectors in plain."""
     cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
     model = initial_model(cfg.model)
-    grid = InProcessGrid(cfg, drop_at={3: Stage.COLLECT_MASKED_VECTORS})
+    grid = SecAggGrid(cfg, drop_at={3: Stage.COLLECT_MASKED_VECTORS})
     rounds = FairnessRounds.start(grid, cfg, prepared=prepare(cfg, progress=False), model=model)
     survivors = [n for n in grid.get_node_ids() if n not in grid.dropped]
     assert survivors == [1, 2, 4]
@@ -281,7 +255,7 @@ def test_a_federated_round_with_fairness_under_secagg(fair_workdir: Path) -> Non
     k-means statistics, per-cohort counts or update leave it in plain."""
     cfg = _cfg(fair_workdir, **SECURE_FAIRNESS, **{"num-server-rounds": 1, "fairness.ewc-lambda": 1.0,
                                                    "fairness.fisher": "public", "run-id": "secure-fairness"})
-    grid = InProcessGrid(cfg)
+    grid = SecAggGrid(cfg)
     run_dir = run_federation(grid, cfg)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert (record["round"], record["train_replies"], record["eval_replies"]) == (1, DEVICES, DEVICES)
@@ -298,7 +272,7 @@ def test_a_federated_round_with_fairness_under_secagg(fair_workdir: Path) -> Non
 @needs_espeak
 def test_a_device_that_requires_secagg_refuses_plain_fairness_vectors(fair_workdir: Path) -> None:
     cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
-    grid = InProcessGrid(cfg)
+    grid = SecAggGrid(cfg)
     centroids = ArrayRecord({"centroids": Array(np.zeros((2, 8)))})
     kmeans = [Message(RecordDict({p.CENTROIDS: centroids, "config": ConfigRecord({"server-round": 0})}),
                       dst_node_id=node, message_type=p.KMEANS_QUERY) for node in grid.get_node_ids()]
