@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from shared.console import fail
 from shared.processes import stop_tree
 
 # torch, the model and the audio stack load inside `transcribe`: `chorus --help` and `device join` stay fast.
@@ -237,11 +238,6 @@ device_cli = typer.Typer(help="A device: join a federation, or transcribe a reco
                          no_args_is_help=True)
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(code=1)
-
-
 @device_cli.command("join")
 def join_cmd(
     superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink (its HTTPS port).")],
@@ -263,7 +259,7 @@ def join_cmd(
         proc = start_supernode(superlink=superlink, data_dir=data, artifacts_dir=artifacts, root_cert=root_cert,
                                auth_key=auth_key, port=port, state_dir=state_dir)
     except (DeviceError, CorpusError) as err:
-        raise _fail(err) from err
+        fail(str(err))
     typer.echo(f"SuperNode {proc.pid} joining {superlink} with {len(corpus.utterances)} utterances from "
                f"{corpus.root} ({len(corpus.skipped)} skipped); log {state_dir / 'supernode.log'}. Ctrl-C leaves.")
     try:
@@ -278,8 +274,7 @@ def join_cmd(
         reason = ("the SuperLink refused this device (\"Failed to activate SuperNode\", Flower exit code 305): its "
                   ".pub is not registered, or the SuperLink still counts this node online after an unclean stop "
                   "(retry in about a minute)" if refused else f"see {log}")
-        typer.echo(f"error: the SuperNode exited with status {code}: {reason}", err=True)
-        raise typer.Exit(code=1)
+        fail(f"the SuperNode exited with status {code}: {reason}", code=1)
 
 
 @device_cli.command("transcribe")
@@ -314,7 +309,7 @@ def transcribe_cmd(
             if live is not None:
                 live.stop()
     except DeviceError as err:
-        raise _fail(err) from err
+        fail(str(err))
     if result.native_rate != SAMPLE_RATE:
         typer.echo(f"note: {audio} is {result.native_rate} Hz; resampled to {SAMPLE_RATE} Hz")
     typer.echo(f"final: {result.text}")

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.console import fail
 from shared.processes import stop_tree
 
 __all__ = ["CONNECTION_NAME", "DeployError", "DevCertificates", "NodeKeyPair", "flower_env", "make_dev_certificates",
@@ -370,8 +371,7 @@ def start_cmd(
     try:
         proc = start_superlink(certs=certs, port=port, state_dir=state_dir, host=host, supernode_auth=not no_auth)
     except DeployError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=1) from err
+        fail(str(err))
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # reach it through an address in the SAN
     try:
@@ -390,7 +390,7 @@ def start_cmd(
                    "Ctrl-C stops it.")
         code = proc.wait()
     except DeployError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {err}", err=True)  # printed now; the exit waits for the SuperLink to stop
         code = 1
     except KeyboardInterrupt:
         code = 0

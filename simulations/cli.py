@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from client.device import device_cli
 from server.deploy import server_cli
 from shared.config import ConfigError, RunConfig
+from shared.console import fail
 
 app = typer.Typer(help="Chorus: federated edge learning for streaming speech recognition.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -24,12 +25,6 @@ model_app = typer.Typer(help="Shipped base models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 eval_app = typer.Typer(help="Evaluations (JSON on stdout, a report under runs/<id>/).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line on stderr naming the culprit, exit status 2 (a usage error), no traceback."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Run-config override KEY=VALUE (keys as in pyproject's \\[tool.flwr.app.config]); repeatable.")]

@@ -114,12 +114,12 @@ def test_transcribe_bad_inputs_name_the_file(assets: dict[str, Path], tmp_path: 
     common = ["--checkpoint", assets["transformer"], "--artifacts", assets["artifacts"]]
     for bad in (missing, corrupt):
         result = _run("transcribe", bad, *common)
-        assert result.exit_code == 1 and str(bad) in result.output, result.output
+        assert result.exit_code == 2 and str(bad) in result.output, result.output
     result = _run("transcribe", assets["wav16"], "--checkpoint", tmp_path / "none.pt",
                   "--artifacts", assets["artifacts"])
-    assert result.exit_code == 1 and str(tmp_path / "none.pt") in result.output
+    assert result.exit_code == 2 and str(tmp_path / "none.pt") in result.output
     result = _run("transcribe", assets["wav16"], "--checkpoint", assets["transformer"], "--artifacts", tmp_path)
-    assert result.exit_code == 1 and str(tmp_path / f"tokenizer-{VOCAB}.model") in result.output
+    assert result.exit_code == 2 and str(tmp_path / f"tokenizer-{VOCAB}.model") in result.output
 
 
 # -- deployment data ----------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, check_batch, check_chunk, rotary_tables, rotate
+from shared.models.encoder import EncoderOutput, check_batch, check_chunk, rotary_tables, rotate, state_reference
 from shared.models.flops import arbitrator_flops_per_frame, ffn_flops_per_frame, mha_flops_per_frame
 from shared.models.transformer import (
     CausalSelfAttention,
@@ -100,6 +100,7 @@ from shared.models.transformer import (
     ConvSubsampling,
     FeedForward,
     TransformerConfig,
+    TransformerState,
     subsampled_length,
 )
 
@@ -155,18 +156,7 @@ class ActiveKVCache(NamedTuple):
     active: Tensor
 
 
-class AmortizedState(NamedTuple):
-    """Streaming state of ``AmortizedTransformerEncoder``.
-
-    Attributes:
-        pending: (B, p, F) input frames the front end has not consumed yet (p <= 6).
-        layers: one ``ActiveKVCache`` per block, in order.
-        offset: encoder frames released so far: the absolute position of the next frame.
-    """
-
-    pending: Tensor
-    layers: tuple[ActiveKVCache, ...]
-    offset: int
+AmortizedState = TransformerState  # of one ActiveKVCache per block: TransformerState[ActiveKVCache]
 
 
 class BlockGates(NamedTuple):
@@ -567,12 +557,10 @@ class AmortizedTransformerEncoder(nn.Module):
         """(B,) input frame counts -> (B,) encoder frame counts."""
         return subsampled_length(lengths)
 
-    def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> AmortizedState:
+    def init_state(self, batch_size: int = 1,
+                   device: torch.device | None = None) -> TransformerState[ActiveKVCache]:
         """Fresh streaming state: nothing pending, empty caches, position 0."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        reference = next(self.parameters())
-        reference = reference.new_zeros((), device=device if device is not None else reference.device)
+        reference = state_reference(self, batch_size, device)
         return AmortizedState(
             pending=reference.new_zeros(batch_size, 0, self.input_dim),
             layers=self._empty_caches(batch_size, reference),
@@ -665,7 +653,8 @@ class AmortizedTransformerEncoder(nn.Module):
         """Encode whole utterances: feats (B, T, F), lengths (B,) -> ``EncoderOutput`` (see ``encode_with_gates``)."""
         return self.encode_with_gates(feats, lengths, gather=gather)[0]
 
-    def infer(self, chunk: Tensor, state: AmortizedState) -> tuple[Tensor, AmortizedState]:
+    def infer(self, chunk: Tensor,
+              state: TransformerState[ActiveKVCache]) -> tuple[Tensor, TransformerState[ActiveKVCache]]:
         """Encode the next chunk of a stream (gathered execution in eval mode).
 
         Args:

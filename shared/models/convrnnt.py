@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, check_batch, check_chunk, constant_cost
+from shared.models.encoder import EncoderOutput, check_batch, check_chunk, constant_cost, state_reference
 
 __all__ = [
     "ConvRNNTConfig",
@@ -490,11 +490,8 @@ class ConvRNNTEncoder(nn.Module):
             batch_size: B, the number of streams ``infer`` advances together.
             device: where the state lives; the parameters' device when None.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        parameter = next(self.parameters())
-        device = parameter.device if device is None else torch.device(device)
-        dtype = parameter.dtype
+        reference = state_reference(self, batch_size, device)
+        device, dtype = reference.device, reference.dtype
         lstm_shape = (self.config.lstm_num_layers, batch_size, self.config.lstm_hidden_size)
         return ConvRNNTState(
             local_context=self.local_cnn.initial_state(batch_size, device, dtype),

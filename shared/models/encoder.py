@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["EncoderOutput", "StreamingEncoder", "check_batch", "check_chunk", "constant_cost", "rotary_tables",
-           "rotate"]
+           "rotate", "state_reference"]
 
 
 class EncoderOutput(NamedTuple):
@@ -104,3 +104,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Apply RoPE to x (..., n, d_h): each pair (x_i, x_{i + d_h/2}) turns by its frame's angle (cos, sin broadcast)."""
     first, second = x.chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+def state_reference(module: torch.nn.Module, batch_size: int, device: torch.device | str | None) -> Tensor:
+    """A scalar zero with the dtype of ``module``'s parameters on ``device`` (their device when None): what a
+    fresh streaming state of ``batch_size`` streams is built from. ValueError for a batch size below 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    parameter = next(module.parameters())
+    return parameter.new_zeros((), device=parameter.device if device is None else torch.device(device))

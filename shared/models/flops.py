@@ -165,24 +165,11 @@ def encoder_flops_per_frame(
     return frontend_flops_per_frame(config.input_dim, config.d_model, elementwise=elementwise) + blocks + final_norm
 
 
-def encoder_flops_per_second(
-    config: TransformerConfig,
-    *,
-    mha_on: float | Sequence[float] = 1.0,
-    ffn_on: float | Sequence[float] = 1.0,
-    arbitrator_dim: int = 0,
-    keys: int | None = None,
-    elementwise: bool = True,
-) -> float:
-    """FLOPs per second of audio (25 encoder frames) of the dense (defaults) or amortized encoder.
-
-    The amortized model: pass its ``arbitrator_dim`` and the measured gate on-rates
-    (``AmortizedTransformerEncoder.gate_stats()``). Arguments as in ``encoder_flops_per_frame``.
-    """
-    per_frame = encoder_flops_per_frame(
-        config, mha_on=mha_on, ffn_on=ffn_on, arbitrator_dim=arbitrator_dim, keys=keys, elementwise=elementwise
-    )
-    return ENCODER_FRAMES_PER_SECOND * per_frame
+def encoder_flops_per_second(config: TransformerConfig, **rates: Any) -> float:
+    """FLOPs per second of audio (25 encoder frames) of the dense (no ``rates``) or amortized encoder: keyword
+    arguments as in ``encoder_flops_per_frame`` (for the amortized model its ``arbitrator_dim`` and the measured
+    gate on-rates of ``AmortizedTransformerEncoder.gate_stats()``)."""
+    return ENCODER_FRAMES_PER_SECOND * encoder_flops_per_frame(config, **rates)
 
 
 def sliding_window_flops_per_second(config: TransformerConfig, window: int = 8, *, elementwise: bool = True) -> float:

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, check_batch, check_chunk, constant_cost, rotary_tables, rotate
+from shared.models.encoder import (EncoderOutput, check_batch, check_chunk, constant_cost, rotary_tables, rotate,
+                                   state_reference)
 
 __all__ = [
     "CausalSelfAttention",
@@ -111,6 +112,9 @@ def _band_mask(frames: int, cached: int, left_context: int, device: torch.device
     return (key <= query) & (key >= query - left_context)
 
 
+Cache = TypeVar("Cache")
+
+
 class LayerCache(NamedTuple):
     """One layer's attention memory: keys (rotated by RoPE) and values of its last c <= W frames.
 
@@ -123,17 +127,18 @@ class LayerCache(NamedTuple):
     value: Tensor
 
 
-class TransformerState(NamedTuple):
-    """Streaming state of ``CausalTransformerEncoder``.
+class TransformerState(NamedTuple, Generic[Cache]):
+    """Streaming state of ``CausalTransformerEncoder`` (``Cache`` = ``LayerCache``) and of
+    ``AmortizedTransformerEncoder`` (``ActiveKVCache``).
 
     Attributes:
         pending: (B, p, F) input frames the front end has not consumed yet (p <= 6).
-        layers: one ``LayerCache`` per block, in order.
+        layers: one cache per block, in order.
         offset: encoder frames released so far: the absolute position of the next frame.
     """
 
     pending: Tensor
-    layers: tuple[LayerCache, ...]
+    layers: tuple[Cache, ...]
     offset: int
 
 
@@ -272,12 +277,9 @@ class CausalTransformerEncoder(nn.Module):
         """(B,) input frame counts -> (B,) encoder frame counts."""
         return subsampled_length(lengths)
 
-    def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> TransformerState:
+    def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> TransformerState[LayerCache]:
         """Fresh streaming state: nothing pending, empty caches, position 0."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        reference = next(self.parameters())
-        reference = reference.new_zeros((), device=device if device is not None else reference.device)
+        reference = state_reference(self, batch_size, device)
         layers = tuple(block.attention.empty_cache(batch_size, reference) for block in self.blocks)
         pending = reference.new_zeros(batch_size, 0, self.input_dim)
         return TransformerState(pending=pending, layers=layers, offset=0)
@@ -312,7 +314,7 @@ class CausalTransformerEncoder(nn.Module):
         frames = frames * valid.unsqueeze(-1).to(frames.dtype)
         return EncoderOutput(frames=frames, lengths=out_lengths, compute_cost=constant_cost(frames))
 
-    def infer(self, chunk: Tensor, state: TransformerState) -> tuple[Tensor, TransformerState]:
+    def infer(self, chunk: Tensor, state: TransformerState[LayerCache]) -> tuple[Tensor, TransformerState[LayerCache]]:
         """Encode the next chunk of a stream.
 
         Args:
