@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, check_batch, check_chunk, rotary_tables, rotate, state_reference
+from shared.models.encoder import EncoderOutput, check_batch, rotary_tables, rotate, state_reference
 from shared.models.flops import arbitrator_flops_per_frame, ffn_flops_per_frame, mha_flops_per_frame
 from shared.models.transformer import (
     CausalSelfAttention,
@@ -101,6 +101,7 @@ from shared.models.transformer import (
     FeedForward,
     TransformerConfig,
     TransformerState,
+    stream_blocks,
     subsampled_length,
 )
 
@@ -655,22 +656,14 @@ class AmortizedTransformerEncoder(nn.Module):
 
     def infer(self, chunk: Tensor,
               state: TransformerState[ActiveKVCache]) -> tuple[Tensor, TransformerState[ActiveKVCache]]:
-        """Encode the next chunk of a stream (gathered execution in eval mode).
+        """``CausalTransformerEncoder.infer``: chunk (B, t, F) -> newly completed frames (B, t', D) and the new
+        state, with gathered execution in eval mode."""
 
-        Args:
-            chunk: (B, t, F) next input frames (any t >= 0).
-            state: from ``init_state`` or the previous ``infer`` call.
+        def encode(frames: Tensor, layers: tuple[ActiveKVCache, ...],
+                   offset: int) -> tuple[Tensor, tuple[ActiveKVCache, ...]]:
+            valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+            frames, layers, _ = self._encode(frames, layers, offset, valid, gather=not self.training,
+                                             update_cache=True)
+            return frames, layers
 
-        Returns:
-            (B, t', D) newly completed encoder frames (t' may be 0) and the new state.
-        """
-        check_chunk(chunk, self.input_dim, state.pending.shape[0])
-        frames, pending = self.frontend.stream(state.pending, chunk)
-        count = frames.shape[1]
-        if count == 0:
-            return frames, AmortizedState(pending=pending, layers=state.layers, offset=state.offset)
-        valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-        frames, layers, _ = self._encode(
-            frames, state.layers, state.offset, valid, gather=not self.training, update_cache=True
-        )
-        return frames, AmortizedState(pending=pending, layers=layers, offset=state.offset + count)
+        return stream_blocks(self.frontend, self.input_dim, chunk, state, encode)

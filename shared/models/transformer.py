@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Generic, NamedTuple, TypeVar
 
 import torch
@@ -58,6 +59,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerConfig",
     "TransformerState",
+    "stream_blocks",
     "sliding_window_config",
     "subsampled_length",
 ]
@@ -140,6 +142,19 @@ class TransformerState(NamedTuple, Generic[Cache]):
     pending: Tensor
     layers: tuple[Cache, ...]
     offset: int
+
+
+def stream_blocks(frontend: ConvSubsampling, input_dim: int, chunk: Tensor, state: TransformerState[Cache],
+                  encode: Callable[[Tensor, tuple[Cache, ...], int], tuple[Tensor, tuple[Cache, ...]]]
+                  ) -> tuple[Tensor, TransformerState[Cache]]:
+    """``infer`` of the Transformer encoders: the front end consumes ``chunk`` after what was pending, and the
+    encoder frames it completes go through ``encode`` (frames, caches, offset) -> (frames, new caches)."""
+    check_chunk(chunk, input_dim, state.pending.shape[0])
+    frames, pending = frontend.stream(state.pending, chunk)
+    if frames.shape[1] == 0:
+        return frames, state._replace(pending=pending)
+    frames, layers = encode(frames, state.layers, state.offset)
+    return frames, TransformerState(pending=pending, layers=layers, offset=state.offset + frames.shape[1])
 
 
 class ConvSubsampling(nn.Module):
@@ -324,10 +339,4 @@ class CausalTransformerEncoder(nn.Module):
         Returns:
             (B, t', D) newly completed encoder frames (t' may be 0) and the new state.
         """
-        check_chunk(chunk, self.input_dim, state.pending.shape[0])
-        frames, pending = self.frontend.stream(state.pending, chunk)
-        count = frames.shape[1]
-        if count == 0:
-            return frames, TransformerState(pending=pending, layers=state.layers, offset=state.offset)
-        frames, layers = self._encode(frames, state.layers, state.offset)
-        return frames, TransformerState(pending=pending, layers=layers, offset=state.offset + count)
+        return stream_blocks(self.frontend, self.input_dim, chunk, state, self._encode)
