@@ -60,6 +60,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from client.client_app import app as client_app
 from client.data import DeviceData, device_data
+from server.exchange import exchange
 from server.workflow import make_strategy
 from shared.config import RunConfig
 from shared.data.corpora import Utterance
@@ -186,24 +187,20 @@ def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, dev
     log: list[dict[str, Any]] = []
     for server_round in range(1, rounds + 1):
         sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
-        replies = grid.send_and_receive(sent)
-        ok = [m for m in replies if not m.has_error()]
-        failures += len(replies) - len(ok)
+        # The server's one send/receive path: a failed or refused device is logged and left out, as in a run.
+        result = exchange(grid, sent, phase=f"round {server_round} train", strategy=cfg.strategy)
+        failures += result.failed + result.rejected
         updates = {}
-        for request, reply in zip(sorted(sent, key=lambda m: m.metadata.dst_node_id), replies, strict=True):
-            if reply.has_error():
-                print(f"  round {server_round}: device {request.metadata.dst_node_id - 1} failed: {reply.error.reason}",
-                      file=sys.stderr)
-                continue
-            partition = request.metadata.dst_node_id - 1
+        for reply in result.ok:
+            partition = reply.metadata.src_node_id - 1
             updates[partition] = reply.content["arrays"].to_torch_state_dict()
             if "epsilon" in reply.content["metrics"]:
                 epsilons.setdefault(partition, []).append(float(reply.content["metrics"]["epsilon"]))
-        new_arrays, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
+        new_arrays, _ = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
         if new_arrays is not None:
             load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
             arrays = ArrayRecord(model.state_dict())  # in the model's dtypes
-        log.append({"round": server_round, "replies": len(ok), "failures": len(replies) - len(ok)})
+        log.append({"round": server_round, "replies": len(result.ok), "failures": result.failed + result.rejected})
     seconds = sum(grid.seconds) / max(1, len(grid.seconds))
     return _Federation(global_state=model.state_dict(), updates=updates, epsilons=epsilons, failures=failures,
                        seconds_per_device_round=seconds, rounds_log=log)
