@@ -54,8 +54,6 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
     return cfg, state, data, seed_id, int(msg.content["config"]["server-round"])
 
 
-# Order, outermost first: audit_mod (app-wide) sees what leaves; SecAgg+ masks the clipped update; clipping sees
-# the handler's plain update.
 def _unmasked(cfg: RunConfig, what: str) -> None:
     """A device whose run asks for SecAgg+ sends fairness vectors only inside a secure sum."""
     if cfg.strategy.secure_aggregation:
@@ -63,6 +61,8 @@ def _unmasked(cfg: RunConfig, what: str) -> None:
                                         f"plain: it would name this device's cohort, so the device refuses")
 
 
+# Order, outermost first: audit_mod (app-wide) sees what leaves; SecAgg+ masks the clipped update; clipping sees
+# the handler's plain update.
 @app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     if protocol.SECURE_SUM in msg.content:  # a fairness phase's sum under SecAgg+: no training

@@ -73,15 +73,18 @@ def exchange(grid: Grid, messages: list[Message], *, phase: str, strategy: Strat
     # "Node Unavailable" when the device stopped its heartbeats) comes from the SuperLink, not the device: match
     # replies to devices by the message they answer, so such a device counts as failed once, not also as silent.
     node_of = {m.metadata.message_id: node for node, m in sent.items() if m.metadata.message_id}
-    answered = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
+
+    def device(reply: Message) -> int:
+        return node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    answered = {device(m) for m in replies}
     silent = sorted(node for node in sent if node not in answered)
     if silent:
         log.warning("%s: no reply within strategy.timeout from device(s) %s", phase, ", ".join(map(str, silent)))
     failed, candidates = len(silent), []
     for reply in replies:
         if reply.has_error():
-            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            log.warning("%s: device %s failed: %s", phase, node, reply.error.reason)
+            log.warning("%s: device %s failed: %s", phase, device(reply), reply.error.reason)
             failed += 1
             continue
         request = sent.get(reply.metadata.src_node_id)

@@ -160,12 +160,6 @@ class StrategyConfig:
                 raise ConfigError(f"strategy.{key} must be >= 0 (0: off), got {value}")
 
 
-# What each fairness option would send outside SecAgg+'s masks (RunConfig refuses it with secure aggregation).
-_UNMASKED = {"fairness.arw": "each device's ARW scalars (adversary scores, weight mass)",
-             "fairness.targeted-rounds": "a weight of 0 (not in a targeted cohort) or > 0",
-             "fairness.fisher=federated": "each device's Fisher sums (use fairness.fisher=public)"}
-
-
 @dataclass(frozen=True)
 class SecAggConfig:
     """SecAgg+ (Bell et al., CCS 2020) as Flower's ``SecAggPlusWorkflow`` runs it (``strategy.secure-aggregation``).
@@ -359,12 +353,15 @@ class RunConfig:
         # would still leave a device unmasked is refused rather than left to look protected.
         f = self.fairness
         if f.enabled and self.strategy.secure_aggregation:
-            unmasked = {"fairness.arw": f.arw, "fairness.targeted-rounds": f.targeted_rounds > 0,
-                        "fairness.fisher=federated": f.ewc_lambda > 0 and f.fisher == "federated"}
-            for key, on in unmasked.items():
+            unmasked = [  # (option, is it on, what it would send outside the masks)
+                ("fairness.arw", f.arw, "each device's ARW scalars (adversary scores, weight mass)"),
+                ("fairness.targeted-rounds", f.targeted_rounds > 0, "a weight of 0 (not in a targeted cohort) or > 0"),
+                ("fairness.fisher=federated", f.ewc_lambda > 0 and f.fisher == "federated",
+                 "each device's Fisher sums (use fairness.fisher=public)")]
+            for key, on, what in unmasked:
                 if on:
-                    raise ConfigError(f"{key} with strategy.secure-aggregation is not supported: "
-                                      f"{_UNMASKED[key]} would reach the server unmasked")
+                    raise ConfigError(f"{key} with strategy.secure-aggregation is not supported: {what} would "
+                                      f"reach the server unmasked")
 
     @property
     def workdir_path(self) -> Path:

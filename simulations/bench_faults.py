@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ def _wait_for_log(log: Path, text: str, count: int, *, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _rejoin(start: Any, index: int, *, timeout: float) -> tuple[subprocess.Popen[bytes], int]:
+def _rejoin(start: Callable[[int], subprocess.Popen[bytes]], index: int, *,
+            timeout: float) -> tuple[subprocess.Popen[bytes], int]:
     """Start device ``index`` again until the SuperLink lets it in: it refuses to activate a key it still
     counts as online (Flower: up to 2 heartbeat intervals, 60 s, after the device's last heartbeat), and the
     SuperNode then exits (code 305). Returns the running SuperNode and the number of starts."""
