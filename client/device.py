@@ -178,6 +178,7 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
 
     from shared.data.audio import SAMPLE_RATE, AudioError, load_audio, probe_audio
     from shared.data.features import StreamingFbank
+    from shared.models.amortized_transformer import AmortizedTransformerEncoder
     from shared.models.checkpoint import CheckpointError, load_checkpoint
 
     if chunk_ms < 10:
@@ -198,9 +199,9 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
         raise DeviceError(str(err)) from err
 
     model = ckpt.build().eval()
-    gated = hasattr(model.encoder, "gate_stats")
-    if gated:
-        model.encoder.reset_gate_stats()
+    gated = model.encoder if isinstance(model.encoder, AmortizedTransformerEncoder) else None  # it counts skipped work
+    if gated is not None:
+        gated.reset_gate_stats()
     chunk = SAMPLE_RATE * chunk_ms // 1000
     compute = 0.0
     text = ""
@@ -225,7 +226,7 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
     began = time.perf_counter()
     push(fbank.finish())
     compute += time.perf_counter() - began
-    stats = model.encoder.gate_stats() if gated else None
+    stats = gated.gate_stats() if gated is not None else None
     skipped = 1.0 - stats.executed_share if stats is not None and stats.frames else 0.0
     return Transcript(text=text, audio_seconds=samples.shape[0] / SAMPLE_RATE, compute_seconds=compute,
                       skipped_share=skipped, native_rate=native_rate,

@@ -32,6 +32,7 @@ from shared.data.dataset import FeatureCache
 from shared.data.prepare import prepare
 from shared.models.amortized_transformer import AmortizedTransformerEncoder
 from shared.models.checkpoint import load_checkpoint
+from shared.models.encoder import StreamingEncoder
 from shared.models.flops import measure_flops
 from shared.models.transducer import Transducer
 from shared.training import score
@@ -70,7 +71,7 @@ FULL = BenchPlan(
     stream_utterances=16, repeats=3)
 
 
-def _params(model: torch.nn.Module) -> int:
+def _params(model: torch.nn.Module | StreamingEncoder) -> int:
     return sum(p.numel() for p in model.parameters())
 
 

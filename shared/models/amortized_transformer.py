@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, check_batch, rotary_tables, rotate, state_reference
+from shared.models.encoder import BlockList, EncoderOutput, check_batch, rotary_tables, rotate, state_reference
 from shared.models.flops import arbitrator_flops_per_frame, ffn_flops_per_frame, mha_flops_per_frame
 from shared.models.transformer import (
     CausalSelfAttention,
@@ -496,7 +496,7 @@ class AmortizedTransformerEncoder(nn.Module):
         self.output_dim = base.d_model
         self.frontend = ConvSubsampling(base.input_dim, base.d_model)
         self.frontend_dropout = nn.Dropout(base.dropout)
-        self.blocks = nn.ModuleList(AmortizedBlock(config) for _ in range(base.num_layers))
+        self.blocks = BlockList(AmortizedBlock(config) for _ in range(base.num_layers))
         self.final_norm = nn.LayerNorm(base.d_model)
         self.mha_flops = float(mha_flops_per_frame(base.d_model, base.num_heads, base.left_context + 1))
         self.ffn_flops = float(ffn_flops_per_frame(base.d_model, base.ffn_dim))

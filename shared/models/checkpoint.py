@@ -35,6 +35,7 @@ from shared.data.tokenizer import Tokenizer
 from shared.files import torch_save_atomic
 from shared.models.amortized_transformer import AmortizedConfig, AmortizedTransformerEncoder
 from shared.models.convrnnt import ConvRNNTConfig, ConvRNNTEncoder
+from shared.models.encoder import StreamingEncoder
 from shared.models.transducer import Transducer, TransducerConfig
 from shared.models.transformer import CausalTransformerEncoder, TransformerConfig, sliding_window_config
 
@@ -60,7 +61,7 @@ def build_model(cfg: ModelConfig) -> Transducer:
     enc_cfg = TransformerConfig(d_model=cfg.d_model, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
                                 num_layers=cfg.num_layers, left_context=cfg.left_context, dropout=cfg.dropout)
     if cfg.name == "transformer":
-        encoder: nn.Module = CausalTransformerEncoder(enc_cfg)
+        encoder: StreamingEncoder = CausalTransformerEncoder(enc_cfg)
     elif cfg.name == "sliding-window":
         encoder = CausalTransformerEncoder(sliding_window_config(enc_cfg, window=SLIDING_WINDOW))
     elif cfg.name == "amortized":

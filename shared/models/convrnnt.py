@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import EncoderOutput, check_batch, check_chunk, constant_cost, state_reference
+from shared.models.encoder import BlockList, EncoderOutput, check_batch, check_chunk, constant_cost, state_reference
 
 __all__ = [
     "ConvRNNTConfig",
@@ -290,7 +290,7 @@ class _LocalContextCNN(nn.Module):
     def __init__(self, config: ConvRNNTConfig) -> None:
         super().__init__()
         self.subsampling = _Subsampling(config.input_dim, config.local_channels, config.subsampling_kernel_size)
-        self.blocks = nn.ModuleList(
+        self.blocks = BlockList(
             _LocalBlock(config.local_channels, config.local_kernel_size, config.dropout)
             for _ in range(config.local_num_blocks)
         )
@@ -375,7 +375,7 @@ class _GlobalContextCNN(nn.Module):
     def __init__(self, config: ConvRNNTConfig) -> None:
         super().__init__()
         self.subsampling = _Subsampling(config.input_dim, config.global_channels, config.subsampling_kernel_size)
-        self.blocks = nn.ModuleList(
+        self.blocks = BlockList(
             _GlobalBlock(
                 config.global_channels, config.global_kernel_size, dilation, config.se_reduction, config.dropout
             )
@@ -401,6 +401,17 @@ class _GlobalContextCNN(nn.Module):
         return x, GlobalContextState(subsampling=subsampling, blocks=tuple(block_states), frames_seen=frames_seen)
 
 
+def _dplstm_aliases(parent: nn.Module) -> dict[str, str]:
+    """The parameter aliases of the DPLSTM ``parent.lstm`` (its cell's name -> nn.LSTM's name). The hooks below are
+    registered only on a parent whose ``lstm`` is a DPLSTM (``dp_compatible``)."""
+    from opacus.layers import DPLSTM
+
+    lstm = parent.lstm
+    if not isinstance(lstm, DPLSTM):
+        raise TypeError(f"the DPLSTM state_dict hooks are on a module whose lstm is a {type(lstm).__name__}")
+    return lstm.old_to_new
+
+
 def _drop_dplstm_aliases(parent: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook of the module holding a DPLSTM as ``lstm``.
 
@@ -408,7 +419,7 @@ def _drop_dplstm_aliases(parent: nn.Module, state_dict: dict[str, Tensor], prefi
     Opacus' own hook drops the second only when DPLSTM is the top-level module (nested, it filters a copy), so
     the aliases are dropped here, one level up, where the state_dict is edited in place.
     """
-    for alias in parent.lstm.old_to_new:
+    for alias in _dplstm_aliases(parent):
         state_dict.pop(f"{prefix}lstm.{alias}", None)
 
 
@@ -423,7 +434,7 @@ def _fill_dplstm_aliases(
     error_msgs: list[str],
 ) -> None:
     """load_state_dict pre-hook, the inverse of ``_drop_dplstm_aliases``: an nn.LSTM name also loads its alias."""
-    for alias, name in parent.lstm.old_to_new.items():
+    for alias, name in _dplstm_aliases(parent).items():
         if f"{prefix}lstm.{name}" in state_dict:
             state_dict.setdefault(f"{prefix}lstm.{alias}", state_dict[f"{prefix}lstm.{name}"])
 

@@ -11,13 +11,35 @@ Legend of tensor symbols used in shapes across ``shared/models``:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["EncoderOutput", "StreamingEncoder", "check_batch", "check_chunk", "constant_cost", "rotary_tables",
-           "rotate", "state_reference"]
+__all__ = ["BlockList", "EncoderOutput", "StreamingEncoder", "check_batch", "check_chunk", "constant_cost",
+           "rotary_tables", "rotate", "state_reference"]
+
+BlockT = TypeVar("BlockT", bound=nn.Module)
+
+if TYPE_CHECKING:
+    class BlockList(nn.ModuleList, Generic[BlockT]):
+        """An ``nn.ModuleList`` of one kind of block, as the type checker sees it: iterating and indexing give
+        that kind (``nn.ModuleList`` says only ``Module``). At run time it is ``nn.ModuleList`` itself."""
+
+        def __init__(self, modules: Iterable[BlockT]) -> None: ...
+
+        def __iter__(self) -> Iterator[BlockT]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> BlockList[BlockT]: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> BlockT: ...
+
+        def __getitem__(self, idx: int | slice) -> BlockT | BlockList[BlockT]: ...
+else:
+    BlockList = nn.ModuleList
 
 
 class EncoderOutput(NamedTuple):
@@ -45,8 +67,16 @@ class StreamingEncoder(Protocol):
     input_dim: int
     output_dim: int
 
+    def __call__(self, feats: Tensor, lengths: Tensor) -> EncoderOutput:
+        """An encoder is an ``nn.Module``: calling it runs ``forward``."""
+        ...
+
     def forward(self, feats: Tensor, lengths: Tensor) -> EncoderOutput:
         """feats: (B, T, F); lengths: (B,). Returns frames (B, T', D)."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Its weights (``nn.Module.parameters``)."""
         ...
 
     def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> Any:

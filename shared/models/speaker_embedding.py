@@ -38,7 +38,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -354,8 +354,9 @@ def load_speaker_embedder(path: Path | str) -> SpeakerEmbedder:
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise SpeakerEmbeddingError(f"{path} is not a {_FORMAT} file")
     try:
-        config = SpeakerEmbeddingConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in payload["config"].items()})
+        # values as read from the file: SpeakerEmbeddingConfig checks them (a wrong name is a TypeError)
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
+        config = SpeakerEmbeddingConfig(**fields)
         model = SpeakerEmbedder(config)
         model.load_state_dict(payload["state_dict"])
     except (TypeError, RuntimeError, KeyError) as err:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.models.encoder import StreamingEncoder
 from shared.models.rnnt_loss import rnnt_loss
 
 __all__ = ["Joiner", "StatelessPredictor", "StreamState", "Transducer", "TransducerConfig", "TransducerOutput"]
@@ -179,7 +180,9 @@ class Transducer(nn.Module):
     Decoding methods run without gradients and in whatever mode the model is in: call ``eval()`` first.
     """
 
-    def __init__(self, encoder: nn.Module, config: TransducerConfig) -> None:
+    encoder: StreamingEncoder
+
+    def __init__(self, encoder: StreamingEncoder, config: TransducerConfig) -> None:
         super().__init__()
         if not all(hasattr(encoder, name) for name in ("output_dim", "init_state", "infer", "subsampled_length")):
             raise ValueError(f"encoder must implement StreamingEncoder, got {type(encoder).__name__}")

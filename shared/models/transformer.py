@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import (EncoderOutput, check_batch, check_chunk, constant_cost, rotary_tables, rotate,
-                                   state_reference)
+from shared.models.encoder import (BlockList, EncoderOutput, check_batch, check_chunk, constant_cost, rotary_tables,
+                                   rotate, state_reference)
 
 __all__ = [
     "CausalSelfAttention",
@@ -285,7 +285,7 @@ class CausalTransformerEncoder(nn.Module):
         self.output_dim = config.d_model
         self.frontend = ConvSubsampling(config.input_dim, config.d_model)
         self.frontend_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.blocks = BlockList(TransformerBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
 
     def subsampled_length(self, lengths: Tensor) -> Tensor:
