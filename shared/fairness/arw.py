@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -86,7 +87,8 @@ class PopulationStats(NamedTuple):
     weighted_loss: float
 
 
-class ScoreSums(NamedTuple):
+@dataclass(frozen=True)
+class ScoreSums:
     """What a device reports for population normalization: three scalars that add across devices.
 
     Attributes:
@@ -99,7 +101,7 @@ class ScoreSums(NamedTuple):
     count: float
     score_loss: float
 
-    def __add__(self, other: ScoreSums) -> ScoreSums:  # type: ignore[override]
+    def __add__(self, other: ScoreSums) -> ScoreSums:
         return ScoreSums(self.score + other.score, self.count + other.count, self.score_loss + other.score_loss)
 
     def population(self) -> PopulationStats:

@@ -36,7 +36,7 @@ Example (two devices, one speaker embedding each, two clusters)::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -212,7 +212,8 @@ def init_centroids(public_embeddings: np.ndarray, num_clusters: int, *, seed: in
 # ---------------------------------------------------------------------------------------------------------
 
 
-class CohortCounts(NamedTuple):
+@dataclass(frozen=True)
+class CohortCounts:
     """Dense per-cohort evaluation counts (float64, so SecAgg+ and noise fit; exact below 2**53).
 
     Attributes:
@@ -225,8 +226,12 @@ class CohortCounts(NamedTuple):
     words: np.ndarray
     speakers: np.ndarray
 
-    def __add__(self, other: CohortCounts) -> CohortCounts:  # type: ignore[override]
+    def __add__(self, other: CohortCounts) -> CohortCounts:
         return CohortCounts(self.errors + other.errors, self.words + other.words, self.speakers + other.speakers)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """errors, words, speakers (in ``protocol.COHORT_EVAL_KEYS`` order)."""
+        return iter((self.errors, self.words, self.speakers))
 
 
 def cohort_error_vectors(cohort_id: int, errors: int, words: int, num_cohorts: int, *,

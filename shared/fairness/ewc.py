@@ -34,7 +34,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,8 @@ def transducer_loss(model: nn.Module, batch: Batch) -> Tensor:
     return out.loss_per_utt.sum() / batch.target_lens.sum().clamp(min=1)
 
 
-class FisherSums(NamedTuple):
+@dataclass(frozen=True)
+class FisherSums:
     """Summed squared minibatch gradients and how many minibatches they cover.
 
     Attributes:

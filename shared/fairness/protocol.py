@@ -132,25 +132,40 @@ class TrainInstruction:
     @classmethod
     def from_config(cls, config: ConfigRecord) -> TrainInstruction:
         """Read what ``to_config`` wrote; ProtocolError naming the key of a value of the wrong type."""
-        values: dict[str, object] = {}
-        for name, key in _INSTRUCTION_KEYS.items():
-            if key not in config:
-                continue
-            value = config[key]
-            if name == "target_cohorts":
-                items = value if isinstance(value, list) else [value]
-                if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                    raise ProtocolError(f"config {key!r} must be cohort ids (integers), got {value!r}")
-                values[name] = tuple(int(i) for i in items)  # type: ignore[arg-type]
-            elif name == "arw_frozen":
-                if not isinstance(value, bool):
-                    raise ProtocolError(f"config {key!r} must be true or false, got {value!r}")
-                values[name] = value
-            else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ProtocolError(f"config {key!r} must be a finite number, got {value!r}")
-                values[name] = float(value)
-        return cls(**values)  # type: ignore[arg-type]
+        # in the order of _INSTRUCTION_KEYS: the first wrong value is the one named
+        return cls(target_cohorts=_cohort_ids(config, TARGET_COHORTS), ewc_lambda=_number(config, EWC_LAMBDA),
+                   arw_lr=_number(config, ARW_LR), arw_frozen=_flag(config, ARW_FROZEN),
+                   arw_mean_score=_number(config, ARW_MEAN_SCORE),
+                   arw_weighted_loss=_number(config, ARW_WEIGHTED_LOSS))
+
+
+def _cohort_ids(config: ConfigRecord, key: str) -> tuple[int, ...] | None:
+    if key not in config:
+        return None
+    value = config[key]
+    items = value if isinstance(value, list) else [value]
+    ids = [i for i in items if isinstance(i, int) and not isinstance(i, bool)]
+    if len(ids) != len(items):
+        raise ProtocolError(f"config {key!r} must be cohort ids (integers), got {value!r}")
+    return tuple(ids)
+
+
+def _flag(config: ConfigRecord, key: str) -> bool | None:
+    if key not in config:
+        return None
+    value = config[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"config {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _number(config: ConfigRecord, key: str) -> float | None:
+    if key not in config:
+        return None
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"config {key!r} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def split_adversary(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
