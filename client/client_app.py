@@ -29,6 +29,7 @@ from client.train import fine_tune
 from shared.config import RunConfig
 from shared.fairness import protocol
 from shared.privacy.audit import audit_mod
+from shared.records import array_record, config_record, scalar
 
 # Mods wrap handlers when they are registered: audit_mod must be here, not added to `app` later.
 app = ClientApp(mods=[audit_mod])
@@ -47,11 +48,11 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
     # One core per simulated device: Ray runs one device per core; more threads would oversubscribe.
     torch.set_num_threads(1)
     cfg = RunConfig.from_flat(context.run_config)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = array_record(msg.content, "arrays").to_torch_state_dict()
     # Simulation: node_config has partition-id; deployment (`chorus device join`): data-dir + artifacts-dir.
     data = node_data(cfg, context.node_config)
     seed_id = int(context.node_config.get("partition-id", context.node_id % 1_000_003))  # seeds this device's steps
-    return cfg, state, data, seed_id, int(msg.content["config"]["server-round"])
+    return cfg, state, data, seed_id, int(scalar(config_record(msg.content, "config"), "server-round"))
 
 
 def _unmasked(cfg: RunConfig, what: str) -> None:

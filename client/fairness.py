@@ -38,6 +38,7 @@ from shared.fairness.ewc import EWCPenalty, fisher_sums
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import build_model, load_state
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
+from shared.records import config_record, scalar
 
 __all__ = ["LocalFairness", "cohort_eval_record", "cohort_id", "embedder_location", "fisher_reply",
            "idle_train_reply", "kmeans_reply", "local_fairness", "remember_evaluation", "secure_sum_reply",
@@ -94,7 +95,7 @@ def cohort_id(state: RecordDict, embedding: np.ndarray, centroids: np.ndarray) -
     digest = p.centroids_digest(centroids)
     kept = state.get(p.COHORT_STATE)
     if isinstance(kept, ConfigRecord) and kept.get("centroids") == digest:
-        return int(kept["cohort-id"])  # type: ignore[arg-type]
+        return int(scalar(kept, "cohort-id"))
     if embedding.shape != (centroids.shape[1],):
         raise p.ProtocolError(f"centroids are {list(centroids.shape)} but the device's speaker embedding has "
                               f"{embedding.shape[0]} dimensions: the server and the device use different extractors")
@@ -114,7 +115,8 @@ def kmeans_reply(content: RecordDict, state: RecordDict, data: DeviceData, embed
     centroids = _centroids(content)
     embedding = speaker_embedding(state, data, embedder_path)
     cohort_id(state, embedding, centroids)
-    noise = float(content["config"].get(p.KMEANS_NOISE, 0.0)) if "config" in content else 0.0  # type: ignore[arg-type]
+    config = config_record(content, "config") if "config" in content else ConfigRecord()
+    noise = float(scalar(config, p.KMEANS_NOISE)) if p.KMEANS_NOISE in config else 0.0
     # Fresh OS entropy: noise the server could predict would be no noise.
     stats = client_kmeans_stats(embedding, centroids, noise_std=noise,
                                 rng=np.random.default_rng() if noise > 0 else None)
@@ -152,9 +154,9 @@ def secure_sum_reply(content: RecordDict, state: RecordDict, data: DeviceData, e
         server_round = content["config"]["server-round"] if isinstance(content.get("config"), ConfigRecord) else None
         kept = state.get(p.EVAL_STATE)
         if not isinstance(kept, ConfigRecord) or kept.get("round") != server_round:
-            raise p.ProtocolError(f"{p.SECURE_SUM!r} asks for the per-cohort counts of round {server_round}, which "
+            raise p.ProtocolError(f"{p.SECURE_SUM!r} asks for the per-cohort counts of round {server_round!r}, which "
                                   f"this device did not evaluate")
-        counts = ErrorCounts(int(kept["errors"]), int(kept["words"]), int(kept["utterances"]))  # type: ignore[arg-type]
+        counts = ErrorCounts(int(scalar(kept, "errors")), int(scalar(kept, "words")), int(scalar(kept, "utterances")))
         arrays = cohort_eval_record(content, state, data, embedder_path, counts)
     else:
         raise p.ProtocolError(f"{p.SECURE_SUM!r} must name the sum {p.KMEANS_STATS!r} or {p.COHORT_EVAL!r}, got "
@@ -227,8 +229,8 @@ def local_fairness(content: RecordDict, state: RecordDict, data: DeviceData, emb
     * ``arw.*`` arrays: adversarial reweighting; the adversary sees utterance statistics and this device's
       speaker embedding, and stays frozen (uniform weights) while ``arw-frozen`` is set.
     """
-    config = content["config"] if isinstance(content.get("config"), ConfigRecord) else ConfigRecord()
-    instruction = p.TrainInstruction.from_config(config)
+    config = content.get("config")
+    instruction = p.TrainInstruction.from_config(config if isinstance(config, ConfigRecord) else ConfigRecord())
     model_state, adversary_state = p.split_adversary(global_state)
     if instruction.target_cohorts is not None:
         cohort = cohort_id(state, speaker_embedding(state, data, embedder_path), _centroids(content))

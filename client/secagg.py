@@ -20,6 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from shared.config import RunConfig
+from shared.records import scalar
 
 __all__ = ["SecureAggregationRequired", "is_secagg_message", "secure_aggregation_mod"]
 
@@ -51,8 +52,8 @@ def _train_as_fitres(call_next: ClientAppCallable) -> ClientAppCallable:
             raise TypeError("the train handler's reply must carry ArrayRecord 'arrays' and MetricRecord 'metrics'")
         return Message(RecordDict({
             "fitres.parameters": arrays,  # masked by secaggplus_mod, then emptied: this never leaves
-            "fitres.num_examples": MetricRecord({"num_examples": int(metrics["num-examples"])}),
-            "fitres.metrics": ConfigRecord(dict(metrics)),  # type: ignore[arg-type]
+            "fitres.num_examples": MetricRecord({"num_examples": int(scalar(metrics, "num-examples"))}),
+            "fitres.metrics": ConfigRecord(dict(metrics)),
             "fitres.status": ConfigRecord({"code": 0, "message": ""}),
         }), reply_to=msg)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecordValues, RecordDict
 from torch import nn
 
 from client.data import DeviceData
@@ -53,7 +53,7 @@ class LocalUpdate:
     skipped: int
     epsilon: float | None = None  # epsilon spent after this round (at dp.delta); None without DP
 
-    def metrics(self) -> dict[str, int | float]:
+    def metrics(self) -> dict[str, MetricRecordValues]:
         """The reply's MetricRecord: every key is on the audit's allowlist."""
         if self.epsilon is None:
             return {"train-loss": self.loss, "local-steps": self.steps, "num-examples": self.num_examples,

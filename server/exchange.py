@@ -34,6 +34,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
@@ -41,6 +42,7 @@ from flwr.serverapp import Grid
 
 from shared.config import StrategyConfig
 from shared.privacy.audit import PrivacyViolation, audit_reply
+from shared.records import array_record
 
 __all__ = ["Exchange", "InvalidReply", "exchange", "update_norm", "validate_reply"]
 
@@ -116,17 +118,20 @@ def validate_reply(reply: Message, request: Message, limits: StrategyConfig) -> 
     if kind in (MessageType.TRAIN, MessageType.EVALUATE) and not isinstance(metrics, MetricRecord):
         raise InvalidReply(f"a {kind} reply without its 'metrics' record")
     assert metrics is None or isinstance(metrics, MetricRecord)
+    if metrics is None:  # a query reply without metrics
+        return
     if kind == MessageType.TRAIN:
         if not isinstance(reply.content.get("arrays"), ArrayRecord):
             raise InvalidReply("a train reply without the model ('arrays')")
         examples = metrics.get("num-examples")
-        if not _whole(examples) or not 0 <= float(examples) <= limits.max_examples:  # type: ignore[arg-type]
+        if not _whole(examples) or not 0 <= float(examples) <= limits.max_examples:
             raise InvalidReply(f"num-examples={examples!r} is not a whole number in 0..{limits.max_examples} "
                                f"(strategy.max-examples)")
     elif kind == MessageType.EVALUATE:
         for key in _COUNTS:
-            if not _whole(metrics.get(key)) or float(metrics[key]) < 0:  # type: ignore[arg-type]
-                raise InvalidReply(f"evaluation count {key}={metrics.get(key)!r} is not a non-negative whole number")
+            count = metrics.get(key)
+            if not _whole(count) or float(count) < 0:
+                raise InvalidReply(f"evaluation count {key}={count!r} is not a non-negative whole number")
 
 
 def update_norm(reply: ArrayRecord, sent: ArrayRecord) -> float:
@@ -138,7 +143,7 @@ def update_norm(reply: ArrayRecord, sent: ArrayRecord) -> float:
     return math.sqrt(total)
 
 
-def _whole(value: object) -> bool:
+def _whole(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
         float(value) == int(value)
 
@@ -150,7 +155,8 @@ def _within_norm_bound(replies: list[Message], sent: dict[int, Message], limits:
               if sent[r.metadata.src_node_id].metadata.message_type.split(".")[0] == MessageType.TRAIN]
     if not trains or (limits.max_update_norm <= 0 and limits.update_norm_factor <= 0):
         return replies
-    norms = {id(r): update_norm(r.content["arrays"], sent[r.metadata.src_node_id].content["arrays"])  # type: ignore[arg-type]
+    norms = {id(r): update_norm(array_record(r.content, "arrays"),
+                                array_record(sent[r.metadata.src_node_id].content, "arrays"))
              for r in trains}
     moved = [n for n in norms.values() if n > 0]  # an idle device of a targeted round sends the model back
     relative = limits.update_norm_factor * statistics.median_low(moved) if moved else math.inf

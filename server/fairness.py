@@ -74,9 +74,11 @@ What the server learns without SecAgg+:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
+import operator
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -86,6 +88,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from torch import Tensor, nn
@@ -103,6 +106,7 @@ from shared.fairness.cohorts import (CohortCounts, CohortReport, cohort_report, 
 from shared.fairness.ewc import FisherSums, add_fisher_sums, fisher_sums
 from shared.files import torch_save_atomic, write_text_atomic
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
+from shared.records import metric_record, scalar
 
 __all__ = ["FairStrategy", "FairnessRounds", "discover_cohorts", "federated_fisher", "normalized_fisher", "public_embeddings",
            "public_fisher", "sum_cohort_eval", "worst_cohorts"]
@@ -127,6 +131,11 @@ def _wait_for_nodes(grid: Grid, minimum: int, *, poll: float = 1.0) -> list[int]
 
 def _centroid_record(centroids: np.ndarray) -> ArrayRecord:
     return ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids, dtype=np.float64))})
+
+
+def _summed(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The sum of one or more arrays, in order."""
+    return functools.reduce(operator.add, arrays)
 
 
 def _reply_array(reply: Message, record: str, key: str) -> np.ndarray:
@@ -202,8 +211,8 @@ def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray,
             replies = exchange(grid, messages, phase=phase, strategy=strategy).ok
             if not replies:
                 raise RuntimeError(f"no device answered k-means iteration {iteration}")
-            sums = sum(_reply_array(r, p.KMEANS_STATS, "sums") for r in replies)
-            counts = sum(_reply_array(r, p.KMEANS_STATS, "counts") for r in replies)
+            sums = _summed(_reply_array(r, p.KMEANS_STATS, "sums") for r in replies)
+            counts = _summed(_reply_array(r, p.KMEANS_STATS, "counts") for r in replies)
         if iteration < iterations:
             updated = server_update(current, sums, counts, min_count=min_count)
             shifts.append(float(np.linalg.norm(updated - current)))
@@ -225,7 +234,7 @@ def federated_fisher(grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *
         if not isinstance(record, ArrayRecord):
             raise p.ProtocolError(f"device {reply.metadata.src_node_id}'s Fisher reply has no {p.FISHER_SUMS!r}")
         parts.append(FisherSums(sums={k: v.float() for k, v in record.to_torch_state_dict().items()},
-                                count=int(reply.content["metrics"][p.FISHER_BATCHES])))  # type: ignore[index]
+                                count=int(scalar(metric_record(reply.content, "metrics"), p.FISHER_BATCHES))))
     return add_fisher_sums(parts)
 
 
@@ -430,7 +439,7 @@ class FairnessRounds:
     def aggregate_train(self, strategy: flwr_strategy.Strategy, server_round: int,
                         replies: Sequence[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies of devices that trained (weight > 0); split the adversary off the model."""
-        contributing = [m for m in replies if float(m.content["metrics"]["num-examples"]) > 0]  # type: ignore[index, arg-type]
+        contributing = [m for m in replies if float(scalar(metric_record(m.content, "metrics"), "num-examples")) > 0]
         self._round_notes.setdefault(server_round, {})["train_contributors"] = len(contributing)
         if not contributing:
             log.warning("round %d: no device trained (none in the targeted cohorts answered): the global model "
@@ -453,12 +462,12 @@ class FairnessRounds:
         normalization, the replies as the strategy should weigh them (``num-examples`` := ``arw-weight``)."""
         totals = ScoreSums(0.0, 0.0, 0.0)
         for reply in replies:
-            metrics = reply.content["metrics"]
-            missing = [k for k in p.ARW_METRICS if k not in metrics]  # type: ignore[operator]
+            metrics = metric_record(reply.content, "metrics")
+            missing = [k for k in p.ARW_METRICS if k not in metrics]
             if missing:
                 raise p.ProtocolError(f"an ARW train reply from node {reply.metadata.src_node_id} lacks the metrics "
                                       f"{missing}")
-            score, count, score_loss, _ = (float(metrics[k]) for k in p.ARW_METRICS)  # type: ignore[index, arg-type]
+            score, count, score_loss, _ = (float(scalar(metrics, k)) for k in p.ARW_METRICS)
             totals = totals + ScoreSums(score, count, score_loss)
         if totals.count > 0 and totals.score > 0:
             self.population = totals.population()
@@ -466,10 +475,10 @@ class FairnessRounds:
             return replies
         weighted = []  # copies: the strategy weighs by num-examples, and here that is the ARL weight mass
         for reply in replies:
-            metrics = reply.content["metrics"]
+            metrics = metric_record(reply.content, "metrics")
             content = RecordDict({**reply.content, "metrics": MetricRecord(
-                {**metrics, "num-examples": float(metrics[p.ARW_WEIGHT])})})  # type: ignore[dict-item, index, arg-type]
-            weighted.append(Message(metadata=copy.deepcopy(reply.metadata), content=content))
+                {**metrics, "num-examples": float(scalar(metrics, p.ARW_WEIGHT))})})
+            weighted.append(make_message(copy.deepcopy(reply.metadata), content))
         return weighted
 
     def configure_evaluate(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -56,6 +56,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from shared.config import SecAggConfig
+
+if TYPE_CHECKING:
+    from server.fairness import FairStrategy  # which imports this module
 
 __all__ = ["SecureRound", "SecureSum", "quantization_step", "secure_sum", "secure_train_round"]
 
@@ -94,7 +97,8 @@ class _Relay(LegacyStrategy):
         return [(proxy, empty) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[object]) -> tuple[Parameters | None, dict[str, object]]:
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
         # Every FitRes carries the unmasked weighted mean by now (the workflow put it there).
         self.results, self.aggregated = list(results), True
         return None, {}
@@ -116,11 +120,13 @@ class _MessageApiSecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, sending our Message-API train instructions in the masked-vector stage, and
     recovering from devices that drop out before sharing their keys or next to another dropped device."""
 
-    def __init__(self, instructions: dict[int, RecordDict], **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, instructions: dict[int, RecordDict], cfg: SecAggConfig, *, timeout: float) -> None:
+        super().__init__(num_shares=cfg.num_shares, reconstruction_threshold=cfg.reconstruction_threshold,
+                         max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
+                         quantization_range=cfg.quantization_range, timeout=timeout)
         self._instructions = instructions
 
-    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:  # type: ignore[override]
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         proceed = super().setup_stage(grid, context, state)
         # One RecordDict per device: the next stage adds that device's own key shares to it in place (the
         # strategy's messages share one RecordDict), next to the arrays (keyed by parameter name) and config.
@@ -128,7 +134,7 @@ class _MessageApiSecAggPlus(SecAggPlusWorkflow):
                                for node in state.nid_to_fitins}
         return proceed
 
-    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:  # type: ignore[override]
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         proceed = super().share_keys_stage(grid, context, state)
         # Flower 1.42 counts a device that never shared its keys (it dropped out in setup or here) as "dead" in
         # the unmask stage, where its neighbours hold no share of its key: the device-side mod fails with a
@@ -140,7 +146,7 @@ class _MessageApiSecAggPlus(SecAggPlusWorkflow):
                                    if node in state.active_node_ids}
         return proceed
 
-    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:  # type: ignore[override]
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         # Flower removes a dropped device's pairwise mask with each of its neighbours, but only neighbours whose
         # masked vectors are in the sum added one: two dropped neighbours would corrupt the sum otherwise.
         for node in state.sampled_node_ids - state.active_node_ids:
@@ -163,6 +169,18 @@ def _mean_record(results: list[tuple[ClientProxy, FitRes]], sent: ArrayRecord) -
     return ArrayRecord(out)
 
 
+def _reply_metrics(res: FitRes) -> MetricRecord:
+    """A device's train-reply metrics from its FitRes (numbers: the device's audit let nothing else leave), with
+    its weight as ``num-examples``."""
+    metrics: dict[str, MetricRecordValues] = {}
+    for key, value in res.metrics.items():
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"SecAgg+ reply metric {key!r} is a {type(value).__name__}, not a number")
+        metrics[key] = value
+    metrics["num-examples"] = res.num_examples
+    return MetricRecord(metrics)
+
+
 def _run_protocol(grid: Grid, instructions: dict[int, RecordDict], arrays: ArrayRecord, server_round: int,
                   cfg: SecAggConfig, *, timeout: float) -> list[tuple[ClientProxy, FitRes]] | None:
     """The four SecAgg+ stages with the devices of ``instructions`` (node id -> what its handler receives in the
@@ -174,15 +192,12 @@ def _run_protocol(grid: Grid, instructions: dict[int, RecordDict], arrays: Array
     context = LegacyContext(scratch, strategy=relay)
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     context.state[MAIN_PARAMS_RECORD] = arrays
-    workflow = _MessageApiSecAggPlus(instructions, num_shares=cfg.num_shares,
-                                     reconstruction_threshold=cfg.reconstruction_threshold,
-                                     max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
-                                     quantization_range=cfg.quantization_range, timeout=timeout)
+    workflow = _MessageApiSecAggPlus(instructions, cfg, timeout=timeout)
     workflow(grid, context)
     return relay.results if relay.aggregated and relay.results else None
 
 
-def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
+def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, server_round: int, arrays: ArrayRecord,
                        cfg: SecAggConfig, *, timeout: float, min_contributors: int) -> SecureRound:
     """Run the train phase of ``server_round`` through SecAgg+ and aggregate with ``strategy``.
 
@@ -211,9 +226,7 @@ def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy, server_roun
     mean = _mean_record(results, arrays)
     by_node = {m.metadata.dst_node_id: m for m in messages}
     replies: Iterable[Message] = [
-        Message(RecordDict({"arrays": mean,
-                            "metrics": MetricRecord({**res.metrics, "num-examples": res.num_examples})}),  # type: ignore[dict-item]
-                reply_to=by_node[proxy.node_id])
+        Message(RecordDict({"arrays": mean, "metrics": _reply_metrics(res)}), reply_to=by_node[proxy.node_id])
         for proxy, res in results]
     new_arrays, metrics = strategy.aggregate_train(server_round, replies)
     log.info("round %d: SecAgg+ aggregated %d of %d sampled devices", server_round, contributed, len(sampled))

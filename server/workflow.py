@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.checkpoint import load_round, rewind_metrics, save_round
 from server.exchange import exchange
-from server.fairness import FairnessRounds
+from server.fairness import FairnessRounds, FairStrategy
 from server.report import MetricsLog, write_report
 from server.secagg import secure_train_round
 from shared.config import STRATEGIES, CentralDPConfig, RunConfig, StrategyConfig
@@ -45,6 +45,7 @@ from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import initial_model, load_state, save_checkpoint
+from shared.records import metric_record, scalar
 from shared.training import score
 
 __all__ = ["make_strategy", "run_federation", "stateful_strategy", "sum_error_counts"]
@@ -54,9 +55,10 @@ log = logging.getLogger("chorus.server")
 
 def sum_error_counts(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Evaluation aggregation: pool word-error counts (exact WER), not a weighted mean of device WERs."""
-    errors = sum(int(r["metrics"]["word-errors"]) for r in records)
-    words = sum(int(r["metrics"]["words"]) for r in records)
-    examples = sum(int(r["metrics"][weighted_by_key]) for r in records)
+    metrics = [metric_record(r, "metrics") for r in records]
+    errors = sum(int(scalar(m, "word-errors")) for m in metrics)
+    words = sum(int(scalar(m, "words")) for m in metrics)
+    examples = sum(int(scalar(m, weighted_by_key)) for m in metrics)
     return MetricRecord({"word-errors": errors, "words": words, "num-examples": examples,
                          "wer": errors / words if words else 0.0})
 
@@ -121,7 +123,7 @@ def _metric(aggregated: MetricRecord | None, key: str) -> float | None:
     """One key of the strategy's aggregated reply metrics (weighted by num-examples), None where absent."""
     if aggregated is None or key not in aggregated:
         return None
-    return float(aggregated[key])
+    return float(scalar(aggregated, key))
 
 
 def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
@@ -146,7 +148,7 @@ def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
     return out
 
 
-def _train_phase(grid: Grid, strategy: flwr_strategy.Strategy, cfg: RunConfig, server_round: int,
+def _train_phase(grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, cfg: RunConfig, server_round: int,
                  arrays: ArrayRecord) -> tuple[ArrayRecord | None, MetricRecord | None, int, int, int]:
     """One round's training: (new global arrays, or None to keep the model; aggregated metrics; devices
     aggregated; devices failed; replies rejected). Plainly, or with ``strategy.secure-aggregation`` through
@@ -237,8 +239,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "rejected_updates": train_rejected,
                 "eval_replies": len(evaluated.ok), "eval_failures": evaluated.failed,
                 "rejected_evaluations": evaluated.rejected,
-                "device_wer": None if device_eval is None else float(device_eval["wer"]),
-                "device_words": None if device_eval is None else int(device_eval["words"]),
+                "device_wer": None if device_eval is None else float(scalar(device_eval, "wer")),
+                "device_words": None if device_eval is None else int(scalar(device_eval, "words")),
                 "heldout_wer": counts.wer, "heldout_words": counts.words,
                 "seconds": round(time.monotonic() - start, 3), "train_seconds": round(train_seconds, 3),
                 **({} if fairness is None else fairness.round_fields(server_round)),

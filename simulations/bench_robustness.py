@@ -41,6 +41,7 @@ from client.train import fine_tune
 from server.workflow import run_federation
 from shared.config import RunConfig
 from shared.data.prepare import prepare
+from shared.records import array_record, config_record, scalar
 from simulations.harness import InProcessGrid, server_identity
 
 __all__ = ["ATTACKS", "DEFENSES", "FULL", "QUICK", "RobustnessPlan", "main", "run_bench"]
@@ -121,18 +122,18 @@ class Attacker:
     def __call__(self, msg: Message, context: Context) -> Message:
         if context.node_id not in self.malicious or msg.metadata.message_type != "train":
             return client_app.app(msg, context)
-        sent = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        sent = array_record(msg.content, "arrays").to_torch_state_dict()
         if self.attack == "shuffled":
             cfg = RunConfig.from_flat(context.run_config)
             data = _shuffled(node_data(cfg, context.node_config), seed=context.node_id)
-            server_round = int(msg.content["config"]["server-round"])  # type: ignore[index, arg-type]
+            server_round = int(scalar(config_record(msg.content, "config"), "server-round"))
             update = fine_tune(cfg, sent, data, server_round=server_round, partition_id=context.node_id - 1)
             return Message(RecordDict({"arrays": ArrayRecord(update.state_dict),
                                        "metrics": MetricRecord(update.metrics())}), reply_to=msg)
         honest = client_app.app(msg, context)
         if honest.has_error():
             return honest
-        state = honest.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        state = array_record(honest.content, "arrays").to_torch_state_dict()
         delta = {k: state[k] - sent[k] for k in sent}
         if self.attack == "nan":
             attacked = {k: torch.full_like(v, math.nan) for k, v in sent.items()}

@@ -189,8 +189,10 @@ def _metadata_attributes(prepared: Prepared, speakers: Sequence[str]) -> dict[st
     return rows
 
 
-_ATTRIBUTE_PARTITIONS = {"synth": [("accent",), ("gender",), ("age_group",), ("channel_rate",)],
-                         SPEECHOCEAN: [("gender",), ("age_group",), ("gender", "age_group")]}
+_ATTRIBUTE_PARTITIONS: dict[str, list[tuple[str, ...]]] = {
+    "synth": [("accent",), ("gender",), ("age_group",), ("channel_rate",)],
+    SPEECHOCEAN: [("gender",), ("age_group",), ("gender", "age_group")],
+}
 _TREE_COLUMNS = {"synth": ["accent", "gender", "age_group", "channel_rate", "snr_db", "pitch", "rate"],
                  SPEECHOCEAN: ["gender", "age"]}
 
@@ -273,7 +275,7 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path,
         if run_dir is None:
             grid = InProcessGrid(client_app, devices, flat)  # devices read only the shared keys; the rest: messages
             with server_identity():
-                run_dir = run_federation(grid, cfg)  # type: ignore[arg-type]
+                run_dir = run_federation(grid, cfg)
         else:
             _note(f"{key}: arm {arm} reused from {run_dir} (same config, all rounds done)")
         fairness = json.loads((run_dir / "fairness.json").read_text())
@@ -338,11 +340,11 @@ def _metadata_partitions(key: str, attributes: dict[str, dict[str, str]], base_c
             best_gap, best = gap, name
     if best is not None:
         out["metadata"] = out[best]
-    columns = [c for c in _TREE_COLUMNS.get(key, []) if all(c in row for row in attributes.values())]
+    tree_columns = [c for c in _TREE_COLUMNS.get(key, []) if all(c in row for row in attributes.values())]
     with_words = {s: c for s, c in base_counts.items() if c.words > 0}
-    if columns and len(with_words) >= 2:
+    if tree_columns and len(with_words) >= 2:
         try:
-            out["tree"] = tree_cohorts(attributes, with_words, columns=columns, max_cohorts=max(2, num_cohorts),
+            out["tree"] = tree_cohorts(attributes, with_words, columns=tree_columns, max_cohorts=max(2, num_cohorts),
                                        min_speakers=1)
         except ValueError as err:  # e.g. too few speakers to split
             print(f"tree cohorts skipped: {err}", file=sys.stderr)

@@ -70,6 +70,7 @@ from shared.models.checkpoint import build_model, load_checkpoint, load_state, s
 from shared.models.transducer import Transducer
 from shared.privacy.dp import DPSGD, GradSampleMode, make_dp_compatible, validate
 from shared.privacy.membership import MembershipAttack, loss_threshold_attack, utterance_losses
+from shared.records import array_record, metric_record, scalar
 from shared.training import score, train_steps
 from simulations.harness import InProcessGrid, server_identity
 from simulations.train import TrainPlan, train_central
@@ -186,16 +187,17 @@ def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, dev
     failures = 0
     log: list[dict[str, Any]] = []
     for server_round in range(1, rounds + 1):
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         # The server's one send/receive path: a failed or refused device is logged and left out, as in a run.
         result = exchange(grid, sent, phase=f"round {server_round} train", strategy=cfg.strategy)
         failures += result.failed + result.rejected
         updates = {}
         for reply in result.ok:
             partition = reply.metadata.src_node_id - 1
-            updates[partition] = reply.content["arrays"].to_torch_state_dict()
-            if "epsilon" in reply.content["metrics"]:
-                epsilons.setdefault(partition, []).append(float(reply.content["metrics"]["epsilon"]))
+            updates[partition] = array_record(reply.content, "arrays").to_torch_state_dict()
+            metrics = metric_record(reply.content, "metrics")
+            if "epsilon" in metrics:
+                epsilons.setdefault(partition, []).append(float(scalar(metrics, "epsilon")))
         new_arrays, _ = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
         if new_arrays is not None:
             load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = ["InProcessGrid", "server_identity", "wire"]
@@ -32,8 +34,11 @@ def wire(msg: Message) -> Message:
     return message_from_proto(message_to_proto(msg))
 
 
-class InProcessGrid:
+class InProcessGrid(Grid):
     """A Grid whose devices (node ids 1..N, ``partition-id`` N - 1) are calls of ``app`` in this process.
+
+    It delivers with ``send_and_receive`` only (what the server does with ``strategy.max-in-flight`` 0); the rest
+    of Flower's Grid interface raises NotImplementedError.
 
     Args:
         app: the devices' ClientApp (or any callable with its signature).
@@ -56,6 +61,23 @@ class InProcessGrid:
         self.on_wire = on_wire
         self.exchanges: list[tuple[Message, Message]] = []
         self.seconds: list[float] = []
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError("an InProcessGrid plays one run (run id 1)")
+
+    @property
+    def run(self) -> Run:
+        raise NotImplementedError("an InProcessGrid plays one run (run id 1)")
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        raise NotImplementedError("create messages with flwr.app.Message")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("an InProcessGrid delivers with send_and_receive only")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("an InProcessGrid delivers with send_and_receive only")
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
