@@ -96,6 +96,12 @@ def _write_private(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _pem_pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """``key`` as an unencrypted PKCS#8 PEM."""
+    return key.private_bytes(encoding=serialization.Encoding.PEM, format=serialization.PrivateFormat.PKCS8,
+                             encryption_algorithm=serialization.NoEncryption())
+
+
 def _san(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -150,12 +156,10 @@ def make_dev_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0
 
     certs = DevCertificates(ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.pem",
                             server_key=out / "server.key")
-    pkcs8 = dict(encoding=serialization.Encoding.PEM, format=serialization.PrivateFormat.PKCS8,
-                 encryption_algorithm=serialization.NoEncryption())
     certs.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(certs.ca_key, ca_key.private_bytes(**pkcs8))
+    _write_private(certs.ca_key, _pem_pkcs8(ca_key))
     certs.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(certs.server_key, server_key.private_bytes(**pkcs8))
+    _write_private(certs.server_key, _pem_pkcs8(server_key))
     return certs
 
 
@@ -236,6 +240,12 @@ def start_superlink(*, certs: Path, port: int, state_dir: Path, host: str = "127
                                 start_new_session=True)
 
 
+def _program(proc: subprocess.Popen[bytes]) -> str:
+    """The name of the program ``proc`` runs (its command line is a list, as this module starts them)."""
+    args = proc.args
+    return Path(str(args[0] if isinstance(args, (list, tuple)) else args)).name
+
+
 def wait_until_listening(proc: subprocess.Popen[bytes], host: str, port: int, *, timeout: float = 60.0,
                          log_file: Path | None = None) -> None:
     """Block until ``host:port`` accepts TCP connections; DeployError if ``proc`` exits or time runs out."""
@@ -243,7 +253,7 @@ def wait_until_listening(proc: subprocess.Popen[bytes], host: str, port: int, *,
     hint = f"; see {log_file}" if log_file is not None else ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DeployError(f"{Path(str(proc.args[0])).name} exited with {proc.returncode} before listening "
+            raise DeployError(f"{_program(proc)} exited with {proc.returncode} before listening "
                               f"on {host}:{port}{hint}")
         try:
             with socket.create_connection((host, port), timeout=1.0):

@@ -401,7 +401,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for name, value in values.items():
         hint = hints[name]
         key = _kebab(prefix + name)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"run config key {key!r} is a section, got value {value!r}")
             kwargs[name] = _build(hint, value, prefix + name + ".")

@@ -216,7 +216,8 @@ class TreeMemorySampler(threading.Thread):
         roots = {os.getpid()} | {pid for pid, (_, argv, _) in table.items()
                                  if self._markers and any(m in b" ".join(argv) for m in self._markers)}
         pids = _tree(table, roots)
-        rss_total, pss_total, by_label = 0, 0, {}
+        rss_total, pss_total = 0, 0
+        by_label: dict[str, int] = {}
         with_pss = self.samples % PSS_EVERY == 0
         for pid in pids:
             rss, pss = _memory(pid, pss=with_pss)

@@ -214,8 +214,8 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
         for proc in runs:
             if proc.poll() is None:
                 stop_tree(proc, 5.0)
-        for proc in nodes:
-            stop_supernode(proc)
+        for supernode in nodes:
+            stop_supernode(supernode)
         stop_process(superlink)
     outcome["seconds"] = round(time.monotonic() - start, 1)
     write_text_atomic(root / "faults.json", json.dumps(outcome, indent=1) + "\n")

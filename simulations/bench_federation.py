@@ -62,6 +62,7 @@ numbers to quote. ``--quick`` is CI-sized; its numbers only prove the pipeline.
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import os
@@ -149,9 +150,9 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # as the ClientApp: one core per device
-    import client.data  # noqa: F401  (imports before the clock, as a Ray actor has them loaded)
-    import client.evaluate  # noqa: F401
-    import client.train  # noqa: F401
+    # imported before the clock, as a Ray actor has them loaded
+    for module in ("client.data", "client.evaluate", "client.train"):
+        importlib.import_module(module)
 
 
 def _ping(_: int) -> int:
@@ -291,7 +292,7 @@ def in_memory_federation(nodes: int) -> tuple[Any, Any, list[int]]:
 
     from flwr.common.constant import HEARTBEAT_INTERVAL_INF, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord, Task
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState, RunRecord, Task
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supercore.run import Run
@@ -300,6 +301,7 @@ def in_memory_federation(nodes: int) -> tuple[Any, Any, list[int]]:
 
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     state = factory.state()
+    assert isinstance(state, InMemoryLinkState)  # FLWR_IN_MEMORY_DB_NAME; its tables are filled in below
     node_ids = []
     for _ in range(nodes):
         node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32),
@@ -394,10 +396,11 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
     round_cpu = [marks[r + 1] - marks[r] if r in marks and r + 1 in marks else None
                  for r in range(1, len(rounds) + 1)]
     pure_cpu = [p["cpu_s"] for p in pure]
-    cpu_ok = bool(round_cpu) and all(c is not None for c in round_cpu)
-    cpu_ratio = sum(round_cpu) / sum(pure_cpu) if cpu_ok and sum(pure_cpu) > 0 else None  # type: ignore[arg-type]
-    cpu_steady = (sum(round_cpu[1:]) / sum(pure_cpu[1:])  # type: ignore[arg-type]
-                  if cpu_ok and len(round_cpu) > 1 and sum(pure_cpu[1:]) > 0 else None)
+    known_cpu = [c for c in round_cpu if c is not None]
+    cpu_ok = bool(round_cpu) and len(known_cpu) == len(round_cpu)
+    cpu_ratio = sum(known_cpu) / sum(pure_cpu) if cpu_ok and sum(pure_cpu) > 0 else None
+    cpu_steady = (sum(known_cpu[1:]) / sum(pure_cpu[1:])
+                  if cpu_ok and len(known_cpu) > 1 and sum(pure_cpu[1:]) > 0 else None)
 
     ratio = sum(round_seconds) / sum(pure_seconds) if round_seconds and sum(pure_seconds) > 0 else None
     # The training phase alone ("pure local-training time"): from sampling to the aggregated model, against

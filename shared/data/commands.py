@@ -84,10 +84,10 @@ def _duration(rng: random.Random) -> str:
         return rng.choice(("an hour", "half an hour", "an hour and a half", "a minute and a half", "two hours"))
     if kind < 0.9:
         hours = rng.randint(1, 3)
-        minutes = number_words(rng.choice((5, 10, 15, 20, 30, 45)))
-        return f"{number_words(hours)} {'hour' if hours == 1 else 'hours'} and {minutes} minutes"
-    minutes, seconds = number_words(rng.randint(2, 9)), number_words(rng.choice((10, 15, 20, 30, 45)))
-    return f"{minutes} minutes and {seconds} seconds"
+        minute_words = number_words(rng.choice((5, 10, 15, 20, 30, 45)))
+        return f"{number_words(hours)} {'hour' if hours == 1 else 'hours'} and {minute_words} minutes"
+    minute_words, second_words = number_words(rng.randint(2, 9)), number_words(rng.choice((10, 15, 20, 30, 45)))
+    return f"{minute_words} minutes and {second_words} seconds"
 
 
 def _clock_time(rng: random.Random) -> str:

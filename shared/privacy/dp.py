@@ -56,7 +56,8 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from opacus.accountants import RDPAccountant
@@ -70,6 +71,9 @@ from shared.data.features import spec_augment as _spec_augment
 from shared.models.convrnnt import ConvRNNTEncoder
 from shared.models.transducer import Transducer
 from shared.training import StepStats
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
 
 __all__ = ["AccountantState", "DPCompatibilityError", "DPRound", "DPSGD", "GradSampleMode", "PrivacyBudgetExhausted",
            "check_budget", "dp_train_steps", "make_dp_compatible", "validate"]
@@ -152,7 +156,7 @@ class AccountantState:
             accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         return AccountantState.from_accountant(accountant)
 
-    def to_record(self) -> dict[str, list[float] | list[int]]:
+    def to_record(self) -> dict[str, ConfigRecordValues]:
         """Plain lists for a Flower ``ConfigRecord``: {noise-multipliers, sample-rates, steps}, one entry per run."""
         return {
             "noise-multipliers": [sigma for sigma, _, _ in self.history],
@@ -410,8 +414,9 @@ class DPSGD:
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._warnings.__exit__(*exc_info)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._warnings.__exit__(exc_type, exc, traceback)
         self.optimizer.zero_grad(set_to_none=True)
         self._clean()
 

@@ -69,13 +69,15 @@ def _ints(name: str, value: Any) -> list[int]:
     return value
 
 
-def _secrets(name: str, value: Any, count: int, *, uniform: bool = True) -> None:
-    """``count`` byte strings of bounded size, of one length if ``uniform`` (secrets of one kind)."""
+def _secrets(name: str, value: Any, count: int, *, uniform: bool = True) -> list[bytes]:
+    """``value``, checked to be ``count`` byte strings of bounded size, of one length if ``uniform`` (secrets of
+    one kind)."""
     if not isinstance(value, list) or any(not isinstance(v, bytes) for v in value) or len(value) != count:
         raise PrivacyViolation(f"SecAgg+ {name!r} must be {count} byte strings", name)
     if (uniform and len({len(v) for v in value}) > 1) or any(len(v) > MAX_SECRET_BYTES for v in value):
         raise PrivacyViolation(f"SecAgg+ {name!r}: secrets of unequal or over-long ({MAX_SECRET_BYTES}+) sizes",
                                name)
+    return value
 
 
 def _public_key(name: str, value: Any) -> None:
@@ -97,7 +99,7 @@ def _masked_vectors(value: Any, sent: ArrayRecord | None) -> None:
     for index, (blob, shape) in enumerate(zip(value, shapes, strict=True)):
         try:
             array = bytes_to_ndarray(blob)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - anything that does not decode is refused
             raise PrivacyViolation(f"SecAgg+ masked array {index} does not decode", name) from None
         if array.dtype.kind not in "iu" or tuple(array.shape) != shape:
             raise PrivacyViolation(f"SecAgg+ masked array {index} is {array.dtype}{list(array.shape)}, expected "
@@ -171,8 +173,7 @@ def audit_secagg_reply(content: RecordDict, request: SecAggRequest) -> None:
         dead = _ints(Key.DEAD_NODE_ID_LIST, request.configs.get(Key.DEAD_NODE_ID_LIST, []))
         if _ints(Key.NODE_ID_LIST, configs[Key.NODE_ID_LIST]) != active + dead:
             raise PrivacyViolation("SecAgg+ unmask shares for devices the server did not list", Key.NODE_ID_LIST)
-        shares = configs[Key.SHARE_LIST]
-        _secrets(Key.SHARE_LIST, shares, len(active) + len(dead), uniform=False)
+        shares = _secrets(Key.SHARE_LIST, configs[Key.SHARE_LIST], len(active) + len(dead), uniform=False)
         # seed shares of the survivors, then key shares of the dropped devices: each kind of one length
         _secrets(Key.SHARE_LIST, shares[:len(active)], len(active))
         _secrets(Key.SHARE_LIST, shares[len(active):], len(dead))
