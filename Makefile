@@ -34,8 +34,10 @@ espeak:
 simulate: setup
 	$(BIN)/chorus simulate --clients $(CLIENTS) --rounds $(ROUNDS)
 
+# mypy checks what [tool.mypy] in pyproject.toml names (tests/ is not type-checked).
 lint: setup
 	$(BIN)/ruff check server client shared simulations tests
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
@@ -45,4 +47,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache
