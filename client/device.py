@@ -235,7 +235,8 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
 
 # -- command line: `chorus device ...` -----------------------------------------------
 
-device_cli = typer.Typer(help="A device: join a federation, or transcribe a recording as it streams.",
+device_cli = typer.Typer(help="A device: join a federation, transcribe a recording as it streams, enroll "
+                         "and verify its user.",
                          no_args_is_help=True)
 
 
@@ -318,6 +319,49 @@ def transcribe_cmd(
                f"of audio, {chunk_ms} ms chunks)")
     kind = "gated sub-blocks" if result.model_name == "amortized" else f"dense {result.model_name} model"
     typer.echo(f"encoder compute skipped: {100 * result.skipped_share:.1f}% ({kind})")
+
+
+@device_cli.command("enroll")
+def enroll_cmd(
+    data: Annotated[Path, typer.Option(help="A few recordings of this device's user (manifest.jsonl, Kaldi or FSDD "
+                                            "layout; one speaker).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where the enrollment is kept (default: DATA/enrollment.json); "
+                                                     "it never leaves the device.")] = None,
+    verifier: Annotated[Optional[Path], typer.Option(help="Verifier (default: the shipped one).")] = None,
+    max_utterances: Annotated[int, typer.Option(min=1, help="Recordings to enroll with, at most.")] = 10,
+) -> None:
+    """Enroll this device's user for speaker verification (the embedding stays on the device)."""
+    from client.verification import VerificationError, enroll
+    from shared.models.speaker_embedding import shipped_verifier
+
+    verifier = verifier or shipped_verifier()
+    out = out or data / "enrollment.json"
+    try:
+        enrollment = enroll(data, verifier_path=verifier, max_utterances=max_utterances)
+    except VerificationError as err:
+        fail(str(err))
+    enrollment.save(out)
+    typer.echo(f"enrolled from {enrollment.utterances} recordings in {data}: {out} (verifier {verifier.name})")
+
+
+@device_cli.command("verify")
+def verify_cmd(
+    audio: Annotated[Path, typer.Argument(help="A recording (WAV, FLAC, ...; resampled to 16 kHz if needed).")],
+    enrollment: Annotated[Path, typer.Option(help="What `chorus device enroll` wrote.")],
+    verifier: Annotated[Optional[Path], typer.Option(help="Verifier (default: the shipped one).")] = None,
+) -> None:
+    """Is this recording the enrolled user? Cosine score and decision at the verifier's threshold."""
+    from client.verification import Enrollment, VerificationError, verify
+    from shared.models.speaker_embedding import shipped_verifier
+
+    try:
+        decision = verify(audio, Enrollment.load(enrollment), verifier_path=verifier or shipped_verifier())
+    except VerificationError as err:
+        fail(str(err))
+    far = f", chosen for a {100 * decision.target_far:g}% false-acceptance rate on public speakers" \
+        if decision.target_far is not None else ""
+    typer.echo(f"{'accept' if decision.accepted else 'reject'}: score {decision.score:.4f} "
+               f"{'>=' if decision.accepted else '<'} threshold {decision.threshold:.4f}{far}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -3,6 +3,10 @@
 WER over a set of utterances is (substitutions + deletions + insertions) / reference words, summed over the
 set — not the mean of per-utterance WERs. Devices therefore report the two counts, and the server divides
 sums; ``pooled_wer`` of several ``ErrorCounts`` equals the WER of all their utterances together.
+
+Speaker verification is scored on trials (a score per pair, and whether the pair is one speaker): equal error
+rate, NIST's normalized minimum detection cost, and the threshold at a target false-acceptance rate, all read
+off scikit-learn's ROC curve.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from typing import Iterable, Sequence
 
 import jiwer
 import numpy as np
+from sklearn.metrics import roc_curve
 
-__all__ = ["ErrorCounts", "equal_error_rate", "error_counts", "pooled_wer"]
+__all__ = ["ErrorCounts", "equal_error_rate", "error_counts", "min_dcf", "pooled_wer", "threshold_at_far"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +59,30 @@ def pooled_wer(counts: Iterable[ErrorCounts]) -> float:
     return total.wer
 
 
+def _roc(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """scikit-learn's ROC of a verification score, as (FAR, FRR, thresholds), one point per distinct score
+    from the highest threshold down (tied scores move together), with the all-rejecting point first."""
+    values = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(same, dtype=bool)
+    if values.ndim != 1 or labels.shape != values.shape:
+        raise ValueError(f"scores and same must be 1-D of one length, got shapes {values.shape} and {labels.shape}")
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"a verification metric needs both trial kinds, got {positives} same and {negatives} different")
+    if not np.isfinite(values).all():
+        raise ValueError("verification scores must be finite")
+    far, tpr, thresholds = roc_curve(labels, values, drop_intermediate=False)
+    return far, 1.0 - tpr, thresholds
+
+
 def equal_error_rate(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray) -> float:
     """Equal error rate of a verification score (higher = more likely the same speaker).
 
     Sweeping the decision threshold from high to low traces false-acceptance rate FAR (different-speaker
-    pairs accepted) up and false-rejection rate FRR (same-speaker pairs rejected) down; the EER is where they
-    meet, linearly interpolated between the two thresholds that bracket the crossing. Tied scores move
-    together (one ROC point per distinct score).
+    pairs accepted) up and false-rejection rate FRR (same-speaker pairs rejected) down (scikit-learn's
+    ``roc_curve``); the EER is where they meet, linearly interpolated between the two ROC points that bracket
+    the crossing.
 
     Args:
         scores: (P,) one score per trial (e.g. cosine similarity of two embeddings).
@@ -69,20 +91,7 @@ def equal_error_rate(scores: Sequence[float] | np.ndarray, same: Sequence[bool] 
     Returns:
         EER in [0, 1]: 0 when every same-speaker score exceeds every different-speaker score.
     """
-    values = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(same, dtype=bool)
-    if values.ndim != 1 or labels.shape != values.shape:
-        raise ValueError(f"scores and same must be 1-D of one length, got shapes {values.shape} and {labels.shape}")
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        raise ValueError(f"EER needs both trial kinds, got {positives} same and {negatives} different")
-    order = np.argsort(-values, kind="stable")
-    values, labels = values[order], labels[order]
-    last_of_tie = np.r_[values[1:] != values[:-1], True]
-    accepted_same = np.cumsum(labels)[last_of_tie]
-    accepted_different = np.cumsum(~labels)[last_of_tie]
-    far = np.r_[0.0, accepted_different / negatives]
-    frr = np.r_[1.0, 1.0 - accepted_same / positives]
+    far, frr, _ = _roc(scores, same)
     crossing = int(np.flatnonzero(frr <= far)[0])  # exists: the last point has far = 1 >= frr = 0
     if crossing == 0:
         return 0.0
@@ -90,3 +99,27 @@ def equal_error_rate(scores: Sequence[float] | np.ndarray, same: Sequence[bool] 
     after = frr[crossing] - far[crossing]  # <= 0
     t = before / (before - after)
     return float(far[crossing - 1] + t * (far[crossing] - far[crossing - 1]))
+
+
+def min_dcf(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray, *, p_target: float = 0.01,
+            c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+    """Normalized minimum detection cost (NIST SRE): min over thresholds of
+    ``(c_miss * p_target * FRR + c_fa * (1 - p_target) * FAR) / min(c_miss * p_target, c_fa * (1 - p_target))``.
+
+    1.0 is the cost of always accepting or always rejecting, whichever is cheaper; 0 is a perfect score.
+    """
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must lie in (0, 1), got {p_target}")
+    far, frr, _ = _roc(scores, same)
+    cost = c_miss * p_target * frr + c_fa * (1.0 - p_target) * far
+    return float(cost.min() / min(c_miss * p_target, c_fa * (1.0 - p_target)))
+
+
+def threshold_at_far(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray, far: float) -> float:
+    """The lowest decision threshold (accept when score >= it) whose false-acceptance rate on these trials is
+    at most ``far``: the operating point a device is shipped with."""
+    if not 0.0 <= far < 1.0:
+        raise ValueError(f"target false-acceptance rate must lie in [0, 1), got {far}")
+    rates, _, thresholds = _roc(scores, same)
+    allowed = np.flatnonzero(rates <= far)
+    return float(thresholds[allowed[-1]]) if allowed[-1] > 0 else float(np.nextafter(thresholds[1], np.inf))

@@ -173,6 +173,49 @@ def model_ship_cmd(
     print(json.dumps({k: entry[k] for k in ("sha256", "bytes", "parameters")} | {"wer": entry["eval"]["wer"]}))
 
 
+@model_app.command("train-verifier")
+def model_train_verifier_cmd(
+    corpus: Annotated[Path, typer.Option(help="Public speakers to train on (a `chorus data synth` corpus).")],
+    out: Annotated[Path, typer.Option(help="Where baseline.pt, arw.pt and training.json go.")] = Path("runs/verifier"),
+    quick: Annotated[bool, typer.Option(help="The CI-sized plan (tiny model, few steps).")] = False,
+) -> None:
+    """Train the on-device speaker verifier twice (pairwise loss; with and without pairwise ARW) and calibrate it."""
+    import json
+
+    from simulations.eval_verification import FULL, QUICK, VerificationError, train_verifiers
+
+    try:
+        record = train_verifiers(corpus.resolve(), QUICK if quick else FULL, out.resolve())
+    except VerificationError as err:
+        fail(str(err))
+    print(json.dumps(record))
+
+
+@model_app.command("ship-verifiers")
+def model_ship_verifiers_cmd(
+    trained: Annotated[Path, typer.Argument(help="What `chorus model train-verifier` wrote (its --out).")],
+    command: Annotated[str, typer.Option(help="The exact command that trained them (recorded in the manifest).")],
+    hardware: Annotated[str, typer.Option(help="Where they trained, e.g. '2-core CPU'.")],
+    eval_corpus: Annotated[Path, typer.Option(help="Unseen speakers to measure them on (a `chorus data synth` corpus).")],
+    eval_command: Annotated[str, typer.Option(help="The command that made --eval-corpus.")],
+) -> None:
+    """Ship both verifiers: float16 with CMVN and threshold, sha256 and measured EER in the manifest."""
+    import json
+
+    from simulations.eval_verification import VerificationError
+    from simulations.ship import ship_verifiers
+
+    if not (trained / "training.json").is_file():
+        fail(f"{trained}: no training.json (run `chorus model train-verifier --out {trained}` first)")
+    try:
+        entries = ship_verifiers(trained.resolve(), command=command, hardware=hardware,
+                                 eval_corpus=eval_corpus.resolve(), eval_command=eval_command)
+    except VerificationError as err:
+        fail(str(err))
+    print(json.dumps({name: {"sha256": e["sha256"], "bytes": e["bytes"], "eer": e["eval"]["eer"],
+                             "threshold": e["threshold"]} for name, e in entries.items()}))
+
+
 @eval_app.command("wer")
 def eval_wer_cmd(
     corpus: Annotated[Path, typer.Option(help="Any corpus directory `load_corpus` reads (e.g. `chorus data synth`'s).")],
@@ -202,6 +245,49 @@ def eval_wer_cmd(
     for name, values in result["by"].items():
         typer.echo(f"  by {name}: " + ", ".join(f"{v} {w:.4f}" for v, w in values.items()))
     sys.stdout.flush()
+
+
+@eval_app.command("verification")
+def eval_verification_cmd(
+    quick: Annotated[bool, typer.Option(
+        help="CI-sized: train tiny verifiers on a tiny corpus; proves the pipeline only.")] = False,
+    corpus: Annotated[Optional[Path], typer.Option(
+        help="Unseen speakers (any corpus; speakers.tsv gives the cohorts). Default: a synthesized one.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help="Baseline verifier (default: the shipped one).")] = None,
+    arw: Annotated[Optional[Path], typer.Option(help="ARW verifier (default: the shipped one).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Speaker verification: EER, minDCF and their gaps across cohorts, baseline vs pairwise ARW."""
+    import json
+
+    from shared.data.synth import synthesize
+    from shared.models.speaker_embedding import shipped_verifier
+    from simulations.eval_verification import FULL, QUICK, VerificationError, evaluate_verification, train_verifiers
+
+    workdir = workdir.resolve()
+    out = workdir / "runs" / ("eval-verification-quick" if quick else "eval-verification")
+    plan = QUICK if quick else FULL
+    try:
+        if quick:
+            train = synthesize(workdir / "data" / "synth-sv-quick-train", speakers=30, utterances=6, seed=5,
+                               progress=False)
+            train_verifiers(train, plan, out / "models", log=lambda _: None)
+            models = {"baseline": out / "models" / "baseline.pt", "arw": out / "models" / "arw.pt"}
+        else:
+            models = {"baseline": baseline or shipped_verifier("baseline"), "arw": arw or shipped_verifier("arw")}
+        if corpus is None:
+            speakers, utterances = (12, 6) if quick else (120, 8)
+            corpus = synthesize(workdir / "data" / f"synth-sv-seed98-{speakers}x{utterances}", speakers=speakers,
+                                utterances=utterances, seed=98, progress=not json_)
+        result = evaluate_verification(corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out)
+    except VerificationError as err:
+        fail(str(err))
+    if json_:
+        print(json.dumps(result))
+        return
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report: {out / 'report.md'}")
 
 
 @eval_app.command("privacy")

@@ -9,6 +9,7 @@ unseen speakers, overall and per accent, fleet, age group and gender.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from shared.files import write_text_atomic
 from shared.models.checkpoint import SHIPPED_DIR, architecture, load_checkpoint, save_checkpoint, sha256_of, shipped_manifest
 from simulations.eval_wer import evaluate_wer
 
-__all__ = ["ship"]
+__all__ = ["ship", "ship_verifiers"]
 
 # Attributes the manifest breaks WER down by (synthetic corpus' speakers.tsv, plus the fleet).
 BY = ("accent", "fleet", "age_group", "gender", "channel_rate")
@@ -72,3 +73,39 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
     manifest[out.name] = entry
     write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return entry
+
+
+def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: Path,
+                   eval_command: str) -> dict[str, Any]:
+    """Ship the verifiers ``chorus model train-verifier`` wrote to ``trained`` (one per arm, float16 with their
+    CMVN and threshold) with manifest entries: sha256, size, the commands, training record and the EER of the
+    shipped files on ``eval_corpus``, overall and per cohort. Returns {file name: entry}."""
+    import shutil
+
+    from shared.models.speaker_embedding import load_verifier, shipped_verifier
+    from simulations.eval_verification import ARMS, FULL, evaluate_verification
+
+    record = json.loads((trained / "training.json").read_text())
+    files = {arm: trained / f"{arm}.pt" for arm in ARMS}
+    result = evaluate_verification(eval_corpus, files, FULL, trained / "eval")
+    manifest = shipped_manifest()
+    entries = {}
+    for arm, source in files.items():
+        out = shipped_verifier(arm)
+        shutil.copyfile(source, out)
+        verifier = load_verifier(out)
+        figures = result["arms"][arm]
+        entries[out.name] = {
+            "kind": "speaker-verifier", "arm": arm, "sha256": sha256_of(out), "bytes": out.stat().st_size,
+            "parameters": sum(p.numel() for p in verifier.embedder.parameters()), "dtype": "float16",
+            "config": dataclasses.asdict(verifier.embedder.config), "command": command, "hardware": hardware,
+            "threshold": verifier.threshold, "target_far": verifier.target_far,
+            "training": {k: v for k, v in record.items() if k != "arms"} | {"arm": record["arms"][arm]},
+            "eval": {"command": eval_command, "corpus": Path(eval_corpus).name, "speakers": result["speakers"],
+                     "trials": result["trials"], "target_trials": result["target_trials"]}
+                    | {k: figures[k] for k in ("eer", "eer_ci95", "min_dcf", "threshold", "by", "gap", "spread")
+                       if k in figures},
+        }
+    manifest.update(entries)
+    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return entries

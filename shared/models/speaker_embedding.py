@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from shared.data.corpora import Utterance
 from shared.data.dataset import FeatureCache
+from shared.data.features import GlobalCMVN
 from shared.files import torch_save_atomic
 
 __all__ = [
@@ -54,10 +55,14 @@ __all__ = [
     "SpeakerEmbedder",
     "SpeakerEmbeddingConfig",
     "SpeakerEmbeddingError",
+    "Verifier",
     "aam_softmax_loss",
     "collect_features",
+    "crop",
     "load_speaker_embedder",
+    "load_verifier",
     "save_speaker_embedder",
+    "shipped_verifier",
     "train_speaker_embedding",
 ]
 
@@ -252,7 +257,7 @@ class AAMSoftmax(nn.Module):
         return aam_softmax_loss(cosines, labels, margin=self.margin if margin is None else margin, scale=self.scale)
 
 
-def _crop(features: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
+def crop(features: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
     """A random ``frames``-long window; a shorter utterance is repeated to length (no padding in training)."""
     if features.shape[0] < frames:
         features = np.tile(features, (math.ceil(frames / features.shape[0]), 1))
@@ -313,7 +318,7 @@ def train_speaker_embedding(
     warmup = max(1, steps // 4)
     for step in range(steps):
         chosen = rng.integers(0, len(arrays), size=batch_size)
-        batch = torch.from_numpy(np.stack([_crop(arrays[i], crop_frames, rng) for i in chosen]))
+        batch = torch.from_numpy(np.stack([crop(arrays[i], crop_frames, rng) for i in chosen]))
         loss = head(model(batch), torch.from_numpy(labels[chosen]), margin=margin * min(1.0, (step + 1) / warmup))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -332,18 +337,45 @@ def collect_features(utterances: Sequence[Utterance], features: FeatureCache) ->
     return arrays, speakers
 
 
-def save_speaker_embedder(path: Path | str, model: SpeakerEmbedder) -> Path:
-    """Atomically write the extractor's config and weights (the AAM head is not needed to embed)."""
+@dataclass(frozen=True)
+class Verifier:
+    """What a device verifies with: the extractor, the CMVN its features need, and its operating point.
+
+    Attributes:
+        embedder: the extractor, eval mode.
+        cmvn: the global CMVN it was trained on (None: the run's own artifacts provide it).
+        threshold: accept a trial when its cosine score is >= this (None: not calibrated).
+        target_far: the false-acceptance rate ``threshold`` was chosen for, on public trials.
+        meta: the rest of the file's record (training recipe, calibration trial counts).
+    """
+
+    embedder: SpeakerEmbedder
+    cmvn: GlobalCMVN | None = None
+    threshold: float | None = None
+    target_far: float | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def save_speaker_embedder(path: Path | str, model: SpeakerEmbedder, *, cmvn: GlobalCMVN | None = None,
+                          threshold: float | None = None, target_far: float | None = None,
+                          meta: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Atomically write the extractor's config and weights (the AAM head is not needed to embed), and, for a
+    verifier, its CMVN and operating threshold; ``dtype=torch.float16`` halves a shipped file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
-    payload = {"format": _FORMAT, "config": config,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    state = {k: v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    payload: dict[str, Any] = {"format": _FORMAT, "config": config, "state_dict": state, "meta": dict(meta or {})}
+    if cmvn is not None:
+        payload["cmvn_mean"], payload["cmvn_std"] = cmvn.mean.tolist(), cmvn.std.tolist()
+    if threshold is not None:
+        payload["threshold"], payload["target_far"] = float(threshold), target_far
     return torch_save_atomic(path, payload)
 
 
-def load_speaker_embedder(path: Path | str) -> SpeakerEmbedder:
-    """Read an extractor written by ``save_speaker_embedder``; returned in eval mode."""
+def load_verifier(path: Path | str) -> Verifier:
+    """Read a file written by ``save_speaker_embedder``: the extractor (float32, eval mode) and what came with it."""
     path = Path(path)
     if not path.is_file():
         raise SpeakerEmbeddingError(f"speaker embedder {path} does not exist")
@@ -358,7 +390,21 @@ def load_speaker_embedder(path: Path | str) -> SpeakerEmbedder:
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
         config = SpeakerEmbeddingConfig(**fields)
         model = SpeakerEmbedder(config)
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
     except (TypeError, RuntimeError, KeyError) as err:
         raise SpeakerEmbeddingError(f"speaker embedder {path} does not fit its config: {err}") from err
-    return model.eval()
+    cmvn = GlobalCMVN(np.array(payload["cmvn_mean"]), np.array(payload["cmvn_std"])) if "cmvn_mean" in payload else None
+    return Verifier(embedder=model.eval(), cmvn=cmvn, threshold=payload.get("threshold"),
+                    target_far=payload.get("target_far"), meta=dict(payload.get("meta", {})))
+
+
+def shipped_verifier(arm: str = "baseline") -> Path:
+    """The shipped verifier of an arm of ``chorus model train-verifier`` (``baseline`` or ``arw``)."""
+    from shared.models.checkpoint import SHIPPED_DIR
+
+    return SHIPPED_DIR / ("speaker-sv.pt" if arm == "baseline" else f"speaker-sv-{arm}.pt")
+
+
+def load_speaker_embedder(path: Path | str) -> SpeakerEmbedder:
+    """Read an extractor written by ``save_speaker_embedder``; returned in eval mode."""
+    return load_verifier(path).embedder

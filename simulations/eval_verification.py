@@ -1,0 +1,370 @@
+"""On-device speaker verification (SV): `chorus model train-verifier` and `chorus eval verification`.
+
+Training (``train_verifiers``), on public speakers only: the x-vector extractor of
+``shared/models/speaker_embedding.py`` is pre-trained with AAM-softmax, then fine-tuned twice from that same
+start on the same batches with the pairwise loss of ``shared/fairness/pairwise_arw.py``: plainly (``baseline``)
+and with pairwise ARW (``arw``). Each is calibrated on trials of public speakers it did not train on: its
+threshold is the lowest whose false-acceptance rate there is at most ``target_far``. Features use the shipped
+ASR base's CMVN, so a device has one front end.
+
+Evaluation (``evaluate_verification``), on unseen speakers, as a device verifies: each speaker enrolls with its
+first ``enroll`` utterances (the normalized mean embedding: what ``chorus device enroll`` keeps); each of its
+other utterances is a target trial, and as many utterances of other speakers, drawn at random, are impostor
+trials. So every speaker has as many target as impostor trials, and a cohort's figures are those of its
+enrolled speakers' trials. Reported per arm: EER (scikit-learn's ROC) with a 95% bootstrap interval over
+speakers, minDCF (p_target 0.01), the error rates at the shipped threshold; per ``speakers.tsv`` attribute
+(gender, age group, accent, ...) each cohort's EER, the gap (worst - best) / best and the spread (standard
+deviation) across cohorts. ``trials.tsv``, ``det.png`` and ``report.md`` go to the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.data.corpora import Corpus, CorpusError, load_corpus, read_speakers_tsv
+from shared.data.dataset import FeatureCache
+from shared.data.features import GlobalCMVN
+from shared.fairness.pairwise_arw import PairwiseRecipe, train_pairwise
+from shared.files import write_text_atomic
+from shared.metrics import equal_error_rate, min_dcf, threshold_at_far
+from shared.models.checkpoint import checkpoint_frontend
+from shared.models.speaker_embedding import (SpeakerEmbeddingConfig, SpeakerEmbeddingError, Verifier,
+                                             load_verifier, save_speaker_embedder, train_speaker_embedding)
+
+__all__ = ["ARMS", "FULL", "QUICK", "Trials", "VerifierPlan", "VerificationError", "evaluate_verification",
+           "make_trials", "train_verifiers"]
+
+ARMS = ("baseline", "arw")
+BY = ("gender", "age_group", "accent")
+P_TARGET = 0.01
+
+
+class VerificationError(ValueError):
+    """A corpus or model that cannot be used for verification; the message names it."""
+
+
+@dataclass(frozen=True)
+class VerifierPlan:
+    """How the verifiers are trained and evaluated."""
+
+    train_speakers: int  # public speakers the extractor trains on (the first ones of the corpus)
+    calibration_speakers: int  # further public speakers whose trials set the threshold
+    utterances: int  # per training speaker (the first ones)
+    pretrain_steps: int  # AAM-softmax
+    recipe: PairwiseRecipe = field(default_factory=PairwiseRecipe)
+    config: SpeakerEmbeddingConfig = field(default_factory=SpeakerEmbeddingConfig)
+    target_far: float = 0.01
+    enroll: int = 3  # utterances a device enrolls with
+    bootstrap: int = 200  # resamples of speakers for the EER interval
+    seed: int = 0
+
+
+FULL = VerifierPlan(train_speakers=400, calibration_speakers=50, utterances=8, pretrain_steps=1000,
+                    recipe=PairwiseRecipe(steps=600, warmup=60))
+# CI-sized: tiny extractor and corpus; its numbers prove the pipeline only.
+QUICK = VerifierPlan(train_speakers=24, calibration_speakers=6, utterances=6, pretrain_steps=60,
+                     recipe=PairwiseRecipe(steps=40, speakers_per_batch=8, utterances_per_speaker=3, crop_frames=100,
+                                           clusters=4, warmup=10),
+                     config=SpeakerEmbeddingConfig(channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32),
+                     bootstrap=50)
+
+
+def _open(path: Path) -> Corpus:
+    try:
+        corpus = load_corpus(path)
+    except CorpusError as err:
+        raise VerificationError(str(err)) from err
+    if not corpus.utterances:
+        raise VerificationError(f"corpus {path} has no readable utterance ({len(corpus.skipped)} files skipped)")
+    return corpus
+
+
+def _features(corpus: Corpus, cmvn: GlobalCMVN, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Features of the named utterances whose audio is usable (the rest are skipped and logged by the cache)."""
+    wanted = set(ids)
+    cache = FeatureCache(corpus, cmvn, max_items=0)
+    found = {u.id: cache.features(u) for u in corpus.utterances if u.id in wanted}
+    return {u: f for u, f in found.items() if f is not None}
+
+
+# -- trials --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trials:
+    """Verification trials: the enrolled speaker, the test utterance, and whether it is that speaker's."""
+
+    enrollments: dict[str, tuple[str, ...]]  # speaker -> utterance ids it enrolls with
+    speaker: tuple[str, ...]
+    utterance: tuple[str, ...]
+    same: np.ndarray  # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.speaker)
+
+    def tsv(self) -> str:
+        rows = [f"{s}\t{u}\t{'target' if t else 'impostor'}" for s, u, t in zip(self.speaker, self.utterance, self.same)]
+        return "enrolled_speaker\ttest_utterance\tkind\n" + "\n".join(rows) + "\n"
+
+
+def make_trials(by_speaker: dict[str, list[str]], *, enroll: int, seed: int) -> Trials:
+    """Each speaker with more than ``enroll`` utterances enrolls with its first ``enroll`` (sorted ids); its
+    other utterances are target trials, and as many random utterances of other speakers are impostor trials."""
+    rng = np.random.default_rng(seed)
+    eligible = {s: sorted(ids) for s, ids in sorted(by_speaker.items()) if len(ids) > enroll}
+    if len(eligible) < 2:
+        raise VerificationError(f"trials need >= 2 speakers with more than {enroll} utterances, got {len(eligible)}")
+    speakers, utterances, same = [], [], []
+    for name, ids in eligible.items():
+        others = [u for s, o in eligible.items() if s != name for u in o[enroll:]]
+        targets = ids[enroll:]
+        impostors = rng.choice(len(others), size=len(targets), replace=len(others) < len(targets))
+        for utterance, kind in [(u, True) for u in targets] + [(others[i], False) for i in impostors]:
+            speakers.append(name)
+            utterances.append(utterance)
+            same.append(kind)
+    return Trials(enrollments={s: tuple(ids[:enroll]) for s, ids in eligible.items()}, speaker=tuple(speakers),
+                  utterance=tuple(utterances), same=np.array(same, dtype=bool))
+
+
+def score_trials(verifier: Verifier, trials: Trials, features: dict[str, np.ndarray]) -> np.ndarray:
+    """(N,) cosine scores: the enrolled speaker's mean embedding against each test utterance's."""
+    model = verifier.embedder
+    embedding = {u: model.embed(features[u]) for u in
+                 {*trials.utterance, *(u for ids in trials.enrollments.values() for u in ids)}}
+    enrolled = {s: F.normalize(torch.stack([embedding[u] for u in ids]).mean(dim=0), dim=0)
+                for s, ids in trials.enrollments.items()}
+    return np.array([float(enrolled[s] @ embedding[u]) for s, u in zip(trials.speaker, trials.utterance)])
+
+
+def _usable(by_speaker: dict[str, list[str]], features: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    return {s: [u for u in ids if u in features] for s, ids in by_speaker.items()}
+
+
+# -- training ------------------------------------------------------------------------------------------------
+
+def default_cmvn() -> GlobalCMVN:
+    """The shipped ASR base's CMVN: the device's one front end."""
+    from simulations.eval_wer import default_checkpoint
+
+    frontend = checkpoint_frontend(default_checkpoint())
+    if frontend is None:
+        raise VerificationError(f"{default_checkpoint()} carries no CMVN")
+    return frontend.cmvn
+
+
+def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *,
+                    log: Any = print) -> dict[str, Any]:
+    """Train the baseline and ARW verifiers on ``corpus_dir``'s first speakers; write ``<out_dir>/<arm>.pt``.
+
+    Returns the training record (speakers, steps, seconds, calibration, the adversary's cluster weights).
+    """
+    corpus = _open(corpus_dir)
+    speakers = corpus.speakers()
+    needed = plan.train_speakers + plan.calibration_speakers
+    if len(speakers) < needed:
+        raise VerificationError(f"corpus {corpus_dir} has {len(speakers)} speakers; the plan trains on "
+                                f"{plan.train_speakers} and calibrates on {plan.calibration_speakers}")
+    by_speaker = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
+    train = speakers[:plan.train_speakers]
+    calibration = speakers[plan.train_speakers:needed]
+    cmvn = default_cmvn()
+    began = time.monotonic()
+    train_ids = [u for s in train for u in sorted(by_speaker[s])[:plan.utterances]]
+    features = _features(corpus, cmvn, train_ids + [u for s in calibration for u in by_speaker[s]])
+    utterance_speaker = {u.id: u.speaker for u in corpus.utterances}
+    usable = [u for u in train_ids if u in features]
+    feats, labels = [features[u] for u in usable], [utterance_speaker[u] for u in usable]
+    log(f"features: {len(features)} utterances in {time.monotonic() - began:.0f} s")
+    started = time.monotonic()
+    pretrained = train_speaker_embedding(feats, labels, config=plan.config, steps=plan.pretrain_steps,
+                                         crop_frames=plan.recipe.crop_frames, seed=plan.seed)
+    record: dict[str, Any] = {"train_speakers": len(train), "train_utterances": len(usable),
+                              "calibration_speakers": len(calibration), "pretrain_steps": plan.pretrain_steps,
+                              "pretrain_seconds": round(time.monotonic() - started, 1),
+                              "recipe": asdict(plan.recipe), "target_far": plan.target_far, "arms": {}}
+    log(f"AAM-softmax pre-training: {plan.pretrain_steps} steps in {record['pretrain_seconds']} s")
+    calibration_trials = make_trials(_usable({s: by_speaker[s] for s in calibration}, features), enroll=plan.enroll,
+                                     seed=plan.seed)
+    for arm in ARMS:
+        started = time.monotonic()
+        model, history = train_pairwise(pretrained, feats, labels, replace(plan.recipe, arw=arm == "arw"))
+        seconds = round(time.monotonic() - started, 1)
+        verifier = Verifier(embedder=model, cmvn=cmvn)
+        scores = score_trials(verifier, calibration_trials, features)
+        threshold = threshold_at_far(scores, calibration_trials.same, plan.target_far)
+        arm_record: dict[str, Any] = {
+            "seconds": seconds, "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4),
+            "calibration_trials": len(calibration_trials),
+            "calibration_eer": round(equal_error_rate(scores, calibration_trials.same), 4),
+            "threshold": round(threshold, 4)}
+        if "cluster_weight" in history:
+            arm_record["cluster_weight"] = [round(w, 3) for w in history["cluster_weight"]]
+        record["arms"][arm] = arm_record
+        save_speaker_embedder(out_dir / f"{arm}.pt", model, cmvn=cmvn, threshold=threshold,
+                              target_far=plan.target_far, meta={"arm": arm, "training": arm_record},
+                              dtype=torch.float16)
+        log(f"{arm}: {plan.recipe.steps} pairwise steps in {seconds} s, calibration EER "
+            f"{arm_record['calibration_eer']:.4f}, threshold {threshold:.4f}")
+    record["seconds"] = round(time.monotonic() - began, 1)
+    write_text_atomic(out_dir / "training.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------
+
+def _attributes(root: Path) -> dict[str, dict[str, str]]:
+    """``speakers.tsv`` rows; where a corpus gives an age in years but no age group (speechocean762), under 18
+    is a child and 18 or over an adult."""
+    attributes = read_speakers_tsv(root)
+    for row in attributes.values():
+        if "age_group" not in row and row.get("age", "").isdigit():
+            row["age_group"] = "child" if int(row["age"]) < 18 else "adult"
+    return attributes
+
+
+def _bootstrap_eer(trials: Trials, scores: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """95% interval of the EER, resampling enrolled speakers with replacement."""
+    rng = np.random.default_rng(seed)
+    speakers = sorted(trials.enrollments)
+    rows = {s: np.flatnonzero(np.array(trials.speaker) == s) for s in speakers}
+    values = []
+    for _ in range(resamples):
+        chosen = np.concatenate([rows[speakers[i]] for i in rng.integers(0, len(speakers), len(speakers))])
+        values.append(equal_error_rate(scores[chosen], trials.same[chosen]))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attributes: dict[str, dict[str, str]],
+                 by: Sequence[str], plan: VerifierPlan) -> dict[str, Any]:
+    figures: dict[str, Any] = {
+        "eer": round(equal_error_rate(scores, trials.same), 4),
+        "eer_ci95": _bootstrap_eer(trials, scores, plan.bootstrap, plan.seed),
+        "min_dcf": round(min_dcf(scores, trials.same, p_target=P_TARGET), 4),
+        "by": {}, "gap": {}, "spread": {},
+    }
+    if verifier.threshold is not None:
+        accepted = scores >= verifier.threshold
+        figures["threshold"] = {"value": round(verifier.threshold, 4), "target_far": verifier.target_far,
+                                "far": round(float(accepted[~trials.same].mean()), 4),
+                                "frr": round(float((~accepted[trials.same]).mean()), 4)}
+    speaker = np.array(trials.speaker)
+    for attribute in by:
+        cohorts: dict[str, Any] = {}
+        for value in sorted({attributes.get(s, {}).get(attribute, "") for s in trials.enrollments} - {""}):
+            rows = np.array([attributes.get(s, {}).get(attribute) == value for s in speaker])
+            members = [s for s in trials.enrollments if attributes.get(s, {}).get(attribute) == value]
+            if len(members) < 2:
+                continue  # one speaker's trials say nothing about a cohort
+            cohorts[value] = {"eer": round(equal_error_rate(scores[rows], trials.same[rows]), 4),
+                              "speakers": len(members), "trials": int(rows.sum())}
+        if len(cohorts) < 2:
+            continue
+        figures["by"][attribute] = cohorts
+        eers = np.array([c["eer"] for c in cohorts.values()])
+        best = float(eers.min())
+        figures["gap"][attribute] = round((float(eers.max()) - best) / best, 4) if best > 0 else None
+        figures["spread"][attribute] = round(float(eers.std()), 4)
+    return figures
+
+
+def evaluate_verification(corpus_dir: Path, verifiers: dict[str, Path], plan: VerifierPlan, out_dir: Path, *,
+                          by: Sequence[str] = BY) -> dict[str, Any]:
+    """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result."""
+    corpus = _open(corpus_dir)
+    loaded = {}
+    for arm, path in verifiers.items():
+        try:
+            loaded[arm] = load_verifier(path)
+        except SpeakerEmbeddingError as err:
+            raise VerificationError(str(err)) from err
+    cmvns = {arm: v.cmvn for arm, v in loaded.items()}
+    cmvn = next(iter(cmvns.values()), None) or default_cmvn()
+    if any(c is not None and (c.mean != cmvn.mean).any() for c in cmvns.values()):
+        raise VerificationError(f"the verifiers {sorted(verifiers)} were trained with different CMVN statistics")
+    by_speaker = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
+    features = _features(corpus, cmvn, [u.id for u in corpus.utterances])
+    trials = make_trials(_usable(by_speaker, features), enroll=plan.enroll, seed=plan.seed)
+    attributes = _attributes(corpus.root)
+    result: dict[str, Any] = {"corpus": str(corpus.root), "speakers": len(trials.enrollments), "trials": len(trials),
+                              "target_trials": int(trials.same.sum()), "skipped": len(corpus.skipped),
+                              "enroll_utterances": plan.enroll, "p_target": P_TARGET, "arms": {}}
+    scores = {}
+    for arm, verifier in loaded.items():
+        scores[arm] = score_trials(verifier, trials, features)
+        result["arms"][arm] = {"model": str(verifiers[arm]), **_arm_figures(trials, scores[arm], verifier,
+                                                                             attributes, by, plan)}
+    if "baseline" in result["arms"] and "arw" in result["arms"]:
+        base, arw = result["arms"]["baseline"], result["arms"]["arw"]
+        result["arw_vs_baseline"] = {
+            "eer": round(arw["eer"] / base["eer"] - 1, 4) if base["eer"] else None,
+            "gap": {a: round(arw["gap"][a] / base["gap"][a] - 1, 4) if base["gap"].get(a) and arw["gap"].get(a)
+                    is not None else None for a in base["gap"] if a in arw["gap"]},
+        }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "trials.tsv", trials.tsv())
+    _plot_det(trials, scores, out_dir / "det.png")
+    write_text_atomic(out_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out_dir / "report.md", _report(result))
+    return result
+
+
+def _plot_det(trials: Trials, scores: dict[str, np.ndarray], path: Path) -> None:
+    """DET curves (scikit-learn's ``det_curve``) on normal-deviate axes, one per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+    from sklearn.metrics import det_curve
+
+    ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for arm, values in scores.items():
+        far, frr, _ = det_curve(trials.same, values)
+        ax.plot(norm.ppf(np.clip(far, 1e-4, 1 - 1e-4)), norm.ppf(np.clip(frr, 1e-4, 1 - 1e-4)), label=arm)
+    ax.set_xticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
+    ax.set_yticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
+    ax.set_xlabel("false acceptance rate (%)")
+    ax.set_ylabel("false rejection rate (%)")
+    ax.set_title(f"DET: {int(trials.same.sum())} target, {int((~trials.same).sum())} impostor trials")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _report(result: dict[str, Any]) -> str:
+    lines = [f"# Speaker verification on {result['corpus']}", "",
+             f"{result['speakers']} unseen speakers, each enrolled with {result['enroll_utterances']} utterances; "
+             f"{result['trials']} trials ({result['target_trials']} target, the rest impostor; list in trials.tsv); "
+             f"{result['skipped']} files skipped. minDCF at p_target {result['p_target']}. DET curves: det.png.", "",
+             "| arm | EER | 95% CI | minDCF | FAR / FRR at threshold |", "|---|---|---|---|---|"]
+    for arm, f in result["arms"].items():
+        at = f.get("threshold")
+        rates = f"{at['far']:.4f} / {at['frr']:.4f} (t = {at['value']}, target FAR {at['target_far']})" if at else "-"
+        lines.append(f"| {arm} | {f['eer']:.4f} | {f['eer_ci95'][0]:.4f}-{f['eer_ci95'][1]:.4f} | {f['min_dcf']:.4f} "
+                     f"| {rates} |")
+    for attribute in next(iter(result["arms"].values()))["by"]:
+        lines += ["", f"## EER by {attribute}", "",
+                  "| arm | " + " | ".join(next(iter(result["arms"].values()))["by"][attribute]) + " | gap | spread |",
+                  "|---" * (len(next(iter(result["arms"].values()))["by"][attribute]) + 3) + "|"]
+        for arm, f in result["arms"].items():
+            cohorts = f["by"].get(attribute, {})
+            cells = [f"{c['eer']:.4f} ({c['speakers']} spk)" for c in cohorts.values()]
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {f['gap'].get(attribute)} | "
+                         f"{f['spread'].get(attribute)} |")
+    if "arw_vs_baseline" in result:
+        lines += ["", f"ARW vs baseline (relative): {json.dumps(result['arw_vs_baseline'])}"]
+    return "\n".join(lines) + "\n"

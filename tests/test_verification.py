@@ -1,0 +1,214 @@
+"""Speaker verification: detection metrics, pairwise ARW, trials, the shipped verifier on unseen synthetic speakers,
+enrollment and verification on the device, and `chorus eval verification --quick`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from client.verification import Enrollment, VerificationError, enroll, verify
+from shared.data.synth import synthesize
+from shared.fairness.pairwise_arw import (PairwiseRecipe, cluster_ids, pair_losses, pair_weights, same_speaker,
+                                          train_pairwise, weighted_pair_loss)
+from shared.metrics import equal_error_rate, min_dcf, threshold_at_far
+from shared.models.checkpoint import shipped_manifest
+from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingConfig, shipped_verifier
+from shared.models.speaker_embedding import train_speaker_embedding
+from simulations.cli import app
+from simulations.eval_verification import FULL, evaluate_verification, make_trials, score_trials
+from tests.conftest import needs_espeak
+
+FEATURES = 16
+TINY = SpeakerEmbeddingConfig(input_dim=FEATURES, channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32)
+
+
+def test_min_dcf_and_threshold_on_hand_cases() -> None:
+    scores = [0.9, 0.8, 0.7, 0.4, 0.5, 0.3, 0.2, 0.1]
+    same = [True] * 4 + [False] * 4
+    # Accepting >= 0.7: FRR 1/4, FAR 0; cost 0.01 * 0.25 / 0.01 = 0.25, the cheapest threshold.
+    assert min_dcf(scores, same, p_target=0.01) == pytest.approx(0.25)
+    assert min_dcf([0.9, 0.1], [True, False]) == 0.0
+    assert threshold_at_far(scores, same, 0.0) == 0.7
+    assert threshold_at_far(scores, same, 0.25) == 0.4
+    # The impostor scores highest: only rejecting everything keeps FAR at 0.
+    strict = threshold_at_far([0.1, 0.9], [True, False], 0.0)
+    assert strict > 0.9
+    with pytest.raises(ValueError, match="needs both trial kinds"):
+        min_dcf([0.1, 0.2], [False, False])
+
+
+def test_pair_loss_with_uniform_weights_is_balanced_binary_cross_entropy() -> None:
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(6, 4), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    same = same_speaker(labels)
+    losses = pair_losses(emb, same, scale=torch.tensor(10.0), bias=torch.tensor(-5.0))
+    positives, negatives = [], []
+    for i in range(6):
+        for j in range(6):
+            if i != j:
+                logit = 10.0 * float(emb[i] @ emb[j]) - 5.0
+                target = float(labels[i] == labels[j])
+                bce = -(target * np.log(1 / (1 + np.exp(-logit))) + (1 - target) * np.log(1 - 1 / (1 + np.exp(-logit))))
+                (positives if target else negatives).append(bce)
+    expected = 4 * (np.mean(positives) + np.mean(negatives))  # every sample weight 2: every pair weight 4
+    weights = pair_weights(torch.full((6,), 2.0))
+    assert float(weighted_pair_loss(losses, same, weights)) == pytest.approx(expected, rel=1e-5)
+    assert pair_weights(torch.tensor([1.0, 3.0])).tolist() == [[2.0, 4.0], [4.0, 6.0]]
+
+
+def _grouped_speakers(seed: int, speakers: int = 12, utterances: int = 8) -> tuple[list[np.ndarray], list[str], list[int]]:
+    """Two groups of speakers: an easy one (large speaker offsets) and a hard one (small offsets), told apart by
+    a group offset in the upper bins (an "accent"), so that k-means finds the groups without being told them."""
+    rng = np.random.default_rng(seed)
+    feats, labels, groups = [], [], []
+    for speaker in range(speakers):
+        group = speaker % 2
+        offset = rng.normal(size=FEATURES // 2) * (3.0 if group == 0 else 0.6)
+        for _ in range(utterances):
+            x = rng.normal(size=(int(rng.integers(60, 120)), FEATURES))
+            x[:, : FEATURES // 2] += offset
+            x[:, FEATURES // 2:] += 4.0 * group
+            feats.append(x.astype(np.float32))
+            labels.append(f"s{seed}-{speaker}")
+            groups.append(group)
+    return feats, labels, groups
+
+
+def _eer(model: SpeakerEmbedder, feats: list[np.ndarray], labels: list[str]) -> float:
+    embeddings = torch.stack([model.embed(f) for f in feats]).numpy()
+    rows, cols = np.triu_indices(len(labels), k=1)
+    same = np.array([labels[i] == labels[j] for i, j in zip(rows, cols)])
+    return equal_error_rate((embeddings @ embeddings.T)[rows, cols], same)
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> SpeakerEmbedder:
+    feats, labels, _ = _grouped_speakers(seed=1)
+    return train_speaker_embedding(feats, labels, config=TINY, steps=40, batch_size=24, crop_frames=50, seed=0)
+
+
+def test_pairwise_training_separates_unseen_speakers(pretrained: SpeakerEmbedder) -> None:
+    feats, labels, _ = _grouped_speakers(seed=1)
+    unseen, unseen_labels, _ = _grouped_speakers(seed=2)
+    recipe = PairwiseRecipe(steps=60, speakers_per_batch=6, utterances_per_speaker=3, crop_frames=50, lr=2e-3,
+                            clusters=2, warmup=10)
+    before = _eer(pretrained, unseen, unseen_labels)
+    model, history = train_pairwise(pretrained, feats, labels, recipe)
+    assert _eer(model, unseen, unseen_labels) < before
+    assert np.mean(history["loss"][-10:]) < np.mean(history["loss"][:10])
+    # The starting model is left as it was (a copy is trained).
+    assert _eer(pretrained, unseen, unseen_labels) == before
+
+
+def test_arw_upweights_the_cluster_served_worst(pretrained: SpeakerEmbedder) -> None:
+    feats, labels, groups = _grouped_speakers(seed=1)
+    recipe = PairwiseRecipe(steps=80, speakers_per_batch=6, utterances_per_speaker=3, crop_frames=50, lr=2e-3,
+                            clusters=2, warmup=10, arw=True, adversary_lr=5e-2)
+    clusters = cluster_ids(pretrained, feats, clusters=2, seed=recipe.seed)
+    hard_cluster = int(np.bincount(clusters[np.array(groups) == 1], minlength=2).argmax())
+    assert (clusters[np.array(groups) == 1] == hard_cluster).mean() > 0.9  # k-means found the groups
+    _, history = train_pairwise(pretrained, feats, labels, recipe)
+    weights = history["cluster_weight"]
+    assert weights[hard_cluster] > weights[1 - hard_cluster] + 0.1
+
+
+def test_trials_are_balanced_and_never_test_an_enrollment_utterance() -> None:
+    by_speaker = {f"spk{s}": [f"spk{s}-{u}" for u in range(3 + s)] for s in range(5)}
+    trials = make_trials(by_speaker, enroll=2, seed=0)
+    speaker = np.array(trials.speaker)
+    for name, enrolled in trials.enrollments.items():
+        rows = speaker == name
+        assert trials.same[rows].sum() == (~trials.same[rows]).sum() == len(by_speaker[name]) - 2
+        tested = [u for u, r in zip(trials.utterance, rows) if r]
+        assert not set(enrolled) & set(tested)
+        assert all(u.startswith(name + "-") == s for u, s in zip(tested, trials.same[rows]))
+    with pytest.raises(ValueError, match="more than 3 utterances"):
+        make_trials({"a": ["a1", "a2"], "b": ["b1"]}, enroll=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 synthetic speakers of a population seed no verifier trained on (only tests marked needs_espeak use it)."""
+    return synthesize(tmp_path_factory.mktemp("sv") / "corpus", speakers=16, utterances=6, seed=321, workers=2,
+                      progress=False)
+
+
+@needs_espeak
+def test_shipped_verifier_separates_unseen_synthetic_speakers(unseen: Path, tmp_path: Path) -> None:
+    manifest = shipped_manifest()[shipped_verifier().name]
+    result = evaluate_verification(unseen, {"baseline": shipped_verifier()}, FULL, tmp_path, by=("gender",))
+    figures = result["arms"]["baseline"]
+    assert result["speakers"] == 16 and result["target_trials"] == 16 * 3
+    # 96 trials estimate the EER coarsely: within 0.05 of the manifest's figure on 120 speakers.
+    assert figures["eer"] <= manifest["eval"]["eer"] + 0.05
+    assert {"report.md", "trials.tsv", "det.png", "result.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+@needs_espeak
+def test_device_enrolls_and_verifies_its_user(unseen: Path, tmp_path: Path) -> None:
+    lines = [json.loads(line) for line in (unseen / "manifest.jsonl").read_text().splitlines()]
+    user = [line for line in lines if line["speaker"] == lines[0]["speaker"]]
+    device = tmp_path / "device"
+    device.mkdir()
+    (device / "manifest.jsonl").write_text("".join(json.dumps({**line, "audio": str(unseen / line["audio"])}) + "\n"
+                                                   for line in user[:3]))
+    runner = CliRunner()
+    done = runner.invoke(app, ["device", "enroll", "--data", str(device)])
+    assert done.exit_code == 0, done.output
+    enrollment = Enrollment.load(device / "enrollment.json")
+    assert enrollment.utterances == 3
+    own = [verify(unseen / line["audio"], enrollment, verifier_path=shipped_verifier()) for line in user[3:]]
+    others = [verify(unseen / line["audio"], enrollment, verifier_path=shipped_verifier())
+              for line in lines if line["speaker"] != user[0]["speaker"]]
+    assert min(d.score for d in own) > np.median([d.score for d in others])
+    assert np.mean([d.accepted for d in others]) <= 0.1
+    said = runner.invoke(app, ["device", "verify", str(unseen / user[4]["audio"]), "--enrollment",
+                               str(device / "enrollment.json")])
+    assert said.exit_code == 0 and said.output.startswith(("accept: score", "reject: score"))
+    # Bad input: one line naming the culprit, exit 2.
+    missing = runner.invoke(app, ["device", "verify", str(tmp_path / "nope.wav"), "--enrollment",
+                                  str(device / "enrollment.json")])
+    assert missing.exit_code == 2 and "nope.wav" in missing.output and len(missing.output.strip().splitlines()) == 1
+    with pytest.raises(VerificationError, match="holds 16 speakers"):
+        enroll(unseen, verifier_path=shipped_verifier())
+
+
+@needs_espeak
+def test_scores_are_cosines_with_the_enrolled_mean(unseen: Path) -> None:
+    from shared.data.corpora import load_corpus
+    from shared.models.speaker_embedding import load_verifier
+    from simulations.eval_verification import _features
+
+    verifier = load_verifier(shipped_verifier())
+    corpus = load_corpus(unseen)
+    assert verifier.cmvn is not None
+    features = _features(corpus, verifier.cmvn, [u.id for u in corpus.utterances])
+    by_speaker = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
+    trials = make_trials(by_speaker, enroll=3, seed=0)
+    scores = score_trials(verifier, trials, features)
+    i = 7
+    enrolled = np.mean([verifier.embedder.embed(features[u]).numpy() for u in trials.enrollments[trials.speaker[i]]],
+                       axis=0)
+    test = verifier.embedder.embed(features[trials.utterance[i]]).numpy()
+    assert scores[i] == pytest.approx(float(enrolled @ test / np.linalg.norm(enrolled)), abs=1e-5)
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_eval_verification_quick(tmp_path: Path) -> None:
+    done = CliRunner().invoke(app, ["eval", "verification", "--quick", "--json", "--workdir", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.output.strip().splitlines()[-1])
+    assert set(result["arms"]) == {"baseline", "arw"}
+    assert result["speakers"] == 12 and result["trials"] == 2 * result["target_trials"]
+    for figures in result["arms"].values():
+        assert figures["eer"] < 0.5  # better than chance, even tiny
+        assert "gender" in figures["by"]
+    assert (tmp_path / "runs" / "eval-verification-quick" / "det.png").is_file()
