@@ -37,8 +37,8 @@ def wire(msg: Message) -> Message:
 class InProcessGrid(Grid):
     """A Grid whose devices (node ids 1..N, ``partition-id`` N - 1) are calls of ``app`` in this process.
 
-    It delivers with ``send_and_receive`` only (what the server does with ``strategy.max-in-flight`` 0); the rest
-    of Flower's Grid interface raises NotImplementedError.
+    ``send_and_receive`` delivers at once; ``push_messages`` delivers too and keeps the replies for
+    ``pull_messages`` (the path the server's ``strategy.max-in-flight`` window takes).
 
     Args:
         app: the devices' ClientApp (or any callable with its signature).
@@ -61,23 +61,29 @@ class InProcessGrid(Grid):
         self.on_wire = on_wire
         self.exchanges: list[tuple[Message, Message]] = []
         self.seconds: list[float] = []
+        self._pending: dict[str, Message] = {}  # push_messages' replies by the message they answer
+        self._run = Run.create_empty(run_id=1)
 
     def set_run(self, run: Run) -> None:
-        raise NotImplementedError("an InProcessGrid plays one run (run id 1)")
+        self._run = run
 
     @property
     def run(self) -> Run:
-        raise NotImplementedError("an InProcessGrid plays one run (run id 1)")
+        return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
-        raise NotImplementedError("create messages with flwr.app.Message")
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("an InProcessGrid delivers with send_and_receive only")
+        """Deliver now (devices answer in this process); the replies wait for ``pull_messages``."""
+        pushed = {m.metadata.dst_node_id: (m.object_id, m) for m in messages}  # Flower's id: the object id
+        for reply in self.send_and_receive([m for _, m in pushed.values()]):
+            self._pending[pushed[reply.metadata.src_node_id][0]] = reply
+        return [message_id for message_id, _ in pushed.values()]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("an InProcessGrid delivers with send_and_receive only")
+        return [self._pending.pop(i) for i in message_ids if i in self._pending]
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
