@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 CLIENTS ?= 20
 ROUNDS ?= 3
+# pytest-xdist workers for `make test` (a file's tests stay on one worker, so module fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: setup espeak simulate lint test test-fast bench clean
 
@@ -40,7 +42,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The edit loop: everything but the end-to-end tests (Ray, subprocesses).
 test-fast: setup

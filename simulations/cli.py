@@ -123,6 +123,8 @@ def train_cmd(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     eval_every: Annotated[int, typer.Option(min=1)] = 500,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu (default) or e.g. cuda.")] = "cpu",
+    average: Annotated[int, typer.Option(min=0, help="Also write averaged.pt, the mean of the last N checkpoints "
+                                                     "(every 250 steps).")] = 0,
     set_: SetOption = None,
 ) -> None:
     """Central pretraining on the public speakers (checkpoints, resume, SpecAugment, held-out WER)."""
@@ -132,7 +134,8 @@ def train_cmd(
 
     cfg = _config(set_)
     run_id = run_id or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers, device=device)
+    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers, device=device,
+                     average=average)
     best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
     typer.echo(f"Best checkpoint: {best}")
 
@@ -171,6 +174,23 @@ def model_ship_cmd(
     entry = ship(checkpoint.resolve(), name=name, command=command, hardware=hardware,
                  eval_corpus=eval_corpus.resolve(), eval_command=eval_command)
     print(json.dumps({k: entry[k] for k in ("sha256", "bytes", "parameters")} | {"wer": entry["eval"]["wer"]}))
+
+
+@model_app.command("average")
+def model_average_cmd(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints of one model (e.g. a run's step<S>.pt).")],
+    out: Annotated[Path, typer.Option(help="Where to write the averaged checkpoint.")],
+) -> None:
+    """Average the weights of checkpoints of one model (what `chorus train --average N` writes as averaged.pt)."""
+    from shared.models.checkpoint import CheckpointError, average_checkpoints, save_checkpoint
+
+    try:
+        averaged = average_checkpoints(checkpoints)
+    except CheckpointError as err:
+        fail(str(err))
+    meta = {k: v for k, v in averaged.meta.items() if k != "frontend"}
+    path = save_checkpoint(out, averaged.build(), averaged.model_config, frontend=averaged.frontend, **meta)
+    typer.echo(f"averaged {len(checkpoints)} checkpoints into {path}")
 
 
 @model_app.command("train-verifier")
@@ -221,7 +241,8 @@ def eval_wer_cmd(
     corpus: Annotated[Path, typer.Option(help="Any corpus directory `load_corpus` reads (e.g. `chorus data synth`'s).")],
     checkpoint: Annotated[Optional[Path], typer.Option(
         help="A `chorus train` checkpoint (default: the shipped base model).")] = None,
-    by: Annotated[str, typer.Option(help="Comma-separated speakers.tsv attributes, e.g. accent,fleet,age_group.")] = "",
+    by: Annotated[str, typer.Option(help="Comma-separated speakers.tsv attributes, e.g. accent,fleet,age_group "
+                                         "(speaker: per speaker).")] = "",
     beam: Annotated[int, typer.Option(min=1, help="1 = greedy search (streaming); more = modified beam search.")] = 1,
     limit: Annotated[int, typer.Option(min=0, help="Decode at most this many utterances (0 = all).")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,

@@ -38,11 +38,13 @@ def default_checkpoint() -> Path:
 
 
 def speaker_attributes(corpus_root: Path) -> dict[str, dict[str, str]]:
-    """``speakers.tsv`` rows, with ``fleet`` added from the accent where the corpus is the synthetic one."""
+    """``speakers.tsv`` rows, with ``speaker`` (its id, for per-speaker WER) and ``fleet`` (from the accent, where
+    the corpus is the synthetic one) added."""
     from shared.data.synth import ACCENTS
 
     attributes = read_speakers_tsv(corpus_root)
-    for row in attributes.values():
+    for speaker, row in attributes.items():
+        row.setdefault("speaker", speaker)
         if "fleet" not in row and row.get("accent") in ACCENTS:
             row["fleet"] = ACCENTS[row["accent"]][1]
     return attributes

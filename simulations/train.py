@@ -2,7 +2,9 @@
 
 Checkpoints every ``ckpt_every`` steps hold the model, the optimizer, the step and the RNG states, so
 ``--resume`` after a crash continues exactly where the last checkpoint left off. The held-out speakers score
-the model every ``eval_every`` steps; the best one is kept as ``best.pt``.
+the model every ``eval_every`` steps; the best one is kept as ``best.pt``. With ``average`` = N the weights of
+the last N checkpoints are kept too (``step<S>.pt``) and the run ends by writing their mean, ``averaged.pt``
+(checkpoint averaging over the cosine schedule's low-learning-rate tail, as icefall decodes with ``--avg``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from server.report import MetricsLog
 from shared.config import RunConfig
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
-from shared.models.checkpoint import Frontend, initial_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.checkpoint import (Frontend, average_checkpoints, initial_model, load_checkpoint, load_state,
+                                     save_checkpoint)
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
 
@@ -38,6 +41,7 @@ class TrainPlan:
     eval_utterances: int = 200
     speakers: str = "public"  # public | train (public + federated: an upper bound, data a vendor never has)
     device: str = "cpu"  # e.g. "cuda": the same recipe, faster; checkpoints are saved on the CPU either way
+    average: int = 0  # > 0: keep the last N checkpoints' weights and write their mean as averaged.pt
 
 
 def _lr_at(step: int, plan: TrainPlan) -> float:
@@ -129,5 +133,28 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
             epoch += 1
             save_checkpoint(ckpt_dir / "last.pt", model, cfg.model, frontend=frontend, step=step, best_wer=best_wer,
                             optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+            if plan.average > 0:
+                _keep_for_average(ckpt_dir, model, cfg, frontend, step, plan.average)
+    if plan.average > 0:
+        steps_kept = _averaged_steps(ckpt_dir)
+        averaged = average_checkpoints(steps_kept)
+        path = save_checkpoint(ckpt_dir / "averaged.pt", averaged.build(), cfg.model, frontend=frontend,
+                               step=step, averaged=[p.name for p in steps_kept])
+        if progress:
+            names = ", ".join(p.name for p in steps_kept)
+            print(f"averaged {len(steps_kept)} checkpoints ({names}) into {path}", flush=True)
     best = ckpt_dir / "best.pt"
     return best if best.exists() else ckpt_dir / "last.pt"
+
+
+def _averaged_steps(ckpt_dir: Path) -> list[Path]:
+    """The ``step<S>.pt`` files a run keeps for averaging, oldest first."""
+    return sorted(ckpt_dir.glob("step*.pt"), key=lambda p: int(p.stem.removeprefix("step")))
+
+
+def _keep_for_average(ckpt_dir: Path, model: Transducer, cfg: RunConfig, frontend: Frontend, step: int,
+                      keep: int) -> None:
+    """Write this checkpoint's weights as ``step<S>.pt`` and drop all but the newest ``keep``."""
+    save_checkpoint(ckpt_dir / f"step{step}.pt", model, cfg.model, frontend=frontend, step=step)
+    for old in _averaged_steps(ckpt_dir)[:-keep]:
+        old.unlink()

@@ -1,6 +1,6 @@
-"""Shared fixtures: locations of the real corpora beside the checkout, a tiny run config, the server's task
-identity, a federation of scripted devices; and the helpers several test modules use (a tiny transducer, the
-privacy scan, processes run and cleaned up by marker)."""
+"""Shared fixtures: locations of the real corpora beside the checkout, a tiny run config and its prepared corpus
+(synthesized once per session), the server's task identity, a federation of scripted devices; and the helpers
+several test modules use (a tiny transducer, the privacy scan, processes run and cleaned up by marker)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import pytest
@@ -61,6 +61,43 @@ TINY_RUN = {
     "eval.heldout-utterances": 6,
     "strategy.min-train-nodes": 4, "strategy.min-evaluate-nodes": 4, "strategy.min-available-nodes": 4,
 }
+
+
+TinyWorkdir = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> TinyWorkdir:
+    """``tiny_workdir(path, flat=TINY_RUN) -> path``: ``path`` made a workdir in which ``flat``'s corpus and
+    artifacts are already prepared, so that ``prepare`` finds them cached.
+
+    Each distinct corpus, split and front end is synthesized and prepared once per session (per pytest worker);
+    every workdir links that corpus (tests only read it) and gets its own copy of the artifacts (small, and runs
+    may add to them).
+    """
+    from shared.data.prepare import artifact_dir, corpus_dir, prepare
+
+    templates: dict[str, Path] = {}
+
+    def make(path: Path, flat: Mapping[str, bool | int | float | str] = TINY_RUN) -> Path:
+        probe = RunConfig.from_flat({**flat, "workdir": "/prepared"})
+        fairness = probe.fairness
+        key = (f"{corpus_dir(probe).name}/{artifact_dir(probe).name}/{probe.model.vocab_size}/"
+               f"{fairness.enabled and (fairness.embedder_steps, probe.train.seed)}")
+        if key not in templates:
+            template = tmp_path_factory.mktemp("prepared")
+            prepare(RunConfig.from_flat({**flat, "workdir": str(template)}), progress=False)
+            templates[key] = template
+        template = templates[key]
+        corpus = corpus_dir(RunConfig.from_flat({**flat, "workdir": str(template)}))
+        linked = path / "data" / corpus.name
+        if probe.corpus == "synth" and not linked.exists():  # another corpus is named by its own path
+            linked.parent.mkdir(parents=True, exist_ok=True)
+            linked.symlink_to(corpus, target_is_directory=True)
+        shutil.copytree(template / "artifacts", path / "artifacts", dirs_exist_ok=True)
+        return path
+
+    return make
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,9 +16,8 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from server.workflow import make_strategy, run_federation, stateful_strategy
 from shared.config import RunConfig
-from shared.data.prepare import prepare
 from shared.models.checkpoint import load_checkpoint
-from tests.conftest import TINY_RUN, SecAggGrid, needs_espeak
+from tests.conftest import TINY_RUN, TinyWorkdir, SecAggGrid, needs_espeak
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -26,10 +25,8 @@ CLIP = 1e-3  # far below a TINY_RUN device's round-1 change, so every update is 
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("central-dp")
-    prepare(RunConfig.from_flat({**TINY_RUN, "workdir": str(path)}), progress=False)
-    return path
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> Path:
+    return tiny_workdir(tmp_path_factory.mktemp("central-dp"))
 
 
 def _round(workdir: Path, run_id: str, **extra: bool | int | float | str) -> tuple[SecAggGrid, Path]:

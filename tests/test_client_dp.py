@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pytest
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
@@ -18,9 +19,8 @@ from opacus.accountants import RDPAccountant
 from client.client_app import app
 from client.train import ACCOUNTANT_KEY, load_accountant
 from shared.config import RunConfig
-from shared.data.prepare import prepare
 from shared.models.checkpoint import build_model
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, TinyWorkdir, needs_espeak
 
 pytestmark = needs_espeak
 
@@ -28,11 +28,11 @@ SIGMA, RATE, STEPS, DELTA = 1.0, 0.5, 2, 1e-5  # TINY_RUN: train.local-steps = 2
 
 
 @pytest.fixture(scope="module")
-def flat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def flat(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> dict[str, object]:
     flat = {**RunConfig().to_flat(), **TINY_RUN, "workdir": str(tmp_path_factory.mktemp("client-dp")),
             "dp.enabled": True, "dp.noise-multiplier": SIGMA, "dp.sample-rate": RATE, "dp.delta": DELTA,
             "dp.epsilon-budget": 1e9}
-    prepare(RunConfig.from_flat(flat), progress=False)
+    tiny_workdir(Path(str(flat["workdir"])), flat)
     return flat
 
 

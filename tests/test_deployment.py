@@ -18,7 +18,7 @@ from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
 from simulations.bench_faults import device_dirs
 from simulations.simulate import free_port, toml_value
-from tests.conftest import REPO_ROOT, TINY_RUN, needs_espeak
+from tests.conftest import REPO_ROOT, TINY_RUN, TinyWorkdir, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
 
@@ -28,8 +28,8 @@ DEPLOY_RUN = {**TINY_RUN, "synth.speakers": 6, "num-server-rounds": 2, "run-id":
               "strategy.timeout": 180.0}
 
 
-def test_tls_superlink_two_authenticated_devices(tmp_path: Path) -> None:
-    workdir = tmp_path / "server"
+def test_tls_superlink_two_authenticated_devices(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
+    workdir = tiny_workdir(tmp_path / "server", DEPLOY_RUN)
     cfg = RunConfig.from_flat({**DEPLOY_RUN, "workdir": str(workdir)})
     devices = device_dirs(cfg, tmp_path)
     assert len(devices) == 2

@@ -19,11 +19,12 @@ runner = CliRunner()
 @needs_espeak
 def test_wer_overall_and_by_attribute_pools_the_same_words(tmp_path: Path) -> None:
     corpus = synthesize(tmp_path / "corpus", speakers=4, utterances=2, seed=41, workers=1, progress=False)
-    result = runner.invoke(app, ["eval", "wer", "--corpus", str(corpus), "--by", "accent,fleet", "--json"])
+    result = runner.invoke(app, ["eval", "wer", "--corpus", str(corpus), "--by", "accent,fleet,speaker", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["utterances"] == 8 and out["checkpoint"] == str(default_checkpoint())
-    for attribute in ("accent", "fleet"):
+    assert sorted(out["by"]["speaker"]) == ["spk0000", "spk0001", "spk0002", "spk0003"]
+    for attribute in ("accent", "fleet", "speaker"):
         assert sum(out["by_words"][attribute].values()) == out["words"]
         pooled = sum(out["by"][attribute][v] * out["by_words"][attribute][v] for v in out["by"][attribute])
         assert pooled / out["words"] == pytest.approx(out["wer"], abs=1e-3)

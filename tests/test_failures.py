@@ -20,7 +20,7 @@ import torch
 from server.workflow import run_federation
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
-from tests.conftest import TINY_RUN, ScriptedGrid, needs_espeak, run_marked
+from tests.conftest import TINY_RUN, TinyWorkdir, ScriptedGrid, needs_espeak, run_marked
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -104,10 +104,11 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # Ray starts slowly on 2 busy cores
 @needs_espeak
-def test_faulty_and_dropped_devices_in_the_ray_simulation(tmp_path: Path) -> None:
+def test_faulty_and_dropped_devices_in_the_ray_simulation(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
     flat = {**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path), "run-id": "faults",
             "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 4,
             "strategy.timeout": TIMEOUT}
+    tiny_workdir(tmp_path, flat)
     code = f"from tests.test_failures import simulate_with_failures; simulate_with_failures({flat!r})"
     returncode, output, left = run_marked(code, name="failures", env={"FLWR_HOME": str(tmp_path / ".flwr")})
     assert returncode == 0, output[-5000:]
@@ -147,9 +148,10 @@ class FlakyGrid(ScriptedGrid):
 
 
 @needs_espeak
-def test_too_few_answers_keep_the_global_model(tmp_path: Path) -> None:
+def test_too_few_answers_keep_the_global_model(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
     flat = {**TINY_RUN, "num-server-rounds": 1, "workdir": str(tmp_path), "run-id": "few",
             "strategy.name": "fedadam", "strategy.min-train-nodes": 3}
+    tiny_workdir(tmp_path, flat)
     run_dir = run_federation(FlakyGrid(), RunConfig.from_flat(flat))
     zero, one = _records(run_dir)
     assert (one["aggregated"], one["train_replies"], one["train_failures"], one["train_loss"]) == (False, 2, 2, None)

@@ -33,7 +33,7 @@ from shared.metrics import ErrorCounts
 from simulations.harness import InProcessGrid
 from shared.privacy.audit import (ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod,
                                   audit_reply)
-from tests.conftest import TINY_RUN, leaks, needs_espeak, sensitive_strings, with_run_config
+from tests.conftest import TINY_RUN, TinyWorkdir, leaks, needs_espeak, sensitive_strings, with_run_config
 
 E = 8  # embedding dimension of the fast tests
 UNUSED = Path("/nonexistent/speaker-embedder.pt")  # devices here hold their embedding in state already
@@ -449,7 +449,8 @@ def _device_embeddings(cfg: RunConfig, devices: int) -> np.ndarray:
 
 @pytest.mark.slow
 @needs_espeak
-def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       tiny_workdir: TinyWorkdir) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -461,7 +462,8 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     from shared.models.speaker_embedding import load_speaker_embedder
 
     cfg = RunConfig.from_flat({**FAIR_RUN, "workdir": str(tmp_path / "work"), "run-id": "fair"})
-    sensitive = sensitive_strings(cfg)  # also prepares the data (and the speaker embedder), before devices start
+    tiny_workdir(cfg.workdir_path, {**FAIR_RUN, "run-id": "fair"})  # with the public speaker embedder
+    sensitive = sensitive_strings(cfg)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     exchanges = tmp_path / "exchanges"
     exchanges.mkdir()

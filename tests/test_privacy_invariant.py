@@ -30,7 +30,7 @@ from client.train import LocalUpdate
 from shared.config import RunConfig
 from shared.models.checkpoint import initial_model
 from shared.privacy.audit import ALLOWED_METRICS, audit_mod
-from tests.conftest import TINY_RUN, leaks, needs_espeak, sensitive_strings, with_run_config
+from tests.conftest import TINY_RUN, TinyWorkdir, leaks, needs_espeak, sensitive_strings, with_run_config
 
 TRAIN_METRICS = {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
 DP_TRAIN_METRICS = {"epsilon", "local-steps", "num-examples"}  # DP-SGD: only what the guarantee covers
@@ -77,7 +77,7 @@ def global_model_spec(cfg: RunConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
 @needs_espeak
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
 def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   dp: bool) -> None:
+                                                   tiny_workdir: TinyWorkdir, dp: bool) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -85,7 +85,8 @@ def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch:
 
     cfg = RunConfig.from_flat({**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path / "work"),
                                "run-id": "privacy", "dp.enabled": dp})
-    sensitive = sensitive_strings(cfg)  # also prepares the data, before any device starts
+    tiny_workdir(cfg.workdir_path)
+    sensitive = sensitive_strings(cfg)
     longest = max(sensitive, key=len)  # the scan itself finds a transcript in bytes, a short value in a key
     assert leaks(b"\x00" + longest.encode() + b"\x00", [], sensitive) == [longest]
     shortest = min(sensitive, key=len)

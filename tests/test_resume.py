@@ -31,7 +31,7 @@ from server.workflow import make_strategy, run_federation
 from shared.config import RunConfig, StrategyConfig
 from shared.models.checkpoint import build_model, load_checkpoint
 from simulations.simulate import REPO_ROOT, stop_local_superlink
-from tests.conftest import TINY_RUN, ScriptedGrid, kill_marked, needs_espeak, wait_gone
+from tests.conftest import TINY_RUN, TinyWorkdir, ScriptedGrid, kill_marked, needs_espeak, wait_gone
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -102,8 +102,8 @@ def test_rewind_metrics_drops_uncommitted_and_torn_lines(tmp_path: Path) -> None
 # -- run_federation, crashed and resumed (scripted grid, real data preparation and held-out scoring) --------
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("resume")  # one synthesized corpus for the module's runs
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> Path:
+    return tiny_workdir(tmp_path_factory.mktemp("resume"))
 
 
 def _cfg(workdir: Path, run_id: str, **extra: bool | int | float | str) -> RunConfig:
@@ -215,7 +215,8 @@ def test_crash_before_the_first_checkpoint_restarts_cleanly(workdir: Path) -> No
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two full `chorus simulate` starts: several minutes on 2 busy cores
 @needs_espeak
-def test_kill_and_resume_a_real_simulation(tmp_path: Path) -> None:
+def test_kill_and_resume_a_real_simulation(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
+    tiny_workdir(tmp_path)
     marker = f"chorus-resume-test-{uuid.uuid4().hex}"  # in the environment of every process the run starts
     env = {**os.environ, "CHORUS_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"}
     sets = [arg for k, v in {**TINY_RUN, "workdir": str(tmp_path)}.items() for arg in ("--set", f"{k}={v}")]

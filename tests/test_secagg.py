@@ -39,7 +39,7 @@ from shared.models.speaker_embedding import load_speaker_embedder
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
-from tests.conftest import (SECAGG_DEVICES, TINY_RUN, SecAggGrid, leaks, needs_espeak, run_marked, sensitive_strings,
+from tests.conftest import (SECAGG_DEVICES, TINY_RUN, SecAggGrid, TinyWorkdir, leaks, needs_espeak, run_marked, sensitive_strings,
                             with_run_config)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -52,10 +52,8 @@ def _cfg(workdir: Path, **extra: Any) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secagg")
-    prepare(_cfg(path), progress=False)
-    return path
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> Path:
+    return tiny_workdir(tmp_path_factory.mktemp("secagg"))
 
 
 def _plain_fedavg(cfg: RunConfig, arrays: ArrayRecord,
@@ -188,10 +186,9 @@ SECURE_FAIRNESS = {"strategy.secure-aggregation": True, "fairness.enabled": True
 
 
 @pytest.fixture(scope="module")
-def fair_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secagg-fairness")
-    prepare(_cfg(path, **SECURE_FAIRNESS), progress=False)  # also trains the public speaker embedder
-    return path
+def fair_workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> Path:
+    # also trains the public speaker embedder
+    return tiny_workdir(tmp_path_factory.mktemp("secagg-fairness"), {**TINY_RUN, **SECURE_FAIRNESS})
 
 
 def _device_embedding(cfg: RunConfig, node: int) -> np.ndarray:

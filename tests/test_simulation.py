@@ -11,12 +11,13 @@ import torch
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
 from simulations.simulate import simulate
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, TinyWorkdir, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
 
 
-def test_two_rounds_four_devices(tmp_path: Path) -> None:
+def test_two_rounds_four_devices(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
+    tiny_workdir(tmp_path)
     cfg = RunConfig.from_flat({**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path), "run-id": "e2e"})
     run_dir = simulate(cfg, num_supernodes=4, progress=False)
 

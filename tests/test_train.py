@@ -1,4 +1,4 @@
-"""Central pretraining: learns, checkpoints, and resumes exactly where it stopped."""
+"""Central pretraining: learns, checkpoints, resumes exactly where it stopped, and averages its last checkpoints."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from shared.config import RunConfig
-from shared.models.checkpoint import CheckpointError, load_checkpoint
+from shared.models.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from simulations.cli import app
 from simulations.train import TrainPlan, train_central
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, TinyWorkdir, needs_espeak
 
 pytestmark = needs_espeak
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
-    workdir = tmp_path_factory.mktemp("train")
+def cfg(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> RunConfig:
+    workdir = tiny_workdir(tmp_path_factory.mktemp("train"))
     return RunConfig.from_flat({**TINY_RUN, "workdir": str(workdir), "model.dropout": 0.1})
 
 
@@ -60,6 +62,28 @@ def test_corrupt_and_mismatched_checkpoints_are_named(cfg: RunConfig, tmp_path: 
         load_checkpoint(good, expect=other)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_average_keeps_the_last_checkpoints_and_writes_their_mean(cfg: RunConfig, tmp_path: Path) -> None:
+    plan = TrainPlan(steps=6, ckpt_every=2, eval_every=6, warmup=2, eval_utterances=2, average=2)
+    ckpts = train_central(cfg, plan, run_dir=tmp_path / "avg", progress=False).parent
+    assert sorted(p.name for p in ckpts.glob("step*.pt")) == ["step4.pt", "step6.pt"]
+    four, six = (load_checkpoint(ckpts / f"step{s}.pt").state_dict for s in (4, 6))
+    assert any(not torch.equal(four[k], six[k]) for k in four)  # two different models: the mean is neither
+    averaged = load_checkpoint(ckpts / "averaged.pt")
+    assert averaged.frontend is not None and averaged.meta["averaged"] == ["step4.pt", "step6.pt"]
+    for key, value in averaged.state_dict.items():
+        torch.testing.assert_close(value, (four[key] + six[key]) / 2 if value.is_floating_point() else six[key])
+
+    out = tmp_path / "cli-average.pt"  # `chorus model average` writes the same mean
+    result = CliRunner().invoke(app, ["model", "average", str(ckpts / "step4.pt"), str(ckpts / "step6.pt"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert all(torch.equal(load_checkpoint(out).state_dict[k], averaged.state_dict[k]) for k in four)
+    other_cfg = RunConfig.from_flat({**TINY_RUN, "model.d-model": 96}).model
+    other = save_checkpoint(tmp_path / "other.pt", build_model(other_cfg), other_cfg)
+    result = CliRunner().invoke(app, ["model", "average", str(ckpts / "step4.pt"), str(other), "--out", str(out)])
+    assert result.exit_code == 2 and "other.pt is a different model" in result.stderr, result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -16,7 +16,7 @@ from server.workflow import run_federation
 from shared.config import ConfigError, RunConfig, StrategyConfig
 from shared.models.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from simulations.cli import app
-from tests.conftest import TINY_RUN, needs_espeak
+from tests.conftest import TINY_RUN, TinyWorkdir, needs_espeak
 from tests.conftest import ScriptedGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -45,9 +45,11 @@ def _records(run_dir: Path) -> list[dict[str, object]]:
 
 
 @needs_espeak
-def test_nan_and_scaled_updates_are_rejected_and_the_model_equals_a_run_without_them(tmp_path: Path) -> None:
+def test_nan_and_scaled_updates_are_rejected_and_the_model_equals_a_run_without_them(
+        tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
     flat = {**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path), "model.init-checkpoint": "",
             "strategy.min-train-nodes": 2}
+    tiny_workdir(tmp_path, flat)
     attacked = run_federation(AttackedGrid(), RunConfig.from_flat({**flat, "run-id": "attacked"}))
     # The same devices' honest updates, with the two attackers absent (and device 3 evaluating honestly).
     absent = run_federation(ScriptedGrid(silent=(NAN_DEVICE, SCALED_DEVICE)),

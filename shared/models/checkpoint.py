@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +42,7 @@ from shared.models.transformer import CausalTransformerEncoder, TransformerConfi
 
 __all__ = ["MODEL_NAMES", "SHIPPED", "SHIPPED_DIR", "CheckpointError", "Checkpoint", "Frontend", "build_model",
            "load_state", "save_checkpoint", "load_checkpoint", "initial_model", "init_checkpoint_path",
-           "shipped_manifest", "sha256_of", "checkpoint_frontend", "architecture"]
+           "shipped_manifest", "sha256_of", "checkpoint_frontend", "architecture", "average_checkpoints"]
 
 
 _FORMAT = "chorus-checkpoint-v1"
@@ -263,6 +264,32 @@ def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> C
     _check_finite(payload["state_dict"], f"checkpoint {path} is unusable")
     return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"],
                       source=str(path))
+
+
+def average_checkpoints(paths: Sequence[Path | str]) -> Checkpoint:
+    """The element-wise mean of the weights of ``paths`` (icefall's checkpoint averaging: the last few checkpoints
+    of a run's low-learning-rate tail generalize better than any one of them).
+
+    All must be the same architecture (the first one's) and carry the same front end; the result keeps the last
+    one's meta (step, front end) without its optimizer and RNG states.
+    """
+    if not paths:
+        raise CheckpointError("checkpoint averaging needs at least one checkpoint")
+    first = load_checkpoint(paths[0])
+    checkpoints = [first] + [load_checkpoint(p, expect=first.model_config) for p in paths[1:]]
+    digests = {c.source: c.frontend.digest() if c.frontend is not None else None for c in checkpoints}
+    if len(set(digests.values())) > 1:
+        raise CheckpointError(f"checkpoints with different front ends (tokenizer, CMVN) cannot be averaged: {digests}")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in first.state_dict.items():
+        if value.is_floating_point():
+            mean = torch.stack([c.state_dict[key].double() for c in checkpoints]).mean(dim=0)
+            state[key] = mean.to(torch.float32)
+        else:
+            state[key] = checkpoints[-1].state_dict[key]
+    meta = {k: v for k, v in checkpoints[-1].meta.items() if k not in ("optimizer", "rng")}
+    meta["averaged"] = [c.source for c in checkpoints]
+    return Checkpoint(model_config=first.model_config, state_dict=state, meta=meta, source="average")
 
 
 def checkpoint_frontend(path: Path | str) -> Frontend | None:
