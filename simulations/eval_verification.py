@@ -432,7 +432,11 @@ def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attribu
             members = [s for s in trials.enrollments if attributes.get(s, {}).get(attribute) == value]
             if len(members) < 2:
                 continue  # one speaker's trials say nothing about a cohort
+            cohort = Trials(enrollments={s: trials.enrollments[s] for s in members},
+                            speaker=tuple(speaker[rows]), utterance=tuple(np.array(trials.utterance)[rows]),
+                            same=trials.same[rows])
             cohorts[value] = {"eer": round(equal_error_rate(scores[rows], trials.same[rows]), 4),
+                              "eer_ci95": _bootstrap_eer(cohort, scores[rows], plan.bootstrap, plan.seed),
                               "speakers": len(members), "trials": int(rows.sum())}
         if len(cohorts) < 2:
             continue
@@ -572,7 +576,8 @@ def _report(result: dict[str, Any]) -> str:
                   "|---" * (len(next(iter(result["arms"].values()))["by"][attribute]) + 3) + "|"]
         for arm, f in result["arms"].items():
             cohorts = f["by"].get(attribute, {})
-            cells = [f"{c['eer']:.4f} ({c['speakers']} spk)" for c in cohorts.values()]
+            cells = [f"{c['eer']:.4f} [{c['eer_ci95'][0]:.4f}-{c['eer_ci95'][1]:.4f}] ({c['speakers']} spk, "
+                     f"{c['trials']} trials)" for c in cohorts.values()]
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {f['gap'].get(attribute)} | "
                          f"{f['spread'].get(attribute)} |")
     if "vs_baseline" in result:
