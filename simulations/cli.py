@@ -276,10 +276,14 @@ def eval_verification_cmd(
         help="Unseen speakers (any corpus; speakers.tsv gives the cohorts). Default: a synthesized one.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Baseline verifier (default: the shipped one).")] = None,
     arw: Annotated[Optional[Path], typer.Option(help="ARW verifier (default: the shipped one).")] = None,
+    public: Annotated[Optional[Path], typer.Option(
+        help="Public speakers whose centroids are the devices' impostors in federated fine-tuning (default: the "
+             "verifiers' public synthetic pool, synthesized).")] = None,
     workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
-    """Speaker verification: EER, minDCF and their gaps across cohorts, baseline vs pairwise ARW."""
+    """Speaker verification: EER, minDCF and their gaps across cohorts for the baseline, pairwise ARW, and the
+    baseline fine-tuned federatedly on half of the corpus' speakers (plainly and with ARW); the other half is tested."""
     import json
 
     from shared.data.synth import synthesize
@@ -295,13 +299,19 @@ def eval_verification_cmd(
                                progress=False)
             train_verifiers(train, plan, out / "models", log=lambda _: None)
             models = {"baseline": out / "models" / "baseline.pt", "arw": out / "models" / "arw.pt"}
+            public = public or train  # the quick verifiers' own public training speakers
         else:
             models = {"baseline": baseline or shipped_verifier("baseline"), "arw": arw or shipped_verifier("arw")}
+        if public is None:  # the shipped verifiers' public population (seed 1), a few utterances per speaker
+            speakers, utterances = plan.federated.public_speakers, plan.federated.public_utterances
+            public = synthesize(workdir / "data" / f"synth-sv-public-seed1-{speakers}x{utterances}",
+                                speakers=speakers, utterances=utterances, seed=1, progress=not json_)
         if corpus is None:
-            speakers, utterances = (12, 6) if quick else (120, 8)
+            speakers, utterances = (16, 6) if quick else (120, 8)
             corpus = synthesize(workdir / "data" / f"synth-sv-seed98-{speakers}x{utterances}", speakers=speakers,
                                 utterances=utterances, seed=98, progress=not json_)
-        result = evaluate_verification(corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out)
+        result = evaluate_verification(corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out,
+                                       public=public.resolve())
     except VerificationError as err:
         fail(str(err))
     if json_:

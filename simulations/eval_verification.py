@@ -15,11 +15,27 @@ enrolled speakers' trials. Reported per arm: EER (scikit-learn's ROC) with a 95%
 speakers, minDCF (p_target 0.01), the error rates at the shipped threshold; per ``speakers.tsv`` attribute
 (gender, age group, accent, ...) each cohort's EER, the gap (worst - best) / best and the spread (standard
 deviation) across cohorts. ``trials.tsv``, ``det.png`` and ``report.md`` go to the output directory.
+
+Federated arms (``evaluate_verification(..., public=P)``; ``shared/federated_verification.py`` has the math):
+the evaluated corpus' speakers are split, seeded and stratified by their ``speakers.tsv`` attributes, into a
+federated half and a test half (``split_speakers``). Each federated speaker is one device holding all its
+recordings (a one-speaker folder under ``<out>/devices``); the baseline verifier is fine-tuned on them for
+``plan.federated.rounds`` rounds (``federate``): every device is a call of the real ClientApp
+(``client.verification.sv_app``, its privacy audit mod included) through ``simulations/harness.py``'s
+``InProcessGrid``; the server side is Flower's FedAvg (``server.workflow.make_strategy``) and the server's one
+send/receive path, which validates every reply (``server/exchange.py``). Each round the server embeds the public
+speakers (the first ``public_speakers`` of ``public``: the verifier's own public training pool) with the current
+model and sends their centroids as the devices' impostors. ``federated`` fine-tunes plainly, ``federated+arw``
+with pairwise ARW on the devices; both start from the baseline verifier, so ``federated+arw`` vs ``federated``
+isolates on-device ARW. All arms are then scored on the test half's trials only (trial speakers never trained
+on), and, as a check of the fit, on trials of the federated speakers themselves (``seen_eer``: utterances the
+devices trained on). A federated model is not calibrated: it reports no threshold.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,23 +49,49 @@ import torch.nn.functional as F
 from shared.data.corpora import Corpus, CorpusError, load_corpus, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.features import GlobalCMVN
+from shared.fairness.arw import Adversary, arl_weights
 from shared.fairness.pairwise_arw import PairwiseRecipe, train_pairwise
+from shared.federated_verification import (ADVERSARY_PREFIX, IMPOSTORS, DeviceRecipe, adversary_state, embedder_state,
+                                           impostor_centroids, public_clusters)
 from shared.files import write_text_atomic
 from shared.metrics import equal_error_rate, min_dcf, threshold_at_far
 from shared.models.checkpoint import checkpoint_frontend
-from shared.models.speaker_embedding import (SpeakerEmbeddingConfig, SpeakerEmbeddingError, Verifier,
-                                             load_verifier, save_speaker_embedder, train_speaker_embedding)
+from shared.models.speaker_embedding import (SpeakerEmbedder, SpeakerEmbeddingConfig, SpeakerEmbeddingError,
+                                             Verifier, load_verifier, save_speaker_embedder, train_speaker_embedding)
+from shared.records import scalar
 
-__all__ = ["ARMS", "FULL", "QUICK", "Trials", "VerifierPlan", "VerificationError", "evaluate_verification",
-           "make_trials", "train_verifiers"]
+__all__ = ["ARMS", "FEDERATED_ARMS", "FULL", "QUICK", "Federation", "FederatedPlan", "Trials", "VerifierPlan",
+           "VerificationError", "evaluate_verification", "federate", "make_trials", "split_speakers",
+           "train_verifiers"]
 
-ARMS = ("baseline", "arw")
+ARMS = ("baseline", "arw")  # trained centrally on public speakers (`chorus model train-verifier`)
+FEDERATED_ARMS = ("federated", "federated+arw")  # the baseline, fine-tuned on devices (`federate`)
 BY = ("gender", "age_group", "accent")
 P_TARGET = 0.01
 
 
 class VerificationError(ValueError):
     """A corpus or model that cannot be used for verification; the message names it."""
+
+
+@dataclass(frozen=True)
+class FederatedPlan:
+    """Federated fine-tuning of the baseline verifier: the arms ``federated`` and ``federated+arw``."""
+
+    rounds: int = 6
+    device: DeviceRecipe = field(default_factory=DeviceRecipe)  # each device's local steps (sv.* config keys)
+    public_speakers: int = 64  # impostor centroids: the public corpus' first speakers
+    public_utterances: int = 4  # per public speaker (its first ones)
+    clusters: int = 8  # ARW's pseudo-labels: k-means of the public centroids under the starting model
+    arw_warmup: int = 1  # rounds whose adversary stays uniform (learner only)
+    share: float = 0.5  # of the evaluated corpus' speakers federated (one device each); the rest are tested
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.public_speakers < 1 or self.public_utterances < 1 or self.arw_warmup < 0:
+            raise VerificationError(f"need rounds, public_speakers, public_utterances >= 1 and arw_warmup >= 0 "
+                                    f"in {self}")
+        if not 0 < self.share < 1:
+            raise VerificationError(f"share must lie in (0, 1), got {self.share}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +107,8 @@ class VerifierPlan:
     target_far: float = 0.01
     enroll: int = 3  # utterances a device enrolls with
     bootstrap: int = 200  # resamples of speakers for the EER interval
-    seed: int = 0
+    seed: int = 0  # trials, bootstrap, the federated / test split
+    federated: FederatedPlan = field(default_factory=FederatedPlan)
 
 
 FULL = VerifierPlan(train_speakers=400, calibration_speakers=50, utterances=8, pretrain_steps=1000,
@@ -75,7 +118,10 @@ QUICK = VerifierPlan(train_speakers=24, calibration_speakers=6, utterances=6, pr
                      recipe=PairwiseRecipe(steps=40, speakers_per_batch=8, utterances_per_speaker=3, crop_frames=100,
                                            clusters=4, warmup=10),
                      config=SpeakerEmbeddingConfig(channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32),
-                     bootstrap=50)
+                     bootstrap=50,
+                     federated=FederatedPlan(rounds=3, public_speakers=24, public_utterances=3, clusters=4,
+                                             device=DeviceRecipe(local_steps=4, utterances_per_step=4, crop_frames=100,
+                                                                 lr=1e-3)))
 
 
 def _open(path: Path) -> Corpus:
@@ -219,6 +265,124 @@ def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *,
     return record
 
 
+# -- federated fine-tuning -----------------------------------------------------------------------------------
+
+def split_speakers(speakers: Sequence[str], attributes: dict[str, dict[str, str]], *, share: float, seed: int,
+                   by: Sequence[str] = BY) -> tuple[list[str], list[str]]:
+    """(federated, test) speakers: shuffled (seeded) within strata of equal ``by`` attributes, strata one after
+    the other, then every speaker whose running share crosses a multiple of ``share`` is federated (a systematic
+    sample: each stratum splits in proportion, within one speaker)."""
+    rng = np.random.default_rng(seed)
+    strata: dict[tuple[str, ...], list[str]] = {}
+    for name in sorted(speakers):
+        strata.setdefault(tuple(attributes.get(name, {}).get(a, "") for a in by), []).append(name)
+    ordered = [s for key in sorted(strata) for s in rng.permutation(strata[key]).tolist()]
+    federated = [s for i, s in enumerate(ordered) if math.floor((i + 1) * share) > math.floor(i * share)]
+    test = [s for s in ordered if s not in set(federated)]
+    if len(federated) < 2 or len(test) < 2:
+        raise VerificationError(f"{len(speakers)} speakers split {len(federated)} federated / {len(test)} tested; "
+                                f"each side needs at least 2")
+    return sorted(federated), sorted(test)
+
+
+def _device_dirs(corpus: Corpus, speakers: Sequence[str], out: Path) -> list[Path]:
+    """One folder per federated speaker with its recordings (a Kaldi data directory of absolute paths): what a
+    device holds, the folder ``chorus device enroll --data`` would take."""
+    by_speaker = corpus.by_speaker()
+    dirs = []
+    for i, speaker in enumerate(speakers):
+        folder = out / f"device-{i:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        utts = by_speaker[speaker]
+        write_text_atomic(folder / "text", "".join(f"{u.id} {u.text}\n" for u in utts))
+        write_text_atomic(folder / "utt2spk", "".join(f"{u.id} {speaker}\n" for u in utts))
+        write_text_atomic(folder / "wav.scp", "".join(f"{u.id} {u.audio.resolve()}\n" for u in utts))
+        dirs.append(folder)
+    return dirs
+
+
+def _public_features(public: Path, cmvn: GlobalCMVN, plan: FederatedPlan) -> list[list[np.ndarray]]:
+    """Features of the first ``public_utterances`` of each of the first ``public_speakers`` public speakers."""
+    corpus = _open(public)
+    speakers = corpus.speakers()[:plan.public_speakers]
+    if len(speakers) < plan.public_speakers:
+        raise VerificationError(f"public corpus {public} has {len(speakers)} speakers; the plan's impostors are "
+                                f"{plan.public_speakers}")
+    by_speaker = {s: sorted(u.id for u in utts)[:plan.public_utterances] for s, utts in corpus.by_speaker().items()
+                  if s in set(speakers)}
+    features = _features(corpus, cmvn, [u for ids in by_speaker.values() for u in ids])
+    return [[features[u] for u in by_speaker[s] if u in features] for s in speakers if
+            any(u in features for u in by_speaker[s])]
+
+
+@dataclass
+class Federation:
+    """A federated fine-tuning run: the final embedder, one record per round, and every (message as sent, reply
+    as it left the device) for audits."""
+
+    embedder: SpeakerEmbedder
+    rounds: list[dict[str, Any]]
+    exchanges: list[tuple[Any, Any]]
+
+
+def federate(init: Path, devices: Sequence[Path], public: Sequence[Sequence[np.ndarray]], plan: FederatedPlan, *,
+             arw: bool, seed: int = 0) -> Federation:
+    """Fine-tune the verifier ``init`` on ``devices`` (one speaker's folder each) for ``plan.rounds`` FedAvg
+    rounds, with ``public`` speakers' features as the impostor pool; see the module docstring."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client.verification import DATA_DIR_KEY, VERIFIER_KEY, sv_app
+    from server.exchange import exchange
+    from server.workflow import make_strategy
+    from shared.config import StrategyConfig
+    from simulations.harness import InProcessGrid, server_identity
+
+    try:
+        model = load_verifier(init).embedder
+    except SpeakerEmbeddingError as err:
+        raise VerificationError(str(err)) from err
+    limits = StrategyConfig(min_train_nodes=len(devices), min_available_nodes=len(devices))
+    strategy = make_strategy(limits)  # Flower's FedAvg, as the recognizer's default
+    grid = InProcessGrid(sv_app, len(devices), {}, on_wire=True)
+    for node, folder in zip(grid.get_node_ids(), devices, strict=True):
+        grid.contexts[node].node_config.update({DATA_DIR_KEY: str(folder), VERIFIER_KEY: str(init)})
+    adversary: Adversary | None = None
+    extra: dict[str, torch.Tensor] = {}
+    if arw:  # pseudo-labels of the starting model, fixed for the run (Jin et al.)
+        centres, labels = public_clusters(impostor_centroids(model, public), plan.clusters, seed)
+        adversary = Adversary(plan.clusters)
+        extra = {"centres": centres, "clusters": torch.from_numpy(labels).float()}
+    rounds: list[dict[str, Any]] = []
+    with server_identity():
+        for server_round in range(1, plan.rounds + 1):
+            started = time.monotonic()
+            arrays = ArrayRecord({**embedder_state(model), **(adversary_state(adversary) if adversary else {})})
+            recipe = replace(plan.device, arw=arw, arw_frozen=server_round <= plan.arw_warmup, seed=seed)
+            config: dict[str, Any] = recipe.to_config()
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
+            impostors = ArrayRecord({"centroids": impostor_centroids(model, public), **extra})
+            for message in messages:
+                message.content[IMPOSTORS] = impostors
+            result = exchange(grid, messages, phase=f"verifier round {server_round}", strategy=limits)
+            aggregated, metrics = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
+            if aggregated is not None:
+                state = aggregated.to_torch_state_dict()
+                model.load_state_dict({k: v for k, v in state.items() if not k.startswith(ADVERSARY_PREFIX)},
+                                      strict=False)
+                if adversary is not None:
+                    adversary.load_state_dict({k.removeprefix(ADVERSARY_PREFIX): v for k, v in state.items()
+                                               if k.startswith(ADVERSARY_PREFIX)})
+            rounds.append({"round": server_round, "replies": len(result.ok), "failed": result.failed,
+                           "rejected": result.rejected, "aggregated": aggregated is not None,
+                           "train_loss": round(float(scalar(metrics, "train-loss")), 5) if metrics else None,
+                           "seconds": round(time.monotonic() - started, 1)})
+    if adversary is not None:
+        with torch.no_grad():
+            rounds[-1]["cluster_weight"] = [round(float(w), 3) for w in
+                                            arl_weights(adversary(torch.eye(plan.clusters)))]
+    return Federation(embedder=model.eval(), rounds=rounds, exchanges=list(grid.exchanges))
+
+
 # -- evaluation ----------------------------------------------------------------------------------------------
 
 def _attributes(root: Path) -> dict[str, dict[str, str]]:
@@ -250,6 +414,9 @@ def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attribu
         "eer": round(equal_error_rate(scores, trials.same), 4),
         "eer_ci95": _bootstrap_eer(trials, scores, plan.bootstrap, plan.seed),
         "min_dcf": round(min_dcf(scores, trials.same, p_target=P_TARGET), 4),
+        # mean cosine of target and of impostor trials: a model that merely pulls everything together raises both
+        "mean_score": {"target": round(float(scores[trials.same].mean()), 4),
+                       "impostor": round(float(scores[~trials.same].mean()), 4)},
         "by": {}, "gap": {}, "spread": {},
     }
     if verifier.threshold is not None:
@@ -265,7 +432,11 @@ def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attribu
             members = [s for s in trials.enrollments if attributes.get(s, {}).get(attribute) == value]
             if len(members) < 2:
                 continue  # one speaker's trials say nothing about a cohort
+            cohort = Trials(enrollments={s: trials.enrollments[s] for s in members},
+                            speaker=tuple(speaker[rows]), utterance=tuple(np.array(trials.utterance)[rows]),
+                            same=trials.same[rows])
             cohorts[value] = {"eer": round(equal_error_rate(scores[rows], trials.same[rows]), 4),
+                              "eer_ci95": _bootstrap_eer(cohort, scores[rows], plan.bootstrap, plan.seed),
                               "speakers": len(members), "trials": int(rows.sum())}
         if len(cohorts) < 2:
             continue
@@ -278,8 +449,12 @@ def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attribu
 
 
 def evaluate_verification(corpus_dir: Path, verifiers: dict[str, Path], plan: VerifierPlan, out_dir: Path, *,
-                          by: Sequence[str] = BY) -> dict[str, Any]:
-    """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result."""
+                          by: Sequence[str] = BY, public: Path | None = None) -> dict[str, Any]:
+    """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result.
+
+    With ``public`` (the public corpus whose speakers are the devices' impostors), the speakers are split first
+    and the federated arms are trained from ``verifiers["baseline"]`` on the federated half; every arm is then
+    scored on the test half's trials (see the module docstring). Without it, every speaker makes trials."""
     corpus = _open(corpus_dir)
     loaded = {}
     for arm, path in verifiers.items():
@@ -293,23 +468,56 @@ def evaluate_verification(corpus_dir: Path, verifiers: dict[str, Path], plan: Ve
         raise VerificationError(f"the verifiers {sorted(verifiers)} were trained with different CMVN statistics")
     by_speaker = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
     features = _features(corpus, cmvn, [u.id for u in corpus.utterances])
-    trials = make_trials(_usable(by_speaker, features), enroll=plan.enroll, seed=plan.seed)
     attributes = _attributes(corpus.root)
+    federated: list[str] = []
+    tested = by_speaker
+    if public is not None:
+        if "baseline" not in verifiers:
+            raise VerificationError("the federated arms fine-tune the baseline verifier: pass one")
+        federated, test = split_speakers(sorted(by_speaker), attributes, share=plan.federated.share, seed=plan.seed,
+                                         by=by)
+        tested = {s: by_speaker[s] for s in test}
+    trials = make_trials(_usable(tested, features), enroll=plan.enroll, seed=plan.seed)
     result: dict[str, Any] = {"corpus": str(corpus.root), "speakers": len(trials.enrollments), "trials": len(trials),
                               "target_trials": int(trials.same.sum()), "skipped": len(corpus.skipped),
                               "enroll_utterances": plan.enroll, "p_target": P_TARGET, "arms": {}}
+    if public is not None:
+        devices = _device_dirs(corpus, federated, out_dir / "devices")
+        impostors = _public_features(public, cmvn, plan.federated)
+        result["split"] = {"seed": plan.seed, "federated": federated, "test": sorted(tested)}
+        result["federation"] = {"public": str(public), "impostors": len(impostors), "devices": len(devices),
+                                "plan": asdict(plan.federated), "arms": {}}
+        for arm in FEDERATED_ARMS:
+            started = time.monotonic()
+            run = federate(verifiers["baseline"], devices, impostors, plan.federated, arw=arm == "federated+arw",
+                           seed=plan.seed)
+            path = save_speaker_embedder(out_dir / "models" / f"{arm}.pt", run.embedder, cmvn=cmvn,
+                                         meta={"arm": arm, "rounds": run.rounds})
+            verifiers = {**verifiers, arm: path}
+            loaded[arm] = Verifier(embedder=run.embedder, cmvn=cmvn)
+            result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1),
+                                                 "rounds": run.rounds}
     scores = {}
     for arm, verifier in loaded.items():
         scores[arm] = score_trials(verifier, trials, features)
         result["arms"][arm] = {"model": str(verifiers[arm]), **_arm_figures(trials, scores[arm], verifier,
                                                                              attributes, by, plan)}
-    if "baseline" in result["arms"] and "arw" in result["arms"]:
-        base, arw = result["arms"]["baseline"], result["arms"]["arw"]
-        result["arw_vs_baseline"] = {
-            "eer": round(arw["eer"] / base["eer"] - 1, 4) if base["eer"] else None,
-            "gap": {a: round(arw["gap"][a] / base["gap"][a] - 1, 4) if base["gap"].get(a) and arw["gap"].get(a)
-                    is not None else None for a in base["gap"] if a in arw["gap"]},
-        }
+    if public is not None:  # the fit: trials of the speakers the devices trained on (their own utterances)
+        seen = make_trials(_usable({s: by_speaker[s] for s in federated}, features), enroll=plan.enroll,
+                           seed=plan.seed)
+        result["seen"] = {"speakers": len(seen.enrollments), "trials": len(seen)}
+        for arm, verifier in loaded.items():
+            result["arms"][arm]["seen_eer"] = round(equal_error_rate(score_trials(verifier, seen, features),
+                                                                     seen.same), 4)
+    base = result["arms"].get("baseline")
+    if base is not None:
+        result["vs_baseline"] = {
+            arm: {"eer": round(f["eer"] / base["eer"] - 1, 4) if base["eer"] else None,
+                  "gap": {a: round(f["gap"][a] / base["gap"][a] - 1, 4) if base["gap"].get(a) and f["gap"].get(a)
+                          is not None else None for a in base["gap"] if a in f["gap"]}}
+            for arm, f in result["arms"].items() if arm != "baseline"}
+        if "arw" in result["vs_baseline"]:
+            result["arw_vs_baseline"] = result["vs_baseline"]["arw"]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "trials.tsv", trials.tsv())
     _plot_det(trials, scores, out_dir / "det.png")
@@ -346,25 +554,46 @@ def _plot_det(trials: Trials, scores: dict[str, np.ndarray], path: Path) -> None
 
 
 def _report(result: dict[str, Any]) -> str:
+    split = result.get("split")
+    who = (f"{result['speakers']} test speakers (the half of the corpus no arm trained on)" if split else
+           f"{result['speakers']} unseen speakers")
     lines = [f"# Speaker verification on {result['corpus']}", "",
-             f"{result['speakers']} unseen speakers, each enrolled with {result['enroll_utterances']} utterances; "
+             f"{who}, each enrolled with {result['enroll_utterances']} utterances; "
              f"{result['trials']} trials ({result['target_trials']} target, the rest impostor; list in trials.tsv); "
              f"{result['skipped']} files skipped. minDCF at p_target {result['p_target']}. DET curves: det.png.", "",
-             "| arm | EER | 95% CI | minDCF | FAR / FRR at threshold |", "|---|---|---|---|---|"]
+             "| arm | EER | 95% CI | minDCF | FAR / FRR at threshold | mean cosine target / impostor |"
+             + (" EER on the federated speakers |" if split else ""),
+             "|---|---|---|---|---|---|" + ("---|" if split else "")]
     for arm, f in result["arms"].items():
         at = f.get("threshold")
         rates = f"{at['far']:.4f} / {at['frr']:.4f} (t = {at['value']}, target FAR {at['target_far']})" if at else "-"
         lines.append(f"| {arm} | {f['eer']:.4f} | {f['eer_ci95'][0]:.4f}-{f['eer_ci95'][1]:.4f} | {f['min_dcf']:.4f} "
-                     f"| {rates} |")
+                     f"| {rates} | {f['mean_score']['target']:.3f} / {f['mean_score']['impostor']:.3f} |"
+                     + (f" {f['seen_eer']:.4f} |" if split else ""))
     for attribute in next(iter(result["arms"].values()))["by"]:
         lines += ["", f"## EER by {attribute}", "",
                   "| arm | " + " | ".join(next(iter(result["arms"].values()))["by"][attribute]) + " | gap | spread |",
                   "|---" * (len(next(iter(result["arms"].values()))["by"][attribute]) + 3) + "|"]
         for arm, f in result["arms"].items():
             cohorts = f["by"].get(attribute, {})
-            cells = [f"{c['eer']:.4f} ({c['speakers']} spk)" for c in cohorts.values()]
+            cells = [f"{c['eer']:.4f} [{c['eer_ci95'][0]:.4f}-{c['eer_ci95'][1]:.4f}] ({c['speakers']} spk, "
+                     f"{c['trials']} trials)" for c in cohorts.values()]
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {f['gap'].get(attribute)} | "
                          f"{f['spread'].get(attribute)} |")
-    if "arw_vs_baseline" in result:
-        lines += ["", f"ARW vs baseline (relative): {json.dumps(result['arw_vs_baseline'])}"]
+    if "vs_baseline" in result:
+        lines += ["", "Relative to the baseline (EER, cohort gaps): " + json.dumps(result["vs_baseline"])]
+    if split:
+        federation = result["federation"]
+        lines += ["", "## Federated fine-tuning", "",
+                  f"{federation['devices']} devices (one federated speaker each), FedAvg from the baseline verifier, "
+                  f"{federation['impostors']} public impostor speakers from {federation['public']}; plan: "
+                  f"{json.dumps(federation['plan'])}. The federated speakers' EER ({result['seen']['trials']} trials "
+                  f"of their own, trained-on utterances) shows the fit, not generalization.", "",
+                  "| arm | round | replies | failed | rejected | mean device loss | seconds |", "|---|---|---|---|---|---|---|"]
+        for arm, record in federation["arms"].items():
+            for r in record["rounds"]:
+                lines.append(f"| {arm} | {r['round']} | {r['replies']} | {r['failed']} | {r['rejected']} | "
+                             f"{r['train_loss']} | {r['seconds']} |")
+        lines += ["", f"Split (seed {split['seed']}, stratified by speakers.tsv attributes): federated "
+                      f"{', '.join(split['federated'])}; test {', '.join(split['test'])}."]
     return "\n".join(lines) + "\n"

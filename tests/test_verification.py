@@ -1,5 +1,6 @@
 """Speaker verification: detection metrics, pairwise ARW, trials, the shipped verifier on unseen synthetic speakers,
-enrollment and verification on the device, and `chorus eval verification --quick`."""
+enrollment and verification on the device, federated fine-tuning on one-speaker devices (what leaves them, and
+what it does), and `chorus eval verification --quick`."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from client.verification import Enrollment, VerificationError, enroll, verify
+from shared.data.corpora import load_corpus
 from shared.data.synth import synthesize
+from shared.federated_verification import DeviceRecipe, device_pair_loss
 from shared.fairness.pairwise_arw import (PairwiseRecipe, cluster_ids, pair_losses, pair_weights, same_speaker,
                                           train_pairwise, weighted_pair_loss)
 from shared.metrics import equal_error_rate, min_dcf, threshold_at_far
 from shared.models.checkpoint import shipped_manifest
-from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingConfig, shipped_verifier
-from shared.models.speaker_embedding import train_speaker_embedding
+from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingConfig, SpeakerEmbeddingError
+from shared.models.speaker_embedding import load_verifier, shipped_verifier, train_speaker_embedding
+from shared.privacy.audit import audit_reply
 from simulations.cli import app
-from simulations.eval_verification import FULL, evaluate_verification, make_trials, score_trials
+from simulations.eval_verification import (FULL, Federation, FederatedPlan, _device_dirs, _features, _public_features,
+                                           evaluate_verification, federate, make_trials, score_trials, split_speakers)
 from tests.conftest import needs_espeak
 
 FEATURES = 16
@@ -182,10 +187,6 @@ def test_device_enrolls_and_verifies_its_user(unseen: Path, tmp_path: Path) -> N
 
 @needs_espeak
 def test_scores_are_cosines_with_the_enrolled_mean(unseen: Path) -> None:
-    from shared.data.corpora import load_corpus
-    from shared.models.speaker_embedding import load_verifier
-    from simulations.eval_verification import _features
-
     verifier = load_verifier(shipped_verifier())
     corpus = load_corpus(unseen)
     assert verifier.cmvn is not None
@@ -200,15 +201,149 @@ def test_scores_are_cosines_with_the_enrolled_mean(unseen: Path) -> None:
     assert scores[i] == pytest.approx(float(enrolled @ test / np.linalg.norm(enrolled)), abs=1e-5)
 
 
+def test_device_recipe_travels_as_config_keys_and_unknown_keys_are_refused() -> None:
+    recipe = DeviceRecipe(local_steps=3, lr=5e-4, arw=True)
+    config = {**recipe.to_config(), "server-round": 2}
+    assert config["sv.local-steps"] == 3 and config["sv.arw"] is True
+    assert DeviceRecipe.from_config(config) == recipe
+    with pytest.raises(SpeakerEmbeddingError, match="sv.local-step"):
+        DeviceRecipe.from_config({"sv.local-step": 3})
+    with pytest.raises(SpeakerEmbeddingError, match="not of type int"):
+        DeviceRecipe.from_config({"sv.local-steps": "3"})
+
+
+def test_device_loss_averages_target_and_impostor_pairs_separately() -> None:
+    own = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]]), dim=-1)
+    impostors = F.normalize(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), dim=-1)
+
+    def bce(cos: float, target: bool) -> float:
+        p = 1 / (1 + np.exp(-(10.0 * cos - 5.0)))
+        return float(-np.log(p if target else 1 - p))
+
+    cos = (own @ own.T).numpy()
+    targets = [bce(cos[i, j], True) for i in range(3) for j in range(3) if i != j]
+    against = (own @ impostors.T).numpy()
+    impostor = [bce(c, False) for c in against.ravel()]
+    expected = np.mean(targets) + np.mean(impostor)
+    assert float(device_pair_loss(own, impostors, sample_weights=None)) == pytest.approx(expected, rel=1e-5)
+    # ARL weights of 2 everywhere make every pair weigh 4: four times the plain loss.
+    uniform = torch.full((5,), 2.0)
+    assert float(device_pair_loss(own, impostors, sample_weights=uniform)) == pytest.approx(4 * expected, rel=1e-5)
+
+
+def test_split_is_stratified_seeded_and_disjoint() -> None:
+    speakers = [f"s{i:02d}" for i in range(20)]
+    attributes = {s: {"age_group": "child" if i < 8 else "adult", "gender": "f" if i % 2 else "m"}
+                  for i, s in enumerate(speakers)}
+    federated, test = split_speakers(speakers, attributes, share=0.5, seed=3)
+    assert sorted(federated + test) == speakers and len(federated) == 10
+    children = [s for s in federated if attributes[s]["age_group"] == "child"]
+    assert len(children) == 4  # half of each stratum
+    assert split_speakers(speakers, attributes, share=0.5, seed=3) == (federated, test)
+    assert split_speakers(speakers, attributes, share=0.5, seed=4) != (federated, test)
+
+
+def _embeddings(model: SpeakerEmbedder, features: dict[str, np.ndarray], ids: list[str]) -> np.ndarray:
+    return torch.stack([model.embed(features[u]) for u in ids]).numpy()
+
+
+@pytest.fixture(scope="module")
+def federation(unseen: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, Federation, Path]:
+    """The shipped verifier fine-tuned on 6 one-speaker devices of the unseen corpus, with the first 8 speakers of
+    that corpus as the public impostors: plainly and with ARW, 3 rounds each, through the real ClientApp."""
+    corpus = load_corpus(unseen)
+    devices = _device_dirs(corpus, corpus.speakers()[8:14], tmp_path_factory.mktemp("devices"))
+    verifier = load_verifier(shipped_verifier())
+    assert verifier.cmvn is not None
+    plan = FederatedPlan(rounds=3, public_speakers=8, public_utterances=3, clusters=3,
+                         device=DeviceRecipe(local_steps=4, utterances_per_step=4, crop_frames=100, lr=1e-3))
+    public = _public_features(unseen, verifier.cmvn, plan)
+    return (federate(shipped_verifier(), devices, public, plan, arw=False),
+            federate(shipped_verifier(), devices, public, plan, arw=True), unseen)
+
+
+@needs_espeak
+def test_federated_replies_carry_only_allowlisted_content(federation: tuple[Federation, Federation, Path]) -> None:
+    plain, arw, _ = federation
+    for run in (plain, arw):
+        assert len(run.exchanges) == 3 * 6 and all(r["replies"] == 6 and r["rejected"] == 0 for r in run.rounds)
+        for sent, reply in run.exchanges:
+            assert not reply.has_error()
+            audit_reply(reply.content, sent.content)  # raises PrivacyViolation on anything off the allowlist
+            assert set(reply.content) == {"arrays", "metrics"}  # no impostors, embeddings, clusters sent back
+            assert set(reply.content["metrics"]) == {"num-examples", "train-loss", "local-steps"}
+            assert set(reply.content["arrays"]) == set(sent.content["arrays"])
+    assert any(k.startswith("arw.") for k in arw.exchanges[0][1].content["arrays"])
+
+
+@needs_espeak
+def test_device_handler_errors_leave_without_their_text(unseen: Path) -> None:
+    """The audit mod wraps the verifier's ClientApp: a device without data answers with the exception type only."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from client.verification import sv_app
+    from shared.federated_verification import embedder_state
+    from simulations.harness import server_identity
+
+    content = RecordDict({"arrays": ArrayRecord(embedder_state(load_verifier(shipped_verifier()).embedder)),
+                          "config": ConfigRecord({**DeviceRecipe().to_config(), "server-round": 1})})
+    with server_identity():
+        msg = Message(content, 1, "train")
+    reply = sv_app(msg, Context(run_id=1, node_id=1, node_config={"data-dir": str(unseen / "no-such-folder")},
+                                state=RecordDict(), run_config={}))
+    assert reply.has_error() and "no-such-folder" not in reply.error.reason
+    assert "raised VerificationError" in reply.error.reason
+
+
+@needs_espeak
+def test_federated_fine_tuning_learns_the_device_speakers_without_collapsing_them(
+        federation: tuple[Federation, Federation, Path]) -> None:
+    """What the devices teach the global model, measured on the 6 device speakers' utterances: their same-speaker
+    cosine rises (each device's positives survive FedAvg), the devices' loss falls from round 1 to round 3 (the
+    aggregate improves every device's own objective), and different device speakers stay far apart (positives
+    only could collapse every speaker onto one point; the public impostors are there to prevent it). It does not
+    claim that the speakers separate better: the margin (same minus different) is not asserted, see the README."""
+    plain, arw, unseen = federation
+    corpus = load_corpus(unseen)
+    verifier = load_verifier(shipped_verifier())
+    assert verifier.cmvn is not None
+    speakers = corpus.speakers()[8:14]
+    ids = [u.id for u in corpus.utterances if u.speaker in speakers]
+    labels = np.array([u.speaker for u in corpus.utterances if u.speaker in speakers])
+    features = _features(corpus, verifier.cmvn, ids)
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(ids), dtype=bool)
+
+    def cosines(model: SpeakerEmbedder) -> tuple[float, float]:
+        e = _embeddings(model, features, ids)
+        cos = e @ e.T
+        return float(cos[same & off].mean()), float(cos[~same].mean())
+
+    target_before, _ = cosines(verifier.embedder)
+    for run in (plain, arw):
+        target, impostor = cosines(run.embedder)
+        print(f"same-speaker cosine {target_before:.3f} -> {target:.3f}, different {impostor:.3f}, "
+              f"round losses {[r['train_loss'] for r in run.rounds]}")
+        assert target > target_before + 0.01
+        assert impostor < 0.3  # far from a collapse (cosine 1)
+        assert run.rounds[-1]["train_loss"] < run.rounds[0]["train_loss"]
+
+
 @pytest.mark.slow
 @needs_espeak
 def test_eval_verification_quick(tmp_path: Path) -> None:
     done = CliRunner().invoke(app, ["eval", "verification", "--quick", "--json", "--workdir", str(tmp_path)])
     assert done.exit_code == 0, done.output
     result = json.loads(done.output.strip().splitlines()[-1])
-    assert set(result["arms"]) == {"baseline", "arw"}
-    assert result["speakers"] == 12 and result["trials"] == 2 * result["target_trials"]
+    assert set(result["arms"]) == {"baseline", "arw", "federated", "federated+arw"}
+    # 16 speakers: 8 federated (one device each), 8 tested; every arm scored on the same test trials.
+    split = result["split"]
+    assert len(split["federated"]) == len(split["test"]) == 8 and not set(split["federated"]) & set(split["test"])
+    assert result["speakers"] == 8 and result["trials"] == 2 * result["target_trials"]
     for figures in result["arms"].values():
         assert figures["eer"] < 0.5  # better than chance, even tiny
-        assert "gender" in figures["by"]
+        assert "gender" in figures["by"] and "seen_eer" in figures
+    for arm in ("federated", "federated+arw"):
+        rounds = result["federation"]["arms"][arm]["rounds"]
+        assert all(r["replies"] == 8 and r["rejected"] == r["failed"] == 0 for r in rounds)
     assert (tmp_path / "runs" / "eval-verification-quick" / "det.png").is_file()
