@@ -39,6 +39,7 @@ simulate: setup
 # mypy checks what [tool.mypy] in pyproject.toml names (tests/ is not type-checked).
 lint: setup
 	$(BIN)/ruff check server client shared simulations tests
+	$(BIN)/ruff format --check server client shared simulations tests
 	$(BIN)/mypy
 
 test: lint

@@ -22,8 +22,16 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.data import DeviceData, node_data
 from client.evaluate import evaluate_local
-from client.fairness import (cohort_eval_record, embedder_location, fisher_reply, idle_train_reply, kmeans_reply,
-                             local_fairness, remember_evaluation, secure_sum_reply)
+from client.fairness import (
+    cohort_eval_record,
+    embedder_location,
+    fisher_reply,
+    idle_train_reply,
+    kmeans_reply,
+    local_fairness,
+    remember_evaluation,
+    secure_sum_reply,
+)
 from client.secagg import SecureAggregationRequired, secure_aggregation_mod
 from client.train import fine_tune
 from shared.config import RunConfig
@@ -58,8 +66,10 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, dict[str, torch.T
 def _unmasked(cfg: RunConfig, what: str) -> None:
     """A device whose run asks for SecAgg+ sends fairness vectors only inside a secure sum."""
     if cfg.strategy.secure_aggregation:
-        raise SecureAggregationRequired(f"strategy.secure-aggregation is on, but the server asked for {what} in "
-                                        f"plain: it would name this device's cohort, so the device refuses")
+        raise SecureAggregationRequired(
+            f"strategy.secure-aggregation is on, but the server asked for {what} in "
+            f"plain: it would name this device's cohort, so the device refuses"
+        )
 
 
 # Order, outermost first: audit_mod (app-wide) sees what leaves; SecAgg+ masks the clipped update; clipping sees
@@ -69,24 +79,50 @@ def train(msg: Message, context: Context) -> Message:
     if protocol.SECURE_SUM in msg.content:  # a fairness phase's sum under SecAgg+: no training
         torch.set_num_threads(1)
         cfg = RunConfig.from_flat(context.run_config)
-        return Message(secure_sum_reply(msg.content, context.state, node_data(cfg, context.node_config),
-                                        embedder_location(cfg, context.node_config), bound=cfg.secagg.sum_bound),
-                       reply_to=msg)
+        return Message(
+            secure_sum_reply(
+                msg.content,
+                context.state,
+                node_data(cfg, context.node_config),
+                embedder_location(cfg, context.node_config),
+                bound=cfg.secagg.sum_bound,
+            ),
+            reply_to=msg,
+        )
     cfg, state, data, seed_id, server_round = _setup(msg, context)
     # EWC / ARW / targeted round, as the message asks (nothing extra: plain fine-tuning of `state`).
-    local = local_fairness(msg.content, context.state, data, embedder_location(cfg, context.node_config),
-                           global_state=state, local_steps=cfg.train.local_steps)
+    local = local_fairness(
+        msg.content,
+        context.state,
+        data,
+        embedder_location(cfg, context.node_config),
+        global_state=state,
+        local_steps=cfg.train.local_steps,
+    )
     if not local.takes_part:  # a targeted round for other cohorts: decided here, the cohort id never leaves
         return Message(idle_train_reply(msg.content, skipped=len(data.features.skipped)), reply_to=msg)
     # DP-SGD keeps its accountant in context.state, which persists on the device across rounds. A device whose
     # privacy budget is spent raises PrivacyBudgetExhausted: audit_mod answers with an error naming that type.
     ledger = {"device_state": context.state} if cfg.dp.enabled else {}
-    update = fine_tune(cfg, local.model_state, data, server_round=server_round, partition_id=seed_id,
-                       penalty=local.penalty, reweighter=local.reweighter, **ledger)
-    return Message(RecordDict({"arrays": local.reply_arrays(update.state_dict),
-                               "metrics": MetricRecord({**update.metrics(),
-                                                        **local.reply_metrics(update.num_examples)})}),
-                   reply_to=msg)
+    update = fine_tune(
+        cfg,
+        local.model_state,
+        data,
+        server_round=server_round,
+        partition_id=seed_id,
+        penalty=local.penalty,
+        reweighter=local.reweighter,
+        **ledger,
+    )
+    return Message(
+        RecordDict(
+            {
+                "arrays": local.reply_arrays(update.state_dict),
+                "metrics": MetricRecord({**update.metrics(), **local.reply_metrics(update.num_examples)}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 @app.evaluate()
@@ -94,13 +130,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, state, data, _, server_round = _setup(msg, context)
     counts = evaluate_local(cfg, state, data)
     remember_evaluation(context.state, server_round, counts)  # stays here: for a secure per-cohort sum
-    metrics = MetricRecord({"word-errors": counts.errors, "words": counts.words,
-                            "num-examples": counts.utterances, "wer": counts.wer if counts.words else 0.0})
+    metrics = MetricRecord(
+        {
+            "word-errors": counts.errors,
+            "words": counts.words,
+            "num-examples": counts.utterances,
+            "wer": counts.wer if counts.words else 0.0,
+        }
+    )
     reply = RecordDict({"metrics": metrics})
     if protocol.CENTROIDS in msg.content:  # disaggregated evaluation: dense per-cohort counts
         _unmasked(cfg, "per-cohort evaluation counts")
-        reply[protocol.COHORT_EVAL] = cohort_eval_record(msg.content, context.state, data,
-                                                         embedder_location(cfg, context.node_config), counts)
+        reply[protocol.COHORT_EVAL] = cohort_eval_record(
+            msg.content, context.state, data, embedder_location(cfg, context.node_config), counts
+        )
     return Message(reply, reply_to=msg)
 
 
@@ -111,8 +154,7 @@ def kmeans(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     _unmasked(cfg, "k-means statistics")
     data = node_data(cfg, context.node_config)
-    return Message(kmeans_reply(msg.content, context.state, data, embedder_location(cfg, context.node_config)),
-                   reply_to=msg)
+    return Message(kmeans_reply(msg.content, context.state, data, embedder_location(cfg, context.node_config)), reply_to=msg)
 
 
 @app.query("fisher")

@@ -28,8 +28,7 @@ from shared.data.features import FeatureError, GlobalCMVN
 from shared.data.prepare import Prepared, local_split, open_prepared
 from shared.data.tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["DATA_DIR_KEY", "ARTIFACTS_DIR_KEY", "DeviceData", "DeviceDataError", "device_data",
-           "local_device_data", "node_data"]
+__all__ = ["DATA_DIR_KEY", "ARTIFACTS_DIR_KEY", "DeviceData", "DeviceDataError", "device_data", "local_device_data", "node_data"]
 
 DATA_DIR_KEY = "data-dir"
 ARTIFACTS_DIR_KEY = "artifacts-dir"
@@ -53,17 +52,21 @@ def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> DeviceData:
     ``partition-id`` (simulation)."""
     if DATA_DIR_KEY in node_config:
         if ARTIFACTS_DIR_KEY not in node_config:
-            raise DeviceDataError(f"node_config has {DATA_DIR_KEY!r} but no {ARTIFACTS_DIR_KEY!r}: start the "
-                                  f"SuperNode with --node-config \"{DATA_DIR_KEY}='...' {ARTIFACTS_DIR_KEY}='...'\"")
-        return local_device_data(cfg, data_dir=str(node_config[DATA_DIR_KEY]),
-                                 artifacts_dir=str(node_config[ARTIFACTS_DIR_KEY]))
+            raise DeviceDataError(
+                f"node_config has {DATA_DIR_KEY!r} but no {ARTIFACTS_DIR_KEY!r}: start the "
+                f"SuperNode with --node-config \"{DATA_DIR_KEY}='...' {ARTIFACTS_DIR_KEY}='...'\""
+            )
+        return local_device_data(cfg, data_dir=str(node_config[DATA_DIR_KEY]), artifacts_dir=str(node_config[ARTIFACTS_DIR_KEY]))
     if _PARTITION_KEY in node_config:
         return device_data(cfg, int(node_config[_PARTITION_KEY]))
-    raise DeviceDataError(f"node_config {dict(node_config)!r} names no data: a deployed device needs "
-                          f"{DATA_DIR_KEY!r} and {ARTIFACTS_DIR_KEY!r}, a simulated one {_PARTITION_KEY!r}")
+    raise DeviceDataError(
+        f"node_config {dict(node_config)!r} names no data: a deployed device needs "
+        f"{DATA_DIR_KEY!r} and {ARTIFACTS_DIR_KEY!r}, a simulated one {_PARTITION_KEY!r}"
+    )
 
 
 # -- simulation ---------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=2)
 def _prepared(cfg: RunConfig) -> Prepared:
@@ -85,6 +88,7 @@ def device_data(cfg: RunConfig, partition_id: int) -> DeviceData:
 
 # -- deployment ---------------------------------------------------------------------------------------------
 
+
 def local_device_data(cfg: RunConfig, *, data_dir: str | Path, artifacts_dir: str | Path) -> DeviceData:
     """A deployed device's own utterances (all of ``data_dir``) with the public tokenizer and CMVN.
 
@@ -92,8 +96,12 @@ def local_device_data(cfg: RunConfig, *, data_dir: str | Path, artifacts_dir: st
         DeviceDataError: a directory or artifact file is missing or unusable, or the corpus is empty; the
             message names the path.
     """
-    return _local_device_data(Path(data_dir).expanduser().resolve(), Path(artifacts_dir).expanduser().resolve(),
-                              cfg.model.vocab_size, cfg.split.local_eval_fraction)
+    return _local_device_data(
+        Path(data_dir).expanduser().resolve(),
+        Path(artifacts_dir).expanduser().resolve(),
+        cfg.model.vocab_size,
+        cfg.split.local_eval_fraction,
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -101,14 +109,18 @@ def _local_device_data(data_dir: Path, artifacts_dir: Path, vocab_size: int, eva
     if not data_dir.is_dir():
         raise DeviceDataError(f"{DATA_DIR_KEY} {data_dir}: no such directory (the device's own recordings)")
     if not artifacts_dir.is_dir():
-        raise DeviceDataError(f"{ARTIFACTS_DIR_KEY} {artifacts_dir}: no such directory (copy the artifacts "
-                              "`chorus data prepare` wrote: tokenizer-<vocab>.model and cmvn.json)")
+        raise DeviceDataError(
+            f"{ARTIFACTS_DIR_KEY} {artifacts_dir}: no such directory (copy the artifacts "
+            "`chorus data prepare` wrote: tokenizer-<vocab>.model and cmvn.json)"
+        )
     tokenizer_path = artifacts_dir / f"tokenizer-{vocab_size}.model"
     cmvn_path = artifacts_dir / "cmvn.json"
     for needed in (tokenizer_path, cmvn_path):
         if not needed.is_file():
-            raise DeviceDataError(f"{needed} is missing: {ARTIFACTS_DIR_KEY} must hold the files `chorus data "
-                                  f"prepare` wrote for model.vocab-size={vocab_size}")
+            raise DeviceDataError(
+                f"{needed} is missing: {ARTIFACTS_DIR_KEY} must hold the files `chorus data "
+                f"prepare` wrote for model.vocab-size={vocab_size}"
+            )
     try:
         tokenizer = Tokenizer.load(tokenizer_path)
         cmvn = GlobalCMVN.load(cmvn_path)
@@ -116,10 +128,8 @@ def _local_device_data(data_dir: Path, artifacts_dir: Path, vocab_size: int, eva
     except (TokenizerError, FeatureError, CorpusError) as err:
         raise DeviceDataError(str(err)) from err
     if tokenizer.vocab_size != vocab_size:
-        raise DeviceDataError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces, the run's model.vocab-size "
-                              f"is {vocab_size}")
+        raise DeviceDataError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces, the run's model.vocab-size is {vocab_size}")
     if not corpus.utterances:
-        raise DeviceDataError(f"{DATA_DIR_KEY} {data_dir}: no usable utterances "
-                              f"({len(corpus.skipped)} skipped)")
+        raise DeviceDataError(f"{DATA_DIR_KEY} {data_dir}: no usable utterances ({len(corpus.skipped)} skipped)")
     train, evaluation = local_split(corpus.utterances, eval_fraction)
     return DeviceData(train=train, eval=evaluation, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer)

@@ -41,8 +41,7 @@ if TYPE_CHECKING:
     from shared.data.features import GlobalCMVN
     from shared.data.tokenizer import Tokenizer
 
-__all__ = ["DeviceError", "Transcript", "device_cli", "node_config_arg", "start_supernode", "stop_supernode",
-           "transcribe"]
+__all__ = ["DeviceError", "Transcript", "device_cli", "node_config_arg", "start_supernode", "stop_supernode", "transcribe"]
 
 
 class DeviceError(ValueError):
@@ -51,14 +50,16 @@ class DeviceError(ValueError):
 
 # -- joining a federation -----------------------------------------------------------------------------------
 
+
 def _toml_path(path: Path) -> str:
     text = str(path)
     if "'" not in text and "\n" not in text:
         return f"'{text}'"  # TOML literal string: taken verbatim
     if '"' not in text and "\\" not in text and "\n" not in text:
         return f'"{text}"'
-    raise DeviceError(f"{text!r}: Flower's --node-config cannot carry a path with both quote kinds or a newline; "
-                      "move the directory")
+    raise DeviceError(
+        f"{text!r}: Flower's --node-config cannot carry a path with both quote kinds or a newline; move the directory"
+    )
 
 
 def node_config_arg(*, data_dir: Path, artifacts_dir: Path) -> str:
@@ -80,9 +81,19 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-def start_supernode(*, superlink: str, data_dir: Path, artifacts_dir: Path, root_cert: Path,
-                    auth_key: Path | None, port: int, host: str = "127.0.0.1", state_dir: Path | None = None,
-                    log_file: Path | None = None, max_retries: int | None = None) -> subprocess.Popen[bytes]:
+def start_supernode(
+    *,
+    superlink: str,
+    data_dir: Path,
+    artifacts_dir: Path,
+    root_cert: Path,
+    auth_key: Path | None,
+    port: int,
+    host: str = "127.0.0.1",
+    state_dir: Path | None = None,
+    log_file: Path | None = None,
+    max_retries: int | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``flower-supernode`` for this device (see the module docstring for the flags).
 
     Its FLWR_HOME (where it unpacks the app) and log (default ``state_dir/supernode.log``) live in
@@ -103,9 +114,19 @@ def start_supernode(*, superlink: str, data_dir: Path, artifacts_dir: Path, root
     state_dir = Path(state_dir or data_dir.parent / f".supernode-{port}").resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_file) if log_file is not None else state_dir / "supernode.log"
-    cmd = [_flower_executable("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_cert),
-           "--host", host, "--port", str(port),
-           "--node-config", node_config_arg(data_dir=data_dir, artifacts_dir=artifacts_dir)]
+    cmd = [
+        _flower_executable("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(root_cert),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--node-config",
+        node_config_arg(data_dir=data_dir, artifacts_dir=artifacts_dir),
+    ]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(_check_file(auth_key, "SuperNode private key"))]
     if max_retries is not None:
@@ -114,8 +135,9 @@ def start_supernode(*, superlink: str, data_dir: Path, artifacts_dir: Path, root
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # flwr-clientapp by name
     env["FLWR_HOME"] = str(state_dir / "flwr")
     with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=state_dir, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=state_dir, start_new_session=True
+        )
 
 
 def stop_supernode(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int | None:
@@ -160,12 +182,14 @@ def _load_artifacts(artifacts: Path, vocab_size: int) -> tuple[Tokenizer, Global
     try:
         return Tokenizer.load(artifacts / f"tokenizer-{vocab_size}.model"), GlobalCMVN.load(artifacts / "cmvn.json")
     except (TokenizerError, FeatureError) as err:
-        raise DeviceError(f"{err} (expected the artifacts `chorus data prepare` wrote for "
-                          f"model.vocab-size={vocab_size})") from err
+        raise DeviceError(
+            f"{err} (expected the artifacts `chorus data prepare` wrote for model.vocab-size={vocab_size})"
+        ) from err
 
 
-def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int = 160,
-               on_partial: Callable[[str], None] | None = None) -> Transcript:
+def transcribe(
+    audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int = 160, on_partial: Callable[[str], None] | None = None
+) -> Transcript:
     """Stream ``audio`` through the device pipeline in ``chunk_ms`` pieces; ``on_partial(text)`` is called each
     time the hypothesis changes.
 
@@ -190,8 +214,10 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
         raise DeviceError(str(err)) from err
     tokenizer, cmvn = _load_artifacts(artifacts, ckpt.model_config.vocab_size)
     if tokenizer.vocab_size != ckpt.model_config.vocab_size:
-        raise DeviceError(f"tokenizer in {artifacts} has {tokenizer.vocab_size} pieces, checkpoint {checkpoint} "
-                          f"expects {ckpt.model_config.vocab_size}")
+        raise DeviceError(
+            f"tokenizer in {artifacts} has {tokenizer.vocab_size} pieces, checkpoint {checkpoint} "
+            f"expects {ckpt.model_config.vocab_size}"
+        )
     try:
         native_rate = probe_audio(audio, resample=True)
         samples = load_audio(audio, sample_rate=SAMPLE_RATE, resample=True)
@@ -221,23 +247,28 @@ def transcribe(audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int 
 
     for start in range(0, samples.shape[0], chunk):  # a live source would block here for chunk_ms
         began = time.perf_counter()
-        push(fbank.accept(samples[start:start + chunk]))
+        push(fbank.accept(samples[start : start + chunk]))
         compute += time.perf_counter() - began
     began = time.perf_counter()
     push(fbank.finish())
     compute += time.perf_counter() - began
     stats = gated.gate_stats() if gated is not None else None
     skipped = 1.0 - stats.executed_share if stats is not None and stats.frames else 0.0
-    return Transcript(text=text, audio_seconds=samples.shape[0] / SAMPLE_RATE, compute_seconds=compute,
-                      skipped_share=skipped, native_rate=native_rate,
-                      model_name=ckpt.model_config.name)
+    return Transcript(
+        text=text,
+        audio_seconds=samples.shape[0] / SAMPLE_RATE,
+        compute_seconds=compute,
+        skipped_share=skipped,
+        native_rate=native_rate,
+        model_name=ckpt.model_config.name,
+    )
 
 
 # -- command line: `chorus device ...` -----------------------------------------------
 
-device_cli = typer.Typer(help="A device: join a federation, transcribe a recording as it streams, enroll "
-                         "and verify its user.",
-                         no_args_is_help=True)
+device_cli = typer.Typer(
+    help="A device: join a federation, transcribe a recording as it streams, enroll and verify its user.", no_args_is_help=True
+)
 
 
 @device_cli.command("join")
@@ -248,8 +279,9 @@ def join_cmd(
     root_cert: Annotated[Path, typer.Option(help="CA certificate that signed the SuperLink's certificate.")],
     auth_key: Annotated[Path, typer.Option(help="This device's OpenSSH EC private key (its .pub is registered).")],
     port: Annotated[int, typer.Option(min=1, max=65535, help="This SuperNode's own Runtime API port.")] = 9094,
-    state_dir: Annotated[Optional[Path], typer.Option(help="SuperNode log and FLWR_HOME "
-                                                          "(default: .supernode-<port> beside --data).")] = None,
+    state_dir: Annotated[
+        Optional[Path], typer.Option(help="SuperNode log and FLWR_HOME (default: .supernode-<port> beside --data).")
+    ] = None,
 ) -> None:
     """Join a federation as a Flower SuperNode training on this device's own recordings; Ctrl-C leaves."""
     from shared.data.corpora import CorpusError, load_corpus
@@ -258,12 +290,21 @@ def join_cmd(
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
     try:
         corpus = load_corpus(data)
-        proc = start_supernode(superlink=superlink, data_dir=data, artifacts_dir=artifacts, root_cert=root_cert,
-                               auth_key=auth_key, port=port, state_dir=state_dir)
+        proc = start_supernode(
+            superlink=superlink,
+            data_dir=data,
+            artifacts_dir=artifacts,
+            root_cert=root_cert,
+            auth_key=auth_key,
+            port=port,
+            state_dir=state_dir,
+        )
     except (DeviceError, CorpusError) as err:
         fail(str(err))
-    typer.echo(f"SuperNode {proc.pid} joining {superlink} with {len(corpus.utterances)} utterances from "
-               f"{corpus.root} ({len(corpus.skipped)} skipped); log {state_dir / 'supernode.log'}. Ctrl-C leaves.")
+    typer.echo(
+        f"SuperNode {proc.pid} joining {superlink} with {len(corpus.utterances)} utterances from "
+        f"{corpus.root} ({len(corpus.skipped)} skipped); log {state_dir / 'supernode.log'}. Ctrl-C leaves."
+    )
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -273,9 +314,13 @@ def join_cmd(
     if code:
         log = state_dir / "supernode.log"
         refused = "Exit Code: 305" in log.read_text(errors="replace") if log.is_file() else False
-        reason = ("the SuperLink refused this device (\"Failed to activate SuperNode\", Flower exit code 305): its "
-                  ".pub is not registered, or the SuperLink still counts this node online after an unclean stop "
-                  "(retry in about a minute)" if refused else f"see {log}")
+        reason = (
+            'the SuperLink refused this device ("Failed to activate SuperNode", Flower exit code 305): its '
+            ".pub is not registered, or the SuperLink still counts this node online after an unclean stop "
+            "(retry in about a minute)"
+            if refused
+            else f"see {log}"
+        )
         fail(f"the SuperNode exited with status {code}: {reason}", code=1)
 
 
@@ -315,18 +360,23 @@ def transcribe_cmd(
     if result.native_rate != SAMPLE_RATE:
         typer.echo(f"note: {audio} is {result.native_rate} Hz; resampled to {SAMPLE_RATE} Hz")
     typer.echo(f"final: {result.text}")
-    typer.echo(f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
-               f"of audio, {chunk_ms} ms chunks)")
+    typer.echo(
+        f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
+        f"of audio, {chunk_ms} ms chunks)"
+    )
     kind = "gated sub-blocks" if result.model_name == "amortized" else f"dense {result.model_name} model"
     typer.echo(f"encoder compute skipped: {100 * result.skipped_share:.1f}% ({kind})")
 
 
 @device_cli.command("enroll")
 def enroll_cmd(
-    data: Annotated[Path, typer.Option(help="A few recordings of this device's user (manifest.jsonl, Kaldi or FSDD "
-                                            "layout; one speaker).")],
-    out: Annotated[Optional[Path], typer.Option(help="Where the enrollment is kept (default: DATA/enrollment.json); "
-                                                     "it never leaves the device.")] = None,
+    data: Annotated[
+        Path, typer.Option(help="A few recordings of this device's user (manifest.jsonl, Kaldi or FSDD layout; one speaker).")
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Where the enrollment is kept (default: DATA/enrollment.json); it never leaves the device."),
+    ] = None,
     verifier: Annotated[Optional[Path], typer.Option(help="Verifier (default: the shipped one).")] = None,
     max_utterances: Annotated[int, typer.Option(min=1, help="Recordings to enroll with, at most.")] = 10,
 ) -> None:
@@ -358,10 +408,15 @@ def verify_cmd(
         decision = verify(audio, Enrollment.load(enrollment), verifier_path=verifier or shipped_verifier())
     except VerificationError as err:
         fail(str(err))
-    far = f", chosen for a {100 * decision.target_far:g}% false-acceptance rate on public speakers" \
-        if decision.target_far is not None else ""
-    typer.echo(f"{'accept' if decision.accepted else 'reject'}: score {decision.score:.4f} "
-               f"{'>=' if decision.accepted else '<'} threshold {decision.threshold:.4f}{far}")
+    far = (
+        f", chosen for a {100 * decision.target_far:g}% false-acceptance rate on public speakers"
+        if decision.target_far is not None
+        else ""
+    )
+    typer.echo(
+        f"{'accept' if decision.accepted else 'reject'}: score {decision.score:.4f} "
+        f"{'>=' if decision.accepted else '<'} threshold {decision.threshold:.4f}{far}"
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:

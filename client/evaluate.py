@@ -16,6 +16,12 @@ __all__ = ["evaluate_local"]
 def evaluate_local(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData) -> ErrorCounts:
     model = build_model(cfg.model)
     load_state(model, global_state, source="global model from the server")
-    total, _ = score(model, data.eval, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam,
-                     batch_frames=cfg.train.batch_frames)
+    total, _ = score(
+        model,
+        data.eval,
+        features=data.features,
+        tokenizer=data.tokenizer,
+        beam=cfg.eval.beam,
+        batch_frames=cfg.train.batch_frames,
+    )
     return total

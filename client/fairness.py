@@ -40,12 +40,23 @@ from shared.models.checkpoint import build_model, load_state
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
 from shared.records import config_record, scalar
 
-__all__ = ["LocalFairness", "cohort_eval_record", "cohort_id", "embedder_location", "fisher_reply",
-           "idle_train_reply", "kmeans_reply", "local_fairness", "remember_evaluation", "secure_sum_reply",
-           "speaker_embedding"]
+__all__ = [
+    "LocalFairness",
+    "cohort_eval_record",
+    "cohort_id",
+    "embedder_location",
+    "fisher_reply",
+    "idle_train_reply",
+    "kmeans_reply",
+    "local_fairness",
+    "remember_evaluation",
+    "secure_sum_reply",
+    "speaker_embedding",
+]
 
 
 # -- the device's speaker embedding and cohort -------------------------------------------------------------
+
 
 def embedder_location(cfg: RunConfig, node_config: Mapping[str, Any]) -> Path:
     """Where this device finds the public speaker-embedding extractor: ``artifacts-dir`` when deployed, the
@@ -67,9 +78,11 @@ def speaker_embedding(state: RecordDict, data: DeviceData, embedder_path: Path) 
     if isinstance(cached, ArrayRecord):
         return cached["embedding"].numpy()
     if not embedder_path.is_file():
-        raise FileNotFoundError(f"speaker embedder {embedder_path} is missing: prepare the run with "
-                                f"fairness.enabled=true (`chorus data prepare --set fairness.enabled=true`) and "
-                                f"copy it with the other artifacts")
+        raise FileNotFoundError(
+            f"speaker embedder {embedder_path} is missing: prepare the run with "
+            f"fairness.enabled=true (`chorus data prepare --set fairness.enabled=true`) and "
+            f"copy it with the other artifacts"
+        )
     embedder = _embedder(embedder_path, embedder_path.stat().st_mtime_ns)
     feats = [f for u in [*data.train, *data.eval] if (f := data.features.features(u)) is not None]
     if not feats:
@@ -97,14 +110,17 @@ def cohort_id(state: RecordDict, embedding: np.ndarray, centroids: np.ndarray) -
     if isinstance(kept, ConfigRecord) and kept.get("centroids") == digest:
         return int(scalar(kept, "cohort-id"))
     if embedding.shape != (centroids.shape[1],):
-        raise p.ProtocolError(f"centroids are {list(centroids.shape)} but the device's speaker embedding has "
-                              f"{embedding.shape[0]} dimensions: the server and the device use different extractors")
+        raise p.ProtocolError(
+            f"centroids are {list(centroids.shape)} but the device's speaker embedding has "
+            f"{embedding.shape[0]} dimensions: the server and the device use different extractors"
+        )
     cohort = int(assign(embedding, centroids)[0])
     state[p.COHORT_STATE] = ConfigRecord({"cohort-id": cohort, "centroids": digest})
     return cohort
 
 
 # -- phases --------------------------------------------------------------------------------------------------
+
 
 def kmeans_reply(content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path) -> RecordDict:
     """One federated Lloyd iteration on the device: dense per-cluster sums and counts of its embedding.
@@ -118,31 +134,33 @@ def kmeans_reply(content: RecordDict, state: RecordDict, data: DeviceData, embed
     config = config_record(content, "config") if "config" in content else ConfigRecord()
     noise = float(scalar(config, p.KMEANS_NOISE)) if p.KMEANS_NOISE in config else 0.0
     # Fresh OS entropy: noise the server could predict would be no noise.
-    stats = client_kmeans_stats(embedding, centroids, noise_std=noise,
-                                rng=np.random.default_rng() if noise > 0 else None)
+    stats = client_kmeans_stats(embedding, centroids, noise_std=noise, rng=np.random.default_rng() if noise > 0 else None)
     return RecordDict({p.KMEANS_STATS: ArrayRecord({"sums": Array(stats.sums), "counts": Array(stats.counts)})})
 
 
-def cohort_eval_record(content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path,
-                       counts: ErrorCounts) -> ArrayRecord:
+def cohort_eval_record(
+    content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path, counts: ErrorCounts
+) -> ArrayRecord:
     """The device's evaluation counts as dense per-cohort vectors (its counts at its cohort id, zeros elsewhere)."""
     centroids = _centroids(content)
     cohort = cohort_id(state, speaker_embedding(state, data, embedder_path), centroids)
-    vectors = cohort_error_vectors(cohort, counts.errors, counts.words, centroids.shape[0],
-                                   speakers=1 if counts.words else 0)
-    return ArrayRecord({key: Array(np.asarray(value, dtype=np.float64))
-                        for key, value in zip(p.COHORT_EVAL_KEYS, vectors, strict=True)})
+    vectors = cohort_error_vectors(cohort, counts.errors, counts.words, centroids.shape[0], speakers=1 if counts.words else 0)
+    return ArrayRecord(
+        {key: Array(np.asarray(value, dtype=np.float64)) for key, value in zip(p.COHORT_EVAL_KEYS, vectors, strict=True)}
+    )
 
 
 def remember_evaluation(state: RecordDict, server_round: int, counts: ErrorCounts) -> None:
     """Keep the device's latest evaluation counts in ``state``: under SecAgg+ the server asks for them per
     cohort afterwards, in a secure sum (:func:`secure_sum_reply`)."""
-    state[p.EVAL_STATE] = ConfigRecord({"round": server_round, "errors": counts.errors, "words": counts.words,
-                                        "utterances": counts.utterances})
+    state[p.EVAL_STATE] = ConfigRecord(
+        {"round": server_round, "errors": counts.errors, "words": counts.words, "utterances": counts.utterances}
+    )
 
 
-def secure_sum_reply(content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path, *,
-                     bound: float) -> RecordDict:
+def secure_sum_reply(
+    content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path, *, bound: float
+) -> RecordDict:
     """A fairness phase under SecAgg+ (``protocol.SECURE_SUM``): this device's part of the named sum (its k-means
     statistics, or its last evaluation's per-cohort counts), as a train reply of weight 1 for ``secaggplus_mod``
     to mask. Each value must lie within +-``bound`` (``SecAggConfig.sum_bound``), or the sum would be clipped."""
@@ -154,13 +172,13 @@ def secure_sum_reply(content: RecordDict, state: RecordDict, data: DeviceData, e
         server_round = content["config"]["server-round"] if isinstance(content.get("config"), ConfigRecord) else None
         kept = state.get(p.EVAL_STATE)
         if not isinstance(kept, ConfigRecord) or kept.get("round") != server_round:
-            raise p.ProtocolError(f"{p.SECURE_SUM!r} asks for the per-cohort counts of round {server_round!r}, which "
-                                  f"this device did not evaluate")
+            raise p.ProtocolError(
+                f"{p.SECURE_SUM!r} asks for the per-cohort counts of round {server_round!r}, which this device did not evaluate"
+            )
         counts = ErrorCounts(int(scalar(kept, "errors")), int(scalar(kept, "words")), int(scalar(kept, "utterances")))
         arrays = cohort_eval_record(content, state, data, embedder_path, counts)
     else:
-        raise p.ProtocolError(f"{p.SECURE_SUM!r} must name the sum {p.KMEANS_STATS!r} or {p.COHORT_EVAL!r}, got "
-                              f"{which!r}")
+        raise p.ProtocolError(f"{p.SECURE_SUM!r} must name the sum {p.KMEANS_STATS!r} or {p.COHORT_EVAL!r}, got {which!r}")
     assert isinstance(arrays, ArrayRecord)
     template = content.get("arrays")
     expected = {k: tuple(v.shape) for k, v in template.items()} if isinstance(template, ArrayRecord) else None
@@ -168,8 +186,10 @@ def secure_sum_reply(content: RecordDict, state: RecordDict, data: DeviceData, e
         raise p.ProtocolError(f"{p.SECURE_SUM!r} {which!r}: 'arrays' must be zeros shaped like the sum, got {expected}")
     peak = max(float(np.abs(v.numpy()).max(initial=0.0)) for v in arrays.values())
     if peak > bound:
-        raise p.ProtocolError(f"{p.SECURE_SUM!r} {which!r}: a value of {peak:g} exceeds the SecAgg+ bound {bound:g} "
-                              f"(secagg.clipping-range x secagg.max-weight)")
+        raise p.ProtocolError(
+            f"{p.SECURE_SUM!r} {which!r}: a value of {peak:g} exceeds the SecAgg+ bound {bound:g} "
+            f"(secagg.clipping-range x secagg.max-weight)"
+        )
     return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
 
 
@@ -178,8 +198,9 @@ def fisher_reply(cfg: RunConfig, global_state: dict[str, Tensor], data: DeviceDa
     key of the global model (zeros for buffers), and how many minibatches they cover."""
     model = build_model(cfg.model)
     load_state(model, global_state, source="global model from the server")
-    batches = make_batches(data.train, features=data.features, tokenizer=data.tokenizer,
-                           max_frames=cfg.train.batch_frames, shuffle=False, seed=0)
+    batches = make_batches(
+        data.train, features=data.features, tokenizer=data.tokenizer, max_frames=cfg.train.batch_frames, shuffle=False, seed=0
+    )
     if not batches:
         raise ValueError("no usable training utterance for the Fisher sums")
     sums = fisher_sums(model, batches)
@@ -210,8 +231,7 @@ class LocalFairness:
         if self.reweighter is None:
             return {}
         sums = self.reweighter.score_sums
-        return dict(zip(p.ARW_METRICS, (sums.score, sums.count, sums.score_loss,
-                                        num_examples * self.reweighter.mean_weight())))
+        return dict(zip(p.ARW_METRICS, (sums.score, sums.count, sums.score_loss, num_examples * self.reweighter.mean_weight())))
 
     def reply_arrays(self, trained: Mapping[str, Tensor]) -> ArrayRecord:
         """The reply's single ArrayRecord: the fine-tuned model and, with ARW, the adversary after its steps."""
@@ -219,8 +239,15 @@ class LocalFairness:
         return ArrayRecord(p.join_adversary(trained, adversary))
 
 
-def local_fairness(content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path, *,
-                   global_state: dict[str, Tensor], local_steps: int) -> LocalFairness:
+def local_fairness(
+    content: RecordDict,
+    state: RecordDict,
+    data: DeviceData,
+    embedder_path: Path,
+    *,
+    global_state: dict[str, Tensor],
+    local_steps: int,
+) -> LocalFairness:
     """Read the fairness parts of a train message (none: plain fine-tuning).
 
     * ``target-cohorts`` in the config (a targeted round): take part only if this device's cohort is listed;
@@ -249,16 +276,22 @@ def local_fairness(content: RecordDict, state: RecordDict, data: DeviceData, emb
         expected = UTTERANCE_STATISTICS + embedding.shape[0]
         got = int(next(adversary.parameters()).shape[1])  # the first layer's weight: (out, inputs)
         if got != expected:
-            raise p.ProtocolError(f"the adversary takes {got} inputs, the device has {UTTERANCE_STATISTICS} utterance "
-                                  f"statistics + a {embedding.shape[0]}-dimensional speaker embedding")
+            raise p.ProtocolError(
+                f"the adversary takes {got} inputs, the device has {UTTERANCE_STATISTICS} utterance "
+                f"statistics + a {embedding.shape[0]}-dimensional speaker embedding"
+            )
         population = None
         if instruction.arw_mean_score is not None:  # population ARW: normalize by the federation's mean score
-            population = PopulationStats(mean_score=instruction.arw_mean_score,
-                                         weighted_loss=instruction.arw_weighted_loss or 0.0)
+            population = PopulationStats(
+                mean_score=instruction.arw_mean_score, weighted_loss=instruction.arw_weighted_loss or 0.0
+            )
         reweighter = AdversarialReweighter(
-            adversary, lr=1e-2 if instruction.arw_lr is None else instruction.arw_lr,
-            warmup_steps=local_steps if instruction.arw_frozen else 0, population=population,
-            inputs=functools.partial(adversary_inputs, speaker_embedding=embedding))
+            adversary,
+            lr=1e-2 if instruction.arw_lr is None else instruction.arw_lr,
+            warmup_steps=local_steps if instruction.arw_frozen else 0,
+            population=population,
+            inputs=functools.partial(adversary_inputs, speaker_embedding=embedding),
+        )
     return LocalFairness(takes_part=True, model_state=model_state, penalty=penalty, reweighter=reweighter)
 
 
@@ -269,8 +302,9 @@ def idle_train_reply(content: RecordDict, *, skipped: int) -> RecordDict:
     at 0; FedAvg gives a weight-0 reply no say, and the server leaves such replies out of aggregation anyway
     (a median would count them). The upload has the same size as a real update.
     """
-    metrics = MetricRecord({"train-loss": 0.0, "local-steps": 0, "num-examples": 0, "compute-cost": 0.0,
-                            "skipped-utterances": skipped})
+    metrics = MetricRecord(
+        {"train-loss": 0.0, "local-steps": 0, "num-examples": 0, "compute-cost": 0.0, "skipped-utterances": skipped}
+    )
     arrays = content["arrays"]
     if isinstance(arrays, ArrayRecord) and any(k.startswith(p.ADVERSARY_PREFIX) for k in arrays):
         metrics.update({key: 0.0 for key in p.ARW_METRICS})

@@ -50,12 +50,17 @@ def _train_as_fitres(call_next: ClientAppCallable) -> ClientAppCallable:
         arrays, metrics = reply.content["arrays"], reply.content["metrics"]
         if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
             raise TypeError("the train handler's reply must carry ArrayRecord 'arrays' and MetricRecord 'metrics'")
-        return Message(RecordDict({
-            "fitres.parameters": arrays,  # masked by secaggplus_mod, then emptied: this never leaves
-            "fitres.num_examples": MetricRecord({"num_examples": int(scalar(metrics, "num-examples"))}),
-            "fitres.metrics": ConfigRecord(dict(metrics)),
-            "fitres.status": ConfigRecord({"code": 0, "message": ""}),
-        }), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "fitres.parameters": arrays,  # masked by secaggplus_mod, then emptied: this never leaves
+                    "fitres.num_examples": MetricRecord({"num_examples": int(scalar(metrics, "num-examples"))}),
+                    "fitres.metrics": ConfigRecord(dict(metrics)),
+                    "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     return train
 
@@ -66,6 +71,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if is_secagg_message(msg):
         return secaggplus_mod(msg, context, _train_as_fitres(call_next))
     if RunConfig.from_flat(context.run_config).strategy.secure_aggregation:
-        raise SecureAggregationRequired("strategy.secure-aggregation is on, but the server sent a plain train "
-                                        "instruction: the update would leave unmasked, so the device refuses")
+        raise SecureAggregationRequired(
+            "strategy.secure-aggregation is on, but the server sent a plain train "
+            "instruction: the update would leave unmasked, so the device refuses"
+        )
     return call_next(msg, context)

@@ -56,8 +56,13 @@ class LocalUpdate:
     def metrics(self) -> dict[str, MetricRecordValues]:
         """The reply's MetricRecord: every key is on the audit's allowlist."""
         if self.epsilon is None:
-            return {"train-loss": self.loss, "local-steps": self.steps, "num-examples": self.num_examples,
-                    "compute-cost": self.compute_cost, "skipped-utterances": self.skipped}
+            return {
+                "train-loss": self.loss,
+                "local-steps": self.steps,
+                "num-examples": self.num_examples,
+                "compute-cost": self.compute_cost,
+                "skipped-utterances": self.skipped,
+            }
         # DP: only what the guarantee covers or what is public (see the module docstring).
         return {"epsilon": self.epsilon, "local-steps": self.steps, "num-examples": 1}
 
@@ -72,10 +77,17 @@ def store_accountant(device_state: RecordDict, ledger: AccountantState) -> None:
     device_state[ACCOUNTANT_KEY] = ConfigRecord(ledger.to_record())
 
 
-def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData, *,
-              server_round: int, partition_id: int, device_state: RecordDict | None = None,
-              penalty: Callable[[nn.Module], torch.Tensor] | None = None,
-              reweighter: Reweighter | None = None) -> LocalUpdate:
+def fine_tune(
+    cfg: RunConfig,
+    global_state: dict[str, torch.Tensor],
+    data: DeviceData,
+    *,
+    server_round: int,
+    partition_id: int,
+    device_state: RecordDict | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    reweighter: Reweighter | None = None,
+) -> LocalUpdate:
     """``cfg.train.local_steps`` AdamW steps from the global weights (a fresh optimizer each round: the
     device keeps no optimizer state between rounds, so a device may skip rounds without stale moments).
 
@@ -91,52 +103,107 @@ def fine_tune(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: Devic
     torch.manual_seed(seed)  # dropout; DP-SGD draws its samples, masks and noise from OS entropy
     model = build_model(cfg.model)
     load_state(model, global_state, source="global model from the server")
-    batches = make_batches(data.train, features=data.features, tokenizer=data.tokenizer,
-                           max_frames=cfg.train.batch_frames, shuffle=True, seed=seed)
+    batches = make_batches(
+        data.train, features=data.features, tokenizer=data.tokenizer, max_frames=cfg.train.batch_frames, shuffle=True, seed=seed
+    )
     if cfg.dp.enabled:
         if penalty is not None or reweighter is not None:
-            raise ValueError("dp.enabled: DP-SGD rounds take no EWC penalty or ARW reweighter (fairness.ewc-lambda, "
-                             "fairness.arw)")
+            raise ValueError(
+                "dp.enabled: DP-SGD rounds take no EWC penalty or ARW reweighter (fairness.ewc-lambda, fairness.arw)"
+            )
         if device_state is None:
-            raise ValueError("dp.enabled: fine_tune needs the device's persistent state (context.state) to keep "
-                             "its privacy accountant across rounds")
+            raise ValueError(
+                "dp.enabled: fine_tune needs the device's persistent state (context.state) to keep "
+                "its privacy accountant across rounds"
+            )
         return _dp_fine_tune(cfg, model, batches, data, server_round=server_round, device_state=device_state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    stats = train_steps(model, batches, steps=cfg.train.local_steps, optimizer=optimizer,
-                        spec_augment_seed=seed if cfg.train.spec_augment else None,
-                        compute_weight=cfg.train.compute_weight, ctc_weight=cfg.train.ctc_weight,
-                        fastemit_lambda=cfg.train.fastemit_lambda, penalty=penalty, reweighter=reweighter)
-    return LocalUpdate(state_dict=model.state_dict(), loss=stats.loss, steps=stats.steps,
-                       num_examples=sum(len(b.ids) for b in batches), compute_cost=stats.compute_cost,
-                       skipped=len(data.features.skipped))
+    stats = train_steps(
+        model,
+        batches,
+        steps=cfg.train.local_steps,
+        optimizer=optimizer,
+        spec_augment_seed=seed if cfg.train.spec_augment else None,
+        compute_weight=cfg.train.compute_weight,
+        ctc_weight=cfg.train.ctc_weight,
+        fastemit_lambda=cfg.train.fastemit_lambda,
+        penalty=penalty,
+        reweighter=reweighter,
+    )
+    return LocalUpdate(
+        state_dict=model.state_dict(),
+        loss=stats.loss,
+        steps=stats.steps,
+        num_examples=sum(len(b.ids) for b in batches),
+        compute_cost=stats.compute_cost,
+        skipped=len(data.features.skipped),
+    )
 
 
-def _dp_fine_tune(cfg: RunConfig, model: Transducer, batches: list[Batch], data: DeviceData, *, server_round: int,
-                  device_state: RecordDict) -> LocalUpdate:
+def _dp_fine_tune(
+    cfg: RunConfig, model: Transducer, batches: list[Batch], data: DeviceData, *, server_round: int, device_state: RecordDict
+) -> LocalUpdate:
     dp: DPConfig = cfg.dp
     steps = cfg.train.local_steps
     ledger = load_accountant(device_state)
     try:
-        check_budget(ledger, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps,
-                     delta=dp.delta, epsilon_budget=dp.epsilon_budget)
+        check_budget(
+            ledger,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
+            steps=steps,
+            delta=dp.delta,
+            epsilon_budget=dp.epsilon_budget,
+        )
     except PrivacyBudgetExhausted as refused:
-        log.warning("round %d: privacy budget exhausted, this device does not train: epsilon %.4g spent of its "
-                    "budget %.4g (delta %g); the round would bring it to %.4g", server_round, refused.epsilon,
-                    refused.budget, refused.delta, refused.next_epsilon)
+        log.warning(
+            "round %d: privacy budget exhausted, this device does not train: epsilon %.4g spent of its "
+            "budget %.4g (delta %g); the round would bring it to %.4g",
+            server_round,
+            refused.epsilon,
+            refused.budget,
+            refused.delta,
+            refused.next_epsilon,
+        )
         raise
     planned = ledger.after(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
     store_accountant(device_state, planned)  # charged before training: a failed round is paid for too
     make_dp_compatible(model)  # ConvRNN-T: nn.LSTM -> DPLSTM (same weights and keys); before the optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    result = dp_train_steps(model, batches, steps=steps, optimizer=optimizer, noise_multiplier=dp.noise_multiplier,
-                            max_grad_norm=dp.max_grad_norm, sample_rate=dp.sample_rate, accountant=ledger,
-                            delta=dp.delta, epsilon_budget=dp.epsilon_budget, batch_frames=cfg.train.batch_frames,
-                            spec_augment=cfg.train.spec_augment, compute_weight=cfg.train.compute_weight)
+    result = dp_train_steps(
+        model,
+        batches,
+        steps=steps,
+        optimizer=optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        sample_rate=dp.sample_rate,
+        accountant=ledger,
+        delta=dp.delta,
+        epsilon_budget=dp.epsilon_budget,
+        batch_frames=cfg.train.batch_frames,
+        spec_augment=cfg.train.spec_augment,
+        compute_weight=cfg.train.compute_weight,
+    )
     if result.accountant != planned:  # dp_train_steps checks this too; the ledger must hold what was spent
         raise RuntimeError(f"DP round spent {result.accountant}, the ledger was charged {planned}")
-    log.info("round %d: DP-SGD %d steps (sigma %g, q %g, C %g): epsilon %.4g of budget %.4g (delta %g)",
-             server_round, steps, dp.noise_multiplier, dp.sample_rate, dp.max_grad_norm, result.epsilon,
-             dp.epsilon_budget, dp.delta)
-    return LocalUpdate(state_dict=model.state_dict(), loss=result.stats.loss, steps=result.stats.steps,
-                       num_examples=sum(len(b.ids) for b in batches), compute_cost=result.stats.compute_cost,
-                       skipped=len(data.features.skipped), epsilon=result.epsilon)
+    log.info(
+        "round %d: DP-SGD %d steps (sigma %g, q %g, C %g): epsilon %.4g of budget %.4g (delta %g)",
+        server_round,
+        steps,
+        dp.noise_multiplier,
+        dp.sample_rate,
+        dp.max_grad_norm,
+        result.epsilon,
+        dp.epsilon_budget,
+        dp.delta,
+    )
+    return LocalUpdate(
+        state_dict=model.state_dict(),
+        loss=result.stats.loss,
+        steps=result.stats.steps,
+        num_examples=sum(len(b.ids) for b in batches),
+        compute_cost=result.stats.compute_cost,
+        skipped=len(data.features.skipped),
+        epsilon=result.epsilon,
+    )

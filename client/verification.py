@@ -40,17 +40,22 @@ from shared.data.corpora import CorpusError, load_corpus
 from shared.data.dataset import FeatureCache
 from shared.data.features import FeatureError, compute_fbank
 from shared.fairness.arw import Adversary
-from shared.federated_verification import (ADVERSARY_PREFIX, IMPOSTORS, DeviceRecipe, adversary_state, embedder_state,
-                                           fine_tune_speaker, nearest_cluster)
+from shared.federated_verification import (
+    ADVERSARY_PREFIX,
+    IMPOSTORS,
+    DeviceRecipe,
+    adversary_state,
+    embedder_state,
+    fine_tune_speaker,
+    nearest_cluster,
+)
 from shared.files import write_text_atomic
 from shared.models.checkpoint import sha256_of
-from shared.models.speaker_embedding import (SpeakerEmbedder, SpeakerEmbeddingError, Verifier, load_verifier,
-                                             shipped_verifier)
+from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingError, Verifier, load_verifier, shipped_verifier
 from shared.privacy.audit import audit_mod
 from shared.records import array_record, config_record, scalar
 
-__all__ = ["DATA_DIR_KEY", "VERIFIER_KEY", "Decision", "Enrollment", "VerificationError", "enroll", "sv_app",
-           "verify"]
+__all__ = ["DATA_DIR_KEY", "VERIFIER_KEY", "Decision", "Enrollment", "VerificationError", "enroll", "sv_app", "verify"]
 
 DATA_DIR_KEY = "data-dir"  # node_config: the device's own recordings (as client/data.py's deployed devices)
 VERIFIER_KEY = "verifier"  # node_config: the verifier file the device holds (default: the shipped baseline)
@@ -72,9 +77,18 @@ class Enrollment:
     verifier_sha256: str
 
     def save(self, path: Path) -> Path:
-        return write_text_atomic(path, json.dumps({"format": _FORMAT, "verifier_sha256": self.verifier_sha256,
-                                                   "utterances": self.utterances,
-                                                   "embedding": self.embedding.tolist()}) + "\n")
+        return write_text_atomic(
+            path,
+            json.dumps(
+                {
+                    "format": _FORMAT,
+                    "verifier_sha256": self.verifier_sha256,
+                    "utterances": self.utterances,
+                    "embedding": self.embedding.tolist(),
+                }
+            )
+            + "\n",
+        )
 
     @classmethod
     def load(cls, path: Path) -> Enrollment:
@@ -84,8 +98,9 @@ class Enrollment:
             raise VerificationError(f"enrollment {path} is unreadable: {err} (run `chorus device enroll`)") from err
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise VerificationError(f"{path} is not a {_FORMAT} file")
-        return cls(np.asarray(payload["embedding"], dtype=np.float32), int(payload["utterances"]),
-                   str(payload["verifier_sha256"]))
+        return cls(
+            np.asarray(payload["embedding"], dtype=np.float32), int(payload["utterances"]), str(payload["verifier_sha256"])
+        )
 
 
 @dataclass(frozen=True)
@@ -104,8 +119,10 @@ def _verifier(path: Path) -> Verifier:
     except SpeakerEmbeddingError as err:
         raise VerificationError(str(err)) from err
     if verifier.cmvn is None or verifier.threshold is None:
-        raise VerificationError(f"{path} is a speaker embedder without CMVN and threshold, not a verifier "
-                                f"(`chorus model train-verifier` writes verifiers)")
+        raise VerificationError(
+            f"{path} is a speaker embedder without CMVN and threshold, not a verifier "
+            f"(`chorus model train-verifier` writes verifiers)"
+        )
     return verifier
 
 
@@ -120,13 +137,16 @@ def enroll(data: Path, *, verifier_path: Path, max_utterances: int = 10) -> Enro
         raise VerificationError(str(err)) from err
     speakers = corpus.speakers()
     if len(speakers) != 1:
-        raise VerificationError(f"{data} holds {len(speakers)} speakers ({', '.join(speakers[:5])}); a device "
-                                f"enrolls exactly one")
+        raise VerificationError(
+            f"{data} holds {len(speakers)} speakers ({', '.join(speakers[:5])}); a device enrolls exactly one"
+        )
     cache = FeatureCache(corpus, verifier.cmvn, max_items=0)
     feats = [f for f in (cache.features(u) for u in corpus.utterances[:max_utterances]) if f is not None]
     if not feats:
-        raise VerificationError(f"{data}: none of {min(len(corpus.utterances), max_utterances)} recordings is usable "
-                                f"({len(corpus.skipped) + len(cache.skipped)} skipped)")
+        raise VerificationError(
+            f"{data}: none of {min(len(corpus.utterances), max_utterances)} recordings is usable "
+            f"({len(corpus.skipped) + len(cache.skipped)} skipped)"
+        )
     embedding = verifier.embedder.embed_speaker(feats).numpy()
     return Enrollment(embedding=embedding, utterances=len(feats), verifier_sha256=sha256_of(verifier_path))
 
@@ -143,8 +163,9 @@ def verify(audio: Path, enrollment: Enrollment, *, verifier_path: Path) -> Decis
         raise VerificationError(str(err)) from err
     test = verifier.embedder.embed(feats)
     score = float(F.normalize(torch.from_numpy(enrollment.embedding), dim=0) @ test)
-    return Decision(score=score, threshold=verifier.threshold, target_far=verifier.target_far,
-                    accepted=score >= verifier.threshold)
+    return Decision(
+        score=score, threshold=verifier.threshold, target_far=verifier.target_far, accepted=score >= verifier.threshold
+    )
 
 
 # -- federated fine-tuning: the device's ClientApp -------------------------------------------------------------
@@ -175,8 +196,9 @@ def _device_features(data: Path, verifier_path: Path) -> tuple[np.ndarray, ...]:
     return feats
 
 
-def _own_clusters(state: RecordDict, model: SpeakerEmbedder, features: tuple[np.ndarray, ...],
-                  centres: torch.Tensor) -> np.ndarray:
+def _own_clusters(
+    state: RecordDict, model: SpeakerEmbedder, features: tuple[np.ndarray, ...], centres: torch.Tensor
+) -> np.ndarray:
     """The cluster of each own utterance under the model of the device's first ARW round (Jin et al.: clusters of
     the starting model's embeddings), kept in ``context.state``; it never leaves the device."""
     record = state.get(_CLUSTERS_STATE)
@@ -202,8 +224,9 @@ def sv_train(msg: Message, context: Context) -> Message:
     features = _device_features(Path(str(context.node_config[DATA_DIR_KEY])).resolve(), verifier_path)
     sent = array_record(msg.content, "arrays").to_torch_state_dict()
     model = copy.deepcopy(verifier.embedder)
-    missing, unexpected = model.load_state_dict({k: v for k, v in sent.items() if not k.startswith(ADVERSARY_PREFIX)},
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in sent.items() if not k.startswith(ADVERSARY_PREFIX)}, strict=False
+    )
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise VerificationError(f"the server's arrays do not fit the device's verifier {verifier_path.name}")
     impostors = array_record(msg.content, IMPOSTORS)
@@ -212,17 +235,32 @@ def sv_train(msg: Message, context: Context) -> Message:
     if recipe.arw:
         centres = torch.from_numpy(impostors["centres"].numpy()).float()
         adversary = Adversary(len(centres))
-        adversary.load_state_dict({k.removeprefix(ADVERSARY_PREFIX): v for k, v in sent.items()
-                                   if k.startswith(ADVERSARY_PREFIX)})
+        adversary.load_state_dict(
+            {k.removeprefix(ADVERSARY_PREFIX): v for k, v in sent.items() if k.startswith(ADVERSARY_PREFIX)}
+        )
         own_clusters = _own_clusters(context.state, model, features, centres)
         impostor_clusters = impostors["clusters"].numpy().astype(np.int64)
     device = int(context.node_config.get("partition-id", context.node_id % 1_000_003))
     seed = (recipe.seed * 1_000_003 + device) * 1009 + int(scalar(config, "server-round"))
-    update = fine_tune_speaker(model, features, centroids, recipe, seed=seed, adversary=adversary,
-                               own_clusters=own_clusters, impostor_clusters=impostor_clusters)
+    update = fine_tune_speaker(
+        model,
+        features,
+        centroids,
+        recipe,
+        seed=seed,
+        adversary=adversary,
+        own_clusters=own_clusters,
+        impostor_clusters=impostor_clusters,
+    )
     arrays = embedder_state(update.embedder)
     if update.adversary is not None:
         arrays.update(adversary_state(update.adversary))
-    return Message(RecordDict({"arrays": ArrayRecord(arrays),
-                               "metrics": MetricRecord({"num-examples": len(features), "train-loss": update.loss,
-                                                        "local-steps": update.steps})}), reply_to=msg)
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(arrays),
+                "metrics": MetricRecord({"num-examples": len(features), "train-loss": update.loss, "local-steps": update.steps}),
+            }
+        ),
+        reply_to=msg,
+    )

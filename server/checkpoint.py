@@ -27,8 +27,7 @@ from shared.config import ModelConfig
 from shared.files import write_text_atomic
 from shared.models.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 
-__all__ = ["STRATEGY_STATE", "strategy_state", "restore_strategy_state", "save_round", "load_round",
-           "rewind_metrics"]
+__all__ = ["STRATEGY_STATE", "strategy_state", "restore_strategy_state", "save_round", "load_round", "rewind_metrics"]
 
 log = logging.getLogger("chorus.server")
 
@@ -52,8 +51,7 @@ def _to_arrays(value: Any) -> Any:
 
 def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, Any]:
     """The strategy's cross-round state as tensors (exact dtypes kept); empty for a stateless strategy."""
-    return {name: _to_tensors(getattr(strategy, name)) for name in STRATEGY_STATE
-            if getattr(strategy, name, None) is not None}
+    return {name: _to_tensors(getattr(strategy, name)) for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
 
 
 def restore_strategy_state(strategy: flwr_strategy.Strategy, state: dict[str, Any]) -> None:
@@ -63,21 +61,38 @@ def restore_strategy_state(strategy: flwr_strategy.Strategy, state: dict[str, An
         setattr(strategy, name, _to_arrays(value))
 
 
-def save_round(path: Path, model: nn.Module, model_config: ModelConfig, *, server_round: int, run_id: str,
-               strategy_name: str, strategy: flwr_strategy.Strategy) -> Path:
+def save_round(
+    path: Path,
+    model: nn.Module,
+    model_config: ModelConfig,
+    *,
+    server_round: int,
+    run_id: str,
+    strategy_name: str,
+    strategy: flwr_strategy.Strategy,
+) -> Path:
     """Commit ``server_round``: the global model (``model``) and the strategy's state, in one atomic write."""
-    return save_checkpoint(path, model, model_config, round=server_round, run_id=run_id,
-                           strategy={"name": strategy_name, "state": strategy_state(strategy)})
+    return save_checkpoint(
+        path,
+        model,
+        model_config,
+        round=server_round,
+        run_id=run_id,
+        strategy={"name": strategy_name, "state": strategy_state(strategy)},
+    )
 
 
-def load_round(path: Path, model: nn.Module, model_config: ModelConfig, *, strategy_name: str,
-               strategy: flwr_strategy.Strategy) -> int:
+def load_round(
+    path: Path, model: nn.Module, model_config: ModelConfig, *, strategy_name: str, strategy: flwr_strategy.Strategy
+) -> int:
     """Load a ``save_round`` checkpoint into ``model`` and ``strategy``; returns the last committed round."""
     ckpt = load_checkpoint(path, expect=model_config)
     saved = ckpt.meta.get("strategy", {"name": strategy_name, "state": {}})
     if saved["name"] != strategy_name:
-        raise CheckpointError(f"{path} was written by strategy {saved['name']!r}, the run config says "
-                              f"{strategy_name!r}: resume with the run's own strategy.name")
+        raise CheckpointError(
+            f"{path} was written by strategy {saved['name']!r}, the run config says "
+            f"{strategy_name!r}: resume with the run's own strategy.name"
+        )
     load_state(model, ckpt.state_dict, source=str(path))
     restore_strategy_state(strategy, saved["state"])
     return int(ckpt.meta["round"])

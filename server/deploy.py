@@ -55,9 +55,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.console import fail
 from shared.processes import stop_tree
 
-__all__ = ["CONNECTION_NAME", "DeployError", "DevCertificates", "NodeKeyPair", "flower_env", "make_dev_certificates",
-           "make_node_keys", "register_supernodes", "server_cli", "start_superlink", "stop_process",
-           "wait_until_listening", "write_flower_config"]
+__all__ = [
+    "CONNECTION_NAME",
+    "DeployError",
+    "DevCertificates",
+    "NodeKeyPair",
+    "flower_env",
+    "make_dev_certificates",
+    "make_node_keys",
+    "register_supernodes",
+    "server_cli",
+    "start_superlink",
+    "stop_process",
+    "wait_until_listening",
+    "write_flower_config",
+]
 
 CONNECTION_NAME = "chorus"  # the [superlink.<name>] entry written by write_flower_config
 _CERT_DAYS = 30  # development certificates: short-lived on purpose
@@ -89,6 +101,7 @@ class NodeKeyPair:
 
 # -- keys and certificates ----------------------------------------------------------------------------------
 
+
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
@@ -98,8 +111,11 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def _pem_pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
     """``key`` as an unencrypted PKCS#8 PEM."""
-    return key.private_bytes(encoding=serialization.Encoding.PEM, format=serialization.PrivateFormat.PKCS8,
-                             encryption_algorithm=serialization.NoEncryption())
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -109,8 +125,9 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def make_dev_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), *,
-                          days: int = _CERT_DAYS) -> DevCertificates:
+def make_dev_certificates(
+    out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), *, days: int = _CERT_DAYS
+) -> DevCertificates:
     """A self-signed development CA and a SuperLink server certificate for ``hosts`` (its SANs).
 
     Writes ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key`` (keys mode 0600) into ``out``. For
@@ -124,15 +141,35 @@ def make_dev_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0
     not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
     ca_key = ec.generate_private_key(_TLS_CURVE)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Chorus development"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "Chorus development CA")])
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Chorus development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "Chorus development CA"),
+        ]
+    )
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -141,12 +178,26 @@ def make_dev_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
@@ -154,8 +205,9 @@ def make_dev_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0
         .sign(ca_key, hashes.SHA256())
     )
 
-    certs = DevCertificates(ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.pem",
-                            server_key=out / "server.key")
+    certs = DevCertificates(
+        ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.pem", server_key=out / "server.key"
+    )
     certs.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(certs.ca_key, _pem_pkcs8(ca_key))
     certs.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
@@ -174,9 +226,10 @@ def make_node_keys(out: Path, n: int, *, prefix: str = "supernode") -> list[Node
     for index in range(n):
         key = ec.generate_private_key(_NODE_CURVE)
         pair = NodeKeyPair(private_key=out / f"{prefix}-{index}.key", public_key=out / f"{prefix}-{index}.pub")
-        _write_private(pair.private_key, key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.OpenSSH,
-                                                           serialization.NoEncryption()))
+        _write_private(
+            pair.private_key,
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        )
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         pair.public_key.write_bytes(public + f" chorus-{prefix}-{index}\n".encode())
         pairs.append(pair)
@@ -185,8 +238,9 @@ def make_node_keys(out: Path, n: int, *, prefix: str = "supernode") -> list[Node
 
 def _certificates_in(certs: Path) -> DevCertificates:
     certs = Path(certs).expanduser().resolve()
-    found = DevCertificates(ca_cert=certs / "ca.crt", ca_key=certs / "ca.key", server_cert=certs / "server.pem",
-                            server_key=certs / "server.key")
+    found = DevCertificates(
+        ca_cert=certs / "ca.crt", ca_key=certs / "ca.key", server_cert=certs / "server.pem", server_key=certs / "server.key"
+    )
     for path in (found.ca_cert, found.server_cert, found.server_key):
         if not path.is_file():
             raise DeployError(f"{path} is missing: create the certificates with `chorus server certs --out {certs}`")
@@ -194,6 +248,7 @@ def _certificates_in(certs: Path) -> DevCertificates:
 
 
 # -- processes ----------------------------------------------------------------------------------------------
+
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     """The environment for Flower's executables: this interpreter's scripts first on PATH (the SuperLink
@@ -212,9 +267,16 @@ def _flower_executable(name: str) -> str:
     return found
 
 
-def start_superlink(*, certs: Path, port: int, state_dir: Path, host: str = "127.0.0.1",
-                    supernode_auth: bool = True, log_file: Path | None = None,
-                    flwr_home: Path | None = None) -> subprocess.Popen[bytes]:
+def start_superlink(
+    *,
+    certs: Path,
+    port: int,
+    state_dir: Path,
+    host: str = "127.0.0.1",
+    supernode_auth: bool = True,
+    log_file: Path | None = None,
+    flwr_home: Path | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``flower-superlink`` with TLS (the files of ``make_dev_certificates`` in ``certs``) and, by
     default, SuperNode authentication; one HTTPS port serves the Fleet, Control and Runtime APIs.
 
@@ -226,18 +288,34 @@ def start_superlink(*, certs: Path, port: int, state_dir: Path, host: str = "127
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_file) if log_file is not None else state_dir / "superlink.log"
-    cmd = [_flower_executable("flower-superlink"),
-           "--ssl-ca-certfile", str(found.ca_cert), "--ssl-certfile", str(found.server_cert),
-           "--ssl-keyfile", str(found.server_key),
-           "--host", host, "--port", str(port),
-           "--database", str(state_dir / "superlink.db"),
-           "--disable-runtime-dependency-installation"]
+    cmd = [
+        _flower_executable("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(found.ca_cert),
+        "--ssl-certfile",
+        str(found.server_cert),
+        "--ssl-keyfile",
+        str(found.server_key),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(state_dir / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
     if supernode_auth:
         cmd.append("--enable-supernode-auth")
     with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=flower_env(flwr_home or state_dir / "flwr"), cwd=state_dir,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=flower_env(flwr_home or state_dir / "flwr"),
+            cwd=state_dir,
+            start_new_session=True,
+        )
 
 
 def _program(proc: subprocess.Popen[bytes]) -> str:
@@ -246,15 +324,15 @@ def _program(proc: subprocess.Popen[bytes]) -> str:
     return Path(str(args[0] if isinstance(args, (list, tuple)) else args)).name
 
 
-def wait_until_listening(proc: subprocess.Popen[bytes], host: str, port: int, *, timeout: float = 60.0,
-                         log_file: Path | None = None) -> None:
+def wait_until_listening(
+    proc: subprocess.Popen[bytes], host: str, port: int, *, timeout: float = 60.0, log_file: Path | None = None
+) -> None:
     """Block until ``host:port`` accepts TCP connections; DeployError if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout
     hint = f"; see {log_file}" if log_file is not None else ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DeployError(f"{_program(proc)} exited with {proc.returncode} before listening "
-                              f"on {host}:{port}{hint}")
+            raise DeployError(f"{_program(proc)} exited with {proc.returncode} before listening on {host}:{port}{hint}")
         try:
             with socket.create_connection((host, port), timeout=1.0):
                 return
@@ -272,12 +350,14 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int
 
 # -- Flower configuration and registration ------------------------------------------------------------------
 
+
 def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def write_flower_config(flwr_home: Path, *, address: str, root_cert: Path, name: str = CONNECTION_NAME,
-                        default: bool = True) -> Path:
+def write_flower_config(
+    flwr_home: Path, *, address: str, root_cert: Path, name: str = CONNECTION_NAME, default: bool = True
+) -> Path:
     """Write ``$FLWR_HOME/config.toml`` with a ``[superlink.<name>]`` connection to a TLS SuperLink's Control
     API (``address`` = host:port, ``root-certificates`` = the CA, absolute). Other connections already in
     the file are kept. Returns ``flwr_home``."""
@@ -309,8 +389,14 @@ def write_flower_config(flwr_home: Path, *, address: str, root_cert: Path, name:
     return flwr_home
 
 
-def register_supernodes(public_keys: Iterable[Path], *, flwr_home: Path, connection: str = CONNECTION_NAME,
-                        exist_ok: bool = False, timeout: float = 60.0) -> list[int | None]:
+def register_supernodes(
+    public_keys: Iterable[Path],
+    *,
+    flwr_home: Path,
+    connection: str = CONNECTION_NAME,
+    exist_ok: bool = False,
+    timeout: float = 60.0,
+) -> list[int | None]:
     """``flwr supernode register KEY CONNECTION`` for each public key; returns the node ids the SuperLink gave
     (None for a key that was already registered, with ``exist_ok``).
 
@@ -323,9 +409,14 @@ def register_supernodes(public_keys: Iterable[Path], *, flwr_home: Path, connect
         key = Path(key).resolve()
         if not key.is_file():
             raise DeployError(f"{key}: no such public key file")
-        result = subprocess.run([flwr, "supernode", "register", str(key), connection, "--format", "json"],
-                                capture_output=True, text=True, env=flower_env(flwr_home), timeout=timeout,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [flwr, "supernode", "register", str(key), connection, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=flower_env(flwr_home),
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         # With --format json the CLI exits 0 even on failure and reports {"success": false, "error-message"}.
         try:
             reply = json.loads(result.stdout)
@@ -336,23 +427,25 @@ def register_supernodes(public_keys: Iterable[Path], *, flwr_home: Path, connect
         elif exist_ok and "already in use" in str(reply.get("error-message", "")):
             node_ids.append(None)
         else:
-            raise DeployError(f"`flwr supernode register {key} {connection}` failed (exit {result.returncode}): "
-                              f"{reply.get('error-message') or result.stderr.strip()}")
+            raise DeployError(
+                f"`flwr supernode register {key} {connection}` failed (exit {result.returncode}): "
+                f"{reply.get('error-message') or result.stderr.strip()}"
+            )
     return node_ids
 
 
 # -- command line: `chorus server ...` -----------------------------------------------
 
-server_cli = typer.Typer(help="Run the federation's server: development certificates, a TLS SuperLink.",
-                         no_args_is_help=True)
+server_cli = typer.Typer(help="Run the federation's server: development certificates, a TLS SuperLink.", no_args_is_help=True)
 
 
 @server_cli.command("certs")
 def certs_cmd(
     out: Annotated[Path, typer.Option(help="Directory for ca.crt, server.pem/.key and the node keys.")],
     nodes: Annotated[int, typer.Option(min=0, help="SuperNode key pairs to create (supernode-<i>.key/.pub).")] = 2,
-    host: Annotated[Optional[list[str]], typer.Option(
-        "--host", help="SAN of the server certificate (DNS name or IP); repeatable.")] = None,
+    host: Annotated[
+        Optional[list[str]], typer.Option("--host", help="SAN of the server certificate (DNS name or IP); repeatable.")
+    ] = None,
 ) -> None:
     """Create a development CA, a SuperLink server certificate and SuperNode authentication keys."""
     certs = make_dev_certificates(out, tuple(host) if host else ("localhost", "127.0.0.1"))
@@ -366,13 +459,17 @@ def certs_cmd(
 @server_cli.command("start")
 def start_cmd(
     certs: Annotated[Path, typer.Option(help="Directory written by `chorus server certs`.")],
-    port: Annotated[int, typer.Option(min=1, max=65535,
-                                      help="HTTPS port of the SuperLink (all its APIs; Flower's default).")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="HTTPS port of the SuperLink (all its APIs; Flower's default).")
+    ] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     state_dir: Annotated[Path, typer.Option(help="SuperLink database, log, and the FLWR_HOME for `flwr`.")] = Path(
-        "superlink-state"),
-    register: Annotated[Optional[list[Path]], typer.Option(
-        "--register", help="A SuperNode public key to admit (default: every *.pub in --certs); repeatable.")] = None,
+        "superlink-state"
+    ),
+    register: Annotated[
+        Optional[list[Path]],
+        typer.Option("--register", help="A SuperNode public key to admit (default: every *.pub in --certs); repeatable."),
+    ] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Admit any SuperNode (TLS only).")] = False,
 ) -> None:
     """Start a TLS SuperLink with SuperNode authentication, register the devices' keys, and keep it running."""
@@ -386,18 +483,18 @@ def start_cmd(
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # reach it through an address in the SAN
     try:
         wait_until_listening(proc, local, port, log_file=log_file)
-        flwr_home = write_flower_config(state_dir / "flwr", address=f"{local}:{port}",
-                                        root_cert=_certificates_in(certs).ca_cert)
+        flwr_home = write_flower_config(state_dir / "flwr", address=f"{local}:{port}", root_cert=_certificates_in(certs).ca_cert)
         if not no_auth:
             keys = register or sorted(certs.glob("*.pub"))
             if not keys:
                 typer.echo(f"warning: no public keys to register in {certs}: no SuperNode can join", err=True)
             for key, node_id in zip(keys, register_supernodes(keys, flwr_home=flwr_home, exist_ok=True)):
-                typer.echo(f"registered {key} as node {node_id}" if node_id is not None
-                           else f"{key} was already registered")
-        typer.echo(f"SuperLink on https://{host}:{port} (log {log_file}). Run the app with:\n"
-                   f"  FLWR_HOME={flwr_home} flwr run . {CONNECTION_NAME} --run-config 'workdir=\"...\"' --stream\n"
-                   "Ctrl-C stops it.")
+                typer.echo(f"registered {key} as node {node_id}" if node_id is not None else f"{key} was already registered")
+        typer.echo(
+            f"SuperLink on https://{host}:{port} (log {log_file}). Run the app with:\n"
+            f"  FLWR_HOME={flwr_home} flwr run . {CONNECTION_NAME} --run-config 'workdir=\"...\"' --stream\n"
+            "Ctrl-C stops it."
+        )
         code = proc.wait()
     except DeployError as err:
         typer.echo(f"error: {err}", err=True)  # printed now; the exit waits for the SuperLink to stop

@@ -125,8 +125,9 @@ def validate_reply(reply: Message, request: Message, limits: StrategyConfig) -> 
             raise InvalidReply("a train reply without the model ('arrays')")
         examples = metrics.get("num-examples")
         if not _whole(examples) or not 0 <= float(examples) <= limits.max_examples:
-            raise InvalidReply(f"num-examples={examples!r} is not a whole number in 0..{limits.max_examples} "
-                               f"(strategy.max-examples)")
+            raise InvalidReply(
+                f"num-examples={examples!r} is not a whole number in 0..{limits.max_examples} (strategy.max-examples)"
+            )
     elif kind == MessageType.EVALUATE:
         for key in _COUNTS:
             count = metrics.get(key)
@@ -144,20 +145,18 @@ def update_norm(reply: ArrayRecord, sent: ArrayRecord) -> float:
 
 
 def _whole(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        float(value) == int(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and float(value) == int(value)
 
 
-def _within_norm_bound(replies: list[Message], sent: dict[int, Message], limits: StrategyConfig, *,
-                       phase: str) -> list[Message]:
+def _within_norm_bound(replies: list[Message], sent: dict[int, Message], limits: StrategyConfig, *, phase: str) -> list[Message]:
     """The train replies whose update norm is within the absolute and the median-relative bound."""
-    trains = [r for r in replies
-              if sent[r.metadata.src_node_id].metadata.message_type.split(".")[0] == MessageType.TRAIN]
+    trains = [r for r in replies if sent[r.metadata.src_node_id].metadata.message_type.split(".")[0] == MessageType.TRAIN]
     if not trains or (limits.max_update_norm <= 0 and limits.update_norm_factor <= 0):
         return replies
-    norms = {id(r): update_norm(array_record(r.content, "arrays"),
-                                array_record(sent[r.metadata.src_node_id].content, "arrays"))
-             for r in trains}
+    norms = {
+        id(r): update_norm(array_record(r.content, "arrays"), array_record(sent[r.metadata.src_node_id].content, "arrays"))
+        for r in trains
+    }
     moved = [n for n in norms.values() if n > 0]  # an idle device of a targeted round sends the model back
     relative = limits.update_norm_factor * statistics.median_low(moved) if moved else math.inf
     bound = min(limits.max_update_norm or math.inf, relative if limits.update_norm_factor > 0 else math.inf)
@@ -165,9 +164,16 @@ def _within_norm_bound(replies: list[Message], sent: dict[int, Message], limits:
     for reply in replies:
         norm = norms.get(id(reply), 0.0)
         if norm > bound:
-            log.warning("%s: rejected the reply of device %s: update norm %.4g exceeds the bound %.4g "
-                        "(strategy.max-update-norm=%g, strategy.update-norm-factor=%g x median)", phase,
-                        reply.metadata.src_node_id, norm, bound, limits.max_update_norm, limits.update_norm_factor)
+            log.warning(
+                "%s: rejected the reply of device %s: update norm %.4g exceeds the bound %.4g "
+                "(strategy.max-update-norm=%g, strategy.update-norm-factor=%g x median)",
+                phase,
+                reply.metadata.src_node_id,
+                norm,
+                bound,
+                limits.max_update_norm,
+                limits.update_norm_factor,
+            )
             continue
         kept.append(reply)
     return kept

@@ -102,14 +102,23 @@ from shared.data.prepare import Prepared, speaker_embedder_path
 from shared.data.tokenizer import Tokenizer
 from shared.fairness import protocol as p
 from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats, ScoreSums
-from shared.fairness.cohorts import (CohortCounts, CohortReport, cohort_report, init_centroids, server_update)
+from shared.fairness.cohorts import CohortCounts, CohortReport, cohort_report, init_centroids, server_update
 from shared.fairness.ewc import FisherSums, add_fisher_sums, fisher_sums
 from shared.files import torch_save_atomic, write_text_atomic
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
 from shared.records import metric_record, scalar
 
-__all__ = ["FairStrategy", "FairnessRounds", "discover_cohorts", "federated_fisher", "normalized_fisher", "public_embeddings",
-           "public_fisher", "sum_cohort_eval", "worst_cohorts"]
+__all__ = [
+    "FairStrategy",
+    "FairnessRounds",
+    "discover_cohorts",
+    "federated_fisher",
+    "normalized_fisher",
+    "public_embeddings",
+    "public_fisher",
+    "sum_cohort_eval",
+    "worst_cohorts",
+]
 
 log = logging.getLogger("chorus.server.fairness")
 
@@ -120,6 +129,7 @@ _POPULATION_FILE = "arw-population.json"  # population ARW's normalizers for the
 
 
 # -- Flower plumbing -------------------------------------------------------------------------------------------
+
 
 def _wait_for_nodes(grid: Grid, minimum: int, *, poll: float = 1.0) -> list[int]:
     """Every connected device, once at least ``minimum`` are connected (as Flower's strategies wait)."""
@@ -147,8 +157,10 @@ def _reply_array(reply: Message, record: str, key: str) -> np.ndarray:
 
 # -- phases before round 1 --------------------------------------------------------------------------------------
 
-def public_embeddings(embedder: SpeakerEmbedder, speakers: Sequence[str], by_speaker: dict[str, list[Utterance]],
-                      features: FeatureCache) -> np.ndarray:
+
+def public_embeddings(
+    embedder: SpeakerEmbedder, speakers: Sequence[str], by_speaker: dict[str, list[Utterance]], features: FeatureCache
+) -> np.ndarray:
     """(N, E) one embedding per public speaker with usable audio, as a device computes its own (the normalized
     mean of the embeddings of all its utterances)."""
     rows = []
@@ -161,9 +173,17 @@ def public_embeddings(embedder: SpeakerEmbedder, speakers: Sequence[str], by_spe
     return np.stack(rows)
 
 
-def _secure_sum(grid: Grid, nodes: Sequence[int], content: RecordDict, record: str,
-                shapes: dict[str, tuple[int, ...]], *, secagg: SecAggConfig, strategy: StrategyConfig,
-                phase: str) -> dict[str, np.ndarray]:
+def _secure_sum(
+    grid: Grid,
+    nodes: Sequence[int],
+    content: RecordDict,
+    record: str,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    secagg: SecAggConfig,
+    strategy: StrategyConfig,
+    phase: str,
+) -> dict[str, np.ndarray]:
     """The devices' ``record`` arrays (k-means statistics or per-cohort counts) summed over ``nodes`` under
     SecAgg+: the server learns only the totals (``server/secagg.py``)."""
     content = RecordDict(dict(content.items()))
@@ -171,14 +191,22 @@ def _secure_sum(grid: Grid, nodes: Sequence[int], content: RecordDict, record: s
     content["arrays"] = ArrayRecord({key: Array(np.zeros(shape)) for key, shape in shapes.items()})
     result = secure_sum(grid, nodes, content, secagg, timeout=strategy.timeout, phase=phase)
     if result.sums is None:
-        raise RuntimeError(f"{phase}: SecAgg+ summed nothing ({result.failed} of {len(nodes)} devices failed or the "
-                           f"protocol halted)")
+        raise RuntimeError(
+            f"{phase}: SecAgg+ summed nothing ({result.failed} of {len(nodes)} devices failed or the protocol halted)"
+        )
     return result.sums
 
 
-def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray, *, iterations: int,
-                     noise_std: float = 0.0, strategy: StrategyConfig = StrategyConfig(),
-                     secagg: SecAggConfig | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def discover_cohorts(
+    grid: Grid,
+    node_ids: Sequence[int],
+    centroids: np.ndarray,
+    *,
+    iterations: int,
+    noise_std: float = 0.0,
+    strategy: StrategyConfig = StrategyConfig(),
+    secagg: SecAggConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Federated k-means over the devices ``node_ids`` (``query.kmeans``, or with ``secagg`` a secure sum of
     the same statistics: the server sees only the per-cluster totals).
 
@@ -197,14 +225,24 @@ def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray,
     shifts: list[float] = []
     counts = np.zeros(current.shape[0])
     for iteration in range(iterations + 1):
-        content = RecordDict({p.CENTROIDS: _centroid_record(current),
-                              "config": ConfigRecord({"server-round": 0, "iteration": iteration,
-                                                      p.KMEANS_NOISE: float(noise_std)})})
+        content = RecordDict(
+            {
+                p.CENTROIDS: _centroid_record(current),
+                "config": ConfigRecord({"server-round": 0, "iteration": iteration, p.KMEANS_NOISE: float(noise_std)}),
+            }
+        )
         phase = f"k-means iteration {iteration}"
         if secagg is not None:
-            total = _secure_sum(grid, node_ids, content, p.KMEANS_STATS,
-                                {"sums": current.shape, "counts": current.shape[:1]}, secagg=secagg,
-                                strategy=strategy, phase=phase)
+            total = _secure_sum(
+                grid,
+                node_ids,
+                content,
+                p.KMEANS_STATS,
+                {"sums": current.shape, "counts": current.shape[:1]},
+                secagg=secagg,
+                strategy=strategy,
+                phase=phase,
+            )
             sums, counts = total["sums"], total["counts"]
         else:
             messages = [Message(content=content, dst_node_id=node, message_type=p.KMEANS_QUERY) for node in node_ids]
@@ -220,8 +258,9 @@ def discover_cohorts(grid: Grid, node_ids: Sequence[int], centroids: np.ndarray,
     return current, np.asarray(counts, dtype=np.float64), shifts
 
 
-def federated_fisher(grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *,
-                     strategy: StrategyConfig = StrategyConfig()) -> FisherSums:
+def federated_fisher(
+    grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *, strategy: StrategyConfig = StrategyConfig()
+) -> FisherSums:
     """The devices' summed Fisher sums of the global model ``arrays`` (``query.fisher``)."""
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})})
     messages = [Message(content=content, dst_node_id=node, message_type=p.FISHER_QUERY) for node in node_ids]
@@ -233,17 +272,21 @@ def federated_fisher(grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *
         record = reply.content.get(p.FISHER_SUMS)
         if not isinstance(record, ArrayRecord):
             raise p.ProtocolError(f"device {reply.metadata.src_node_id}'s Fisher reply has no {p.FISHER_SUMS!r}")
-        parts.append(FisherSums(sums={k: v.float() for k, v in record.to_torch_state_dict().items()},
-                                count=int(scalar(metric_record(reply.content, "metrics"), p.FISHER_BATCHES))))
+        parts.append(
+            FisherSums(
+                sums={k: v.float() for k, v in record.to_torch_state_dict().items()},
+                count=int(scalar(metric_record(reply.content, "metrics"), p.FISHER_BATCHES)),
+            )
+        )
     return add_fisher_sums(parts)
 
 
-def public_fisher(model: nn.Module, utterances: Sequence[Utterance], *, features: FeatureCache, tokenizer: Tokenizer,
-                  batch_frames: int) -> FisherSums:
+def public_fisher(
+    model: nn.Module, utterances: Sequence[Utterance], *, features: FeatureCache, tokenizer: Tokenizer, batch_frames: int
+) -> FisherSums:
     """The same estimator on public speakers' utterances, on the server (an even spread of at most 256)."""
     chosen = list(utterances)[:: max(1, len(utterances) // _PUBLIC_FISHER_UTTERANCES)][:_PUBLIC_FISHER_UTTERANCES]
-    batches = make_batches(chosen, features=features, tokenizer=tokenizer, max_frames=batch_frames, shuffle=False,
-                           seed=0)
+    batches = make_batches(chosen, features=features, tokenizer=tokenizer, max_frames=batch_frames, shuffle=False, seed=0)
     return fisher_sums(model, batches)
 
 
@@ -267,14 +310,14 @@ def normalized_fisher(sums: FisherSums, parameter_names: Iterable[str]) -> dict[
 
 # -- per round -----------------------------------------------------------------------------------------------
 
+
 def sum_cohort_eval(replies: Iterable[Message], num_cohorts: int) -> CohortCounts:
     """Sum the devices' dense per-cohort (errors, words, speakers) vectors (what SecAgg+ would hand over)."""
     total = CohortCounts(*(np.zeros(num_cohorts) for _ in p.COHORT_EVAL_KEYS))
     for reply in replies:
         vectors = [_reply_array(reply, p.COHORT_EVAL, key) for key in p.COHORT_EVAL_KEYS]
         if any(v.shape != (num_cohorts,) for v in vectors):
-            raise p.ProtocolError(f"device {reply.metadata.src_node_id}'s {p.COHORT_EVAL!r} vectors are not "
-                                  f"({num_cohorts},)")
+            raise p.ProtocolError(f"device {reply.metadata.src_node_id}'s {p.COHORT_EVAL!r} vectors are not ({num_cohorts},)")
         total = total + CohortCounts(*vectors)
     return total
 
@@ -292,16 +335,25 @@ def _finite(value: float) -> float | None:
 
 
 def _report_fields(report: CohortReport | None, counts: CohortCounts) -> dict[str, Any]:
-    fields: dict[str, Any] = {"cohort_words": counts.words.tolist(), "cohort_speakers": counts.speakers.tolist(),
-                              "cohort_errors": counts.errors.tolist()}
+    fields: dict[str, Any] = {
+        "cohort_words": counts.words.tolist(),
+        "cohort_speakers": counts.speakers.tolist(),
+        "cohort_errors": counts.errors.tolist(),
+    }
     if report is None:
         return fields
-    fields.update({
-        "cohort_wer": [_finite(w) for w in report.wer], "cohort_overall_wer": report.overall_wer,
-        "cohort_worst": report.worst_cohort, "cohort_worst_wer": report.worst_wer,
-        "cohort_best_wer": report.best_wer, "cohort_wer_gap": _finite(report.wer_gap),
-        "cohort_bottom_share": report.bottom_cohort_share, "cohort_wer_variance": report.wer_variance,
-    })
+    fields.update(
+        {
+            "cohort_wer": [_finite(w) for w in report.wer],
+            "cohort_overall_wer": report.overall_wer,
+            "cohort_worst": report.worst_cohort,
+            "cohort_worst_wer": report.worst_wer,
+            "cohort_best_wer": report.best_wer,
+            "cohort_wer_gap": _finite(report.wer_gap),
+            "cohort_bottom_share": report.bottom_cohort_share,
+            "cohort_wer_variance": report.wer_variance,
+        }
+    )
     return fields
 
 
@@ -309,12 +361,13 @@ def _validate(cfg: RunConfig) -> None:
     """What ``FairnessConfig`` cannot check alone (it checks its own keys)."""
     f = cfg.fairness
     if f.targeted_rounds > cfg.num_server_rounds:
-        raise ConfigError(f"fairness.targeted-rounds={f.targeted_rounds} exceeds num-server-rounds="
-                          f"{cfg.num_server_rounds}")
+        raise ConfigError(f"fairness.targeted-rounds={f.targeted_rounds} exceeds num-server-rounds={cfg.num_server_rounds}")
     if cfg.dp.enabled and (f.ewc_lambda > 0 or f.arw or f.targeted_rounds > 0):
-        raise ConfigError("dp.enabled: EWC (fairness.ewc-lambda), ARW (fairness.arw) and targeted rounds "
-                          "(fairness.targeted-rounds) are not DP-SGD rounds; use them without DP (cohort discovery "
-                          "and disaggregated evaluation work with DP, outside its guarantee)")
+        raise ConfigError(
+            "dp.enabled: EWC (fairness.ewc-lambda), ARW (fairness.arw) and targeted rounds "
+            "(fairness.targeted-rounds) are not DP-SGD rounds; use them without DP (cohort discovery "
+            "and disaggregated evaluation work with DP, outside its guarantee)"
+        )
 
 
 @dataclass
@@ -347,8 +400,16 @@ class FairnessRounds:
     # -- before round 1 ----------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, grid: Grid, cfg: RunConfig, *, prepared: Prepared, model: nn.Module,
-              run_dir: Path | None = None, resume: bool = False) -> FairnessRounds:
+    def start(
+        cls,
+        grid: Grid,
+        cfg: RunConfig,
+        *,
+        prepared: Prepared,
+        model: nn.Module,
+        run_dir: Path | None = None,
+        resume: bool = False,
+    ) -> FairnessRounds:
         """Cohort discovery, the Fisher (with EWC) and the adversary (with ARW); see the module docstring."""
         _validate(cfg)
         f = cfg.fairness
@@ -360,32 +421,48 @@ class FairnessRounds:
         by_speaker = prepared.corpus.by_speaker()
         public = public_embeddings(embedder, prepared.split.public, by_speaker, features)
         if public.shape[0] < f.num_cohorts:
-            raise ConfigError(f"fairness.num-cohorts={f.num_cohorts} exceeds the {public.shape[0]} public speakers "
-                              f"that seed the centroids (split.public-speakers)")
+            raise ConfigError(
+                f"fairness.num-cohorts={f.num_cohorts} exceeds the {public.shape[0]} public speakers "
+                f"that seed the centroids (split.public-speakers)"
+            )
         initial = init_centroids(public, f.num_cohorts, seed=cfg.train.seed)
         nodes = _wait_for_nodes(grid, cfg.strategy.min_available_nodes)
         start = time.monotonic()
         secagg = cfg.secagg if cfg.strategy.secure_aggregation else None
-        centroids, sizes, shifts = discover_cohorts(grid, nodes, initial, iterations=f.kmeans_iterations,
-                                                    noise_std=f.kmeans_noise, strategy=cfg.strategy, secagg=secagg)
+        centroids, sizes, shifts = discover_cohorts(
+            grid, nodes, initial, iterations=f.kmeans_iterations, noise_std=f.kmeans_noise, strategy=cfg.strategy, secagg=secagg
+        )
         state = cls(cfg=cfg, centroids=centroids, cohort_sizes=sizes, grid=grid)
-        state.log.append({"phase": "kmeans", "devices": len(nodes), "iterations": f.kmeans_iterations,
-                          "secure": secagg is not None,
-                          "noise": f.kmeans_noise, "cohort_sizes": sizes.tolist(), "shifts": shifts,
-                          "seconds": round(time.monotonic() - start, 3)})
-        print(f"cohort discovery: {len(nodes)} devices, {f.kmeans_iterations} k-means iterations, cohort sizes "
-              f"{[round(float(s), 2) for s in sizes]}", flush=True)
+        state.log.append(
+            {
+                "phase": "kmeans",
+                "devices": len(nodes),
+                "iterations": f.kmeans_iterations,
+                "secure": secagg is not None,
+                "noise": f.kmeans_noise,
+                "cohort_sizes": sizes.tolist(),
+                "shifts": shifts,
+                "seconds": round(time.monotonic() - start, 3),
+            }
+        )
+        print(
+            f"cohort discovery: {len(nodes)} devices, {f.kmeans_iterations} k-means iterations, cohort sizes "
+            f"{[round(float(s), 2) for s in sizes]}",
+            flush=True,
+        )
         if f.ewc_lambda > 0:
             start = time.monotonic()
             if f.fisher == "federated":
                 sums = federated_fisher(grid, nodes, ArrayRecord(model.state_dict()), strategy=cfg.strategy)
             else:
                 public_utts = [u for s in prepared.split.public for u in by_speaker.get(s, [])]
-                sums = public_fisher(model, public_utts, features=features, tokenizer=prepared.tokenizer,
-                                     batch_frames=cfg.train.batch_frames)
+                sums = public_fisher(
+                    model, public_utts, features=features, tokenizer=prepared.tokenizer, batch_frames=cfg.train.batch_frames
+                )
             state.fisher = normalized_fisher(sums, [n for n, _ in model.named_parameters()])
-            state.log.append({"phase": "fisher", "source": f.fisher, "minibatches": sums.count,
-                              "seconds": round(time.monotonic() - start, 3)})
+            state.log.append(
+                {"phase": "fisher", "source": f.fisher, "minibatches": sums.count, "seconds": round(time.monotonic() - start, 3)}
+            )
         if resume and run_dir is not None:
             state.restore_log(run_dir)
         if f.arw:
@@ -401,8 +478,9 @@ class FairnessRounds:
     def is_targeted(self, server_round: int) -> bool:
         return server_round > self.cfg.num_server_rounds - self.cfg.fairness.targeted_rounds
 
-    def configure_train(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
-                        grid: Grid) -> list[Message]:
+    def configure_train(
+        self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> list[Message]:
         """The strategy's train messages plus what EWC, ARW and a targeted round need."""
         f = self.cfg.fairness
         instruction = p.TrainInstruction()
@@ -420,10 +498,10 @@ class FairnessRounds:
         if self.adversary is not None:
             instruction = replace(instruction, arw_lr=float(f.arw_lr), arw_frozen=server_round <= f.arw_warmup)
             if f.arw_normalization == "population" and self.population is not None:
-                instruction = replace(instruction, arw_mean_score=self.population.mean_score,
-                                      arw_weighted_loss=self.population.weighted_loss)
-                notes.update(arw_mean_score=self.population.mean_score,
-                             arw_weighted_loss=self.population.weighted_loss)
+                instruction = replace(
+                    instruction, arw_mean_score=self.population.mean_score, arw_weighted_loss=self.population.weighted_loss
+                )
+                notes.update(arw_mean_score=self.population.mean_score, arw_weighted_loss=self.population.weighted_loss)
             arrays = ArrayRecord(p.join_adversary(arrays.to_torch_state_dict(), self.adversary.state_dict()))
         messages = list(strategy.configure_train(server_round, arrays, instruction.to_config(ConfigRecord()), grid))
         extra = RecordDict()
@@ -436,14 +514,16 @@ class FairnessRounds:
                 message.content[name] = record
         return messages
 
-    def aggregate_train(self, strategy: flwr_strategy.Strategy, server_round: int,
-                        replies: Sequence[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, strategy: flwr_strategy.Strategy, server_round: int, replies: Sequence[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies of devices that trained (weight > 0); split the adversary off the model."""
         contributing = [m for m in replies if float(scalar(metric_record(m.content, "metrics"), "num-examples")) > 0]
         self._round_notes.setdefault(server_round, {})["train_contributors"] = len(contributing)
         if not contributing:
-            log.warning("round %d: no device trained (none in the targeted cohorts answered): the global model "
-                        "is kept", server_round)
+            log.warning(
+                "round %d: no device trained (none in the targeted cohorts answered): the global model is kept", server_round
+            )
             return None, None
         if self.adversary is not None:
             contributing = self._population_round(contributing)
@@ -465,8 +545,7 @@ class FairnessRounds:
             metrics = metric_record(reply.content, "metrics")
             missing = [k for k in p.ARW_METRICS if k not in metrics]
             if missing:
-                raise p.ProtocolError(f"an ARW train reply from node {reply.metadata.src_node_id} lacks the metrics "
-                                      f"{missing}")
+                raise p.ProtocolError(f"an ARW train reply from node {reply.metadata.src_node_id} lacks the metrics {missing}")
             score, count, score_loss, _ = (float(scalar(metrics, k)) for k in p.ARW_METRICS)
             totals = totals + ScoreSums(score, count, score_loss)
         if totals.count > 0 and totals.score > 0:
@@ -476,13 +555,15 @@ class FairnessRounds:
         weighted = []  # copies: the strategy weighs by num-examples, and here that is the ARL weight mass
         for reply in replies:
             metrics = metric_record(reply.content, "metrics")
-            content = RecordDict({**reply.content, "metrics": MetricRecord(
-                {**metrics, "num-examples": float(scalar(metrics, p.ARW_WEIGHT))})})
+            content = RecordDict(
+                {**reply.content, "metrics": MetricRecord({**metrics, "num-examples": float(scalar(metrics, p.ARW_WEIGHT))})}
+            )
             weighted.append(make_message(copy.deepcopy(reply.metadata), content))
         return weighted
 
-    def configure_evaluate(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
-                           grid: Grid) -> list[Message]:
+    def configure_evaluate(
+        self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> list[Message]:
         """The strategy's evaluate messages, with the centroids (the device's cohort is the nearest one). Under
         SecAgg+ the centroids go in the secure sum that follows instead (:meth:`cohort_counts`)."""
         messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
@@ -499,11 +580,19 @@ class FairnessRounds:
             return sum_cohort_eval(replies, num_cohorts)
         if self.grid is None:
             raise RuntimeError("a secure per-cohort sum needs the grid FairnessRounds.start was given")
-        content = RecordDict({p.CENTROIDS: _centroid_record(self.centroids),
-                              "config": ConfigRecord({"server-round": server_round})})
-        sums = _secure_sum(self.grid, [r.metadata.src_node_id for r in replies], content, p.COHORT_EVAL,
-                           {key: (num_cohorts,) for key in p.COHORT_EVAL_KEYS}, secagg=self.cfg.secagg,
-                           strategy=self.cfg.strategy, phase=f"round {server_round} per-cohort counts")
+        content = RecordDict(
+            {p.CENTROIDS: _centroid_record(self.centroids), "config": ConfigRecord({"server-round": server_round})}
+        )
+        sums = _secure_sum(
+            self.grid,
+            [r.metadata.src_node_id for r in replies],
+            content,
+            p.COHORT_EVAL,
+            {key: (num_cohorts,) for key in p.COHORT_EVAL_KEYS},
+            secagg=self.cfg.secagg,
+            strategy=self.cfg.strategy,
+            phase=f"round {server_round} per-cohort counts",
+        )
         return CohortCounts(*(np.rint(sums[key]) for key in p.COHORT_EVAL_KEYS))  # counts: whole numbers
 
     def evaluated(self, server_round: int, replies: Sequence[Message]) -> dict[str, Any]:
@@ -537,8 +626,9 @@ class FairnessRounds:
         self.log.extend(evaluations)
         if evaluations:
             last = evaluations[-1]
-            self.last_report = _ranked(CohortCounts(*(np.asarray(last[f"cohort_{k}"], dtype=np.float64)
-                                                      for k in ("errors", "words", "speakers"))))
+            self.last_report = _ranked(
+                CohortCounts(*(np.asarray(last[f"cohort_{k}"], dtype=np.float64) for k in ("errors", "words", "speakers")))
+            )
 
     def save(self, run_dir: Path) -> None:
         """Keep the adversary and the log beside the round's checkpoint (a resumed run continues with them)."""
@@ -552,9 +642,12 @@ class FairnessRounds:
     def finish(self, run_dir: Path) -> Path:
         """``fairness.json`` (centroids, cohort sizes, every evaluation) and a section of ``report.md``."""
         out = run_dir / "fairness.json"
-        payload = {"centroids": self.centroids.tolist(), "cohort_sizes": self.cohort_sizes.tolist(),
-                   "config": {k: v for k, v in self.cfg.to_flat().items() if k.startswith("fairness.")},
-                   "log": self.log}
+        payload = {
+            "centroids": self.centroids.tolist(),
+            "cohort_sizes": self.cohort_sizes.tolist(),
+            "config": {k: v for k, v in self.cfg.to_flat().items() if k.startswith("fairness.")},
+            "log": self.log,
+        }
         out.write_text(json.dumps(payload, indent=1) + "\n")
         report = run_dir / "report.md"
         if report.exists():
@@ -562,28 +655,32 @@ class FairnessRounds:
         return out
 
     def report_lines(self) -> list[str]:
-        lines = ["## Fairness: automatic cohorts (federated k-means on device speaker embeddings)", "",
-                 f"Cohort sizes (devices): {[round(float(s), 2) for s in self.cohort_sizes]}. Per-cohort WER from the "
-                 "devices' dense per-cohort counts (without SecAgg+ the server sees each device's cohort).", "",
-                 "| round | overall WER | worst cohort | worst WER | gap | bottom share | variance | targeted |",
-                 "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines = [
+            "## Fairness: automatic cohorts (federated k-means on device speaker embeddings)",
+            "",
+            f"Cohort sizes (devices): {[round(float(s), 2) for s in self.cohort_sizes]}. Per-cohort WER from the "
+            "devices' dense per-cohort counts (without SecAgg+ the server sees each device's cohort).",
+            "",
+            "| round | overall WER | worst cohort | worst WER | gap | bottom share | variance | targeted |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for entry in self.log:
             if entry["phase"] != "evaluate" or "cohort_wer" not in entry:
                 continue
             gap = entry["cohort_wer_gap"]
-            lines.append(f"| {entry['round']} | {entry['cohort_overall_wer']:.3f} | {entry['cohort_worst']} | "
-                         f"{entry['cohort_worst_wer']:.3f} | {'inf' if gap is None else format(gap, '.3f')} | "
-                         f"{entry['cohort_bottom_share']:.3f} | {entry['cohort_wer_variance']:.4f} | "
-                         f"{entry.get('targeted_cohorts', '–')} |")
+            lines.append(
+                f"| {entry['round']} | {entry['cohort_overall_wer']:.3f} | {entry['cohort_worst']} | "
+                f"{entry['cohort_worst_wer']:.3f} | {'inf' if gap is None else format(gap, '.3f')} | "
+                f"{entry['cohort_bottom_share']:.3f} | {entry['cohort_wer_variance']:.4f} | "
+                f"{entry.get('targeted_cohorts', '–')} |"
+            )
         return lines
 
-    def _evaluate_before(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord,
-                         grid: Grid) -> None:
+    def _evaluate_before(self, strategy: flwr_strategy.Strategy, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
         """A disaggregated evaluation of the current model before a targeted first round (recorded as round-1
         "before"): the strategy samples devices as for any evaluation."""
         messages = self.configure_evaluate(strategy, server_round - 1, arrays, grid)
-        replies = exchange(grid, messages, phase=f"round {server_round} pre-targeting evaluation",
-                           strategy=self.cfg.strategy).ok
+        replies = exchange(grid, messages, phase=f"round {server_round} pre-targeting evaluation", strategy=self.cfg.strategy).ok
         counts = self.cohort_counts(server_round - 1, replies)
         self.last_report = _ranked(counts)
         self.log.append({"phase": "evaluate", "round": server_round - 1, **_report_fields(self.last_report, counts)})
@@ -591,10 +688,7 @@ class FairnessRounds:
 
 def _ranked(counts: CohortCounts) -> CohortReport | None:
     """The report that ranks cohorts (what a targeted round targets); None when no device evaluated any words."""
-    return cohort_report(counts.errors, counts.words, speakers_per_cohort=counts.speakers) \
-        if counts.words.sum() > 0 else None
-
-
+    return cohort_report(counts.errors, counts.words, speakers_per_cohort=counts.speakers) if counts.words.sum() > 0 else None
 
 
 class FairStrategy:
@@ -607,18 +701,15 @@ class FairStrategy:
     def __init__(self, rounds: FairnessRounds, strategy: flwr_strategy.Strategy) -> None:
         self.rounds, self.strategy = rounds, strategy
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         if len(config):
             raise ValueError(f"FairStrategy.configure_train sets its own config, got {dict(config)}")
         return self.rounds.configure_train(self.strategy, server_round, arrays, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.rounds.aggregate_train(self.strategy, server_round, list(replies))
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> list[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         if len(config):
             raise ValueError(f"FairStrategy.configure_evaluate sets its own config, got {dict(config)}")
         return self.rounds.configure_evaluate(self.strategy, server_round, arrays, grid)

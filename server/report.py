@@ -45,8 +45,9 @@ def _plot(records: list[dict[str, Any]], out: Path) -> Path:
         axes[1].plot(*zip(*train), "o-")
     axes[1].set(xlabel="round", ylabel="per-token transducer loss", title="device training loss")
     axes[2].bar(rounds, [r.get("train_replies", 0) for r in records], label="replied")
-    axes[2].bar(rounds, [r.get("train_failures", 0) for r in records],
-                bottom=[r.get("train_replies", 0) for r in records], label="failed")
+    axes[2].bar(
+        rounds, [r.get("train_failures", 0) for r in records], bottom=[r.get("train_replies", 0) for r in records], label="failed"
+    )
     axes[2].set(xlabel="round", ylabel="devices", title="devices per round")
     axes[2].legend()
     fig.tight_layout()
@@ -56,31 +57,49 @@ def _plot(records: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def write_report(run_dir: Path, *, title: str, config: dict[str, Any], records: list[dict[str, Any]],
-                 breakdowns: dict[str, dict[str, dict[str, float]]]) -> Path:
+def write_report(
+    run_dir: Path,
+    *,
+    title: str,
+    config: dict[str, Any],
+    records: list[dict[str, Any]],
+    breakdowns: dict[str, dict[str, dict[str, float]]],
+) -> Path:
     """``breakdowns``: attribute -> value -> {"wer", "words", "speakers"} on the final held-out evaluation
     (evaluation-harness only: built from speakers.tsv, which never reaches a device)."""
     plot = _plot(records, run_dir) if records else None
     lines = [f"# {title}", "", f"Run directory: `{run_dir}`", ""]
-    lines += ["## Rounds", "", "| round | held-out WER | device WER (pooled) | train loss | devices ok / failed | seconds |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "## Rounds",
+        "",
+        "| round | held-out WER | device WER (pooled) | train loss | devices ok / failed | seconds |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in records:
+
         def fmt(key: str, spec: str = ".3f") -> str:
             value = r.get(key)
             return "–" if value is None else format(value, spec)
-        lines.append(f"| {r['round']} | {fmt('heldout_wer')} | {fmt('device_wer')} | {fmt('train_loss')} | "
-                     f"{r.get('train_replies', 0)} / {r.get('train_failures', 0)} | {fmt('seconds', '.1f')} |")
+
+        lines.append(
+            f"| {r['round']} | {fmt('heldout_wer')} | {fmt('device_wer')} | {fmt('train_loss')} | "
+            f"{r.get('train_replies', 0)} / {r.get('train_failures', 0)} | {fmt('seconds', '.1f')} |"
+        )
     if plot:
         lines += ["", f"![rounds]({plot.name})"]
     for attribute, groups in breakdowns.items():
-        lines += ["", f"## Final held-out WER by {attribute} (hidden speaker attribute, evaluation only)", "",
-                  f"| {attribute} | WER | words | speakers |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Final held-out WER by {attribute} (hidden speaker attribute, evaluation only)",
+            "",
+            f"| {attribute} | WER | words | speakers |",
+            "|---|---:|---:|---:|",
+        ]
         for value, row in sorted(groups.items(), key=lambda kv: -kv[1]["wer"]):
             lines.append(f"| {value} | {row['wer']:.3f} | {int(row['words'])} | {int(row['speakers'])} |")
         wers = [row["wer"] for row in groups.values()]
         if len(wers) > 1:
-            lines.append(f"\nSpread: worst {max(wers):.3f}, best {min(wers):.3f}, "
-                         f"gap {max(wers) - min(wers):.3f} absolute.")
+            lines.append(f"\nSpread: worst {max(wers):.3f}, best {min(wers):.3f}, gap {max(wers) - min(wers):.3f} absolute.")
     lines += ["", "## Configuration", "", "```", *[f"{k} = {v!r}" for k, v in sorted(config.items())], "```", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))

@@ -90,15 +90,19 @@ class _Relay(LegacyStrategy):
         self.results: list[tuple[ClientProxy, FitRes]] = []
         self.aggregated = False
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: object) -> list[tuple[ClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: object
+    ) -> list[tuple[ClientProxy, FitIns]]:
         # The real instructions replace these in _MessageApiSecAggPlus.setup_stage: nothing to serialize here.
         empty = FitIns(Parameters(tensors=[], tensor_type=""), {})
         return [(proxy, empty) for proxy in self.proxies]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
-                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         # Every FitRes carries the unmasked weighted mean by now (the workflow put it there).
         self.results, self.aggregated = list(results), True
         return None, {}
@@ -121,17 +125,21 @@ class _MessageApiSecAggPlus(SecAggPlusWorkflow):
     recovering from devices that drop out before sharing their keys or next to another dropped device."""
 
     def __init__(self, instructions: dict[int, RecordDict], cfg: SecAggConfig, *, timeout: float) -> None:
-        super().__init__(num_shares=cfg.num_shares, reconstruction_threshold=cfg.reconstruction_threshold,
-                         max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
-                         quantization_range=cfg.quantization_range, timeout=timeout)
+        super().__init__(
+            num_shares=cfg.num_shares,
+            reconstruction_threshold=cfg.reconstruction_threshold,
+            max_weight=cfg.max_weight,
+            clipping_range=cfg.clipping_range,
+            quantization_range=cfg.quantization_range,
+            timeout=timeout,
+        )
         self._instructions = instructions
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         proceed = super().setup_stage(grid, context, state)
         # One RecordDict per device: the next stage adds that device's own key shares to it in place (the
         # strategy's messages share one RecordDict), next to the arrays (keyed by parameter name) and config.
-        state.nid_to_fitins = {node: RecordDict(dict(self._instructions[node].items()))
-                               for node in state.nid_to_fitins}
+        state.nid_to_fitins = {node: RecordDict(dict(self._instructions[node].items())) for node in state.nid_to_fitins}
         return proceed
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -141,9 +149,11 @@ class _MessageApiSecAggPlus(SecAggPlusWorkflow):
         # KeyError and the round halts. No one masked anything with such a device, so from here on the sampled
         # devices and their neighbourhoods are the devices that shared their keys.
         state.sampled_node_ids = set(state.active_node_ids)
-        state.nid_to_neighbours = {node: neighbours & state.active_node_ids
-                                   for node, neighbours in state.nid_to_neighbours.items()
-                                   if node in state.active_node_ids}
+        state.nid_to_neighbours = {
+            node: neighbours & state.active_node_ids
+            for node, neighbours in state.nid_to_neighbours.items()
+            if node in state.active_node_ids
+        }
         return proceed
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -163,8 +173,9 @@ def _mean_record(results: list[tuple[ClientProxy, FitRes]], sent: ArrayRecord) -
     out = {}
     for (key, reference), value in zip(sent.items(), arrays, strict=True):
         if tuple(value.shape) != tuple(reference.shape):
-            raise ValueError(f"SecAgg+ aggregate {key!r} has shape {tuple(value.shape)}, the global model's is "
-                             f"{tuple(reference.shape)}")
+            raise ValueError(
+                f"SecAgg+ aggregate {key!r} has shape {tuple(value.shape)}, the global model's is {tuple(reference.shape)}"
+            )
         out[key] = Array(np.asarray(value, dtype=reference.numpy().dtype))
     return ArrayRecord(out)
 
@@ -181,8 +192,9 @@ def _reply_metrics(res: FitRes) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def _run_protocol(grid: Grid, instructions: dict[int, RecordDict], arrays: ArrayRecord, server_round: int,
-                  cfg: SecAggConfig, *, timeout: float) -> list[tuple[ClientProxy, FitRes]] | None:
+def _run_protocol(
+    grid: Grid, instructions: dict[int, RecordDict], arrays: ArrayRecord, server_round: int, cfg: SecAggConfig, *, timeout: float
+) -> list[tuple[ClientProxy, FitRes]] | None:
     """The four SecAgg+ stages with the devices of ``instructions`` (node id -> what its handler receives in the
     masked-vector stage); the results of the devices whose masked vectors are in the sum (each carrying the
     unmasked weighted mean), or None when the protocol halted."""
@@ -197,8 +209,16 @@ def _run_protocol(grid: Grid, instructions: dict[int, RecordDict], arrays: Array
     return relay.results if relay.aggregated and relay.results else None
 
 
-def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, server_round: int, arrays: ArrayRecord,
-                       cfg: SecAggConfig, *, timeout: float, min_contributors: int) -> SecureRound:
+def secure_train_round(
+    grid: Grid,
+    strategy: flwr_strategy.Strategy | FairStrategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    cfg: SecAggConfig,
+    *,
+    timeout: float,
+    min_contributors: int,
+) -> SecureRound:
     """Run the train phase of ``server_round`` through SecAgg+ and aggregate with ``strategy``.
 
     ``timeout`` bounds each of the four stages. Devices that fail or drop out in any stage are left out; the
@@ -209,25 +229,29 @@ def secure_train_round(grid: Grid, strategy: flwr_strategy.Strategy | FairStrate
     messages: list[Message] = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     sampled = [m.metadata.dst_node_id for m in messages]
     if len(sampled) < 2:  # SecAgg+ needs two devices at least; fewer would reveal the one update
-        log.warning("round %d: %d device(s) sampled: SecAgg+ needs at least 2, nothing aggregated", server_round,
-                    len(sampled))
+        log.warning("round %d: %d device(s) sampled: SecAgg+ needs at least 2, nothing aggregated", server_round, len(sampled))
         return SecureRound(None, None, 0, len(sampled))
-    results = _run_protocol(grid, {m.metadata.dst_node_id: m.content for m in messages}, arrays, server_round, cfg,
-                            timeout=timeout)
+    results = _run_protocol(
+        grid, {m.metadata.dst_node_id: m.content for m in messages}, arrays, server_round, cfg, timeout=timeout
+    )
     if results is None:
-        log.warning("round %d: SecAgg+ halted (too few devices completed a stage): nothing aggregated",
-                    server_round)
+        log.warning("round %d: SecAgg+ halted (too few devices completed a stage): nothing aggregated", server_round)
         return SecureRound(None, None, 0, len(sampled))
     contributed = len(results)
     if contributed < min_contributors:
-        log.warning("round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the global model is "
-                    "kept", server_round, contributed, min_contributors)
+        log.warning(
+            "round %d: %d device(s) answered, fewer than strategy.min-train-nodes=%d: the global model is kept",
+            server_round,
+            contributed,
+            min_contributors,
+        )
         return SecureRound(None, None, contributed, len(sampled) - contributed)
     mean = _mean_record(results, arrays)
     by_node = {m.metadata.dst_node_id: m for m in messages}
     replies: Iterable[Message] = [
         Message(RecordDict({"arrays": mean, "metrics": _reply_metrics(res)}), reply_to=by_node[proxy.node_id])
-        for proxy, res in results]
+        for proxy, res in results
+    ]
     new_arrays, metrics = strategy.aggregate_train(server_round, replies)
     log.info("round %d: SecAgg+ aggregated %d of %d sampled devices", server_round, contributed, len(sampled))
     return SecureRound(new_arrays, metrics, contributed, len(sampled) - contributed)
@@ -242,8 +266,9 @@ class SecureSum:
     failed: int
 
 
-def secure_sum(grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: SecAggConfig, *, timeout: float,
-               phase: str) -> SecureSum:
+def secure_sum(
+    grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: SecAggConfig, *, timeout: float, phase: str
+) -> SecureSum:
     """The sum over ``nodes`` of the arrays each device computes for ``content``: the server learns the total,
     not one device's part (the fairness phases' k-means statistics and per-cohort counts).
 
@@ -259,8 +284,7 @@ def secure_sum(grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: SecAg
         log.warning("%s: %d device(s): SecAgg+ needs at least 2, nothing summed", phase, len(nodes))
         return SecureSum(None, 0, len(nodes))
     # One RecordDict per device: the protocol adds each device's own records to it in place.
-    results = _run_protocol(grid, {node: RecordDict(dict(content.items())) for node in nodes}, arrays, 0, cfg,
-                            timeout=timeout)
+    results = _run_protocol(grid, {node: RecordDict(dict(content.items())) for node in nodes}, arrays, 0, cfg, timeout=timeout)
     if results is None:
         log.warning("%s: SecAgg+ halted (too few devices completed a stage): nothing summed", phase)
         return SecureSum(None, 0, len(nodes))

@@ -59,8 +59,9 @@ def sum_error_counts(records: list[RecordDict], weighted_by_key: str) -> MetricR
     errors = sum(int(scalar(m, "word-errors")) for m in metrics)
     words = sum(int(scalar(m, "words")) for m in metrics)
     examples = sum(int(scalar(m, weighted_by_key)) for m in metrics)
-    return MetricRecord({"word-errors": errors, "words": words, "num-examples": examples,
-                         "wer": errors / words if words else 0.0})
+    return MetricRecord(
+        {"word-errors": errors, "words": words, "num-examples": examples, "wer": errors / words if words else 0.0}
+    )
 
 
 def make_strategy(cfg: StrategyConfig, central_dp: CentralDPConfig | None = None) -> flwr_strategy.Strategy:
@@ -69,25 +70,35 @@ def make_strategy(cfg: StrategyConfig, central_dp: CentralDPConfig | None = None
     if cfg.central_dp == "none":
         return base
     dp = central_dp or CentralDPConfig()
-    wrapper = (flwr_strategy.DifferentialPrivacyServerSideFixedClipping if cfg.central_dp == "server"
-               else flwr_strategy.DifferentialPrivacyClientSideFixedClipping)
-    return wrapper(base, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
-                   num_sampled_clients=dp.sampled_clients)
+    wrapper = (
+        flwr_strategy.DifferentialPrivacyServerSideFixedClipping
+        if cfg.central_dp == "server"
+        else flwr_strategy.DifferentialPrivacyClientSideFixedClipping
+    )
+    return wrapper(
+        base, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm, num_sampled_clients=dp.sampled_clients
+    )
 
 
 def stateful_strategy(strategy: flwr_strategy.Strategy) -> flwr_strategy.Strategy:
     """The strategy that holds the cross-round state (a DP wrapper keeps none; the strategy it wraps does)."""
-    if isinstance(strategy, (flwr_strategy.DifferentialPrivacyServerSideFixedClipping,
-                             flwr_strategy.DifferentialPrivacyClientSideFixedClipping)):
+    if isinstance(
+        strategy,
+        (flwr_strategy.DifferentialPrivacyServerSideFixedClipping, flwr_strategy.DifferentialPrivacyClientSideFixedClipping),
+    ):
         return strategy.strategy
     return strategy
 
 
 def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
-    common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                                  min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-                                  min_available_nodes=cfg.min_available_nodes,
-                                  evaluate_metrics_aggr_fn=sum_error_counts)
+    common: dict[str, Any] = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        evaluate_metrics_aggr_fn=sum_error_counts,
+    )
     if cfg.name == "fedavg":
         return flwr_strategy.FedAvg(**common)
     if cfg.name == "fedavgm":
@@ -105,8 +116,9 @@ def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
     if cfg.name == "krum":
         return flwr_strategy.Krum(**common, num_malicious_nodes=cfg.num_malicious)
     if cfg.name == "multikrum":
-        return flwr_strategy.MultiKrum(**common, num_malicious_nodes=cfg.num_malicious,
-                                       num_nodes_to_select=max(1, cfg.min_train_nodes - cfg.num_malicious))
+        return flwr_strategy.MultiKrum(
+            **common, num_malicious_nodes=cfg.num_malicious, num_nodes_to_select=max(1, cfg.min_train_nodes - cfg.num_malicious)
+        )
     if cfg.name == "bulyan":
         return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
     raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose one of {', '.join(STRATEGIES)}")
@@ -126,15 +138,15 @@ def _metric(aggregated: MetricRecord | None, key: str) -> float | None:
     return float(scalar(aggregated, key))
 
 
-def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
-                utterances: list[Utterance]) -> dict[str, dict[str, dict[str, float]]]:
+def _breakdowns(
+    prepared: Prepared, per_utt: dict[str, ErrorCounts], utterances: list[Utterance]
+) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluation harness only: held-out WER grouped by the hidden attributes in speakers.tsv."""
     attributes = read_speakers_tsv(prepared.corpus.root)
     if not attributes:
         return {}
     speaker_of = {u.id: u.speaker for u in utterances}
-    columns = [c for c in next(iter(attributes.values())) if c in ("accent", "gender", "age_group", "age",
-                                                                    "channel_rate")]
+    columns = [c for c in next(iter(attributes.values())) if c in ("accent", "gender", "age_group", "age", "channel_rate")]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for column in columns:
         groups: dict[str, tuple[ErrorCounts, set[str]]] = {}
@@ -143,26 +155,37 @@ def _breakdowns(prepared: Prepared, per_utt: dict[str, ErrorCounts],
             value = attributes.get(speaker, {}).get(column, "?")
             total, speakers = groups.get(value, (ErrorCounts(0, 0, 0), set()))
             groups[value] = (total + counts, speakers | {speaker})
-        out[column] = {v: {"wer": c.wer, "words": c.words, "speakers": len(s)} for v, (c, s) in groups.items()
-                       if c.words}
+        out[column] = {v: {"wer": c.wer, "words": c.words, "speakers": len(s)} for v, (c, s) in groups.items() if c.words}
     return out
 
 
-def _train_phase(grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, cfg: RunConfig, server_round: int,
-                 arrays: ArrayRecord) -> tuple[ArrayRecord | None, MetricRecord | None, int, int, int]:
+def _train_phase(
+    grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+) -> tuple[ArrayRecord | None, MetricRecord | None, int, int, int]:
     """One round's training: (new global arrays, or None to keep the model; aggregated metrics; devices
     aggregated; devices failed; replies rejected). Plainly, or with ``strategy.secure-aggregation`` through
     SecAgg+ (server/secagg.py), where a device counts as answered when its masked update is in the sum."""
     if cfg.strategy.secure_aggregation:
-        secure = secure_train_round(grid, strategy, server_round, arrays, cfg.secagg, timeout=cfg.strategy.timeout,
-                                    min_contributors=cfg.strategy.min_train_nodes)
+        secure = secure_train_round(
+            grid,
+            strategy,
+            server_round,
+            arrays,
+            cfg.secagg,
+            timeout=cfg.strategy.timeout,
+            min_contributors=cfg.strategy.min_train_nodes,
+        )
         return secure.arrays, secure.metrics, secure.contributed, secure.failed, 0
     train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     replies = exchange(grid, train_msgs, phase=f"round {server_round} train", strategy=cfg.strategy)
     needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
     if len(replies.ok) < needed:  # too few updates to trust: keep the global model and the strategy's state
-        log.warning("round %d: %d valid update(s), fewer than strategy.min-train-nodes=%d: the global model is "
-                    "kept", server_round, len(replies.ok), needed)
+        log.warning(
+            "round %d: %d valid update(s), fewer than strategy.min-train-nodes=%d: the global model is kept",
+            server_round,
+            len(replies.ok),
+            needed,
+        )
         return None, None, len(replies.ok), replies.failed, replies.rejected
     new_arrays, metrics = strategy.aggregate_train(server_round, replies.ok)
     return new_arrays, metrics, len(replies.ok), replies.failed, replies.rejected
@@ -186,8 +209,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     if resume and global_ckpt.exists():
         # The checkpoint commits a round; metrics lines of later rounds (a kill after the line, before the
         # checkpoint) belong to a round that runs again, so they go.
-        first_round = load_round(global_ckpt, model, cfg.model, strategy_name=cfg.strategy.name,
-                                 strategy=stateful_strategy(strategy)) + 1
+        first_round = (
+            load_round(global_ckpt, model, cfg.model, strategy_name=cfg.strategy.name, strategy=stateful_strategy(strategy)) + 1
+        )
         rewind_metrics(metrics.path, before=first_round)
         log.info("resuming run %s after round %d", run_id, first_round - 1)
         print(f"resuming run {run_id} after round {first_round - 1}", flush=True)
@@ -201,8 +225,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     arrays = ArrayRecord(model.state_dict())
     # Fairness without demographics (fairness.enabled): cohort discovery (and EWC's Fisher) before round 1, then
     # the strategy's round methods with the fairness additions (server/fairness.py).
-    fairness = (FairnessRounds.start(grid, cfg, prepared=prepared, model=model, run_dir=run_dir, resume=resume)
-                if cfg.fairness.enabled else None)
+    fairness = (
+        FairnessRounds.start(grid, cfg, prepared=prepared, model=model, run_dir=run_dir, resume=resume)
+        if cfg.fairness.enabled
+        else None
+    )
     rounds = strategy if fairness is None else fairness.wrap(strategy)
 
     def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
@@ -212,8 +239,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         counts, _ = evaluate_heldout()
         metrics.append({"round": 0, "heldout_wer": counts.wer, "heldout_words": counts.words, "seconds": 0.0})
 
-    columns = [TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}")]
+    columns = [
+        TextColumn("[bold]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
     per_utt: dict[str, ErrorCounts] = {}
     # `flwr run --stream` relays our stdout line by line: a live bar only on a terminal, a line per round always.
     with Progress(*columns, transient=False, disable=not sys.stdout.isatty()) as progress:
@@ -221,7 +253,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
             new_arrays, train_metrics, train_answered, train_failed, train_rejected = _train_phase(
-                grid, rounds, cfg, server_round, arrays)
+                grid, rounds, cfg, server_round, arrays
+            )
             if new_arrays is not None:
                 load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
@@ -231,37 +264,58 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             device_eval = rounds.aggregate_evaluate(server_round, evaluated.ok)
             counts, per_utt = evaluate_heldout()
             record = {
-                "round": server_round, "aggregated": new_arrays is not None,
+                "round": server_round,
+                "aggregated": new_arrays is not None,
                 # DP replies carry no training loss (it lies outside the guarantee) but their epsilon spent
                 "train_loss": _metric(train_metrics, "train-loss"),
                 "train_epsilon": _metric(train_metrics, "epsilon"),
-                "train_replies": train_answered, "train_failures": train_failed,
+                "train_replies": train_answered,
+                "train_failures": train_failed,
                 "rejected_updates": train_rejected,
-                "eval_replies": len(evaluated.ok), "eval_failures": evaluated.failed,
+                "eval_replies": len(evaluated.ok),
+                "eval_failures": evaluated.failed,
                 "rejected_evaluations": evaluated.rejected,
                 "device_wer": None if device_eval is None else float(scalar(device_eval, "wer")),
                 "device_words": None if device_eval is None else int(scalar(device_eval, "words")),
-                "heldout_wer": counts.wer, "heldout_words": counts.words,
-                "seconds": round(time.monotonic() - start, 3), "train_seconds": round(train_seconds, 3),
+                "heldout_wer": counts.wer,
+                "heldout_words": counts.words,
+                "seconds": round(time.monotonic() - start, 3),
+                "train_seconds": round(train_seconds, 3),
                 **({} if fairness is None else fairness.round_fields(server_round)),
             }
             metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)
-            save_round(global_ckpt, model, cfg.model, server_round=server_round, run_id=run_id,
-                       strategy_name=cfg.strategy.name, strategy=stateful_strategy(strategy))
+            save_round(
+                global_ckpt,
+                model,
+                cfg.model,
+                server_round=server_round,
+                run_id=run_id,
+                strategy_name=cfg.strategy.name,
+                strategy=stateful_strategy(strategy),
+            )
             if fairness is not None:
                 fairness.save(run_dir)  # the federated adversary, beside the checkpoint
-            progress.update(task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  "
-                                                    f"held-out WER {counts.wer:.3f}")
+            progress.update(
+                task, advance=1, status=f"loss {record['train_loss'] or float('nan'):.3f}  held-out WER {counts.wer:.3f}"
+            )
             kept = "" if record["aggregated"] else " (too few: global model kept)"
-            print(f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
-                  f"devices {train_answered} ok / {train_failed} failed / {train_rejected} rejected{kept}, "
-                  f"device WER {record['device_wer']}, "
-                  f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)", flush=True)
+            print(
+                f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
+                f"devices {train_answered} ok / {train_failed} failed / {train_rejected} rejected{kept}, "
+                f"device WER {record['device_wer']}, "
+                f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)",
+                flush=True,
+            )
 
     if not per_utt:  # resumed after the last round: evaluate once for the report
         _, per_utt = evaluate_heldout()
-    report = write_report(run_dir, title=f"Chorus federated run {run_id}", config=cfg.to_flat(),
-                          records=metrics.records(), breakdowns=_breakdowns(prepared, per_utt, heldout))
+    report = write_report(
+        run_dir,
+        title=f"Chorus federated run {run_id}",
+        config=cfg.to_flat(),
+        records=metrics.records(),
+        breakdowns=_breakdowns(prepared, per_utt, heldout),
+    )
     if fairness is not None:
         fairness.finish(run_dir)  # fairness.json and the per-cohort section of report.md
     print(f"Report: {report}")

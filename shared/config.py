@@ -19,8 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "RunConfig", "SynthConfig", "SplitConfig", "ModelConfig", "TrainConfig",
-           "EvalConfig", "StrategyConfig", "DPConfig", "SecAggConfig", "CentralDPConfig", "FairnessConfig"]
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "SynthConfig",
+    "SplitConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "StrategyConfig",
+    "DPConfig",
+    "SecAggConfig",
+    "CentralDPConfig",
+    "FairnessConfig",
+]
 
 
 class ConfigError(ValueError):
@@ -96,8 +108,18 @@ class EvalConfig:
     beam: int = 1  # 1 = greedy search
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
-              "bulyan")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 # Strategies that need each device's update, which strategy.secure-aggregation hides.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
@@ -141,12 +163,16 @@ class StrategyConfig:
         if self.central_dp not in ("none", "server", "client"):
             raise ConfigError(f"strategy.central-dp must be none, server or client, got {self.central_dp!r}")
         if self.secure_aggregation and self.central_dp == "server":
-            raise ConfigError("strategy.central-dp = \"server\" clips each device's update on the server, which "
-                              "strategy.secure-aggregation hides from it: use strategy.central-dp = \"client\"")
+            raise ConfigError(
+                'strategy.central-dp = "server" clips each device\'s update on the server, which '
+                'strategy.secure-aggregation hides from it: use strategy.central-dp = "client"'
+            )
         if self.secure_aggregation and self.name in ROBUST_STRATEGIES:
-            raise ConfigError(f"strategy.name={self.name!r} needs each device's update, which "
-                              f"strategy.secure-aggregation hides: use a mean-based strategy (fedavg, fedavgm, "
-                              f"fedadam, fedyogi, fedadagrad)")
+            raise ConfigError(
+                f"strategy.name={self.name!r} needs each device's update, which "
+                f"strategy.secure-aggregation hides: use a mean-based strategy (fedavg, fedavgm, "
+                f"fedadam, fedyogi, fedadagrad)"
+            )
         if self.max_in_flight < 0:
             raise ConfigError(f"strategy.max-in-flight must be >= 0 (0: no limit), got {self.max_in_flight}")
         if self.num_malicious < 0:
@@ -188,8 +214,7 @@ class SecAggConfig:
         if not 0.0 < self.num_shares <= 1.0:
             raise ConfigError(f"secagg.num-shares must lie in (0, 1], got {self.num_shares}")
         if not 0.0 < self.reconstruction_threshold <= 1.0:
-            raise ConfigError(f"secagg.reconstruction-threshold must lie in (0, 1], got "
-                              f"{self.reconstruction_threshold}")
+            raise ConfigError(f"secagg.reconstruction-threshold must lie in (0, 1], got {self.reconstruction_threshold}")
         if not self.max_weight > 0.0:
             raise ConfigError(f"secagg.max-weight must be positive, got {self.max_weight}")
         if not self.clipping_range > 0.0:
@@ -304,8 +329,10 @@ class FairnessConfig:
         if self.num_cohorts < 2:
             raise ConfigError(f"fairness.num-cohorts must be >= 2, got {self.num_cohorts}")
         if self.kmeans_iterations < 0 or self.embedder_steps < 1:
-            raise ConfigError(f"need fairness.kmeans-iterations >= 0 and fairness.embedder-steps >= 1, got "
-                              f"{self.kmeans_iterations} and {self.embedder_steps}")
+            raise ConfigError(
+                f"need fairness.kmeans-iterations >= 0 and fairness.embedder-steps >= 1, got "
+                f"{self.kmeans_iterations} and {self.embedder_steps}"
+            )
         if not self.kmeans_noise >= 0.0:
             raise ConfigError(f"fairness.kmeans-noise must be >= 0, got {self.kmeans_noise}")
         if not self.ewc_lambda >= 0.0:
@@ -313,19 +340,25 @@ class FairnessConfig:
         if self.fisher not in ("federated", "public"):
             raise ConfigError(f"fairness.fisher={self.fisher!r}: choose federated or public")
         if self.targeted_rounds < 0 or self.arw_warmup < 0 or self.arw_hidden < 0:
-            raise ConfigError(f"fairness.targeted-rounds, fairness.arw-warmup and fairness.arw-hidden must be >= 0, "
-                              f"got {self.targeted_rounds}, {self.arw_warmup} and {self.arw_hidden}")
+            raise ConfigError(
+                f"fairness.targeted-rounds, fairness.arw-warmup and fairness.arw-hidden must be >= 0, "
+                f"got {self.targeted_rounds}, {self.arw_warmup} and {self.arw_hidden}"
+            )
         if not 1 <= self.target_cohorts <= self.num_cohorts:
-            raise ConfigError(f"fairness.target-cohorts={self.target_cohorts} exceeds fairness.num-cohorts="
-                              f"{self.num_cohorts}" if self.target_cohorts > self.num_cohorts else
-                              f"fairness.target-cohorts must be >= 1, got {self.target_cohorts}")
+            raise ConfigError(
+                f"fairness.target-cohorts={self.target_cohorts} exceeds fairness.num-cohorts={self.num_cohorts}"
+                if self.target_cohorts > self.num_cohorts
+                else f"fairness.target-cohorts must be >= 1, got {self.target_cohorts}"
+            )
         if not self.arw_lr > 0.0:
             raise ConfigError(f"fairness.arw-lr must be positive, got {self.arw_lr}")
         if self.arw_normalization not in ("batch", "population"):
             raise ConfigError(f"fairness.arw-normalization={self.arw_normalization!r}: choose batch or population")
         if self.arw_normalization == "population" and self.arw_warmup < 1:
-            raise ConfigError("fairness.arw-normalization=population needs fairness.arw-warmup >= 1 (the first round "
-                              f"measures the population's mean adversary score), got {self.arw_warmup}")
+            raise ConfigError(
+                "fairness.arw-normalization=population needs fairness.arw-warmup >= 1 (the first round "
+                f"measures the population's mean adversary score), got {self.arw_warmup}"
+            )
 
 
 @dataclass(frozen=True)
@@ -356,12 +389,17 @@ class RunConfig:
             unmasked = [  # (option, is it on, what it would send outside the masks)
                 ("fairness.arw", f.arw, "each device's ARW scalars (adversary scores, weight mass)"),
                 ("fairness.targeted-rounds", f.targeted_rounds > 0, "a weight of 0 (not in a targeted cohort) or > 0"),
-                ("fairness.fisher=federated", f.ewc_lambda > 0 and f.fisher == "federated",
-                 "each device's Fisher sums (use fairness.fisher=public)")]
+                (
+                    "fairness.fisher=federated",
+                    f.ewc_lambda > 0 and f.fisher == "federated",
+                    "each device's Fisher sums (use fairness.fisher=public)",
+                ),
+            ]
             for key, on, what in unmasked:
                 if on:
-                    raise ConfigError(f"{key} with strategy.secure-aggregation is not supported: {what} would "
-                                      f"reach the server unmasked")
+                    raise ConfigError(
+                        f"{key} with strategy.secure-aggregation is not supported: {what} would reach the server unmasked"
+                    )
 
     @property
     def workdir_path(self) -> Path:
@@ -395,8 +433,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         names = ", ".join(repr(_kebab(prefix + name)) for name in unknown)
-        raise ConfigError(f"unknown run config key(s) {names}; known: "
-                          + ", ".join(sorted(_kebab(prefix + k) for k in known)))
+        raise ConfigError(f"unknown run config key(s) {names}; known: " + ", ".join(sorted(_kebab(prefix + k) for k in known)))
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         hint = hints[name]
@@ -425,8 +462,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"run config key {key!r} must be {hint.__name__}, got {value!r} "
-                      f"({type(value).__name__})")
+    raise ConfigError(f"run config key {key!r} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, bool | int | float | str]) -> None:

@@ -54,8 +54,19 @@ from shared.fairness.arw import Adversary, arl_weights
 from shared.fairness.pairwise_arw import pair_losses, pair_weights, same_speaker
 from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingError, crop
 
-__all__ = ["ADVERSARY_PREFIX", "IMPOSTORS", "DeviceRecipe", "DeviceUpdate", "adversary_state", "device_pair_loss",
-           "embedder_state", "fine_tune_speaker", "impostor_centroids", "nearest_cluster", "public_clusters"]
+__all__ = [
+    "ADVERSARY_PREFIX",
+    "IMPOSTORS",
+    "DeviceRecipe",
+    "DeviceUpdate",
+    "adversary_state",
+    "device_pair_loss",
+    "embedder_state",
+    "fine_tune_speaker",
+    "impostor_centroids",
+    "nearest_cluster",
+    "public_clusters",
+]
 
 IMPOSTORS = "impostors"  # the train message's ArrayRecord: "centroids" (M, E), with ARW "clusters" (M,), "centres" (C, E)
 ADVERSARY_PREFIX = "arw."  # the adversary's arrays inside "arrays", as in the recognizer's ARW
@@ -77,9 +88,11 @@ class DeviceRecipe:
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.crop_frames < 1 or self.utterances_per_step < 2:
-            raise SpeakerEmbeddingError(f"need local_steps >= 1, crop_frames >= 1 and utterances_per_step >= 2 "
-                                        f"(target pairs), got {self.local_steps}, {self.crop_frames}, "
-                                        f"{self.utterances_per_step}")
+            raise SpeakerEmbeddingError(
+                f"need local_steps >= 1, crop_frames >= 1 and utterances_per_step >= 2 "
+                f"(target pairs), got {self.local_steps}, {self.crop_frames}, "
+                f"{self.utterances_per_step}"
+            )
         if not self.lr > 0 or not self.adversary_lr > 0:
             raise SpeakerEmbeddingError(f"need lr > 0 and adversary_lr > 0, got {self.lr} and {self.adversary_lr}")
 
@@ -107,6 +120,7 @@ class DeviceRecipe:
 
 
 # -- the server's public pieces --------------------------------------------------------------------------------
+
 
 def impostor_centroids(embedder: SpeakerEmbedder, public: Sequence[Sequence[np.ndarray]]) -> Tensor:
     """(M, E): each public speaker's normalized mean embedding (``embed_speaker``) under ``embedder``."""
@@ -143,6 +157,7 @@ def adversary_state(adversary: Adversary) -> dict[str, Tensor]:
 
 # -- the device ------------------------------------------------------------------------------------------------
 
+
 def device_pair_loss(own: Tensor, impostors: Tensor, *, sample_weights: Tensor | None) -> Tensor:
     """Mean weighted loss of the (K, K) own target pairs plus that of the (K, M) own-impostor pairs.
 
@@ -172,9 +187,17 @@ class DeviceUpdate:
     steps: int
 
 
-def fine_tune_speaker(init: SpeakerEmbedder, features: Sequence[np.ndarray], impostors: Tensor, recipe: DeviceRecipe,
-                      *, seed: int, adversary: Adversary | None = None, own_clusters: np.ndarray | None = None,
-                      impostor_clusters: np.ndarray | None = None) -> DeviceUpdate:
+def fine_tune_speaker(
+    init: SpeakerEmbedder,
+    features: Sequence[np.ndarray],
+    impostors: Tensor,
+    recipe: DeviceRecipe,
+    *,
+    seed: int,
+    adversary: Adversary | None = None,
+    own_clusters: np.ndarray | None = None,
+    impostor_clusters: np.ndarray | None = None,
+) -> DeviceUpdate:
     """Fine-tune a copy of ``init`` on one speaker's utterances against the impostor centroids.
 
     Each of ``recipe.local_steps`` steps takes K random ``crop_frames`` windows of the speaker's utterances and
@@ -191,8 +214,10 @@ def fine_tune_speaker(init: SpeakerEmbedder, features: Sequence[np.ndarray], imp
         if adversary is None or own_clusters is None or impostor_clusters is None:
             raise SpeakerEmbeddingError("ARW needs the adversary and the clusters of own utterances and impostors")
         if len(own_clusters) != len(features) or len(impostor_clusters) != len(impostors):
-            raise SpeakerEmbeddingError(f"{len(own_clusters)} own / {len(impostor_clusters)} impostor cluster ids for "
-                                        f"{len(features)} utterances / {len(impostors)} impostors")
+            raise SpeakerEmbeddingError(
+                f"{len(own_clusters)} own / {len(impostor_clusters)} impostor cluster ids for "
+                f"{len(features)} utterances / {len(impostors)} impostors"
+            )
         width = next(m for m in adversary.modules() if isinstance(m, torch.nn.Linear)).in_features
         onehot = F.one_hot(torch.from_numpy(np.concatenate([own_clusters, impostor_clusters])), width).float()
         adversary = copy.deepcopy(adversary)
@@ -200,15 +225,19 @@ def fine_tune_speaker(init: SpeakerEmbedder, features: Sequence[np.ndarray], imp
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(init).eval()  # eval-mode BatchNorm: see the module docstring
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    adversary_optimizer = torch.optim.Adam(adversary.parameters(), lr=recipe.adversary_lr) \
-        if adversary is not None and recipe.arw and not recipe.arw_frozen else None
+    adversary_optimizer = (
+        torch.optim.Adam(adversary.parameters(), lr=recipe.adversary_lr)
+        if adversary is not None and recipe.arw and not recipe.arw_frozen
+        else None
+    )
     impostors = F.normalize(impostors.detach().float(), dim=-1)
     k = recipe.utterances_per_step
     losses = []
     for _ in range(recipe.local_steps):
         rows = rng.choice(len(features), size=k, replace=len(features) < k)
-        feats = torch.from_numpy(np.stack([crop(np.asarray(features[i], dtype=np.float32), recipe.crop_frames, rng)
-                                           for i in rows]))
+        feats = torch.from_numpy(
+            np.stack([crop(np.asarray(features[i], dtype=np.float32), recipe.crop_frames, rng) for i in rows])
+        )
         own = F.normalize(model(feats), dim=-1)
         weights: Tensor | None = None
         if adversary is not None and onehot is not None:

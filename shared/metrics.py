@@ -34,8 +34,7 @@ class ErrorCounts:
         return self.errors / self.words
 
     def __add__(self, other: ErrorCounts) -> ErrorCounts:
-        return ErrorCounts(self.errors + other.errors, self.words + other.words,
-                           self.utterances + other.utterances)
+        return ErrorCounts(self.errors + other.errors, self.words + other.words, self.utterances + other.utterances)
 
 
 def error_counts(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorCounts:
@@ -59,8 +58,7 @@ def pooled_wer(counts: Iterable[ErrorCounts]) -> float:
     return total.wer
 
 
-def _roc(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                                                      np.ndarray]:
+def _roc(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's ROC of a verification score, as (FAR, FRR, thresholds), one point per distinct score
     from the highest threshold down (tied scores move together), with the all-rejecting point first."""
     values = np.asarray(scores, dtype=np.float64)
@@ -101,8 +99,14 @@ def equal_error_rate(scores: Sequence[float] | np.ndarray, same: Sequence[bool] 
     return float(far[crossing - 1] + t * (far[crossing] - far[crossing - 1]))
 
 
-def min_dcf(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray, *, p_target: float = 0.01,
-            c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+def min_dcf(
+    scores: Sequence[float] | np.ndarray,
+    same: Sequence[bool] | np.ndarray,
+    *,
+    p_target: float = 0.01,
+    c_miss: float = 1.0,
+    c_fa: float = 1.0,
+) -> float:
     """Normalized minimum detection cost (NIST SRE): min over thresholds of
     ``(c_miss * p_target * FRR + c_fa * (1 - p_target) * FAR) / min(c_miss * p_target, c_fa * (1 - p_target))``.
 

@@ -125,8 +125,13 @@ def _label(argv: list[bytes]) -> str:
     if base.startswith("python") and len(words) > 1:
         if "-c" in words[1:-1]:
             code = words[words.index("-c") + 1]
-            return ("multiprocessing worker" if "spawn_main" in code else
-                    "multiprocessing resource tracker" if "resource_tracker" in code else "python -c")
+            return (
+                "multiprocessing worker"
+                if "spawn_main" in code
+                else "multiprocessing resource tracker"
+                if "resource_tracker" in code
+                else "python -c"
+            )
         rest = [w for w in words[1:] if not w.startswith("-")]
         if words[1] == "-m" and len(words) > 2:
             return words[2]
@@ -172,8 +177,7 @@ class TreeMemorySampler(threading.Thread):
     sample). ``watch``: a file (metrics.jsonl) whose line count is followed: ``cpu_at_lines[n]`` is the tree's
     CPU time at the first sample that saw ``n`` lines."""
 
-    def __init__(self, markers: Iterable[str] = (), *, interval: float = SAMPLE_INTERVAL,
-                 watch: Path | None = None) -> None:
+    def __init__(self, markers: Iterable[str] = (), *, interval: float = SAMPLE_INTERVAL, watch: Path | None = None) -> None:
         super().__init__(name="tree-memory-sampler", daemon=True)
         self._markers = [m.encode() for m in markers]
         self._interval = interval
@@ -213,8 +217,9 @@ class TreeMemorySampler(threading.Thread):
 
     def _sample(self) -> None:
         table = _proc_table()
-        roots = {os.getpid()} | {pid for pid, (_, argv, _) in table.items()
-                                 if self._markers and any(m in b" ".join(argv) for m in self._markers)}
+        roots = {os.getpid()} | {
+            pid for pid, (_, argv, _) in table.items() if self._markers and any(m in b" ".join(argv) for m in self._markers)
+        }
         pids = _tree(table, roots)
         rss_total, pss_total = 0, 0
         by_label: dict[str, int] = {}

@@ -49,8 +49,13 @@ def on_device(batch: Batch, device: torch.device) -> Batch:
     """The batch's tensors on ``device`` (the model's); a no-op on the CPU."""
     if device.type == "cpu":
         return batch
-    return replace(batch, feats=batch.feats.to(device), feat_lens=batch.feat_lens.to(device),
-                   targets=batch.targets.to(device), target_lens=batch.target_lens.to(device))
+    return replace(
+        batch,
+        feats=batch.feats.to(device),
+        feat_lens=batch.feat_lens.to(device),
+        targets=batch.targets.to(device),
+        target_lens=batch.target_lens.to(device),
+    )
 
 
 def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
@@ -60,10 +65,19 @@ def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
         yield from batches
 
 
-def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, optimizer: torch.optim.Optimizer,
-                spec_augment_seed: int | None = 0, compute_weight: float = 0.0, ctc_weight: float = 0.0,
-                fastemit_lambda: float = 0.0, penalty: Callable[[nn.Module], Tensor] | None = None,
-                reweighter: Reweighter | None = None) -> StepStats:
+def train_steps(
+    model: Transducer,
+    batches: Sequence[Batch],
+    *,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    spec_augment_seed: int | None = 0,
+    compute_weight: float = 0.0,
+    ctc_weight: float = 0.0,
+    fastemit_lambda: float = 0.0,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
+    reweighter: Reweighter | None = None,
+) -> StepStats:
     """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None.
 
     Objective per batch, with L_i the transducer NLL of utterance i and N the batch's target tokens:
@@ -92,8 +106,9 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         if generator is not None:
             feats = spec_augment(feats, batch.feat_lens, generator=generator)
         moved = on_device(replace(batch, feats=feats), device)  # the reweighter sees ``batch``, unaugmented
-        out = model(moved.feats, moved.feat_lens, moved.targets, moved.target_lens,
-                    fastemit_lambda=fastemit_lambda, ctc=ctc_weight > 0)
+        out = model(
+            moved.feats, moved.feat_lens, moved.targets, moved.target_lens, fastemit_lambda=fastemit_lambda, ctc=ctc_weight > 0
+        )
         tokens = moved.target_lens.sum().clamp(min=1)
         loss = out.loss_per_utt.sum() / tokens
         if not math.isfinite(loss.item()):
@@ -105,8 +120,9 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         if reweighter is not None:
             weights = reweighter(batch, out.loss_per_utt).detach().to(out.loss_per_utt)
             if weights.shape != out.loss_per_utt.shape:
-                raise ValueError(f"reweighter returned weights of shape {tuple(weights.shape)} for a batch of "
-                                 f"{len(batch.ids)} utterances")
+                raise ValueError(
+                    f"reweighter returned weights of shape {tuple(weights.shape)} for a batch of {len(batch.ids)} utterances"
+                )
             objective = (weights * per_utt).sum() / tokens
         objective = objective + compute_weight * out.compute_cost
         if penalty is not None:
@@ -120,8 +136,13 @@ def train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, opti
         total_loss += loss.item()
         total_cost += float(out.compute_cost.detach())
         visits += len(batch.ids)
-    return StepStats(loss=total_loss / max(steps, 1), steps=steps, utterances=visits,
-                     compute_cost=total_cost / max(steps, 1), penalty=total_penalty / max(steps, 1))
+    return StepStats(
+        loss=total_loss / max(steps, 1),
+        steps=steps,
+        utterances=visits,
+        compute_cost=total_cost / max(steps, 1),
+        penalty=total_penalty / max(steps, 1),
+    )
 
 
 @torch.no_grad()
@@ -140,11 +161,17 @@ def transcribe(model: Transducer, batches: Sequence[Batch], tokenizer: Tokenizer
     return hyps
 
 
-def score(model: Transducer, utterances: Sequence[Utterance], *, features: FeatureCache, tokenizer: Tokenizer,
-          beam: int = 1, batch_frames: int = 8000) -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
+def score(
+    model: Transducer,
+    utterances: Sequence[Utterance],
+    *,
+    features: FeatureCache,
+    tokenizer: Tokenizer,
+    beam: int = 1,
+    batch_frames: int = 8000,
+) -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
     """Decode ``utterances`` and count word errors: (all together, per utterance id)."""
-    batches = make_batches(utterances, features=features, tokenizer=tokenizer, max_frames=batch_frames,
-                           shuffle=False, seed=0)
+    batches = make_batches(utterances, features=features, tokenizer=tokenizer, max_frames=batch_frames, shuffle=False, seed=0)
     hyps = transcribe(model, batches, tokenizer, beam=beam)
     per_utt = {u.id: error_counts([u.text], [hyps[u.id]]) for u in utterances if u.id in hyps}
     total = ErrorCounts(0, 0, 0)

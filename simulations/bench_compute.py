@@ -57,18 +57,39 @@ class BenchPlan:
 
 # CI-sized: a tiny corpus and model, minutes in all. The numbers only prove the pipeline runs.
 QUICK = BenchPlan(
-    overrides={"synth.speakers": 10, "synth.utterances": 8, "synth.seed": 5, "split.public-speakers": 6,
-               "split.heldout-speakers": 3, "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2,
-               "model.ffn-dim": 256, "model.vocab-size": 128, "model.init-checkpoint": "",
-               "train.batch-frames": 3000},
-    steps=24, amortized_steps=8, lambdas=(0.05, 0.2, 0.5, 1.0), eval_utterances=12, stream_utterances=3, repeats=1)
+    overrides={
+        "synth.speakers": 10,
+        "synth.utterances": 8,
+        "synth.seed": 5,
+        "split.public-speakers": 6,
+        "split.heldout-speakers": 3,
+        "model.d-model": 64,
+        "model.num-layers": 2,
+        "model.num-heads": 2,
+        "model.ffn-dim": 256,
+        "model.vocab-size": 128,
+        "model.init-checkpoint": "",
+        "train.batch-frames": 3000,
+    },
+    steps=24,
+    amortized_steps=8,
+    lambdas=(0.05, 0.2, 0.5, 1.0),
+    eval_utterances=12,
+    stream_utterances=3,
+    repeats=1,
+)
 # The README's table: the default corpus (24 public / 16 held-out speakers), 8 blocks (2.34 M parameters),
 # ~53 utterances per step. Its models were trained with `--train-device cuda` (3 base models side by side in
 # 3.5 min on one H200, then the 5 fine-tuned ones); on 2 CPU cores the training alone takes many hours.
 FULL = BenchPlan(
     overrides={"model.num-layers": 8, "model.init-checkpoint": "", "train.batch-frames": 16000},
-    steps=3200, amortized_steps=2500, lambdas=(0.1, 0.3, 1.0, 3.0), eval_utterances=320,
-    stream_utterances=16, repeats=3)
+    steps=3200,
+    amortized_steps=2500,
+    lambdas=(0.1, 0.3, 1.0, 3.0),
+    eval_utterances=320,
+    stream_utterances=16,
+    repeats=3,
+)
 
 
 def _params(model: torch.nn.Module | StreamingEncoder) -> int:
@@ -78,17 +99,18 @@ def _params(model: torch.nn.Module | StreamingEncoder) -> int:
 def _stream(model: Transducer, feats: torch.Tensor) -> None:
     state = model.init_stream(batch_size=1)
     for start in range(0, feats.shape[0], CHUNK_FRAMES):
-        state = model.stream(feats[None, start:start + CHUNK_FRAMES], state)
+        state = model.stream(feats[None, start : start + CHUNK_FRAMES], state)
 
 
 def _encoder_stream(model: Transducer, feats: torch.Tensor) -> None:
     state = model.encoder.init_state(batch_size=1)
     for start in range(0, feats.shape[0], CHUNK_FRAMES):
-        _, state = model.encoder.infer(feats[None, start:start + CHUNK_FRAMES], state)
+        _, state = model.encoder.infer(feats[None, start : start + CHUNK_FRAMES], state)
 
 
-def _measure(models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache,
-             repeats: int) -> dict[str, dict[str, float]]:
+def _measure(
+    models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache, repeats: int
+) -> dict[str, dict[str, float]]:
     """FLOPs and batch-1 streaming wall time of every model on the same utterances, interleaved."""
     feats = [torch.from_numpy(f.copy()) for f in (features.features(u) for u in utterances) if f is not None]
     audio_seconds = sum(f.shape[0] for f in feats) * 0.01  # 10 ms feature shift
@@ -124,8 +146,16 @@ def _base_config(plan: BenchPlan, workdir: Path) -> RunConfig:
     return RunConfig.from_flat({**RunConfig().to_flat(), **plan.overrides, "workdir": str(workdir)})
 
 
-def train_models(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool = True, progress: bool = True,
-                 device: str = "cpu", only: frozenset[str] | None = None) -> dict[str, Path]:
+def train_models(
+    plan: BenchPlan,
+    *,
+    workdir: Path,
+    bench_id: str,
+    reuse: bool = True,
+    progress: bool = True,
+    device: str = "cpu",
+    only: frozenset[str] | None = None,
+) -> dict[str, Path]:
     """Train (or reuse) every model of the benchmark; name -> best checkpoint.
 
     The amortized models start from the trained dense one, so they train after it. ``only`` trains a subset
@@ -134,11 +164,22 @@ def train_models(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool =
     """
     base = _base_config(plan, workdir)
     root = base.workdir_path / "runs" / bench_id
-    train_plan = TrainPlan(steps=plan.steps, eval_every=plan.steps, ckpt_every=max(1, plan.steps // 8),
-                           warmup=max(1, min(300, plan.steps // 10)), eval_utterances=plan.eval_utterances,
-                           device=device)
-    fine_tune = replace(train_plan, steps=plan.amortized_steps, warmup=1, peak_lr=train_plan.peak_lr / 4,
-                        eval_every=plan.amortized_steps, ckpt_every=max(1, plan.amortized_steps // 4))
+    train_plan = TrainPlan(
+        steps=plan.steps,
+        eval_every=plan.steps,
+        ckpt_every=max(1, plan.steps // 8),
+        warmup=max(1, min(300, plan.steps // 10)),
+        eval_utterances=plan.eval_utterances,
+        device=device,
+    )
+    fine_tune = replace(
+        train_plan,
+        steps=plan.amortized_steps,
+        warmup=1,
+        peak_lr=train_plan.peak_lr / 4,
+        eval_every=plan.amortized_steps,
+        ckpt_every=max(1, plan.amortized_steps // 4),
+    )
 
     def trained(name: str, model_cfg: ModelConfig, compute_weight: float, tplan: TrainPlan) -> Path:
         run_dir = root / name
@@ -148,8 +189,10 @@ def train_models(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool =
         cfg = replace(base, model=model_cfg, train=replace(base.train, compute_weight=compute_weight))
         return train_central(cfg, tplan, run_dir=run_dir, resume=reuse, progress=progress)
 
-    checkpoints = {name: trained(name, replace(base.model, name=name), 0.0, train_plan)
-                   for name in ("transformer", "sliding-window", "convrnnt")}
+    checkpoints = {
+        name: trained(name, replace(base.model, name=name), 0.0, train_plan)
+        for name in ("transformer", "sliding-window", "convrnnt")
+    }
     # The amortized models train `amortized_steps` more than the dense one; so does this dense reference, with
     # the same fine-tuning plan and no arbitrators, so that their WERs compare equal amounts of training.
     continued = replace(base.model, name="transformer", init_checkpoint=str(checkpoints["transformer"]))
@@ -160,14 +203,14 @@ def train_models(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool =
     return checkpoints
 
 
-def run_compute_bench(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool = True,
-                      progress: bool = True, train_device: str = "cpu") -> dict[str, Any]:
+def run_compute_bench(
+    plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool = True, progress: bool = True, train_device: str = "cpu"
+) -> dict[str, Any]:
     started = time.monotonic()
     base = _base_config(plan, workdir)
     prepared = prepare(base, progress=progress)
     root = base.workdir_path / "runs" / bench_id
-    checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress,
-                               device=train_device)
+    checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress, device=train_device)
 
     models = {name: load_checkpoint(path).build() for name, path in checkpoints.items()}
     by_speaker = prepared.corpus.by_speaker()
@@ -177,8 +220,12 @@ def run_compute_bench(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: b
     results: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         counts, _ = score(model, heldout, features=features, tokenizer=prepared.tokenizer)
-        results[name] = {"params": _params(model), "encoder_params": _params(model.encoder), "wer": counts.wer,
-                         "words": counts.words}
+        results[name] = {
+            "params": _params(model),
+            "encoder_params": _params(model.encoder),
+            "wer": counts.wer,
+            "words": counts.words,
+        }
     stream_utts = heldout[:: max(1, len(heldout) // plan.stream_utterances)][: plan.stream_utterances]
     for name, measured in _measure(models, stream_utts, features, plan.repeats).items():
         results[name].update(measured)
@@ -191,23 +238,38 @@ def run_compute_bench(plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: b
         row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
         row["relative_wer_vs_dense"] = row["wer"] / reference["wer"] if reference["wer"] > 0 else float("nan")
 
-    curve = [{"lambda": lam, **{k: results[f"amortized-lambda{lam:g}"][k] for k in
-                                ("wer", "relative_wer_vs_dense", "relative_flops_vs_dense", "relative_wall_vs_dense",
-                                 "executed_share")}} for lam in plan.lambdas]
+    curve = [
+        {
+            "lambda": lam,
+            **{
+                k: results[f"amortized-lambda{lam:g}"][k]
+                for k in ("wer", "relative_wer_vs_dense", "relative_flops_vs_dense", "relative_wall_vs_dense", "executed_share")
+            },
+        }
+        for lam in plan.lambdas
+    ]
     # The headline amortized model: the cheapest one within +3% relative WER of dense (the paper's operating
     # point), else the most accurate one.
     within = [c for c in curve if c["wer"] <= results[DENSE_CONTINUED]["wer"] * 1.03]
     chosen = min(within, key=lambda c: c["relative_flops_vs_dense"]) if within else min(curve, key=lambda c: c["wer"])
     summary = {
-        "models": {"transformer": dense, DENSE_CONTINUED: results[DENSE_CONTINUED],
-                   "sliding-window": results["sliding-window"],
-                   "convrnnt": results["convrnnt"], "amortized": {**results[f"amortized-lambda{chosen['lambda']:g}"],
-                                                                 "lambda": chosen["lambda"]}},
+        "models": {
+            "transformer": dense,
+            DENSE_CONTINUED: results[DENSE_CONTINUED],
+            "sliding-window": results["sliding-window"],
+            "convrnnt": results["convrnnt"],
+            "amortized": {**results[f"amortized-lambda{chosen['lambda']:g}"], "lambda": chosen["lambda"]},
+        },
         "amortized_curve": curve,
         "all_models": results,
-        "settings": {"plan": {k: v for k, v in asdict(plan).items()}, "chunk_ms": CHUNK_FRAMES * 10,
-                     "heldout_utterances": len(heldout), "stream_utterances": len(stream_utts),
-                     "threads_for_timing": 1, "torch": torch.__version__},
+        "settings": {
+            "plan": {k: v for k, v in asdict(plan).items()},
+            "chunk_ms": CHUNK_FRAMES * 10,
+            "heldout_utterances": len(heldout),
+            "stream_utterances": len(stream_utts),
+            "threads_for_timing": 1,
+            "torch": torch.__version__,
+        },
         "duration_s": round(time.monotonic() - started, 1),
         "run_dir": str(root),
     }
@@ -224,13 +286,20 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["all_models"]
-    lines = ["# Compute benchmark", "", f"Duration: {summary['duration_s']} s. Settings: `{json.dumps(summary['settings'])}`",
-             "", "| model | params | WER | rel. WER | encoder GFLOPs / audio s | rel. FLOPs | batch-1 RTF | rel. wall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Compute benchmark",
+        "",
+        f"Duration: {summary['duration_s']} s. Settings: `{json.dumps(summary['settings'])}`",
+        "",
+        "| model | params | WER | rel. WER | encoder GFLOPs / audio s | rel. FLOPs | batch-1 RTF | rel. wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['params']:,} | {r['wer']:.4f} | {r['relative_wer_vs_dense']:.3f} | "
-                     f"{r['encoder_gflops_per_audio_second']:.3f} | {r['relative_flops_vs_dense']:.3f} | "
-                     f"{r['batch1_streaming_rtf']:.4f} | {r['relative_wall_vs_dense']:.3f} |")
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['wer']:.4f} | {r['relative_wer_vs_dense']:.3f} | "
+            f"{r['encoder_gflops_per_audio_second']:.3f} | {r['relative_flops_vs_dense']:.3f} | "
+            f"{r['batch1_streaming_rtf']:.4f} | {r['relative_wall_vs_dense']:.3f} |"
+        )
     fig, ax = plt.subplots(figsize=(5.5, 4))
     curve = summary["amortized_curve"]
     ax.plot([c["relative_flops_vs_dense"] for c in curve], [c["wer"] for c in curve], "o-", label="amortized (lambda)")
@@ -250,8 +319,9 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
 def main(*, quick: bool, workdir: Path, bench_id: str, reuse: bool, as_json: bool, train_device: str = "cpu") -> None:
     plan = QUICK if quick else FULL
     with contextlib.redirect_stdout(sys.stderr):  # progress to stderr: stdout carries only the result
-        summary = run_compute_bench(plan, workdir=workdir, bench_id=bench_id, reuse=reuse,
-                                    progress=sys.stderr.isatty(), train_device=train_device)
+        summary = run_compute_bench(
+            plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=sys.stderr.isatty(), train_device=train_device
+        )
     if as_json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")

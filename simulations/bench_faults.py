@@ -33,8 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from client.device import start_supernode, stop_supernode
-from server.deploy import (CONNECTION_NAME, flower_env, make_dev_certificates, make_node_keys, register_supernodes,
-                           start_superlink, stop_process, wait_until_listening, write_flower_config)
+from server.deploy import (
+    CONNECTION_NAME,
+    flower_env,
+    make_dev_certificates,
+    make_node_keys,
+    register_supernodes,
+    start_superlink,
+    stop_process,
+    wait_until_listening,
+    write_flower_config,
+)
 from shared.config import RunConfig
 from shared.data.prepare import prepare
 from shared.files import write_text_atomic
@@ -48,13 +57,25 @@ DEVICES = 3
 REJOIN_AFTER_S = 5.0  # between a device's restarts
 # The tiny model of tests/conftest.py's TINY_RUN: 2 public + 2 held-out speakers on the server, 3 devices.
 FAULT_RUN: dict[str, Any] = {
-    "synth.speakers": 7, "synth.utterances": 6, "synth.seed": 3,
-    "split.public-speakers": 2, "split.heldout-speakers": 2,
-    "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-    "model.vocab-size": 128, "model.init-checkpoint": "",
-    "train.local-steps": 2, "train.batch-frames": 3000, "eval.heldout-utterances": 6,
-    "num-server-rounds": 4, "run-id": "faults",
-    "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 2,
+    "synth.speakers": 7,
+    "synth.utterances": 6,
+    "synth.seed": 3,
+    "split.public-speakers": 2,
+    "split.heldout-speakers": 2,
+    "model.d-model": 64,
+    "model.num-layers": 2,
+    "model.num-heads": 2,
+    "model.ffn-dim": 128,
+    "model.vocab-size": 128,
+    "model.init-checkpoint": "",
+    "train.local-steps": 2,
+    "train.batch-frames": 3000,
+    "eval.heldout-utterances": 6,
+    "num-server-rounds": 4,
+    "run-id": "faults",
+    "strategy.min-train-nodes": 2,
+    "strategy.min-evaluate-nodes": 2,
+    "strategy.min-available-nodes": 2,
     "strategy.timeout": 90.0,
 }
 
@@ -113,8 +134,9 @@ def _wait_for_log(log: Path, text: str, count: int, *, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _rejoin(start: Callable[[int], subprocess.Popen[bytes]], index: int, *,
-            timeout: float) -> tuple[subprocess.Popen[bytes], int]:
+def _rejoin(
+    start: Callable[[int], subprocess.Popen[bytes]], index: int, *, timeout: float
+) -> tuple[subprocess.Popen[bytes], int]:
     """Start device ``index`` again until the SuperLink lets it in: it refuses to activate a key it still
     counts as online (Flower: up to 2 heartbeat intervals, 60 s, after the device's last heartbeat), and the
     SuperNode then exits (code 305). Returns the running SuperNode and the number of starts."""
@@ -151,8 +173,7 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
     resume_overrides = root / "run_config_resume.toml"
     resume_overrides.write_text(overrides.read_text().replace("resume = false", "resume = true"))
     flwr_exe = str(Path(sys.executable).with_name("flwr"))
-    outcome: dict[str, Any] = {"devices": DEVICES, "rounds": cfg.num_server_rounds,
-                               "strategy_timeout_s": cfg.strategy.timeout}
+    outcome: dict[str, Any] = {"devices": DEVICES, "rounds": cfg.num_server_rounds, "strategy_timeout_s": cfg.strategy.timeout}
 
     def link() -> subprocess.Popen[bytes]:
         proc = start_superlink(certs=root / "pki", port=port, state_dir=root / "superlink")
@@ -161,15 +182,27 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
 
     def node(index: int) -> subprocess.Popen[bytes]:
         data, artifacts = devices[index]
-        return start_supernode(superlink=f"127.0.0.1:{port}", data_dir=data, artifacts_dir=artifacts,
-                               root_cert=certs.ca_cert, auth_key=keys[index].private_key, port=free_port(),
-                               state_dir=root / f"supernode-{index}")
+        return start_supernode(
+            superlink=f"127.0.0.1:{port}",
+            data_dir=data,
+            artifacts_dir=artifacts,
+            root_cert=certs.ca_cert,
+            auth_key=keys[index].private_key,
+            port=free_port(),
+            state_dir=root / f"supernode-{index}",
+        )
 
     def flwr_run(config: Path, name: str) -> subprocess.Popen[str]:
         log = (root / f"{name}.log").open("w")
-        return subprocess.Popen([flwr_exe, "run", str(REPO_ROOT), CONNECTION_NAME, "--run-config", str(config),
-                                 "--stream"], env=flower_env(flwr_home), cwd=REPO_ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [flwr_exe, "run", str(REPO_ROOT), CONNECTION_NAME, "--run-config", str(config), "--stream"],
+            env=flower_env(flwr_home),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     start = time.monotonic()
     superlink = link()
@@ -202,13 +235,14 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
         superlink = link()
         runs.append(flwr_run(resume_overrides, "flwr-run-resume"))
         if runs[-1].wait(timeout=timeout) != 0:
-            raise RuntimeError(f"the resumed `flwr run` exited with {runs[-1].returncode}; see "
-                               f"{root / 'flwr-run-resume.log'}")
+            raise RuntimeError(f"the resumed `flwr run` exited with {runs[-1].returncode}; see {root / 'flwr-run-resume.log'}")
         outcome["resume_s"] = round(time.monotonic() - restarted, 1)
         final = load_checkpoint(run_dir / "checkpoints" / "global.pt")
         outcome["final_round"] = int(final.meta["round"])
-        outcome["per_round"] = [{k: r.get(k) for k in ("round", "train_replies", "train_failures", "eval_replies",
-                                                       "eval_failures", "heldout_wer")} for r in _records(run_dir)]
+        outcome["per_round"] = [
+            {k: r.get(k) for k in ("round", "train_replies", "train_failures", "eval_replies", "eval_failures", "heldout_wer")}
+            for r in _records(run_dir)
+        ]
         outcome["resumed"] = "resuming run" in (root / "flwr-run-resume.log").read_text()
     finally:
         for proc in runs:
@@ -230,7 +264,11 @@ def main(*, workdir: Path, bench_id: str, as_json: bool) -> None:
         print(json.dumps(outcome))
         return
     for r in outcome["per_round"]:
-        print(f"round {r['round']}: train {r['train_replies']} ok / {r['train_failures']} failed, evaluate "
-              f"{r['eval_replies']} ok / {r['eval_failures']} failed, held-out WER {r['heldout_wer']}")
-    print(f"SuperLink killed after round 3 (committed: round {outcome['committed_round_at_kill']}); resumed: "
-          f"{outcome['resumed']}; final round {outcome['final_round']}; {outcome['seconds']} s in all")
+        print(
+            f"round {r['round']}: train {r['train_replies']} ok / {r['train_failures']} failed, evaluate "
+            f"{r['eval_replies']} ok / {r['eval_failures']} failed, held-out WER {r['heldout_wer']}"
+        )
+    print(
+        f"SuperLink killed after round 3 (committed: round {outcome['committed_round_at_kill']}); resumed: "
+        f"{outcome['resumed']}; final round {outcome['final_round']}; {outcome['seconds']} s in all"
+    )

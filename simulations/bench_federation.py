@@ -95,29 +95,47 @@ class FederationPlan:
     parallel: int | None = None  # devices training at once; None = the cores available
     seed: int = 0  # draws the baseline's devices
 
-    def with_changes(self, *, clients: int | None = None, per_round: int | None = None, rounds: int | None = None,
-                     parallel: int | None = None, overrides: Mapping[str, Any] | None = None) -> FederationPlan:
+    def with_changes(
+        self,
+        *,
+        clients: int | None = None,
+        per_round: int | None = None,
+        rounds: int | None = None,
+        parallel: int | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> FederationPlan:
         """A copy with the given fields changed (None keeps them); ``per_round`` is capped at ``clients`` when
         only ``clients`` changes. Raises ValueError / ConfigError on settings that cannot run."""
         clients = self.clients if clients is None else clients
         if per_round is None:
             per_round = min(self.per_round, clients)
-        plan = replace(self, clients=clients, per_round=per_round, rounds=self.rounds if rounds is None else rounds,
-                       parallel=self.parallel if parallel is None else parallel,
-                       overrides={**self.overrides, **(overrides or {})})
+        plan = replace(
+            self,
+            clients=clients,
+            per_round=per_round,
+            rounds=self.rounds if rounds is None else rounds,
+            parallel=self.parallel if parallel is None else parallel,
+            overrides={**self.overrides, **(overrides or {})},
+        )
         plan.config(Path("."), run_id="check")  # validates
         return plan
 
     def config(self, workdir: Path, *, run_id: str) -> RunConfig:
         """The federated run's config: overrides, sampling of K of N, enough synthetic speakers."""
         if self.clients < 2 or self.rounds < 1 or (self.parallel is not None and self.parallel < 1):
-            raise ValueError(f"need clients >= 2, rounds >= 1, parallel >= 1; got {self.clients}, {self.rounds}, "
-                             f"{self.parallel}")
+            raise ValueError(f"need clients >= 2, rounds >= 1, parallel >= 1; got {self.clients}, {self.rounds}, {self.parallel}")
         sampling = sampling_overrides(self.clients, self.per_round, parallel=self.parallel or available_cores())
         # An explicit override wins over the plan's sampling, e.g. strategy.max-in-flight=0 to measure Flower's
         # own send-everything-at-once.
-        flat = {**RunConfig().to_flat(), **sampling, **self.overrides,
-                "num-server-rounds": self.rounds, "workdir": str(workdir), "run-id": run_id, "resume": False}
+        flat = {
+            **RunConfig().to_flat(),
+            **sampling,
+            **self.overrides,
+            "num-server-rounds": self.rounds,
+            "workdir": str(workdir),
+            "run-id": run_id,
+            "resume": False,
+        }
         cfg = RunConfig.from_flat(flat)
         if cfg.corpus == "synth":
             needed = self.clients + cfg.split.public_speakers + cfg.split.heldout_speakers
@@ -128,17 +146,30 @@ class FederationPlan:
 
 # CI-sized: a TINY_RUN-like corpus and model (tests/conftest.py), 20 devices, 5 per round. Minutes in all.
 QUICK = FederationPlan(
-    clients=20, per_round=5, rounds=2,
-    overrides={"synth.speakers": 24, "synth.utterances": 6, "synth.seed": 3,
-               "split.public-speakers": 2, "split.heldout-speakers": 2,
-               "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-               "model.vocab-size": 128, "model.init-checkpoint": "", "train.local-steps": 2,
-               "train.batch-frames": 3000, "eval.heldout-utterances": 6})
+    clients=20,
+    per_round=5,
+    rounds=2,
+    overrides={
+        "synth.speakers": 24,
+        "synth.utterances": 6,
+        "synth.seed": 3,
+        "split.public-speakers": 2,
+        "split.heldout-speakers": 2,
+        "model.d-model": 64,
+        "model.num-layers": 2,
+        "model.num-heads": 2,
+        "model.ffn-dim": 128,
+        "model.vocab-size": 128,
+        "model.init-checkpoint": "",
+        "train.local-steps": 2,
+        "train.batch-frames": 3000,
+        "eval.heldout-utterances": 6,
+    },
+)
 # The issue's target: 1,000 speaker-devices, 50 per round, the default model and training. 1,040 synthetic
 # speakers (1,000 federated + 24 public + 16 held-out) with 8 utterances each keep synthesis to one pass of
 # ~8,300 utterances; a device then fine-tunes on 6 and evaluates on 2.
-FULL = FederationPlan(clients=1000, per_round=50, rounds=2,
-                      overrides={"synth.speakers": 1040, "synth.utterances": 8})
+FULL = FederationPlan(clients=1000, per_round=50, rounds=2, overrides={"synth.speakers": 1040, "synth.utterances": 8})
 
 
 # -- the pure baseline: the same device and server work, without Flower -----------------------------------
@@ -191,8 +222,7 @@ def _device_task(args: tuple[str, dict[str, Any], str, int, int]) -> float:
     return time.perf_counter() - start
 
 
-def _pure_rounds(cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint: Path,
-                 log: Any) -> list[dict[str, float]]:
+def _pure_rounds(cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint: Path, log: Any) -> list[dict[str, float]]:
     """Wall time of each round's work without Flower (the module docstring's definition)."""
     import torch
 
@@ -218,25 +248,42 @@ def _pure_rounds(cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint
             train_ids = rng.sample(range(plan.clients), plan.per_round)
             eval_ids = rng.sample(range(plan.clients), plan.per_round)
             c0, t0 = tree_cpu_seconds(), time.perf_counter()
-            device_train = list(pool.imap_unordered(
-                _device_task, [("train", flat, str(checkpoint), p, server_round) for p in train_ids], chunksize=1))
+            device_train = list(
+                pool.imap_unordered(
+                    _device_task, [("train", flat, str(checkpoint), p, server_round) for p in train_ids], chunksize=1
+                )
+            )
             t1 = time.perf_counter()
-            device_eval = list(pool.imap_unordered(
-                _device_task, [("eval", flat, str(checkpoint), p, server_round) for p in eval_ids], chunksize=1))
+            device_eval = list(
+                pool.imap_unordered(
+                    _device_task, [("eval", flat, str(checkpoint), p, server_round) for p in eval_ids], chunksize=1
+                )
+            )
             t2 = time.perf_counter()
             with torch.no_grad():
                 score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
             t3, c3 = time.perf_counter(), tree_cpu_seconds()
-            rounds.append({"seconds": t3 - t0, "cpu_s": c3 - c0, "train_s": t1 - t0, "device_eval_s": t2 - t1,
-                           "server_eval_s": t3 - t2, "device_train_task_s_mean": statistics.fmean(device_train),
-                           "device_eval_task_s_mean": statistics.fmean(device_eval)})
-            log(f"baseline round {server_round}/{plan.rounds}: {t3 - t0:.1f} s (train {t1 - t0:.1f}, device eval "
-                f"{t2 - t1:.1f}, server eval {t3 - t2:.1f})")
+            rounds.append(
+                {
+                    "seconds": t3 - t0,
+                    "cpu_s": c3 - c0,
+                    "train_s": t1 - t0,
+                    "device_eval_s": t2 - t1,
+                    "server_eval_s": t3 - t2,
+                    "device_train_task_s_mean": statistics.fmean(device_train),
+                    "device_eval_task_s_mean": statistics.fmean(device_eval),
+                }
+            )
+            log(
+                f"baseline round {server_round}/{plan.rounds}: {t3 - t0:.1f} s (train {t1 - t0:.1f}, device eval "
+                f"{t2 - t1:.1f}, server eval {t3 - t2:.1f})"
+            )
     return rounds
 
 
-def _pure_rounds_in_own_session(cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint: Path,
-                                log: Any) -> list[dict[str, float]]:
+def _pure_rounds_in_own_session(
+    cfg: RunConfig, plan: FederationPlan, parallel: int, checkpoint: Path, log: Any
+) -> list[dict[str, float]]:
     """:func:`_pure_rounds` in a child process that leads a session of its own, as the Flower side's
     SuperLink does (``simulations.simulate``). Linux's autogroup scheduler (``kernel.sched_autogroup_enabled``)
     shares the CPU between sessions, not processes: run inside this process's session, the baseline would
@@ -251,12 +298,21 @@ def _pure_rounds_in_own_session(cfg: RunConfig, plan: FederationPlan, parallel: 
 
     with tempfile.TemporaryDirectory(prefix="chorus-baseline-") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec.write_text(json.dumps({"flat": cfg.to_flat(), "clients": plan.clients, "per_round": plan.per_round,
-                                    "rounds": plan.rounds, "seed": plan.seed, "parallel": parallel,
-                                    "checkpoint": str(checkpoint)}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "flat": cfg.to_flat(),
+                    "clients": plan.clients,
+                    "per_round": plan.per_round,
+                    "rounds": plan.rounds,
+                    "seed": plan.seed,
+                    "parallel": parallel,
+                    "checkpoint": str(checkpoint),
+                }
+            )
+        )
         code = "import sys; from simulations.bench_federation import _baseline_child; _baseline_child(*sys.argv[1:])"
-        proc = subprocess.Popen([sys.executable, "-c", code, str(spec), str(result)], cwd=REPO_ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(spec), str(result)], cwd=REPO_ROOT, start_new_session=True)
         try:
             status = proc.wait()
         finally:
@@ -271,10 +327,10 @@ def _baseline_child(spec_path: str, result_path: str) -> None:
     """Entry point of :func:`_pure_rounds_in_own_session`'s child: read the spec, write the rounds."""
     spec = json.loads(Path(spec_path).read_text())
     cfg = RunConfig.from_flat(spec["flat"])
-    plan = FederationPlan(clients=spec["clients"], per_round=spec["per_round"], rounds=spec["rounds"],
-                          seed=spec["seed"])
-    rounds = _pure_rounds(cfg, plan, spec["parallel"], Path(spec["checkpoint"]),
-                          lambda msg: print(msg, file=sys.stderr, flush=True))
+    plan = FederationPlan(clients=spec["clients"], per_round=spec["per_round"], rounds=spec["rounds"], seed=spec["seed"])
+    rounds = _pure_rounds(
+        cfg, plan, spec["parallel"], Path(spec["checkpoint"]), lambda msg: print(msg, file=sys.stderr, flush=True)
+    )
     Path(result_path).write_text(json.dumps(rounds))
 
 
@@ -304,8 +360,9 @@ def in_memory_federation(nodes: int) -> tuple[Any, Any, list[int]]:
     assert isinstance(state, InMemoryLinkState)  # FLWR_IN_MEMORY_DB_NAME; its tables are filled in below
     node_ids = []
     for _ in range(nodes):
-        node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32),
-                                    heartbeat_interval=HEARTBEAT_INTERVAL_INF)
+        node_id = state.create_node(
+            NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32), heartbeat_interval=HEARTBEAT_INTERVAL_INF
+        )
         state.acknowledge_node_heartbeat(node_id=node_id, heartbeat_interval=HEARTBEAT_INTERVAL_INF)
         node_ids.append(node_id)
     run = Run.create_empty(run_id=_RUN_ID)
@@ -328,8 +385,12 @@ def engine_poll_sweep_ms(nodes: int, waiting: int, *, sweeps: int = 3) -> float:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = _RUN_ID, _SERVER_NODE_ID, _TASK_ID
     try:
         state, grid, node_ids = in_memory_federation(nodes)
-        grid.push_messages([Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
-                                    message_type="train") for node in node_ids[:waiting]])
+        grid.push_messages(
+            [
+                Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type="train")
+                for node in node_ids[:waiting]
+            ]
+        )
         start = time.thread_time()
         for _ in range(sweeps):
             for node_id in node_ids:
@@ -342,12 +403,14 @@ def engine_poll_sweep_ms(nodes: int, waiting: int, *, sweeps: int = 3) -> float:
 
 # -- the benchmark ------------------------------------------------------------------------------------------
 
+
 def _gib(n: int) -> float:
     return round(n / 2**30, 3)
 
 
-def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, progress: bool = False,
-                         log: Any = None) -> dict[str, Any]:
+def run_federation_bench(
+    plan: FederationPlan, *, workdir: Path, bench_id: str, progress: bool = False, log: Any = None
+) -> dict[str, Any]:
     """Run the federation and its baseline; write ``runs/<bench-id>/bench.json`` and ``report.md``; return the
     summary."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -373,8 +436,7 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
             poll[name] = {"waiting": waiting, "sweep_cpu_ms": round(engine_poll_sweep_ms(plan.clients, waiting), 2)}
     log(f"Flower's simulation engine, one poll sweep over {plan.clients} nodes: {poll}")
 
-    log(f"federation: {plan.clients} devices, {plan.per_round} per round, {plan.rounds} rounds, "
-        f"{parallel} training at once")
+    log(f"federation: {plan.clients} devices, {plan.per_round} per round, {plan.rounds} rounds, {parallel} training at once")
     t = time.monotonic()
     metrics_file = cfg.workdir_path / "runs" / cfg.run_id / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)  # a previous run's lines would be taken for this one's rounds
@@ -393,32 +455,34 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
     # CPU time of the whole tree in each round: from the first sample that saw round r-1's metrics line to the
     # first that saw round r's (line r holds round r - 1; line 1 is round 0, the initial evaluation).
     marks = federation_memory.cpu_at_lines
-    round_cpu = [marks[r + 1] - marks[r] if r in marks and r + 1 in marks else None
-                 for r in range(1, len(rounds) + 1)]
+    round_cpu = [marks[r + 1] - marks[r] if r in marks and r + 1 in marks else None for r in range(1, len(rounds) + 1)]
     pure_cpu = [p["cpu_s"] for p in pure]
     known_cpu = [c for c in round_cpu if c is not None]
     cpu_ok = bool(round_cpu) and len(known_cpu) == len(round_cpu)
     cpu_ratio = sum(known_cpu) / sum(pure_cpu) if cpu_ok and sum(pure_cpu) > 0 else None
-    cpu_steady = (sum(known_cpu[1:]) / sum(pure_cpu[1:])
-                  if cpu_ok and len(known_cpu) > 1 and sum(pure_cpu[1:]) > 0 else None)
+    cpu_steady = sum(known_cpu[1:]) / sum(pure_cpu[1:]) if cpu_ok and len(known_cpu) > 1 and sum(pure_cpu[1:]) > 0 else None
 
     ratio = sum(round_seconds) / sum(pure_seconds) if round_seconds and sum(pure_seconds) > 0 else None
     # The training phase alone ("pure local-training time"): from sampling to the aggregated model, against
     # the baseline's K devices' fine-tuning.
     train_phase = [float(r["train_seconds"]) for r in rounds if "train_seconds" in r]
     pure_train = [p["train_s"] for p in pure]
-    train_ratio = (sum(train_phase) / sum(pure_train)
-                   if len(train_phase) == len(pure_train) and sum(pure_train) > 0 else None)
-    train_steady = (sum(train_phase[1:]) / sum(pure_train[1:])
-                    if train_ratio is not None and len(train_phase) > 1 and sum(pure_train[1:]) > 0 else None)
+    train_ratio = sum(train_phase) / sum(pure_train) if len(train_phase) == len(pure_train) and sum(pure_train) > 0 else None
+    train_steady = (
+        sum(train_phase[1:]) / sum(pure_train[1:])
+        if train_ratio is not None and len(train_phase) > 1 and sum(pure_train[1:]) > 0
+        else None
+    )
     loads = (statistics.fmean(federation_memory.loadavg), statistics.fmean(baseline_memory.loadavg))
     # Both sides load the machine with about `parallel` busy processes; much more means other work competed
     # with them, unevenly over time, and the wall-time ratio says more about that than about Flower.
     reliable = max(loads) <= parallel + RELIABLE_EXTRA_LOAD
-    steady = (sum(round_seconds[1:]) / sum(pure_seconds[1:])
-              if len(round_seconds) > 1 and sum(pure_seconds[1:]) > 0 else None)
+    steady = sum(round_seconds[1:]) / sum(pure_seconds[1:]) if len(round_seconds) > 1 and sum(pure_seconds[1:]) > 0 else None
     summary: dict[str, Any] = {
-        "clients": plan.clients, "per_round": plan.per_round, "rounds": plan.rounds, "parallel": parallel,
+        "clients": plan.clients,
+        "per_round": plan.per_round,
+        "rounds": plan.rounds,
+        "parallel": parallel,
         "rounds_completed": len(rounds),
         "round_seconds": round_seconds,
         "mean_round_seconds": statistics.fmean(round_seconds) if round_seconds else None,
@@ -454,12 +518,14 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
         "train_replies": [r.get("train_replies") for r in rounds],
         "train_failures": [r.get("train_failures") for r in rounds],
         "eval_replies": [r.get("eval_replies") for r in rounds],
-        "targets": {"peak_rss_gib_below": TARGET_PEAK_RSS_GIB, "overhead_ratio_at_most": TARGET_OVERHEAD_RATIO,
-                    "peak_rss_met": federation_memory.peak_rss < TARGET_PEAK_RSS_GIB * 2**30,
-                    # null: not measurable here (the machine was busy with other work, see timing_reliable)
-                    "overhead_ratio_met": (None if not reliable
-                                           else ratio is not None and ratio <= TARGET_OVERHEAD_RATIO),
-                    "at_target_scale": plan.clients >= 1000 and plan.per_round >= 50},
+        "targets": {
+            "peak_rss_gib_below": TARGET_PEAK_RSS_GIB,
+            "overhead_ratio_at_most": TARGET_OVERHEAD_RATIO,
+            "peak_rss_met": federation_memory.peak_rss < TARGET_PEAK_RSS_GIB * 2**30,
+            # null: not measurable here (the machine was busy with other work, see timing_reliable)
+            "overhead_ratio_met": (None if not reliable else ratio is not None and ratio <= TARGET_OVERHEAD_RATIO),
+            "at_target_scale": plan.clients >= 1000 and plan.per_round >= 50,
+        },
         "prepare_s": round(prepare_s, 1),
         "simulation_s": round(simulation_s, 1),  # `flwr run` from start to exit: Ray start, round 0, report
         "duration_s": round(time.monotonic() - started, 1),
@@ -467,11 +533,17 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
         # Load on the machine while each side ran (1-minute average; this run alone would be about `parallel`):
         "loadavg_federation": round(loads[0], 2),
         "loadavg_baseline": round(loads[1], 2),
-        "settings": {"plan": {**asdict(plan), "overrides": dict(plan.overrides)},
-                     "model": cfg.model.name, "d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers,
-                     "local_steps": cfg.train.local_steps, "synth_speakers": cfg.synth.speakers,
-                     "synth_utterances": cfg.synth.utterances, "heldout_utterances": cfg.eval.heldout_utterances,
-                     "sample_interval_s": SAMPLE_INTERVAL},
+        "settings": {
+            "plan": {**asdict(plan), "overrides": dict(plan.overrides)},
+            "model": cfg.model.name,
+            "d_model": cfg.model.d_model,
+            "num_layers": cfg.model.num_layers,
+            "local_steps": cfg.train.local_steps,
+            "synth_speakers": cfg.synth.speakers,
+            "synth_utterances": cfg.synth.utterances,
+            "heldout_utterances": cfg.eval.heldout_utterances,
+            "sample_interval_s": SAMPLE_INTERVAL,
+        },
         "run_dir": str(root),
         "simulation_dir": str(run_dir),
     }
@@ -482,25 +554,36 @@ def run_federation_bench(plan: FederationPlan, *, workdir: Path, bench_id: str, 
 
 def _report(root: Path, s: dict[str, Any]) -> None:
     lines = [
-        "# Federation benchmark", "",
+        "# Federation benchmark",
+        "",
         f"{s['clients']} simulated devices, {s['per_round']} per round, {s['rounds_completed']}/{s['rounds']} rounds, "
         f"{s['parallel']} training at once ({s['cores_available']} cores available; mean 1-min load average "
         f"{s['loadavg_federation']} during the federated run, {s['loadavg_baseline']} during the baseline). "
         f"Duration {s['duration_s']} s (corpus {s['prepare_s']} s, `flwr run` {s['simulation_s']} s). "
-        f"Federated run: `{s['simulation_dir']}`.", "",
-        "| round | Flower round (s) | same work without Flower (s) | ratio | baseline: train / device eval / server "
-        "eval (s) |", "|---:|---:|---:|---:|---|"]
+        f"Federated run: `{s['simulation_dir']}`.",
+        "",
+        "| round | Flower round (s) | same work without Flower (s) | ratio | baseline: train / device eval / server eval (s) |",
+        "|---:|---:|---:|---:|---|",
+    ]
     for i, (f, p) in enumerate(zip(s["round_seconds"], s["pure_round_seconds"]), start=1):
         b = s["pure_breakdown"][i - 1]
-        lines.append(f"| {i} | {f:.1f} | {p:.1f} | {f / p:.3f} | {b['train_s']:.1f} / {b['device_eval_s']:.1f} / "
-                     f"{b['server_eval_s']:.1f} |")
+        lines.append(
+            f"| {i} | {f:.1f} | {p:.1f} | {f / p:.3f} | {b['train_s']:.1f} / {b['device_eval_s']:.1f} / "
+            f"{b['server_eval_s']:.1f} |"
+        )
     t = s["targets"]
-    verdict = {True: "met", False: "not met", None: "not measurable here: the machine was busy with other work "
-               "(load above `parallel` + " f"{RELIABLE_EXTRA_LOAD}), see the CPU-time ratio"}[t["overhead_ratio_met"]]
+    verdict = {
+        True: "met",
+        False: "not met",
+        None: "not measurable here: the machine was busy with other work "
+        "(load above `parallel` + "
+        f"{RELIABLE_EXTRA_LOAD}), see the CPU-time ratio",
+    }[t["overhead_ratio_met"]]
     lines += [
-        "", f"- overhead ratio (sum of round times / sum of baseline times): **{s['overhead_ratio']}** "
-            f"(target <= {t['overhead_ratio_at_most']}: {verdict}); rounds 2..R only (after the simulation's cold "
-            f"start): {s['overhead_ratio_steady']}",
+        "",
+        f"- overhead ratio (sum of round times / sum of baseline times): **{s['overhead_ratio']}** "
+        f"(target <= {t['overhead_ratio_at_most']}: {verdict}); rounds 2..R only (after the simulation's cold "
+        f"start): {s['overhead_ratio_steady']}",
         f"- training phase alone (sampling to aggregated model, vs the K devices' fine-tuning): "
         f"**{s['train_overhead_ratio']}** (rounds 2..R: {s['train_overhead_ratio_steady']}); per round "
         f"{s['train_phase_seconds']} s vs {s['pure_train_phase_seconds']} s",
@@ -511,10 +594,20 @@ def _report(root: Path, s: dict[str, Any]) -> None:
         f"processes at most, {s['memory_samples']} samples (the sampler used {s['sampler_cpu_seconds']} CPU s)",
         f"- messages waiting for devices at once (`strategy.max-in-flight`, 0: all): {s['max_in_flight']}",
         f"- at the issue's scale (1,000 devices, 50 per round): {'yes' if t['at_target_scale'] else 'no'}",
-        "", "RSS by process at the peak (GiB):", "", "| process | RSS |", "|---|---:|"]
+        "",
+        "RSS by process at the peak (GiB):",
+        "",
+        "| process | RSS |",
+        "|---|---:|",
+    ]
     lines += [f"| `{k}` | {v} |" for k, v in s["peak_rss_gib_by_process"].items()]
-    lines += ["", "CPU seconds by process over the whole `flwr run` (start-up, round 0 and every round):", "",
-              "| process | CPU s |", "|---|---:|"]
+    lines += [
+        "",
+        "CPU seconds by process over the whole `flwr run` (start-up, round 0 and every round):",
+        "",
+        "| process | CPU s |",
+        "|---|---:|",
+    ]
     lines += [f"| `{k}` | {v} |" for k, v in s["federation_cpu_seconds_by_process"].items()]
     lines += ["", "Definitions: `simulations/bench_federation.py` (module docstring).", ""]
     (root / "report.md").write_text("\n".join(lines))

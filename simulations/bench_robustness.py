@@ -67,8 +67,9 @@ class RobustnessPlan:
     attacks: tuple[str, ...]
     defenses: tuple[str, ...]
 
-    def with_changes(self, *, attacks: str | None = None, defenses: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> RobustnessPlan:
+    def with_changes(
+        self, *, attacks: str | None = None, defenses: str | None = None, overrides: dict[str, Any] | None = None
+    ) -> RobustnessPlan:
         """The plan with a subset of attacks / defenses (comma-separated) and extra run-config keys (``--set``);
         raises ValueError naming an unknown attack, defense or key."""
         plan = self
@@ -91,17 +92,33 @@ class RobustnessPlan:
 # CI-sized: a tiny model on 10 devices; its numbers prove the pipeline only (the model is untrained).
 QUICK = RobustnessPlan(
     name="quick",
-    overrides={"synth.speakers": 14, "synth.utterances": 6, "synth.seed": 3, "split.public-speakers": 2,
-               "split.heldout-speakers": 2, "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2,
-               "model.ffn-dim": 128, "model.vocab-size": 128, "model.init-checkpoint": "", "train.local-steps": 2,
-               "train.batch-frames": 3000, "eval.heldout-utterances": 6},
-    rounds=1, shares=(0.2,), attacks=("nan", "scaled", "sign-flip"), defenses=("fedavg", "fedmedian", "krum"))
+    overrides={
+        "synth.speakers": 14,
+        "synth.utterances": 6,
+        "synth.seed": 3,
+        "split.public-speakers": 2,
+        "split.heldout-speakers": 2,
+        "model.d-model": 64,
+        "model.num-layers": 2,
+        "model.num-heads": 2,
+        "model.ffn-dim": 128,
+        "model.vocab-size": 128,
+        "model.init-checkpoint": "",
+        "train.local-steps": 2,
+        "train.batch-frames": 3000,
+        "eval.heldout-utterances": 6,
+    },
+    rounds=1,
+    shares=(0.2,),
+    attacks=("nan", "scaled", "sign-flip"),
+    defenses=("fedavg", "fedmedian", "krum"),
+)
 # The documented setting: the default corpus (20 devices) from the shipped base, 2 rounds.
-FULL = RobustnessPlan(name="full", overrides={}, rounds=2, shares=(0.1, 0.2), attacks=ATTACKS,
-                      defenses=tuple(DEFENSES))
+FULL = RobustnessPlan(name="full", overrides={}, rounds=2, shares=(0.1, 0.2), attacks=ATTACKS, defenses=tuple(DEFENSES))
 
 
 # -- malicious devices -------------------------------------------------------------------------------------------
+
 
 def _shuffled(data: DeviceData, seed: int) -> DeviceData:
     """The device's training utterances with their transcripts shuffled among them (the audio stays)."""
@@ -128,8 +145,9 @@ class Attacker:
             data = _shuffled(node_data(cfg, context.node_config), seed=context.node_id)
             server_round = int(scalar(config_record(msg.content, "config"), "server-round"))
             update = fine_tune(cfg, sent, data, server_round=server_round, partition_id=context.node_id - 1)
-            return Message(RecordDict({"arrays": ArrayRecord(update.state_dict),
-                                       "metrics": MetricRecord(update.metrics())}), reply_to=msg)
+            return Message(
+                RecordDict({"arrays": ArrayRecord(update.state_dict), "metrics": MetricRecord(update.metrics())}), reply_to=msg
+            )
         honest = client_app.app(msg, context)
         if honest.has_error():
             return honest
@@ -157,8 +175,8 @@ def _norm(state: dict[str, torch.Tensor]) -> float:
 
 # -- the bench ---------------------------------------------------------------------------------------------------
 
-def _run(plan: RobustnessPlan, cfg_flat: dict[str, Any], *, attack: str | None, malicious: int,
-         run_id: str) -> dict[str, Any]:
+
+def _run(plan: RobustnessPlan, cfg_flat: dict[str, Any], *, attack: str | None, malicious: int, run_id: str) -> dict[str, Any]:
     cfg = RunConfig.from_flat({**cfg_flat, "run-id": run_id})
     devices = cfg.synth.speakers - cfg.split.public_speakers - cfg.split.heldout_speakers
     app = client_app.app if attack is None else Attacker(attack, set(range(1, malicious + 1)))
@@ -168,11 +186,14 @@ def _run(plan: RobustnessPlan, cfg_flat: dict[str, Any], *, attack: str | None, 
         run_dir = run_federation(grid, cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    return {"heldout_wer": last["heldout_wer"], "heldout_words": last["heldout_words"],
-            "start_wer": records[0]["heldout_wer"],
-            "rejected_updates": sum(int(r.get("rejected_updates", 0)) for r in records[1:]),
-            "aggregated_rounds": sum(bool(r.get("aggregated")) for r in records[1:]),
-            "seconds": round(time.monotonic() - start, 1)}
+    return {
+        "heldout_wer": last["heldout_wer"],
+        "heldout_words": last["heldout_words"],
+        "start_wer": records[0]["heldout_wer"],
+        "rejected_updates": sum(int(r.get("rejected_updates", 0)) for r in records[1:]),
+        "aggregated_rounds": sum(bool(r.get("aggregated")) for r in records[1:]),
+        "seconds": round(time.monotonic() - start, 1),
+    }
 
 
 def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str, Any]:
@@ -181,9 +202,13 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
     cfg = RunConfig.from_flat(flat)
     prepare(cfg)  # the corpus and artifacts once, before any run
     devices = cfg.synth.speakers - cfg.split.public_speakers - cfg.split.heldout_speakers
-    every = {"strategy.min-train-nodes": devices, "strategy.min-evaluate-nodes": devices,
-             "strategy.min-available-nodes": devices, "strategy.fraction-train": 1.0,
-             "strategy.fraction-evaluate": 1.0}
+    every = {
+        "strategy.min-train-nodes": devices,
+        "strategy.min-evaluate-nodes": devices,
+        "strategy.min-available-nodes": devices,
+        "strategy.fraction-train": 1.0,
+        "strategy.fraction-evaluate": 1.0,
+    }
     start = time.monotonic()
     clean: dict[str, dict[str, Any]] = {}
     for defense in plan.defenses:
@@ -195,21 +220,42 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
         malicious = max(1, math.ceil(share * devices))
         for attack in plan.attacks:
             for defense in plan.defenses:
-                keys = {**flat, **every, **DEFENSES[defense], "strategy.num-malicious": malicious,
-                        # a round aggregates what survives validation: the honest devices
-                        "strategy.min-train-nodes": devices - malicious}
-                result = _run(plan, keys, attack=attack, malicious=malicious,
-                              run_id=f"{bench_id}-{attack}-{defense}-{malicious}of{devices}")
+                keys = {
+                    **flat,
+                    **every,
+                    **DEFENSES[defense],
+                    "strategy.num-malicious": malicious,
+                    # a round aggregates what survives validation: the honest devices
+                    "strategy.min-train-nodes": devices - malicious,
+                }
+                result = _run(
+                    plan, keys, attack=attack, malicious=malicious, run_id=f"{bench_id}-{attack}-{defense}-{malicious}of{devices}"
+                )
                 reference = clean["fedavg"]["heldout_wer"] if "fedavg" in clean else clean[defense]["heldout_wer"]
-                result.update(share=share, malicious=malicious, attack=attack, defense=defense,
-                              relative_to_clean_fedavg=(result["heldout_wer"] / reference - 1.0) if reference else None)
+                result.update(
+                    share=share,
+                    malicious=malicious,
+                    attack=attack,
+                    defense=defense,
+                    relative_to_clean_fedavg=(result["heldout_wer"] / reference - 1.0) if reference else None,
+                )
                 cells.append(result)
-                print(f"{attack} x {defense}, {malicious}/{devices} malicious: held-out WER "
-                      f"{result['heldout_wer']:.4f} ({result['rejected_updates']} rejected)", file=sys.stderr,
-                      flush=True)
-    summary = {"bench": "robustness", "plan": plan.name, "devices": devices, "rounds": plan.rounds,
-               "settings": plan.overrides, "clean": clean, "attacked": cells,
-               "seconds": round(time.monotonic() - start, 1)}
+                print(
+                    f"{attack} x {defense}, {malicious}/{devices} malicious: held-out WER "
+                    f"{result['heldout_wer']:.4f} ({result['rejected_updates']} rejected)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    summary = {
+        "bench": "robustness",
+        "plan": plan.name,
+        "devices": devices,
+        "rounds": plan.rounds,
+        "settings": plan.overrides,
+        "clean": clean,
+        "attacked": cells,
+        "seconds": round(time.monotonic() - start, 1),
+    }
     out = workdir / "runs" / bench_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(summary, indent=1))
@@ -219,15 +265,23 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
 
 def _table(summary: dict[str, Any]) -> list[str]:
     defenses = list(summary["clean"])
-    lines = [f"# Robustness ({summary['devices']} devices, {summary['rounds']} rounds, plan {summary['plan']})", "",
-             "Held-out WER after the last round (rejected updates over all rounds).", "",
-             "| attack | malicious | " + " | ".join(defenses) + " |", "|---|---|" + "---|" * len(defenses),
-             "| none | 0 | " + " | ".join(f"{summary['clean'][d]['heldout_wer']:.3f}" for d in defenses) + " |"]
+    lines = [
+        f"# Robustness ({summary['devices']} devices, {summary['rounds']} rounds, plan {summary['plan']})",
+        "",
+        "Held-out WER after the last round (rejected updates over all rounds).",
+        "",
+        "| attack | malicious | " + " | ".join(defenses) + " |",
+        "|---|---|" + "---|" * len(defenses),
+        "| none | 0 | " + " | ".join(f"{summary['clean'][d]['heldout_wer']:.3f}" for d in defenses) + " |",
+    ]
     keys = sorted({(c["attack"], c["malicious"]) for c in summary["attacked"]}, key=lambda k: (k[1], k[0]))
     for attack, malicious in keys:
         row = {c["defense"]: c for c in summary["attacked"] if (c["attack"], c["malicious"]) == (attack, malicious)}
-        lines.append(f"| {attack} | {malicious} | " + " | ".join(
-            f"{row[d]['heldout_wer']:.3f} ({row[d]['rejected_updates']})" if d in row else "" for d in defenses) + " |")
+        lines.append(
+            f"| {attack} | {malicious} | "
+            + " | ".join(f"{row[d]['heldout_wer']:.3f} ({row[d]['rejected_updates']})" if d in row else "" for d in defenses)
+            + " |"
+        )
     return lines
 
 

@@ -26,11 +26,13 @@ def run_synth_bench(*, speakers: int, utterances: int, seed: int = 17) -> dict[s
     with tempfile.TemporaryDirectory(prefix="chorus-bench-synth-") as tmp:
         for label, workers in (("one_worker", 1), ("all_cores", cores)):
             start = time.monotonic()
-            synthesize(Path(tmp) / label, speakers=speakers, utterances=utterances, seed=seed, workers=workers,
-                       progress=False)
+            synthesize(Path(tmp) / label, speakers=speakers, utterances=utterances, seed=seed, workers=workers, progress=False)
             seconds = time.monotonic() - start
-            result[label] = {"workers": workers, "seconds": round(seconds, 2),
-                             "utterances_per_second": round(speakers * utterances / seconds, 2)}
+            result[label] = {
+                "workers": workers,
+                "seconds": round(seconds, 2),
+                "utterances_per_second": round(speakers * utterances / seconds, 2),
+            }
     result["speedup"] = round(result["one_worker"]["seconds"] / result["all_cores"]["seconds"], 2)
     return result
 

@@ -13,8 +13,9 @@ from server.deploy import server_cli
 from shared.config import ConfigError, RunConfig
 from shared.console import fail
 
-app = typer.Typer(help="Chorus: federated edge learning for streaming speech recognition.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Chorus: federated edge learning for streaming speech recognition.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 data_app = typer.Typer(help="Corpora and artifacts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(server_cli, name="server")
@@ -26,8 +27,10 @@ app.add_typer(model_app, name="model")
 eval_app = typer.Typer(help="Evaluations (JSON on stdout, a report under runs/<id>/).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Run-config override KEY=VALUE (keys as in pyproject's \\[tool.flwr.app.config]); repeatable.")]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Run-config override KEY=VALUE (keys as in pyproject's \\[tool.flwr.app.config]); repeatable."),
+]
 
 
 def _parse_sets(overrides: list[str] | None) -> dict[str, bool | int | float | str]:
@@ -77,19 +80,25 @@ def data_prepare(set_: SetOption = None) -> None:
 
     prepared = prepare(_config(set_))
     split = prepared.split
-    typer.echo(f"Corpus {prepared.corpus.root}: {len(prepared.corpus.utterances)} utterances, "
-               f"{len(prepared.corpus.skipped)} skipped; speakers public {len(split.public)}, federated "
-               f"{len(split.federated)}, held-out {len(split.heldout)}; artifacts {prepared.artifacts}")
+    typer.echo(
+        f"Corpus {prepared.corpus.root}: {len(prepared.corpus.utterances)} utterances, "
+        f"{len(prepared.corpus.skipped)} skipped; speakers public {len(split.public)}, federated "
+        f"{len(split.federated)}, held-out {len(split.heldout)}; artifacts {prepared.artifacts}"
+    )
 
 
 @app.command("simulate")
 def simulate_cmd(
     clients: Annotated[int, typer.Option(min=2, help="Simulated devices (one speaker each).")] = 20,
-    per_round: Annotated[Optional[int], typer.Option(
-        min=1, help="Devices sampled per round for training (and, separately, for evaluation); default: all.")] = None,
+    per_round: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Devices sampled per round for training (and, separately, for evaluation); default: all."),
+    ] = None,
     rounds: Annotated[int, typer.Option(min=1)] = 3,
-    parallel: Annotated[Optional[int], typer.Option(
-        min=1, help="Devices training at once (Ray actors, one CPU each); default: the cores available.")] = None,
+    parallel: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Devices training at once (Ray actors, one CPU each); default: the cores available."),
+    ] = None,
     run_id: Annotated[str, typer.Option(help="runs/<run-id>/ (default: a timestamp).")] = "",
     resume: Annotated[bool, typer.Option(help="Finish run --run-id from its last completed round.")] = False,
     set_: SetOption = None,
@@ -103,7 +112,8 @@ def simulate_cmd(
     parallel = available_cores() if parallel is None else parallel
     explicit = _parse_sets(set_)
     fixed: dict[str, bool | int | float | str] = {  # an explicit --set strategy.* key wins over --per-round
-        k: v for k, v in sampling_overrides(clients, per_round, parallel=parallel).items() if k not in explicit}
+        k: v for k, v in sampling_overrides(clients, per_round, parallel=parallel).items() if k not in explicit
+    }
     fixed.update({"num-server-rounds": rounds, "run-id": run_id, "resume": resume})
     cfg = _config(set_, **fixed)
     if cfg.corpus == "synth":
@@ -123,8 +133,9 @@ def train_cmd(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     eval_every: Annotated[int, typer.Option(min=1)] = 500,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu (default) or e.g. cuda.")] = "cpu",
-    average: Annotated[int, typer.Option(min=0, help="Also write averaged.pt, the mean of the last N checkpoints "
-                                                     "(every 250 steps).")] = 0,
+    average: Annotated[
+        int, typer.Option(min=0, help="Also write averaged.pt, the mean of the last N checkpoints (every 250 steps).")
+    ] = 0,
     set_: SetOption = None,
 ) -> None:
     """Central pretraining on the public speakers (checkpoints, resume, SpecAugment, held-out WER)."""
@@ -134,8 +145,7 @@ def train_cmd(
 
     cfg = _config(set_)
     run_id = run_id or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers, device=device,
-                     average=average)
+    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers, device=device, average=average)
     best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
     typer.echo(f"Best checkpoint: {best}")
 
@@ -147,14 +157,21 @@ def bench_compute_cmd(
     bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-compute[-quick]).")] = "",
     reuse: Annotated[bool, typer.Option(help="Reuse models already trained under runs/<bench-id>/.")] = True,
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
-    train_device: Annotated[str, typer.Option(
-        help="torch device for training the models (e.g. cuda); measurements always run on the CPU.")] = "cpu",
+    train_device: Annotated[
+        str, typer.Option(help="torch device for training the models (e.g. cuda); measurements always run on the CPU.")
+    ] = "cpu",
 ) -> None:
     """Dense vs sliding-window vs ConvRNN-T vs compute-amortized Transformer: WER, FLOPs, batch-1 RTF."""
     from simulations.bench_compute import main
 
-    main(quick=quick, workdir=workdir.resolve(), bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
-         reuse=reuse, as_json=json_, train_device=train_device)
+    main(
+        quick=quick,
+        workdir=workdir.resolve(),
+        bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
+        reuse=reuse,
+        as_json=json_,
+        train_device=train_device,
+    )
 
 
 @model_app.command("ship")
@@ -171,8 +188,14 @@ def model_ship_cmd(
 
     from simulations.ship import ship
 
-    entry = ship(checkpoint.resolve(), name=name, command=command, hardware=hardware,
-                 eval_corpus=eval_corpus.resolve(), eval_command=eval_command)
+    entry = ship(
+        checkpoint.resolve(),
+        name=name,
+        command=command,
+        hardware=hardware,
+        eval_corpus=eval_corpus.resolve(),
+        eval_command=eval_command,
+    )
     print(json.dumps({k: entry[k] for k in ("sha256", "bytes", "parameters")} | {"wer": entry["eval"]["wer"]}))
 
 
@@ -228,21 +251,30 @@ def model_ship_verifiers_cmd(
     if not (trained / "training.json").is_file():
         fail(f"{trained}: no training.json (run `chorus model train-verifier --out {trained}` first)")
     try:
-        entries = ship_verifiers(trained.resolve(), command=command, hardware=hardware,
-                                 eval_corpus=eval_corpus.resolve(), eval_command=eval_command)
+        entries = ship_verifiers(
+            trained.resolve(), command=command, hardware=hardware, eval_corpus=eval_corpus.resolve(), eval_command=eval_command
+        )
     except VerificationError as err:
         fail(str(err))
-    print(json.dumps({name: {"sha256": e["sha256"], "bytes": e["bytes"], "eer": e["eval"]["eer"],
-                             "threshold": e["threshold"]} for name, e in entries.items()}))
+    print(
+        json.dumps(
+            {
+                name: {"sha256": e["sha256"], "bytes": e["bytes"], "eer": e["eval"]["eer"], "threshold": e["threshold"]}
+                for name, e in entries.items()
+            }
+        )
+    )
 
 
 @eval_app.command("wer")
 def eval_wer_cmd(
     corpus: Annotated[Path, typer.Option(help="Any corpus directory `load_corpus` reads (e.g. `chorus data synth`'s).")],
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        help="A `chorus train` checkpoint (default: the shipped base model).")] = None,
-    by: Annotated[str, typer.Option(help="Comma-separated speakers.tsv attributes, e.g. accent,fleet,age_group "
-                                         "(speaker: per speaker).")] = "",
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="A `chorus train` checkpoint (default: the shipped base model).")
+    ] = None,
+    by: Annotated[
+        str, typer.Option(help="Comma-separated speakers.tsv attributes, e.g. accent,fleet,age_group (speaker: per speaker).")
+    ] = "",
     beam: Annotated[int, typer.Option(min=1, help="1 = greedy search (streaming); more = modified beam search.")] = 1,
     limit: Annotated[int, typer.Option(min=0, help="Decode at most this many utterances (0 = all).")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
@@ -254,15 +286,22 @@ def eval_wer_cmd(
     from simulations.eval_wer import EvalWerError, default_checkpoint, evaluate_wer
 
     try:
-        result = evaluate_wer(checkpoint or default_checkpoint(), corpus.resolve(),
-                              by=[b.strip() for b in by.split(",") if b.strip()], beam=beam, limit=limit)
+        result = evaluate_wer(
+            checkpoint or default_checkpoint(),
+            corpus.resolve(),
+            by=[b.strip() for b in by.split(",") if b.strip()],
+            beam=beam,
+            limit=limit,
+        )
     except (EvalWerError, ValueError) as err:
         fail(str(err))
     if json_:
         print(json.dumps(result))
         return
-    typer.echo(f"WER {result['wer']:.4f} over {result['words']} words, {result['utterances']} utterances "
-               f"({result['skipped']} skipped), beam {beam}")
+    typer.echo(
+        f"WER {result['wer']:.4f} over {result['words']} words, {result['utterances']} utterances "
+        f"({result['skipped']} skipped), beam {beam}"
+    )
     for name, values in result["by"].items():
         typer.echo(f"  by {name}: " + ", ".join(f"{v} {w:.4f}" for v, w in values.items()))
     sys.stdout.flush()
@@ -270,15 +309,22 @@ def eval_wer_cmd(
 
 @eval_app.command("verification")
 def eval_verification_cmd(
-    quick: Annotated[bool, typer.Option(
-        help="CI-sized: train tiny verifiers on a tiny corpus; proves the pipeline only.")] = False,
-    corpus: Annotated[Optional[Path], typer.Option(
-        help="Unseen speakers (any corpus; speakers.tsv gives the cohorts). Default: a synthesized one.")] = None,
+    quick: Annotated[
+        bool, typer.Option(help="CI-sized: train tiny verifiers on a tiny corpus; proves the pipeline only.")
+    ] = False,
+    corpus: Annotated[
+        Optional[Path],
+        typer.Option(help="Unseen speakers (any corpus; speakers.tsv gives the cohorts). Default: a synthesized one."),
+    ] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Baseline verifier (default: the shipped one).")] = None,
     arw: Annotated[Optional[Path], typer.Option(help="ARW verifier (default: the shipped one).")] = None,
-    public: Annotated[Optional[Path], typer.Option(
-        help="Public speakers whose centroids are the devices' impostors in federated fine-tuning (default: the "
-             "verifiers' public synthetic pool, synthesized).")] = None,
+    public: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Public speakers whose centroids are the devices' impostors in federated fine-tuning (default: the "
+            "verifiers' public synthetic pool, synthesized)."
+        ),
+    ] = None,
     workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
@@ -295,8 +341,7 @@ def eval_verification_cmd(
     plan = QUICK if quick else FULL
     try:
         if quick:
-            train = synthesize(workdir / "data" / "synth-sv-quick-train", speakers=30, utterances=6, seed=5,
-                               progress=False)
+            train = synthesize(workdir / "data" / "synth-sv-quick-train", speakers=30, utterances=6, seed=5, progress=False)
             train_verifiers(train, plan, out / "models", log=lambda _: None)
             models = {"baseline": out / "models" / "baseline.pt", "arw": out / "models" / "arw.pt"}
             public = public or train  # the quick verifiers' own public training speakers
@@ -304,14 +349,25 @@ def eval_verification_cmd(
             models = {"baseline": baseline or shipped_verifier("baseline"), "arw": arw or shipped_verifier("arw")}
         if public is None:  # the shipped verifiers' public population (seed 1), a few utterances per speaker
             speakers, utterances = plan.federated.public_speakers, plan.federated.public_utterances
-            public = synthesize(workdir / "data" / f"synth-sv-public-seed1-{speakers}x{utterances}",
-                                speakers=speakers, utterances=utterances, seed=1, progress=not json_)
+            public = synthesize(
+                workdir / "data" / f"synth-sv-public-seed1-{speakers}x{utterances}",
+                speakers=speakers,
+                utterances=utterances,
+                seed=1,
+                progress=not json_,
+            )
         if corpus is None:
             speakers, utterances = (16, 6) if quick else (120, 8)
-            corpus = synthesize(workdir / "data" / f"synth-sv-seed98-{speakers}x{utterances}", speakers=speakers,
-                                utterances=utterances, seed=98, progress=not json_)
-        result = evaluate_verification(corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out,
-                                       public=public.resolve())
+            corpus = synthesize(
+                workdir / "data" / f"synth-sv-seed98-{speakers}x{utterances}",
+                speakers=speakers,
+                utterances=utterances,
+                seed=98,
+                progress=not json_,
+            )
+        result = evaluate_verification(
+            corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out, public=public.resolve()
+        )
     except VerificationError as err:
         fail(str(err))
     if json_:
@@ -325,14 +381,17 @@ def eval_verification_cmd(
 def eval_privacy_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny settings for CI (under 5 min); numbers prove the pipeline only.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers.")] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers."),
+    ] = None,
     eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-privacy[-quick]).")] = "",
     reuse: Annotated[bool, typer.Option(help="Reuse a base model already trained under runs/<eval-id>/.")] = True,
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     devices: Annotated[Optional[int], typer.Option(min=2, help="Federated devices (default: the plan's).")] = None,
-    noise_multipliers: Annotated[str, typer.Option(
-        help="DP noise multipliers, comma-separated, e.g. 0.5,1,1.5,2 (default: the plan's).")] = "",
+    noise_multipliers: Annotated[
+        str, typer.Option(help="DP noise multipliers, comma-separated, e.g. 0.5,1,1.5,2 (default: the plan's).")
+    ] = "",
     set_: SetOption = None,
 ) -> None:
     """Local DP-SGD: epsilon vs held-out WER (non-DP + 3 noise levels), DP step time, membership-inference AUC."""
@@ -349,21 +408,34 @@ def eval_privacy_cmd(
         except ValueError as err:
             fail(f"--noise-multipliers {noise_multipliers!r}: {err}")
         plan = replace(plan, noise_multipliers=sigmas)
-    main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
-         checkpoint=checkpoint.resolve() if checkpoint else None, reuse=reuse, as_json=json_)
+    main(
+        plan,
+        workdir=workdir.resolve(),
+        eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
+        checkpoint=checkpoint.resolve() if checkpoint else None,
+        reuse=reuse,
+        as_json=json_,
+    )
 
 
 @eval_app.command("fairness")
 def eval_fairness_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny settings for CI (under 5 min); numbers prove the pipeline only.")] = False,
-    corpus: Annotated[Optional[str], typer.Option(
-        help="Only this corpus ('synth' or a corpus directory); default: synth and ../shared/data/speechocean762-dev.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers.")] = None,
+    corpus: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Only this corpus ('synth' or a corpus directory); default: synth and ../shared/data/speechocean762-dev."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(help="Base model (a `chorus train` checkpoint) instead of training one on the public speakers."),
+    ] = None,
     eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-fairness[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
-    arms: Annotated[str, typer.Option(
-        help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw); also targeted, arw-pop, ewc+arw-pop.")] = "",
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw); also targeted, arw-pop, ewc+arw-pop.")
+    ] = "",
     set_: SetOption = None,
 ) -> None:
     """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both; automatic vs metadata cohorts."""
@@ -381,8 +453,13 @@ def eval_fairness_cmd(
         if unknown or not chosen:
             fail(f"--arms {arms!r}: {unknown or 'none'} not among {', '.join(ARMS)}")
         plan = replace(plan, arms=chosen)
-    main(plan, workdir=workdir.resolve(), eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
-         corpus=corpus, checkpoint=checkpoint.resolve() if checkpoint else None)
+    main(
+        plan,
+        workdir=workdir.resolve(),
+        eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
+        corpus=corpus,
+        checkpoint=checkpoint.resolve() if checkpoint else None,
+    )
 
 
 @bench_app.command("synth")
@@ -400,13 +477,13 @@ def bench_synth_cmd(
 def bench_federation_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny settings for CI (minutes); numbers prove the pipeline only.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-    clients: Annotated[Optional[int], typer.Option(
-        min=2, help="Simulated devices (default 1000; --quick 20).")] = None,
-    per_round: Annotated[Optional[int], typer.Option(
-        min=1, help="Devices per round (default 50; --quick 5).")] = None,
+    clients: Annotated[Optional[int], typer.Option(min=2, help="Simulated devices (default 1000; --quick 20).")] = None,
+    per_round: Annotated[Optional[int], typer.Option(min=1, help="Devices per round (default 50; --quick 5).")] = None,
     rounds: Annotated[Optional[int], typer.Option(min=1, help="Rounds (default 2; --quick 2).")] = None,
-    parallel: Annotated[Optional[int], typer.Option(
-        min=1, help="Devices training at once, in Flower and in the baseline (default: the cores available).")] = None,
+    parallel: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Devices training at once, in Flower and in the baseline (default: the cores available)."),
+    ] = None,
     bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-federation[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     set_: SetOption = None,
@@ -416,12 +493,17 @@ def bench_federation_cmd(
 
     plan = QUICK if quick else FULL
     try:
-        plan = plan.with_changes(clients=clients, per_round=per_round, rounds=rounds, parallel=parallel,
-                                 overrides=_parse_sets(set_))
+        plan = plan.with_changes(
+            clients=clients, per_round=per_round, rounds=rounds, parallel=parallel, overrides=_parse_sets(set_)
+        )
     except (ValueError, ConfigError) as err:
         fail(str(err))
-    main(plan, workdir=workdir.resolve(),
-         bench_id=bench_id or ("bench-federation-quick" if quick else "bench-federation"), as_json=json_)
+    main(
+        plan,
+        workdir=workdir.resolve(),
+        bench_id=bench_id or ("bench-federation-quick" if quick else "bench-federation"),
+        as_json=json_,
+    )
 
 
 @bench_app.command("robustness")
@@ -429,8 +511,10 @@ def bench_robustness_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny settings for CI (about a minute); numbers prove the pipeline only.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     attacks: Annotated[str, typer.Option(help="Comma-separated subset of nan,scaled,sign-flip,noise,shuffled.")] = "",
-    defenses: Annotated[str, typer.Option(
-        help="Comma-separated subset of fedavg,fedavg-no-norm-bound,fedmedian,fedtrimmedavg,krum,multikrum,bulyan.")] = "",
+    defenses: Annotated[
+        str,
+        typer.Option(help="Comma-separated subset of fedavg,fedavg-no-norm-bound,fedmedian,fedtrimmedavg,krum,multikrum,bulyan."),
+    ] = "",
     bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-robustness[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     set_: SetOption = None,
@@ -442,8 +526,12 @@ def bench_robustness_cmd(
         plan = (QUICK if quick else FULL).with_changes(attacks=attacks, defenses=defenses, overrides=_parse_sets(set_))
     except (ValueError, ConfigError) as err:
         fail(str(err))
-    main(plan, workdir=workdir.resolve(),
-         bench_id=bench_id or ("bench-robustness-quick" if quick else "bench-robustness"), as_json=json_)
+    main(
+        plan,
+        workdir=workdir.resolve(),
+        bench_id=bench_id or ("bench-robustness-quick" if quick else "bench-robustness"),
+        as_json=json_,
+    )
 
 
 @bench_app.command("faults")

@@ -71,9 +71,12 @@ __all__ = ["ARMS", "FULL", "FairnessPlan", "QUICK", "main", "run_fairness_eval"]
 
 SPEECHOCEAN = "speechocean762-dev"
 # The issue's targets, reported next to the measurements.
-TARGETS = {"automatic_gap_paper": 0.650, "metadata_gap_paper": 0.417,
-           "claim": "automatic cohorts reveal a larger gap than metadata cohorts; EWC/ARW lower the worst-cohort WER "
-                    "with no overall loss"}
+TARGETS = {
+    "automatic_gap_paper": 0.650,
+    "metadata_gap_paper": 0.417,
+    "claim": "automatic cohorts reveal a larger gap than metadata cohorts; EWC/ARW lower the worst-cohort WER "
+    "with no overall loss",
+}
 
 
 @dataclass(frozen=True)
@@ -92,23 +95,50 @@ class FairnessPlan:
         """The plan with extra run-config keys (``--set``), checked against the run config at once."""
         merged = {**self.overrides, **overrides}
         RunConfig.from_flat(merged)  # ConfigError naming an unknown key or a bad value
-        per_corpus = {corpus: {k: v for k, v in keys.items() if k not in overrides}  # the user's keys win
-                      for corpus, keys in self.corpus_overrides.items()}
+        per_corpus = {
+            corpus: {k: v for k, v in keys.items() if k not in overrides}  # the user's keys win
+            for corpus, keys in self.corpus_overrides.items()
+        }
         return replace(self, overrides=merged, corpus_overrides=per_corpus)
 
 
-_TINY_MODEL = {"model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-               "model.vocab-size": 128, "model.init-checkpoint": ""}
+_TINY_MODEL = {
+    "model.d-model": 64,
+    "model.num-layers": 2,
+    "model.num-heads": 2,
+    "model.ffn-dim": 128,
+    "model.vocab-size": 128,
+    "model.init-checkpoint": "",
+}
 
 QUICK = FairnessPlan(
     name="quick",
-    overrides={**_TINY_MODEL, "train.local-steps": 3, "train.batch-frames": 3000, "eval.heldout-utterances": 4,
-               "fairness.num-cohorts": 3, "fairness.kmeans-iterations": 3, "fairness.embedder-steps": 20,
-               "fairness.arw-warmup": 1, "fairness.arw-lr": 0.05},
-    corpus_overrides={"synth": {"synth.speakers": 12, "synth.utterances": 8, "synth.seed": 5,
-                                "split.public-speakers": 4, "split.heldout-speakers": 2},
-                      SPEECHOCEAN: {"split.public-speakers": 12, "split.heldout-speakers": 4}},
-    devices=4, rounds=2, targeted_rounds=1, base_steps=40, ewc_lambda=10.0,
+    overrides={
+        **_TINY_MODEL,
+        "train.local-steps": 3,
+        "train.batch-frames": 3000,
+        "eval.heldout-utterances": 4,
+        "fairness.num-cohorts": 3,
+        "fairness.kmeans-iterations": 3,
+        "fairness.embedder-steps": 20,
+        "fairness.arw-warmup": 1,
+        "fairness.arw-lr": 0.05,
+    },
+    corpus_overrides={
+        "synth": {
+            "synth.speakers": 12,
+            "synth.utterances": 8,
+            "synth.seed": 5,
+            "split.public-speakers": 4,
+            "split.heldout-speakers": 2,
+        },
+        SPEECHOCEAN: {"split.public-speakers": 12, "split.heldout-speakers": 4},
+    },
+    devices=4,
+    rounds=2,
+    targeted_rounds=1,
+    base_steps=40,
+    ewc_lambda=10.0,
     arms=("fedavg", "ewc", "arw", "ewc+arw"),
 )
 # The full plan, sized for the shared 2-core CPU: 12 devices (one federated speaker each), 3 rounds of 8 local
@@ -119,11 +149,24 @@ QUICK = FairnessPlan(
 # default corpus), 1e-4 2% (-> 0.852).
 FULL = FairnessPlan(
     name="full",
-    overrides={"train.local-steps": 8, "train.lr": 1e-4, "eval.heldout-utterances": 32, "fairness.num-cohorts": 4,
-               "fairness.kmeans-iterations": 5, "fairness.embedder-steps": 200, "fairness.arw-warmup": 1},
-    corpus_overrides={"synth": {"synth.speakers": 60, "synth.utterances": 40},
-                      SPEECHOCEAN: {"split.public-speakers": 48, "split.heldout-speakers": 8}},
-    devices=12, rounds=3, targeted_rounds=1, base_steps=1500, ewc_lambda=10.0,
+    overrides={
+        "train.local-steps": 8,
+        "train.lr": 1e-4,
+        "eval.heldout-utterances": 32,
+        "fairness.num-cohorts": 4,
+        "fairness.kmeans-iterations": 5,
+        "fairness.embedder-steps": 200,
+        "fairness.arw-warmup": 1,
+    },
+    corpus_overrides={
+        "synth": {"synth.speakers": 60, "synth.utterances": 40},
+        SPEECHOCEAN: {"split.public-speakers": 48, "split.heldout-speakers": 8},
+    },
+    devices=12,
+    rounds=3,
+    targeted_rounds=1,
+    base_steps=1500,
+    ewc_lambda=10.0,
     arms=("fedavg", "ewc", "arw", "ewc+arw"),
 )
 
@@ -133,9 +176,15 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
     targeted = {"fairness.targeted-rounds": plan.targeted_rounds}
     ewc = {**targeted, "fairness.ewc-lambda": plan.ewc_lambda, "fairness.fisher": "federated"}
     population = {"fairness.arw": True, "fairness.arw-normalization": "population"}
-    arms: dict[str, dict[str, Any]] = {"fedavg": {}, "targeted": targeted, "ewc": ewc,
-                                       "arw": {"fairness.arw": True}, "ewc+arw": {**ewc, "fairness.arw": True},
-                                       "arw-pop": population, "ewc+arw-pop": {**ewc, **population}}
+    arms: dict[str, dict[str, Any]] = {
+        "fedavg": {},
+        "targeted": targeted,
+        "ewc": ewc,
+        "arw": {"fairness.arw": True},
+        "ewc+arw": {**ewc, "fairness.arw": True},
+        "arw-pop": population,
+        "ewc+arw-pop": {**ewc, **population},
+    }
     if arm not in arms:
         raise ValueError(f"arm {arm!r} is not one of {', '.join(arms)}")
     return arms[arm]
@@ -146,6 +195,7 @@ ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-pop", "ewc+arw-pop")
 
 # -- measuring ---------------------------------------------------------------------------------------------------
 
+
 def _device_counts(cfg: RunConfig, checkpoint: Path, devices: int) -> dict[str, ErrorCounts]:
     """speaker -> ErrorCounts of a model on each device's local-eval utterances, decoded as the device does."""
     from client.data import device_data
@@ -155,8 +205,7 @@ def _device_counts(cfg: RunConfig, checkpoint: Path, devices: int) -> dict[str, 
 
     state = load_checkpoint(checkpoint).state_dict
     prepared = open_prepared(cfg)
-    return {prepared.speaker_for_partition(pid): evaluate_local(cfg, state, device_data(cfg, pid))
-            for pid in range(devices)}
+    return {prepared.speaker_for_partition(pid): evaluate_local(cfg, state, device_data(cfg, pid)) for pid in range(devices)}
 
 
 def _automatic_cohorts(cfg: RunConfig, prepared: Prepared, centroids: np.ndarray, devices: int) -> Cohorts:
@@ -193,20 +242,29 @@ _ATTRIBUTE_PARTITIONS: dict[str, list[tuple[str, ...]]] = {
     "synth": [("accent",), ("gender",), ("age_group",), ("channel_rate",)],
     SPEECHOCEAN: [("gender",), ("age_group",), ("gender", "age_group")],
 }
-_TREE_COLUMNS = {"synth": ["accent", "gender", "age_group", "channel_rate", "snr_db", "pitch", "rate"],
-                 SPEECHOCEAN: ["gender", "age"]}
+_TREE_COLUMNS = {
+    "synth": ["accent", "gender", "age_group", "channel_rate", "snr_db", "pitch", "rate"],
+    SPEECHOCEAN: ["gender", "age"],
+}
 
 
 def _summary(report: CohortReport, cohorts: Cohorts | None = None) -> dict[str, Any]:
     def finite(value: float) -> float | None:
         return round(float(value), 6) if math.isfinite(value) else None
 
-    return {"overall_wer": finite(report.overall_wer), "worst_wer": finite(report.worst_wer),
-            "best_wer": finite(report.best_wer), "gap": finite(report.wer_gap),
-            "bottom_share": finite(report.bottom_cohort_share), "variance": finite(report.wer_variance),
-            "worst_cohort": report.worst_cohort if cohorts is None else cohorts.names[report.worst_cohort],
-            "cohorts": len(report.wer), "ranked": len(report.eligible),
-            "cohort_wer": [finite(w) for w in report.wer], "cohort_words": report.words.tolist()}
+    return {
+        "overall_wer": finite(report.overall_wer),
+        "worst_wer": finite(report.worst_wer),
+        "best_wer": finite(report.best_wer),
+        "gap": finite(report.wer_gap),
+        "bottom_share": finite(report.bottom_cohort_share),
+        "variance": finite(report.wer_variance),
+        "worst_cohort": report.worst_cohort if cohorts is None else cohorts.names[report.worst_cohort],
+        "cohorts": len(report.wer),
+        "ranked": len(report.eligible),
+        "cohort_wer": [finite(w) for w in report.wer],
+        "cohort_words": report.words.tolist(),
+    }
 
 
 def _report(cohorts: Cohorts, per_speaker: dict[str, ErrorCounts]) -> CohortReport:
@@ -215,6 +273,7 @@ def _report(cohorts: Cohorts, per_speaker: dict[str, ErrorCounts]) -> CohortRepo
 
 
 # -- one corpus ----------------------------------------------------------------------------------------------------
+
 
 def _corpus_key(corpus: str) -> str:
     return "synth" if corpus == "synth" else SPEECHOCEAN if Path(corpus).name == SPEECHOCEAN else Path(corpus).name
@@ -228,13 +287,17 @@ def _base_checkpoint(cfg: RunConfig, plan: FairnessPlan, out: Path, checkpoint: 
     best = out / "base" / "checkpoints" / "best.pt"
     if best.exists():
         return best
-    train_plan = TrainPlan(steps=plan.base_steps, warmup=max(1, plan.base_steps // 5), eval_every=plan.base_steps,
-                           ckpt_every=plan.base_steps, eval_utterances=cfg.eval.heldout_utterances)
+    train_plan = TrainPlan(
+        steps=plan.base_steps,
+        warmup=max(1, plan.base_steps // 5),
+        eval_every=plan.base_steps,
+        ckpt_every=plan.base_steps,
+        eval_utterances=cfg.eval.heldout_utterances,
+    )
     return train_central(cfg, train_plan, run_dir=out / "base", progress=False)
 
 
-def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path,
-               checkpoint: Path | None = None) -> dict[str, Any]:
+def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     """Every arm of ``plan`` on one corpus; returns the corpus' JSON section."""
     from client.client_app import app as client_app
     from server.workflow import run_federation
@@ -245,13 +308,25 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path,
     if checkpoint is not None:  # the base model's architecture wins over the plan's
         from shared.models.checkpoint import load_checkpoint
 
-        model_keys = {f"model.{k.replace('_', '-')}": v for k, v in asdict(load_checkpoint(checkpoint).model_config)
-                      .items() if k != "init_checkpoint"}
-    flat = {**RunConfig().to_flat(), **plan.overrides, **model_keys, **plan.corpus_overrides.get(key, {}),
-            "corpus": corpus,
-            "workdir": str(workdir), "fairness.enabled": True, "num-server-rounds": plan.rounds,
-            "strategy.min-train-nodes": plan.devices, "strategy.min-evaluate-nodes": plan.devices,
-            "strategy.min-available-nodes": plan.devices, "strategy.fraction-evaluate": 1.0}
+        model_keys = {
+            f"model.{k.replace('_', '-')}": v
+            for k, v in asdict(load_checkpoint(checkpoint).model_config).items()
+            if k != "init_checkpoint"
+        }
+    flat = {
+        **RunConfig().to_flat(),
+        **plan.overrides,
+        **model_keys,
+        **plan.corpus_overrides.get(key, {}),
+        "corpus": corpus,
+        "workdir": str(workdir),
+        "fairness.enabled": True,
+        "num-server-rounds": plan.rounds,
+        "strategy.min-train-nodes": plan.devices,
+        "strategy.min-evaluate-nodes": plan.devices,
+        "strategy.min-available-nodes": plan.devices,
+        "strategy.fraction-evaluate": 1.0,
+    }
     base_cfg = RunConfig.from_flat(flat)
     prepared = prepare(base_cfg, progress=False)  # also trains the speaker-embedding extractor
     _note(f"{key}: prepared (corpus, tokenizer, CMVN, speaker embedder) at {time.monotonic() - start:.0f} s")
@@ -291,19 +366,31 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path,
         recount = cohort_counts_by_speaker(partitions["automatic"], counts)
         _note(f"{key}: arm {arm} done in {time.monotonic() - arm_start:.0f} s")
         arms[arm] = {
-            "run_dir": str(run_dir), "seconds": round(time.monotonic() - arm_start, 1),
-            "federated_matches_recount": bool(np.allclose(recount.errors, last["cohort_errors"])
-                                              and np.allclose(recount.words, last["cohort_words"])),
+            "run_dir": str(run_dir),
+            "seconds": round(time.monotonic() - arm_start, 1),
+            "federated_matches_recount": bool(
+                np.allclose(recount.errors, last["cohort_errors"]) and np.allclose(recount.words, last["cohort_words"])
+            ),
             "targeted_cohorts": sorted({c for e in fairness["log"] for c in e.get("targeted_cohorts", [])}),
             "cohort_sizes": fairness["cohort_sizes"],
             **{name: _summary(_report(cohorts, counts), cohorts) for name, cohorts in partitions.items()},
         }
     base_row = {name: _summary(_report(cohorts, base_counts), cohorts) for name, cohorts in partitions.items()}
-    return {"corpus": str(prepared.corpus.root), "devices": devices, "base_checkpoint": str(base),
-            "partitions": {name: {"cohorts": list(c.names), "sizes": np.bincount(
-                [c.assignment[s] for s in speakers if s in c.assignment], minlength=len(c)).tolist()}
-                           for name, c in partitions.items()},
-            "base": base_row, "arms": arms, "seconds": round(time.monotonic() - start, 1)}
+    return {
+        "corpus": str(prepared.corpus.root),
+        "devices": devices,
+        "base_checkpoint": str(base),
+        "partitions": {
+            name: {
+                "cohorts": list(c.names),
+                "sizes": np.bincount([c.assignment[s] for s in speakers if s in c.assignment], minlength=len(c)).tolist(),
+            }
+            for name, c in partitions.items()
+        },
+        "base": base_row,
+        "arms": arms,
+        "seconds": round(time.monotonic() - start, 1),
+    }
 
 
 def _finished_run(cfg: RunConfig) -> Path | None:
@@ -323,8 +410,9 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _metadata_partitions(key: str, attributes: dict[str, dict[str, str]], base_counts: dict[str, ErrorCounts],
-                         num_cohorts: int) -> dict[str, Cohorts]:
+def _metadata_partitions(
+    key: str, attributes: dict[str, dict[str, str]], base_counts: dict[str, ErrorCounts], num_cohorts: int
+) -> dict[str, Cohorts]:
     """Per-attribute partitions, the one with the largest base-model gap as "metadata", and Trinh's tree."""
     out: dict[str, Cohorts] = {}
     best_gap, best = -1.0, None
@@ -344,8 +432,9 @@ def _metadata_partitions(key: str, attributes: dict[str, dict[str, str]], base_c
     with_words = {s: c for s, c in base_counts.items() if c.words > 0}
     if tree_columns and len(with_words) >= 2:
         try:
-            out["tree"] = tree_cohorts(attributes, with_words, columns=tree_columns, max_cohorts=max(2, num_cohorts),
-                                       min_speakers=1)
+            out["tree"] = tree_cohorts(
+                attributes, with_words, columns=tree_columns, max_cohorts=max(2, num_cohorts), min_speakers=1
+            )
         except ValueError as err:  # e.g. too few speakers to split
             print(f"tree cohorts skipped: {err}", file=sys.stderr)
     return out
@@ -380,23 +469,31 @@ def _plot(section: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def write_report(summary: dict[str, Any], out: Path) -> Path:
-    lines = ["# Fairness without demographics: FedAvg vs +EWC vs +ARW", "",
-             f"Plan: `{summary['plan']}`. Duration {summary['seconds']} s. Targets (reported, not asserted): "
-             f"{TARGETS['claim']} (paper gaps: automatic {TARGETS['automatic_gap_paper']:.1%}, metadata "
-             f"{TARGETS['metadata_gap_paper']:.1%}).", "",
-             "WER is pooled over each cohort's devices' local-eval utterances. gap = (worst - best) / best; bottom "
-             "share = words in the worst cohort / all words; variance over cohort WERs. automatic = federated k-means "
-             "clusters of device speaker embeddings; metadata = the speakers.tsv attribute partition with the largest "
-             "base-model gap; tree = Trinh et al.'s decision tree on the metadata (fitted to the base model).", ""]
+    lines = [
+        "# Fairness without demographics: FedAvg vs +EWC vs +ARW",
+        "",
+        f"Plan: `{summary['plan']}`. Duration {summary['seconds']} s. Targets (reported, not asserted): "
+        f"{TARGETS['claim']} (paper gaps: automatic {TARGETS['automatic_gap_paper']:.1%}, metadata "
+        f"{TARGETS['metadata_gap_paper']:.1%}).",
+        "",
+        "WER is pooled over each cohort's devices' local-eval utterances. gap = (worst - best) / best; bottom "
+        "share = words in the worst cohort / all words; variance over cohort WERs. automatic = federated k-means "
+        "clusters of device speaker embeddings; metadata = the speakers.tsv attribute partition with the largest "
+        "base-model gap; tree = Trinh et al.'s decision tree on the metadata (fitted to the base model).",
+        "",
+    ]
     for name, section in summary["corpora"].items():
         lines += [f"## {name}", ""]
         if "skipped" in section:
             lines += [f"Skipped: {section['skipped']}", ""]
             continue
-        lines += [f"{section['devices']} devices; base model `{section['base_checkpoint']}`. Partitions: "
-                  + "; ".join(f"{p}: {v['sizes']} devices" for p, v in section["partitions"].items()), "",
-                  "| arm | cohorts | overall WER | worst WER | gap | bottom share | variance | worst cohort |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"{section['devices']} devices; base model `{section['base_checkpoint']}`. Partitions: "
+            + "; ".join(f"{p}: {v['sizes']} devices" for p, v in section["partitions"].items()),
+            "",
+            "| arm | cohorts | overall WER | worst WER | gap | bottom share | variance | worst cohort |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         rows = [("base", section["base"])] + list(section["arms"].items())
         for arm, row in rows:
             for partition in _SHOWN:
@@ -404,8 +501,10 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
                 if r is None:
                     continue
                 gap = "inf" if r["gap"] is None else f"{r['gap']:.1%}"
-                lines.append(f"| {arm} | {partition} | {r['overall_wer']:.3f} | {r['worst_wer']:.3f} | {gap} | "
-                             f"{r['bottom_share']:.1%} | {r['variance']:.4f} | {r['worst_cohort']} |")
+                lines.append(
+                    f"| {arm} | {partition} | {r['overall_wer']:.3f} | {r['worst_wer']:.3f} | {gap} | "
+                    f"{r['bottom_share']:.1%} | {r['variance']:.4f} | {r['worst_cohort']} |"
+                )
         checks = {arm: row["federated_matches_recount"] for arm, row in section["arms"].items()}
         lines += ["", f"Federated per-cohort counts equal the harness's central recount: {checks}.", ""]
         plot = _plot(section, out / f"fairness-{name}.png", name)
@@ -415,8 +514,9 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def run_fairness_eval(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus: str | None = None,
-                      checkpoint: Path | None = None) -> dict[str, Any]:
+def run_fairness_eval(
+    plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus: str | None = None, checkpoint: Path | None = None
+) -> dict[str, Any]:
     """Both corpora (or ``corpus`` alone); returns the summary written to ``runs/<eval-id>/fairness-eval.json``."""
     start = time.monotonic()
     out = workdir / "runs" / eval_id
@@ -429,8 +529,7 @@ def run_fairness_eval(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus
     if checkpoint is not None and not corpus:  # a base model's tokenizer belongs to one corpus
         raise ValueError("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
     corpora = [corpus] if corpus else ["synth", str(speechocean)]
-    summary: dict[str, Any] = {"experiment": "fairness", "plan": plan.name,
-                               "targets": TARGETS, "corpora": {}}
+    summary: dict[str, Any] = {"experiment": "fairness", "plan": plan.name, "targets": TARGETS, "corpora": {}}
     for name in corpora:
         key = _corpus_key(name)
         if name != "synth" and not Path(name).is_dir():
@@ -452,8 +551,7 @@ def _espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def main(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus: str | None = None,
-         checkpoint: Path | None = None) -> None:
+def main(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus: str | None = None, checkpoint: Path | None = None) -> None:
     """Progress to stderr; stdout carries one JSON object."""
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(sys.stderr):

@@ -80,8 +80,13 @@ __all__ = ["PrivacyPlan", "QUICK", "FULL", "run_privacy_eval", "main"]
 WER_SATURATED = 0.95  # a non-DP WER this high says the base model is too weak for any WER comparison
 NO_BUDGET = 1e9  # dp.epsilon-budget for the curve: every setting trains every round
 # The issue's targets, reported (not asserted) against the measurements.
-TARGETS = {"epsilon_max": 8.0, "delta": 1e-5, "relative_wer_cost_max": 0.10, "step_time_ratio_max": 2.5,
-           "mia_auc_max_under_dp": 0.55}
+TARGETS = {
+    "epsilon_max": 8.0,
+    "delta": 1e-5,
+    "relative_wer_cost_max": 0.10,
+    "step_time_ratio_max": 2.5,
+    "mia_auc_max_under_dp": 0.55,
+}
 
 
 @dataclass(frozen=True)
@@ -101,19 +106,40 @@ class PrivacyPlan:
 # CI-sized: 10 speakers x 10 utterances (4 public, 2 held-out, 4 devices of 7 training + 3 local-eval utterances), a
 # 2-layer model, q = 0.5 (a few utterances per step); ~2 min of CPU in all, most of it synthesis and the 4 federations.
 QUICK = PrivacyPlan(
-    overrides={"synth.speakers": 10, "synth.utterances": 10, "synth.seed": 11, "split.public-speakers": 4,
-               "split.heldout-speakers": 2, "split.local-eval-fraction": 0.3, "model.d-model": 64,
-               "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128, "model.vocab-size": 128,
-               "model.init-checkpoint": "", "train.batch-frames": 3000, "train.local-steps": 6, "dp.sample-rate": 0.5},
-    base_steps=30, devices=4, rounds=2, noise_multipliers=(0.5, 1.0, 2.0), heldout_utterances=16, timing_steps=2)
+    overrides={
+        "synth.speakers": 10,
+        "synth.utterances": 10,
+        "synth.seed": 11,
+        "split.public-speakers": 4,
+        "split.heldout-speakers": 2,
+        "split.local-eval-fraction": 0.3,
+        "model.d-model": 64,
+        "model.num-layers": 2,
+        "model.num-heads": 2,
+        "model.ffn-dim": 128,
+        "model.vocab-size": 128,
+        "model.init-checkpoint": "",
+        "train.batch-frames": 3000,
+        "train.local-steps": 6,
+        "dp.sample-rate": 0.5,
+    },
+    base_steps=30,
+    devices=4,
+    rounds=2,
+    noise_multipliers=(0.5, 1.0, 2.0),
+    heldout_utterances=16,
+    timing_steps=2,
+)
 # The documented setting: the default corpus and model, dp.* defaults (q = 0.25, C = 1.0), sigma around the
 # default 1.5 (3 rounds of 8 steps: epsilon 35 at 0.5, 9.9 at 1.0, 5.2 at 1.5, 3.4 at 2.0); 6 devices and 3 noise
 # levels keep it near 40 min on 2 loaded cores (see the module docstring).
-FULL = PrivacyPlan(overrides={}, base_steps=1500, devices=6, rounds=3, noise_multipliers=(1.0, 1.5, 2.0),
-                   heldout_utterances=320, timing_steps=10)
+FULL = PrivacyPlan(
+    overrides={}, base_steps=1500, devices=6, rounds=3, noise_multipliers=(1.0, 1.5, 2.0), heldout_utterances=320, timing_steps=10
+)
 
 
 # --- step time: a DP-SGD step against a plain one ------------------------------------------------------------
+
 
 class StepTimes(NamedTuple):
     """Seconds per optimizer step on the same batch: plain ``train_steps`` and ``dp_train_steps`` (q = 1)."""
@@ -126,8 +152,9 @@ class StepTimes(NamedTuple):
         return self.dp / self.plain
 
 
-def measure_step_times(model: Transducer, batch: Batch, *, steps: int = 5,
-                       grad_sample_mode: GradSampleMode = "hooks") -> StepTimes:
+def measure_step_times(
+    model: Transducer, batch: Batch, *, steps: int = 5, grad_sample_mode: GradSampleMode = "hooks"
+) -> StepTimes:
     """Median seconds of a plain and a DP-SGD optimizer step on exactly ``batch``, each on its own copy of ``model``.
 
     Plain: ``train_steps`` (AdamW, its gradient clipping, no SpecAugment). DP: the step ``dp_train_steps`` runs,
@@ -143,9 +170,15 @@ def measure_step_times(model: Transducer, batch: Batch, *, steps: int = 5,
     plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
     plain_times: list[float] = []
     dp_times: list[float] = []
-    with DPSGD(dp_model, torch.optim.AdamW(dp_model.parameters(), lr=1e-4), noise_multiplier=1.0,
-                max_grad_norm=1.0, expected_batch_size=float(len(batch)), generator=torch.Generator().manual_seed(0),
-                grad_sample_mode=grad_sample_mode) as dpsgd:
+    with DPSGD(
+        dp_model,
+        torch.optim.AdamW(dp_model.parameters(), lr=1e-4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=float(len(batch)),
+        generator=torch.Generator().manual_seed(0),
+        grad_sample_mode=grad_sample_mode,
+    ) as dpsgd:
         for repeat in range(steps + 1):
             start = time.perf_counter()
             train_steps(plain_model, [batch], steps=1, optimizer=plain_optimizer, spec_augment_seed=None)
@@ -159,6 +192,7 @@ def measure_step_times(model: Transducer, batch: Batch, *, steps: int = 5,
 
 
 # --- the federation: the real ClientApp per device, the run's Flower strategy on the server side ---------------
+
 
 @dataclass
 class _Federation:
@@ -175,8 +209,7 @@ def _federate(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: i
         return _federate_rounds(cfg, base_state, devices=devices, rounds=rounds)
 
 
-def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: int,
-                     rounds: int) -> _Federation:
+def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: int, rounds: int) -> _Federation:
     strategy = make_strategy(cfg.strategy)
     grid = InProcessGrid(client_app, devices, cfg.to_flat())
     model = build_model(cfg.model)
@@ -204,24 +237,30 @@ def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, dev
             arrays = ArrayRecord(model.state_dict())  # in the model's dtypes
         log.append({"round": server_round, "replies": len(result.ok), "failures": result.failed + result.rejected})
     seconds = sum(grid.seconds) / max(1, len(grid.seconds))
-    return _Federation(global_state=model.state_dict(), updates=updates, epsilons=epsilons, failures=failures,
-                       seconds_per_device_round=seconds, rounds_log=log)
+    return _Federation(
+        global_state=model.state_dict(),
+        updates=updates,
+        epsilons=epsilons,
+        failures=failures,
+        seconds_per_device_round=seconds,
+        rounds_log=log,
+    )
 
 
 # --- membership inference ----------------------------------------------------------------------------------------
 
-def _losses(state: dict[str, torch.Tensor], cfg: RunConfig, utterances: Sequence[Utterance],
-            data: DeviceData) -> list[float]:
+
+def _losses(state: dict[str, torch.Tensor], cfg: RunConfig, utterances: Sequence[Utterance], data: DeviceData) -> list[float]:
     model = build_model(cfg.model)
     load_state(model, state, source="model under attack")
-    batches = make_batches(utterances, features=data.features, tokenizer=data.tokenizer,
-                           max_frames=cfg.train.batch_frames, shuffle=False, seed=0)
+    batches = make_batches(
+        utterances, features=data.features, tokenizer=data.tokenizer, max_frames=cfg.train.batch_frames, shuffle=False, seed=0
+    )
     return list(utterance_losses(model, batches).values())
 
 
 def _attack_dict(attack: MembershipAttack) -> dict[str, float | int]:
-    return {"auc": attack.auc, "advantage": attack.advantage, "members": attack.members,
-            "non_members": attack.non_members}
+    return {"auc": attack.auc, "advantage": attack.advantage, "members": attack.members, "non_members": attack.non_members}
 
 
 def _membership(cfg: RunConfig, fed: _Federation, data: dict[int, DeviceData]) -> dict[str, dict[str, float | int]]:
@@ -247,21 +286,28 @@ def _attack_on(state: dict[str, torch.Tensor], cfg: RunConfig, data: dict[int, D
 
 # --- the evaluation ------------------------------------------------------------------------------------------------
 
+
 def _heldout(prepared: Prepared, budget: int) -> list[Utterance]:
     by_speaker = prepared.corpus.by_speaker()
     utterances = [u for s in prepared.split.heldout for u in by_speaker.get(s, [])]
     return utterances[:: max(1, len(utterances) // budget)][:budget]
 
 
-def _base_model(cfg: RunConfig, plan: PrivacyPlan, root: Path, checkpoint: Path | None, reuse: bool,
-                progress: bool) -> tuple[dict[str, torch.Tensor], str]:
+def _base_model(
+    cfg: RunConfig, plan: PrivacyPlan, root: Path, checkpoint: Path | None, reuse: bool, progress: bool
+) -> tuple[dict[str, torch.Tensor], str]:
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint, expect=cfg.model)
         return ckpt.state_dict, str(checkpoint)
     best = root / "base" / "checkpoints" / "best.pt"
     if not (reuse and best.exists()):
-        tplan = TrainPlan(steps=plan.base_steps, eval_every=plan.base_steps, ckpt_every=max(1, plan.base_steps // 4),
-                          warmup=max(1, min(300, plan.base_steps // 10)), eval_utterances=plan.heldout_utterances)
+        tplan = TrainPlan(
+            steps=plan.base_steps,
+            eval_every=plan.base_steps,
+            ckpt_every=max(1, plan.base_steps // 4),
+            warmup=max(1, min(300, plan.base_steps // 10)),
+            eval_utterances=plan.heldout_utterances,
+        )
         best = train_central(cfg, tplan, run_dir=root / "base", progress=progress)
     return load_checkpoint(best, expect=cfg.model).state_dict, str(best)
 
@@ -270,24 +316,25 @@ def _with(cfg: RunConfig, **flat: Any) -> RunConfig:
     return RunConfig.from_flat({**cfg.to_flat(), **flat})
 
 
-def run_privacy_eval(plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoint: Path | None = None,
-                     reuse: bool = True, progress: bool = True) -> dict[str, Any]:
+def run_privacy_eval(
+    plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoint: Path | None = None, reuse: bool = True, progress: bool = True
+) -> dict[str, Any]:
     started = time.monotonic()
     flat = {**RunConfig().to_flat(), **plan.overrides, "workdir": str(workdir)}
     if checkpoint is not None:  # the checkpoint decides the model; the corpus and tokenizer follow its vocab size
         model_cfg = load_checkpoint(checkpoint).model_config
         flat.update({f"model.{k.replace('_', '-')}": v for k, v in asdict(model_cfg).items()})
     # Every device trains in every round: the strategy samples all of them.
-    flat.update({"strategy.fraction-train": 1.0, "strategy.min-train-nodes": plan.devices,
-                 "strategy.min-available-nodes": plan.devices})
+    flat.update(
+        {"strategy.fraction-train": 1.0, "strategy.min-train-nodes": plan.devices, "strategy.min-available-nodes": plan.devices}
+    )
     base = RunConfig.from_flat(flat)
     phases: dict[str, float] = {}
     mark = time.monotonic()
     prepared = prepare(base, progress=progress)
     phases["prepare"] = round(time.monotonic() - mark, 1)
     if plan.devices > len(prepared.split.federated):
-        raise ValueError(f"{plan.devices} devices, but the corpus has {len(prepared.split.federated)} federated "
-                         f"speakers")
+        raise ValueError(f"{plan.devices} devices, but the corpus has {len(prepared.split.federated)} federated speakers")
     root = base.workdir_path / "runs" / eval_id
     root.mkdir(parents=True, exist_ok=True)
     mark = time.monotonic()
@@ -307,21 +354,26 @@ def run_privacy_eval(plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoi
         model = build_model(base.model)
         load_state(model, state, source="model under evaluation")
         counts, _ = score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=base.eval.beam)
-        local, _ = score(model, local_eval, features=device_features, tokenizer=prepared.tokenizer,
-                         beam=base.eval.beam)
+        local, _ = score(model, local_eval, features=device_features, tokenizer=prepared.tokenizer, beam=base.eval.beam)
         return counts.wer, counts.words, local.wer
 
     base_wer, words, base_device_wer = wers(base_state)
-    print(f"base model {base_source}: held-out WER {base_wer:.4f} ({words} words), device WER "
-          f"{base_device_wer:.4f}", file=sys.stderr, flush=True)
+    print(
+        f"base model {base_source}: held-out WER {base_wer:.4f} ({words} words), device WER {base_device_wer:.4f}",
+        file=sys.stderr,
+        flush=True,
+    )
     # The attack on the base model, which never saw a device utterance: the AUC the split alone gives (0.5 up to
     # sampling noise and chance differences between the two sets), the reference for every setting's AUC.
     base_mia = _attack_on(base_state, base, data)
 
     settings: list[dict[str, Any]] = []
     for sigma in (None, *plan.noise_multipliers):
-        cfg = _with(base, **{"dp.enabled": False}) if sigma is None else _with(
-            base, **{"dp.enabled": True, "dp.noise-multiplier": sigma, "dp.epsilon-budget": NO_BUDGET})
+        cfg = (
+            _with(base, **{"dp.enabled": False})
+            if sigma is None
+            else _with(base, **{"dp.enabled": True, "dp.noise-multiplier": sigma, "dp.epsilon-budget": NO_BUDGET})
+        )
         name = "non-dp" if sigma is None else f"dp-sigma{sigma:g}"
         start = time.monotonic()
         torch.manual_seed(cfg.train.seed)
@@ -332,33 +384,54 @@ def run_privacy_eval(plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoi
         save_checkpoint(root / "models" / f"{name}.pt", model, cfg.model, setting=name)
         per_client = {str(p): eps[-1] for p, eps in sorted(fed.epsilons.items())}
         row: dict[str, Any] = {
-            "name": name, "dp": sigma is not None, "noise_multiplier": sigma,
+            "name": name,
+            "dp": sigma is not None,
+            "noise_multiplier": sigma,
             "epsilon": max(per_client.values()) if per_client else None,
             "epsilon_per_client": per_client,
-            "epsilon_per_round": ([sum(eps[r] for eps in fed.epsilons.values()) / len(fed.epsilons)
-                                   for r in range(min(map(len, fed.epsilons.values())))] if fed.epsilons else []),
-            "heldout_wer": wer, "device_wer": device_wer, "device_failures": fed.failures, "rounds": fed.rounds_log,
+            "epsilon_per_round": (
+                [
+                    sum(eps[r] for eps in fed.epsilons.values()) / len(fed.epsilons)
+                    for r in range(min(map(len, fed.epsilons.values())))
+                ]
+                if fed.epsilons
+                else []
+            ),
+            "heldout_wer": wer,
+            "device_wer": device_wer,
+            "device_failures": fed.failures,
+            "rounds": fed.rounds_log,
             "seconds_per_device_round": fed.seconds_per_device_round,
             "mia": _membership(cfg, fed, data),
             "seconds": round(time.monotonic() - start, 1),
         }
         settings.append(row)
         eps = "inf (no DP)" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
-        print(f"{name}: epsilon {eps}, held-out WER {wer:.4f}, device WER {device_wer:.4f}, MIA AUC (device "
-              f"update) "
-              f"{row['mia'].get('device_update', {}).get('auc', float('nan')):.3f} ({row['seconds']} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: epsilon {eps}, held-out WER {wer:.4f}, device WER {device_wer:.4f}, MIA AUC (device "
+            f"update) "
+            f"{row['mia'].get('device_update', {}).get('auc', float('nan')):.3f} ({row['seconds']} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     plain_wer, plain_device_wer = settings[0]["heldout_wer"], settings[0]["device_wer"]
     for row in settings:
         row["relative_wer_cost"] = (row["heldout_wer"] - plain_wer) / plain_wer if plain_wer > 0 else float("nan")
-        row["relative_device_wer_cost"] = ((row["device_wer"] - plain_device_wer) / plain_device_wer
-                                           if plain_device_wer > 0 else float("nan"))
+        row["relative_device_wer_cost"] = (
+            (row["device_wer"] - plain_device_wer) / plain_device_wer if plain_device_wer > 0 else float("nan")
+        )
 
     # Step time: one batch of device 0's training data, as the non-DP path batches it; one thread, as on a device.
     timing_model = build_model(base.model)
     load_state(timing_model, base_state, source="base model")
-    batch = make_batches(data[0].train, features=data[0].features, tokenizer=data[0].tokenizer,
-                         max_frames=base.train.batch_frames, shuffle=False, seed=0)[0]
+    batch = make_batches(
+        data[0].train,
+        features=data[0].features,
+        tokenizer=data[0].tokenizer,
+        max_frames=base.train.batch_frames,
+        shuffle=False,
+        seed=0,
+    )[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     mark = time.monotonic()
@@ -368,21 +441,37 @@ def run_privacy_eval(plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoi
         torch.set_num_threads(threads)
     phases["step_time"] = round(time.monotonic() - mark, 1)
     phases.update({s["name"]: s["seconds"] for s in settings})
-    step_time = {"plain_s": times.plain, "dp_s": times.dp, "ratio": times.ratio, "batch_utterances": len(batch.ids),
-                 "batch_frames": int(batch.feats.shape[0] * batch.feats.shape[1]), "threads": 1}
+    step_time = {
+        "plain_s": times.plain,
+        "dp_s": times.dp,
+        "ratio": times.ratio,
+        "batch_utterances": len(batch.ids),
+        "batch_frames": int(batch.feats.shape[0] * batch.feats.shape[1]),
+        "threads": 1,
+    }
 
     summary = {
-        "base": {"heldout_wer": base_wer, "heldout_words": words, "device_wer": base_device_wer,
-                 "checkpoint": base_source, "mia": base_mia},
+        "base": {
+            "heldout_wer": base_wer,
+            "heldout_words": words,
+            "device_wer": base_device_wer,
+            "checkpoint": base_source,
+            "mia": base_mia,
+        },
         "non_dp": settings[0],
         "settings": settings,
         "step_time": step_time,
         "targets": _targets(settings, step_time, delta=base.dp.delta),
-        "plan": {**asdict(plan), "dp": asdict(base.dp), "model": asdict(base.model),
-                 "local_steps": base.train.local_steps, "lr": base.train.lr,
-                 "attack": "loss threshold (Yeom et al.), per-token losses; members = training utterances, "
-                           "non-members = the same devices' local-eval utterances",
-                 "federation": "real ClientApp per device in-process, Flower strategy aggregation (no Ray)"},
+        "plan": {
+            **asdict(plan),
+            "dp": asdict(base.dp),
+            "model": asdict(base.model),
+            "local_steps": base.train.local_steps,
+            "lr": base.train.lr,
+            "attack": "loss threshold (Yeom et al.), per-token losses; members = training utterances, "
+            "non-members = the same devices' local-eval utterances",
+            "federation": "real ClientApp per device in-process, Flower strategy aggregation (no Ray)",
+        },
         "duration_s": round(time.monotonic() - started, 1),
         "phases_s": phases,
         "run_dir": str(root),
@@ -399,15 +488,18 @@ def _targets(settings: list[dict[str, Any]], step_time: dict[str, Any], *, delta
     meeting = [s["name"] for s in within if s["relative_wer_cost"] <= TARGETS["relative_wer_cost_max"]]
     meeting_device = [s["name"] for s in within if s["relative_device_wer_cost"] <= TARGETS["relative_wer_cost_max"]]
     aucs = [s["mia"]["device_update"]["auc"] for s in dp if "device_update" in s["mia"]]
-    return {**TARGETS, "delta_used": delta,
-            "settings_within_epsilon": [s["name"] for s in within],
-            "settings_meeting_epsilon_and_wer": meeting,
-            # None: not measurable, the non-DP model's WER is saturated (a too-weak base model, e.g. --quick)
-            "epsilon_and_wer_met": bool(meeting) if settings[0]["heldout_wer"] < WER_SATURATED else None,
-            "settings_meeting_epsilon_and_device_wer": meeting_device,
-            "step_time_met": step_time["ratio"] <= TARGETS["step_time_ratio_max"],
-            "mia_auc_max_measured_under_dp": max(aucs) if aucs else None,
-            "mia_met": bool(aucs) and max(aucs) <= TARGETS["mia_auc_max_under_dp"]}
+    return {
+        **TARGETS,
+        "delta_used": delta,
+        "settings_within_epsilon": [s["name"] for s in within],
+        "settings_meeting_epsilon_and_wer": meeting,
+        # None: not measurable, the non-DP model's WER is saturated (a too-weak base model, e.g. --quick)
+        "epsilon_and_wer_met": bool(meeting) if settings[0]["heldout_wer"] < WER_SATURATED else None,
+        "settings_meeting_epsilon_and_device_wer": meeting_device,
+        "step_time_met": step_time["ratio"] <= TARGETS["step_time_ratio_max"],
+        "mia_auc_max_measured_under_dp": max(aucs) if aucs else None,
+        "mia_met": bool(aucs) and max(aucs) <= TARGETS["mia_auc_max_under_dp"],
+    }
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -429,38 +521,49 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
     st = summary["step_time"]
     tg = summary["targets"]
     plan = summary["plan"]
-    verdict = {True: "met by " + ", ".join(tg["settings_meeting_epsilon_and_wer"]), False: "not met",
-               None: "not measurable (WER saturated, see the caveat)"}[tg["epsilon_and_wer_met"]]
+    verdict = {
+        True: "met by " + ", ".join(tg["settings_meeting_epsilon_and_wer"]),
+        False: "not met",
+        None: "not measurable (WER saturated, see the caveat)",
+    }[tg["epsilon_and_wer_met"]]
     lines = [
-        "# Privacy evaluation: local DP-SGD", "",
+        "# Privacy evaluation: local DP-SGD",
+        "",
         f"Duration {summary['duration_s']} s. {plan['devices']} devices x {plan['rounds']} rounds x "
         f"{plan['local_steps']} local steps (FedAvg), DP sample rate q = {plan['dp']['sample_rate']}, clip C = "
         f"{plan['dp']['max_grad_norm']}, delta = {plan['dp']['delta']:g}. Base model: held-out WER "
         f"{summary['base']['heldout_wer']:.4f} ({summary['base']['heldout_words']} words), device WER "
         f"{summary['base']['device_wer']:.4f} (`{summary['base']['checkpoint']}`). Held-out WER: held-out speakers "
         "the federation never saw; device WER: the devices' own local-eval utterances (same speakers, not trained "
-        "on).", "",
+        "on).",
+        "",
         "| setting | sigma | epsilon (max over devices) | held-out WER | rel. WER cost | device WER | rel. device "
         "WER cost | MIA AUC (device update) | MIA advantage | MIA AUC (global model) | s / device round |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for s in settings:
         upd = s["mia"].get("device_update", {})
-        lines.append(f"| {s['name']} | {_fmt(s['noise_multiplier'], 'g')} | "
-                     f"{'inf (no DP)' if s['epsilon'] is None else _fmt(s['epsilon'], '.3g')} | "
-                     f"{s['heldout_wer']:.4f} | {_fmt(s['relative_wer_cost'], '+.1%')} | "
-                     f"{s['device_wer']:.4f} | {_fmt(s['relative_device_wer_cost'], '+.1%')} | "
-                     f"{_fmt(upd.get('auc'), '.3f')} | "
-                     f"{_fmt(upd.get('advantage'), '.3f')} | {s['mia']['global_model']['auc']:.3f} | "
-                     f"{s['seconds_per_device_round']:.2f} |")
+        lines.append(
+            f"| {s['name']} | {_fmt(s['noise_multiplier'], 'g')} | "
+            f"{'inf (no DP)' if s['epsilon'] is None else _fmt(s['epsilon'], '.3g')} | "
+            f"{s['heldout_wer']:.4f} | {_fmt(s['relative_wer_cost'], '+.1%')} | "
+            f"{s['device_wer']:.4f} | {_fmt(s['relative_device_wer_cost'], '+.1%')} | "
+            f"{_fmt(upd.get('auc'), '.3f')} | "
+            f"{_fmt(upd.get('advantage'), '.3f')} | {s['mia']['global_model']['auc']:.3f} | "
+            f"{s['seconds_per_device_round']:.2f} |"
+        )
     upd0 = settings[0]["mia"].get("device_update", {})
     lines += [
-        "", f"Step time (one batch of {st['batch_utterances']} utterances, {st['batch_frames']} padded frames, one "
+        "",
+        f"Step time (one batch of {st['batch_utterances']} utterances, {st['batch_frames']} padded frames, one "
         f"thread): plain {st['plain_s'] * 1e3:.1f} ms, DP-SGD {st['dp_s'] * 1e3:.1f} ms, ratio {st['ratio']:.2f}x.",
-        "", "Membership inference: loss threshold on per-token losses; members = a device's training utterances, "
+        "",
+        "Membership inference: loss threshold on per-token losses; members = a device's training utterances, "
         f"non-members = its own local-eval utterances ({upd0.get('members', '-')} vs {upd0.get('non_members', '-')} "
         "pooled over devices). AUC 0.5 = the attacker learns nothing; on the base model, which never saw a device "
         f"utterance, the same attack scores {summary['base']['mia']['auc']:.3f} (the split's own bias and noise).",
-        "", "Targets (reported, not asserted):",
+        "",
+        "Targets (reported, not asserted):",
         f"- epsilon <= {tg['epsilon_max']:g} (delta {tg['delta']:g}) at <= {tg['relative_wer_cost_max']:.0%} relative "
         f"WER cost: {verdict}"
         f" (within epsilon: {', '.join(tg['settings_within_epsilon']) or 'none'})",
@@ -470,9 +573,12 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         f"{_fmt(tg['mia_auc_max_measured_under_dp'], '.3f')})",
     ]
     if settings[0]["heldout_wer"] >= WER_SATURATED:
-        lines += ["", f"Caveat: the non-DP WER is {settings[0]['heldout_wer']:.3f}: the base model is too weak for "
-                  "the WER comparison to mean anything (e.g. `--quick`); train a better base model or pass "
-                  "`--checkpoint`."]
+        lines += [
+            "",
+            f"Caveat: the non-DP WER is {settings[0]['heldout_wer']:.3f}: the base model is too weak for "
+            "the WER comparison to mean anything (e.g. `--quick`); train a better base model or pass "
+            "`--checkpoint`.",
+        ]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     dp = [s for s in settings if s["dp"]]
     ticks = sorted({*(s["epsilon"] for s in dp), tg["epsilon_max"]})
@@ -483,8 +589,7 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         ax.axhline(settings[0][key], color="tab:green", linestyle="--", label="no DP")
         ax.axhline(summary["base"][key], color="tab:gray", linestyle=":", label="base model")
         ax.axvline(tg["epsilon_max"], color="tab:red", linestyle=":", label=f"epsilon {tg['epsilon_max']:g}")
-        ax.set(xscale="log", xlabel=f"epsilon per device (delta {tg['delta']:g})", ylabel=what,
-               title=f"{what} vs epsilon")
+        ax.set(xscale="log", xlabel=f"epsilon per device (delta {tg['delta']:g})", ylabel=what, title=f"{what} vs epsilon")
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.legend(fontsize=8)
@@ -495,11 +600,11 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
     (root / "report.md").write_text("\n".join(lines))
 
 
-def main(plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoint: Path | None, reuse: bool,
-         as_json: bool) -> None:
+def main(plan: PrivacyPlan, *, workdir: Path, eval_id: str, checkpoint: Path | None, reuse: bool, as_json: bool) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # progress to stderr: stdout carries only the result
-        summary = run_privacy_eval(plan, workdir=workdir, eval_id=eval_id, checkpoint=checkpoint, reuse=reuse,
-                                   progress=sys.stderr.isatty())
+        summary = run_privacy_eval(
+            plan, workdir=workdir, eval_id=eval_id, checkpoint=checkpoint, reuse=reuse, progress=sys.stderr.isatty()
+        )
     if as_json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")

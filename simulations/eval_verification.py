@@ -51,18 +51,45 @@ from shared.data.dataset import FeatureCache
 from shared.data.features import GlobalCMVN
 from shared.fairness.arw import Adversary, arl_weights
 from shared.fairness.pairwise_arw import PairwiseRecipe, train_pairwise
-from shared.federated_verification import (ADVERSARY_PREFIX, IMPOSTORS, DeviceRecipe, adversary_state, embedder_state,
-                                           impostor_centroids, public_clusters)
+from shared.federated_verification import (
+    ADVERSARY_PREFIX,
+    IMPOSTORS,
+    DeviceRecipe,
+    adversary_state,
+    embedder_state,
+    impostor_centroids,
+    public_clusters,
+)
 from shared.files import write_text_atomic
 from shared.metrics import equal_error_rate, min_dcf, threshold_at_far
 from shared.models.checkpoint import checkpoint_frontend
-from shared.models.speaker_embedding import (SpeakerEmbedder, SpeakerEmbeddingConfig, SpeakerEmbeddingError,
-                                             Verifier, load_verifier, save_speaker_embedder, train_speaker_embedding)
+from shared.models.speaker_embedding import (
+    SpeakerEmbedder,
+    SpeakerEmbeddingConfig,
+    SpeakerEmbeddingError,
+    Verifier,
+    load_verifier,
+    save_speaker_embedder,
+    train_speaker_embedding,
+)
 from shared.records import scalar
 
-__all__ = ["ARMS", "FEDERATED_ARMS", "FULL", "QUICK", "Federation", "FederatedPlan", "Trials", "VerifierPlan",
-           "VerificationError", "evaluate_verification", "federate", "make_trials", "split_speakers",
-           "train_verifiers"]
+__all__ = [
+    "ARMS",
+    "FEDERATED_ARMS",
+    "FULL",
+    "QUICK",
+    "Federation",
+    "FederatedPlan",
+    "Trials",
+    "VerifierPlan",
+    "VerificationError",
+    "evaluate_verification",
+    "federate",
+    "make_trials",
+    "split_speakers",
+    "train_verifiers",
+]
 
 ARMS = ("baseline", "arw")  # trained centrally on public speakers (`chorus model train-verifier`)
 FEDERATED_ARMS = ("federated", "federated+arw")  # the baseline, fine-tuned on devices (`federate`)
@@ -88,8 +115,7 @@ class FederatedPlan:
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.public_speakers < 1 or self.public_utterances < 1 or self.arw_warmup < 0:
-            raise VerificationError(f"need rounds, public_speakers, public_utterances >= 1 and arw_warmup >= 0 "
-                                    f"in {self}")
+            raise VerificationError(f"need rounds, public_speakers, public_utterances >= 1 and arw_warmup >= 0 in {self}")
         if not 0 < self.share < 1:
             raise VerificationError(f"share must lie in (0, 1), got {self.share}")
 
@@ -111,17 +137,26 @@ class VerifierPlan:
     federated: FederatedPlan = field(default_factory=FederatedPlan)
 
 
-FULL = VerifierPlan(train_speakers=400, calibration_speakers=50, utterances=8, pretrain_steps=1000,
-                    recipe=PairwiseRecipe(steps=600, warmup=60))
+FULL = VerifierPlan(
+    train_speakers=400, calibration_speakers=50, utterances=8, pretrain_steps=1000, recipe=PairwiseRecipe(steps=600, warmup=60)
+)
 # CI-sized: tiny extractor and corpus; its numbers prove the pipeline only.
-QUICK = VerifierPlan(train_speakers=24, calibration_speakers=6, utterances=6, pretrain_steps=60,
-                     recipe=PairwiseRecipe(steps=40, speakers_per_batch=8, utterances_per_speaker=3, crop_frames=100,
-                                           clusters=4, warmup=10),
-                     config=SpeakerEmbeddingConfig(channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32),
-                     bootstrap=50,
-                     federated=FederatedPlan(rounds=3, public_speakers=24, public_utterances=3, clusters=4,
-                                             device=DeviceRecipe(local_steps=4, utterances_per_step=4, crop_frames=100,
-                                                                 lr=1e-3)))
+QUICK = VerifierPlan(
+    train_speakers=24,
+    calibration_speakers=6,
+    utterances=6,
+    pretrain_steps=60,
+    recipe=PairwiseRecipe(steps=40, speakers_per_batch=8, utterances_per_speaker=3, crop_frames=100, clusters=4, warmup=10),
+    config=SpeakerEmbeddingConfig(channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32),
+    bootstrap=50,
+    federated=FederatedPlan(
+        rounds=3,
+        public_speakers=24,
+        public_utterances=3,
+        clusters=4,
+        device=DeviceRecipe(local_steps=4, utterances_per_step=4, crop_frames=100, lr=1e-3),
+    ),
+)
 
 
 def _open(path: Path) -> Corpus:
@@ -143,6 +178,7 @@ def _features(corpus: Corpus, cmvn: GlobalCMVN, ids: Sequence[str]) -> dict[str,
 
 
 # -- trials --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Trials:
@@ -177,17 +213,23 @@ def make_trials(by_speaker: dict[str, list[str]], *, enroll: int, seed: int) -> 
             speakers.append(name)
             utterances.append(utterance)
             same.append(kind)
-    return Trials(enrollments={s: tuple(ids[:enroll]) for s, ids in eligible.items()}, speaker=tuple(speakers),
-                  utterance=tuple(utterances), same=np.array(same, dtype=bool))
+    return Trials(
+        enrollments={s: tuple(ids[:enroll]) for s, ids in eligible.items()},
+        speaker=tuple(speakers),
+        utterance=tuple(utterances),
+        same=np.array(same, dtype=bool),
+    )
 
 
 def score_trials(verifier: Verifier, trials: Trials, features: dict[str, np.ndarray]) -> np.ndarray:
     """(N,) cosine scores: the enrolled speaker's mean embedding against each test utterance's."""
     model = verifier.embedder
-    embedding = {u: model.embed(features[u]) for u in
-                 {*trials.utterance, *(u for ids in trials.enrollments.values() for u in ids)}}
-    enrolled = {s: F.normalize(torch.stack([embedding[u] for u in ids]).mean(dim=0), dim=0)
-                for s, ids in trials.enrollments.items()}
+    embedding = {
+        u: model.embed(features[u]) for u in {*trials.utterance, *(u for ids in trials.enrollments.values() for u in ids)}
+    }
+    enrolled = {
+        s: F.normalize(torch.stack([embedding[u] for u in ids]).mean(dim=0), dim=0) for s, ids in trials.enrollments.items()
+    }
     return np.array([float(enrolled[s] @ embedding[u]) for s, u in zip(trials.speaker, trials.utterance)])
 
 
@@ -196,6 +238,7 @@ def _usable(by_speaker: dict[str, list[str]], features: dict[str, np.ndarray]) -
 
 
 # -- training ------------------------------------------------------------------------------------------------
+
 
 def default_cmvn() -> GlobalCMVN:
     """The shipped ASR base's CMVN: the device's one front end."""
@@ -207,8 +250,7 @@ def default_cmvn() -> GlobalCMVN:
     return frontend.cmvn
 
 
-def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *,
-                    log: Any = print) -> dict[str, Any]:
+def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *, log: Any = print) -> dict[str, Any]:
     """Train the baseline and ARW verifiers on ``corpus_dir``'s first speakers; write ``<out_dir>/<arm>.pt``.
 
     Returns the training record (speakers, steps, seconds, calibration, the adversary's cluster weights).
@@ -217,29 +259,39 @@ def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *,
     speakers = corpus.speakers()
     needed = plan.train_speakers + plan.calibration_speakers
     if len(speakers) < needed:
-        raise VerificationError(f"corpus {corpus_dir} has {len(speakers)} speakers; the plan trains on "
-                                f"{plan.train_speakers} and calibrates on {plan.calibration_speakers}")
+        raise VerificationError(
+            f"corpus {corpus_dir} has {len(speakers)} speakers; the plan trains on "
+            f"{plan.train_speakers} and calibrates on {plan.calibration_speakers}"
+        )
     by_speaker = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
-    train = speakers[:plan.train_speakers]
-    calibration = speakers[plan.train_speakers:needed]
+    train = speakers[: plan.train_speakers]
+    calibration = speakers[plan.train_speakers : needed]
     cmvn = default_cmvn()
     began = time.monotonic()
-    train_ids = [u for s in train for u in sorted(by_speaker[s])[:plan.utterances]]
+    train_ids = [u for s in train for u in sorted(by_speaker[s])[: plan.utterances]]
     features = _features(corpus, cmvn, train_ids + [u for s in calibration for u in by_speaker[s]])
     utterance_speaker = {u.id: u.speaker for u in corpus.utterances}
     usable = [u for u in train_ids if u in features]
     feats, labels = [features[u] for u in usable], [utterance_speaker[u] for u in usable]
     log(f"features: {len(features)} utterances in {time.monotonic() - began:.0f} s")
     started = time.monotonic()
-    pretrained = train_speaker_embedding(feats, labels, config=plan.config, steps=plan.pretrain_steps,
-                                         crop_frames=plan.recipe.crop_frames, seed=plan.seed)
-    record: dict[str, Any] = {"train_speakers": len(train), "train_utterances": len(usable),
-                              "calibration_speakers": len(calibration), "pretrain_steps": plan.pretrain_steps,
-                              "pretrain_seconds": round(time.monotonic() - started, 1),
-                              "recipe": asdict(plan.recipe), "target_far": plan.target_far, "arms": {}}
+    pretrained = train_speaker_embedding(
+        feats, labels, config=plan.config, steps=plan.pretrain_steps, crop_frames=plan.recipe.crop_frames, seed=plan.seed
+    )
+    record: dict[str, Any] = {
+        "train_speakers": len(train),
+        "train_utterances": len(usable),
+        "calibration_speakers": len(calibration),
+        "pretrain_steps": plan.pretrain_steps,
+        "pretrain_seconds": round(time.monotonic() - started, 1),
+        "recipe": asdict(plan.recipe),
+        "target_far": plan.target_far,
+        "arms": {},
+    }
     log(f"AAM-softmax pre-training: {plan.pretrain_steps} steps in {record['pretrain_seconds']} s")
-    calibration_trials = make_trials(_usable({s: by_speaker[s] for s in calibration}, features), enroll=plan.enroll,
-                                     seed=plan.seed)
+    calibration_trials = make_trials(
+        _usable({s: by_speaker[s] for s in calibration}, features), enroll=plan.enroll, seed=plan.seed
+    )
     for arm in ARMS:
         started = time.monotonic()
         model, history = train_pairwise(pretrained, feats, labels, replace(plan.recipe, arw=arm == "arw"))
@@ -248,18 +300,28 @@ def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *,
         scores = score_trials(verifier, calibration_trials, features)
         threshold = threshold_at_far(scores, calibration_trials.same, plan.target_far)
         arm_record: dict[str, Any] = {
-            "seconds": seconds, "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4),
+            "seconds": seconds,
+            "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4),
             "calibration_trials": len(calibration_trials),
             "calibration_eer": round(equal_error_rate(scores, calibration_trials.same), 4),
-            "threshold": round(threshold, 4)}
+            "threshold": round(threshold, 4),
+        }
         if "cluster_weight" in history:
             arm_record["cluster_weight"] = [round(w, 3) for w in history["cluster_weight"]]
         record["arms"][arm] = arm_record
-        save_speaker_embedder(out_dir / f"{arm}.pt", model, cmvn=cmvn, threshold=threshold,
-                              target_far=plan.target_far, meta={"arm": arm, "training": arm_record},
-                              dtype=torch.float16)
-        log(f"{arm}: {plan.recipe.steps} pairwise steps in {seconds} s, calibration EER "
-            f"{arm_record['calibration_eer']:.4f}, threshold {threshold:.4f}")
+        save_speaker_embedder(
+            out_dir / f"{arm}.pt",
+            model,
+            cmvn=cmvn,
+            threshold=threshold,
+            target_far=plan.target_far,
+            meta={"arm": arm, "training": arm_record},
+            dtype=torch.float16,
+        )
+        log(
+            f"{arm}: {plan.recipe.steps} pairwise steps in {seconds} s, calibration EER "
+            f"{arm_record['calibration_eer']:.4f}, threshold {threshold:.4f}"
+        )
     record["seconds"] = round(time.monotonic() - began, 1)
     write_text_atomic(out_dir / "training.json", json.dumps(record, indent=1) + "\n")
     return record
@@ -267,8 +329,10 @@ def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *,
 
 # -- federated fine-tuning -----------------------------------------------------------------------------------
 
-def split_speakers(speakers: Sequence[str], attributes: dict[str, dict[str, str]], *, share: float, seed: int,
-                   by: Sequence[str] = BY) -> tuple[list[str], list[str]]:
+
+def split_speakers(
+    speakers: Sequence[str], attributes: dict[str, dict[str, str]], *, share: float, seed: int, by: Sequence[str] = BY
+) -> tuple[list[str], list[str]]:
     """(federated, test) speakers: shuffled (seeded) within strata of equal ``by`` attributes, strata one after
     the other, then every speaker whose running share crosses a multiple of ``share`` is federated (a systematic
     sample: each stratum splits in proportion, within one speaker)."""
@@ -280,8 +344,9 @@ def split_speakers(speakers: Sequence[str], attributes: dict[str, dict[str, str]
     federated = [s for i, s in enumerate(ordered) if math.floor((i + 1) * share) > math.floor(i * share)]
     test = [s for s in ordered if s not in set(federated)]
     if len(federated) < 2 or len(test) < 2:
-        raise VerificationError(f"{len(speakers)} speakers split {len(federated)} federated / {len(test)} tested; "
-                                f"each side needs at least 2")
+        raise VerificationError(
+            f"{len(speakers)} speakers split {len(federated)} federated / {len(test)} tested; each side needs at least 2"
+        )
     return sorted(federated), sorted(test)
 
 
@@ -304,15 +369,16 @@ def _device_dirs(corpus: Corpus, speakers: Sequence[str], out: Path) -> list[Pat
 def _public_features(public: Path, cmvn: GlobalCMVN, plan: FederatedPlan) -> list[list[np.ndarray]]:
     """Features of the first ``public_utterances`` of each of the first ``public_speakers`` public speakers."""
     corpus = _open(public)
-    speakers = corpus.speakers()[:plan.public_speakers]
+    speakers = corpus.speakers()[: plan.public_speakers]
     if len(speakers) < plan.public_speakers:
-        raise VerificationError(f"public corpus {public} has {len(speakers)} speakers; the plan's impostors are "
-                                f"{plan.public_speakers}")
-    by_speaker = {s: sorted(u.id for u in utts)[:plan.public_utterances] for s, utts in corpus.by_speaker().items()
-                  if s in set(speakers)}
+        raise VerificationError(
+            f"public corpus {public} has {len(speakers)} speakers; the plan's impostors are {plan.public_speakers}"
+        )
+    by_speaker = {
+        s: sorted(u.id for u in utts)[: plan.public_utterances] for s, utts in corpus.by_speaker().items() if s in set(speakers)
+    }
     features = _features(corpus, cmvn, [u for ids in by_speaker.values() for u in ids])
-    return [[features[u] for u in by_speaker[s] if u in features] for s in speakers if
-            any(u in features for u in by_speaker[s])]
+    return [[features[u] for u in by_speaker[s] if u in features] for s in speakers if any(u in features for u in by_speaker[s])]
 
 
 @dataclass
@@ -325,8 +391,9 @@ class Federation:
     exchanges: list[tuple[Any, Any]]
 
 
-def federate(init: Path, devices: Sequence[Path], public: Sequence[Sequence[np.ndarray]], plan: FederatedPlan, *,
-             arw: bool, seed: int = 0) -> Federation:
+def federate(
+    init: Path, devices: Sequence[Path], public: Sequence[Sequence[np.ndarray]], plan: FederatedPlan, *, arw: bool, seed: int = 0
+) -> Federation:
     """Fine-tune the verifier ``init`` on ``devices`` (one speaker's folder each) for ``plan.rounds`` FedAvg
     rounds, with ``public`` speakers' features as the impostor pool; see the module docstring."""
     from flwr.app import ArrayRecord, ConfigRecord
@@ -367,23 +434,30 @@ def federate(init: Path, devices: Sequence[Path], public: Sequence[Sequence[np.n
             aggregated, metrics = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
             if aggregated is not None:
                 state = aggregated.to_torch_state_dict()
-                model.load_state_dict({k: v for k, v in state.items() if not k.startswith(ADVERSARY_PREFIX)},
-                                      strict=False)
+                model.load_state_dict({k: v for k, v in state.items() if not k.startswith(ADVERSARY_PREFIX)}, strict=False)
                 if adversary is not None:
-                    adversary.load_state_dict({k.removeprefix(ADVERSARY_PREFIX): v for k, v in state.items()
-                                               if k.startswith(ADVERSARY_PREFIX)})
-            rounds.append({"round": server_round, "replies": len(result.ok), "failed": result.failed,
-                           "rejected": result.rejected, "aggregated": aggregated is not None,
-                           "train_loss": round(float(scalar(metrics, "train-loss")), 5) if metrics else None,
-                           "seconds": round(time.monotonic() - started, 1)})
+                    adversary.load_state_dict(
+                        {k.removeprefix(ADVERSARY_PREFIX): v for k, v in state.items() if k.startswith(ADVERSARY_PREFIX)}
+                    )
+            rounds.append(
+                {
+                    "round": server_round,
+                    "replies": len(result.ok),
+                    "failed": result.failed,
+                    "rejected": result.rejected,
+                    "aggregated": aggregated is not None,
+                    "train_loss": round(float(scalar(metrics, "train-loss")), 5) if metrics else None,
+                    "seconds": round(time.monotonic() - started, 1),
+                }
+            )
     if adversary is not None:
         with torch.no_grad():
-            rounds[-1]["cluster_weight"] = [round(float(w), 3) for w in
-                                            arl_weights(adversary(torch.eye(plan.clusters)))]
+            rounds[-1]["cluster_weight"] = [round(float(w), 3) for w in arl_weights(adversary(torch.eye(plan.clusters)))]
     return Federation(embedder=model.eval(), rounds=rounds, exchanges=list(grid.exchanges))
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------
+
 
 def _attributes(root: Path) -> dict[str, dict[str, str]]:
     """``speakers.tsv`` rows; where a corpus gives an age in years but no age group (speechocean762), under 18
@@ -408,22 +482,35 @@ def _bootstrap_eer(trials: Trials, scores: np.ndarray, resamples: int, seed: int
     return round(float(low), 4), round(float(high), 4)
 
 
-def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attributes: dict[str, dict[str, str]],
-                 by: Sequence[str], plan: VerifierPlan) -> dict[str, Any]:
+def _arm_figures(
+    trials: Trials,
+    scores: np.ndarray,
+    verifier: Verifier,
+    attributes: dict[str, dict[str, str]],
+    by: Sequence[str],
+    plan: VerifierPlan,
+) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "eer": round(equal_error_rate(scores, trials.same), 4),
         "eer_ci95": _bootstrap_eer(trials, scores, plan.bootstrap, plan.seed),
         "min_dcf": round(min_dcf(scores, trials.same, p_target=P_TARGET), 4),
         # mean cosine of target and of impostor trials: a model that merely pulls everything together raises both
-        "mean_score": {"target": round(float(scores[trials.same].mean()), 4),
-                       "impostor": round(float(scores[~trials.same].mean()), 4)},
-        "by": {}, "gap": {}, "spread": {},
+        "mean_score": {
+            "target": round(float(scores[trials.same].mean()), 4),
+            "impostor": round(float(scores[~trials.same].mean()), 4),
+        },
+        "by": {},
+        "gap": {},
+        "spread": {},
     }
     if verifier.threshold is not None:
         accepted = scores >= verifier.threshold
-        figures["threshold"] = {"value": round(verifier.threshold, 4), "target_far": verifier.target_far,
-                                "far": round(float(accepted[~trials.same].mean()), 4),
-                                "frr": round(float((~accepted[trials.same]).mean()), 4)}
+        figures["threshold"] = {
+            "value": round(verifier.threshold, 4),
+            "target_far": verifier.target_far,
+            "far": round(float(accepted[~trials.same].mean()), 4),
+            "frr": round(float((~accepted[trials.same]).mean()), 4),
+        }
     speaker = np.array(trials.speaker)
     for attribute in by:
         cohorts: dict[str, Any] = {}
@@ -432,12 +519,18 @@ def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attribu
             members = [s for s in trials.enrollments if attributes.get(s, {}).get(attribute) == value]
             if len(members) < 2:
                 continue  # one speaker's trials say nothing about a cohort
-            cohort = Trials(enrollments={s: trials.enrollments[s] for s in members},
-                            speaker=tuple(speaker[rows]), utterance=tuple(np.array(trials.utterance)[rows]),
-                            same=trials.same[rows])
-            cohorts[value] = {"eer": round(equal_error_rate(scores[rows], trials.same[rows]), 4),
-                              "eer_ci95": _bootstrap_eer(cohort, scores[rows], plan.bootstrap, plan.seed),
-                              "speakers": len(members), "trials": int(rows.sum())}
+            cohort = Trials(
+                enrollments={s: trials.enrollments[s] for s in members},
+                speaker=tuple(speaker[rows]),
+                utterance=tuple(np.array(trials.utterance)[rows]),
+                same=trials.same[rows],
+            )
+            cohorts[value] = {
+                "eer": round(equal_error_rate(scores[rows], trials.same[rows]), 4),
+                "eer_ci95": _bootstrap_eer(cohort, scores[rows], plan.bootstrap, plan.seed),
+                "speakers": len(members),
+                "trials": int(rows.sum()),
+            }
         if len(cohorts) < 2:
             continue
         figures["by"][attribute] = cohorts
@@ -448,8 +541,15 @@ def _arm_figures(trials: Trials, scores: np.ndarray, verifier: Verifier, attribu
     return figures
 
 
-def evaluate_verification(corpus_dir: Path, verifiers: dict[str, Path], plan: VerifierPlan, out_dir: Path, *,
-                          by: Sequence[str] = BY, public: Path | None = None) -> dict[str, Any]:
+def evaluate_verification(
+    corpus_dir: Path,
+    verifiers: dict[str, Path],
+    plan: VerifierPlan,
+    out_dir: Path,
+    *,
+    by: Sequence[str] = BY,
+    public: Path | None = None,
+) -> dict[str, Any]:
     """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result.
 
     With ``public`` (the public corpus whose speakers are the devices' impostors), the speakers are split first
@@ -474,48 +574,62 @@ def evaluate_verification(corpus_dir: Path, verifiers: dict[str, Path], plan: Ve
     if public is not None:
         if "baseline" not in verifiers:
             raise VerificationError("the federated arms fine-tune the baseline verifier: pass one")
-        federated, test = split_speakers(sorted(by_speaker), attributes, share=plan.federated.share, seed=plan.seed,
-                                         by=by)
+        federated, test = split_speakers(sorted(by_speaker), attributes, share=plan.federated.share, seed=plan.seed, by=by)
         tested = {s: by_speaker[s] for s in test}
     trials = make_trials(_usable(tested, features), enroll=plan.enroll, seed=plan.seed)
-    result: dict[str, Any] = {"corpus": str(corpus.root), "speakers": len(trials.enrollments), "trials": len(trials),
-                              "target_trials": int(trials.same.sum()), "skipped": len(corpus.skipped),
-                              "enroll_utterances": plan.enroll, "p_target": P_TARGET, "arms": {}}
+    result: dict[str, Any] = {
+        "corpus": str(corpus.root),
+        "speakers": len(trials.enrollments),
+        "trials": len(trials),
+        "target_trials": int(trials.same.sum()),
+        "skipped": len(corpus.skipped),
+        "enroll_utterances": plan.enroll,
+        "p_target": P_TARGET,
+        "arms": {},
+    }
     if public is not None:
         devices = _device_dirs(corpus, federated, out_dir / "devices")
         impostors = _public_features(public, cmvn, plan.federated)
         result["split"] = {"seed": plan.seed, "federated": federated, "test": sorted(tested)}
-        result["federation"] = {"public": str(public), "impostors": len(impostors), "devices": len(devices),
-                                "plan": asdict(plan.federated), "arms": {}}
+        result["federation"] = {
+            "public": str(public),
+            "impostors": len(impostors),
+            "devices": len(devices),
+            "plan": asdict(plan.federated),
+            "arms": {},
+        }
         for arm in FEDERATED_ARMS:
             started = time.monotonic()
-            run = federate(verifiers["baseline"], devices, impostors, plan.federated, arw=arm == "federated+arw",
-                           seed=plan.seed)
-            path = save_speaker_embedder(out_dir / "models" / f"{arm}.pt", run.embedder, cmvn=cmvn,
-                                         meta={"arm": arm, "rounds": run.rounds})
+            run = federate(verifiers["baseline"], devices, impostors, plan.federated, arw=arm == "federated+arw", seed=plan.seed)
+            path = save_speaker_embedder(
+                out_dir / "models" / f"{arm}.pt", run.embedder, cmvn=cmvn, meta={"arm": arm, "rounds": run.rounds}
+            )
             verifiers = {**verifiers, arm: path}
             loaded[arm] = Verifier(embedder=run.embedder, cmvn=cmvn)
-            result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1),
-                                                 "rounds": run.rounds}
+            result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1), "rounds": run.rounds}
     scores = {}
     for arm, verifier in loaded.items():
         scores[arm] = score_trials(verifier, trials, features)
-        result["arms"][arm] = {"model": str(verifiers[arm]), **_arm_figures(trials, scores[arm], verifier,
-                                                                             attributes, by, plan)}
+        result["arms"][arm] = {"model": str(verifiers[arm]), **_arm_figures(trials, scores[arm], verifier, attributes, by, plan)}
     if public is not None:  # the fit: trials of the speakers the devices trained on (their own utterances)
-        seen = make_trials(_usable({s: by_speaker[s] for s in federated}, features), enroll=plan.enroll,
-                           seed=plan.seed)
+        seen = make_trials(_usable({s: by_speaker[s] for s in federated}, features), enroll=plan.enroll, seed=plan.seed)
         result["seen"] = {"speakers": len(seen.enrollments), "trials": len(seen)}
         for arm, verifier in loaded.items():
-            result["arms"][arm]["seen_eer"] = round(equal_error_rate(score_trials(verifier, seen, features),
-                                                                     seen.same), 4)
+            result["arms"][arm]["seen_eer"] = round(equal_error_rate(score_trials(verifier, seen, features), seen.same), 4)
     base = result["arms"].get("baseline")
     if base is not None:
         result["vs_baseline"] = {
-            arm: {"eer": round(f["eer"] / base["eer"] - 1, 4) if base["eer"] else None,
-                  "gap": {a: round(f["gap"][a] / base["gap"][a] - 1, 4) if base["gap"].get(a) and f["gap"].get(a)
-                          is not None else None for a in base["gap"] if a in f["gap"]}}
-            for arm, f in result["arms"].items() if arm != "baseline"}
+            arm: {
+                "eer": round(f["eer"] / base["eer"] - 1, 4) if base["eer"] else None,
+                "gap": {
+                    a: round(f["gap"][a] / base["gap"][a] - 1, 4) if base["gap"].get(a) and f["gap"].get(a) is not None else None
+                    for a in base["gap"]
+                    if a in f["gap"]
+                },
+            }
+            for arm, f in result["arms"].items()
+            if arm != "baseline"
+        }
         if "arw" in result["vs_baseline"]:
             result["arw_vs_baseline"] = result["vs_baseline"]["arw"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -555,45 +669,70 @@ def _plot_det(trials: Trials, scores: dict[str, np.ndarray], path: Path) -> None
 
 def _report(result: dict[str, Any]) -> str:
     split = result.get("split")
-    who = (f"{result['speakers']} test speakers (the half of the corpus no arm trained on)" if split else
-           f"{result['speakers']} unseen speakers")
-    lines = [f"# Speaker verification on {result['corpus']}", "",
-             f"{who}, each enrolled with {result['enroll_utterances']} utterances; "
-             f"{result['trials']} trials ({result['target_trials']} target, the rest impostor; list in trials.tsv); "
-             f"{result['skipped']} files skipped. minDCF at p_target {result['p_target']}. DET curves: det.png.", "",
-             "| arm | EER | 95% CI | minDCF | FAR / FRR at threshold | mean cosine target / impostor |"
-             + (" EER on the federated speakers |" if split else ""),
-             "|---|---|---|---|---|---|" + ("---|" if split else "")]
+    who = (
+        f"{result['speakers']} test speakers (the half of the corpus no arm trained on)"
+        if split
+        else f"{result['speakers']} unseen speakers"
+    )
+    lines = [
+        f"# Speaker verification on {result['corpus']}",
+        "",
+        f"{who}, each enrolled with {result['enroll_utterances']} utterances; "
+        f"{result['trials']} trials ({result['target_trials']} target, the rest impostor; list in trials.tsv); "
+        f"{result['skipped']} files skipped. minDCF at p_target {result['p_target']}. DET curves: det.png.",
+        "",
+        "| arm | EER | 95% CI | minDCF | FAR / FRR at threshold | mean cosine target / impostor |"
+        + (" EER on the federated speakers |" if split else ""),
+        "|---|---|---|---|---|---|" + ("---|" if split else ""),
+    ]
     for arm, f in result["arms"].items():
         at = f.get("threshold")
         rates = f"{at['far']:.4f} / {at['frr']:.4f} (t = {at['value']}, target FAR {at['target_far']})" if at else "-"
-        lines.append(f"| {arm} | {f['eer']:.4f} | {f['eer_ci95'][0]:.4f}-{f['eer_ci95'][1]:.4f} | {f['min_dcf']:.4f} "
-                     f"| {rates} | {f['mean_score']['target']:.3f} / {f['mean_score']['impostor']:.3f} |"
-                     + (f" {f['seen_eer']:.4f} |" if split else ""))
+        lines.append(
+            f"| {arm} | {f['eer']:.4f} | {f['eer_ci95'][0]:.4f}-{f['eer_ci95'][1]:.4f} | {f['min_dcf']:.4f} "
+            f"| {rates} | {f['mean_score']['target']:.3f} / {f['mean_score']['impostor']:.3f} |"
+            + (f" {f['seen_eer']:.4f} |" if split else "")
+        )
     for attribute in next(iter(result["arms"].values()))["by"]:
-        lines += ["", f"## EER by {attribute}", "",
-                  "| arm | " + " | ".join(next(iter(result["arms"].values()))["by"][attribute]) + " | gap | spread |",
-                  "|---" * (len(next(iter(result["arms"].values()))["by"][attribute]) + 3) + "|"]
+        lines += [
+            "",
+            f"## EER by {attribute}",
+            "",
+            "| arm | " + " | ".join(next(iter(result["arms"].values()))["by"][attribute]) + " | gap | spread |",
+            "|---" * (len(next(iter(result["arms"].values()))["by"][attribute]) + 3) + "|",
+        ]
         for arm, f in result["arms"].items():
             cohorts = f["by"].get(attribute, {})
-            cells = [f"{c['eer']:.4f} [{c['eer_ci95'][0]:.4f}-{c['eer_ci95'][1]:.4f}] ({c['speakers']} spk, "
-                     f"{c['trials']} trials)" for c in cohorts.values()]
-            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {f['gap'].get(attribute)} | "
-                         f"{f['spread'].get(attribute)} |")
+            cells = [
+                f"{c['eer']:.4f} [{c['eer_ci95'][0]:.4f}-{c['eer_ci95'][1]:.4f}] ({c['speakers']} spk, {c['trials']} trials)"
+                for c in cohorts.values()
+            ]
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {f['gap'].get(attribute)} | {f['spread'].get(attribute)} |")
     if "vs_baseline" in result:
         lines += ["", "Relative to the baseline (EER, cohort gaps): " + json.dumps(result["vs_baseline"])]
     if split:
         federation = result["federation"]
-        lines += ["", "## Federated fine-tuning", "",
-                  f"{federation['devices']} devices (one federated speaker each), FedAvg from the baseline verifier, "
-                  f"{federation['impostors']} public impostor speakers from {federation['public']}; plan: "
-                  f"{json.dumps(federation['plan'])}. The federated speakers' EER ({result['seen']['trials']} trials "
-                  f"of their own, trained-on utterances) shows the fit, not generalization.", "",
-                  "| arm | round | replies | failed | rejected | mean device loss | seconds |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Federated fine-tuning",
+            "",
+            f"{federation['devices']} devices (one federated speaker each), FedAvg from the baseline verifier, "
+            f"{federation['impostors']} public impostor speakers from {federation['public']}; plan: "
+            f"{json.dumps(federation['plan'])}. The federated speakers' EER ({result['seen']['trials']} trials "
+            f"of their own, trained-on utterances) shows the fit, not generalization.",
+            "",
+            "| arm | round | replies | failed | rejected | mean device loss | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for arm, record in federation["arms"].items():
             for r in record["rounds"]:
-                lines.append(f"| {arm} | {r['round']} | {r['replies']} | {r['failed']} | {r['rejected']} | "
-                             f"{r['train_loss']} | {r['seconds']} |")
-        lines += ["", f"Split (seed {split['seed']}, stratified by speakers.tsv attributes): federated "
-                      f"{', '.join(split['federated'])}; test {', '.join(split['test'])}."]
+                lines.append(
+                    f"| {arm} | {r['round']} | {r['replies']} | {r['failed']} | {r['rejected']} | "
+                    f"{r['train_loss']} | {r['seconds']} |"
+                )
+        lines += [
+            "",
+            f"Split (seed {split['seed']}, stratified by speakers.tsv attributes): federated "
+            f"{', '.join(split['federated'])}; test {', '.join(split['test'])}.",
+        ]
     return "\n".join(lines) + "\n"

@@ -50,8 +50,7 @@ def speaker_attributes(corpus_root: Path) -> dict[str, dict[str, str]]:
     return attributes
 
 
-def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam: int = 1,
-                 limit: int = 0) -> dict[str, Any]:
+def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam: int = 1, limit: int = 0) -> dict[str, Any]:
     """WER of ``checkpoint`` on ``corpus``: ``{"wer", "words", "utterances", "by": {attribute: {value: wer}},
     "by_words": {attribute: {value: reference words}}, ...}``.
 
@@ -64,8 +63,10 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
         raise EvalWerError(str(err)) from err
     frontend = ckpt.frontend
     if frontend is None:
-        raise EvalWerError(f"checkpoint {checkpoint} carries no tokenizer and CMVN (it was not written by "
-                           "`chorus train`); score it through the run that trained it")
+        raise EvalWerError(
+            f"checkpoint {checkpoint} carries no tokenizer and CMVN (it was not written by "
+            "`chorus train`); score it through the run that trained it"
+        )
     corpus_path = Path(corpus).expanduser()
     if not corpus_path.is_dir():
         raise EvalWerError(f"corpus {corpus_path}: no such directory")
@@ -73,8 +74,10 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
     for name in by:
         if not any(name in row for row in attributes.values()):
             known = sorted({key for row in attributes.values() for key in row})
-            raise EvalWerError(f"--by {name}: corpus {corpus_path} has no such speaker attribute "
-                               f"(speakers.tsv columns: {', '.join(known) or 'none, the file is absent'})")
+            raise EvalWerError(
+                f"--by {name}: corpus {corpus_path} has no such speaker attribute "
+                f"(speakers.tsv columns: {', '.join(known) or 'none, the file is absent'})"
+            )
     try:
         loaded = load_corpus(corpus_path)
     except CorpusError as err:
@@ -92,8 +95,7 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
         total, per_utt = score(model, utterances, features=features, tokenizer=frontend.tokenizer, beam=beam)
     seconds = time.monotonic() - start
     if total.words == 0:
-        raise EvalWerError(f"corpus {corpus_path}: none of its utterances could be decoded "
-                           f"({len(features.skipped)} skipped)")
+        raise EvalWerError(f"corpus {corpus_path}: none of its utterances could be decoded ({len(features.skipped)} skipped)")
     groups: dict[str, dict[str, ErrorCounts]] = {name: defaultdict(lambda: ErrorCounts(0, 0, 0)) for name in by}
     speaker_of = {u.id: u.speaker for u in utterances}
     for utt_id, counts in per_utt.items():
@@ -102,8 +104,12 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
             if name in row:
                 groups[name][row[name]] = groups[name][row[name]] + counts
     return {
-        "checkpoint": str(checkpoint), "corpus": str(corpus_path), "beam": beam,
-        "wer": round(total.wer, 4), "words": total.words, "utterances": total.utterances,
+        "checkpoint": str(checkpoint),
+        "corpus": str(corpus_path),
+        "beam": beam,
+        "wer": round(total.wer, 4),
+        "words": total.words,
+        "utterances": total.utterances,
         "skipped": len(loaded.skipped) + len(features.skipped),
         "decode_seconds": round(seconds, 1),
         "by": {name: {value: round(c.wer, 4) for value, c in sorted(values.items())} for name, values in groups.items()},

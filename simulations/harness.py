@@ -51,13 +51,26 @@ class InProcessGrid(Grid):
         seconds: wall time of each device call.
     """
 
-    def __init__(self, app: ClientAppCall, devices: int | Mapping[int, RecordDict],
-                 run_config: Mapping[str, bool | int | float | str], *, on_wire: bool = False) -> None:
+    def __init__(
+        self,
+        app: ClientAppCall,
+        devices: int | Mapping[int, RecordDict],
+        run_config: Mapping[str, bool | int | float | str],
+        *,
+        on_wire: bool = False,
+    ) -> None:
         states = {node: RecordDict() for node in range(1, devices + 1)} if isinstance(devices, int) else devices
         self.app = app
-        self.contexts = {node: Context(run_id=1, node_id=node, state=state, run_config=dict(run_config),
-                                       node_config={"partition-id": node - 1, "num-partitions": len(states)})
-                         for node, state in states.items()}
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                state=state,
+                run_config=dict(run_config),
+                node_config={"partition-id": node - 1, "num-partitions": len(states)},
+            )
+            for node, state in states.items()
+        }
         self.on_wire = on_wire
         self.exchanges: list[tuple[Message, Message]] = []
         self.seconds: list[float] = []
@@ -71,8 +84,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -19,6 +19,7 @@ from shared.metrics import ErrorCounts
 
 __all__ = ["Cohorts", "attribute_cohorts", "cohort_counts_by_speaker", "tree_cohorts"]
 
+
 @dataclass(frozen=True)
 class Cohorts:
     """A partition of speakers into K cohorts.
@@ -53,8 +54,7 @@ def _columns(attributes: Mapping[str, Mapping[str, str]], columns: Sequence[str]
     chosen = list(available if columns is None else columns)
     unknown = [c for c in chosen if c not in available]
     if unknown or not chosen:
-        raise ValueError(f"attribute columns {unknown or chosen} are not available for every speaker; "
-                         f"available: {available}")
+        raise ValueError(f"attribute columns {unknown or chosen} are not available for every speaker; available: {available}")
     return chosen
 
 
@@ -83,9 +83,15 @@ def _is_number(value: str) -> bool:
         return False
 
 
-def tree_cohorts(attributes: Mapping[str, Mapping[str, str]], per_speaker: Mapping[str, ErrorCounts], *,
-                 columns: Sequence[str] | None = None, max_cohorts: int = 4, min_speakers: int = 2,
-                 seed: int = 0) -> Cohorts:
+def tree_cohorts(
+    attributes: Mapping[str, Mapping[str, str]],
+    per_speaker: Mapping[str, ErrorCounts],
+    *,
+    columns: Sequence[str] | None = None,
+    max_cohorts: int = 4,
+    min_speakers: int = 2,
+    seed: int = 0,
+) -> Cohorts:
     """Trinh et al.'s partition: the decision tree over metadata whose leaves differ most in WER.
 
     A ``DecisionTreeRegressor`` (squared error, at most ``max_cohorts`` leaves, best-first growth) fits each
@@ -126,8 +132,9 @@ def tree_cohorts(attributes: Mapping[str, Mapping[str, str]], per_speaker: Mappi
             feature_names.append((column, None))
         else:
             feature_names.extend((column, v) for v in values)
-    x = np.array([[float(attributes[s][c]) if v is None else float(attributes[s][c] == v) for c, v in feature_names]
-                  for s in speakers])
+    x = np.array(
+        [[float(attributes[s][c]) if v is None else float(attributes[s][c] == v) for c, v in feature_names] for s in speakers]
+    )
     wer = np.array([per_speaker[s].wer for s in speakers])
     weight = np.array([float(per_speaker[s].words) for s in speakers])
     tree = DecisionTreeRegressor(max_leaf_nodes=max_cohorts, min_samples_leaf=min_speakers, random_state=seed)

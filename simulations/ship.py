@@ -33,17 +33,22 @@ def _training_record(run_dir: Path) -> dict[str, Any]:
     if metrics.is_file():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         record["train_seconds"] = round(sum(float(r.get("seconds", 0.0)) for r in rows), 1)
-        record["learning_curve"] = [{"step": r["step"], "train_loss": round(r["train_loss"], 4),
-                                     **({"heldout_wer": r["heldout_wer"]} if "heldout_wer" in r else {})}
-                                    for r in rows if "heldout_wer" in r]
+        record["learning_curve"] = [
+            {
+                "step": r["step"],
+                "train_loss": round(r["train_loss"], 4),
+                **({"heldout_wer": r["heldout_wer"]} if "heldout_wer" in r else {}),
+            }
+            for r in rows
+            if "heldout_wer" in r
+        ]
     config = run_dir / "config.json"
     if config.is_file():
         record["run_config"] = json.loads(config.read_text())
     return record
 
 
-def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpus: Path,
-         eval_command: str) -> dict[str, Any]:
+def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpus: Path, eval_command: str) -> dict[str, Any]:
     """Write ``shared/models/shipped/<name>.pt`` and its entry in ``manifest.json``; returns the entry."""
     ckpt = load_checkpoint(checkpoint)
     frontend = ckpt.frontend
@@ -52,8 +57,15 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
     model = ckpt.build()
     out = SHIPPED_DIR / f"{name}.pt"
     step = ckpt.meta.get("step")
-    save_checkpoint(out, model, ckpt.model_config, frontend=frontend, dtype=torch.float16, step=step,
-                    source_heldout_wer=ckpt.meta.get("heldout_wer"))
+    save_checkpoint(
+        out,
+        model,
+        ckpt.model_config,
+        frontend=frontend,
+        dtype=torch.float16,
+        step=step,
+        source_heldout_wer=ckpt.meta.get("heldout_wer"),
+    )
     evaluation = evaluate_wer(out, eval_corpus, by=BY)
     entry = {
         "model_config": architecture(ckpt.model_config),
@@ -65,9 +77,16 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
         "hardware": hardware,
         "step": step,
         **_training_record(checkpoint.parent.parent),
-        "eval": {"command": eval_command, "corpus": Path(eval_corpus).name, "beam": evaluation["beam"],
-                 "wer": evaluation["wer"], "words": evaluation["words"], "utterances": evaluation["utterances"],
-                 "by": evaluation["by"], "by_words": evaluation["by_words"]},
+        "eval": {
+            "command": eval_command,
+            "corpus": Path(eval_corpus).name,
+            "beam": evaluation["beam"],
+            "wer": evaluation["wer"],
+            "words": evaluation["words"],
+            "utterances": evaluation["utterances"],
+            "by": evaluation["by"],
+            "by_words": evaluation["by_words"],
+        },
     }
     manifest = shipped_manifest()
     manifest[out.name] = entry
@@ -75,8 +94,7 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
     return entry
 
 
-def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: Path,
-                   eval_command: str) -> dict[str, Any]:
+def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: Path, eval_command: str) -> dict[str, Any]:
     """Ship the verifiers ``chorus model train-verifier`` wrote to ``trained`` (one per arm, float16 with their
     CMVN and threshold) with manifest entries: sha256, size, the commands, training record and the EER of the
     shipped files on ``eval_corpus``, overall and per cohort. Returns {file name: entry}."""
@@ -96,15 +114,26 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
         verifier = load_verifier(out)
         figures = result["arms"][arm]
         entries[out.name] = {
-            "kind": "speaker-verifier", "arm": arm, "sha256": sha256_of(out), "bytes": out.stat().st_size,
-            "parameters": sum(p.numel() for p in verifier.embedder.parameters()), "dtype": "float16",
-            "config": dataclasses.asdict(verifier.embedder.config), "command": command, "hardware": hardware,
-            "threshold": verifier.threshold, "target_far": verifier.target_far,
+            "kind": "speaker-verifier",
+            "arm": arm,
+            "sha256": sha256_of(out),
+            "bytes": out.stat().st_size,
+            "parameters": sum(p.numel() for p in verifier.embedder.parameters()),
+            "dtype": "float16",
+            "config": dataclasses.asdict(verifier.embedder.config),
+            "command": command,
+            "hardware": hardware,
+            "threshold": verifier.threshold,
+            "target_far": verifier.target_far,
             "training": {k: v for k, v in record.items() if k != "arms"} | {"arm": record["arms"][arm]},
-            "eval": {"command": eval_command, "corpus": Path(eval_corpus).name, "speakers": result["speakers"],
-                     "trials": result["trials"], "target_trials": result["target_trials"]}
-                    | {k: figures[k] for k in ("eer", "eer_ci95", "min_dcf", "threshold", "by", "gap", "spread")
-                       if k in figures},
+            "eval": {
+                "command": eval_command,
+                "corpus": Path(eval_corpus).name,
+                "speakers": result["speakers"],
+                "trials": result["trials"],
+                "target_trials": result["target_trials"],
+            }
+            | {k: figures[k] for k in ("eer", "eer_ci95", "min_dcf", "threshold", "by", "gap", "spread") if k in figures},
         }
     manifest.update(entries)
     write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")

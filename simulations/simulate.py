@@ -44,8 +44,16 @@ from shared.data.prepare import prepare
 from shared.models.checkpoint import init_checkpoint_path
 from shared.processes import stop_pid, stop_tree
 
-__all__ = ["REPO_ROOT", "available_cores", "free_port", "sampling_overrides", "simulate", "stop_local_superlink",
-           "superlink_marker", "toml_value"]
+__all__ = [
+    "REPO_ROOT",
+    "available_cores",
+    "free_port",
+    "sampling_overrides",
+    "simulate",
+    "stop_local_superlink",
+    "superlink_marker",
+    "toml_value",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "chorus-simulation"  # the [superlink.<name>] entry in $FLWR_HOME/config.toml
@@ -85,10 +93,14 @@ def sampling_overrides(clients: int, per_round: int, *, parallel: int) -> dict[s
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     fraction = min(1.0, (per_round + 0.5) / clients)
     defaults = StrategyConfig()
-    return {"strategy.fraction-train": fraction, "strategy.fraction-evaluate": fraction,
-            "strategy.min-train-nodes": min(per_round, defaults.min_train_nodes),
-            "strategy.min-evaluate-nodes": min(per_round, defaults.min_evaluate_nodes),
-            "strategy.min-available-nodes": clients, "strategy.max-in-flight": 2 * parallel}
+    return {
+        "strategy.fraction-train": fraction,
+        "strategy.fraction-evaluate": fraction,
+        "strategy.min-train-nodes": min(per_round, defaults.min_train_nodes),
+        "strategy.min-evaluate-nodes": min(per_round, defaults.min_evaluate_nodes),
+        "strategy.min-available-nodes": clients,
+        "strategy.max-in-flight": 2 * parallel,
+    }
 
 
 def superlink_marker(flwr_home: Path) -> str:
@@ -151,11 +163,23 @@ def _start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.P
     log_file = state_dir / "superlink.log"
     port = free_port()
     exe = shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) or "flower-superlink"
-    cmd = [exe, "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
-           "--port", str(port), "--database", str(_database(flwr_home, port))]
+    cmd = [
+        exe,
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(_database(flwr_home, port)),
+    ]
     with log_file.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=state_dir, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=state_dir, start_new_session=True
+        )
     deadline = time.monotonic() + SUPERLINK_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -166,8 +190,9 @@ def _start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.P
                     return proc, port, log_file
         time.sleep(0.3)
     stop_tree(proc, timeout=10.0)
-    raise SimulationError(f"flower-superlink did not answer on 127.0.0.1:{port} within "
-                          f"{SUPERLINK_START_TIMEOUT:.0f} s; see {log_file}")
+    raise SimulationError(
+        f"flower-superlink did not answer on 127.0.0.1:{port} within {SUPERLINK_START_TIMEOUT:.0f} s; see {log_file}"
+    )
 
 
 def _database(flwr_home: Path, port: int) -> Path:
@@ -177,8 +202,8 @@ def _database(flwr_home: Path, port: int) -> Path:
 def _write_connection(flwr_home: Path, port: int) -> None:
     """``$FLWR_HOME/config.toml`` with one connection, to our SuperLink (this FLWR_HOME is Chorus' own)."""
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-        f"insecure = true\n")
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
 
 
 def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, parallel: int | None = None) -> Path:
@@ -197,8 +222,10 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
         cfg = RunConfig.from_flat({**cfg.to_flat(), "model.init-checkpoint": str(init.resolve())})
     prepared = prepare(cfg, progress=progress)
     if num_supernodes > len(prepared.split.federated):
-        raise SimulationError(f"--clients {num_supernodes} exceeds the {len(prepared.split.federated)} federated "
-                              f"speakers of {prepared.corpus.root}; synthesize more speakers")
+        raise SimulationError(
+            f"--clients {num_supernodes} exceeds the {len(prepared.split.federated)} federated "
+            f"speakers of {prepared.corpus.root}; synthesize more speakers"
+        )
     run_dir = cfg.workdir_path / "runs" / cfg.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = run_dir / "run_config.toml"
@@ -210,10 +237,17 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
     superlink, port, log_file = _start_superlink(flwr_home, env)
     try:
         _write_connection(flwr_home, port)
-        cmd = [flwr, "run", str(REPO_ROOT), CONNECTION, "--run-config", str(overrides),
-               "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={parallel}",
-               "--stream"]
+        cmd = [
+            flwr,
+            "run",
+            str(REPO_ROOT),
+            CONNECTION,
+            "--run-config",
+            str(overrides),
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={parallel}",
+            "--stream",
+        ]
         result = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
     finally:
         stop_tree(superlink, timeout=10.0)  # with its SuperExec, ServerApp, simulation process and Ray
@@ -221,6 +255,5 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
             Path(f"{_database(flwr_home, port)}{suffix}").unlink(missing_ok=True)
     report = run_dir / "report.md"
     if result.returncode != 0 or not report.exists():
-        raise SimulationError(f"flwr run exited with {result.returncode} and wrote no {report}; "
-                              f"see the SuperLink log {log_file}")
+        raise SimulationError(f"flwr run exited with {result.returncode} and wrote no {report}; see the SuperLink log {log_file}")
     return run_dir

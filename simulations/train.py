@@ -23,8 +23,7 @@ from server.report import MetricsLog
 from shared.config import RunConfig
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
-from shared.models.checkpoint import (Frontend, average_checkpoints, initial_model, load_checkpoint, load_state,
-                                     save_checkpoint)
+from shared.models.checkpoint import Frontend, average_checkpoints, initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
 
@@ -59,8 +58,7 @@ def _train_speakers(prepared: Prepared, which: str) -> tuple[str, ...]:
     raise ValueError(f"speakers={which!r}: choose public or train")
 
 
-def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: bool = False,
-                  progress: bool = True) -> Path:
+def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train ``plan.steps`` steps; returns the path of the best checkpoint (by held-out WER)."""
     prepared = prepare(cfg, progress=progress)
     by_speaker = prepared.corpus.by_speaker()
@@ -72,8 +70,9 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     (run_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**cfg.to_flat(), **{f"plan.{k}": v for k, v in
-                                                                            plan.__dict__.items()}}, indent=1))
+    (run_dir / "config.json").write_text(
+        json.dumps({**cfg.to_flat(), **{f"plan.{k}": v for k, v in plan.__dict__.items()}}, indent=1)
+    )
 
     torch.manual_seed(cfg.train.seed)
     try:
@@ -95,51 +94,85 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
         metrics.path.unlink(missing_ok=True)
 
     epoch = step // max(1, plan.ckpt_every)
-    columns = [TextColumn("[bold]central training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    columns = [
+        TextColumn("[bold]central training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
     with Progress(*columns, disable=not (progress and sys.stdout.isatty())) as bar:
         task = bar.add_task("train", total=plan.steps, completed=step, status="")
         while step < plan.steps:
             # Reshuffle at every checkpoint boundary, seeded by it, so a resumed run sees the same batches.
-            batches = make_batches(train_utts, features=features, tokenizer=prepared.tokenizer,
-                                   max_frames=cfg.train.batch_frames, shuffle=True, seed=cfg.train.seed + epoch)
+            batches = make_batches(
+                train_utts,
+                features=features,
+                tokenizer=prepared.tokenizer,
+                max_frames=cfg.train.batch_frames,
+                shuffle=True,
+                seed=cfg.train.seed + epoch,
+            )
             chunk = min(plan.ckpt_every - step % plan.ckpt_every, plan.steps - step)
             start = time.monotonic()
             losses = []
             for _ in range(chunk):
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, plan)
-                stats = train_steps(model, [batches[step % len(batches)]], steps=1, optimizer=optimizer,
-                                    spec_augment_seed=step if cfg.train.spec_augment else None,
-                                    compute_weight=cfg.train.compute_weight,
-                                    ctc_weight=cfg.train.ctc_weight, fastemit_lambda=cfg.train.fastemit_lambda)
+                stats = train_steps(
+                    model,
+                    [batches[step % len(batches)]],
+                    steps=1,
+                    optimizer=optimizer,
+                    spec_augment_seed=step if cfg.train.spec_augment else None,
+                    compute_weight=cfg.train.compute_weight,
+                    ctc_weight=cfg.train.ctc_weight,
+                    fastemit_lambda=cfg.train.fastemit_lambda,
+                )
                 losses.append(stats.loss)
                 step += 1
                 bar.update(task, completed=step, status=f"loss {stats.loss:.3f}")
-            record: dict[str, float | int | None] = {"step": step, "train_loss": sum(losses) / len(losses),
-                                                     "lr": _lr_at(step - 1, plan),
-                                                     "seconds": round(time.monotonic() - start, 2)}
+            record: dict[str, float | int | None] = {
+                "step": step,
+                "train_loss": sum(losses) / len(losses),
+                "lr": _lr_at(step - 1, plan),
+                "seconds": round(time.monotonic() - start, 2),
+            }
             if step % plan.eval_every == 0 or step == plan.steps:
                 counts, _ = score(model, heldout, features=features, tokenizer=prepared.tokenizer)
                 record["heldout_wer"] = counts.wer
                 if counts.wer < best_wer:
                     best_wer = counts.wer
-                    save_checkpoint(ckpt_dir / "best.pt", model, cfg.model, frontend=frontend, step=step,
-                                    heldout_wer=counts.wer)
+                    save_checkpoint(ckpt_dir / "best.pt", model, cfg.model, frontend=frontend, step=step, heldout_wer=counts.wer)
                 bar.update(task, status=f"loss {record['train_loss']:.3f}  held-out WER {counts.wer:.3f}")
             metrics.append(record)
             if progress and not sys.stdout.isatty():  # no live bar in a log file: one line per checkpoint
                 print(json.dumps(record, sort_keys=True), flush=True)
             epoch += 1
-            save_checkpoint(ckpt_dir / "last.pt", model, cfg.model, frontend=frontend, step=step, best_wer=best_wer,
-                            optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+            save_checkpoint(
+                ckpt_dir / "last.pt",
+                model,
+                cfg.model,
+                frontend=frontend,
+                step=step,
+                best_wer=best_wer,
+                optimizer=optimizer.state_dict(),
+                rng=torch.get_rng_state(),
+            )
             if plan.average > 0:
                 _keep_for_average(ckpt_dir, model, cfg, frontend, step, plan.average)
     if plan.average > 0:
         steps_kept = _averaged_steps(ckpt_dir)
         averaged = average_checkpoints(steps_kept)
-        path = save_checkpoint(ckpt_dir / "averaged.pt", averaged.build(), cfg.model, frontend=frontend,
-                               step=step, averaged=[p.name for p in steps_kept])
+        path = save_checkpoint(
+            ckpt_dir / "averaged.pt",
+            averaged.build(),
+            cfg.model,
+            frontend=frontend,
+            step=step,
+            averaged=[p.name for p in steps_kept],
+        )
         if progress:
             names = ", ".join(p.name for p in steps_kept)
             print(f"averaged {len(steps_kept)} checkpoints ({names}) into {path}", flush=True)
@@ -152,8 +185,7 @@ def _averaged_steps(ckpt_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("step*.pt"), key=lambda p: int(p.stem.removeprefix("step")))
 
 
-def _keep_for_average(ckpt_dir: Path, model: Transducer, cfg: RunConfig, frontend: Frontend, step: int,
-                      keep: int) -> None:
+def _keep_for_average(ckpt_dir: Path, model: Transducer, cfg: RunConfig, frontend: Frontend, step: int, keep: int) -> None:
     """Write this checkpoint's weights as ``step<S>.pt`` and drop all but the newest ``keep``."""
     save_checkpoint(ckpt_dir / f"step{step}.pt", model, cfg.model, frontend=frontend, step=step)
     for old in _averaged_steps(ckpt_dir)[:-keep]:

@@ -40,26 +40,43 @@ def real_corpus(name: str) -> Path:
     return path
 
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed (sudo apt-get install espeak-ng)")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (sudo apt-get install espeak-ng)"
+)
+
 
 def with_run_config(context: Context, run_config: dict[str, bool | int | float | str]) -> Context:
     """The device's context with the run's config added. run_simulation's Python API gives devices no run config
     (`flwr run` would); a copy, since Flower refuses a device context whose run_config changed (and turns the
     reply into an error)."""
-    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                   state=context.state, run_config={**context.run_config, **run_config})
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={**context.run_config, **run_config},
+    )
 
 
 # A federation small enough for CI: 4 devices, 2 public and 2 held-out speakers, a 2-layer model.
 TINY_RUN = {
-    "synth.speakers": 8, "synth.utterances": 6, "synth.seed": 3,
-    "split.public-speakers": 2, "split.heldout-speakers": 2,
-    "model.d-model": 64, "model.num-layers": 2, "model.num-heads": 2, "model.ffn-dim": 128,
-    "model.vocab-size": 128, "model.init-checkpoint": "",
-    "train.local-steps": 2, "train.batch-frames": 3000,
+    "synth.speakers": 8,
+    "synth.utterances": 6,
+    "synth.seed": 3,
+    "split.public-speakers": 2,
+    "split.heldout-speakers": 2,
+    "model.d-model": 64,
+    "model.num-layers": 2,
+    "model.num-heads": 2,
+    "model.ffn-dim": 128,
+    "model.vocab-size": 128,
+    "model.init-checkpoint": "",
+    "train.local-steps": 2,
+    "train.batch-frames": 3000,
     "eval.heldout-utterances": 6,
-    "strategy.min-train-nodes": 4, "strategy.min-evaluate-nodes": 4, "strategy.min-available-nodes": 4,
+    "strategy.min-train-nodes": 4,
+    "strategy.min-evaluate-nodes": 4,
+    "strategy.min-available-nodes": 4,
 }
 
 
@@ -82,8 +99,10 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> TinyWorkdir:
     def make(path: Path, flat: Mapping[str, bool | int | float | str] = TINY_RUN) -> Path:
         probe = RunConfig.from_flat({**flat, "workdir": "/prepared"})
         fairness = probe.fairness
-        key = (f"{corpus_dir(probe).name}/{artifact_dir(probe).name}/{probe.model.vocab_size}/"
-               f"{fairness.enabled and (fairness.embedder_steps, probe.train.seed)}")
+        key = (
+            f"{corpus_dir(probe).name}/{artifact_dir(probe).name}/{probe.model.vocab_size}/"
+            f"{fairness.enabled and (fairness.embedder_steps, probe.train.seed)}"
+        )
         if key not in templates:
             template = tmp_path_factory.mktemp("prepared")
             prepare(RunConfig.from_flat({**flat, "workdir": str(template)}), progress=False)
@@ -122,8 +141,9 @@ class ScriptedGrid(InProcessGrid):
     devices reply with an error, ``silent`` ones never reply; ``crash_at`` raises in that round, as a killed
     server would."""
 
-    def __init__(self, nodes: int = 4, *, failing: Iterable[int] = (), silent: Iterable[int] = (),
-                 crash_at: int | None = None) -> None:
+    def __init__(
+        self, nodes: int = 4, *, failing: Iterable[int] = (), silent: Iterable[int] = (), crash_at: int | None = None
+    ) -> None:
         super().__init__(self._device, nodes, {})
         self.failing, self.silent, self.crash_at = set(failing), set(silent), crash_at
 
@@ -138,18 +158,27 @@ class ScriptedGrid(InProcessGrid):
             return Message(Error(code=0, reason="scripted device fault"), reply_to=msg)
         if msg.metadata.message_type == "train":
             step = torch.Generator().manual_seed(1000 * server_round + node)
-            state = {k: v + 0.01 * torch.randn(v.shape, generator=step)
-                     for k, v in msg.content["arrays"].to_torch_state_dict().items()}
-            return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
-                {"train-loss": 1.0 / server_round, "num-examples": 2 + node})}), reply_to=msg)
-        return Message(RecordDict({"metrics": MetricRecord(
-            {"word-errors": node, "words": 10, "num-examples": 3, "wer": node / 10})}), reply_to=msg)
+            state = {
+                k: v + 0.01 * torch.randn(v.shape, generator=step) for k, v in msg.content["arrays"].to_torch_state_dict().items()
+            }
+            return Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord(state),
+                        "metrics": MetricRecord({"train-loss": 1.0 / server_round, "num-examples": 2 + node}),
+                    }
+                ),
+                reply_to=msg,
+            )
+        return Message(
+            RecordDict({"metrics": MetricRecord({"word-errors": node, "words": 10, "num-examples": 3, "wer": node / 10})}),
+            reply_to=msg,
+        )
 
 
 # -- helpers shared by test modules ---------------------------------------------------------------------------
 
-TINY_ENCODER = TransformerConfig(input_dim=16, d_model=32, num_heads=2, ffn_dim=64, num_layers=1, left_context=8,
-                                 dropout=0.0)
+TINY_ENCODER = TransformerConfig(input_dim=16, d_model=32, num_heads=2, ffn_dim=64, num_layers=1, left_context=8, dropout=0.0)
 
 
 def tiny_transducer(seed: int = 0) -> Transducer:
@@ -163,8 +192,15 @@ def tiny_batches(count: int, seed: int = 1) -> list[Batch]:
     for i in range(count):
         feats = torch.randn(2, 48, TINY_ENCODER.input_dim, generator=generator)
         targets = torch.randint(0, 5, (2, 3), generator=generator)
-        batches.append(Batch(feats=feats, feat_lens=torch.tensor([48, 40]), targets=targets,
-                             target_lens=torch.tensor([3, 2]), ids=[f"u{i}a", f"u{i}b"]))
+        batches.append(
+            Batch(
+                feats=feats,
+                feat_lens=torch.tensor([48, 40]),
+                targets=targets,
+                target_lens=torch.tensor([3, 2]),
+                ids=[f"u{i}a", f"u{i}b"],
+            )
+        )
     return batches
 
 
@@ -225,8 +261,15 @@ def run_marked(code: str, *, name: str, env: dict[str, str], timeout: float = 84
     variable; returns (exit code, output, processes still alive 30 s after it ended — then killed)."""
     marker = f"chorus-{name}-test-{uuid.uuid4().hex}"
     env = {**os.environ, **env, "CHORUS_TEST_MARKER": marker, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     finally:

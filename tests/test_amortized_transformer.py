@@ -37,8 +37,9 @@ def _mixed(seed: int = 0) -> AmortizedTransformerEncoder:
     return encoder
 
 
-def _stream(encoder: AmortizedTransformerEncoder | CausalTransformerEncoder, feats: torch.Tensor,
-            sizes: list[int]) -> torch.Tensor:
+def _stream(
+    encoder: AmortizedTransformerEncoder | CausalTransformerEncoder, feats: torch.Tensor, sizes: list[int]
+) -> torch.Tensor:
     state = encoder.init_state(batch_size=feats.shape[0])
     pieces, start = [], 0
     for size in sizes:

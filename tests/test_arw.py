@@ -29,8 +29,13 @@ def _batch(size: int = 6, seed: int = 0) -> Batch:
     lengths = torch.randint(20, 60, (size,), generator=generator)
     feats = torch.randn(size, int(lengths.max()), 8, generator=generator)
     feats *= (torch.arange(feats.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
-    return Batch(feats=feats, feat_lens=lengths, targets=torch.zeros(size, 4, dtype=torch.long),
-                 target_lens=torch.randint(1, 5, (size,), generator=generator), ids=[f"u{i}" for i in range(size)])
+    return Batch(
+        feats=feats,
+        feat_lens=lengths,
+        targets=torch.zeros(size, 4, dtype=torch.long),
+        target_lens=torch.randint(1, 5, (size,), generator=generator),
+        ids=[f"u{i}" for i in range(size)],
+    )
 
 
 def test_arl_weights_follow_the_formula() -> None:
@@ -131,11 +136,15 @@ def test_population_surrogate_gradients_sum_to_the_central_arl_gradient() -> Non
     central = gradient((arl_weights(adversary(inputs)) * losses).sum())
     with torch.no_grad():  # what the server forms from the devices' summed ScoreSums
         scores = torch.sigmoid(adversary(inputs))
-        sums = sum((ScoreSums(float(scores[p].sum()), float(scores[p].numel()), float((scores[p] * losses[p]).sum()))
-                    for p in (slice(0, 4), slice(4, 10))), ScoreSums(0.0, 0.0, 0.0))
+        sums = sum(
+            (
+                ScoreSums(float(scores[p].sum()), float(scores[p].numel()), float((scores[p] * losses[p]).sum()))
+                for p in (slice(0, 4), slice(4, 10))
+            ),
+            ScoreSums(0.0, 0.0, 0.0),
+        )
     population = sums.population()
-    devices = [gradient(population_surrogate(adversary(inputs[p]), losses[p], population))
-               for p in (slice(0, 4), slice(4, 10))]
+    devices = [gradient(population_surrogate(adversary(inputs[p]), losses[p], population)) for p in (slice(0, 4), slice(4, 10))]
     for central_grad, first, second in zip(central, *devices):
         torch.testing.assert_close(first + second, central_grad, rtol=1e-5, atol=1e-6)
 
@@ -154,8 +163,14 @@ def test_train_steps_applies_the_reweighters_weights() -> None:
 
     def one_step(reweighter: Fixed | None) -> torch.nn.Module:
         model = tiny_transducer()
-        train_steps(model, batches, steps=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                    spec_augment_seed=None, reweighter=reweighter)
+        train_steps(
+            model,
+            batches,
+            steps=1,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            spec_augment_seed=None,
+            reweighter=reweighter,
+        )
         return model
 
     plain, ones = one_step(None), one_step(Fixed([1.0, 1.0]))
@@ -181,10 +196,17 @@ def test_adversarial_reweighter_runs_inside_train_steps() -> None:
     batches = tiny_batches(2)
     model = tiny_transducer()
     embedding = torch.nn.functional.normalize(torch.ones(4), dim=0)
-    reweighter = AdversarialReweighter(Adversary(UTTERANCE_STATISTICS + 4), warmup_steps=1,
-                                       inputs=lambda b: adversary_inputs(b, speaker_embedding=embedding))
-    stats = train_steps(model, batches, steps=3, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                        spec_augment_seed=0, reweighter=reweighter)
+    reweighter = AdversarialReweighter(
+        Adversary(UTTERANCE_STATISTICS + 4), warmup_steps=1, inputs=lambda b: adversary_inputs(b, speaker_embedding=embedding)
+    )
+    stats = train_steps(
+        model,
+        batches,
+        steps=3,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        spec_augment_seed=0,
+        reweighter=reweighter,
+    )
     assert stats.steps == 3 and reweighter.steps == 3 and reweighter.score_sums.count == 6.0
     assert reweighter.last_objective == reweighter.last_objective  # not NaN: it stepped after the warm-up
     population = reweighter.score_sums.population()

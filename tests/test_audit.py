@@ -7,8 +7,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import (DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType,
-                      Metadata, MetricRecord, RecordDict)
+from flwr.app import (
+    DEFAULT_TTL,
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_to_proto
 
@@ -25,8 +36,17 @@ def reply(**records: object) -> RecordDict:
 
 def incoming(content: RecordDict = SENT, message_type: str = MessageType.TRAIN) -> Message:
     """A message as the server sends it (the ServerApp side would stamp this metadata)."""
-    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=message_type)
+    metadata = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=message_type,
+    )
     return Message(metadata=metadata, content=content)
 
 
@@ -39,6 +59,7 @@ def run_mod(handler, message_type: str = MessageType.TRAIN) -> Message:  # noqa:
 
 
 # --- audit_reply: what may leave ---------------------------------------------------------------------------
+
 
 def test_allowlisted_reply_passes() -> None:
     audit_reply(reply(arrays=ArrayRecord(MODEL), metrics=METRICS), SENT)
@@ -61,8 +82,15 @@ def test_unknown_metric_key_and_record_name_are_caught() -> None:
         audit_reply(reply(stats=MetricRecord({"wer": 0.1})), SENT)
 
 
-@pytest.mark.parametrize("value, why", [([12, 7, 99], "is a list"), ([0.5, 0.25], "is a list"),
-                                        (float("nan"), "is not a finite"), (float("inf"), "is not a finite")])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ([12, 7, 99], "is a list"),
+        ([0.5, 0.25], "is a list"),
+        (float("nan"), "is not a finite"),
+        (float("inf"), "is not a finite"),
+    ],
+)
 def test_metric_values_must_be_finite_scalars(value: object, why: str) -> None:
     # A list of ints is a sequence of token ids; NaN/inf are no statistic at all.
     with pytest.raises(PrivacyViolation, match=f"metric 'wer' {why}"):
@@ -123,12 +151,12 @@ def test_names_that_could_be_data_are_redacted_in_the_message() -> None:
         assert caught.value.culprit == name  # for the device's own log
     labelled = Array(dtype="call mom", shape=(5,), stype="numpy.ndarray", data=b"")  # a dtype label is free text
     with pytest.raises(PrivacyViolation, match="has dtype <unrecognized dtype>") as caught:
-        audit_reply(reply(arrays=ArrayRecord({"encoder.w": Array(MODEL["encoder.w"].numpy()), "joiner.b": labelled})),
-                    SENT)
+        audit_reply(reply(arrays=ArrayRecord({"encoder.w": Array(MODEL["encoder.w"].numpy()), "joiner.b": labelled})), SENT)
     assert "call mom" not in str(caught.value)
 
 
 # --- audit_mod: every reply passes the audit before it leaves -----------------------------------------------
+
 
 def test_mod_lets_an_allowlisted_reply_through_unchanged() -> None:
     sent_reply: list[Message] = []

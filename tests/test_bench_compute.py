@@ -13,13 +13,24 @@ from tests.conftest import REPO_ROOT, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
 
-KEYS = {"params", "wer", "encoder_gflops_per_audio_second", "batch1_streaming_rtf", "relative_flops_vs_dense",
-        "relative_wall_vs_dense"}
+KEYS = {
+    "params",
+    "wer",
+    "encoder_gflops_per_audio_second",
+    "batch1_streaming_rtf",
+    "relative_flops_vs_dense",
+    "relative_wall_vs_dense",
+}
 
 
 def test_quick_bench_prints_json(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "simulations.cli", "bench", "compute", "--quick", "--json",
-                          "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "bench", "compute", "--quick", "--json", "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert set(result["models"]) == {"transformer", "transformer-continued", "sliding-window", "convrnnt", "amortized"}

@@ -15,10 +15,29 @@ from simulations.bench_federation import QUICK, FederationPlan
 from simulations.simulate import sampling_overrides
 from tests.conftest import REPO_ROOT, needs_espeak
 
-KEYS = {"clients", "per_round", "rounds", "parallel", "rounds_completed", "round_seconds", "mean_round_seconds",
-        "pure_round_seconds", "overhead_ratio", "overhead_ratio_steady", "overhead_ratio_per_round",
-        "round_cpu_seconds", "pure_round_cpu_seconds", "cpu_overhead_ratio", "timing_reliable",
-        "peak_rss_bytes", "peak_rss_gib", "peak_pss_gib", "targets", "duration_s", "run_dir"}
+KEYS = {
+    "clients",
+    "per_round",
+    "rounds",
+    "parallel",
+    "rounds_completed",
+    "round_seconds",
+    "mean_round_seconds",
+    "pure_round_seconds",
+    "overhead_ratio",
+    "overhead_ratio_steady",
+    "overhead_ratio_per_round",
+    "round_cpu_seconds",
+    "pure_round_cpu_seconds",
+    "cpu_overhead_ratio",
+    "timing_reliable",
+    "peak_rss_bytes",
+    "peak_rss_gib",
+    "peak_pss_gib",
+    "targets",
+    "duration_s",
+    "run_dir",
+}
 
 
 def test_sampling_overrides_pick_exactly_k_after_all_registered() -> None:
@@ -49,10 +68,11 @@ def test_plan_changes_are_validated() -> None:
 
 
 def test_tree_memory_sampler_counts_children() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "b = b\"x\" * (200 * 2**20); import time; time.sleep(3)"])
+    child = subprocess.Popen([sys.executable, "-c", 'b = b"x" * (200 * 2**20); import time; time.sleep(3)'])
     try:
         with TreeMemorySampler(interval=0.1) as sampler:
             import time
+
             time.sleep(1.5)
     finally:
         child.wait()
@@ -64,8 +84,13 @@ def test_tree_memory_sampler_counts_children() -> None:
 @needs_espeak
 @pytest.mark.timeout(900)  # ~2.5 min on 2 idle cores; several times that on a shared, overloaded machine
 def test_quick_bench_prints_json(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "simulations.cli", "bench", "federation", "--quick", "--json",
-                          "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=880)
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "bench", "federation", "--quick", "--json", "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert KEYS <= set(result), f"missing {KEYS - set(result)}"

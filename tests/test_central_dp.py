@@ -30,9 +30,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir)
 
 
 def _round(workdir: Path, run_id: str, **extra: bool | int | float | str) -> tuple[SecAggGrid, Path]:
-    cfg = RunConfig.from_flat({**TINY_RUN, "workdir": str(workdir), "run-id": run_id, "num-server-rounds": 1,
-                               "central-dp.clipping-norm": CLIP, "central-dp.sampled-clients": 4,
-                               "central-dp.noise-multiplier": 1.0, **extra})
+    cfg = RunConfig.from_flat(
+        {
+            **TINY_RUN,
+            "workdir": str(workdir),
+            "run-id": run_id,
+            "num-server-rounds": 1,
+            "central-dp.clipping-norm": CLIP,
+            "central-dp.sampled-clients": 4,
+            "central-dp.noise-multiplier": 1.0,
+            **extra,
+        }
+    )
     grid = SecAggGrid(cfg)
     return grid, run_federation(grid, cfg)
 
@@ -47,8 +56,11 @@ def _round_one(run_dir: Path) -> dict[str, object]:
 
 def _train_updates(grid: SecAggGrid) -> list[dict[str, torch.Tensor]]:
     """The model arrays of the devices' plain train replies, as the grid recorded them."""
-    return [reply.content["arrays"].to_torch_state_dict() for stage, reply in grid.replies
-            if stage == "plain" and "arrays" in reply.content]
+    return [
+        reply.content["arrays"].to_torch_state_dict()
+        for stage, reply in grid.replies
+        if stage == "plain" and "arrays" in reply.content
+    ]
 
 
 def test_make_strategy_wraps_by_config() -> None:
@@ -57,8 +69,7 @@ def test_make_strategy_wraps_by_config() -> None:
     assert isinstance(strategy, flwr_strategy.DifferentialPrivacyClientSideFixedClipping)
     assert isinstance(stateful_strategy(strategy), flwr_strategy.FedAdam)  # its moments are what is checkpointed
     server = RunConfig.from_flat({"strategy.central-dp": "server"})
-    assert isinstance(make_strategy(server.strategy, server.central_dp),
-                      flwr_strategy.DifferentialPrivacyServerSideFixedClipping)
+    assert isinstance(make_strategy(server.strategy, server.central_dp), flwr_strategy.DifferentialPrivacyServerSideFixedClipping)
     assert isinstance(make_strategy(RunConfig().strategy), flwr_strategy.FedAvg)
 
 
@@ -74,7 +85,7 @@ def test_a_round_with_server_side_clipping(workdir: Path) -> None:
     final = load_checkpoint(run_dir / "checkpoints" / "global.pt").state_dict
     # mean of clipped changes (norm <= CLIP) + Gaussian noise of std sigma x CLIP / 4 on every parameter
     params = sum(v.numel() for v in initial.values())
-    noise = 1.0 * CLIP / 4 * params ** 0.5
+    noise = 1.0 * CLIP / 4 * params**0.5
     assert 0.5 * noise < _change_norm(final, initial) < CLIP + 1.5 * noise
 
 
@@ -95,8 +106,7 @@ def test_a_round_with_client_side_clipping(workdir: Path) -> None:
 @needs_espeak
 def test_client_side_clipping_under_secagg(workdir: Path) -> None:
     """The combination that hides every update: devices clip, SecAgg+ masks, the server adds noise to the sum."""
-    grid, run_dir = _round(workdir, "client-secagg",
-                           **{"strategy.central-dp": "client", "strategy.secure-aggregation": True})
+    grid, run_dir = _round(workdir, "client-secagg", **{"strategy.central-dp": "client", "strategy.secure-aggregation": True})
     one = _round_one(run_dir)
     assert (one["aggregated"], one["train_replies"], one["train_failures"]) == (True, 4, 0), one
     masked = [reply for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]

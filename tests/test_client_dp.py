@@ -29,25 +29,41 @@ SIGMA, RATE, STEPS, DELTA = 1.0, 0.5, 2, 1e-5  # TINY_RUN: train.local-steps = 2
 
 @pytest.fixture(scope="module")
 def flat(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> dict[str, object]:
-    flat = {**RunConfig().to_flat(), **TINY_RUN, "workdir": str(tmp_path_factory.mktemp("client-dp")),
-            "dp.enabled": True, "dp.noise-multiplier": SIGMA, "dp.sample-rate": RATE, "dp.delta": DELTA,
-            "dp.epsilon-budget": 1e9}
+    flat = {
+        **RunConfig().to_flat(),
+        **TINY_RUN,
+        "workdir": str(tmp_path_factory.mktemp("client-dp")),
+        "dp.enabled": True,
+        "dp.noise-multiplier": SIGMA,
+        "dp.sample-rate": RATE,
+        "dp.delta": DELTA,
+        "dp.epsilon-budget": 1e9,
+    }
     tiny_workdir(Path(str(flat["workdir"])), flat)
     return flat
 
 
 def train_message(global_state: ArrayRecord, server_round: int) -> Message:
     """A train message as the server's strategy sends it."""
-    metadata = Metadata(run_id=1, message_id=f"m-{server_round}", src_node_id=1, dst_node_id=7,
-                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=DEFAULT_TTL,
-                        message_type=MessageType.TRAIN)
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m-{server_round}",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=MessageType.TRAIN,
+    )
     content = RecordDict({"arrays": global_state, "config": ConfigRecord({"server-round": server_round})})
     return Message(metadata=metadata, content=content)
 
 
 def device(flat: dict[str, object]) -> Context:
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                   run_config=dict(flat))
+    return Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config=dict(flat)
+    )
 
 
 def global_model(flat: dict[str, object]) -> ArrayRecord:
@@ -81,8 +97,7 @@ def test_epsilon_accumulates_across_rounds_in_the_device_state(flat: dict[str, o
     assert epsilons[0] < epsilons[1] < epsilons[2]
 
 
-def test_spent_budget_refuses_training_with_an_error(flat: dict[str, object],
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_spent_budget_refuses_training_with_an_error(flat: dict[str, object], caplog: pytest.LogCaptureFixture) -> None:
     budget = (opacus_epsilon(2 * STEPS) + opacus_epsilon(3 * STEPS)) / 2  # room for 2 rounds, not for 3
     small = {**flat, "dp.epsilon-budget": budget}
     context = device(small)
@@ -99,8 +114,10 @@ def test_spent_budget_refuses_training_with_an_error(flat: dict[str, object],
     assert "epsilon" not in refused.error.reason
     # The device's own log says why, with its epsilon and budget.
     said = [r.getMessage() for r in caplog.records if r.name == "chorus.client"]
-    assert any("privacy budget exhausted" in line and f"{budget:.4g}" in line
-               and f"{opacus_epsilon(2 * STEPS):.4g}" in line for line in said), said
+    assert any(
+        "privacy budget exhausted" in line and f"{budget:.4g}" in line and f"{opacus_epsilon(2 * STEPS):.4g}" in line
+        for line in said
+    ), said
     # Refused before training: nothing charged.
     assert load_accountant(context.state).history == ((SIGMA, RATE, 2 * STEPS),)
 
@@ -110,6 +127,5 @@ def test_without_dp_the_reply_is_unchanged_and_no_ledger_is_kept(flat: dict[str,
     context = device(plain)
     reply = app(train_message(global_model(plain), 1), context)
     assert not reply.has_error(), reply.error.reason
-    assert set(reply.content["metrics"]) == {"train-loss", "local-steps", "num-examples", "compute-cost",
-                                             "skipped-utterances"}
+    assert set(reply.content["metrics"]) == {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
     assert ACCOUNTANT_KEY not in context.state

@@ -22,8 +22,9 @@ def _lloyd(points: np.ndarray, centroids: np.ndarray, iterations: int) -> np.nda
     for _ in range(iterations):
         distances = ((points[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
         labels = distances.argmin(1)
-        centroids = np.stack([points[labels == k].mean(0) if (labels == k).any() else centroids[k]
-                              for k in range(len(centroids))])
+        centroids = np.stack(
+            [points[labels == k].mean(0) if (labels == k).any() else centroids[k] for k in range(len(centroids))]
+        )
     return centroids
 
 
@@ -70,8 +71,12 @@ def test_empty_cluster_keeps_its_centroid_and_noise_is_added() -> None:
 
 
 def test_attribute_cohorts_cross_the_chosen_columns() -> None:
-    attributes = {"a": {"gender": "f", "accent": "x"}, "b": {"gender": "m", "accent": "x"},
-                  "c": {"gender": "f", "accent": "y"}, "d": {"gender": "f", "accent": "x"}}
+    attributes = {
+        "a": {"gender": "f", "accent": "x"},
+        "b": {"gender": "m", "accent": "x"},
+        "c": {"gender": "f", "accent": "y"},
+        "d": {"gender": "f", "accent": "x"},
+    }
     cohorts = attribute_cohorts(attributes, ["accent", "gender"])
     assert cohorts.names == ("accent=x, gender=f", "accent=x, gender=m", "accent=y, gender=f")
     assert cohorts.assignment == {"a": 0, "b": 1, "c": 2, "d": 0}
@@ -114,8 +119,10 @@ def test_tree_cohorts_recover_a_planted_partition() -> None:
 
 def test_tree_cohorts_split_numeric_columns_by_threshold() -> None:
     attributes, counts, _ = _planted_population()
-    noisy = {s: ErrorCounts(round((0.5 if float(attributes[s]["snr_db"]) < 12 else 0.1) * c.words), c.words, 1)
-             for s, c in counts.items()}
+    noisy = {
+        s: ErrorCounts(round((0.5 if float(attributes[s]["snr_db"]) < 12 else 0.1) * c.words), c.words, 1)
+        for s, c in counts.items()
+    }
     cohorts = tree_cohorts(attributes, noisy, columns=["snr_db", "gender"], max_cohorts=2)
     assert cohorts.names[0].startswith("snr_db<=") and cohorts.names[1].startswith("snr_db>")
     low = {s for s in attributes if float(attributes[s]["snr_db"]) < 12}

@@ -32,8 +32,15 @@ def encoder() -> ConvRNNTEncoder:
 
 def _tiny_config(**overrides: object) -> ConvRNNTConfig:
     sizes = dict(
-        input_dim=8, output_dim=6, local_channels=8, global_channels=8, se_reduction=4, lstm_hidden_size=8,
-        local_num_blocks=1, global_num_blocks=2, dropout=0.0,
+        input_dim=8,
+        output_dim=6,
+        local_channels=8,
+        global_channels=8,
+        se_reduction=4,
+        lstm_hidden_size=8,
+        local_num_blocks=1,
+        global_num_blocks=2,
+        dropout=0.0,
     )
     return ConvRNNTConfig(**{**sizes, **overrides})
 
@@ -118,8 +125,12 @@ def test_local_receptive_field_is_exactly_as_stated(encoder: ConvRNNTEncoder) ->
     feats = torch.randn(1, 120, FEATURES)
     frame = 25  # sees input frames 4 * 25 + 4 - field .. 4 * 25 + 3
     reference = _branch(encoder, "local", feats)[0, :, frame]
-    for position, inside in [(4 * frame + 4 - field, True), (4 * frame + 3 - field, False), (4 * frame + 3, True),
-                             (4 * frame + 4, False)]:
+    for position, inside in [
+        (4 * frame + 4 - field, True),
+        (4 * frame + 3 - field, False),
+        (4 * frame + 3, True),
+        (4 * frame + 4, False),
+    ]:
         perturbed = feats.clone()
         perturbed[:, position] += 5.0
         changed = bool((_branch(encoder, "local", perturbed)[0, :, frame] != reference).any())

@@ -31,8 +31,14 @@ def write_corrupt(path: Path) -> Path:
 
 
 def manifest_entry(utterance_id: str, speaker: str, text: str, sample_rate: int = 16000) -> dict[str, object]:
-    return {"id": utterance_id, "speaker": speaker, "audio": f"audio/{utterance_id}.wav", "text": text,
-            "duration": 0.3, "sample_rate": sample_rate}
+    return {
+        "id": utterance_id,
+        "speaker": speaker,
+        "audio": f"audio/{utterance_id}.wav",
+        "text": text,
+        "duration": 0.3,
+        "sample_rate": sample_rate,
+    }
 
 
 def write_manifest(root: Path, lines: list[dict[str, object] | str]) -> Path:
@@ -64,19 +70,18 @@ def manifest_corpus(tmp_path: Path) -> Path:
     return root
 
 
-def test_manifest_corpus_loads_and_skips_bad_entries(manifest_corpus: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_manifest_corpus_loads_and_skips_bad_entries(manifest_corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="chorus.data"):
         corpus = load_corpus(manifest_corpus)
     assert corpus.name == "synthetic" and corpus.root == manifest_corpus
     assert [utt.id for utt in corpus.utterances] == ["b2", "a1", "a2", "b1"]
-    assert corpus.utterances[0] == Utterance(id="b2", speaker="bob", audio=manifest_corpus / "audio" / "b2.wav",
-                                             text="good morning", sample_rate=16000)
+    assert corpus.utterances[0] == Utterance(
+        id="b2", speaker="bob", audio=manifest_corpus / "audio" / "b2.wav", text="good morning", sample_rate=16000
+    )
     reasons = dict(corpus.skipped)
     assert list(reasons) == ["corrupt", "digits", "narrow"]
     assert reasons["corrupt"].startswith(f"{manifest_corpus / 'audio' / 'corrupt.wav'}: unreadable audio file")
-    assert reasons["digits"] == ("transcript 'call 911': characters '1', '9' cannot be encoded "
-                                 "(spell numbers as words)")
+    assert reasons["digits"] == ("transcript 'call 911': characters '1', '9' cannot be encoded (spell numbers as words)")
     assert reasons["narrow"] == f"{manifest_corpus / 'audio' / 'narrow.wav'}: sample rate 8000 Hz, expected 16000 Hz"
     warnings = [record for record in caplog.records if record.name == "chorus.data"]
     assert len(warnings) == 1 and "skipped 3 of 7 entries" in warnings[0].getMessage()
@@ -107,8 +112,10 @@ def test_without_validation_bad_audio_is_kept(manifest_corpus: Path) -> None:
     [
         ('{"id": "x", "speaker": "s"', "invalid JSON"),
         (json.dumps({**manifest_entry("x", "s", "hi"), "gender": "f"}), "unknown key(s) gender"),
-        (json.dumps({key: value for key, value in manifest_entry("x", "s", "hi").items() if key != "text"}),
-         "missing key(s) text"),
+        (
+            json.dumps({key: value for key, value in manifest_entry("x", "s", "hi").items() if key != "text"}),
+            "missing key(s) text",
+        ),
         (json.dumps({**manifest_entry("x", "s", "hi"), "sample_rate": "16k"}), "'sample_rate' must be an integer"),
         (json.dumps(manifest_entry("a1", "s", "hi")), "duplicate id 'a1' (first on line 1)"),
         ("[1, 2]", "expected a JSON object, got list"),
@@ -135,13 +142,18 @@ def test_kaldi_corpus_loads(tmp_path: Path) -> None:
     write_tone(root / "audio" / "u2.flac", sample_rate=8000)
     absolute = write_tone(tmp_path / "elsewhere" / "u3.wav")
     write_corrupt(root / "audio" / "u4.flac")
-    write_kaldi(root, text="u1 WE CALL IT BEAR\nu2 ZERO\tTHREE\nu3 TOM'S GOOSE\nu4 BROKEN\nu5\n",
-                utt2spk="u1 s1\nu2 s1\nu3 s2\nu4 s2\nu5 s2\n",
-                wav_scp=f"u1 audio/u1.flac\nu2 audio/u2.flac\nu3 {absolute}\nu4 audio/u4.flac\nu5 audio/u1.flac\n"
-                        "u6 audio/u1.flac\n")
+    write_kaldi(
+        root,
+        text="u1 WE CALL IT BEAR\nu2 ZERO\tTHREE\nu3 TOM'S GOOSE\nu4 BROKEN\nu5\n",
+        utt2spk="u1 s1\nu2 s1\nu3 s2\nu4 s2\nu5 s2\n",
+        wav_scp=f"u1 audio/u1.flac\nu2 audio/u2.flac\nu3 {absolute}\nu4 audio/u4.flac\nu5 audio/u1.flac\nu6 audio/u1.flac\n",
+    )
     corpus = load_corpus(root)
     assert [(utt.id, utt.speaker, utt.text, utt.sample_rate) for utt in corpus.utterances] == [
-        ("u1", "s1", "we call it bear", 16000), ("u2", "s1", "zero three", 8000), ("u3", "s2", "tom's goose", 16000)]
+        ("u1", "s1", "we call it bear", 16000),
+        ("u2", "s1", "zero three", 8000),
+        ("u3", "s2", "tom's goose", 16000),
+    ]
     assert corpus.utterances[2].audio == absolute
     assert corpus.load_audio(corpus.utterances[1]).shape == (4800,)
     reasons = dict(corpus.skipped)
@@ -161,8 +173,7 @@ def test_kaldi_corpus_loads(tmp_path: Path) -> None:
         ("text", "u9 NOT IN WAV SCP", "utterance 'u9' is not in"),
     ],
 )
-def test_malformed_kaldi_line_names_file_line_and_content(tmp_path: Path, file_name: str, bad_line: str,
-                                                          problem: str) -> None:
+def test_malformed_kaldi_line_names_file_line_and_content(tmp_path: Path, file_name: str, bad_line: str, problem: str) -> None:
     files = {"text": "u1 HELLO\n", "utt2spk": "u1 s1\n", "wav.scp": "u1 audio/u1.wav\n"}
     files[file_name] += bad_line + "\n"
     root = write_kaldi(tmp_path / "kaldi", text=files["text"], utt2spk=files["utt2spk"], wav_scp=files["wav.scp"])
@@ -181,7 +192,10 @@ def test_fsdd_layout(tmp_path: Path) -> None:
     write_tone(root / "recordings" / "notes.wav", sample_rate=8000)
     corpus = load_corpus(root)
     assert [(utt.id, utt.speaker, utt.text, utt.sample_rate) for utt in corpus.utterances] == [
-        ("0_ann_1", "ann", "zero", 8000), ("3_bo_b_12", "bo_b", "three", 8000), ("7_ann_0", "ann", "seven", 8000)]
+        ("0_ann_1", "ann", "zero", 8000),
+        ("3_bo_b_12", "bo_b", "three", 8000),
+        ("7_ann_0", "ann", "seven", 8000),
+    ]
     assert corpus.load_audio(corpus.utterances[0]).shape == (4800,)
     reasons = dict(corpus.skipped)
     assert "unreadable audio file" in reasons["5_ann_2"]
@@ -214,8 +228,7 @@ def test_speakers_tsv(tmp_path: Path) -> None:
 
 def test_corpus_carries_no_speaker_attributes() -> None:
     assert {field.name for field in dataclasses.fields(Corpus)} == {"name", "root", "utterances", "skipped"}
-    assert {field.name for field in dataclasses.fields(Utterance)} == {"id", "speaker", "audio", "text",
-                                                                        "sample_rate"}
+    assert {field.name for field in dataclasses.fields(Utterance)} == {"id", "speaker", "audio", "text", "sample_rate"}
 
 
 def test_real_speechocean762_dev() -> None:
@@ -243,8 +256,18 @@ def test_real_fsdd() -> None:
     assert len(corpus.utterances) == 3000 and corpus.skipped == []
     assert len(corpus.speakers()) == 6
     assert {utt.sample_rate for utt in corpus.utterances} == {8000}
-    assert {utt.text for utt in corpus.utterances} == {"zero", "one", "two", "three", "four", "five", "six",
-                                                         "seven", "eight", "nine"}
+    assert {utt.text for utt in corpus.utterances} == {
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    }
     utterance = next(utt for utt in corpus.utterances if utt.id == "9_theo_49")
     assert utterance.text == "nine" and utterance.speaker == "theo"
     native_frames = soundfile.info(str(utterance.audio)).frames

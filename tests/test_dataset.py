@@ -16,9 +16,20 @@ from shared.data.features import N_MELS, GlobalCMVN, num_frames
 from shared.data.tokenizer import Tokenizer
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SENTENCES = ["we call it bear", "zero three five one", "tom gives up boxing", "the quick brown fox",
-             "jumps over a lazy dog", "elephants like water", "good morning to you", "see you next week",
-             "quiz jazz vex", "he can't stop now", "my mother's house", "seven eight nine"]
+SENTENCES = [
+    "we call it bear",
+    "zero three five one",
+    "tom gives up boxing",
+    "the quick brown fox",
+    "jumps over a lazy dog",
+    "elephants like water",
+    "good morning to you",
+    "see you next week",
+    "quiz jazz vex",
+    "he can't stop now",
+    "my mother's house",
+    "seven eight nine",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +40,23 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     entries = []
     for index, text in enumerate(SENTENCES):
         samples = 0.05 * rng.standard_normal(int(16000 * (0.3 + 0.2 * index))).astype(np.float32)
-        entries.append({"id": f"utt{index:02d}", "speaker": f"spk{index % 3}", "audio": f"utt{index:02d}.wav",
-                        "text": text, "duration": samples.shape[0] / 16000, "sample_rate": 16000})
+        entries.append(
+            {
+                "id": f"utt{index:02d}",
+                "speaker": f"spk{index % 3}",
+                "audio": f"utt{index:02d}.wav",
+                "text": text,
+                "duration": samples.shape[0] / 16000,
+                "sample_rate": 16000,
+            }
+        )
         soundfile.write(root / f"utt{index:02d}.wav", samples, 16000)
     (root / "corrupt.wav").write_bytes(b"RIFF but not really a wav file" * 10)
     soundfile.write(root / "short.wav", np.zeros(200, dtype=np.float32), 16000)
     for name in ("corrupt", "short"):
-        entries.append({"id": name, "speaker": "spk0", "audio": f"{name}.wav", "text": "hello",
-                        "duration": 0.1, "sample_rate": 16000})
+        entries.append(
+            {"id": name, "speaker": "spk0", "audio": f"{name}.wav", "text": "hello", "duration": 0.1, "sample_rate": 16000}
+        )
     (root / MANIFEST_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in entries))
     # Without validation the corrupt file reaches FeatureCache, which must skip it on its own.
     return load_corpus(root, validate=False)
@@ -89,16 +109,16 @@ def _check_batches(batches: list[Batch], tokenizer: Tokenizer, corpus: Corpus, m
         assert batch.feat_lens.dtype == batch.targets.dtype == batch.target_lens.dtype == torch.int64
         assert batch.feat_lens.max() == longest and batch.target_lens.max() == batch.targets.shape[1]
         for row, utterance_id in enumerate(batch.ids):
-            assert (batch.feats[row, batch.feat_lens[row]:] == 0).all()
-            assert (batch.targets[row, batch.target_lens[row]:] == 0).all()
-            assert tokenizer.decode(batch.targets[row, :batch.target_lens[row]].tolist()) == texts[utterance_id]
+            assert (batch.feats[row, batch.feat_lens[row] :] == 0).all()
+            assert (batch.targets[row, batch.target_lens[row] :] == 0).all()
+            assert tokenizer.decode(batch.targets[row, : batch.target_lens[row]].tolist()) == texts[utterance_id]
 
 
-def test_make_batches_respects_budget_and_covers_every_usable_utterance(corpus: Corpus, cmvn: GlobalCMVN,
-                                                                        tokenizer: Tokenizer) -> None:
+def test_make_batches_respects_budget_and_covers_every_usable_utterance(
+    corpus: Corpus, cmvn: GlobalCMVN, tokenizer: Tokenizer
+) -> None:
     cache = FeatureCache(corpus, cmvn)
-    batches = make_batches(corpus.utterances, features=cache, tokenizer=tokenizer, max_frames=240, shuffle=True,
-                           seed=3)
+    batches = make_batches(corpus.utterances, features=cache, tokenizer=tokenizer, max_frames=240, shuffle=True, seed=3)
     _check_batches(batches, tokenizer, corpus, max_frames=240)
     batched = [utterance_id for batch in batches for utterance_id in batch.ids]
     assert sorted(batched) == [f"utt{index:02d}" for index in range(12) if index != 11]
@@ -108,30 +128,33 @@ def test_make_batches_respects_budget_and_covers_every_usable_utterance(corpus: 
 
 def test_make_batches_is_deterministic_per_seed(corpus: Corpus, cmvn: GlobalCMVN, tokenizer: Tokenizer) -> None:
     def batch_ids(seed: int) -> list[list[str]]:
-        batches = make_batches(corpus.utterances, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer,
-                               max_frames=800, shuffle=True, seed=seed)
+        batches = make_batches(
+            corpus.utterances, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, max_frames=800, shuffle=True, seed=seed
+        )
         return [batch.ids for batch in batches]
 
     assert batch_ids(0) == batch_ids(0)
     assert any(batch_ids(0) != batch_ids(seed) for seed in (1, 2, 3))
 
 
-def test_make_batches_without_shuffle_sorts_by_length(corpus: Corpus, cmvn: GlobalCMVN,
-                                                      tokenizer: Tokenizer) -> None:
+def test_make_batches_without_shuffle_sorts_by_length(corpus: Corpus, cmvn: GlobalCMVN, tokenizer: Tokenizer) -> None:
     reversed_input = list(reversed(corpus.utterances))
-    batches = make_batches(reversed_input, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer,
-                           max_frames=1000, shuffle=False, seed=0)
+    batches = make_batches(
+        reversed_input, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, max_frames=1000, shuffle=False, seed=0
+    )
     lengths = torch.cat([batch.feat_lens for batch in batches]).tolist()
     assert lengths == sorted(lengths) and len(lengths) == 12
     _check_batches(batches, tokenizer, corpus, max_frames=1000)
     with pytest.raises(DatasetError, match="max_frames must be positive, got 0"):
-        make_batches(corpus.utterances, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, max_frames=0,
-                     shuffle=False, seed=0)
+        make_batches(
+            corpus.utterances, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, max_frames=0, shuffle=False, seed=0
+        )
 
 
 def test_batch_to_device_copies(corpus: Corpus, cmvn: GlobalCMVN, tokenizer: Tokenizer) -> None:
-    batch = make_batches(corpus.utterances[:3], features=FeatureCache(corpus, cmvn), tokenizer=tokenizer,
-                         shuffle=False, seed=0)[0]
+    batch = make_batches(corpus.utterances[:3], features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, shuffle=False, seed=0)[
+        0
+    ]
     moved = batch.to("meta")
     assert moved.feats.device.type == "meta" and moved.targets.device.type == "meta"
     assert moved.ids == batch.ids and moved.ids is not batch.ids
@@ -146,7 +169,8 @@ def test_real_fsdd_batches(tmp_path: Path) -> None:
     raw = FeatureCache(corpus, None, max_items=0)
     cmvn = GlobalCMVN.fit(feats for utt in utterances if (feats := raw.features(utt)) is not None)
     tokenizer = Tokenizer.train([utt.text for utt in corpus.utterances], tmp_path / "digits.model", vocab_size=34)
-    batches = make_batches(utterances, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, max_frames=1500,
-                           shuffle=True, seed=0)
+    batches = make_batches(
+        utterances, features=FeatureCache(corpus, cmvn), tokenizer=tokenizer, max_frames=1500, shuffle=True, seed=0
+    )
     assert sum(len(batch) for batch in batches) == len(utterances) == 50
     _check_batches(batches, tokenizer, corpus, max_frames=1500)

@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from client.device import start_supernode, stop_supernode
-from server.deploy import (CONNECTION_NAME, flower_env, make_dev_certificates, make_node_keys, register_supernodes,
-                           start_superlink, stop_process, wait_until_listening, write_flower_config)
+from server.deploy import (
+    CONNECTION_NAME,
+    flower_env,
+    make_dev_certificates,
+    make_node_keys,
+    register_supernodes,
+    start_superlink,
+    stop_process,
+    wait_until_listening,
+    write_flower_config,
+)
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
 from simulations.bench_faults import device_dirs
@@ -23,9 +32,16 @@ from tests.conftest import REPO_ROOT, TINY_RUN, TinyWorkdir, needs_espeak
 pytestmark = [pytest.mark.slow, needs_espeak]
 
 # 2 public + 2 held-out speakers on the server, 2 federated speakers, each on its own device.
-DEPLOY_RUN = {**TINY_RUN, "synth.speakers": 6, "num-server-rounds": 2, "run-id": "deploy",
-              "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 2,
-              "strategy.timeout": 180.0}
+DEPLOY_RUN = {
+    **TINY_RUN,
+    "synth.speakers": 6,
+    "num-server-rounds": 2,
+    "run-id": "deploy",
+    "strategy.min-train-nodes": 2,
+    "strategy.min-evaluate-nodes": 2,
+    "strategy.min-available-nodes": 2,
+    "strategy.timeout": 180.0,
+}
 
 
 def test_tls_superlink_two_authenticated_devices(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
@@ -47,18 +63,42 @@ def test_tls_superlink_two_authenticated_devices(tmp_path: Path, tiny_workdir: T
         node_ids = register_supernodes([k.public_key for k in keys[:2]], flwr_home=flwr_home)
         assert len(set(node_ids)) == 2
         for index, (data, artifacts) in enumerate(devices + devices[:1]):
-            nodes.append(start_supernode(superlink=f"127.0.0.1:{port}", data_dir=data, artifacts_dir=artifacts,
-                                         root_cert=certs.ca_cert, auth_key=keys[index].private_key,
-                                         port=free_port(), state_dir=tmp_path / f"supernode-{index}"))
+            nodes.append(
+                start_supernode(
+                    superlink=f"127.0.0.1:{port}",
+                    data_dir=data,
+                    artifacts_dir=artifacts,
+                    root_cert=certs.ca_cert,
+                    auth_key=keys[index].private_key,
+                    port=free_port(),
+                    state_dir=tmp_path / f"supernode-{index}",
+                )
+            )
         intruder = nodes[2]
 
         result = subprocess.run(
-            [str(Path(sys.executable).with_name("flwr")), "run", str(REPO_ROOT),
-             CONNECTION_NAME, "--run-config", str(overrides), "--stream"],
-            env=flower_env(flwr_home), cwd=REPO_ROOT, capture_output=True, text=True, timeout=420)
+            [
+                str(Path(sys.executable).with_name("flwr")),
+                "run",
+                str(REPO_ROOT),
+                CONNECTION_NAME,
+                "--run-config",
+                str(overrides),
+                "--stream",
+            ],
+            env=flower_env(flwr_home),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
         logs = {p.name: (p / "supernode.log").read_text() for p in sorted(tmp_path.glob("supernode-*"))}
-        assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
-                                        (tmp_path / "superlink" / "superlink.log").read_text()[-3000:], logs)
+        assert result.returncode == 0, (
+            result.stdout[-3000:],
+            result.stderr[-3000:],
+            (tmp_path / "superlink" / "superlink.log").read_text()[-3000:],
+            logs,
+        )
 
         run_dir = workdir / "runs" / "deploy"
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

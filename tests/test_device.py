@@ -62,10 +62,19 @@ def _run(*args: str | Path) -> Result:
 
 # -- transcription ------------------------------------------------------------------------------------------
 
+
 @needs_espeak
 def test_transcribe_cli_streams_and_reports_rtf(assets: dict[str, Path]) -> None:
-    result = _run("transcribe", assets["wav16"], "--checkpoint", assets["transformer"], "--artifacts",
-                  assets["artifacts"], "--chunk-ms", "160")
+    result = _run(
+        "transcribe",
+        assets["wav16"],
+        "--checkpoint",
+        assets["transformer"],
+        "--artifacts",
+        assets["artifacts"],
+        "--chunk-ms",
+        "160",
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     final = [line for line in lines if line.startswith("final:")]
@@ -83,8 +92,9 @@ def test_streaming_equals_offline_greedy_and_amortized_skip_share(assets: dict[s
     from shared.models.checkpoint import load_checkpoint
 
     partials: list[str] = []
-    result = transcribe(assets["wav16"], checkpoint=assets["amortized"], artifacts=assets["artifacts"], chunk_ms=80,
-                        on_partial=partials.append)
+    result = transcribe(
+        assets["wav16"], checkpoint=assets["amortized"], artifacts=assets["artifacts"], chunk_ms=80, on_partial=partials.append
+    )
     assert result.model_name == "amortized" and 0.0 <= result.skipped_share <= 1.0
     assert result.audio_seconds == pytest.approx(soundfile.info(str(assets["wav16"])).duration, abs=1e-3)
     assert result.rtf > 0 and result.native_rate == 16000
@@ -99,8 +109,7 @@ def test_streaming_equals_offline_greedy_and_amortized_skip_share(assets: dict[s
 
 @needs_espeak
 def test_transcribe_resamples_other_rates_with_a_note(assets: dict[str, Path]) -> None:
-    result = _run("transcribe", assets["wav8"], "--checkpoint", assets["transformer"], "--artifacts",
-                  assets["artifacts"])
+    result = _run("transcribe", assets["wav8"], "--checkpoint", assets["transformer"], "--artifacts", assets["artifacts"])
     assert result.exit_code == 0, result.output
     assert f"note: {assets['wav8']} is 8000 Hz; resampled to 16000 Hz" in result.output
     assert "final:" in result.output
@@ -115,14 +124,14 @@ def test_transcribe_bad_inputs_name_the_file(assets: dict[str, Path], tmp_path: 
     for bad in (missing, corrupt):
         result = _run("transcribe", bad, *common)
         assert result.exit_code == 2 and str(bad) in result.output, result.output
-    result = _run("transcribe", assets["wav16"], "--checkpoint", tmp_path / "none.pt",
-                  "--artifacts", assets["artifacts"])
+    result = _run("transcribe", assets["wav16"], "--checkpoint", tmp_path / "none.pt", "--artifacts", assets["artifacts"])
     assert result.exit_code == 2 and str(tmp_path / "none.pt") in result.output
     result = _run("transcribe", assets["wav16"], "--checkpoint", assets["transformer"], "--artifacts", tmp_path)
     assert result.exit_code == 2 and str(tmp_path / f"tokenizer-{VOCAB}.model") in result.output
 
 
 # -- deployment data ----------------------------------------------------------------------------------------
+
 
 @needs_espeak
 def test_deployment_data_from_node_config(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -132,8 +141,16 @@ def test_deployment_data_from_node_config(assets: dict[str, Path], tmp_path: Pat
     for index in range(4):
         name = f"u{index}.wav"
         (data / name).write_bytes(assets["wav16"].read_bytes())
-        entries.append({"id": f"u{index}", "speaker": f"anyone-{index % 2}", "audio": name, "text": TEXT,
-                        "duration": 1.0, "sample_rate": 16000})
+        entries.append(
+            {
+                "id": f"u{index}",
+                "speaker": f"anyone-{index % 2}",
+                "audio": name,
+                "text": TEXT,
+                "duration": 1.0,
+                "sample_rate": 16000,
+            }
+        )
     (data / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     cfg = RunConfig.from_flat({"model.vocab-size": VOCAB, "split.local-eval-fraction": 0.25})
 
@@ -162,6 +179,7 @@ def test_node_config_quoting_survives_flowers_parser(tmp_path: Path) -> None:
 
 
 # -- certificates, keys, Flower configuration ---------------------------------------------------------------
+
 
 def test_dev_certificates_are_ca_signed_with_the_right_sans(tmp_path: Path) -> None:
     certs = make_dev_certificates(tmp_path, hosts=("localhost", "127.0.0.1", "superlink.example"))

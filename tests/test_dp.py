@@ -39,9 +39,13 @@ def utterances(count: int, seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     feat_lens = torch.randint(20, 48, (count,), generator=generator)
     target_lens = torch.randint(1, 5, (count,), generator=generator)
-    return Batch(feats=torch.randn(count, int(feat_lens.max()), 80, generator=generator), feat_lens=feat_lens,
-                 targets=torch.randint(0, VOCAB, (count, int(target_lens.max())), generator=generator),
-                 target_lens=target_lens, ids=[f"utt{seed}-{i}" for i in range(count)])
+    return Batch(
+        feats=torch.randn(count, int(feat_lens.max()), 80, generator=generator),
+        feat_lens=feat_lens,
+        targets=torch.randint(0, VOCAB, (count, int(target_lens.max())), generator=generator),
+        target_lens=target_lens,
+        ids=[f"utt{seed}-{i}" for i in range(count)],
+    )
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
@@ -86,10 +90,12 @@ def test_make_dp_compatible_keeps_weights_outputs_and_state_dict_keys() -> None:
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "batch_frames"), [("transformer", None), ("transformer", 90),
-                                                    ("amortized", None), ("convrnnt", None)])
+@pytest.mark.parametrize(
+    ("name", "batch_frames"), [("transformer", None), ("transformer", 90), ("amortized", None), ("convrnnt", None)]
+)
 def test_dp_step_is_the_mean_of_per_utterance_gradients_each_clipped(
-        name: str, batch_frames: int | None, deterministic_gates: None) -> None:
+    name: str, batch_frames: int | None, deterministic_gates: None
+) -> None:
     """noise 0, q = 1, SGD lr 1: the update is -(1/N) sum_i clip_C(g_i), g_i from utterance i run ALONE.
 
     C is the median per-utterance norm, so some gradients are clipped and some are not: the clip factor of each
@@ -102,21 +108,34 @@ def test_dp_step_is_the_mean_of_per_utterance_gradients_each_clipped(
     for row in range(len(batch)):
         alone = copy.deepcopy(model)
         length, tokens = int(batch.feat_lens[row]), int(batch.target_lens[row])
-        out = alone(batch.feats[row:row + 1, :length], batch.feat_lens[row:row + 1],
-                    batch.targets[row:row + 1, :tokens], batch.target_lens[row:row + 1])
+        out = alone(
+            batch.feats[row : row + 1, :length],
+            batch.feat_lens[row : row + 1],
+            batch.targets[row : row + 1, :tokens],
+            batch.target_lens[row : row + 1],
+        )
         (out.loss_per_utt.sum() / tokens).backward()
-        grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                                for p in alone.parameters()]))
+        grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in alone.parameters()]))
     norms = torch.stack([g.norm() for g in grads])
     clip = float(norms.median())
     expected_update = -sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads) / len(grads)
 
     keys = list(model.state_dict())
     before = flat_params(model)
-    result = dp_train_steps(model, [batch], steps=1, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                            noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0,
-                            accountant=AccountantState(), delta=1e-5, batch_frames=batch_frames,
-                            spec_augment=False, seed=0)
+    result = dp_train_steps(
+        model,
+        [batch],
+        steps=1,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        sample_rate=1.0,
+        accountant=AccountantState(),
+        delta=1e-5,
+        batch_frames=batch_frames,
+        spec_augment=False,
+        seed=0,
+    )
     torch.testing.assert_close(flat_params(model) - before, expected_update, rtol=1e-4, atol=1e-6)
     assert float(expected_update.norm()) <= clip + 1e-6  # the mean of clipped gradients is within C
     assert result.stats.utterances == len(batch) and result.epsilon == math.inf  # no noise: no privacy
@@ -131,9 +150,18 @@ def test_noise_is_added_with_std_sigma_c_over_expected_batch() -> None:
     model = tiny_model("transformer")
     before = flat_params(model)
     sigma, clip, q, n = 2.0, 0.5, 1e-9, 4
-    result = dp_train_steps(model, [utterances(n)], steps=1, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                            noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q, accountant=AccountantState(),
-                            delta=1e-5, seed=3)
+    result = dp_train_steps(
+        model,
+        [utterances(n)],
+        steps=1,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        sample_rate=q,
+        accountant=AccountantState(),
+        delta=1e-5,
+        seed=3,
+    )
     assert result.stats.utterances == 0 and result.accountant.history == ((sigma, q, 1),)
     std = float((flat_params(model) - before).std())
     assert std == pytest.approx(sigma * clip / (q * n), rel=0.05)
@@ -150,9 +178,18 @@ def test_epsilon_after_k_rounds_matches_opacus_accountant() -> None:
     direct = RDPAccountant()
     for round_ in range(1, rounds + 1):
         state = AccountantState.from_record(dict(record))
-        result = dp_train_steps(model, batches, steps=steps, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-                                noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, accountant=state,
-                                delta=delta, seed=round_)
+        result = dp_train_steps(
+            model,
+            batches,
+            steps=steps,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            sample_rate=q,
+            accountant=state,
+            delta=delta,
+            seed=round_,
+        )
         record = ConfigRecord(result.accountant.to_record())
         for _ in range(steps):
             direct.step(noise_multiplier=sigma, sample_rate=q)
@@ -198,16 +235,35 @@ def test_device_refuses_the_round_that_would_exceed_its_budget() -> None:
     batches = [utterances(3)]
     state = AccountantState()
     for round_ in range(2):
-        result = dp_train_steps(model, batches, steps=steps, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-                                noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, accountant=state,
-                                delta=delta, epsilon_budget=budget, seed=round_)
+        result = dp_train_steps(
+            model,
+            batches,
+            steps=steps,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            sample_rate=q,
+            accountant=state,
+            delta=delta,
+            epsilon_budget=budget,
+            seed=round_,
+        )
         state = result.accountant
         assert result.epsilon <= budget
     before = flat_params(model)
     with pytest.raises(PrivacyBudgetExhausted) as refused:
-        dp_train_steps(model, batches, steps=steps, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-                       noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, accountant=state, delta=delta,
-                       epsilon_budget=budget)
+        dp_train_steps(
+            model,
+            batches,
+            steps=steps,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            sample_rate=q,
+            accountant=state,
+            delta=delta,
+            epsilon_budget=budget,
+        )
     assert torch.equal(flat_params(model), before)  # refused before training
     error = refused.value
     assert error.epsilon == pytest.approx(after_two) and error.next_epsilon == pytest.approx(after_three)
@@ -219,7 +275,17 @@ def test_device_refuses_the_round_that_would_exceed_its_budget() -> None:
 def test_learnable_compute_cost_is_rejected_under_dp() -> None:
     model = tiny_model("amortized")
     with pytest.raises(ValueError, match="compute_weight"):
-        dp_train_steps(model, [utterances(3)], steps=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-                       noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, accountant=AccountantState(),
-                       delta=1e-5, compute_weight=0.01, seed=0)
+        dp_train_steps(
+            model,
+            [utterances(3)],
+            steps=1,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=1.0,
+            accountant=AccountantState(),
+            delta=1e-5,
+            compute_weight=0.01,
+            seed=0,
+        )
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # cleaned up after the error

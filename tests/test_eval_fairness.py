@@ -13,16 +13,29 @@ from simulations.eval_fairness import QUICK, FairnessPlan
 from shared.config import ConfigError
 from tests.conftest import REPO_ROOT, SHARED_DATA, needs_espeak
 
-SUMMARY_KEYS = {"overall_wer", "worst_wer", "best_wer", "gap", "bottom_share", "variance", "worst_cohort",
-                "cohort_wer", "cohort_words"}
+SUMMARY_KEYS = {
+    "overall_wer",
+    "worst_wer",
+    "best_wer",
+    "gap",
+    "bottom_share",
+    "variance",
+    "worst_cohort",
+    "cohort_wer",
+    "cohort_words",
+}
 
 
 @pytest.mark.slow
 @needs_espeak
 @pytest.mark.timeout(900)  # a hang guard, not a timing check: --quick takes a few minutes on 2 shared cores
 def test_quick_fairness_eval_prints_one_json_object(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "simulations.cli", "eval", "fairness", "--quick",
-                             "--workdir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "eval", "fairness", "--quick", "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads(result.stdout)  # stdout is exactly one JSON object; progress went to stderr
     assert {"experiment", "plan", "targets", "corpora", "seconds", "report"} <= set(summary)

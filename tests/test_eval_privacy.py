@@ -15,16 +15,48 @@ from tests.conftest import REPO_ROOT, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
 
-SETTING_KEYS = {"name", "dp", "noise_multiplier", "epsilon", "epsilon_per_client", "epsilon_per_round", "heldout_wer",
-                "device_wer", "relative_device_wer_cost", "rounds",
-                "relative_wer_cost", "mia", "device_failures", "seconds_per_device_round", "seconds"}
+SETTING_KEYS = {
+    "name",
+    "dp",
+    "noise_multiplier",
+    "epsilon",
+    "epsilon_per_client",
+    "epsilon_per_round",
+    "heldout_wer",
+    "device_wer",
+    "relative_device_wer_cost",
+    "rounds",
+    "relative_wer_cost",
+    "mia",
+    "device_failures",
+    "seconds_per_device_round",
+    "seconds",
+}
 
 
 @pytest.mark.timeout(2400)  # ~2 min of CPU: under 5 min on 2 free cores, far longer on a loaded machine
 def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "simulations.cli", "eval", "privacy", "--quick", "--json",
-                          "--workdir", str(tmp_path), "--devices", "4", "--noise-multipliers", "0.5,1,2"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=2300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "eval",
+            "privacy",
+            "--quick",
+            "--json",
+            "--workdir",
+            str(tmp_path),
+            "--devices",
+            "4",
+            "--noise-multipliers",
+            "0.5,1,2",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert {"base", "non_dp", "settings", "step_time", "targets", "plan", "duration_s", "run_dir"} <= set(result)
@@ -44,9 +76,15 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
         # Every device reported its epsilon; all trained every round at the same (sigma, q), so they agree with
         # the RDP accountant fed rounds x local steps.
         assert len(s["epsilon_per_client"]) == plan["devices"]
-        expected = AccountantState().after(noise_multiplier=s["noise_multiplier"],
-                                           sample_rate=plan["dp"]["sample_rate"],
-                                           steps=plan["rounds"] * plan["local_steps"]).epsilon(plan["dp"]["delta"])
+        expected = (
+            AccountantState()
+            .after(
+                noise_multiplier=s["noise_multiplier"],
+                sample_rate=plan["dp"]["sample_rate"],
+                steps=plan["rounds"] * plan["local_steps"],
+            )
+            .epsilon(plan["dp"]["delta"])
+        )
         assert all(math.isclose(e, expected, rel_tol=1e-9) for e in s["epsilon_per_client"].values())
         assert len(s["epsilon_per_round"]) == plan["rounds"]
         assert s["epsilon_per_round"] == sorted(s["epsilon_per_round"])  # it only grows

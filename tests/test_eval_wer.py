@@ -35,12 +35,15 @@ def test_bad_input_gets_one_line_naming_it(case: str, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "manifest.jsonl").write_text("")
-    args = {"missing checkpoint": ["--corpus", str(empty), "--checkpoint", str(tmp_path / "nope.pt")],
-            "missing corpus": ["--corpus", str(tmp_path / "absent")],
-            "empty corpus": ["--corpus", str(empty)],
-            "unknown attribute": ["--corpus", str(empty), "--by", "height"]}[case]
-    named = {"missing checkpoint": "nope.pt", "missing corpus": "absent", "empty corpus": "empty",
-             "unknown attribute": "empty"}[case]
+    args = {
+        "missing checkpoint": ["--corpus", str(empty), "--checkpoint", str(tmp_path / "nope.pt")],
+        "missing corpus": ["--corpus", str(tmp_path / "absent")],
+        "empty corpus": ["--corpus", str(empty)],
+        "unknown attribute": ["--corpus", str(empty), "--by", "height"],
+    }[case]
+    named = {"missing checkpoint": "nope.pt", "missing corpus": "absent", "empty corpus": "empty", "unknown attribute": "empty"}[
+        case
+    ]
     result = runner.invoke(app, ["eval", "wer", *args])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()

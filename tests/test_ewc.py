@@ -12,6 +12,7 @@ from shared.models.transducer import Transducer
 from shared.training import train_steps
 from tests.conftest import tiny_batches, tiny_transducer
 
+
 def _perturbed(model: torch.nn.Module, scale: float = 0.1, seed: int = 3) -> torch.nn.Module:
     moved = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
@@ -31,8 +32,7 @@ def test_penalty_is_zero_at_the_anchor_and_its_gradient_is_the_formula() -> None
     value = penalty(moved)
     value.backward()
     anchors = {name: p.detach() for name, p in model.named_parameters()}
-    expected = 3.0 * sum(float((fisher[n] * (p.detach() - anchors[n]).square()).sum())
-                         for n, p in moved.named_parameters())
+    expected = 3.0 * sum(float((fisher[n] * (p.detach() - anchors[n]).square()).sum()) for n, p in moved.named_parameters())
     assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
     for name, p in moved.named_parameters():
         torch.testing.assert_close(p.grad, 2 * 3.0 * fisher[name] * (p.detach() - anchors[name]))
@@ -59,8 +59,10 @@ def test_fisher_of_a_linear_model_equals_a_hand_computation() -> None:
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, -2.0]]))
         model.bias.fill_(0.5)
-    batches = [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0], [0.0]])),
-               (torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0]]))]
+    batches = [
+        (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0], [0.0]])),
+        (torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0]])),
+    ]
     # Batch 1: residuals (1.5 - 1, -1.5 - 0) = (0.5, -1.5): grad_w = (0.5, -1.5), grad_b = -1.
     # Batch 2: residual 0.5 - 1 = -0.5: grad_w = (-2, -1), grad_b = -1.
     sums = fisher_sums(model, batches, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())

@@ -30,6 +30,7 @@ TIMEOUT = 20.0  # strategy.timeout (s): a normal tiny-model device answers well 
 
 # -- the simulation that runs in the subprocess -------------------------------------------------------------
 
+
 def _device_app(flat: dict[str, Any]):  # type: ignore[no-untyped-def]
     """Our ClientApp's train/evaluate, with two misbehaving devices, and a ``query`` that warms a device up.
     ``run_simulation`` (unlike ``flwr run``) gives devices an empty run config: they get ``flat``."""
@@ -43,8 +44,13 @@ def _device_app(flat: dict[str, Any]):  # type: ignore[no-untyped-def]
     app = ClientApp()
 
     def with_config(context: Context) -> Context:  # Flower forbids changing a Context's run_config in place
-        return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                       state=context.state, run_config=dict(flat))
+        return Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=context.node_config,
+            state=context.state,
+            run_config=dict(flat),
+        )
 
     @app.query()
     def warm_up(msg: Message, context: Context) -> Message:
@@ -90,12 +96,16 @@ def simulate_with_failures(flat: dict[str, Any]) -> None:
         assert len(list(grid.send_and_receive(warm, timeout=300))) == 4, "devices did not come up"
         run_federation(grid, cfg)
 
-    run_simulation(server_app=server_app, client_app=_device_app(flat), num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2}})  # 2 workers: one sleeps through round 1
+    run_simulation(
+        server_app=server_app,
+        client_app=_device_app(flat),
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )  # 2 workers: one sleeps through round 1
 
 
 # -- tests --------------------------------------------------------------------------------------------------
+
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -105,9 +115,16 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.mark.timeout(900)  # Ray starts slowly on 2 busy cores
 @needs_espeak
 def test_faulty_and_dropped_devices_in_the_ray_simulation(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
-    flat = {**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path), "run-id": "faults",
-            "strategy.min-train-nodes": 2, "strategy.min-evaluate-nodes": 2, "strategy.min-available-nodes": 4,
-            "strategy.timeout": TIMEOUT}
+    flat = {
+        **TINY_RUN,
+        "num-server-rounds": 2,
+        "workdir": str(tmp_path),
+        "run-id": "faults",
+        "strategy.min-train-nodes": 2,
+        "strategy.min-evaluate-nodes": 2,
+        "strategy.min-available-nodes": 4,
+        "strategy.timeout": TIMEOUT,
+    }
     tiny_workdir(tmp_path, flat)
     code = f"from tests.test_failures import simulate_with_failures; simulate_with_failures({flat!r})"
     returncode, output, left = run_marked(code, name="failures", env={"FLWR_HOME": str(tmp_path / ".flwr")})
@@ -149,8 +166,14 @@ class FlakyGrid(ScriptedGrid):
 
 @needs_espeak
 def test_too_few_answers_keep_the_global_model(tmp_path: Path, tiny_workdir: TinyWorkdir) -> None:
-    flat = {**TINY_RUN, "num-server-rounds": 1, "workdir": str(tmp_path), "run-id": "few",
-            "strategy.name": "fedadam", "strategy.min-train-nodes": 3}
+    flat = {
+        **TINY_RUN,
+        "num-server-rounds": 1,
+        "workdir": str(tmp_path),
+        "run-id": "few",
+        "strategy.name": "fedadam",
+        "strategy.min-train-nodes": 3,
+    }
     tiny_workdir(tmp_path, flat)
     run_dir = run_federation(FlakyGrid(), RunConfig.from_flat(flat))
     zero, one = _records(run_dir)

@@ -16,14 +16,14 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import torch
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
 from flwr.serverapp import strategy as flwr_strategy
 
 from client.fairness import cohort_eval_record, idle_train_reply, kmeans_reply, local_fairness
-from server.fairness import (FairnessRounds, discover_cohorts, normalized_fisher, sum_cohort_eval, worst_cohorts)
+from server.fairness import FairnessRounds, discover_cohorts, normalized_fisher, sum_cohort_eval, worst_cohorts
 from shared.config import ConfigError, RunConfig
 from shared.fairness import protocol as p
 from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats
@@ -31,8 +31,7 @@ from shared.fairness.cohorts import assign, cohort_report, federated_kmeans, ini
 from shared.fairness.ewc import FisherSums
 from shared.metrics import ErrorCounts
 from simulations.harness import InProcessGrid
-from shared.privacy.audit import (ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod,
-                                  audit_reply)
+from shared.privacy.audit import ALLOWED_ARRAY_RECORDS, ALLOWED_METRICS, PrivacyViolation, audit_mod, audit_reply
 from tests.conftest import TINY_RUN, TinyWorkdir, leaks, needs_espeak, sensitive_strings, with_run_config
 
 E = 8  # embedding dimension of the fast tests
@@ -70,8 +69,14 @@ def _device_app(device_counts: dict[int, ErrorCounts] | None = None) -> ClientAp
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         counts = (device_counts or {})[context.node_id]
-        metrics = MetricRecord({"word-errors": counts.errors, "words": counts.words,
-                                "num-examples": counts.utterances, "wer": counts.wer if counts.words else 0.0})
+        metrics = MetricRecord(
+            {
+                "word-errors": counts.errors,
+                "words": counts.words,
+                "num-examples": counts.utterances,
+                "wer": counts.wer if counts.words else 0.0,
+            }
+        )
         cohort = cohort_eval_record(msg.content, context.state, None, UNUSED, counts)  # type: ignore[arg-type]
         return Message(RecordDict({"metrics": metrics, p.COHORT_EVAL: cohort}), reply_to=msg)
 
@@ -85,6 +90,7 @@ def _audited(grid: LocalGrid) -> None:
 
 
 # -- cohort discovery --------------------------------------------------------------------------------------
+
 
 def test_kmeans_phase_equals_the_reference_and_devices_keep_their_cohort() -> None:
     embeddings = _embeddings(12)
@@ -129,16 +135,27 @@ def test_noisy_kmeans_hides_the_embedding_bytes() -> None:
 
 # -- disaggregated evaluation ---------------------------------------------------------------------------------
 
+
 def test_per_cohort_counts_pool_to_the_overall_device_wer() -> None:
     embeddings = _embeddings(9, seed=3)
     counts = {node: ErrorCounts(errors=node % 4 + 1, words=10 + node, utterances=2) for node in range(1, 10)}
     states = {node: _device_state(e) for node, e in enumerate(embeddings, start=1)}
     grid = LocalGrid(_device_app(counts), states)
     centroids = init_centroids(embeddings, 3, seed=1)
-    messages = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
-                                    "config": ConfigRecord({"server-round": 1}),
-                                    p.CENTROIDS: ArrayRecord({"centroids": Array(centroids)})}),
-                        dst_node_id=node, message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": torch.zeros(2)}),
+                    "config": ConfigRecord({"server-round": 1}),
+                    p.CENTROIDS: ArrayRecord({"centroids": Array(centroids)}),
+                }
+            ),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in grid.get_node_ids()
+    ]
     replies = grid.send_and_receive(messages)
     _audited(grid)
 
@@ -158,27 +175,49 @@ def test_per_cohort_counts_pool_to_the_overall_device_wer() -> None:
 
 # -- the audit of the new records ----------------------------------------------------------------------------
 
+
 def _kmeans_sent(c: int = 3) -> RecordDict:
-    return RecordDict({p.CENTROIDS: ArrayRecord({"centroids": Array(np.zeros((c, E)))}),
-                       "config": ConfigRecord({"server-round": 0})})
+    return RecordDict(
+        {p.CENTROIDS: ArrayRecord({"centroids": Array(np.zeros((c, E)))}), "config": ConfigRecord({"server-round": 0})}
+    )
 
 
-@pytest.mark.parametrize("case, content, match", [
-    ("an extra cluster row", lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((4, E))),
-                                                                    "counts": Array(np.zeros(3))})},
-     r"'kmeans-stats'/'sums' is float64\[4, 8\], expected float64\[3, 8\]"),
-    ("an extra key", lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((3, E))),
-                                                           "counts": Array(np.zeros(3)),
-                                                           "embedding": Array(np.zeros(E))})},
-     r"extra \['embedding'\]"),
-    ("int counts", lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((3, E))),
-                                                         "counts": Array(np.zeros(3, dtype=np.int64))})},
-     "dtype int64"),
-    ("the embedding as a record", lambda: {"embedding": ArrayRecord({"embedding": Array(np.zeros(E))})},
-     "array record 'embedding' is not on the allowlist"),
-    ("cohort vectors of the wrong length", lambda: {p.COHORT_EVAL: ArrayRecord(
-        {k: Array(np.zeros(5)) for k in p.COHORT_EVAL_KEYS})}, r"expected float64\[3\]"),
-])
+@pytest.mark.parametrize(
+    "case, content, match",
+    [
+        (
+            "an extra cluster row",
+            lambda: {p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((4, E))), "counts": Array(np.zeros(3))})},
+            r"'kmeans-stats'/'sums' is float64\[4, 8\], expected float64\[3, 8\]",
+        ),
+        (
+            "an extra key",
+            lambda: {
+                p.KMEANS_STATS: ArrayRecord(
+                    {"sums": Array(np.zeros((3, E))), "counts": Array(np.zeros(3)), "embedding": Array(np.zeros(E))}
+                )
+            },
+            r"extra \['embedding'\]",
+        ),
+        (
+            "int counts",
+            lambda: {
+                p.KMEANS_STATS: ArrayRecord({"sums": Array(np.zeros((3, E))), "counts": Array(np.zeros(3, dtype=np.int64))})
+            },
+            "dtype int64",
+        ),
+        (
+            "the embedding as a record",
+            lambda: {"embedding": ArrayRecord({"embedding": Array(np.zeros(E))})},
+            "array record 'embedding' is not on the allowlist",
+        ),
+        (
+            "cohort vectors of the wrong length",
+            lambda: {p.COHORT_EVAL: ArrayRecord({k: Array(np.zeros(5)) for k in p.COHORT_EVAL_KEYS})},
+            r"expected float64\[3\]",
+        ),
+    ],
+)
 def test_audit_derives_the_shapes_of_fairness_replies_from_what_was_sent(case: str, content, match: str) -> None:  # noqa: ANN001
     with pytest.raises(PrivacyViolation, match=match):
         audit_reply(RecordDict(content()), _kmeans_sent())
@@ -197,8 +236,10 @@ def test_audit_refuses_fairness_replies_the_server_did_not_ask_for() -> None:
     fisher = ArrayRecord({"w": torch.zeros(2), "extra": torch.zeros(3)})
     with pytest.raises(PrivacyViolation, match=r"extra \['extra'\]"):
         audit_reply(RecordDict({p.FISHER_SUMS: fisher}), no_centroids)
-    audit_reply(RecordDict({p.FISHER_SUMS: ArrayRecord({"w": torch.ones(2)}),
-                            "metrics": MetricRecord({p.FISHER_BATCHES: 3})}), no_centroids)
+    audit_reply(
+        RecordDict({p.FISHER_SUMS: ArrayRecord({"w": torch.ones(2)}), "metrics": MetricRecord({p.FISHER_BATCHES: 3})}),
+        no_centroids,
+    )
 
 
 # -- targeted rounds, EWC and ARW on the device --------------------------------------------------------------
@@ -206,12 +247,18 @@ def test_audit_refuses_fairness_replies_the_server_did_not_ask_for() -> None:
 GLOBAL = {"encoder.w": torch.randn(4, 3), "joiner.b": torch.randn(5)}
 
 
-def _train_content(*, targets: list[int] | None = None, fisher: bool = False, adversary: Adversary | None = None,
-                   frozen: bool = False, centroids: np.ndarray | None = None) -> RecordDict:
+def _train_content(
+    *,
+    targets: list[int] | None = None,
+    fisher: bool = False,
+    adversary: Adversary | None = None,
+    frozen: bool = False,
+    centroids: np.ndarray | None = None,
+) -> RecordDict:
     config = ConfigRecord({"server-round": 2})
-    content = RecordDict({"arrays": ArrayRecord(p.join_adversary(GLOBAL, None if adversary is None
-                                                                 else adversary.state_dict())),
-                          "config": config})
+    content = RecordDict(
+        {"arrays": ArrayRecord(p.join_adversary(GLOBAL, None if adversary is None else adversary.state_dict())), "config": config}
+    )
     if targets is not None:
         config[p.TARGET_COHORTS] = targets
         content[p.CENTROIDS] = ArrayRecord({"centroids": Array(centroids)})  # type: ignore[arg-type]
@@ -231,8 +278,14 @@ def test_a_targeted_round_trains_only_the_targeted_cohorts() -> None:
     content = _train_content(targets=[int(labels[0])], centroids=centroids)
     for embedding, label in zip(embeddings, labels, strict=True):
         state = _device_state(embedding)
-        local = local_fairness(content, state, None, UNUSED,  # type: ignore[arg-type]
-                               global_state=content["arrays"].to_torch_state_dict(), local_steps=2)
+        local = local_fairness(
+            content,
+            state,
+            None,
+            UNUSED,  # type: ignore[arg-type]
+            global_state=content["arrays"].to_torch_state_dict(),
+            local_steps=2,
+        )
         assert local.takes_part == (label == labels[0])
         assert state[p.COHORT_STATE]["cohort-id"] == label  # decided and kept on the device
     idle = idle_train_reply(content, skipped=0)
@@ -244,8 +297,7 @@ def test_fedavg_ignores_a_weight_zero_reply_and_the_server_drops_it() -> None:
     def reply(scale: float, weight: int) -> Message:
         sent = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
         state = {k: v * scale for k, v in GLOBAL.items()}
-        metrics = {"train-loss": 1.0, "local-steps": 2, "num-examples": weight, "compute-cost": 1.0,
-                   "skipped-utterances": 0}
+        metrics = {"train-loss": 1.0, "local-steps": 2, "num-examples": weight, "compute-cost": 1.0, "skipped-utterances": 0}
         return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=sent)
 
     trained, other, idle = reply(2.0, 3), reply(3.0, 1), reply(1.0, 0)
@@ -257,8 +309,9 @@ def test_fedavg_ignores_a_weight_zero_reply_and_the_server_drops_it() -> None:
         np.testing.assert_allclose(without[key].numpy(), GLOBAL[key].numpy() * 2.25, rtol=1e-6)  # type: ignore[index]
     with pytest.raises(ZeroDivisionError):  # all weights 0: Flower's FedAvg divides by zero ...
         fedavg.aggregate_train(1, [idle])
-    rounds = FairnessRounds(cfg=RunConfig.from_flat({"fairness.enabled": True}), centroids=np.zeros((3, E)),
-                            cohort_sizes=np.zeros(3))
+    rounds = FairnessRounds(
+        cfg=RunConfig.from_flat({"fairness.enabled": True}), centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3)
+    )
     assert rounds.aggregate_train(fedavg, 1, [idle]) == (None, None)  # ... so the server keeps the model
     arrays, _ = rounds.aggregate_train(flwr_strategy.FedMedian(), 1, [trained, idle])
     np.testing.assert_allclose(arrays["joiner.b"].numpy(), GLOBAL["joiner.b"].numpy() * 2, rtol=1e-6)  # type: ignore[index]
@@ -270,8 +323,14 @@ def test_ewc_and_arw_come_from_the_message() -> None:
     with torch.no_grad():
         adversary.net.weight.normal_()  # type: ignore[union-attr]
     content = _train_content(fisher=True, adversary=adversary, frozen=True)
-    local = local_fairness(content, _device_state(_embeddings(1)[0]), None, UNUSED,  # type: ignore[arg-type]
-                           global_state=content["arrays"].to_torch_state_dict(), local_steps=3)
+    local = local_fairness(
+        content,
+        _device_state(_embeddings(1)[0]),
+        None,
+        UNUSED,  # type: ignore[arg-type]
+        global_state=content["arrays"].to_torch_state_dict(),
+        local_steps=3,
+    )
     assert local.takes_part and set(local.model_state) == set(GLOBAL)
     assert local.penalty is not None and local.penalty.lam == 5.0
     assert local.reweighter is not None and local.reweighter.warmup_steps == 3  # frozen for the whole round
@@ -280,10 +339,15 @@ def test_ewc_and_arw_come_from_the_message() -> None:
     assert set(reply.keys()) == set(content["arrays"].keys())  # model + adversary, nothing else
     audit_reply(RecordDict({"arrays": reply}), content)
     # A device whose extractor disagrees with the adversary's input size says so.
-    with pytest.raises(p.ProtocolError, match="takes 11 inputs, the device has 3 utterance statistics \\+ a "
-                                               "4-dimensional"):
-        local_fairness(content, _device_state(np.ones(4) / 2), None, UNUSED,  # type: ignore[arg-type]
-                       global_state=content["arrays"].to_torch_state_dict(), local_steps=3)
+    with pytest.raises(p.ProtocolError, match="takes 11 inputs, the device has 3 utterance statistics \\+ a 4-dimensional"):
+        local_fairness(
+            content,
+            _device_state(np.ones(4) / 2),
+            None,
+            UNUSED,  # type: ignore[arg-type]
+            global_state=content["arrays"].to_torch_state_dict(),
+            local_steps=3,
+        )
 
 
 def test_adversary_arrays_round_trip_and_are_split_off_the_aggregate() -> None:
@@ -315,25 +379,39 @@ def test_adversary_arrays_round_trip_and_are_split_off_the_aggregate() -> None:
         rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [bare])
 
 
-def _arw_reply(arrays: ArrayRecord, num_examples: int, *, score: float, score_loss: float,
-               weight_mass: float) -> Message:
+def _arw_reply(arrays: ArrayRecord, num_examples: int, *, score: float, score_loss: float, weight_mass: float) -> Message:
     sent = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
-    metrics = MetricRecord({"train-loss": 1.0, "num-examples": num_examples,
-                            **dict(zip(p.ARW_METRICS, (score, float(num_examples), score_loss, weight_mass)))})
+    metrics = MetricRecord(
+        {
+            "train-loss": 1.0,
+            "num-examples": num_examples,
+            **dict(zip(p.ARW_METRICS, (score, float(num_examples), score_loss, weight_mass))),
+        }
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=sent)
 
 
 def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_weight_mass() -> None:
-    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True,
-                               "fairness.arw-normalization": "population"})
-    rounds = FairnessRounds(cfg=cfg, centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3),
-                            adversary=Adversary(UTTERANCE_STATISTICS + E))
+    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True, "fairness.arw-normalization": "population"})
+    rounds = FairnessRounds(
+        cfg=cfg, centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3), adversary=Adversary(UTTERANCE_STATISTICS + E)
+    )
     adversary = rounds.adversary.state_dict()  # type: ignore[union-attr]
     # Two devices with 4 utterances each; the adversary scored the second one's utterances higher.
-    easy = _arw_reply(ArrayRecord(p.join_adversary({k: v * 0 for k, v in GLOBAL.items()}, adversary)), 4,
-                      score=0.8, score_loss=0.8, weight_mass=4 * 1.4)
-    hard = _arw_reply(ArrayRecord(p.join_adversary({k: v * 0 + 1 for k, v in GLOBAL.items()}, adversary)), 4,
-                      score=2.4, score_loss=7.2, weight_mass=4 * 2.6)
+    easy = _arw_reply(
+        ArrayRecord(p.join_adversary({k: v * 0 for k, v in GLOBAL.items()}, adversary)),
+        4,
+        score=0.8,
+        score_loss=0.8,
+        weight_mass=4 * 1.4,
+    )
+    hard = _arw_reply(
+        ArrayRecord(p.join_adversary({k: v * 0 + 1 for k, v in GLOBAL.items()}, adversary)),
+        4,
+        score=2.4,
+        score_loss=7.2,
+        weight_mass=4 * 2.6,
+    )
     arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [easy, hard])
     # The population's mean score m = 3.2 / 8 and score-weighted loss L_w = 8 / 3.2, for the next round ...
     assert rounds.population == pytest.approx((0.4, 2.5))
@@ -343,34 +421,62 @@ def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_wei
     # The next round's message carries the normalizers; the device's reweighter uses them.
     content = _train_content(adversary=Adversary(UTTERANCE_STATISTICS + E))
     content["config"][p.ARW_MEAN_SCORE], content["config"][p.ARW_WEIGHTED_LOSS] = rounds.population  # type: ignore[index]
-    local = local_fairness(content, _device_state(_embeddings(1)[0]), None, UNUSED,  # type: ignore[arg-type]
-                           global_state=content["arrays"].to_torch_state_dict(), local_steps=3)
+    local = local_fairness(
+        content,
+        _device_state(_embeddings(1)[0]),
+        None,
+        UNUSED,  # type: ignore[arg-type]
+        global_state=content["arrays"].to_torch_state_dict(),
+        local_steps=3,
+    )
     assert local.reweighter is not None and local.reweighter.population == pytest.approx((0.4, 2.5))
     metrics = local.reply_metrics(num_examples=5)
     assert list(metrics) == list(p.ARW_METRICS) and metrics[p.ARW_WEIGHT] == 10.0  # no step yet: weight 2 each
     audit_reply(RecordDict({"metrics": MetricRecord(metrics)}), content)
 
     # Batch normalization (the default) keeps the strategy's utterance weights.
-    rounds = FairnessRounds(cfg=RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True}),
-                            centroids=np.zeros((3, E)), cohort_sizes=np.zeros(3),
-                            adversary=Adversary(UTTERANCE_STATISTICS + E))
+    rounds = FairnessRounds(
+        cfg=RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True}),
+        centroids=np.zeros((3, E)),
+        cohort_sizes=np.zeros(3),
+        adversary=Adversary(UTTERANCE_STATISTICS + E),
+    )
     arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [easy, hard])
     np.testing.assert_allclose(arrays["joiner.b"].numpy(), np.full(5, 0.5), rtol=1e-6)  # type: ignore[index]
 
 
 # -- server-side pieces ----------------------------------------------------------------------------------------
 
+
 def test_a_resumed_run_keeps_the_committed_evaluations_and_population_stats(tmp_path: Path) -> None:
-    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True,
-                               "fairness.arw-normalization": "population"})
-    crashed = FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2), adversary=Adversary(11),
-                             population=PopulationStats(0.4, 2.5))
-    crashed.log += [{"phase": "kmeans", "devices": 2},
-                    {"phase": "evaluate", "round": 1, "cohort_errors": [1.0, 6.0], "cohort_words": [10.0, 10.0],
-                     "cohort_speakers": [1.0, 1.0]}]
+    cfg = RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True, "fairness.arw-normalization": "population"})
+    crashed = FairnessRounds(
+        cfg=cfg,
+        centroids=np.zeros((2, E)),
+        cohort_sizes=np.ones(2),
+        adversary=Adversary(11),
+        population=PopulationStats(0.4, 2.5),
+    )
+    crashed.log += [
+        {"phase": "kmeans", "devices": 2},
+        {
+            "phase": "evaluate",
+            "round": 1,
+            "cohort_errors": [1.0, 6.0],
+            "cohort_words": [10.0, 10.0],
+            "cohort_speakers": [1.0, 1.0],
+        },
+    ]
     crashed.save(tmp_path)  # with round 1's checkpoint
-    crashed.log.append({"phase": "evaluate", "round": 2, "cohort_errors": [9.0, 0.0], "cohort_words": [10.0, 10.0],
-                        "cohort_speakers": [1.0, 1.0]})  # round 2 evaluated, then the crash: not committed
+    crashed.log.append(
+        {
+            "phase": "evaluate",
+            "round": 2,
+            "cohort_errors": [9.0, 0.0],
+            "cohort_words": [10.0, 10.0],
+            "cohort_speakers": [1.0, 1.0],
+        }
+    )  # round 2 evaluated, then the crash: not committed
     resumed = FairnessRounds(cfg=cfg, centroids=np.zeros((2, E)), cohort_sizes=np.ones(2))
     resumed.restore_log(tmp_path)
     assert [e["round"] for e in resumed.log if e["phase"] == "evaluate"] == [1]
@@ -381,8 +487,7 @@ def test_a_resumed_run_keeps_the_committed_evaluations_and_population_stats(tmp_
 
 
 def test_normalized_fisher_and_worst_cohorts() -> None:
-    sums = FisherSums(sums={"a": torch.tensor([2.0, 6.0]), "b": torch.tensor([4.0]), "buffer": torch.zeros(1)},
-                      count=2)
+    sums = FisherSums(sums={"a": torch.tensor([2.0, 6.0]), "b": torch.tensor([4.0]), "buffer": torch.zeros(1)}, count=2)
     fisher = normalized_fisher(sums, ["a", "b"])
     assert set(fisher) == {"a", "b"}
     torch.testing.assert_close(torch.cat([fisher["a"], fisher["b"]]), torch.tensor([0.5, 1.5, 1.0]))
@@ -407,13 +512,28 @@ def test_fairness_config_names_the_bad_value() -> None:
 
 # -- the whole federation through Flower's simulation engine (Ray) ------------------------------------------
 
-FAIR_RUN = {**TINY_RUN, "synth.speakers": 10, "split.public-speakers": 4, "num-server-rounds": 2,
-            "fairness.enabled": True, "fairness.num-cohorts": 2, "fairness.kmeans-iterations": 2,
-            "fairness.embedder-steps": 8, "fairness.ewc-lambda": 1.0, "fairness.fisher": "federated",
-            "fairness.targeted-rounds": 1, "fairness.arw": True, "fairness.arw-warmup": 1,
-            "fairness.arw-normalization": "population"}
-EXPECTED_RECORDS = {p.KMEANS_QUERY: {p.KMEANS_STATS}, p.FISHER_QUERY: {p.FISHER_SUMS, "metrics"},
-                    MessageType.TRAIN: {"arrays", "metrics"}, MessageType.EVALUATE: {"metrics", p.COHORT_EVAL}}
+FAIR_RUN = {
+    **TINY_RUN,
+    "synth.speakers": 10,
+    "split.public-speakers": 4,
+    "num-server-rounds": 2,
+    "fairness.enabled": True,
+    "fairness.num-cohorts": 2,
+    "fairness.kmeans-iterations": 2,
+    "fairness.embedder-steps": 8,
+    "fairness.ewc-lambda": 1.0,
+    "fairness.fisher": "federated",
+    "fairness.targeted-rounds": 1,
+    "fairness.arw": True,
+    "fairness.arw-warmup": 1,
+    "fairness.arw-normalization": "population",
+}
+EXPECTED_RECORDS = {
+    p.KMEANS_QUERY: {p.KMEANS_STATS},
+    p.FISHER_QUERY: {p.FISHER_SUMS, "metrics"},
+    MessageType.TRAIN: {"arrays", "metrics"},
+    MessageType.EVALUATE: {"metrics", p.COHORT_EVAL},
+}
 
 
 class RecordExchanges:
@@ -425,8 +545,10 @@ class RecordExchanges:
 
     def __call__(self, msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
         reply = call_next(msg, context)
-        stem = (f"{self.out_dir}/{msg.metadata.message_type}-r{msg.content['config']['server-round']}"
-                f"-p{context.node_config['partition-id']}-{uuid4().hex[:8]}")
+        stem = (
+            f"{self.out_dir}/{msg.metadata.message_type}-r{msg.content['config']['server-round']}"
+            f"-p{context.node_config['partition-id']}-{uuid4().hex[:8]}"
+        )
         Path(stem + ".sent").write_bytes(message_to_proto(msg).SerializeToString())
         Path(stem + ".reply").write_bytes(message_to_proto(reply).SerializeToString())
         return reply
@@ -442,15 +564,15 @@ def _device_embeddings(cfg: RunConfig, devices: int) -> np.ndarray:
     rows = []
     for pid in range(devices):
         data = device_data(cfg, pid)
-        rows.append(embedder.embed_speaker([data.features.features(u) for u in [*data.train, *data.eval]])
-                    .numpy().astype(np.float64))
+        rows.append(
+            embedder.embed_speaker([data.features.features(u) for u in [*data.train, *data.eval]]).numpy().astype(np.float64)
+        )
     return np.stack(rows)
 
 
 @pytest.mark.slow
 @needs_espeak
-def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       tiny_workdir: TinyWorkdir) -> None:
+def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_workdir: TinyWorkdir) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -484,17 +606,21 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     def main(grid: Grid, context: Context) -> None:
         run_dirs.append(run_federation(grid, cfg))
 
-    run_simulation(server_app=server_app, client_app=outer, num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "num_gpus": 0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=outer,
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+    )
     assert run_dirs, "the ServerApp did not finish"
     run_dir = run_dirs[0]
 
     # 1. The k-means phase through Flower equals the reference protocol on the same embeddings.
     prepared = prepare(cfg, progress=False)
     embedder = load_speaker_embedder(speaker_embedder_path(prepared.artifacts, cfg))
-    public = public_embeddings(embedder, prepared.split.public, prepared.corpus.by_speaker(),
-                               FeatureCache(prepared.corpus, prepared.cmvn))
+    public = public_embeddings(
+        embedder, prepared.split.public, prepared.corpus.by_speaker(), FeatureCache(prepared.corpus, prepared.cmvn)
+    )
     initial = init_centroids(public, 2, seed=cfg.train.seed)
     devices = _device_embeddings(cfg, 4)
     fairness = json.loads((run_dir / "fairness.json").read_text())
@@ -551,8 +677,13 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
 
     model = initial_model(cfg.model)
     public_utts = [u for s in prepared.split.public for u in prepared.corpus.by_speaker()[s]]
-    sums = public_fisher(model, public_utts, features=FeatureCache(prepared.corpus, prepared.cmvn),
-                         tokenizer=prepared.tokenizer, batch_frames=cfg.train.batch_frames)
+    sums = public_fisher(
+        model,
+        public_utts,
+        features=FeatureCache(prepared.corpus, prepared.cmvn),
+        tokenizer=prepared.tokenizer,
+        batch_frames=cfg.train.batch_frames,
+    )
     fisher = normalized_fisher(sums, [n for n, _ in model.named_parameters()])
     assert set(fisher) == {n for n, _ in model.named_parameters()} and sums.count >= 1
     values = torch.cat([f.flatten() for f in fisher.values()])
@@ -560,8 +691,9 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_train_instruction_round_trips_through_the_config_and_names_a_bad_value() -> None:
-    sent = p.TrainInstruction(target_cohorts=(0, 2), ewc_lambda=5.0, arw_lr=0.01, arw_frozen=False,
-                              arw_mean_score=0.5, arw_weighted_loss=1.25)
+    sent = p.TrainInstruction(
+        target_cohorts=(0, 2), ewc_lambda=5.0, arw_lr=0.01, arw_frozen=False, arw_mean_score=0.5, arw_weighted_loss=1.25
+    )
     config = sent.to_config(ConfigRecord({"server-round": 3}))
     assert p.TrainInstruction.from_config(config) == sent
     assert p.TrainInstruction.from_config(ConfigRecord({"server-round": 3})) == p.TrainInstruction()  # a plain round

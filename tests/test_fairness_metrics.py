@@ -32,8 +32,9 @@ def test_pooled_cohort_wer_equals_overall_wer() -> None:
     every = [pair for _, pairs in DEVICES.values() for pair in pairs]
     overall = error_counts([r for r, _ in every], [h for _, h in every])
     assert report.overall_wer == pytest.approx(overall.wer)
-    assert report.overall_wer == pytest.approx(pooled_wer(
-        error_counts([r for r, _ in pairs], [h for _, h in pairs]) for _, pairs in DEVICES.values()))
+    assert report.overall_wer == pytest.approx(
+        pooled_wer(error_counts([r for r, _ in pairs], [h for _, h in pairs]) for _, pairs in DEVICES.values())
+    )
     for cohort in range(3):
         pairs = [pair for c, ps in DEVICES.values() if c == cohort for pair in ps]
         assert report.wer[cohort] == pytest.approx(error_counts([r for r, _ in pairs], [h for _, h in pairs]).wer)
@@ -80,8 +81,7 @@ def test_equal_error_rate_on_hand_cases() -> None:
     # One impostor above one target of two each: FAR and FRR both 0.5 at the crossing.
     assert equal_error_rate([0.9, 0.5, 0.6, 0.1], [True, True, False, False]) == pytest.approx(0.5)
     # 4 targets, 4 impostors, one impostor above one target: EER 1/4.
-    assert equal_error_rate([0.9, 0.8, 0.7, 0.4, 0.5, 0.3, 0.2, 0.1],
-                            [True] * 4 + [False] * 4) == pytest.approx(0.25)
+    assert equal_error_rate([0.9, 0.8, 0.7, 0.4, 0.5, 0.3, 0.2, 0.1], [True] * 4 + [False] * 4) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="needs both trial kinds"):
         equal_error_rate([0.1, 0.2], [True, True])
 

@@ -68,7 +68,7 @@ def _streamed(samples: np.ndarray, chunk_sizes: list[int]) -> np.ndarray:
     stream = StreamingFbank()
     pieces, start = [], 0
     for size in chunk_sizes:
-        frames = stream.accept(samples[start:start + size])
+        frames = stream.accept(samples[start : start + size])
         assert frames.dtype == np.float32 and frames.shape[1:] == (N_MELS,)
         pieces.append(frames)
         start += size
@@ -180,8 +180,7 @@ def test_spec_augment_masks_stay_within_limits_and_lengths() -> None:
     generator = torch.Generator().manual_seed(5)
     widest_time_masks = 0
     for _ in range(20):
-        out = spec_augment(feats, lengths, generator=generator, freq_masks=2, freq_width=15, time_masks=2,
-                           time_width_ratio=0.1)
+        out = spec_augment(feats, lengths, generator=generator, freq_masks=2, freq_width=15, time_masks=2, time_width_ratio=0.1)
         changed = out != feats
         assert (out[changed] == 0).all()
         for row, length in enumerate(lengths.tolist()):

@@ -49,15 +49,16 @@ class Federation:
                     if node_id in self.silent:
                         continue
                     time.sleep(self.work_s)
-                    reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": node_id % 1000})}),
-                                    reply_to=msg)
+                    reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": node_id % 1000})}), reply_to=msg)
                     reply.metadata.__dict__["_message_id"] = str(uuid4())  # as the engine's worker does
                     self.state.store_message_res(reply)
             self._stop.wait(0.01)
 
     def messages(self, count: int) -> list[Message]:
-        return [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node_id,
-                        message_type="query.window") for node_id in self.node_ids[:count]]
+        return [
+            Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node_id, message_type="query.window")
+            for node_id in self.node_ids[:count]
+        ]
 
     def __enter__(self) -> Federation:
         self._thread.start()

@@ -36,8 +36,9 @@ def test_advantage_is_the_best_tpr_minus_fpr_of_the_roc_curve() -> None:
     labels = np.concatenate([np.ones(300), np.zeros(500)])
     false_positive, true_positive, _ = roc_curve(labels, -np.concatenate([members, non_members]))
     assert result.advantage == pytest.approx(float(np.max(true_positive - false_positive)), abs=1e-12)
-    assert result.advantage == pytest.approx(np.mean(members <= result.threshold)
-                                             - np.mean(non_members <= result.threshold), abs=1e-12)
+    assert result.advantage == pytest.approx(
+        np.mean(members <= result.threshold) - np.mean(non_members <= result.threshold), abs=1e-12
+    )
 
 
 def test_higher_member_loss_reads_as_no_membership() -> None:
@@ -66,20 +67,25 @@ def test_bad_inputs_are_rejected() -> None:
 
 def random_utterances(count: int, seed: int) -> Batch:
     generator = torch.Generator().manual_seed(seed)
-    return Batch(feats=torch.randn(count, 32, 80, generator=generator), feat_lens=torch.full((count,), 32),
-                 targets=torch.randint(0, 10, (count, 4), generator=generator), target_lens=torch.full((count,), 4),
-                 ids=[f"s{seed}-{i}" for i in range(count)])
+    return Batch(
+        feats=torch.randn(count, 32, 80, generator=generator),
+        feat_lens=torch.full((count,), 32),
+        targets=torch.randint(0, 10, (count, 4), generator=generator),
+        target_lens=torch.full((count,), 4),
+        ids=[f"s{seed}-{i}" for i in range(count)],
+    )
 
 
 def test_overfitted_model_leaks_membership_of_its_training_utterances() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="transformer", d_model=32, num_layers=1, num_heads=2, ffn_dim=64,
-                                    vocab_size=10, dropout=0.0))
+    model = build_model(
+        ModelConfig(name="transformer", d_model=32, num_layers=1, num_heads=2, ffn_dim=64, vocab_size=10, dropout=0.0)
+    )
     members, non_members = random_utterances(6, seed=0), random_utterances(6, seed=1)
-    before = loss_threshold_attack(list(utterance_losses(model, [members]).values()),
-                                   list(utterance_losses(model, [non_members]).values()))
-    train_steps(model, [members], steps=20, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-                spec_augment_seed=None)
+    before = loss_threshold_attack(
+        list(utterance_losses(model, [members]).values()), list(utterance_losses(model, [non_members]).values())
+    )
+    train_steps(model, [members], steps=20, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3), spec_augment_seed=None)
     assert model.training  # utterance_losses restores the mode
     losses = utterance_losses(model, [members, non_members])
     result = loss_threshold_attack([losses[uid] for uid in members.ids], [losses[uid] for uid in non_members.ids])

@@ -19,8 +19,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import torch
-from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata,
-                      MetricRecord, RecordDict)
+from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
@@ -40,6 +39,7 @@ TRANSCRIPT = "remind me to call doctor patel at noon"
 
 # --- recording what leaves the devices ----------------------------------------------------------------------
 
+
 class RecordReplies:
     """Client mod, outermost: writes each reply, serialized as Flower sends it, to ``out_dir`` (Ray runs the
     devices in other processes, so files are the channel back to the test)."""
@@ -50,8 +50,7 @@ class RecordReplies:
     def __call__(self, msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
         reply = call_next(msg, context)
         server_round = int(msg.content["config"]["server-round"])
-        name = (f"{msg.metadata.message_type}-r{server_round}-p{context.node_config['partition-id']}"
-                f"-{uuid4().hex[:8]}.pb")
+        name = f"{msg.metadata.message_type}-r{server_round}-p{context.node_config['partition-id']}-{uuid4().hex[:8]}.pb"
         (Path(self.out_dir) / name).write_bytes(message_to_proto(reply).SerializeToString())
         return reply
 
@@ -76,15 +75,17 @@ def global_model_spec(cfg: RunConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
 @pytest.mark.slow
 @needs_espeak
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
-def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   tiny_workdir: TinyWorkdir, dp: bool) -> None:
+def test_every_reply_of_a_simulation_is_allowlisted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_workdir: TinyWorkdir, dp: bool
+) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
     from server.workflow import run_federation
 
-    cfg = RunConfig.from_flat({**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path / "work"),
-                               "run-id": "privacy", "dp.enabled": dp})
+    cfg = RunConfig.from_flat(
+        {**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path / "work"), "run-id": "privacy", "dp.enabled": dp}
+    )
     tiny_workdir(cfg.workdir_path)
     sensitive = sensitive_strings(cfg)
     longest = max(sensitive, key=len)  # the scan itself finds a transcript in bytes, a short value in a key
@@ -102,10 +103,12 @@ def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch:
     def main(grid: Grid, context: Context) -> None:
         run_dirs.append(run_federation(grid, cfg))
 
-    run_simulation(server_app=server_app, client_app=recorded_client_app(replies_dir, cfg.to_flat()),
-                   num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "num_gpus": 0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=recorded_client_app(replies_dir, cfg.to_flat()),
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+    )
 
     assert run_dirs, "the ServerApp did not finish"
     run_dir = run_dirs[0]
@@ -138,8 +141,7 @@ def test_every_reply_of_a_simulation_is_allowlisted(tmp_path: Path, monkeypatch:
         names += list(metrics.keys())
         assert not leaks(wire, names, sensitive), f"{path.name} carries {leaks(wire, names, sensitive)}"
 
-    expected = {(kind, f"r{r}", f"p{p}") for kind in (MessageType.TRAIN, MessageType.EVALUATE)
-                for r in (1, 2) for p in range(4)}
+    expected = {(kind, f"r{r}", f"p{p}") for kind in (MessageType.TRAIN, MessageType.EVALUATE) for r in (1, 2) for p in range(4)}
     assert seen == expected  # train and evaluate from every device in both rounds, and nothing else
     assert len(list(replies_dir.iterdir())) == len(expected)
     # The replies recorded are the ones the server got and used (Flower may still replace a reply after the
@@ -161,8 +163,17 @@ TOKEN_IDS = np.array([17, 4, 92, 33, 8], dtype=np.int64)
 
 
 def server_message(message_type: str = MessageType.TRAIN) -> Message:
-    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=message_type)
+    metadata = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=message_type,
+    )
     content = RecordDict({"arrays": ArrayRecord(GLOBAL), "config": ConfigRecord({"server-round": 1})})
     return Message(metadata=metadata, content=content)
 
@@ -174,26 +185,36 @@ def device_context() -> Context:
 LEAKY_REPLIES = {
     # A MetricRecord cannot hold a string, so the transcript goes in a ConfigRecord beside the metrics.
     "transcript in a config record": (
-        lambda: {"arrays": ArrayRecord(GLOBAL), "metrics": MetricRecord({"train-loss": 1.0}),
-                 "metrics-extra": ConfigRecord({"hypothesis": TRANSCRIPT})},
-        "config record 'metrics-extra'"),
+        lambda: {
+            "arrays": ArrayRecord(GLOBAL),
+            "metrics": MetricRecord({"train-loss": 1.0}),
+            "metrics-extra": ConfigRecord({"hypothesis": TRANSCRIPT}),
+        },
+        "config record 'metrics-extra'",
+    ),
     "token ids as an extra int64 array record": (
-        lambda: {"arrays": ArrayRecord(GLOBAL), "metrics": MetricRecord({"train-loss": 1.0}),
-                 "tokens": ArrayRecord([TOKEN_IDS])},
-        "array record 'tokens' is not on the allowlist"),
+        lambda: {"arrays": ArrayRecord(GLOBAL), "metrics": MetricRecord({"train-loss": 1.0}), "tokens": ArrayRecord([TOKEN_IDS])},
+        "array record 'tokens' is not on the allowlist",
+    ),
     "token ids beside the model weights": (
-        lambda: {"arrays": ArrayRecord({**GLOBAL, "token-ids": torch.from_numpy(TOKEN_IDS)}),
-                 "metrics": MetricRecord({"train-loss": 1.0})},
-        "extra ['token-ids']"),
+        lambda: {
+            "arrays": ArrayRecord({**GLOBAL, "token-ids": torch.from_numpy(TOKEN_IDS)}),
+            "metrics": MetricRecord({"train-loss": 1.0}),
+        },
+        "extra ['token-ids']",
+    ),
     "token ids as a metric list": (
         lambda: {"arrays": ArrayRecord(GLOBAL), "metrics": MetricRecord({"train-loss": TOKEN_IDS.tolist()})},
-        "metric 'train-loss' is a list"),
+        "metric 'train-loss' is a list",
+    ),
     "a speaker id metric": (
         lambda: {"arrays": ArrayRecord(GLOBAL), "metrics": MetricRecord({"train-loss": 1.0, "speaker-id": 3})},
-        "metric 'speaker-id' is not on the allowlist"),
+        "metric 'speaker-id' is not on the allowlist",
+    ),
     "a transcript as a metric key": (
         lambda: {"arrays": ArrayRecord(GLOBAL), "metrics": MetricRecord({TRANSCRIPT: 1.0})},
-        f"metric <redacted name of {len(TRANSCRIPT)} characters> is not on the allowlist"),
+        f"metric <redacted name of {len(TRANSCRIPT)} characters> is not on the allowlist",
+    ),
 }
 
 
@@ -220,6 +241,7 @@ def test_a_transcript_cannot_even_enter_a_metric_record() -> None:
 
 def _stub_device(monkeypatch: pytest.MonkeyPatch, state_dict: dict[str, torch.Tensor]) -> None:
     """Our real train handler without data: _setup and fine_tune replaced, everything else as deployed."""
+
     def setup(msg: Message, context: Context):  # noqa: ANN202
         return RunConfig.from_flat({}), msg.content["arrays"].to_torch_state_dict(), None, 0, 1
 

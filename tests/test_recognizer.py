@@ -27,8 +27,7 @@ pytestmark = needs_espeak
 @pytest.fixture(scope="module")
 def unseen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 utterances of 8 speakers no model was trained on (seed 123 is used nowhere else)."""
-    return synthesize(tmp_path_factory.mktemp("unseen") / "corpus", speakers=8, utterances=5, seed=123,
-                      workers=2, progress=False)
+    return synthesize(tmp_path_factory.mktemp("unseen") / "corpus", speakers=8, utterances=5, seed=123, workers=2, progress=False)
 
 
 def test_greedy_streaming_decodes_what_training_fitted(unseen: Path, tmp_path: Path) -> None:
@@ -39,21 +38,21 @@ def test_greedy_streaming_decodes_what_training_fitted(unseen: Path, tmp_path: P
     """
     corpus = load_corpus(unseen)
     utterances = sorted(corpus.utterances, key=lambda u: u.id)[::5][:8]
-    tokenizer = Tokenizer.train([u.text for u in corpus.utterances] + sample_sentences(2000, seed=1),
-                                tmp_path / "tok.model", vocab_size=128)
-    cmvn = GlobalCMVN.fit(f for f in (FeatureCache(corpus, None).features(u) for u in corpus.utterances)
-                          if f is not None)
+    tokenizer = Tokenizer.train(
+        [u.text for u in corpus.utterances] + sample_sentences(2000, seed=1), tmp_path / "tok.model", vocab_size=128
+    )
+    cmvn = GlobalCMVN.fit(f for f in (FeatureCache(corpus, None).features(u) for u in corpus.utterances) if f is not None)
     features = FeatureCache(corpus, cmvn)
-    batches = make_batches(utterances, features=features, tokenizer=tokenizer, max_frames=100_000, shuffle=False,
-                           seed=0)
+    batches = make_batches(utterances, features=features, tokenizer=tokenizer, max_frames=100_000, shuffle=False, seed=0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=256, vocab_size=128))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
     for lr, steps in ((1e-3, 30), (3e-3, 190), (1e-3, 20)):  # warm-up, peak, anneal
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = train_steps(model, batches, steps=steps, optimizer=optimizer, spec_augment_seed=None,
-                            ctc_weight=0.3, fastemit_lambda=0.01)
+        stats = train_steps(
+            model, batches, steps=steps, optimizer=optimizer, spec_augment_seed=None, ctc_weight=0.3, fastemit_lambda=0.01
+        )
     assert stats.loss < 0.05, "the model did not fit its 8 utterances"
 
     model.eval()

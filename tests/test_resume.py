@@ -63,8 +63,7 @@ def test_strategy_state_round_trips_through_the_checkpoint(tmp_path: Path, name:
     model.load_state_dict(arrays.to_torch_state_dict())
     arrays = ArrayRecord(model.state_dict())
 
-    path = save_round(tmp_path / "global.pt", model, model_cfg, server_round=1, run_id="t", strategy_name=name,
-                      strategy=strategy)
+    path = save_round(tmp_path / "global.pt", model, model_cfg, server_round=1, run_id="t", strategy_name=name, strategy=strategy)
     restored_model = build_model(model_cfg)
     assert load_round(path, restored_model, model_cfg, strategy_name=name, strategy=fresh) == 1
 
@@ -85,8 +84,15 @@ def test_strategy_state_round_trips_through_the_checkpoint(tmp_path: Path, name:
 def test_resume_refuses_another_strategy(tmp_path: Path) -> None:
     model_cfg = _tiny_model_cfg()
     model = build_model(model_cfg)
-    path = save_round(tmp_path / "global.pt", model, model_cfg, server_round=2, run_id="t", strategy_name="fedadam",
-                      strategy=make_strategy(StrategyConfig(name="fedadam")))
+    path = save_round(
+        tmp_path / "global.pt",
+        model,
+        model_cfg,
+        server_round=2,
+        run_id="t",
+        strategy_name="fedadam",
+        strategy=make_strategy(StrategyConfig(name="fedadam")),
+    )
     with pytest.raises(ValueError, match="fedadam"):
         load_round(path, model, model_cfg, strategy_name="fedavg", strategy=make_strategy(StrategyConfig()))
 
@@ -101,14 +107,16 @@ def test_rewind_metrics_drops_uncommitted_and_torn_lines(tmp_path: Path) -> None
 
 # -- run_federation, crashed and resumed (scripted grid, real data preparation and held-out scoring) --------
 
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir) -> Path:
     return tiny_workdir(tmp_path_factory.mktemp("resume"))
 
 
 def _cfg(workdir: Path, run_id: str, **extra: bool | int | float | str) -> RunConfig:
-    return RunConfig.from_flat({**TINY_RUN, "num-server-rounds": 3, "workdir": str(workdir), "run-id": run_id,
-                                "strategy.name": "fedadam", **extra})
+    return RunConfig.from_flat(
+        {**TINY_RUN, "num-server-rounds": 3, "workdir": str(workdir), "run-id": run_id, "strategy.name": "fedadam", **extra}
+    )
 
 
 def _rounds(run_dir: Path) -> list[int]:
@@ -116,8 +124,9 @@ def _rounds(run_dir: Path) -> list[int]:
 
 
 @needs_espeak
-def test_resume_after_a_crash_matches_an_uninterrupted_run(workdir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     whole = run_federation(ScriptedGrid(), _cfg(workdir, "whole"))
 
     # Killed after round 2's metrics line and before its checkpoint: round 2 is not committed.
@@ -146,9 +155,13 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(workdir: Path, monkey
     for attr in ("m_t", "v_t"):
         a, b = expected.meta["strategy"]["state"][attr], final.meta["strategy"]["state"][attr]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
     def timeless(d: Path) -> list[dict[str, object]]:
-        return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
-                for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert timeless(run_dir) == timeless(whole)  # the same records, round by round
 
     # A resume of a finished run redoes nothing.
@@ -212,6 +225,7 @@ def test_crash_before_the_first_checkpoint_restarts_cleanly(workdir: Path) -> No
 
 # -- a real `chorus simulate`, killed and resumed ---------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two full `chorus simulate` starts: several minutes on 2 busy cores
 @needs_espeak
@@ -220,18 +234,19 @@ def test_kill_and_resume_a_real_simulation(tmp_path: Path, tiny_workdir: TinyWor
     marker = f"chorus-resume-test-{uuid.uuid4().hex}"  # in the environment of every process the run starts
     env = {**os.environ, "CHORUS_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"}
     sets = [arg for k, v in {**TINY_RUN, "workdir": str(tmp_path)}.items() for arg in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "4", "--rounds", "3",
-           "--run-id", "killed", *sets]
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "4", "--rounds", "3", "--run-id", "killed", *sets]
     run_dir = tmp_path / "runs" / "killed"
     metrics = run_dir / "metrics.jsonl"
     log = (tmp_path / "first.log").open("wb")
     try:
-        first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # its own process group
+        first = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group
         # Round 1's metrics line, then its checkpoint (written atomically: once the file is there it is whole).
         deadline = time.monotonic() + 480
-        while not (metrics.exists() and '"round": 1,' in metrics.read_text() and (ckpt := run_dir / "checkpoints"
-                                                                                  / "global.pt").exists()):
+        while not (
+            metrics.exists() and '"round": 1,' in metrics.read_text() and (ckpt := run_dir / "checkpoints" / "global.pt").exists()
+        ):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "round 1 did not finish in time"
             time.sleep(0.1)
@@ -240,15 +255,14 @@ def test_kill_and_resume_a_real_simulation(tmp_path: Path, tiny_workdir: TinyWor
         stop_local_superlink(tmp_path / ".flwr")  # Flower's SuperLink runs in a session of its own
         assert not wait_gone(marker, 30), "processes of the killed run survived"
         committed = load_checkpoint(ckpt).meta["round"]
-        lines_before = metrics.read_text().splitlines()[:committed + 1]  # rounds 0..committed
+        lines_before = metrics.read_text().splitlines()[: committed + 1]  # rounds 0..committed
 
-        resumed = subprocess.run([*cmd, "--resume"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                 timeout=600)
+        resumed = subprocess.run([*cmd, "--resume"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
         lines = metrics.read_text().splitlines()
         assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
-        assert lines[:committed + 1] == lines_before  # committed rounds were not run again
+        assert lines[: committed + 1] == lines_before  # committed rounds were not run again
         final = load_checkpoint(run_dir / "checkpoints" / "global.pt")
         assert final.meta["round"] == 3 and final.meta["run_id"] == "killed"
         assert (run_dir / "report.md").exists()

@@ -39,8 +39,17 @@ from shared.models.speaker_embedding import load_speaker_embedder
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
-from tests.conftest import (SECAGG_DEVICES, TINY_RUN, SecAggGrid, TinyWorkdir, leaks, needs_espeak, run_marked, sensitive_strings,
-                            with_run_config)
+from tests.conftest import (
+    SECAGG_DEVICES,
+    TINY_RUN,
+    SecAggGrid,
+    TinyWorkdir,
+    leaks,
+    needs_espeak,
+    run_marked,
+    sensitive_strings,
+    with_run_config,
+)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -56,15 +65,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir)
     return tiny_workdir(tmp_path_factory.mktemp("secagg"))
 
 
-def _plain_fedavg(cfg: RunConfig, arrays: ArrayRecord,
-                  nodes: Iterable[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
+def _plain_fedavg(cfg: RunConfig, arrays: ArrayRecord, nodes: Iterable[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The float FedAvg of the same devices' round-1 updates, trained here by the same device code, and their
     weights (training utterances)."""
     updates, weights = [], []
     for node in nodes:
-        update = fine_tune(cfg, arrays.to_torch_state_dict(), node_data(cfg, {"partition-id": node - 1,
-                                                                                "num-partitions": DEVICES}),
-                           server_round=1, partition_id=node - 1)
+        update = fine_tune(
+            cfg,
+            arrays.to_torch_state_dict(),
+            node_data(cfg, {"partition-id": node - 1, "num-partitions": DEVICES}),
+            server_round=1,
+            partition_id=node - 1,
+        )
         updates.append(update.state_dict)
         weights.append(update.num_examples)
     mean = {k: sum(w * u[k].double() for w, u in zip(weights, updates)) / sum(weights) for k in updates[0]}
@@ -82,22 +94,27 @@ def _max_error(secure: ArrayRecord, plain: dict[str, torch.Tensor]) -> float:
 
 
 @needs_espeak
-@pytest.mark.parametrize("drop", [None, Stage.COLLECT_MASKED_VECTORS, Stage.SETUP],
-                         ids=["all-answer", "one-drops-out", "one-drops-before-sharing-keys"])
+@pytest.mark.parametrize(
+    "drop",
+    [None, Stage.COLLECT_MASKED_VECTORS, Stage.SETUP],
+    ids=["all-answer", "one-drops-out", "one-drops-before-sharing-keys"],
+)
 def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -> None:
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True})
     torch.manual_seed(0)
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
     grid = SecAggGrid(cfg, drop_at={2: drop} if drop else None)
-    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
-                                min_contributors=2)
+    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2)
     survivors = [n for n in grid.get_node_ids() if n not in grid.dropped]
     assert (result.contributed, result.failed) == (len(survivors), DEVICES - len(survivors))
     assert result.arrays is not None and result.metrics is not None
 
     plain, weights = _plain_fedavg(cfg, arrays, survivors)
-    sent = [int(reply.content["fitres.num_examples"]["num_examples"]) for stage, reply in grid.replies
-            if stage == Stage.COLLECT_MASKED_VECTORS]
+    sent = [
+        int(reply.content["fitres.num_examples"]["num_examples"])
+        for stage, reply in grid.replies
+        if stage == Stage.COLLECT_MASKED_VECTORS
+    ]
     assert sent == weights and max(weights) <= cfg.secagg.max_weight
     largest = max(float(v.abs().max()) for v in plain.values())
     assert largest < cfg.secagg.clipping_range  # nothing was clipped by the quantizer
@@ -126,12 +143,19 @@ def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -
 def test_dp_sgd_updates_go_through_secagg(workdir: Path) -> None:
     """DP-SGD and SecAgg+ together: every device trains with Opacus (its accountant advances), its masked update
     weighs 1 (a DP reply carries no utterance count), and the unmasked mean is a finite model that moved."""
-    cfg = _cfg(workdir, **{"strategy.secure-aggregation": True, "dp.enabled": True, "dp.noise-multiplier": 1.0,
-                           "dp.epsilon-budget": 1e9, "secagg.max-weight": 2.0})  # just above the weights
+    cfg = _cfg(
+        workdir,
+        **{
+            "strategy.secure-aggregation": True,
+            "dp.enabled": True,
+            "dp.noise-multiplier": 1.0,
+            "dp.epsilon-budget": 1e9,
+            "secagg.max-weight": 2.0,
+        },
+    )  # just above the weights
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
     grid = SecAggGrid(cfg)
-    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
-                                min_contributors=2)
+    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2)
     assert (result.contributed, result.failed) == (DEVICES, 0) and result.arrays is not None
     collected = [reply.content for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
     assert [int(c["fitres.num_examples"]["num_examples"]) for c in collected] == [1] * DEVICES
@@ -148,8 +172,7 @@ def test_too_many_dropouts_keep_the_global_model(workdir: Path) -> None:
     cfg = _cfg(workdir, **{"strategy.secure-aggregation": True, "secagg.reconstruction-threshold": 1.0})
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
     grid = SecAggGrid(cfg, drop_at={2: Stage.COLLECT_MASKED_VECTORS})
-    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0,
-                                min_contributors=2)
+    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2)
     assert (result.arrays, result.contributed, result.failed) == (None, 0, DEVICES)
 
 
@@ -170,9 +193,11 @@ def test_config_refuses_what_secagg_cannot_do() -> None:
         RunConfig.from_flat({"strategy.secure-aggregation": True, "strategy.name": "fedmedian"})
     secure_fairness = {"strategy.secure-aggregation": True, "fairness.enabled": True}
     RunConfig.from_flat({**secure_fairness, "fairness.ewc-lambda": 1.0, "fairness.fisher": "public"})
-    for key, value, match in [("fairness.arw", True, "fairness.arw with"),
-                              ("fairness.targeted-rounds", 1, "fairness.targeted-rounds with"),
-                              ("fairness.ewc-lambda", 1.0, "fairness.fisher=federated with")]:
+    for key, value, match in [
+        ("fairness.arw", True, "fairness.arw with"),
+        ("fairness.targeted-rounds", 1, "fairness.targeted-rounds with"),
+        ("fairness.ewc-lambda", 1.0, "fairness.fisher=federated with"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             RunConfig.from_flat({**secure_fairness, "num-server-rounds": 3, key: value})
     with pytest.raises(ConfigError, match="reconstruction-threshold"):
@@ -181,8 +206,13 @@ def test_config_refuses_what_secagg_cannot_do() -> None:
 
 # --- the fairness phases under SecAgg+ ---------------------------------------------------------------------
 
-SECURE_FAIRNESS = {"strategy.secure-aggregation": True, "fairness.enabled": True, "fairness.num-cohorts": 2,
-                   "fairness.kmeans-iterations": 2, "fairness.embedder-steps": 8}
+SECURE_FAIRNESS = {
+    "strategy.secure-aggregation": True,
+    "fairness.enabled": True,
+    "fairness.num-cohorts": 2,
+    "fairness.kmeans-iterations": 2,
+    "fairness.embedder-steps": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +242,9 @@ def test_fairness_phases_under_secagg_sum_what_the_plain_phases_sum(fair_workdir
     # The reference: the plain protocol's math over the survivors' embeddings, from the same initial centroids.
     prepared = prepare(cfg, progress=False)
     embedder = load_speaker_embedder(speaker_embedder_path(prepared.artifacts, cfg))
-    public = public_embeddings(embedder, prepared.split.public, prepared.corpus.by_speaker(),
-                               FeatureCache(prepared.corpus, prepared.cmvn))
+    public = public_embeddings(
+        embedder, prepared.split.public, prepared.corpus.by_speaker(), FeatureCache(prepared.corpus, prepared.cmvn)
+    )
     embeddings = np.stack([_device_embedding(cfg, n) for n in survivors])
     expected = federated_kmeans(list(embeddings), init_centroids(public, 2, seed=cfg.train.seed), iterations=2)
     step = quantization_step(cfg.secagg) * cfg.secagg.max_weight  # one summand's quantization step
@@ -250,8 +281,11 @@ def test_a_federated_round_with_fairness_under_secagg(fair_workdir: Path) -> Non
     """The whole round loop (server/workflow.py) with cohort discovery, EWC (public Fisher) and the
     disaggregated evaluation under SecAgg+: per-cohort counts pool to the devices' own counts, and no device's
     k-means statistics, per-cohort counts or update leave it in plain."""
-    cfg = _cfg(fair_workdir, **SECURE_FAIRNESS, **{"num-server-rounds": 1, "fairness.ewc-lambda": 1.0,
-                                                   "fairness.fisher": "public", "run-id": "secure-fairness"})
+    cfg = _cfg(
+        fair_workdir,
+        **SECURE_FAIRNESS,
+        **{"num-server-rounds": 1, "fairness.ewc-lambda": 1.0, "fairness.fisher": "public", "run-id": "secure-fairness"},
+    )
     grid = SecAggGrid(cfg)
     run_dir = run_federation(grid, cfg)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -271,13 +305,20 @@ def test_a_device_that_requires_secagg_refuses_plain_fairness_vectors(fair_workd
     cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
     grid = SecAggGrid(cfg)
     centroids = ArrayRecord({"centroids": Array(np.zeros((2, 8)))})
-    kmeans = [Message(RecordDict({p.CENTROIDS: centroids, "config": ConfigRecord({"server-round": 0})}),
-                      dst_node_id=node, message_type=p.KMEANS_QUERY) for node in grid.get_node_ids()]
+    kmeans = [
+        Message(
+            RecordDict({p.CENTROIDS: centroids, "config": ConfigRecord({"server-round": 0})}),
+            dst_node_id=node,
+            message_type=p.KMEANS_QUERY,
+        )
+        for node in grid.get_node_ids()
+    ]
     replies = grid.send_and_receive(kmeans)
     assert replies and all(r.has_error() and "SecureAggregationRequired" in r.error.reason for r in replies)
 
 
 # --- the audit of SecAgg+ replies ---------------------------------------------------------------------------
+
 
 def _collect_request() -> SecAggRequest:
     arrays = ArrayRecord({"w": torch.zeros(2, 3)})
@@ -289,11 +330,13 @@ def _collect_reply(**override: Any) -> RecordDict:
     from flwr.common import ndarray_to_bytes
 
     masked = [ndarray_to_bytes(np.array([5], dtype=np.int64)), ndarray_to_bytes(np.full((2, 3), 7, dtype=np.int64))]
-    content = {RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: masked}),
-               "fitres.parameters": ArrayRecord(),
-               "fitres.num_examples": MetricRecord({"num_examples": 5}),
-               "fitres.metrics": ConfigRecord({"train-loss": 1.5, "num-examples": 5}),
-               "fitres.status": ConfigRecord({"code": 0, "message": ""})}
+    content = {
+        RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: masked}),
+        "fitres.parameters": ArrayRecord(),
+        "fitres.num_examples": MetricRecord({"num_examples": 5}),
+        "fitres.metrics": ConfigRecord({"train-loss": 1.5, "num-examples": 5}),
+        "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+    }
     content.update(override)
     return RecordDict(content)
 
@@ -317,17 +360,31 @@ def test_audit_allows_a_masked_update_and_nothing_more() -> None:
 def test_audit_checks_keys_and_share_destinations() -> None:
     setup = SecAggRequest(Stage.SETUP, {}, None)
     with pytest.raises(PrivacyViolation, match="public key"):
-        audit_secagg_reply(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
-            {Key.PUBLIC_KEY_1: b"remind me to call", Key.PUBLIC_KEY_2: b"x"})}), setup)
+        audit_secagg_reply(
+            RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.PUBLIC_KEY_1: b"remind me to call", Key.PUBLIC_KEY_2: b"x"})}),
+            setup,
+        )
     share = SecAggRequest(Stage.SHARE_KEYS, {"3": [b"a", b"b"], "5": [b"c", b"d"]}, None)
-    audit_secagg_reply(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
-        {Key.DESTINATION_LIST: [3, 5], Key.CIPHERTEXT_LIST: [b"1" * 64, b"2" * 64]})}), share)
+    audit_secagg_reply(
+        RecordDict(
+            {RECORD_KEY_CONFIGS: ConfigRecord({Key.DESTINATION_LIST: [3, 5], Key.CIPHERTEXT_LIST: [b"1" * 64, b"2" * 64]})}
+        ),
+        share,
+    )
     with pytest.raises(PrivacyViolation, match="neighbours"):
-        audit_secagg_reply(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
-            {Key.DESTINATION_LIST: [3, 9], Key.CIPHERTEXT_LIST: [b"1" * 64, b"2" * 64]})}), share)
+        audit_secagg_reply(
+            RecordDict(
+                {RECORD_KEY_CONFIGS: ConfigRecord({Key.DESTINATION_LIST: [3, 9], Key.CIPHERTEXT_LIST: [b"1" * 64, b"2" * 64]})}
+            ),
+            share,
+        )
     with pytest.raises(PrivacyViolation, match="unequal"):
-        audit_secagg_reply(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
-            {Key.DESTINATION_LIST: [3, 5], Key.CIPHERTEXT_LIST: [b"1" * 64, b"2" * 65]})}), share)
+        audit_secagg_reply(
+            RecordDict(
+                {RECORD_KEY_CONFIGS: ConfigRecord({Key.DESTINATION_LIST: [3, 5], Key.CIPHERTEXT_LIST: [b"1" * 64, b"2" * 65]})}
+            ),
+            share,
+        )
 
 
 # --- the Ray simulation -----------------------------------------------------------------------------------------
@@ -344,8 +401,11 @@ def _device_app(flat: dict[str, Any]):  # type: ignore[no-untyped-def]
 
     def forward(msg: Message, context: Context) -> Message:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        if (int(context.node_config["partition-id"]) == DROPOUT and configs is not None
-                and configs[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS):
+        if (
+            int(context.node_config["partition-id"]) == DROPOUT
+            and configs is not None
+            and configs[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS
+        ):
             raise ConnectionError("simulated dropout after the key exchange")
         return client_app.app(msg, with_run_config(context, flat))
 
@@ -368,17 +428,26 @@ def simulate_secagg(flat: dict[str, Any]) -> None:
     def main(grid: Grid, context: Context) -> None:
         run_federation(grid, cfg)
 
-    run_simulation(server_app=server_app, client_app=_device_app(flat), num_supernodes=DEVICES,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "num_gpus": 0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=_device_app(flat),
+        num_supernodes=DEVICES,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @needs_espeak
 def test_secagg_round_with_a_dropout_in_the_ray_simulation(tmp_path: Path) -> None:
-    flat = {**TINY_RUN, "num-server-rounds": 1, "workdir": str(tmp_path), "run-id": "secagg",
-            "strategy.secure-aggregation": True, "strategy.min-train-nodes": 3}
+    flat = {
+        **TINY_RUN,
+        "num-server-rounds": 1,
+        "workdir": str(tmp_path),
+        "run-id": "secagg",
+        "strategy.secure-aggregation": True,
+        "strategy.min-train-nodes": 3,
+    }
     code = f"from tests.test_secagg import simulate_secagg; simulate_secagg({flat!r})"
     returncode, output, _ = run_marked(code, name="secagg", env={"FLWR_HOME": str(tmp_path / ".flwr")})
     assert returncode == 0, output[-5000:]
@@ -398,4 +467,3 @@ def test_secagg_round_with_a_dropout_in_the_ray_simulation(tmp_path: Path) -> No
     error, bound = _max_error(secure, plain), _tolerance(cfg, weights)
     print(f"Ray SecAgg+ vs FedAvg of the survivors: max |difference| {error:.3g}, bound {bound:.3g}")
     assert error <= bound
-

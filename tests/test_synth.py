@@ -54,9 +54,17 @@ def test_grammar_covers_every_intent() -> None:
     text = " ".join(sample_sentences(5_000, seed=1))
     # One phrase only that intent's templates produce.
     marker = {
-        "lights": "lights", "timer": "timer", "alarm": "alarm", "music": "play", "volume": "volume",
-        "weather": "weather", "shopping": "list", "call": "call", "message": "message",
-        "reminder": "remind", "thermostat": "degrees",
+        "lights": "lights",
+        "timer": "timer",
+        "alarm": "alarm",
+        "music": "play",
+        "volume": "volume",
+        "weather": "weather",
+        "shopping": "list",
+        "call": "call",
+        "message": "message",
+        "reminder": "remind",
+        "thermostat": "degrees",
     }
     assert set(marker) == set(INTENTS)
     for intent, phrase in marker.items():
@@ -197,9 +205,7 @@ def test_narrowband_devices_have_no_energy_above_4_khz() -> None:
 
     # Above the 4.0-4.5 kHz transition band of the 8 kHz resampler's anti-aliasing filter.
     def share_above_4_khz(sample_rate: int) -> float:
-        device = dataclasses.replace(
-            speaker.device, sample_rate=sample_rate, mic_low_hz=100, mic_high_hz=7_000, snr_db=20.0
-        )
+        device = dataclasses.replace(speaker.device, sample_rate=sample_rate, mic_low_hz=100, mic_high_hz=7_000, snr_db=20.0)
         audio = render_utterance(dataclasses.replace(speaker, device=device), text, noise_seed=0)
         frequencies, power = welch(audio, fs=SAMPLE_RATE, nperseg=1_024)
         return float(power[frequencies > 4_500].sum() / power.sum())

@@ -85,8 +85,9 @@ def test_round_trip(trained: tuple[Tokenizer, Path], sentences: list[str]) -> No
         assert tokenizer.decode(ids) == normalize_text(sentence)
 
 
-def test_training_is_deterministic_and_load_matches(trained: tuple[Tokenizer, Path], sentences: list[str],
-                                                    tmp_path: Path) -> None:
+def test_training_is_deterministic_and_load_matches(
+    trained: tuple[Tokenizer, Path], sentences: list[str], tmp_path: Path
+) -> None:
     _, first_path = trained
     second = Tokenizer.train(sentences, tmp_path / "again.model")
     assert (tmp_path / "again.model").read_bytes() == first_path.read_bytes()
@@ -98,8 +99,17 @@ def test_encode_rejects_characters_the_model_lacks(tmp_path: Path) -> None:
     # A model trained outside Tokenizer.train, on only a, b and c: d, o, g map to <unk>.
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(["abc cab bca"] * 20), model_writer=model, model_type="unigram", vocab_size=7,
-        character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
+        sentence_iterator=iter(["abc cab bca"] * 20),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=7,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        minloglevel=2,
+    )
     (tmp_path / "abc.model").write_bytes(model.getvalue())
     tokenizer = Tokenizer.load(tmp_path / "abc.model")
     assert tokenizer.decode(tokenizer.encode("cab")) == "cab"
@@ -120,8 +130,9 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_load_rejects_models_with_bos_eos(tmp_path: Path) -> None:
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(["abc cab bca"] * 20), model_writer=model,
-                                             model_type="unigram", vocab_size=9, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["abc cab bca"] * 20), model_writer=model, model_type="unigram", vocab_size=9, minloglevel=2
+    )
     (tmp_path / "default.model").write_bytes(model.getvalue())
     with pytest.raises(TokenizerError, match="default.model: special ids .*expected unk_id=0 and no bos/eos/pad"):
         Tokenizer.load(tmp_path / "default.model")

@@ -76,8 +76,7 @@ def test_average_keeps_the_last_checkpoints_and_writes_their_mean(cfg: RunConfig
         torch.testing.assert_close(value, (four[key] + six[key]) / 2 if value.is_floating_point() else six[key])
 
     out = tmp_path / "cli-average.pt"  # `chorus model average` writes the same mean
-    result = CliRunner().invoke(app, ["model", "average", str(ckpts / "step4.pt"), str(ckpts / "step6.pt"),
-                                      "--out", str(out)])
+    result = CliRunner().invoke(app, ["model", "average", str(ckpts / "step4.pt"), str(ckpts / "step6.pt"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert all(torch.equal(load_checkpoint(out).state_dict[k], averaged.state_dict[k]) for k in four)
     other_cfg = RunConfig.from_flat({**TINY_RUN, "model.d-model": 96}).model
@@ -111,5 +110,4 @@ def test_checkpoints_carry_their_front_end_and_runs_that_start_from_one_use_it(c
     prepared = prepare(other, progress=False)
     assert prepared.tokenizer.model_proto == frontend.tokenizer.model_proto
     assert (prepared.cmvn.std == frontend.cmvn.std).all()
-    assert prepared.artifacts != prepare(replace(other, model=replace(other.model, init_checkpoint="")),
-                                         progress=False).artifacts
+    assert prepared.artifacts != prepare(replace(other, model=replace(other.model, init_checkpoint="")), progress=False).artifacts

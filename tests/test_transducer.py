@@ -14,9 +14,7 @@ from opacus.validators import ModuleValidator
 from shared.models.transducer import StatelessPredictor, StreamState, Transducer, TransducerConfig
 from shared.models.transformer import CausalTransformerEncoder, TransformerConfig
 
-TINY_ENCODER = TransformerConfig(
-    input_dim=16, d_model=32, num_heads=2, ffn_dim=64, num_layers=2, left_context=8, dropout=0.0
-)
+TINY_ENCODER = TransformerConfig(input_dim=16, d_model=32, num_heads=2, ffn_dim=64, num_layers=2, left_context=8, dropout=0.0)
 TINY = TransducerConfig(vocab_size=5, pred_dim=32, joint_dim=32)
 
 
@@ -111,8 +109,7 @@ def test_batched_greedy_equals_greedy_per_utterance() -> None:
     feats, feat_lens = torch.randn(3, 70, TINY_ENCODER.input_dim), torch.tensor([70, 45, 6])
     batched = model.greedy_search(feats, feat_lens)
     singles = [
-        model.greedy_search(feats[b : b + 1, : int(length)], feat_lens[b : b + 1])[0]
-        for b, length in enumerate(feat_lens)
+        model.greedy_search(feats[b : b + 1, : int(length)], feat_lens[b : b + 1])[0] for b, length in enumerate(feat_lens)
     ]
     assert batched == singles
     assert batched[2] == []  # 6 input frames give no encoder frame

@@ -17,16 +17,34 @@ from client.verification import Enrollment, VerificationError, enroll, verify
 from shared.data.corpora import load_corpus
 from shared.data.synth import synthesize
 from shared.federated_verification import DeviceRecipe, device_pair_loss
-from shared.fairness.pairwise_arw import (PairwiseRecipe, cluster_ids, pair_losses, pair_weights, same_speaker,
-                                          train_pairwise, weighted_pair_loss)
+from shared.fairness.pairwise_arw import (
+    PairwiseRecipe,
+    cluster_ids,
+    pair_losses,
+    pair_weights,
+    same_speaker,
+    train_pairwise,
+    weighted_pair_loss,
+)
 from shared.metrics import equal_error_rate, min_dcf, threshold_at_far
 from shared.models.checkpoint import shipped_manifest
 from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingConfig, SpeakerEmbeddingError
 from shared.models.speaker_embedding import load_verifier, shipped_verifier, train_speaker_embedding
 from shared.privacy.audit import audit_reply
 from simulations.cli import app
-from simulations.eval_verification import (FULL, Federation, FederatedPlan, _device_dirs, _features, _public_features,
-                                           evaluate_verification, federate, make_trials, score_trials, split_speakers)
+from simulations.eval_verification import (
+    FULL,
+    Federation,
+    FederatedPlan,
+    _device_dirs,
+    _features,
+    _public_features,
+    evaluate_verification,
+    federate,
+    make_trials,
+    score_trials,
+    split_speakers,
+)
 from tests.conftest import needs_espeak
 
 FEATURES = 16
@@ -79,7 +97,7 @@ def _grouped_speakers(seed: int, speakers: int = 12, utterances: int = 8) -> tup
         for _ in range(utterances):
             x = rng.normal(size=(int(rng.integers(60, 120)), FEATURES))
             x[:, : FEATURES // 2] += offset
-            x[:, FEATURES // 2:] += 4.0 * group
+            x[:, FEATURES // 2 :] += 4.0 * group
             feats.append(x.astype(np.float32))
             labels.append(f"s{seed}-{speaker}")
             groups.append(group)
@@ -102,8 +120,9 @@ def pretrained() -> SpeakerEmbedder:
 def test_pairwise_training_separates_unseen_speakers(pretrained: SpeakerEmbedder) -> None:
     feats, labels, _ = _grouped_speakers(seed=1)
     unseen, unseen_labels, _ = _grouped_speakers(seed=2)
-    recipe = PairwiseRecipe(steps=60, speakers_per_batch=6, utterances_per_speaker=3, crop_frames=50, lr=2e-3,
-                            clusters=2, warmup=10)
+    recipe = PairwiseRecipe(
+        steps=60, speakers_per_batch=6, utterances_per_speaker=3, crop_frames=50, lr=2e-3, clusters=2, warmup=10
+    )
     before = _eer(pretrained, unseen, unseen_labels)
     model, history = train_pairwise(pretrained, feats, labels, recipe)
     assert _eer(model, unseen, unseen_labels) < before
@@ -114,8 +133,17 @@ def test_pairwise_training_separates_unseen_speakers(pretrained: SpeakerEmbedder
 
 def test_arw_upweights_the_cluster_served_worst(pretrained: SpeakerEmbedder) -> None:
     feats, labels, groups = _grouped_speakers(seed=1)
-    recipe = PairwiseRecipe(steps=80, speakers_per_batch=6, utterances_per_speaker=3, crop_frames=50, lr=2e-3,
-                            clusters=2, warmup=10, arw=True, adversary_lr=5e-2)
+    recipe = PairwiseRecipe(
+        steps=80,
+        speakers_per_batch=6,
+        utterances_per_speaker=3,
+        crop_frames=50,
+        lr=2e-3,
+        clusters=2,
+        warmup=10,
+        arw=True,
+        adversary_lr=5e-2,
+    )
     clusters = cluster_ids(pretrained, feats, clusters=2, seed=recipe.seed)
     hard_cluster = int(np.bincount(clusters[np.array(groups) == 1], minlength=2).argmax())
     assert (clusters[np.array(groups) == 1] == hard_cluster).mean() > 0.9  # k-means found the groups
@@ -141,8 +169,7 @@ def test_trials_are_balanced_and_never_test_an_enrollment_utterance() -> None:
 @pytest.fixture(scope="module")
 def unseen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 synthetic speakers of a population seed no verifier trained on (only tests marked needs_espeak use it)."""
-    return synthesize(tmp_path_factory.mktemp("sv") / "corpus", speakers=16, utterances=6, seed=321, workers=2,
-                      progress=False)
+    return synthesize(tmp_path_factory.mktemp("sv") / "corpus", speakers=16, utterances=6, seed=321, workers=2, progress=False)
 
 
 @needs_espeak
@@ -162,24 +189,30 @@ def test_device_enrolls_and_verifies_its_user(unseen: Path, tmp_path: Path) -> N
     user = [line for line in lines if line["speaker"] == lines[0]["speaker"]]
     device = tmp_path / "device"
     device.mkdir()
-    (device / "manifest.jsonl").write_text("".join(json.dumps({**line, "audio": str(unseen / line["audio"])}) + "\n"
-                                                   for line in user[:3]))
+    (device / "manifest.jsonl").write_text(
+        "".join(json.dumps({**line, "audio": str(unseen / line["audio"])}) + "\n" for line in user[:3])
+    )
     runner = CliRunner()
     done = runner.invoke(app, ["device", "enroll", "--data", str(device)])
     assert done.exit_code == 0, done.output
     enrollment = Enrollment.load(device / "enrollment.json")
     assert enrollment.utterances == 3
     own = [verify(unseen / line["audio"], enrollment, verifier_path=shipped_verifier()) for line in user[3:]]
-    others = [verify(unseen / line["audio"], enrollment, verifier_path=shipped_verifier())
-              for line in lines if line["speaker"] != user[0]["speaker"]]
+    others = [
+        verify(unseen / line["audio"], enrollment, verifier_path=shipped_verifier())
+        for line in lines
+        if line["speaker"] != user[0]["speaker"]
+    ]
     assert min(d.score for d in own) > np.median([d.score for d in others])
     assert np.mean([d.accepted for d in others]) <= 0.1
-    said = runner.invoke(app, ["device", "verify", str(unseen / user[4]["audio"]), "--enrollment",
-                               str(device / "enrollment.json")])
+    said = runner.invoke(
+        app, ["device", "verify", str(unseen / user[4]["audio"]), "--enrollment", str(device / "enrollment.json")]
+    )
     assert said.exit_code == 0 and said.output.startswith(("accept: score", "reject: score"))
     # Bad input: one line naming the culprit, exit 2.
-    missing = runner.invoke(app, ["device", "verify", str(tmp_path / "nope.wav"), "--enrollment",
-                                  str(device / "enrollment.json")])
+    missing = runner.invoke(
+        app, ["device", "verify", str(tmp_path / "nope.wav"), "--enrollment", str(device / "enrollment.json")]
+    )
     assert missing.exit_code == 2 and "nope.wav" in missing.output and len(missing.output.strip().splitlines()) == 1
     with pytest.raises(VerificationError, match="holds 16 speakers"):
         enroll(unseen, verifier_path=shipped_verifier())
@@ -195,8 +228,7 @@ def test_scores_are_cosines_with_the_enrolled_mean(unseen: Path) -> None:
     trials = make_trials(by_speaker, enroll=3, seed=0)
     scores = score_trials(verifier, trials, features)
     i = 7
-    enrolled = np.mean([verifier.embedder.embed(features[u]).numpy() for u in trials.enrollments[trials.speaker[i]]],
-                       axis=0)
+    enrolled = np.mean([verifier.embedder.embed(features[u]).numpy() for u in trials.enrollments[trials.speaker[i]]], axis=0)
     test = verifier.embedder.embed(features[trials.utterance[i]]).numpy()
     assert scores[i] == pytest.approx(float(enrolled @ test / np.linalg.norm(enrolled)), abs=1e-5)
 
@@ -233,8 +265,9 @@ def test_device_loss_averages_target_and_impostor_pairs_separately() -> None:
 
 def test_split_is_stratified_seeded_and_disjoint() -> None:
     speakers = [f"s{i:02d}" for i in range(20)]
-    attributes = {s: {"age_group": "child" if i < 8 else "adult", "gender": "f" if i % 2 else "m"}
-                  for i, s in enumerate(speakers)}
+    attributes = {
+        s: {"age_group": "child" if i < 8 else "adult", "gender": "f" if i % 2 else "m"} for i, s in enumerate(speakers)
+    }
     federated, test = split_speakers(speakers, attributes, share=0.5, seed=3)
     assert sorted(federated + test) == speakers and len(federated) == 10
     children = [s for s in federated if attributes[s]["age_group"] == "child"]
@@ -255,11 +288,19 @@ def federation(unseen: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     devices = _device_dirs(corpus, corpus.speakers()[8:14], tmp_path_factory.mktemp("devices"))
     verifier = load_verifier(shipped_verifier())
     assert verifier.cmvn is not None
-    plan = FederatedPlan(rounds=3, public_speakers=8, public_utterances=3, clusters=3,
-                         device=DeviceRecipe(local_steps=4, utterances_per_step=4, crop_frames=100, lr=1e-3))
+    plan = FederatedPlan(
+        rounds=3,
+        public_speakers=8,
+        public_utterances=3,
+        clusters=3,
+        device=DeviceRecipe(local_steps=4, utterances_per_step=4, crop_frames=100, lr=1e-3),
+    )
     public = _public_features(unseen, verifier.cmvn, plan)
-    return (federate(shipped_verifier(), devices, public, plan, arw=False),
-            federate(shipped_verifier(), devices, public, plan, arw=True), unseen)
+    return (
+        federate(shipped_verifier(), devices, public, plan, arw=False),
+        federate(shipped_verifier(), devices, public, plan, arw=True),
+        unseen,
+    )
 
 
 @needs_espeak
@@ -285,19 +326,26 @@ def test_device_handler_errors_leave_without_their_text(unseen: Path) -> None:
     from shared.federated_verification import embedder_state
     from simulations.harness import server_identity
 
-    content = RecordDict({"arrays": ArrayRecord(embedder_state(load_verifier(shipped_verifier()).embedder)),
-                          "config": ConfigRecord({**DeviceRecipe().to_config(), "server-round": 1})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(embedder_state(load_verifier(shipped_verifier()).embedder)),
+            "config": ConfigRecord({**DeviceRecipe().to_config(), "server-round": 1}),
+        }
+    )
     with server_identity():
         msg = Message(content, 1, "train")
-    reply = sv_app(msg, Context(run_id=1, node_id=1, node_config={"data-dir": str(unseen / "no-such-folder")},
-                                state=RecordDict(), run_config={}))
+    reply = sv_app(
+        msg,
+        Context(run_id=1, node_id=1, node_config={"data-dir": str(unseen / "no-such-folder")}, state=RecordDict(), run_config={}),
+    )
     assert reply.has_error() and "no-such-folder" not in reply.error.reason
     assert "raised VerificationError" in reply.error.reason
 
 
 @needs_espeak
 def test_federated_fine_tuning_learns_the_device_speakers_without_collapsing_them(
-        federation: tuple[Federation, Federation, Path]) -> None:
+    federation: tuple[Federation, Federation, Path],
+) -> None:
     """What the devices teach the global model, measured on the 6 device speakers' utterances: their same-speaker
     cosine rises (each device's positives survive FedAvg), the devices' loss falls from round 1 to round 3 (the
     aggregate improves every device's own objective), and different device speakers stay far apart (positives
@@ -322,8 +370,10 @@ def test_federated_fine_tuning_learns_the_device_speakers_without_collapsing_the
     target_before, _ = cosines(verifier.embedder)
     for run in (plain, arw):
         target, impostor = cosines(run.embedder)
-        print(f"same-speaker cosine {target_before:.3f} -> {target:.3f}, different {impostor:.3f}, "
-              f"round losses {[r['train_loss'] for r in run.rounds]}")
+        print(
+            f"same-speaker cosine {target_before:.3f} -> {target:.3f}, different {impostor:.3f}, "
+            f"round losses {[r['train_loss'] for r in run.rounds]}"
+        )
         assert target > target_before + 0.01
         assert impostor < 0.3  # far from a collapse (cosine 1)
         assert run.rounds[-1]["train_loss"] < run.rounds[0]["train_loss"]

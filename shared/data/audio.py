@@ -54,8 +54,7 @@ def probe_audio(path: Path | str, *, sample_rate: int = SAMPLE_RATE, resample: b
         info = soundfile.info(str(path))
     except (soundfile.SoundFileError, RuntimeError) as error:
         raise AudioError(f"{path}: unreadable audio file ({error})") from error
-    _check_header(path, native_rate=info.samplerate, num_frames=info.frames, sample_rate=sample_rate,
-                  resample=resample)
+    _check_header(path, native_rate=info.samplerate, num_frames=info.frames, sample_rate=sample_rate, resample=resample)
     return int(info.samplerate)
 
 
@@ -84,8 +83,7 @@ def load_audio(path: Path | str, *, sample_rate: int = SAMPLE_RATE, resample: bo
         with soundfile.SoundFile(str(path)) as audio_file:
             native_rate = audio_file.samplerate
             # The header check runs before decoding, so a wrong-rate file costs no decoding work.
-            _check_header(path, native_rate=native_rate, num_frames=audio_file.frames, sample_rate=sample_rate,
-                          resample=resample)
+            _check_header(path, native_rate=native_rate, num_frames=audio_file.frames, sample_rate=sample_rate, resample=resample)
             samples = audio_file.read(dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as error:
         raise AudioError(f"{path}: unreadable audio file ({error})") from error

@@ -155,12 +155,20 @@ def load_corpus(path: Path | str, *, validate: bool = True) -> Corpus:
     else:
         found_kaldi = [name for name in _KALDI_FILES if (root / name).is_file()]
         partial = f" (found only {', '.join(found_kaldi)})" if found_kaldi else ""
-        raise CorpusError(f"{root}: unknown corpus layout: looked for {MANIFEST_FILE}, the Kaldi files "
-                          f"{' + '.join(_KALDI_FILES)}{partial}, or a {_FSDD_DIR}/ directory of FSDD wav files")
+        raise CorpusError(
+            f"{root}: unknown corpus layout: looked for {MANIFEST_FILE}, the Kaldi files "
+            f"{' + '.join(_KALDI_FILES)}{partial}, or a {_FSDD_DIR}/ directory of FSDD wav files"
+        )
     if skipped:
         first_entry, first_reason = skipped[0]
-        _logger.warning("%s: skipped %d of %d entries (first: %s: %s)", root, len(skipped),
-                        len(utterances) + len(skipped), first_entry, first_reason)
+        _logger.warning(
+            "%s: skipped %d of %d entries (first: %s: %s)",
+            root,
+            len(skipped),
+            len(utterances) + len(skipped),
+            first_entry,
+            first_reason,
+        )
     return Corpus(name=root.name, root=root, utterances=utterances, skipped=skipped)
 
 
@@ -188,8 +196,9 @@ def read_speakers_tsv(root: Path | str) -> dict[str, dict[str, str]]:
             continue
         if len(row) != len(header):
             line = "\t".join(row)
-            raise CorpusError(f"{tsv_path}:{line_number}: {len(row)} columns, expected {len(header)} "
-                              f"({', '.join(header)}): {line!r}")
+            raise CorpusError(
+                f"{tsv_path}:{line_number}: {len(row)} columns, expected {len(header)} ({', '.join(header)}): {line!r}"
+            )
         if row[0] in attributes:
             raise CorpusError(f"{tsv_path}:{line_number}: speaker {row[0]!r} listed twice")
         attributes[row[0]] = dict(zip(header[1:], row[1:]))
@@ -207,8 +216,9 @@ class _EntryCollector:
         self.utterances: list[Utterance] = []
         self.skipped: list[tuple[str, str]] = []
 
-    def add(self, *, utterance_id: str, speaker: str, audio: Path, raw_text: str, declared_rate: int,
-            rate_is_declared: bool) -> None:
+    def add(
+        self, *, utterance_id: str, speaker: str, audio: Path, raw_text: str, declared_rate: int, rate_is_declared: bool
+    ) -> None:
         """Add one entry, or record why it was skipped.
 
         ``rate_is_declared``: the layout states the file's rate (manifest), so a header that disagrees makes
@@ -226,8 +236,7 @@ class _EntryCollector:
             except AudioError as error:
                 self.skipped.append((utterance_id, str(error)))
                 return
-        self.utterances.append(Utterance(id=utterance_id, speaker=speaker, audio=audio, text=text,
-                                         sample_rate=sample_rate))
+        self.utterances.append(Utterance(id=utterance_id, speaker=speaker, audio=audio, text=text, sample_rate=sample_rate))
 
 
 def _load_manifest(root: Path, *, validate: bool) -> _Entries:
@@ -258,15 +267,22 @@ def _load_manifest(root: Path, *, validate: bool) -> _Entries:
         if entry["id"] in seen_lines:
             raise fail(f"duplicate id {entry['id']!r} (first on line {seen_lines[entry['id']]})")
         seen_lines[entry["id"]] = line_number
-        collector.add(utterance_id=entry["id"], speaker=entry["speaker"], audio=root / entry["audio"],
-                      raw_text=entry["text"], declared_rate=entry["sample_rate"], rate_is_declared=True)
+        collector.add(
+            utterance_id=entry["id"],
+            speaker=entry["speaker"],
+            audio=root / entry["audio"],
+            raw_text=entry["text"],
+            declared_rate=entry["sample_rate"],
+            rate_is_declared=True,
+        )
     return collector.utterances, collector.skipped
 
 
 def _load_kaldi(root: Path, *, validate: bool) -> _Entries:
     if (root / "segments").exists():
-        raise CorpusError(f"{root / 'segments'}: Kaldi segments files are not supported; cut the recordings "
-                          "into one file per utterance")
+        raise CorpusError(
+            f"{root / 'segments'}: Kaldi segments files are not supported; cut the recordings into one file per utterance"
+        )
     transcripts = _read_kaldi_table(root / "text", allow_empty_value=True)
     speakers = _read_kaldi_table(root / "utt2spk")
     audio_paths = _read_kaldi_table(root / "wav.scp", reject_pipes=True)
@@ -274,14 +290,20 @@ def _load_kaldi(root: Path, *, validate: bool) -> _Entries:
     for utterance_id, (raw_text, line_number, line) in transcripts.items():
         for table, name in ((audio_paths, "wav.scp"), (speakers, "utt2spk")):
             if utterance_id not in table:
-                raise _line_error(root / "text", line_number, line)(
-                    f"utterance {utterance_id!r} is not in {root / name}")
+                raise _line_error(root / "text", line_number, line)(f"utterance {utterance_id!r} is not in {root / name}")
         speaker = speakers[utterance_id][0]
-        collector.add(utterance_id=utterance_id, speaker=speaker, audio=root / audio_paths[utterance_id][0],
-                      raw_text=raw_text, declared_rate=SAMPLE_RATE, rate_is_declared=False)
+        collector.add(
+            utterance_id=utterance_id,
+            speaker=speaker,
+            audio=root / audio_paths[utterance_id][0],
+            raw_text=raw_text,
+            declared_rate=SAMPLE_RATE,
+            rate_is_declared=False,
+        )
     for utterance_id in [key for key in audio_paths if key not in transcripts]:
-        collector.skipped.append((utterance_id, f"{root / 'wav.scp'}: utterance {utterance_id!r} has no "
-                                                f"transcript in {root / 'text'}"))
+        collector.skipped.append(
+            (utterance_id, f"{root / 'wav.scp'}: utterance {utterance_id!r} has no transcript in {root / 'text'}")
+        )
     return collector.utterances, collector.skipped
 
 
@@ -290,19 +312,24 @@ def _load_fsdd(root: Path, *, validate: bool) -> _Entries:
     for audio in sorted((root / _FSDD_DIR).glob("*.wav")):
         match = _FSDD_NAME.fullmatch(audio.name)
         if match is None:
-            collector.skipped.append((str(audio), f"{audio}: file name does not match "
-                                                  "{digit}_{speaker}_{index}.wav"))
+            collector.skipped.append((str(audio), f"{audio}: file name does not match {{digit}}_{{speaker}}_{{index}}.wav"))
             continue
-        collector.add(utterance_id=audio.stem, speaker=match["speaker"], audio=audio,
-                      raw_text=_DIGIT_WORDS[int(match["digit"])], declared_rate=_FSDD_SAMPLE_RATE,
-                      rate_is_declared=False)
+        collector.add(
+            utterance_id=audio.stem,
+            speaker=match["speaker"],
+            audio=audio,
+            raw_text=_DIGIT_WORDS[int(match["digit"])],
+            declared_rate=_FSDD_SAMPLE_RATE,
+            rate_is_declared=False,
+        )
     if not collector.utterances and not collector.skipped:
         raise CorpusError(f"{root / _FSDD_DIR}: no .wav recordings found")
     return collector.utterances, collector.skipped
 
 
-def _read_kaldi_table(path: Path, *, allow_empty_value: bool = False,
-                      reject_pipes: bool = False) -> dict[str, tuple[str, int, str]]:
+def _read_kaldi_table(
+    path: Path, *, allow_empty_value: bool = False, reject_pipes: bool = False
+) -> dict[str, tuple[str, int, str]]:
     """``{utterance id: (value, line number, line)}`` from a ``key value`` Kaldi file.
 
     ``text`` values run to the end of the line; other tables take exactly one value field.
@@ -335,4 +362,3 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def _line_error(path: Path, line_number: int, line: str) -> Callable[[str], CorpusError]:
     return lambda problem: CorpusError(f"{path}:{line_number}: {problem}: {line!r}")
-

@@ -71,8 +71,13 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on ``device``."""
-        return Batch(feats=self.feats.to(device), feat_lens=self.feat_lens.to(device),
-                     targets=self.targets.to(device), target_lens=self.target_lens.to(device), ids=list(self.ids))
+        return Batch(
+            feats=self.feats.to(device),
+            feat_lens=self.feat_lens.to(device),
+            targets=self.targets.to(device),
+            target_lens=self.target_lens.to(device),
+            ids=list(self.ids),
+        )
 
 
 class FeatureCache:
@@ -190,7 +195,7 @@ def make_batches(
     rng = random.Random(seed)
     if shuffle:
         rng.shuffle(examples)
-        pools = [examples[start:start + _POOL_SIZE] for start in range(0, len(examples), _POOL_SIZE)]
+        pools = [examples[start : start + _POOL_SIZE] for start in range(0, len(examples), _POOL_SIZE)]
     else:
         pools = [examples]
     groups: list[list[tuple[Utterance, np.ndarray, list[int]]]] = []
@@ -203,8 +208,9 @@ def make_batches(
     return [_collate(group) for group in groups]
 
 
-def _cut_by_budget(sorted_examples: list[tuple[Utterance, np.ndarray, list[int]]],
-                   max_frames: int) -> list[list[tuple[Utterance, np.ndarray, list[int]]]]:
+def _cut_by_budget(
+    sorted_examples: list[tuple[Utterance, np.ndarray, list[int]]], max_frames: int
+) -> list[list[tuple[Utterance, np.ndarray, list[int]]]]:
     """Consecutive groups of length-sorted examples, each with ``len(group) * longest <= max_frames``."""
     groups: list[list[tuple[Utterance, np.ndarray, list[int]]]] = []
     current: list[tuple[Utterance, np.ndarray, list[int]]] = []
@@ -227,8 +233,12 @@ def _collate(group: list[tuple[Utterance, np.ndarray, list[int]]]) -> Batch:
     padded_feats = np.zeros((len(group), max(feat_lens), N_MELS), dtype=np.float32)
     padded_targets = np.zeros((len(group), max(target_lens)), dtype=np.int64)
     for row, (_, feats, targets) in enumerate(group):
-        padded_feats[row, :feats.shape[0]] = feats
-        padded_targets[row, :len(targets)] = targets
-    return Batch(feats=torch.from_numpy(padded_feats), feat_lens=torch.tensor(feat_lens, dtype=torch.int64),
-                 targets=torch.from_numpy(padded_targets),
-                 target_lens=torch.tensor(target_lens, dtype=torch.int64), ids=[utt.id for utt, _, _ in group])
+        padded_feats[row, : feats.shape[0]] = feats
+        padded_targets[row, : len(targets)] = targets
+    return Batch(
+        feats=torch.from_numpy(padded_feats),
+        feat_lens=torch.tensor(feat_lens, dtype=torch.int64),
+        targets=torch.from_numpy(padded_targets),
+        target_lens=torch.tensor(target_lens, dtype=torch.int64),
+        ids=[utt.id for utt, _, _ in group],
+    )

@@ -76,8 +76,10 @@ def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.nda
     """
     samples = _as_waveform(samples, sample_rate)
     if samples.shape[0] < FRAME_LENGTH:
-        raise FeatureError(f"audio of {samples.shape[0]} samples is too short for one frame: at least "
-                           f"{FRAME_LENGTH} samples ({1000 * FRAME_LENGTH // SAMPLE_RATE} ms) are needed")
+        raise FeatureError(
+            f"audio of {samples.shape[0]} samples is too short for one frame: at least "
+            f"{FRAME_LENGTH} samples ({1000 * FRAME_LENGTH // SAMPLE_RATE} ms) are needed"
+        )
     stream = StreamingFbank(sample_rate)
     return np.concatenate([stream.accept(samples), stream.finish()])
 
@@ -199,8 +201,7 @@ class GlobalCMVN:
             FeatureError: the last dimension is not ``F``.
         """
         if feats.ndim == 0 or feats.shape[-1] != N_MELS:
-            raise FeatureError(f"features of shape {feats.shape} cannot be normalized: last dimension must "
-                               f"be {N_MELS}")
+            raise FeatureError(f"features of shape {feats.shape} cannot be normalized: last dimension must be {N_MELS}")
         return ((feats - self.mean) / self.std).astype(np.float32)
 
     def to_json(self) -> str:
@@ -235,7 +236,8 @@ class GlobalCMVN:
         for name in ("mean", "std"):
             values = content[name]
             if not isinstance(values, list) or not all(
-                    isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in values
+            ):
                 raise FeatureError(f"{path}: '{name}' must be a list of numbers")
             if len(values) != N_MELS:
                 raise FeatureError(f"{path}: '{name}' has {len(values)} values, expected {N_MELS}")
@@ -294,8 +296,7 @@ def spec_augment(
 
     lengths = lengths.to(device=generator.device, dtype=torch.float64)
     max_band = torch.full((batch_size, 1), float(freq_width), dtype=torch.float64, device=generator.device)
-    freq_masked = _random_spans(max_band, torch.full_like(max_band, float(num_bins)), freq_masks, num_bins,
-                                generator)
+    freq_masked = _random_spans(max_band, torch.full_like(max_band, float(num_bins)), freq_masks, num_bins, generator)
     max_span = torch.floor(lengths * time_width_ratio)[:, None]
     time_masked = _random_spans(max_span, lengths[:, None], time_masks, max_frames, generator)
     valid = torch.arange(max_frames, device=generator.device)[None, :] < lengths[:, None]
@@ -303,15 +304,16 @@ def spec_augment(
     return feats.masked_fill(masked.to(feats.device), 0.0)
 
 
-def _random_spans(max_width: torch.Tensor, extent: torch.Tensor, count: int, size: int,
-                  generator: torch.Generator) -> torch.Tensor:
+def _random_spans(
+    max_width: torch.Tensor, extent: torch.Tensor, count: int, size: int, generator: torch.Generator
+) -> torch.Tensor:
     """``(B, size)`` boolean union of ``count`` spans per row, width ``U{0..max_width}`` inside ``[0, extent)``."""
     batch_size = max_width.shape[0]
     draw = (batch_size, count)
-    widths = torch.floor(torch.rand(draw, generator=generator, device=generator.device, dtype=torch.float64)
-                         * (max_width + 1))
-    starts = torch.floor(torch.rand(draw, generator=generator, device=generator.device, dtype=torch.float64)
-                         * (extent - widths + 1))
+    widths = torch.floor(torch.rand(draw, generator=generator, device=generator.device, dtype=torch.float64) * (max_width + 1))
+    starts = torch.floor(
+        torch.rand(draw, generator=generator, device=generator.device, dtype=torch.float64) * (extent - widths + 1)
+    )
     positions = torch.arange(size, device=generator.device, dtype=torch.float64)[None, None, :]
     inside = (positions >= starts[..., None]) & (positions < (starts + widths)[..., None])
     return inside.any(dim=1)
@@ -330,8 +332,7 @@ def _fbank_options() -> knf.FbankOptions:
 
 def _check_sample_rate(sample_rate: int) -> None:
     if sample_rate != SAMPLE_RATE:
-        raise FeatureError(f"sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz: resample the audio "
-                           "when loading it")
+        raise FeatureError(f"sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz: resample the audio when loading it")
 
 
 def _as_waveform(samples: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -25,8 +25,18 @@ from shared.data.tokenizer import Tokenizer
 from shared.files import write_bytes_atomic, write_text_atomic
 from shared.models.checkpoint import Frontend, checkpoint_frontend, init_checkpoint_path
 
-__all__ = ["SpeakerSplit", "Prepared", "split_speakers", "prepare", "open_prepared", "corpus_dir",
-           "local_split", "artifact_dir", "speaker_embedder_path", "build_speaker_embedder"]
+__all__ = [
+    "SpeakerSplit",
+    "Prepared",
+    "split_speakers",
+    "prepare",
+    "open_prepared",
+    "corpus_dir",
+    "local_split",
+    "artifact_dir",
+    "speaker_embedder_path",
+    "build_speaker_embedder",
+]
 
 # How many public utterances estimate the global CMVN: plenty for 80 means and variances.
 _CMVN_UTTERANCES = 400
@@ -56,21 +66,27 @@ class Prepared:
     def speaker_for_partition(self, partition_id: int) -> str:
         """Simulation: node partition-id -> the one federated speaker whose device it plays."""
         if not 0 <= partition_id < len(self.split.federated):
-            raise PrepareError(f"partition-id {partition_id} is out of range: the corpus has "
-                               f"{len(self.split.federated)} federated speakers (0..{len(self.split.federated) - 1})")
+            raise PrepareError(
+                f"partition-id {partition_id} is out of range: the corpus has "
+                f"{len(self.split.federated)} federated speakers (0..{len(self.split.federated) - 1})"
+            )
         return self.split.federated[partition_id]
 
 
 def split_speakers(speakers: Sequence[str], *, public: int, heldout: int, seed: int) -> SpeakerSplit:
     """A seeded shuffle of the speakers, cut into public / held-out / federated."""
     if public < 1 or heldout < 1 or public + heldout >= len(speakers):
-        raise PrepareError(f"cannot split {len(speakers)} speakers into split.public-speakers={public}, "
-                           f"split.heldout-speakers={heldout} and at least one federated speaker")
+        raise PrepareError(
+            f"cannot split {len(speakers)} speakers into split.public-speakers={public}, "
+            f"split.heldout-speakers={heldout} and at least one federated speaker"
+        )
     order = sorted(speakers)
     random.Random(seed).shuffle(order)
-    return SpeakerSplit(public=tuple(sorted(order[:public])),
-                        heldout=tuple(sorted(order[public:public + heldout])),
-                        federated=tuple(sorted(order[public + heldout:])))
+    return SpeakerSplit(
+        public=tuple(sorted(order[:public])),
+        heldout=tuple(sorted(order[public : public + heldout])),
+        federated=tuple(sorted(order[public + heldout :])),
+    )
 
 
 def local_split(utterances: Sequence[Utterance], eval_fraction: float) -> tuple[list[Utterance], list[Utterance]]:
@@ -119,8 +135,7 @@ def speaker_embedder_path(artifacts: Path, cfg: RunConfig) -> Path:
     return artifacts / f"speaker-embedder-{cfg.fairness.embedder_steps}.pt"
 
 
-def build_speaker_embedder(cfg: RunConfig, corpus: Corpus, public: Sequence[str], cmvn: GlobalCMVN,
-                           artifacts: Path) -> Path:
+def build_speaker_embedder(cfg: RunConfig, corpus: Corpus, public: Sequence[str], cmvn: GlobalCMVN, artifacts: Path) -> Path:
     """Train the on-device speaker-embedding extractor (AAM-softmax) on the public speakers, once; the file
     travels to devices with the tokenizer and CMVN. Its embeddings never leave a device."""
     path = speaker_embedder_path(artifacts, cfg)
@@ -129,8 +144,9 @@ def build_speaker_embedder(cfg: RunConfig, corpus: Corpus, public: Sequence[str]
     from shared.models.speaker_embedding import collect_features, save_speaker_embedder, train_speaker_embedding
 
     by_speaker = corpus.by_speaker()
-    feats, speakers = collect_features([u for s in public for u in by_speaker.get(s, [])],
-                                       FeatureCache(corpus, cmvn, max_items=0))
+    feats, speakers = collect_features(
+        [u for s in public for u in by_speaker.get(s, [])], FeatureCache(corpus, cmvn, max_items=0)
+    )
     model = train_speaker_embedding(feats, speakers, steps=cfg.fairness.embedder_steps, seed=cfg.train.seed)
     return save_speaker_embedder(path, model)
 
@@ -142,15 +158,17 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
     if cfg.corpus == "synth":
         from shared.data.synth import synthesize  # espeak-ng is only needed for the default corpus
 
-        synthesize(root, speakers=cfg.synth.speakers, utterances=cfg.synth.utterances, seed=cfg.synth.seed,
-                   progress=progress)
+        synthesize(root, speakers=cfg.synth.speakers, utterances=cfg.synth.utterances, seed=cfg.synth.seed, progress=progress)
     corpus = load_corpus(root)
-    split = split_speakers(corpus.speakers(), public=cfg.split.public_speakers,
-                           heldout=cfg.split.heldout_speakers, seed=cfg.split.seed)
+    split = split_speakers(
+        corpus.speakers(), public=cfg.split.public_speakers, heldout=cfg.split.heldout_speakers, seed=cfg.split.seed
+    )
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(artifacts / "split.json", json.dumps({"public": split.public, "federated": split.federated,
-                                                            "heldout": split.heldout}, indent=1) + "\n")
+    write_text_atomic(
+        artifacts / "split.json",
+        json.dumps({"public": split.public, "federated": split.federated, "heldout": split.heldout}, indent=1) + "\n",
+    )
     by_speaker = corpus.by_speaker()
     public_utts = [u for s in split.public for u in by_speaker.get(s, [])]
 
@@ -159,8 +177,10 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
     frontend = checkpoint_frontend(init) if init is not None else None
     if frontend is not None:  # the starting model's own tokenizer and CMVN: a new one would not fit its weights
         if frontend.tokenizer.vocab_size != cfg.model.vocab_size:
-            raise PrepareError(f"model.init-checkpoint {init} has a {frontend.tokenizer.vocab_size}-piece tokenizer, "
-                               f"model.vocab-size is {cfg.model.vocab_size}")
+            raise PrepareError(
+                f"model.init-checkpoint {init} has a {frontend.tokenizer.vocab_size}-piece tokenizer, "
+                f"model.vocab-size is {cfg.model.vocab_size}"
+            )
         if not tok_path.exists():
             write_bytes_atomic(tok_path, frontend.tokenizer.model_proto)
         if not cmvn_path.exists():
@@ -190,10 +210,15 @@ def open_prepared(cfg: RunConfig) -> Prepared:
     tok_path, cmvn_path = _frontend_files(artifacts, cfg.model.vocab_size)
     for needed in (artifacts / "split.json", tok_path, cmvn_path):
         if not needed.exists():
-            raise PrepareError(f"{needed} is missing: run `chorus data prepare` (or let the server prepare) "
-                               f"for corpus {root} first")
+            raise PrepareError(
+                f"{needed} is missing: run `chorus data prepare` (or let the server prepare) for corpus {root} first"
+            )
     split_json = json.loads((artifacts / "split.json").read_text())
     split = SpeakerSplit(**{k: tuple(v) for k, v in split_json.items()})
-    return Prepared(corpus=load_corpus(root, validate=False), split=split, tokenizer=Tokenizer.load(tok_path),
-                    cmvn=GlobalCMVN.load(cmvn_path), artifacts=artifacts)
-
+    return Prepared(
+        corpus=load_corpus(root, validate=False),
+        split=split,
+        tokenizer=Tokenizer.load(tok_path),
+        cmvn=GlobalCMVN.load(cmvn_path),
+        artifacts=artifacts,
+    )

@@ -123,8 +123,18 @@ _IN_PROGRESS_FILE = "synth.partial.json"
 FORMAT_VERSION = 1
 PEAK_LEVEL = 0.9
 SPEAKER_COLUMNS = (
-    "speaker", "accent", "voice", "gender", "age_group", "pitch", "rate", "channel_rate",
-    "mic_low_hz", "mic_high_hz", "snr_db", "rt60_s",
+    "speaker",
+    "accent",
+    "voice",
+    "gender",
+    "age_group",
+    "pitch",
+    "rate",
+    "channel_rate",
+    "mic_low_hz",
+    "mic_high_hz",
+    "snr_db",
+    "rt60_s",
 )
 # Ids are fixed-width so that sorting them as strings sorts them by index.
 _MAX_SPEAKERS = 10_000
@@ -179,12 +189,15 @@ class AgeProfile:
 
 
 AGE_GROUPS: dict[str, AgeProfile] = {
-    "child": AgeProfile(0.15, pitch=(70, 95), rate_wpm=(120, 160), snr_shift_db=-3.0,
-                         talker_distance_m=(1.0, 3.0), mouth_height_m=(0.8, 1.3)),
-    "adult": AgeProfile(0.65, pitch=(35, 65), rate_wpm=(150, 200), snr_shift_db=0.0,
-                         talker_distance_m=(0.8, 2.5), mouth_height_m=(1.1, 1.7)),
-    "senior": AgeProfile(0.20, pitch=(20, 45), rate_wpm=(110, 150), snr_shift_db=0.0,
-                          talker_distance_m=(2.0, 4.0), mouth_height_m=(1.0, 1.6)),
+    "child": AgeProfile(
+        0.15, pitch=(70, 95), rate_wpm=(120, 160), snr_shift_db=-3.0, talker_distance_m=(1.0, 3.0), mouth_height_m=(0.8, 1.3)
+    ),
+    "adult": AgeProfile(
+        0.65, pitch=(35, 65), rate_wpm=(150, 200), snr_shift_db=0.0, talker_distance_m=(0.8, 2.5), mouth_height_m=(1.1, 1.7)
+    ),
+    "senior": AgeProfile(
+        0.20, pitch=(20, 45), rate_wpm=(110, 150), snr_shift_db=0.0, talker_distance_m=(2.0, 4.0), mouth_height_m=(1.0, 1.6)
+    ),
 }
 
 # espeak-ng voice variants (files in espeak-ng-data/voices/!v) and the gender they speak with.
@@ -269,9 +282,18 @@ class Speaker:
         """This speaker's line in ``speakers.tsv`` (columns: SPEAKER_COLUMNS)."""
         device = self.device
         fields = (
-            self.id, self.accent, self.voice, self.gender, self.age_group, str(self.pitch),
-            str(self.rate), str(device.sample_rate), str(device.mic_low_hz),
-            str(device.mic_high_hz), f"{device.snr_db:.1f}", f"{device.rt60_s:.2f}",
+            self.id,
+            self.accent,
+            self.voice,
+            self.gender,
+            self.age_group,
+            str(self.pitch),
+            str(self.rate),
+            str(device.sample_rate),
+            str(device.mic_low_hz),
+            str(device.mic_high_hz),
+            f"{device.snr_db:.1f}",
+            f"{device.rt60_s:.2f}",
         )
         return "\t".join(fields)
 
@@ -378,7 +400,15 @@ def _speak(speaker: Speaker, text: str, executable: str) -> np.ndarray:
     """espeak-ng's rendering of ``text`` in ``speaker``'s voice, float32 at SAMPLE_RATE."""
     voice = speaker.espeak_voice
     command = [
-        executable, "-v", voice, "-p", str(speaker.pitch), "-s", str(speaker.rate), "--stdout", spoken_form(text),
+        executable,
+        "-v",
+        voice,
+        "-p",
+        str(speaker.pitch),
+        "-s",
+        str(speaker.rate),
+        "--stdout",
+        spoken_form(text),
     ]
     completed = subprocess.run(command, capture_output=True, check=False)
     if completed.returncode != 0 or not completed.stdout:
@@ -433,16 +463,23 @@ class _Channel:
         # Keep the reverberant tail for the first 30 dB of decay; the rest is under the noise.
         self._tail = int(device.rt60_s / 2 * SAMPLE_RATE)
         self._noise = AddColorNoise(
-            min_snr_db=device.snr_db, max_snr_db=device.snr_db,
-            min_f_decay=device.noise_decay_db, max_f_decay=device.noise_decay_db, p=1.0,
+            min_snr_db=device.snr_db,
+            max_snr_db=device.snr_db,
+            min_f_decay=device.noise_decay_db,
+            max_f_decay=device.noise_decay_db,
+            p=1.0,
         )
         # audiomentations parametrises a band by its centre and its width relative to the centre.
         centre = (device.mic_low_hz + device.mic_high_hz) / 2
         bandwidth_fraction = (device.mic_high_hz - device.mic_low_hz) / centre
         self._microphone = BandPassFilter(
-            min_center_freq=centre, max_center_freq=centre,
-            min_bandwidth_fraction=bandwidth_fraction, max_bandwidth_fraction=bandwidth_fraction,
-            min_rolloff=device.mic_rolloff_db, max_rolloff=device.mic_rolloff_db, p=1.0,
+            min_center_freq=centre,
+            max_center_freq=centre,
+            min_bandwidth_fraction=bandwidth_fraction,
+            max_bandwidth_fraction=bandwidth_fraction,
+            min_rolloff=device.mic_rolloff_db,
+            max_rolloff=device.mic_rolloff_db,
+            p=1.0,
         )
 
     def __call__(self, speech: np.ndarray, *, noise_seed: int) -> np.ndarray:
@@ -528,13 +565,15 @@ def _synthesize_speaker(job: _SpeakerJob) -> list[_Utterance]:
         audio = channel(_speak(speaker, text, executable), noise_seed=noise_seed)
         utterance_id = f"{speaker.id}-{utterance_index:04d}"
         sf.write(folder / f"{utterance_id}.flac", audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        utterances.append(_Utterance(
-            id=utterance_id,
-            speaker=speaker.id,
-            audio=f"audio/{speaker.id}/{utterance_id}.flac",
-            text=text,
-            duration=round(len(audio) / SAMPLE_RATE, 3),
-        ))
+        utterances.append(
+            _Utterance(
+                id=utterance_id,
+                speaker=speaker.id,
+                audio=f"audio/{speaker.id}/{utterance_id}.flac",
+                text=text,
+                duration=round(len(audio) / SAMPLE_RATE, 3),
+            )
+        )
     write_text_atomic(done, json.dumps([dataclasses.asdict(u) for u in utterances]))
     return utterances
 
@@ -566,13 +605,24 @@ def _progress_bar(*, enabled: bool, total: int) -> Iterator[Callable[[int], None
         return
     from rich.console import Console
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
     columns = (
-        SpinnerColumn(), TextColumn("[bold]synthesizing"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("utterances"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        SpinnerColumn(),
+        TextColumn("[bold]synthesizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("utterances"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("synthesize", total=total)
@@ -591,8 +641,6 @@ def _is_cached(out: Path, arguments: dict[str, int]) -> bool:
         return json.loads(marker.read_text()) == arguments
     except json.JSONDecodeError:
         return False
-
-
 
 
 def synthesize(

@@ -87,11 +87,17 @@ class Tokenizer:
             processor.LoadFromSerializedProto(model_proto)
         except (RuntimeError, OSError, TypeError) as error:
             raise TokenizerError(f"{source}: not a sentencepiece model ({error})") from error
-        special_ids = {"unk_id": processor.unk_id(), "bos_id": processor.bos_id(),
-                       "eos_id": processor.eos_id(), "pad_id": processor.pad_id()}
+        special_ids = {
+            "unk_id": processor.unk_id(),
+            "bos_id": processor.bos_id(),
+            "eos_id": processor.eos_id(),
+            "pad_id": processor.pad_id(),
+        }
         if special_ids != {"unk_id": 0, "bos_id": -1, "eos_id": -1, "pad_id": -1}:
-            raise TokenizerError(f"{source}: special ids {special_ids}, expected unk_id=0 and no bos/eos/pad "
-                                 "(the transducer's blank must be the one id past the vocabulary)")
+            raise TokenizerError(
+                f"{source}: special ids {special_ids}, expected unk_id=0 and no bos/eos/pad "
+                "(the transducer's blank must be the one id past the vocabulary)"
+            )
         self._processor = processor
         self.model_proto = bytes(model_proto)
 
@@ -131,8 +137,9 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as error:
-            raise TokenizerError(f"cannot train {out_path} with vocab_size={vocab_size} on {len(sentences) - 1} "
-                                 f"texts: {error}") from error
+            raise TokenizerError(
+                f"cannot train {out_path} with vocab_size={vocab_size} on {len(sentences) - 1} texts: {error}"
+            ) from error
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(model_bytes.getvalue())
         return cls(model_bytes.getvalue(), source=str(out_path))
@@ -171,8 +178,9 @@ class Tokenizer:
         if 0 in ids:
             pieces: list[str] = self._processor.encode(normalized, out_type=str)
             unknown = sorted({piece for piece, piece_id in zip(pieces, ids) if piece_id == 0})
-            raise TokenizerError(f"transcript {text!r}: {', '.join(map(repr, unknown))} not in the tokenizer "
-                                 "vocabulary (maps to <unk>)")
+            raise TokenizerError(
+                f"transcript {text!r}: {', '.join(map(repr, unknown))} not in the tokenizer vocabulary (maps to <unk>)"
+            )
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -184,6 +192,8 @@ class Tokenizer:
         ids = [int(piece_id) for piece_id in ids]
         invalid = [piece_id for piece_id in ids if not 0 <= piece_id < self.vocab_size]
         if invalid:
-            raise TokenizerError(f"ids {invalid} are outside the vocabulary 0..{self.vocab_size - 1} "
-                                 f"(blank_id={self.blank_id} must be removed before decoding)")
+            raise TokenizerError(
+                f"ids {invalid} are outside the vocabulary 0..{self.vocab_size - 1} "
+                f"(blank_id={self.blank_id} must be removed before decoding)"
+            )
         return self._processor.decode(ids)

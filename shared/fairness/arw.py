@@ -154,8 +154,7 @@ def utterance_statistics(feats: Tensor, feat_lens: Tensor) -> Tensor:
         feats: (B, T, F), zero-padded; feat_lens: (B,) valid frames (>= 1).
     """
     if feats.dim() != 3 or feat_lens.shape != (feats.shape[0],):
-        raise ValueError(f"feats must be (B, T, F) and feat_lens (B,), got {tuple(feats.shape)} and "
-                         f"{tuple(feat_lens.shape)}")
+        raise ValueError(f"feats must be (B, T, F) and feat_lens (B,), got {tuple(feats.shape)} and {tuple(feat_lens.shape)}")
     if feats.shape[0] and int(feat_lens.min()) < 1:
         raise ValueError(f"every utterance needs a frame, got feat_lens {feat_lens.tolist()}")
     valid = (torch.arange(feats.shape[1], device=feats.device)[None, :] < feat_lens[:, None]).to(feats.dtype)
@@ -224,9 +223,16 @@ class AdversarialReweighter:
         weight_sum: the learner's weights summed over all calls (utterance-steps; 2 each while frozen).
     """
 
-    def __init__(self, adversary: nn.Module, *, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-2,
-                 warmup_steps: int = 0, inputs: Callable[[Batch], Tensor] = adversary_inputs,
-                 population: PopulationStats | None = None) -> None:
+    def __init__(
+        self,
+        adversary: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float = 1e-2,
+        warmup_steps: int = 0,
+        inputs: Callable[[Batch], Tensor] = adversary_inputs,
+        population: PopulationStats | None = None,
+    ) -> None:
         """
         Args:
             adversary: e.g. ``Adversary(UTTERANCE_STATISTICS + E)``.
@@ -275,8 +281,7 @@ class AdversarialReweighter:
         tokens = batch.target_lens.sum().clamp(min=1).to(device)
         logits = self.adversary(inputs)
         scores = torch.sigmoid(logits.detach())
-        self.score_sums = self.score_sums + ScoreSums(float(scores.sum()), float(scores.numel()),
-                                                      float((scores * losses).sum()))
+        self.score_sums = self.score_sums + ScoreSums(float(scores.sum()), float(scores.numel()), float((scores * losses).sum()))
         self.steps += 1
         if self.steps <= self.warmup_steps:
             self.weight_sum += 2.0 * losses.numel()

@@ -62,8 +62,7 @@ def _matrix(name: str, value: np.ndarray, width: int | None = None) -> np.ndarra
     if array.ndim == 1 and width is not None and array.shape[0] == width:
         array = array[None, :]
     if array.ndim != 2 or (width is not None and array.shape[1] != width):
-        raise ValueError(f"{name} must be a 2-D array (rows, {width if width is not None else 'E'}), "
-                         f"got shape {array.shape}")
+        raise ValueError(f"{name} must be a 2-D array (rows, {width if width is not None else 'E'}), got shape {array.shape}")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains non-finite values")
     return array
@@ -103,8 +102,9 @@ def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return distances.argmin(axis=1).astype(np.int64)
 
 
-def client_kmeans_stats(embeddings: np.ndarray, centroids: np.ndarray, *, noise_std: float = 0.0,
-                        rng: np.random.Generator | None = None) -> ClusterStats:
+def client_kmeans_stats(
+    embeddings: np.ndarray, centroids: np.ndarray, *, noise_std: float = 0.0, rng: np.random.Generator | None = None
+) -> ClusterStats:
     """A device's contribution to one Lloyd iteration: dense per-cluster sums and counts.
 
     Args:
@@ -136,8 +136,9 @@ def client_kmeans_stats(embeddings: np.ndarray, centroids: np.ndarray, *, noise_
     return ClusterStats(sums=sums, counts=counts)
 
 
-def server_update(centroids: np.ndarray, summed_sums: np.ndarray, summed_counts: np.ndarray, *,
-                  min_count: float = 0.5) -> np.ndarray:
+def server_update(
+    centroids: np.ndarray, summed_sums: np.ndarray, summed_counts: np.ndarray, *, min_count: float = 0.5
+) -> np.ndarray:
     """New centroids from the devices' summed ``ClusterStats``: sum / count per cluster.
 
     A cluster whose summed count is below ``min_count`` keeps its old centroid (an empty cluster; with exact
@@ -154,16 +155,16 @@ def server_update(centroids: np.ndarray, summed_sums: np.ndarray, summed_counts:
     sums = _matrix("summed_sums", summed_sums, centroids.shape[1])
     counts = np.asarray(summed_counts, dtype=np.float64)
     if sums.shape != centroids.shape or counts.shape != (centroids.shape[0],):
-        raise ValueError(f"summed_sums {sums.shape} and summed_counts {counts.shape} do not match centroids "
-                         f"{centroids.shape}")
+        raise ValueError(f"summed_sums {sums.shape} and summed_counts {counts.shape} do not match centroids {centroids.shape}")
     filled = counts >= min_count
     updated = centroids.copy()
     updated[filled] = sums[filled] / counts[filled, None]
     return updated
 
 
-def federated_kmeans(device_embeddings: Sequence[np.ndarray], centroids: np.ndarray, *, iterations: int,
-                     noise_std: float = 0.0, seed: int = 0) -> np.ndarray:
+def federated_kmeans(
+    device_embeddings: Sequence[np.ndarray], centroids: np.ndarray, *, iterations: int, noise_std: float = 0.0, seed: int = 0
+) -> np.ndarray:
     """Reference of the protocol, all in one process: ``iterations`` rounds of stats -> sum -> update.
 
     Args:
@@ -234,8 +235,7 @@ class CohortCounts:
         return iter((self.errors, self.words, self.speakers))
 
 
-def cohort_error_vectors(cohort_id: int, errors: int, words: int, num_cohorts: int, *,
-                         speakers: int = 1) -> CohortCounts:
+def cohort_error_vectors(cohort_id: int, errors: int, words: int, num_cohorts: int, *, speakers: int = 1) -> CohortCounts:
     """A device's evaluation counts as dense vectors: its counts at ``cohort_id``, zeros elsewhere.
 
     Args:
@@ -295,9 +295,13 @@ class CohortReport:
     def metrics(self, prefix: str = "cohort-") -> dict[str, float]:
         """The scalar summaries as a flat dict (kebab-case keys), e.g. for a server-side metrics log."""
         values = {
-            "overall-wer": self.overall_wer, "best-wer": self.best_wer, "worst-wer": self.worst_wer,
-            "wer-gap": self.wer_gap, "wer-variance": self.wer_variance,
-            "bottom-share": self.bottom_cohort_share, "disadvantaged-share": self.disadvantaged_share,
+            "overall-wer": self.overall_wer,
+            "best-wer": self.best_wer,
+            "worst-wer": self.worst_wer,
+            "wer-gap": self.wer_gap,
+            "wer-variance": self.wer_variance,
+            "bottom-share": self.bottom_cohort_share,
+            "disadvantaged-share": self.disadvantaged_share,
             "ranked": float(len(self.eligible)),
         }
         if self.bottom_cohort_speaker_share is not None and self.disadvantaged_speaker_share is not None:
@@ -306,9 +310,14 @@ class CohortReport:
         return {prefix + key: float(value) for key, value in values.items()}
 
 
-def cohort_report(errors_per_cohort: np.ndarray, words_per_cohort: np.ndarray, *,
-                  speakers_per_cohort: np.ndarray | None = None, min_words: float = 1.0,
-                  margin: float = 0.1) -> CohortReport:
+def cohort_report(
+    errors_per_cohort: np.ndarray,
+    words_per_cohort: np.ndarray,
+    *,
+    speakers_per_cohort: np.ndarray | None = None,
+    min_words: float = 1.0,
+    margin: float = 0.1,
+) -> CohortReport:
     """Per-cohort WER and the fairness summaries of one evaluation.
 
     Definitions (WER always pooled: a set's errors over its words, never a mean of utterance WERs):
@@ -343,8 +352,10 @@ def cohort_report(errors_per_cohort: np.ndarray, words_per_cohort: np.ndarray, *
     words = np.asarray(words_per_cohort, dtype=np.float64)
     speakers = None if speakers_per_cohort is None else np.asarray(speakers_per_cohort, dtype=np.float64)
     if errors.ndim != 1 or words.shape != errors.shape or (speakers is not None and speakers.shape != errors.shape):
-        raise ValueError(f"per-cohort vectors must be (K,) of one K, got errors {errors.shape}, words {words.shape}"
-                         + ("" if speakers is None else f", speakers {speakers.shape}"))
+        raise ValueError(
+            f"per-cohort vectors must be (K,) of one K, got errors {errors.shape}, words {words.shape}"
+            + ("" if speakers is None else f", speakers {speakers.shape}")
+        )
     if (errors < 0).any() or (words < 0).any() or (speakers is not None and (speakers < 0).any()):
         raise ValueError("per-cohort counts must be >= 0 (noisy sums must be post-processed before reporting)")
     if min_words <= 0 or margin < 0:
@@ -371,9 +382,18 @@ def cohort_report(errors_per_cohort: np.ndarray, words_per_cohort: np.ndarray, *
         return float(speakers[cohorts].sum() / total_speakers) if total_speakers > 0 else 0.0
 
     return CohortReport(
-        wer=wer, words=words, speakers=speakers, eligible=tuple(int(k) for k in eligible), overall_wer=overall,
-        best_cohort=best, worst_cohort=worst, best_wer=best_wer, worst_wer=worst_wer, wer_gap=gap,
-        wer_variance=float(ranked.var()), bottom_cohort_share=float(words[worst] / words.sum()),
+        wer=wer,
+        words=words,
+        speakers=speakers,
+        eligible=tuple(int(k) for k in eligible),
+        overall_wer=overall,
+        best_cohort=best,
+        worst_cohort=worst,
+        best_wer=best_wer,
+        worst_wer=worst_wer,
+        wer_gap=gap,
+        wer_variance=float(ranked.var()),
+        bottom_cohort_share=float(words[worst] / words.sum()),
         bottom_cohort_speaker_share=speaker_share(np.array([worst])),
         disadvantaged_share=float(words[disadvantaged].sum() / words.sum()),
         disadvantaged_speaker_share=speaker_share(disadvantaged),

@@ -66,8 +66,9 @@ class FisherSums:
     count: int
 
 
-def fisher_sums(model: nn.Module, batches: Iterable[Any], *,
-                loss_fn: Callable[[nn.Module, Any], Tensor] = transducer_loss) -> FisherSums:
+def fisher_sums(
+    model: nn.Module, batches: Iterable[Any], *, loss_fn: Callable[[nn.Module, Any], Tensor] = transducer_loss
+) -> FisherSums:
     """Sum of squared gradients of ``loss_fn(model, batch)`` over ``batches``, for every trainable parameter.
 
     The model runs in eval mode (no dropout: the Fisher of the model itself, not of a dropout sample; the
@@ -93,8 +94,7 @@ def fisher_sums(model: nn.Module, batches: Iterable[Any], *,
         for batch in batches:
             loss = loss_fn(model, batch)
             if loss.dim() != 0 or not torch.isfinite(loss):
-                raise ValueError(f"loss_fn must return a finite scalar, got {loss.detach()} (shape "
-                                 f"{tuple(loss.shape)})")
+                raise ValueError(f"loss_fn must return a finite scalar, got {loss.detach()} (shape {tuple(loss.shape)})")
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
             for (name, _), grad in zip(named, grads, strict=True):
                 if grad is not None:
@@ -114,11 +114,11 @@ def add_fisher_sums(parts: Sequence[FisherSums]) -> FisherSums:
     names = set(parts[0].sums)
     for i, part in enumerate(parts[1:], start=1):
         if set(part.sums) != names:
-            raise ValueError(f"part {i} has parameters {sorted(set(part.sums) ^ names)[:5]} that part 0 "
-                             f"does not share")
-    return FisherSums(sums={name: sum((part.sums[name] for part in parts), torch.zeros_like(parts[0].sums[name]))
-                            for name in parts[0].sums},
-                      count=sum(part.count for part in parts))
+            raise ValueError(f"part {i} has parameters {sorted(set(part.sums) ^ names)[:5]} that part 0 does not share")
+    return FisherSums(
+        sums={name: sum((part.sums[name] for part in parts), torch.zeros_like(parts[0].sums[name])) for name in parts[0].sums},
+        count=sum(part.count for part in parts),
+    )
 
 
 def fisher_from_sums(sums: Mapping[str, Tensor], count: float) -> dict[str, Tensor]:
@@ -155,8 +155,11 @@ class EWCPenalty:
         missing = sorted(set(fisher) - set(anchor_params))
         if missing:
             raise ValueError(f"Fisher entries {missing[:5]} have no anchor parameter")
-        wrong = [f"{name}: anchor {tuple(anchor_params[name].shape)} vs Fisher {tuple(f.shape)}"
-                 for name, f in fisher.items() if anchor_params[name].shape != f.shape]
+        wrong = [
+            f"{name}: anchor {tuple(anchor_params[name].shape)} vs Fisher {tuple(f.shape)}"
+            for name, f in fisher.items()
+            if anchor_params[name].shape != f.shape
+        ]
         if wrong:
             raise ValueError(f"anchor and Fisher shapes differ: {wrong[:5]}")
         self.lam = float(lam)
@@ -178,8 +181,7 @@ class EWCPenalty:
         for name, fisher in self.fisher.items():
             theta = params[name]
             if theta.shape != fisher.shape:
-                raise ValueError(f"parameter {name} has shape {tuple(theta.shape)}, the penalty expects "
-                                 f"{tuple(fisher.shape)}")
+                raise ValueError(f"parameter {name} has shape {tuple(theta.shape)}, the penalty expects {tuple(fisher.shape)}")
             if fisher.device != theta.device:  # move once, on first use on a new device
                 self.fisher[name] = fisher = fisher.to(theta.device)
                 self.anchor[name] = self.anchor[name].to(theta.device)

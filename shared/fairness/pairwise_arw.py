@@ -44,8 +44,7 @@ from torch import Tensor
 from shared.fairness.arw import Adversary, arl_weights
 from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingError, crop
 
-__all__ = ["PairwiseRecipe", "cluster_ids", "pair_losses", "pair_weights", "same_speaker", "train_pairwise",
-           "weighted_pair_loss"]
+__all__ = ["PairwiseRecipe", "cluster_ids", "pair_losses", "pair_weights", "same_speaker", "train_pairwise", "weighted_pair_loss"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,14 @@ class PairwiseRecipe:
             if getattr(self, name) < 1:
                 raise SpeakerEmbeddingError(f"{name} must be positive, got {getattr(self, name)}")
         if self.speakers_per_batch < 2 or self.utterances_per_speaker < 2:
-            raise SpeakerEmbeddingError(f"a batch needs >= 2 speakers x >= 2 utterances for both pair kinds, got "
-                                        f"{self.speakers_per_batch} x {self.utterances_per_speaker}")
+            raise SpeakerEmbeddingError(
+                f"a batch needs >= 2 speakers x >= 2 utterances for both pair kinds, got "
+                f"{self.speakers_per_batch} x {self.utterances_per_speaker}"
+            )
         if self.lr <= 0 or self.adversary_lr <= 0 or self.warmup < 0:
-            raise SpeakerEmbeddingError(f"need lr > 0, adversary_lr > 0, warmup >= 0; got {self.lr}, "
-                                        f"{self.adversary_lr}, {self.warmup}")
+            raise SpeakerEmbeddingError(
+                f"need lr > 0, adversary_lr > 0, warmup >= 0; got {self.lr}, {self.adversary_lr}, {self.warmup}"
+            )
 
 
 def same_speaker(labels: Tensor) -> Tensor:
@@ -108,17 +110,19 @@ def cluster_ids(embedder: SpeakerEmbedder, features: Sequence[np.ndarray], *, cl
     return KMeans(n_clusters=clusters, n_init=4, random_state=seed).fit_predict(embeddings).astype(np.int64)
 
 
-def _batch(by_speaker: list[np.ndarray], recipe: PairwiseRecipe, rng: np.random.Generator) -> tuple[np.ndarray,
-                                                                                                    np.ndarray]:
+def _batch(by_speaker: list[np.ndarray], recipe: PairwiseRecipe, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(B,) utterance indices and (B,) speaker labels: P random speakers, K random utterances of each."""
     chosen = rng.choice(len(by_speaker), size=recipe.speakers_per_batch, replace=False)
-    rows = [rng.choice(by_speaker[s], size=recipe.utterances_per_speaker,
-                       replace=len(by_speaker[s]) < recipe.utterances_per_speaker) for s in chosen]
+    rows = [
+        rng.choice(by_speaker[s], size=recipe.utterances_per_speaker, replace=len(by_speaker[s]) < recipe.utterances_per_speaker)
+        for s in chosen
+    ]
     return np.concatenate(rows), np.repeat(np.arange(len(chosen)), recipe.utterances_per_speaker)
 
 
-def train_pairwise(init: SpeakerEmbedder, features: Sequence[np.ndarray], speakers: Sequence[str],
-                   recipe: PairwiseRecipe) -> tuple[SpeakerEmbedder, dict[str, list[float]]]:
+def train_pairwise(
+    init: SpeakerEmbedder, features: Sequence[np.ndarray], speakers: Sequence[str], recipe: PairwiseRecipe
+) -> tuple[SpeakerEmbedder, dict[str, list[float]]]:
     """Fine-tune a copy of ``init`` on labelled utterances with the pairwise loss, ARW when ``recipe.arw``.
 
     Returns the fine-tuned embedder (eval mode) and its history: per step the plain (unweighted) pair loss and,
@@ -140,8 +144,9 @@ def train_pairwise(init: SpeakerEmbedder, features: Sequence[np.ndarray], speake
     adversary: Adversary | None = None
     adversary_optimizer: torch.optim.Optimizer | None = None
     if recipe.arw:
-        onehot = F.one_hot(torch.from_numpy(cluster_ids(init, features, clusters=recipe.clusters, seed=recipe.seed)),
-                           recipe.clusters).float()  # (N, C)
+        onehot = F.one_hot(
+            torch.from_numpy(cluster_ids(init, features, clusters=recipe.clusters, seed=recipe.seed)), recipe.clusters
+        ).float()  # (N, C)
         adversary = Adversary(recipe.clusters)
         adversary_optimizer = torch.optim.Adam(adversary.parameters(), lr=recipe.adversary_lr)
     history: dict[str, list[float]] = {"loss": []}

@@ -41,12 +41,35 @@ from torch import Tensor
 from shared.fairness.arw import Adversary
 
 __all__ = [
-    "ADVERSARY_PREFIX", "ARW_FROZEN", "ARW_LR", "ARW_MEAN_SCORE", "ARW_METRICS", "ARW_WEIGHT", "ARW_WEIGHTED_LOSS",
-    "CENTROIDS", "COHORT_EVAL", "COHORT_EVAL_KEYS", "COHORT_STATE",
-    "EMBEDDING_STATE", "EVAL_STATE", "EWC_LAMBDA", "FISHER", "FISHER_BATCHES", "FISHER_QUERY", "FISHER_SUMS", "KMEANS_NOISE",
-    "KMEANS_QUERY", "KMEANS_STATS", "ProtocolError", "SECURE_SUM", "TARGET_COHORTS", "TrainInstruction", "adversary_from_state",
+    "ADVERSARY_PREFIX",
+    "ARW_FROZEN",
+    "ARW_LR",
+    "ARW_MEAN_SCORE",
+    "ARW_METRICS",
+    "ARW_WEIGHT",
+    "ARW_WEIGHTED_LOSS",
+    "CENTROIDS",
+    "COHORT_EVAL",
+    "COHORT_EVAL_KEYS",
+    "COHORT_STATE",
+    "EMBEDDING_STATE",
+    "EVAL_STATE",
+    "EWC_LAMBDA",
+    "FISHER",
+    "FISHER_BATCHES",
+    "FISHER_QUERY",
+    "FISHER_SUMS",
+    "KMEANS_NOISE",
+    "KMEANS_QUERY",
+    "KMEANS_STATS",
+    "ProtocolError",
+    "SECURE_SUM",
+    "TARGET_COHORTS",
+    "TrainInstruction",
+    "adversary_from_state",
     "centroids_digest",
-    "join_adversary", "split_adversary",
+    "join_adversary",
+    "split_adversary",
 ]
 
 # Message types of the two query phases (``@app.query("kmeans")`` / ``@app.query("fisher")`` on the device).
@@ -91,9 +114,14 @@ COHORT_STATE = "chorus-cohort"  # ConfigRecord {"cohort-id": int, "centroids": d
 EVAL_STATE = "chorus-last-evaluation"  # ConfigRecord {"round", "errors", "words", "utterances"} (for SECURE_SUM)
 
 
-_INSTRUCTION_KEYS = {"target_cohorts": TARGET_COHORTS, "ewc_lambda": EWC_LAMBDA, "arw_lr": ARW_LR,
-                     "arw_frozen": ARW_FROZEN, "arw_mean_score": ARW_MEAN_SCORE,
-                     "arw_weighted_loss": ARW_WEIGHTED_LOSS}
+_INSTRUCTION_KEYS = {
+    "target_cohorts": TARGET_COHORTS,
+    "ewc_lambda": EWC_LAMBDA,
+    "arw_lr": ARW_LR,
+    "arw_frozen": ARW_FROZEN,
+    "arw_mean_score": ARW_MEAN_SCORE,
+    "arw_weighted_loss": ARW_WEIGHTED_LOSS,
+}
 
 
 class ProtocolError(ValueError):
@@ -133,10 +161,14 @@ class TrainInstruction:
     def from_config(cls, config: ConfigRecord) -> TrainInstruction:
         """Read what ``to_config`` wrote; ProtocolError naming the key of a value of the wrong type."""
         # in the order of _INSTRUCTION_KEYS: the first wrong value is the one named
-        return cls(target_cohorts=_cohort_ids(config, TARGET_COHORTS), ewc_lambda=_number(config, EWC_LAMBDA),
-                   arw_lr=_number(config, ARW_LR), arw_frozen=_flag(config, ARW_FROZEN),
-                   arw_mean_score=_number(config, ARW_MEAN_SCORE),
-                   arw_weighted_loss=_number(config, ARW_WEIGHTED_LOSS))
+        return cls(
+            target_cohorts=_cohort_ids(config, TARGET_COHORTS),
+            ewc_lambda=_number(config, EWC_LAMBDA),
+            arw_lr=_number(config, ARW_LR),
+            arw_frozen=_flag(config, ARW_FROZEN),
+            arw_mean_score=_number(config, ARW_MEAN_SCORE),
+            arw_weighted_loss=_number(config, ARW_WEIGHTED_LOSS),
+        )
 
 
 def _cohort_ids(config: ConfigRecord, key: str) -> tuple[int, ...] | None:
@@ -171,7 +203,7 @@ def _number(config: ConfigRecord, key: str) -> float | None:
 def split_adversary(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``arrays`` as sent in a round -> (model state dict, adversary state dict without the prefix)."""
     model = {k: v for k, v in state.items() if not k.startswith(ADVERSARY_PREFIX)}
-    adversary = {k[len(ADVERSARY_PREFIX):]: v for k, v in state.items() if k.startswith(ADVERSARY_PREFIX)}
+    adversary = {k[len(ADVERSARY_PREFIX) :]: v for k, v in state.items() if k.startswith(ADVERSARY_PREFIX)}
     return model, adversary
 
 

@@ -396,8 +396,7 @@ class AmortizedBlock(nn.Module):
         """
         if gather and self.training:
             raise ValueError(
-                "gather=True runs only in eval mode: training's straight-through gradient needs every frame's "
-                "sub-block output"
+                "gather=True runs only in eval mode: training's straight-through gradient needs every frame's sub-block output"
             )
         gates = self.gates(x, valid)
         if x.shape[1] == 0:
@@ -451,9 +450,7 @@ class AmortizedBlock(nn.Module):
         if bool(on.all()):  # nothing to gather
             positions = (offset + torch.arange(x.shape[1], device=x.device)).expand(x.shape[0], -1)
             qkv = self.attention.qkv(self.attention_norm(x))
-            attended, extended = _attend(
-                qkv, positions, on, cache, (cos[None, None], sin[None, None]), heads, left_context
-            )
+            attended, extended = _attend(qkv, positions, on, cache, (cos[None, None], sin[None, None]), heads, left_context)
             return x + self.attention.out(attended), extended
         index, slots = _first_true(on)
         selected = x[on]
@@ -506,9 +503,7 @@ class AmortizedTransformerEncoder(nn.Module):
         self._stat_ffn = [0] * base.num_layers
 
     @classmethod
-    def from_dense(
-        cls, dense: CausalTransformerEncoder, config: AmortizedConfig | None = None
-    ) -> AmortizedTransformerEncoder:
+    def from_dense(cls, dense: CausalTransformerEncoder, config: AmortizedConfig | None = None) -> AmortizedTransformerEncoder:
         """An amortized encoder with ``dense``'s weights (arbitrators freshly initialized), in ``dense``'s mode.
 
         ``config.base`` must equal ``dense.config``; by default ``AmortizedConfig(base=dense.config)``.
@@ -524,9 +519,7 @@ class AmortizedTransformerEncoder(nn.Module):
             raise ValueError(f"dense weights do not map onto the amortized encoder: {foreign}")
         return model.train(dense.training)
 
-    def set_forced_gates(
-        self, mha: bool | None = None, ffn: bool | None = None, layers: Iterable[int] | None = None
-    ) -> None:
+    def set_forced_gates(self, mha: bool | None = None, ffn: bool | None = None, layers: Iterable[int] | None = None) -> None:
         """Force the gates of ``layers`` (default: all blocks): True = always on, False = never run, None = let the
         arbitrator decide. Sets both sub-blocks of every listed block. Not saved in the state dict."""
         for name, value in (("mha", mha), ("ffn", ffn)):
@@ -558,8 +551,7 @@ class AmortizedTransformerEncoder(nn.Module):
         """(B,) input frame counts -> (B,) encoder frame counts."""
         return subsampled_length(lengths)
 
-    def init_state(self, batch_size: int = 1,
-                   device: torch.device | None = None) -> TransformerState[ActiveKVCache]:
+    def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> TransformerState[ActiveKVCache]:
         """Fresh streaming state: nothing pending, empty caches, position 0."""
         reference = state_reference(self, batch_size, device)
         return AmortizedState(
@@ -582,8 +574,7 @@ class AmortizedTransformerEncoder(nn.Module):
             return not self.training
         if gather and self.training:
             raise ValueError(
-                "gather=True runs only in eval mode: training's straight-through gradient needs every frame's "
-                "sub-block output"
+                "gather=True runs only in eval mode: training's straight-through gradient needs every frame's sub-block output"
             )
         return gather
 
@@ -602,9 +593,7 @@ class AmortizedTransformerEncoder(nn.Module):
         rotary = rotary_tables(offset, frames.shape[1], self.blocks[0].attention.d_head, frames)
         new_layers, all_gates = [], []
         for block, cache in zip(self.blocks, layers, strict=True):
-            frames, cache, gates = block(
-                frames, cache, offset, valid, gather=gather, update_cache=update_cache, rotary=rotary
-            )
+            frames, cache, gates = block(frames, cache, offset, valid, gather=gather, update_cache=update_cache, rotary=rotary)
             new_layers.append(cache)
             all_gates.append(gates)
         self._stat_frames += int(valid.sum())
@@ -654,16 +643,13 @@ class AmortizedTransformerEncoder(nn.Module):
         """Encode whole utterances: feats (B, T, F), lengths (B,) -> ``EncoderOutput`` (see ``encode_with_gates``)."""
         return self.encode_with_gates(feats, lengths, gather=gather)[0]
 
-    def infer(self, chunk: Tensor,
-              state: TransformerState[ActiveKVCache]) -> tuple[Tensor, TransformerState[ActiveKVCache]]:
+    def infer(self, chunk: Tensor, state: TransformerState[ActiveKVCache]) -> tuple[Tensor, TransformerState[ActiveKVCache]]:
         """``CausalTransformerEncoder.infer``: chunk (B, t, F) -> newly completed frames (B, t', D) and the new
         state, with gathered execution in eval mode."""
 
-        def encode(frames: Tensor, layers: tuple[ActiveKVCache, ...],
-                   offset: int) -> tuple[Tensor, tuple[ActiveKVCache, ...]]:
+        def encode(frames: Tensor, layers: tuple[ActiveKVCache, ...], offset: int) -> tuple[Tensor, tuple[ActiveKVCache, ...]]:
             valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-            frames, layers, _ = self._encode(frames, layers, offset, valid, gather=not self.training,
-                                             update_cache=True)
+            frames, layers, _ = self._encode(frames, layers, offset, valid, gather=not self.training, update_cache=True)
             return frames, layers
 
         return stream_blocks(self.frontend, self.input_dim, chunk, state, encode)

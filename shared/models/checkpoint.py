@@ -40,9 +40,25 @@ from shared.models.encoder import StreamingEncoder
 from shared.models.transducer import Transducer, TransducerConfig
 from shared.models.transformer import CausalTransformerEncoder, TransformerConfig, sliding_window_config
 
-__all__ = ["MODEL_NAMES", "SHIPPED", "SHIPPED_DIR", "CheckpointError", "Checkpoint", "Frontend", "build_model",
-           "load_state", "save_checkpoint", "load_checkpoint", "initial_model", "init_checkpoint_path",
-           "shipped_manifest", "sha256_of", "checkpoint_frontend", "architecture", "average_checkpoints"]
+__all__ = [
+    "MODEL_NAMES",
+    "SHIPPED",
+    "SHIPPED_DIR",
+    "CheckpointError",
+    "Checkpoint",
+    "Frontend",
+    "build_model",
+    "load_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "initial_model",
+    "init_checkpoint_path",
+    "shipped_manifest",
+    "sha256_of",
+    "checkpoint_frontend",
+    "architecture",
+    "average_checkpoints",
+]
 
 
 _FORMAT = "chorus-checkpoint-v1"
@@ -59,8 +75,14 @@ class CheckpointError(ValueError):
 
 def build_model(cfg: ModelConfig) -> Transducer:
     """A fresh transducer for ``cfg`` (weights from torch's default init, seeded by the caller)."""
-    enc_cfg = TransformerConfig(d_model=cfg.d_model, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
-                                num_layers=cfg.num_layers, left_context=cfg.left_context, dropout=cfg.dropout)
+    enc_cfg = TransformerConfig(
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        left_context=cfg.left_context,
+        dropout=cfg.dropout,
+    )
     if cfg.name == "transformer":
         encoder: StreamingEncoder = CausalTransformerEncoder(enc_cfg)
     elif cfg.name == "sliding-window":
@@ -78,8 +100,13 @@ def convrnnt_config(cfg: ModelConfig) -> ConvRNNTConfig:
     """ConvRNN-T sized to match the transformer of the same ``d_model`` in parameters (within ~10%):
     CNN widths 4/3 x d_model and LSTM width 2 x d_model (192 and 288 at the default d_model 144, 2.4 M)."""
     channels = max(8, round(cfg.d_model * 4 / 3 / 8) * 8)
-    return ConvRNNTConfig(output_dim=cfg.d_model, local_channels=channels, global_channels=channels,
-                          lstm_hidden_size=2 * cfg.d_model, dropout=cfg.dropout)
+    return ConvRNNTConfig(
+        output_dim=cfg.d_model,
+        local_channels=channels,
+        global_channels=channels,
+        lstm_hidden_size=2 * cfg.d_model,
+        dropout=cfg.dropout,
+    )
 
 
 def shipped_manifest() -> dict[str, Any]:
@@ -129,9 +156,11 @@ def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
             if entry.get("model_config") == arch:
                 return _shipped_file(file_name)
     sizes = ", ".join(f"{k}={v}" for k, v in architecture(cfg).items())
-    raise CheckpointError(f"model.init-checkpoint={SHIPPED!r}: no shipped base model has this architecture "
-                          f"({sizes}); shipped: {', '.join(sorted(manifest)) or 'none'}. Set "
-                          "model.init-checkpoint to a checkpoint of yours, or to \"\" for random weights")
+    raise CheckpointError(
+        f"model.init-checkpoint={SHIPPED!r}: no shipped base model has this architecture "
+        f"({sizes}); shipped: {', '.join(sorted(manifest)) or 'none'}. Set "
+        'model.init-checkpoint to a checkpoint of yours, or to "" for random weights'
+    )
 
 
 def initial_model(cfg: ModelConfig) -> Transducer:
@@ -148,8 +177,9 @@ def initial_model(cfg: ModelConfig) -> Transducer:
     source = ckpt.model_config
     dense_to_amortized = cfg.name == "amortized" and source.name == "transformer"
     if source.name != cfg.name and not dense_to_amortized:
-        raise CheckpointError(f"model.init-checkpoint {cfg.init_checkpoint} holds a {source.name!r} model, "
-                              f"model.name is {cfg.name!r}")
+        raise CheckpointError(
+            f"model.init-checkpoint {cfg.init_checkpoint} holds a {source.name!r} model, model.name is {cfg.name!r}"
+        )
     state = dict(ckpt.state_dict)
     if dense_to_amortized:
         own = model.state_dict()
@@ -170,13 +200,14 @@ class Frontend:
         return hashlib.sha256(self.tokenizer.model_proto + self.cmvn.to_json().encode()).hexdigest()
 
     def to_meta(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer.model_proto, "cmvn_mean": self.cmvn.mean.tolist(),
-                "cmvn_std": self.cmvn.std.tolist()}
+        return {"tokenizer": self.tokenizer.model_proto, "cmvn_mean": self.cmvn.mean.tolist(), "cmvn_std": self.cmvn.std.tolist()}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], *, source: str) -> Frontend:
-        return cls(tokenizer=Tokenizer(bytes(meta["tokenizer"]), source=f"{source} (tokenizer)"),
-                   cmvn=GlobalCMVN(mean=np.asarray(meta["cmvn_mean"]), std=np.asarray(meta["cmvn_std"])))
+        return cls(
+            tokenizer=Tokenizer(bytes(meta["tokenizer"]), source=f"{source} (tokenizer)"),
+            cmvn=GlobalCMVN(mean=np.asarray(meta["cmvn_mean"]), std=np.asarray(meta["cmvn_std"])),
+        )
 
 
 @dataclass
@@ -204,23 +235,33 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source:
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    wrong = [
+        f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own.keys() & state_dict.keys()
+        if own[k].shape != state_dict[k].shape
+    ]
     if missing or unexpected or wrong:
-        raise CheckpointError(f"{source} does not fit the model: missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}, shape mismatch {wrong[:5]}")
+        raise CheckpointError(
+            f"{source} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
+        )
     model.load_state_dict(state_dict)
 
 
 def _check_finite(state: dict[str, torch.Tensor], context: str) -> None:
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{context}: weight {key!r} has {int((~torch.isfinite(value)).sum())} non-finite "
-                                  f"value(s)")
+            raise CheckpointError(f"{context}: weight {key!r} has {int((~torch.isfinite(value)).sum())} non-finite value(s)")
 
 
-def save_checkpoint(path: Path | str, model: nn.Module, model_config: ModelConfig, *,
-                    frontend: Frontend | None = None, dtype: torch.dtype | None = None, **meta: Any) -> Path:
+def save_checkpoint(
+    path: Path | str,
+    model: nn.Module,
+    model_config: ModelConfig,
+    *,
+    frontend: Frontend | None = None,
+    dtype: torch.dtype | None = None,
+    **meta: Any,
+) -> Path:
     """Atomically write weights + config + meta (a crash mid-write never leaves a torn checkpoint).
 
     ``frontend`` travels with the weights; ``dtype`` (e.g. float16 for shipping) casts floating-point weights
@@ -235,8 +276,7 @@ def save_checkpoint(path: Path | str, model: nn.Module, model_config: ModelConfi
     _check_finite(state, f"refusing to write checkpoint {path}")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    payload = {"format": _FORMAT, "model_config": dataclasses.asdict(model_config), "state_dict": state,
-               "meta": meta}
+    payload = {"format": _FORMAT, "model_config": dataclasses.asdict(model_config), "state_dict": state, "meta": meta}
     return torch_save_atomic(path, payload)
 
 
@@ -257,13 +297,11 @@ def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> C
         raise CheckpointError(f"checkpoint {path} has an unreadable model config: {err}") from err
     if expect is not None:
         own, wanted = architecture(model_config), architecture(expect)
-        diffs = [f"{name}: checkpoint {own[name]!r} vs expected {wanted[name]!r}" for name in own
-                 if own[name] != wanted[name]]
+        diffs = [f"{name}: checkpoint {own[name]!r} vs expected {wanted[name]!r}" for name in own if own[name] != wanted[name]]
         if diffs:
             raise CheckpointError(f"checkpoint {path} is a different model: " + "; ".join(diffs))
     _check_finite(payload["state_dict"], f"checkpoint {path} is unusable")
-    return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"],
-                      source=str(path))
+    return Checkpoint(model_config=model_config, state_dict=payload["state_dict"], meta=payload["meta"], source=str(path))
 
 
 def average_checkpoints(paths: Sequence[Path | str]) -> Checkpoint:

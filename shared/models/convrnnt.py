@@ -117,13 +117,10 @@ class ConvRNNTConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.subsampling_kernel_size < _SUBSAMPLING_STRIDE:
             raise ValueError(
-                f"subsampling_kernel_size must be >= the stride {_SUBSAMPLING_STRIDE}, "
-                f"got {self.subsampling_kernel_size}"
+                f"subsampling_kernel_size must be >= the stride {_SUBSAMPLING_STRIDE}, got {self.subsampling_kernel_size}"
             )
         if self.se_reduction > self.global_channels:
-            raise ValueError(
-                f"se_reduction must be <= global_channels ({self.global_channels}), got {self.se_reduction}"
-            )
+            raise ValueError(f"se_reduction must be <= global_channels ({self.global_channels}), got {self.se_reduction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -291,8 +288,7 @@ class _LocalContextCNN(nn.Module):
         super().__init__()
         self.subsampling = _Subsampling(config.input_dim, config.local_channels, config.subsampling_kernel_size)
         self.blocks = BlockList(
-            _LocalBlock(config.local_channels, config.local_kernel_size, config.dropout)
-            for _ in range(config.local_num_blocks)
+            _LocalBlock(config.local_channels, config.local_kernel_size, config.dropout) for _ in range(config.local_num_blocks)
         )
 
     @property
@@ -376,9 +372,7 @@ class _GlobalContextCNN(nn.Module):
         super().__init__()
         self.subsampling = _Subsampling(config.input_dim, config.global_channels, config.subsampling_kernel_size)
         self.blocks = BlockList(
-            _GlobalBlock(
-                config.global_channels, config.global_kernel_size, dilation, config.se_reduction, config.dropout
-            )
+            _GlobalBlock(config.global_channels, config.global_kernel_size, dilation, config.se_reduction, config.dropout)
             for dilation in config.global_dilations
         )
 

@@ -17,12 +17,22 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, o
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BlockList", "EncoderOutput", "StreamingEncoder", "check_batch", "check_chunk", "constant_cost",
-           "rotary_tables", "rotate", "state_reference"]
+__all__ = [
+    "BlockList",
+    "EncoderOutput",
+    "StreamingEncoder",
+    "check_batch",
+    "check_chunk",
+    "constant_cost",
+    "rotary_tables",
+    "rotate",
+    "state_reference",
+]
 
 BlockT = TypeVar("BlockT", bound=nn.Module)
 
 if TYPE_CHECKING:
+
     class BlockList(nn.ModuleList, Generic[BlockT]):
         """An ``nn.ModuleList`` of one kind of block, as the type checker sees it: iterating and indexing give
         that kind (``nn.ModuleList`` says only ``Module``). At run time it is ``nn.ModuleList`` itself."""

@@ -155,9 +155,7 @@ def encoder_flops_per_frame(
     keys = config.left_context + 1 if keys is None else keys
     mha = mha_flops_per_frame(config.d_model, config.num_heads, keys, elementwise=elementwise)
     ffn = ffn_flops_per_frame(config.d_model, config.ffn_dim, elementwise=elementwise)
-    arbitrator = (
-        arbitrator_flops_per_frame(config.d_model, arbitrator_dim, elementwise=elementwise) if arbitrator_dim else 0
-    )
+    arbitrator = arbitrator_flops_per_frame(config.d_model, arbitrator_dim, elementwise=elementwise) if arbitrator_dim else 0
     mha_rates = _per_block(mha_on, config.num_layers, "mha_on")
     ffn_rates = _per_block(ffn_on, config.num_layers, "ffn_on")
     blocks = sum(m * mha + f * ffn + arbitrator for m, f in zip(mha_rates, ffn_rates, strict=True))

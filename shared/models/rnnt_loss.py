@@ -44,9 +44,7 @@ from torch import Tensor
 __all__ = ["rnnt_loss"]
 
 
-def _check_inputs(
-    logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int
-) -> None:
+def _check_inputs(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int) -> None:
     """Raise ``ValueError`` for any shape, length or label a caller could get wrong."""
     if logits.dim() != 4:
         raise ValueError(f"logits must be (B, T, U + 1, V), got shape {tuple(logits.shape)}")
@@ -132,7 +130,12 @@ def _forward_variables(across: Tensor, along: Tensor) -> Tensor:
 
 
 def rnnt_loss(
-    logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, *, blank: int,
+    logits: Tensor,
+    targets: Tensor,
+    logit_lengths: Tensor,
+    target_lengths: Tensor,
+    *,
+    blank: int,
     fastemit_lambda: float = 0.0,
 ) -> Tensor:
     """Per-utterance RNN-T negative log-likelihood.

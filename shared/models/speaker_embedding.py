@@ -93,12 +93,15 @@ class SpeakerEmbeddingConfig:
         if self.attention_dim < 0:
             raise SpeakerEmbeddingError(f"attention_dim must be >= 0, got {self.attention_dim}")
         if len(self.kernel_sizes) != len(self.dilations) or not self.kernel_sizes:
-            raise SpeakerEmbeddingError(f"kernel_sizes {self.kernel_sizes} and dilations {self.dilations} must be "
-                                        f"non-empty and of equal length")
+            raise SpeakerEmbeddingError(
+                f"kernel_sizes {self.kernel_sizes} and dilations {self.dilations} must be non-empty and of equal length"
+            )
         bad = [k for k in self.kernel_sizes if k < 1 or k % 2 == 0]
         if bad or any(d < 1 for d in self.dilations):
-            raise SpeakerEmbeddingError(f"kernel sizes must be odd and positive, dilations positive; got "
-                                        f"kernel_sizes={self.kernel_sizes}, dilations={self.dilations}")
+            raise SpeakerEmbeddingError(
+                f"kernel sizes must be odd and positive, dilations positive; got "
+                f"kernel_sizes={self.kernel_sizes}, dilations={self.dilations}"
+            )
 
 
 class _TDNNLayer(nn.Module):
@@ -106,8 +109,9 @@ class _TDNNLayer(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation,
-                              padding=dilation * (kernel_size - 1) // 2)
+        self.conv = nn.Conv1d(
+            in_channels, out_channels, kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2
+        )
         self.norm = nn.BatchNorm1d(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,7 +129,8 @@ class _StatisticsPooling(nn.Module):
         super().__init__()
         self.attention = (
             nn.Sequential(nn.Conv1d(channels, attention_dim, 1), nn.Tanh(), nn.Conv1d(attention_dim, 1, 1))
-            if attention_dim > 0 else None
+            if attention_dim > 0
+            else None
         )
 
     def forward(self, frames: Tensor, valid: Tensor) -> Tensor:
@@ -151,8 +156,10 @@ class SpeakerEmbedder(nn.Module):
         super().__init__()
         self.config = config
         widths = [config.input_dim] + [config.channels] * len(config.kernel_sizes)
-        layers = [_TDNNLayer(c_in, c_out, k, d) for c_in, c_out, k, d in
-                  zip(widths[:-1], widths[1:], config.kernel_sizes, config.dilations, strict=True)]
+        layers = [
+            _TDNNLayer(c_in, c_out, k, d)
+            for c_in, c_out, k, d in zip(widths[:-1], widths[1:], config.kernel_sizes, config.dilations, strict=True)
+        ]
         layers.append(_TDNNLayer(config.channels, config.pooled_channels, 1, 1))
         self.frame_layers = nn.ModuleList(layers)
         self.pooling = _StatisticsPooling(config.pooled_channels, config.attention_dim)
@@ -229,8 +236,9 @@ def aam_softmax_loss(cosines: Tensor, labels: Tensor, *, margin: float, scale: f
         Scalar loss.
     """
     if cosines.dim() != 2 or labels.shape != (cosines.shape[0],):
-        raise SpeakerEmbeddingError(f"cosines must be (B, S) and labels (B,), got {tuple(cosines.shape)} and "
-                                    f"{tuple(labels.shape)}")
+        raise SpeakerEmbeddingError(
+            f"cosines must be (B, S) and labels (B,), got {tuple(cosines.shape)} and {tuple(labels.shape)}"
+        )
     if margin < 0 or scale <= 0:
         raise SpeakerEmbeddingError(f"need margin >= 0 and scale > 0, got margin={margin}, scale={scale}")
     cosines = cosines.clamp(-1.0, 1.0)
@@ -262,7 +270,7 @@ def crop(features: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndar
     if features.shape[0] < frames:
         features = np.tile(features, (math.ceil(frames / features.shape[0]), 1))
     start = int(rng.integers(0, features.shape[0] - frames + 1))
-    return features[start:start + frames]
+    return features[start : start + frames]
 
 
 def train_speaker_embedding(
@@ -305,8 +313,9 @@ def train_speaker_embedding(
     arrays = [np.asarray(f, dtype=np.float32) for f in features]
     bad = [i for i, f in enumerate(arrays) if f.ndim != 2 or f.shape[1] != config.input_dim or f.shape[0] < 1]
     if bad:
-        raise SpeakerEmbeddingError(f"features {bad[:5]} are not (T >= 1, F={config.input_dim}) arrays, e.g. "
-                                    f"shape {arrays[bad[0]].shape}")
+        raise SpeakerEmbeddingError(
+            f"features {bad[:5]} are not (T >= 1, F={config.input_dim}) arrays, e.g. shape {arrays[bad[0]].shape}"
+        )
     labels = np.array([names.index(s) for s in speakers])
 
     torch.manual_seed(seed)
@@ -356,16 +365,22 @@ class Verifier:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def save_speaker_embedder(path: Path | str, model: SpeakerEmbedder, *, cmvn: GlobalCMVN | None = None,
-                          threshold: float | None = None, target_far: float | None = None,
-                          meta: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def save_speaker_embedder(
+    path: Path | str,
+    model: SpeakerEmbedder,
+    *,
+    cmvn: GlobalCMVN | None = None,
+    threshold: float | None = None,
+    target_far: float | None = None,
+    meta: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Atomically write the extractor's config and weights (the AAM head is not needed to embed), and, for a
     verifier, its CMVN and operating threshold; ``dtype=torch.float16`` halves a shipped file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
-    state = {k: v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {"format": _FORMAT, "config": config, "state_dict": state, "meta": dict(meta or {})}
     if cmvn is not None:
         payload["cmvn_mean"], payload["cmvn_std"] = cmvn.mean.tolist(), cmvn.std.tolist()
@@ -394,8 +409,13 @@ def load_verifier(path: Path | str) -> Verifier:
     except (TypeError, RuntimeError, KeyError) as err:
         raise SpeakerEmbeddingError(f"speaker embedder {path} does not fit its config: {err}") from err
     cmvn = GlobalCMVN(np.array(payload["cmvn_mean"]), np.array(payload["cmvn_std"])) if "cmvn_mean" in payload else None
-    return Verifier(embedder=model.eval(), cmvn=cmvn, threshold=payload.get("threshold"),
-                    target_far=payload.get("target_far"), meta=dict(payload.get("meta", {})))
+    return Verifier(
+        embedder=model.eval(),
+        cmvn=cmvn,
+        threshold=payload.get("threshold"),
+        target_far=payload.get("target_far"),
+        meta=dict(payload.get("meta", {})),
+    )
 
 
 def shipped_verifier(arm: str = "baseline") -> Path:

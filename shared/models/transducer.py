@@ -78,9 +78,7 @@ class StatelessPredictor(nn.Module):
         self.blank = vocab_size
         self.context_size = context_size
         self.embedding = nn.Embedding(vocab_size + 1, pred_dim)
-        self.context_conv = (
-            nn.Conv1d(pred_dim, pred_dim, kernel_size=context_size, groups=pred_dim) if context_size > 1 else None
-        )
+        self.context_conv = nn.Conv1d(pred_dim, pred_dim, kernel_size=context_size, groups=pred_dim) if context_size > 1 else None
 
     def start_context(self, batch_size: int, device: torch.device) -> Tensor:
         """(B, c) all-blank context: what the predictor sees before the first token."""
@@ -98,8 +96,7 @@ class StatelessPredictor(nn.Module):
         """
         if targets.dim() != 2 or target_lens.shape != (targets.shape[0],):
             raise ValueError(
-                f"targets must be (B, U) and target_lens (B,), got {tuple(targets.shape)} and "
-                f"{tuple(target_lens.shape)}"
+                f"targets must be (B, U) and target_lens (B,), got {tuple(targets.shape)} and {tuple(target_lens.shape)}"
             )
         if targets.shape[0] > 0 and (int(target_lens.min()) < 0 or int(target_lens.max()) > targets.shape[1]):
             raise ValueError(f"target_lens must lie in [0, U={targets.shape[1]}], got {target_lens.tolist()}")
@@ -107,9 +104,7 @@ class StatelessPredictor(nn.Module):
         labels = targets[valid]
         bad = (labels < 0) | (labels >= self.blank)
         if bool(bad.any()):
-            raise ValueError(
-                f"target ids must lie in [0, vocab_size={self.blank}), got {labels[bad].unique().tolist()}"
-            )
+            raise ValueError(f"target ids must lie in [0, vocab_size={self.blank}), got {labels[bad].unique().tolist()}")
         padded = targets.long().masked_fill(~valid, self.blank)
         return torch.cat([self.start_context(targets.shape[0], targets.device), padded], dim=1)
 
@@ -192,8 +187,16 @@ class Transducer(nn.Module):
         self.predictor = StatelessPredictor(config.vocab_size, config.pred_dim, config.context_size)
         self.joiner = Joiner(int(encoder.output_dim), config.pred_dim, config.joint_dim, config.vocab_size + 1)
 
-    def forward(self, feats: Tensor, feat_lens: Tensor, targets: Tensor, target_lens: Tensor, *,
-                fastemit_lambda: float = 0.0, ctc: bool = False) -> TransducerOutput:
+    def forward(
+        self,
+        feats: Tensor,
+        feat_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        fastemit_lambda: float = 0.0,
+        ctc: bool = False,
+    ) -> TransducerOutput:
         """Per-utterance RNN-T loss (and, with ``ctc``, the auxiliary CTC loss of the encoder).
 
         Args:
@@ -214,23 +217,28 @@ class Transducer(nn.Module):
         encoded = self.encoder(feats, feat_lens)
         too_short = (encoded.lengths < 1).nonzero().flatten().tolist()
         if too_short:
-            raise ValueError(
-                f"utterances {too_short} (feat_lens {feat_lens[too_short].tolist()}) give no encoder frame"
-            )
+            raise ValueError(f"utterances {too_short} (feat_lens {feat_lens[too_short].tolist()}) give no encoder frame")
         max_frames = int(encoded.lengths.max()) if feats.shape[0] > 0 else 0
         max_tokens = int(target_lens.max()) if target_lens.numel() > 0 else 0
         targets = targets[:, :max_tokens]
         predicted = self.predictor(self.predictor.training_context(targets, target_lens))
         logits = self.joiner(encoded.frames[:, :max_frames], predicted)
-        loss = rnnt_loss(logits, targets, encoded.lengths, target_lens, blank=self.blank,
-                         fastemit_lambda=fastemit_lambda)
+        loss = rnnt_loss(logits, targets, encoded.lengths, target_lens, blank=self.blank, fastemit_lambda=fastemit_lambda)
         ctc_loss = None
         if ctc:
             log_probs = self.ctc_logits(encoded.frames[:, :max_frames]).log_softmax(dim=-1).float()
-            ctc_loss = F.ctc_loss(log_probs.transpose(0, 1), targets, encoded.lengths, target_lens,
-                                  blank=self.blank, reduction="none", zero_infinity=True)
-        return TransducerOutput(loss_per_utt=loss, compute_cost=encoded.compute_cost, enc_lens=encoded.lengths,
-                                ctc_loss_per_utt=ctc_loss)
+            ctc_loss = F.ctc_loss(
+                log_probs.transpose(0, 1),
+                targets,
+                encoded.lengths,
+                target_lens,
+                blank=self.blank,
+                reduction="none",
+                zero_infinity=True,
+            )
+        return TransducerOutput(
+            loss_per_utt=loss, compute_cost=encoded.compute_cost, enc_lens=encoded.lengths, ctc_loss_per_utt=ctc_loss
+        )
 
     def ctc_logits(self, frames: Tensor) -> Tensor:
         """(B, T', D) encoder frames -> (B, T', V + 1) CTC logits: the joiner with no predictor input."""
@@ -314,10 +322,7 @@ class Transducer(nn.Module):
         if beam < 1:
             raise ValueError(f"beam must be positive, got {beam}")
         encoded = self.encoder(feats, feat_lens)
-        return [
-            self._beam_search_one(encoded.frames[row, : int(encoded.lengths[row])], beam)
-            for row in range(feats.shape[0])
-        ]
+        return [self._beam_search_one(encoded.frames[row, : int(encoded.lengths[row])], beam) for row in range(feats.shape[0])]
 
     def init_stream(self, batch_size: int = 1) -> StreamState:
         """A fresh streaming-decoding state: empty encoder state, all-blank context, empty hypotheses."""

@@ -47,8 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import (BlockList, EncoderOutput, check_batch, check_chunk, constant_cost, rotary_tables,
-                                   rotate, state_reference)
+from shared.models.encoder import (
+    BlockList,
+    EncoderOutput,
+    check_batch,
+    check_chunk,
+    constant_cost,
+    rotary_tables,
+    rotate,
+    state_reference,
+)
 
 __all__ = [
     "CausalSelfAttention",
@@ -82,9 +90,7 @@ class TransformerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.num_heads != 0 or (self.d_model // self.num_heads) % 2 != 0:
-            raise ValueError(
-                f"d_model={self.d_model} must split into num_heads={self.num_heads} heads of even size (RoPE)"
-            )
+            raise ValueError(f"d_model={self.d_model} must split into num_heads={self.num_heads} heads of even size (RoPE)")
         if self.left_context < 0:
             raise ValueError(f"left_context must be >= 0, got {self.left_context}")
         if not 0.0 <= self.dropout < 1.0:
@@ -144,9 +150,13 @@ class TransformerState(NamedTuple, Generic[Cache]):
     offset: int
 
 
-def stream_blocks(frontend: ConvSubsampling, input_dim: int, chunk: Tensor, state: TransformerState[Cache],
-                  encode: Callable[[Tensor, tuple[Cache, ...], int], tuple[Tensor, tuple[Cache, ...]]]
-                  ) -> tuple[Tensor, TransformerState[Cache]]:
+def stream_blocks(
+    frontend: ConvSubsampling,
+    input_dim: int,
+    chunk: Tensor,
+    state: TransformerState[Cache],
+    encode: Callable[[Tensor, tuple[Cache, ...], int], tuple[Tensor, tuple[Cache, ...]]],
+) -> tuple[Tensor, TransformerState[Cache]]:
     """``infer`` of the Transformer encoders: the front end consumes ``chunk`` after what was pending, and the
     encoder frames it completes go through ``encode`` (frames, caches, offset) -> (frames, new caches)."""
     check_chunk(chunk, input_dim, state.pending.shape[0])
@@ -185,7 +195,7 @@ class ConvSubsampling(nn.Module):
         The input frames not yet consumed by a complete output frame stay pending for the next chunk."""
         feats = torch.cat([pending, chunk.to(pending.dtype)], dim=1)
         frames = self(feats)
-        return frames, feats[:, self.factor * frames.shape[1]:]
+        return frames, feats[:, self.factor * frames.shape[1] :]
 
 
 class CausalSelfAttention(nn.Module):
@@ -207,9 +217,7 @@ class CausalSelfAttention(nn.Module):
         empty = reference.new_zeros(batch_size, self.num_heads, 0, self.d_head)
         return LayerCache(key=empty, value=empty)
 
-    def forward(
-        self, x: Tensor, cache: LayerCache, offset: int, frame_mask: Tensor | None = None
-    ) -> tuple[Tensor, LayerCache]:
+    def forward(self, x: Tensor, cache: LayerCache, offset: int, frame_mask: Tensor | None = None) -> tuple[Tensor, LayerCache]:
         """Attend each frame to itself and its W predecessors.
 
         Args:
@@ -299,9 +307,7 @@ class CausalTransformerEncoder(nn.Module):
         pending = reference.new_zeros(batch_size, 0, self.input_dim)
         return TransformerState(pending=pending, layers=layers, offset=0)
 
-    def _encode(
-        self, frames: Tensor, layers: tuple[LayerCache, ...], offset: int
-    ) -> tuple[Tensor, tuple[LayerCache, ...]]:
+    def _encode(self, frames: Tensor, layers: tuple[LayerCache, ...], offset: int) -> tuple[Tensor, tuple[LayerCache, ...]]:
         """Blocks and final norm over (B, t', D) subsampled frames starting at ``offset``."""
         frames = self.frontend_dropout(frames)
         new_layers = []

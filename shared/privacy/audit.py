@@ -42,43 +42,52 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-__all__ = ["ALLOWED_ARRAY_RECORDS", "ALLOWED_METRIC_RECORDS", "ALLOWED_METRICS", "PrivacyViolation",
-           "audit_mod", "audit_reply"]
+__all__ = ["ALLOWED_ARRAY_RECORDS", "ALLOWED_METRIC_RECORDS", "ALLOWED_METRICS", "PrivacyViolation", "audit_mod", "audit_reply"]
 
 log = logging.getLogger("chorus.privacy")
 
 # Record names are spelled here, not imported from shared.fairness.protocol: the allowlist stays readable in
 # one place, and tests/test_fairness_federated.py checks the two agree.
-ALLOWED_ARRAY_RECORDS = frozenset({
-    "arrays",  # model parameters (with ARW, plus the adversary's "arw.*" parameters the server sent)
-    "fisher-sums",  # EWC: summed squared minibatch gradients of the sent global model, one per its keys
-    "kmeans-stats",  # federated k-means: dense per-cluster embedding sums (C, E) and counts (C,)
-    "cohort-eval",  # disaggregated evaluation: dense per-cohort word errors, words, speakers, (C,) each
-})
+ALLOWED_ARRAY_RECORDS = frozenset(
+    {
+        "arrays",  # model parameters (with ARW, plus the adversary's "arw.*" parameters the server sent)
+        "fisher-sums",  # EWC: summed squared minibatch gradients of the sent global model, one per its keys
+        "kmeans-stats",  # federated k-means: dense per-cluster embedding sums (C, E) and counts (C,)
+        "cohort-eval",  # disaggregated evaluation: dense per-cohort word errors, words, speakers, (C,) each
+    }
+)
 ALLOWED_METRIC_RECORDS = frozenset({"metrics"})
-ALLOWED_METRICS = frozenset({
-    "num-examples",  # utterances used: the aggregation weight
-    "train-loss",  # mean per-token transducer loss over the local steps
-    "local-steps",
-    "compute-cost",  # mean executed share of gateable encoder compute
-    "word-errors",  # evaluation: summed word edit counts over the device's held-out utterances
-    "words",  # evaluation: reference word count (pooled WER = sum errors / sum words)
-    "wer",
-    "skipped-utterances",  # bad local files skipped (a count, never which)
-    # DP-SGD (dp.enabled): the device's epsilon spent so far at dp.delta. RDP accounting is a function of the
-    # public noise multiplier, sample rate and step count only, never of the data, so it reveals nothing private.
-    "epsilon",
-    # EWC's federated Fisher: how many minibatches a device's Fisher sums cover (the divisor of the average; a
-    # count the server could already infer from the training num-examples).
-    "fisher-batches",
-    # ARW (fairness.arw): the device's summed adversary scores, utterance-steps, score x loss, and its ARL weight
-    # mass. Scalars, like the loss; a score is a projection of the device's inputs that the adversary's own update
-    # (inside "arrays") already carries. Summable, so SecAgg+ could hide them per device.
-    "arw-score", "arw-count", "arw-score-loss", "arw-weight",
-})
+ALLOWED_METRICS = frozenset(
+    {
+        "num-examples",  # utterances used: the aggregation weight
+        "train-loss",  # mean per-token transducer loss over the local steps
+        "local-steps",
+        "compute-cost",  # mean executed share of gateable encoder compute
+        "word-errors",  # evaluation: summed word edit counts over the device's held-out utterances
+        "words",  # evaluation: reference word count (pooled WER = sum errors / sum words)
+        "wer",
+        "skipped-utterances",  # bad local files skipped (a count, never which)
+        # DP-SGD (dp.enabled): the device's epsilon spent so far at dp.delta. RDP accounting is a function of the
+        # public noise multiplier, sample rate and step count only, never of the data, so it reveals nothing private.
+        "epsilon",
+        # EWC's federated Fisher: how many minibatches a device's Fisher sums cover (the divisor of the average; a
+        # count the server could already infer from the training num-examples).
+        "fisher-batches",
+        # ARW (fairness.arw): the device's summed adversary scores, utterance-steps, score x loss, and its ARL weight
+        # mass. Scalars, like the loss; a score is a projection of the device's inputs that the adversary's own update
+        # (inside "arrays") already carries. Summable, so SecAgg+ could hide them per device.
+        "arw-score",
+        "arw-count",
+        "arw-score-loss",
+        "arw-weight",
+    }
+)
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16"})
-_KNOWN_DTYPES = _FLOAT_DTYPES | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {
-    "bool", "complex64", "complex128"}
+_KNOWN_DTYPES = (
+    _FLOAT_DTYPES
+    | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)}
+    | {"bool", "complex64", "complex128"}
+)
 
 # A name that looks like a code identifier may be quoted in the reason sent to the server; anything else (a
 # transcript with spaces, a speaker id with digits, a long string) is quoted only in the device's own log.
@@ -110,21 +119,23 @@ def _dtype(dtype: object) -> str:
 def _audit_array(name: str, key: str, array: Array, expected: tuple[str, tuple[int, ...]], reference: str) -> None:
     where, culprit = f"{_q(name)}/{_q(key)}", f"{name}/{key}"
     if array.dtype not in _FLOAT_DTYPES:
-        raise PrivacyViolation(f"array {where} has dtype {_dtype(array.dtype)}: only float model parameters and "
-                               f"statistics may leave a device", culprit)
+        raise PrivacyViolation(
+            f"array {where} has dtype {_dtype(array.dtype)}: only float model parameters and statistics may leave a device",
+            culprit,
+        )
     dtype, shape = expected
     if (array.dtype, tuple(array.shape)) != (dtype, shape):
-        raise PrivacyViolation(f"array {where} is {array.dtype}{list(array.shape)}, {reference} "
-                               f"{dtype}{list(shape)}", culprit)
+        raise PrivacyViolation(f"array {where} is {array.dtype}{list(array.shape)}, {reference} {dtype}{list(shape)}", culprit)
     # dtype/shape are only labels: the bytes must be exactly the canonical serialization of such an array.
     try:
         decoded = array.numpy()
     except Exception as ex:  # noqa: BLE001 - any undecodable payload is refused
-        raise PrivacyViolation(f"array {where} does not decode as a numpy array ({type(ex).__name__})",
-                               culprit) from None
+        raise PrivacyViolation(f"array {where} does not decode as a numpy array ({type(ex).__name__})", culprit) from None
     if (str(decoded.dtype), tuple(decoded.shape)) != (array.dtype, tuple(array.shape)):
-        raise PrivacyViolation(f"array {where} is labelled {array.dtype}{list(array.shape)} but holds "
-                               f"{_dtype(decoded.dtype)}{list(decoded.shape)}", culprit)
+        raise PrivacyViolation(
+            f"array {where} is labelled {array.dtype}{list(array.shape)} but holds {_dtype(decoded.dtype)}{list(decoded.shape)}",
+            culprit,
+        )
     if Array(decoded).data != array.data:  # np.save of what np.load gave back: the canonical bytes
         raise PrivacyViolation(f"array {where} carries bytes beyond its values", culprit)
 
@@ -142,8 +153,7 @@ def _expected_arrays(name: str, sent: RecordDict) -> tuple[dict[str, tuple[str, 
         return {k: (a.dtype, tuple(a.shape)) for k, a in sent_record.items()}, "the global model's is"
     centroids = sent_record.get("centroids") if "centroids" in sent_record else None
     if centroids is None or len(centroids.shape) != 2 or centroids.dtype not in _FLOAT_DTYPES:
-        raise PrivacyViolation(f"array record {_q(name)}: the server's 'centroids' are not a (C, E) float array",
-                               name)
+        raise PrivacyViolation(f"array record {_q(name)}: the server's 'centroids' are not a (C, E) float array", name)
     clusters, dim = (int(n) for n in centroids.shape)
     dtype = centroids.dtype
     if name == "kmeans-stats":
@@ -166,9 +176,12 @@ def audit_reply(content: RecordDict, sent: RecordDict) -> None:
             got = set(record.keys())
             if got != set(expected):
                 extra = sorted(got - set(expected))
-                raise PrivacyViolation(f"array record {_q(name)} does not match what the server sent: extra "
-                                       f"[{', '.join(_q(k) for k in extra[:5])}], missing "
-                                       f"{len(set(expected) - got)} key(s)", extra[0] if extra else name)
+                raise PrivacyViolation(
+                    f"array record {_q(name)} does not match what the server sent: extra "
+                    f"[{', '.join(_q(k) for k in extra[:5])}], missing "
+                    f"{len(set(expected) - got)} key(s)",
+                    extra[0] if extra else name,
+                )
             for key, array in record.items():
                 _audit_array(name, key, array, expected[key], reference)
         elif isinstance(record, MetricRecord):
@@ -203,15 +216,23 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         reply = call_next(msg, context)
     except Exception as ex:  # noqa: BLE001 - every failure must be answered without its text
         log.exception("device %s handler failed; the server is told only the exception type", kind)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                             reason=f"device {kind} handler raised {type(ex).__name__} (details in the device "
-                                    f"log: exception text may name local data, so it does not leave)"),
-                       reply_to=msg)
+        return Message(
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                reason=f"device {kind} handler raised {type(ex).__name__} (details in the device "
+                f"log: exception text may name local data, so it does not leave)",
+            ),
+            reply_to=msg,
+        )
     if reply.has_error():
         log.error("device %s handler replied with error %s: %s", kind, reply.error.code, reply.error.reason)
-        return Message(Error(code=reply.error.code,
-                             reason=f"device {kind} handler replied with error code {reply.error.code} (reason "
-                                    f"in the device log)"), reply_to=msg)
+        return Message(
+            Error(
+                code=reply.error.code,
+                reason=f"device {kind} handler replied with error code {reply.error.code} (reason in the device log)",
+            ),
+            reply_to=msg,
+        )
     try:
         if secagg is not None:
             audit_secagg_reply(reply.content, secagg)
@@ -222,4 +243,3 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         reason = f"privacy audit refused the device's {kind} reply: {violation}"
         return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
     return reply
-

@@ -75,8 +75,18 @@ from shared.training import StepStats
 if TYPE_CHECKING:
     from flwr.app import ConfigRecordValues
 
-__all__ = ["AccountantState", "DPCompatibilityError", "DPRound", "DPSGD", "GradSampleMode", "PrivacyBudgetExhausted",
-           "check_budget", "dp_train_steps", "make_dp_compatible", "validate"]
+__all__ = [
+    "AccountantState",
+    "DPCompatibilityError",
+    "DPRound",
+    "DPSGD",
+    "GradSampleMode",
+    "PrivacyBudgetExhausted",
+    "check_budget",
+    "dp_train_steps",
+    "make_dp_compatible",
+    "validate",
+]
 
 GradSampleMode = Literal["hooks", "functorch"]
 
@@ -98,9 +108,11 @@ class PrivacyBudgetExhausted(RuntimeError):
     def __init__(self, *, epsilon: float, next_epsilon: float, budget: float, delta: float) -> None:
         self.epsilon, self.next_epsilon, self.budget, self.delta = epsilon, next_epsilon, budget, delta
         spent = "is spent" if epsilon >= budget else "cannot hold another round"
-        super().__init__(f"privacy budget {spent}: this device has epsilon {epsilon:.4g} (delta {delta:g}) of its "
-                         f"budget {budget:.4g}; the next round would bring it to {next_epsilon:.4g}, so it refuses "
-                         f"to train")
+        super().__init__(
+            f"privacy budget {spent}: this device has epsilon {epsilon:.4g} (delta {delta:g}) of its "
+            f"budget {budget:.4g}; the next round would bring it to {next_epsilon:.4g}, so it refuses "
+            f"to train"
+        )
 
 
 # --- Accountant state --------------------------------------------------------------------------------------------
@@ -172,17 +184,21 @@ class AccountantState:
         missing = [key for key in _RECORD_KEYS if key not in record]
         unknown = sorted(set(record) - set(_RECORD_KEYS))
         if missing or unknown:
-            raise ValueError(f"accountant record must have exactly the keys {list(_RECORD_KEYS)}: missing {missing}, "
-                             f"unknown {unknown}")
+            raise ValueError(
+                f"accountant record must have exactly the keys {list(_RECORD_KEYS)}: missing {missing}, unknown {unknown}"
+            )
         columns = [list(record[key]) for key in _RECORD_KEYS]
         if len({len(column) for column in columns}) != 1:
-            raise ValueError(f"accountant record columns differ in length: "
-                             f"{ {key: len(column) for key, column in zip(_RECORD_KEYS, columns)} }")
+            raise ValueError(
+                f"accountant record columns differ in length: "
+                f"{ {key: len(column) for key, column in zip(_RECORD_KEYS, columns)} }"
+            )
         return cls(tuple((float(sigma), float(q), steps) for sigma, q, steps in zip(*columns)))
 
 
-def check_budget(state: AccountantState, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                 epsilon_budget: float) -> float:
+def check_budget(
+    state: AccountantState, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, epsilon_budget: float
+) -> float:
     """The epsilon a device will have after a round of ``steps`` steps; raises if that exceeds its budget.
 
     Raises:
@@ -192,8 +208,7 @@ def check_budget(state: AccountantState, *, noise_multiplier: float, sample_rate
         raise ValueError(f"epsilon_budget must be positive (math.inf for none), got {epsilon_budget}")
     next_epsilon = state.after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps).epsilon(delta)
     if next_epsilon > epsilon_budget:
-        raise PrivacyBudgetExhausted(epsilon=state.epsilon(delta), next_epsilon=next_epsilon, budget=epsilon_budget,
-                                     delta=delta)
+        raise PrivacyBudgetExhausted(epsilon=state.epsilon(delta), next_epsilon=next_epsilon, budget=epsilon_budget, delta=delta)
     return next_epsilon
 
 
@@ -211,6 +226,7 @@ def _check_delta(delta: float) -> None:
 
 
 # --- Model compatibility -----------------------------------------------------------------------------------------
+
 
 def make_dp_compatible(model: Transducer) -> Transducer:
     """Swap in Opacus-trainable layers, in place: ConvRNN-T's ``nn.LSTM`` becomes ``DPLSTM``; others unchanged.
@@ -242,9 +258,10 @@ def validate(model: nn.Module) -> None:
     finally:
         model.train(was_training)
     lines = [f"  {name} ({type(module).__name__}): {reason}" for name, module, reason in offenders]
-    raise DPCompatibilityError(f"{type(model).__name__} cannot be trained with Opacus DP-SGD; incompatible "
-                               f"modules:\n" + "\n".join(lines)
-                               + "\n(for ConvRNN-T, make_dp_compatible swaps its nn.LSTM for Opacus' DPLSTM)")
+    raise DPCompatibilityError(
+        f"{type(model).__name__} cannot be trained with Opacus DP-SGD; incompatible "
+        f"modules:\n" + "\n".join(lines) + "\n(for ConvRNN-T, make_dp_compatible swaps its nn.LSTM for Opacus' DPLSTM)"
+    )
 
 
 def _opacus_errors(module: nn.Module) -> list[str]:
@@ -272,6 +289,7 @@ def _offenders(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 # --- DP-SGD ------------------------------------------------------------------------------------------------------
 
+
 class DPRound(NamedTuple):
     """What ``dp_train_steps`` returns.
 
@@ -293,11 +311,24 @@ class _Example(NamedTuple):
     id: str
 
 
-def dp_train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, optimizer: torch.optim.Optimizer,
-                   noise_multiplier: float, max_grad_norm: float, sample_rate: float, accountant: AccountantState,
-                   delta: float, epsilon_budget: float = math.inf, batch_frames: int | None = None,
-                   spec_augment: bool = True, compute_weight: float = 0.0, seed: int | None = None,
-                   grad_sample_mode: GradSampleMode = "hooks") -> DPRound:
+def dp_train_steps(
+    model: Transducer,
+    batches: Sequence[Batch],
+    *,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    accountant: AccountantState,
+    delta: float,
+    epsilon_budget: float = math.inf,
+    batch_frames: int | None = None,
+    spec_augment: bool = True,
+    compute_weight: float = 0.0,
+    seed: int | None = None,
+    grad_sample_mode: GradSampleMode = "hooks",
+) -> DPRound:
     """``steps`` DP-SGD steps on the utterances of ``batches``, each on a fresh Poisson sample of them.
 
     Args:
@@ -345,8 +376,14 @@ def dp_train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, o
         raise ValueError(f"batch_frames must be positive, got {batch_frames}")
     if grad_sample_mode not in ("hooks", "functorch"):
         raise ValueError(f"grad_sample_mode must be 'hooks' or 'functorch', got {grad_sample_mode!r}")
-    epsilon = check_budget(accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
-                           delta=delta, epsilon_budget=epsilon_budget)
+    epsilon = check_budget(
+        accountant,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        epsilon_budget=epsilon_budget,
+    )
     pool = _examples(batches)
     if not pool:
         raise ValueError("no training utterances: every utterance was skipped or the device has no data")
@@ -360,16 +397,23 @@ def dp_train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, o
     ledger = accountant.accountant()
 
     total_loss, total_cost, loss_steps, visits = 0.0, 0.0, 0, 0
-    with DPSGD(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                expected_batch_size=sample_rate * len(pool), generator=generator,
-                grad_sample_mode=grad_sample_mode) as dpsgd:
+    with DPSGD(
+        model,
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=sample_rate * len(pool),
+        generator=generator,
+        grad_sample_mode=grad_sample_mode,
+    ) as dpsgd:
         dpsgd.optimizer.attach_step_hook(ledger.get_optimizer_hook_fn(sample_rate=sample_rate))
         for _ in range(steps):
             chosen = (torch.rand(len(pool), generator=generator) < sample_rate).nonzero().flatten().tolist()
             passes = _physical_batches([pool[i] for i in chosen], batch_frames)
             if spec_augment:
-                passes = [replace(batch, feats=_spec_augment(batch.feats, batch.feat_lens, generator=generator))
-                          for batch in passes]
+                passes = [
+                    replace(batch, feats=_spec_augment(batch.feats, batch.feat_lens, generator=generator)) for batch in passes
+                ]
             step = dpsgd.step(passes, compute_weight=compute_weight)
             visits += step.utterances
             if step.utterances:
@@ -379,8 +423,12 @@ def dp_train_steps(model: Transducer, batches: Sequence[Batch], *, steps: int, o
     state = AccountantState.from_accountant(ledger)
     planned = accountant.after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
     assert state == planned, f"the optimizer's accountant counted {state}, the budget check planned {planned}"
-    stats = StepStats(loss=total_loss / max(loss_steps, 1), steps=steps, utterances=visits,
-                      compute_cost=total_cost / loss_steps if loss_steps else 1.0)
+    stats = StepStats(
+        loss=total_loss / max(loss_steps, 1),
+        steps=steps,
+        utterances=visits,
+        compute_cost=total_cost / loss_steps if loss_steps else 1.0,
+    )
     return DPRound(stats=stats, accountant=state, epsilon=epsilon)
 
 
@@ -390,20 +438,32 @@ class DPSGD:
     On exit the model is as before: no hooks, no per-sample attributes on its parameters.
     """
 
-    def __init__(self, model: Transducer, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: float, generator: torch.Generator,
-                 grad_sample_mode: GradSampleMode) -> None:
+    def __init__(
+        self,
+        model: Transducer,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        generator: torch.Generator,
+        grad_sample_mode: GradSampleMode,
+    ) -> None:
         self.model = model
-        self._optimizer_args = dict(optimizer=optimizer, noise_multiplier=noise_multiplier,
-                                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                    loss_reduction="mean", generator=generator)
+        self._optimizer_args = dict(
+            optimizer=optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+        )
         self._force_functorch = grad_sample_mode == "functorch"
         self._warnings = warnings.catch_warnings()
 
     def __enter__(self) -> DPSGD:
         self.model.train()
-        self.module = GradSampleModule(self.model, batch_first=True, loss_reduction="mean",
-                                       force_functorch=self._force_functorch)
+        self.module = GradSampleModule(self.model, batch_first=True, loss_reduction="mean", force_functorch=self._force_functorch)
         try:
             self.optimizer = DPOptimizer(**self._optimizer_args)
         except BaseException:
@@ -414,8 +474,7 @@ class DPSGD:
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         self._warnings.__exit__(exc_type, exc, traceback)
         self.optimizer.zero_grad(set_to_none=True)
         self._clean()
@@ -448,7 +507,8 @@ class DPSGD:
                 raise ValueError(
                     f"compute_weight={compute_weight} with DP-SGD: this encoder's compute_cost averages over the "
                     f"batch's frames, so an utterance's gradient would depend on the other sampled utterances; "
-                    f"train with compute_weight=0 (or give the encoder a per-utterance cost)")
+                    f"train with compute_weight=0 (or give the encoder a per-utterance cost)"
+                )
             per_utterance = out.loss_per_utt / batch.target_lens.clamp(min=1).to(out.loss_per_utt.dtype)
             if not bool(torch.isfinite(per_utterance).all()):
                 raise FloatingPointError(f"non-finite transducer loss on batch {batch.ids[:3]}...")
@@ -474,8 +534,13 @@ def _examples(batches: Sequence[Batch]) -> list[_Example]:
     pool = []
     for batch in batches:
         for row, uid in enumerate(batch.ids):
-            pool.append(_Example(feats=batch.feats[row, : int(batch.feat_lens[row])],
-                                 targets=batch.targets[row, : int(batch.target_lens[row])], id=uid))
+            pool.append(
+                _Example(
+                    feats=batch.feats[row, : int(batch.feat_lens[row])],
+                    targets=batch.targets[row, : int(batch.target_lens[row])],
+                    id=uid,
+                )
+            )
     ids = [example.id for example in pool]
     if len(set(ids)) != len(ids):
         raise ValueError("an utterance appears in several batches: each must be one sampling unit")
@@ -504,5 +569,6 @@ def _collate(group: list[_Example]) -> Batch:
     for row, example in enumerate(group):
         feats[row, : example.feats.shape[0]] = example.feats
         targets[row, : example.targets.shape[0]] = example.targets
-    return Batch(feats=feats, feat_lens=feat_lens, targets=targets, target_lens=target_lens,
-                 ids=[example.id for example in group])
+    return Batch(
+        feats=feats, feat_lens=feat_lens, targets=targets, target_lens=target_lens, ids=[example.id for example in group]
+    )

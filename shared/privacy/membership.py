@@ -55,8 +55,9 @@ class MembershipAttack:
     non_members: int
 
 
-def loss_threshold_attack(member_losses: Sequence[float] | np.ndarray,
-                          non_member_losses: Sequence[float] | np.ndarray) -> MembershipAttack:
+def loss_threshold_attack(
+    member_losses: Sequence[float] | np.ndarray, non_member_losses: Sequence[float] | np.ndarray
+) -> MembershipAttack:
     """Score the loss-threshold attack on per-utterance losses of members and non-members.
 
     Raises:
@@ -79,11 +80,16 @@ def loss_threshold_attack(member_losses: Sequence[float] | np.ndarray,
     gain = true_positives * non_members.size - false_positives * members.size
     best = int(np.argmax(gain))
     if gain[best] <= 0:  # no threshold beats calling nobody a member
-        return MembershipAttack(auc=auc, advantage=0.0, threshold=-math.inf, members=int(members.size),
-                                non_members=int(non_members.size))
-    return MembershipAttack(auc=auc, advantage=float(gain[best]) / (members.size * non_members.size),
-                            threshold=float(thresholds[best]), members=int(members.size),
-                            non_members=int(non_members.size))
+        return MembershipAttack(
+            auc=auc, advantage=0.0, threshold=-math.inf, members=int(members.size), non_members=int(non_members.size)
+        )
+    return MembershipAttack(
+        auc=auc,
+        advantage=float(gain[best]) / (members.size * non_members.size),
+        threshold=float(thresholds[best]),
+        members=int(members.size),
+        non_members=int(non_members.size),
+    )
 
 
 @torch.no_grad()

@@ -59,8 +59,7 @@ def secagg_request(content: RecordDict) -> SecAggRequest | None:
     if configs is None:
         return None
     arrays = content.get("arrays")
-    return SecAggRequest(str(configs.get(Key.STAGE, "")), configs,
-                         arrays if isinstance(arrays, ArrayRecord) else None)
+    return SecAggRequest(str(configs.get(Key.STAGE, "")), configs, arrays if isinstance(arrays, ArrayRecord) else None)
 
 
 def _ints(name: str, value: Any) -> list[int]:
@@ -75,8 +74,7 @@ def _secrets(name: str, value: Any, count: int, *, uniform: bool = True) -> list
     if not isinstance(value, list) or any(not isinstance(v, bytes) for v in value) or len(value) != count:
         raise PrivacyViolation(f"SecAgg+ {name!r} must be {count} byte strings", name)
     if (uniform and len({len(v) for v in value}) > 1) or any(len(v) > MAX_SECRET_BYTES for v in value):
-        raise PrivacyViolation(f"SecAgg+ {name!r}: secrets of unequal or over-long ({MAX_SECRET_BYTES}+) sizes",
-                               name)
+        raise PrivacyViolation(f"SecAgg+ {name!r}: secrets of unequal or over-long ({MAX_SECRET_BYTES}+) sizes", name)
     return value
 
 
@@ -102,8 +100,10 @@ def _masked_vectors(value: Any, sent: ArrayRecord | None) -> None:
         except Exception:  # noqa: BLE001 - anything that does not decode is refused
             raise PrivacyViolation(f"SecAgg+ masked array {index} does not decode", name) from None
         if array.dtype.kind not in "iu" or tuple(array.shape) != shape:
-            raise PrivacyViolation(f"SecAgg+ masked array {index} is {array.dtype}{list(array.shape)}, expected "
-                                   f"integers of shape {list(shape)}", name)
+            raise PrivacyViolation(
+                f"SecAgg+ masked array {index} is {array.dtype}{list(array.shape)}, expected integers of shape {list(shape)}",
+                name,
+            )
         if array.size and (int(array.min()) < 0 or int(array.max()) >= 2**32):
             raise PrivacyViolation(f"SecAgg+ masked array {index} leaves the modulus range [0, 2^32)", name)
         if ndarray_to_bytes(array) != blob:
@@ -113,13 +113,17 @@ def _masked_vectors(value: Any, sent: ArrayRecord | None) -> None:
 def _fitres(content: RecordDict) -> None:
     parameters = content.get("fitres.parameters")
     if not isinstance(parameters, ArrayRecord) or len(parameters):
-        raise PrivacyViolation("SecAgg+ reply: 'fitres.parameters' must be an empty ArrayRecord (the update "
-                               "leaves masked only)", "fitres.parameters")
+        raise PrivacyViolation(
+            "SecAgg+ reply: 'fitres.parameters' must be an empty ArrayRecord (the update leaves masked only)", "fitres.parameters"
+        )
     count = content.get("fitres.num_examples")
-    if (not isinstance(count, MetricRecord) or set(count) != {"num_examples"}
-            or isinstance(count["num_examples"], bool) or not isinstance(count["num_examples"], int)):
-        raise PrivacyViolation("SecAgg+ reply: 'fitres.num_examples' must be one integer count",
-                               "fitres.num_examples")
+    if (
+        not isinstance(count, MetricRecord)
+        or set(count) != {"num_examples"}
+        or isinstance(count["num_examples"], bool)
+        or not isinstance(count["num_examples"], int)
+    ):
+        raise PrivacyViolation("SecAgg+ reply: 'fitres.num_examples' must be one integer count", "fitres.num_examples")
     metrics = content.get("fitres.metrics")
     if not isinstance(metrics, ConfigRecord):
         raise PrivacyViolation("SecAgg+ reply: 'fitres.metrics' is missing", "fitres.metrics")
@@ -130,8 +134,7 @@ def _fitres(content: RecordDict) -> None:
             raise PrivacyViolation(f"metric {_q(key)} is not a finite number", key)
     status = content.get("fitres.status")
     if not isinstance(status, ConfigRecord) or dict(status) != {"code": 0, "message": ""}:
-        raise PrivacyViolation("SecAgg+ reply: 'fitres.status' must be code 0 with an empty message",
-                               "fitres.status")
+        raise PrivacyViolation("SecAgg+ reply: 'fitres.status' must be code 0 with an empty message", "fitres.status")
 
 
 _REPLY_KEYS = {
@@ -153,8 +156,7 @@ def audit_secagg_reply(content: RecordDict, request: SecAggRequest) -> None:
         raise PrivacyViolation(f"SecAgg+ {stage} reply carries a record outside the protocol", extra[0])
     configs = content.get(RECORD_KEY_CONFIGS)
     if not isinstance(configs, ConfigRecord) or set(configs) != _REPLY_KEYS[stage]:
-        raise PrivacyViolation(f"SecAgg+ {stage} reply must carry exactly {sorted(_REPLY_KEYS[stage])}",
-                               RECORD_KEY_CONFIGS)
+        raise PrivacyViolation(f"SecAgg+ {stage} reply must carry exactly {sorted(_REPLY_KEYS[stage])}", RECORD_KEY_CONFIGS)
     if stage == Stage.SETUP:
         _public_key(Key.PUBLIC_KEY_1, configs[Key.PUBLIC_KEY_1])
         _public_key(Key.PUBLIC_KEY_2, configs[Key.PUBLIC_KEY_2])
@@ -162,8 +164,9 @@ def audit_secagg_reply(content: RecordDict, request: SecAggRequest) -> None:
         neighbours = {int(k) for k in request.configs if k.isdigit()}
         destinations = _ints(Key.DESTINATION_LIST, configs[Key.DESTINATION_LIST])
         if len(set(destinations)) != len(destinations) or not set(destinations) <= neighbours:
-            raise PrivacyViolation("SecAgg+ shares addressed to devices that are not this device's neighbours",
-                                   Key.DESTINATION_LIST)
+            raise PrivacyViolation(
+                "SecAgg+ shares addressed to devices that are not this device's neighbours", Key.DESTINATION_LIST
+            )
         _secrets(Key.CIPHERTEXT_LIST, configs[Key.CIPHERTEXT_LIST], len(destinations))
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         _masked_vectors(configs[Key.MASKED_PARAMETERS], request.arrays)
@@ -175,5 +178,5 @@ def audit_secagg_reply(content: RecordDict, request: SecAggRequest) -> None:
             raise PrivacyViolation("SecAgg+ unmask shares for devices the server did not list", Key.NODE_ID_LIST)
         shares = _secrets(Key.SHARE_LIST, configs[Key.SHARE_LIST], len(active) + len(dead), uniform=False)
         # seed shares of the survivors, then key shares of the dropped devices: each kind of one length
-        _secrets(Key.SHARE_LIST, shares[:len(active)], len(active))
-        _secrets(Key.SHARE_LIST, shares[len(active):], len(dead))
+        _secrets(Key.SHARE_LIST, shares[: len(active)], len(active))
+        _secrets(Key.SHARE_LIST, shares[len(active) :], len(dead))
