@@ -107,15 +107,15 @@ class DeviceRecipe:
         unknown = sorted(k for k in config if k.startswith("sv.") and k not in names)
         if unknown:
             raise SpeakerEmbeddingError(f"unknown speaker-verification config key(s) {unknown}; known: {sorted(names)}")
-        values = {}
+        defaults, values = cls(), {}
         for key, f in names.items():
-            if key in config:
-                value = config[key]
-                kind = type(getattr(cls(), f.name))
-                if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                    if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                        raise SpeakerEmbeddingError(f"config {key}={value!r} is not of type {kind.__name__}")
-                values[f.name] = kind(value)
+            if key not in config:
+                continue
+            value, kind = config[key], type(getattr(defaults, f.name))
+            accepted = (kind,) if kind in (bool, str) else (int, float) if kind is float else (int,)
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+                raise SpeakerEmbeddingError(f"config {key}={value!r} is not of type {kind.__name__}")
+            values[f.name] = kind(value)
         return cls(**values)
 
 
