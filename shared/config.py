@@ -32,6 +32,8 @@ __all__ = [
     "SecAggConfig",
     "CentralDPConfig",
     "FairnessConfig",
+    "TINY_MODEL",
+    "TINY_RUN",
 ]
 
 
@@ -58,6 +60,28 @@ class SplitConfig:
 
 
 MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")
+
+# CI-sized runs (the `--quick` plans of the evaluations and benchmarks, and the tests): a 2-block Transformer
+# trained from scratch, on 2 public and 2 held-out speakers of a small synthetic corpus, 2 local steps a round.
+TINY_MODEL: dict[str, bool | int | float | str] = {
+    "model.d-model": 64,
+    "model.num-layers": 2,
+    "model.num-heads": 2,
+    "model.ffn-dim": 128,
+    "model.vocab-size": 128,
+    "model.init-checkpoint": "",
+}
+TINY_RUN: dict[str, bool | int | float | str] = {
+    "synth.speakers": 8,
+    "synth.utterances": 6,
+    "synth.seed": 3,
+    "split.public-speakers": 2,
+    "split.heldout-speakers": 2,
+    **TINY_MODEL,
+    "train.local-steps": 2,
+    "train.batch-frames": 3000,
+    "eval.heldout-utterances": 6,
+}
 
 
 @dataclass(frozen=True)

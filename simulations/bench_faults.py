@@ -44,7 +44,7 @@ from server.deploy import (
     wait_until_listening,
     write_flower_config,
 )
-from shared.config import RunConfig
+from shared.config import TINY_RUN, RunConfig
 from shared.data.prepare import prepare
 from shared.files import write_text_atomic
 from shared.models.checkpoint import load_checkpoint
@@ -55,22 +55,10 @@ __all__ = ["FAULT_RUN", "device_dirs", "main", "run_faults"]
 
 DEVICES = 3
 REJOIN_AFTER_S = 5.0  # between a device's restarts
-# The tiny model of tests/conftest.py's TINY_RUN: 2 public + 2 held-out speakers on the server, 3 devices.
+# The CI-sized run (shared/config.py's TINY_RUN): 2 public + 2 held-out speakers on the server, 3 devices.
 FAULT_RUN: dict[str, Any] = {
+    **TINY_RUN,
     "synth.speakers": 7,
-    "synth.utterances": 6,
-    "synth.seed": 3,
-    "split.public-speakers": 2,
-    "split.heldout-speakers": 2,
-    "model.d-model": 64,
-    "model.num-layers": 2,
-    "model.num-heads": 2,
-    "model.ffn-dim": 128,
-    "model.vocab-size": 128,
-    "model.init-checkpoint": "",
-    "train.local-steps": 2,
-    "train.batch-frames": 3000,
-    "eval.heldout-utterances": 6,
     "num-server-rounds": 4,
     "run-id": "faults",
     "strategy.min-train-nodes": 2,

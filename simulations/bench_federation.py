@@ -75,7 +75,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from shared.config import TINY_RUN, RunConfig
 from shared.processes import SAMPLE_INTERVAL, TreeMemorySampler, tree_cpu_seconds
 from simulations.simulate import available_cores, sampling_overrides, simulate
 
@@ -144,27 +144,12 @@ class FederationPlan:
         return cfg
 
 
-# CI-sized: a TINY_RUN-like corpus and model (tests/conftest.py), 20 devices, 5 per round. Minutes in all.
+# CI-sized: the TINY_RUN corpus and model (shared/config.py) with 24 speakers, 20 devices, 5 per round.
 QUICK = FederationPlan(
     clients=20,
     per_round=5,
     rounds=2,
-    overrides={
-        "synth.speakers": 24,
-        "synth.utterances": 6,
-        "synth.seed": 3,
-        "split.public-speakers": 2,
-        "split.heldout-speakers": 2,
-        "model.d-model": 64,
-        "model.num-layers": 2,
-        "model.num-heads": 2,
-        "model.ffn-dim": 128,
-        "model.vocab-size": 128,
-        "model.init-checkpoint": "",
-        "train.local-steps": 2,
-        "train.batch-frames": 3000,
-        "eval.heldout-utterances": 6,
-    },
+    overrides={**TINY_RUN, "synth.speakers": 24},
 )
 # The target: 1,000 speaker-devices, 50 per round, the default model and training. 1,040 synthetic
 # speakers (1,000 federated + 24 public + 16 held-out) with 8 utterances each keep synthesis to one pass of

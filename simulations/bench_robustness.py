@@ -39,7 +39,7 @@ import client.client_app as client_app
 from client.data import DeviceData, node_data
 from client.train import fine_tune
 from server.workflow import run_federation
-from shared.config import RunConfig
+from shared.config import TINY_RUN, RunConfig
 from shared.data.prepare import prepare
 from shared.records import array_record, config_record, scalar
 from simulations.harness import InProcessGrid, server_identity
@@ -92,22 +92,7 @@ class RobustnessPlan:
 # CI-sized: a tiny model on 10 devices; its numbers prove the pipeline only (the model is untrained).
 QUICK = RobustnessPlan(
     name="quick",
-    overrides={
-        "synth.speakers": 14,
-        "synth.utterances": 6,
-        "synth.seed": 3,
-        "split.public-speakers": 2,
-        "split.heldout-speakers": 2,
-        "model.d-model": 64,
-        "model.num-layers": 2,
-        "model.num-heads": 2,
-        "model.ffn-dim": 128,
-        "model.vocab-size": 128,
-        "model.init-checkpoint": "",
-        "train.local-steps": 2,
-        "train.batch-frames": 3000,
-        "eval.heldout-utterances": 6,
-    },
+    overrides={**TINY_RUN, "synth.speakers": 14},
     rounds=1,
     shares=(0.2,),
     attacks=("nan", "scaled", "sign-flip"),

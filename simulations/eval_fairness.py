@@ -59,7 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared.config import RunConfig
+from shared.config import TINY_MODEL, RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.prepare import Prepared, prepare, speaker_embedder_path
 from shared.fairness.cohorts import CohortReport, assign, cohort_report
@@ -102,19 +102,10 @@ class FairnessPlan:
         return replace(self, overrides=merged, corpus_overrides=per_corpus)
 
 
-_TINY_MODEL = {
-    "model.d-model": 64,
-    "model.num-layers": 2,
-    "model.num-heads": 2,
-    "model.ffn-dim": 128,
-    "model.vocab-size": 128,
-    "model.init-checkpoint": "",
-}
-
 QUICK = FairnessPlan(
     name="quick",
     overrides={
-        **_TINY_MODEL,
+        **TINY_MODEL,
         "train.local-steps": 3,
         "train.batch-frames": 3000,
         "eval.heldout-utterances": 4,

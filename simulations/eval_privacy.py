@@ -62,7 +62,7 @@ from client.client_app import app as client_app
 from client.data import DeviceData, device_data
 from server.exchange import exchange
 from server.workflow import make_strategy
-from shared.config import RunConfig
+from shared.config import TINY_MODEL, RunConfig
 from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
@@ -113,12 +113,7 @@ QUICK = PrivacyPlan(
         "split.public-speakers": 4,
         "split.heldout-speakers": 2,
         "split.local-eval-fraction": 0.3,
-        "model.d-model": 64,
-        "model.num-layers": 2,
-        "model.num-heads": 2,
-        "model.ffn-dim": 128,
-        "model.vocab-size": 128,
-        "model.init-checkpoint": "",
+        **TINY_MODEL,
         "train.batch-frames": 3000,
         "train.local-steps": 6,
         "dp.sample-rate": 0.5,

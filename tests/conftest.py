@@ -22,6 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.client_app as client_app
+from shared import config
 from shared.config import RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.dataset import Batch
@@ -58,22 +59,10 @@ def with_run_config(context: Context, run_config: dict[str, bool | int | float |
     )
 
 
-# A federation small enough for CI: 4 devices, 2 public and 2 held-out speakers, a 2-layer model.
+# A federation small enough for CI: shared/config.py's TINY_RUN (2 public and 2 held-out speakers, a 2-layer
+# model) with 4 devices.
 TINY_RUN = {
-    "synth.speakers": 8,
-    "synth.utterances": 6,
-    "synth.seed": 3,
-    "split.public-speakers": 2,
-    "split.heldout-speakers": 2,
-    "model.d-model": 64,
-    "model.num-layers": 2,
-    "model.num-heads": 2,
-    "model.ffn-dim": 128,
-    "model.vocab-size": 128,
-    "model.init-checkpoint": "",
-    "train.local-steps": 2,
-    "train.batch-frames": 3000,
-    "eval.heldout-utterances": 6,
+    **config.TINY_RUN,
     "strategy.min-train-nodes": 4,
     "strategy.min-evaluate-nodes": 4,
     "strategy.min-available-nodes": 4,
