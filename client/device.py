@@ -15,7 +15,9 @@
 ``chorus device transcribe`` pushes audio through the on-device pipeline chunk by chunk, exactly as a
 microphone would: StreamingFbank -> global CMVN -> ``Transducer.stream``; it prints partial hypotheses as
 they grow, the final text, the real-time factor, and (amortized model) the share of encoder compute its
-gates skipped.
+gates skipped. With ``--talkers 2`` it runs the separator-transducer-segmenter instead (a ``chorus bench
+multitalker`` model, the shipped one by default): each channel's partial words and the turn boundaries (``<sot>``,
+``<eot>``) as the chunks arrive.
 """
 
 from __future__ import annotations
@@ -38,10 +40,22 @@ from shared.processes import stop_tree
 
 # torch, the model and the audio stack load inside `transcribe`: `chorus --help` and `device join` stay fast.
 if TYPE_CHECKING:
+    import numpy as np
+
     from shared.data.features import GlobalCMVN
     from shared.data.tokenizer import Tokenizer
 
-__all__ = ["DeviceError", "Transcript", "device_cli", "node_config_arg", "start_supernode", "stop_supernode", "transcribe"]
+__all__ = [
+    "DeviceError",
+    "MultiTalkerTranscript",
+    "Transcript",
+    "device_cli",
+    "node_config_arg",
+    "start_supernode",
+    "stop_supernode",
+    "transcribe",
+    "transcribe_talkers",
+]
 
 
 class DeviceError(ValueError):
@@ -197,10 +211,9 @@ def transcribe(
         DeviceError: a missing or unreadable audio file, checkpoint or artifact (the message names it), or a
             bad ``chunk_ms``.
     """
-    import numpy as np
     import torch
 
-    from shared.data.audio import SAMPLE_RATE, AudioError, load_audio, probe_audio
+    from shared.data.audio import SAMPLE_RATE
     from shared.data.features import StreamingFbank
     from shared.models.amortized_transformer import AmortizedTransformerEncoder
     from shared.models.checkpoint import CheckpointError, load_checkpoint
@@ -218,11 +231,7 @@ def transcribe(
             f"tokenizer in {artifacts} has {tokenizer.vocab_size} pieces, checkpoint {checkpoint} "
             f"expects {ckpt.model_config.vocab_size}"
         )
-    try:
-        native_rate = probe_audio(audio, resample=True)
-        samples = load_audio(audio, sample_rate=SAMPLE_RATE, resample=True)
-    except AudioError as err:
-        raise DeviceError(str(err)) from err
+    samples, native_rate = _load_samples(audio)
 
     model = ckpt.build().eval()
     gated = model.encoder if isinstance(model.encoder, AmortizedTransformerEncoder) else None  # it counts skipped work
@@ -261,6 +270,112 @@ def transcribe(
         skipped_share=skipped,
         native_rate=native_rate,
         model_name=ckpt.model_config.name,
+    )
+
+
+@dataclass(frozen=True)
+class MultiTalkerTranscript:
+    """What :func:`transcribe_talkers` returns.
+
+    Attributes:
+        channels: the final words of each output channel.
+        turns: (channel, start s, end s or None) of every turn, in order of its ``<sot>``; times are when the
+            device had heard enough to emit the turn token.
+        audio_seconds, compute_seconds, native_rate: as in ``Transcript``.
+    """
+
+    channels: tuple[str, ...]
+    turns: tuple[tuple[int, float, float | None], ...]
+    audio_seconds: float
+    compute_seconds: float
+    native_rate: int
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+
+def _load_samples(audio: Path) -> tuple[np.ndarray, int]:
+    from shared.data.audio import SAMPLE_RATE, AudioError, load_audio, probe_audio
+
+    try:
+        return load_audio(audio, sample_rate=SAMPLE_RATE, resample=True), probe_audio(audio, resample=True)
+    except AudioError as err:
+        raise DeviceError(str(err)) from err
+
+
+def transcribe_talkers(
+    audio: Path,
+    *,
+    checkpoint: Path | None = None,
+    chunk_ms: int = 160,
+    on_partial: Callable[[tuple[str, ...], tuple[tuple[int, float, float | None], ...]], None] | None = None,
+) -> MultiTalkerTranscript:
+    """Stream ``audio`` through a two-talker model (``checkpoint``, default the shipped one) in ``chunk_ms`` pieces;
+    ``on_partial(channel texts, turns)`` is called each time either changes.
+
+    Raises:
+        DeviceError: a missing or unreadable audio file or model (named), or a bad ``chunk_ms``.
+    """
+    import torch
+
+    from shared.data.audio import SAMPLE_RATE
+    from shared.data.features import StreamingFbank
+    from shared.models.checkpoint import SHIPPED_DIR, CheckpointError
+    from shared.models.separator_transducer import extended_vocabulary
+    from shared.multitalker import SHIPPED_MULTITALKER, emission_seconds, load_multitalker
+
+    if chunk_ms < 10:
+        raise DeviceError(f"--chunk-ms {chunk_ms}: chunks must be at least 10 ms (one feature frame shift)")
+    try:
+        model, _, frontend, _ = load_multitalker(checkpoint or SHIPPED_DIR / SHIPPED_MULTITALKER)
+    except CheckpointError as err:
+        raise DeviceError(str(err)) from err
+    samples, native_rate = _load_samples(Path(audio).expanduser())
+    tokenizer, ids = frontend.tokenizer, extended_vocabulary(frontend.tokenizer.vocab_size)
+    channels = model.config.channels
+    state = model.init_stream(batch_size=1)
+    fbank = StreamingFbank()
+    shown: tuple[tuple[str, ...], tuple[tuple[int, float, float | None], ...]] = ((), ())
+
+    def view() -> tuple[tuple[str, ...], tuple[tuple[int, float, float | None], ...]]:
+        texts: list[str] = []
+        turns: list[tuple[int, float, float | None]] = []
+        for c in range(channels):
+            tokens, frames = state.hypotheses[c], state.frames[c]
+            texts.append(tokenizer.decode([t for t in tokens if t < tokenizer.vocab_size]))
+            for token, frame in zip(tokens, frames, strict=True):
+                if token == ids["<sot>"]:
+                    turns.append((c, emission_seconds(frame), None))
+                elif token == ids["<eot>"] and turns and any(t[0] == c and t[2] is None for t in turns):
+                    i = max(i for i, t in enumerate(turns) if t[0] == c and t[2] is None)
+                    turns[i] = (c, turns[i][1], emission_seconds(frame))
+        return tuple(texts), tuple(sorted(turns, key=lambda t: t[1]))
+
+    def push(frames: np.ndarray) -> None:
+        nonlocal state, shown
+        if frames.shape[0] == 0:
+            return
+        state = model.stream(torch.from_numpy(frontend.cmvn.apply(frames)).float()[None], state)
+        now = view()
+        if now != shown:
+            shown = now
+            if on_partial is not None:
+                on_partial(*now)
+
+    chunk = SAMPLE_RATE * chunk_ms // 1000
+    began = time.perf_counter()
+    for start in range(0, samples.shape[0], chunk):
+        push(fbank.accept(samples[start : start + chunk]))
+    push(fbank.finish())
+    compute = time.perf_counter() - began
+    texts, turns = view()
+    return MultiTalkerTranscript(
+        channels=texts,
+        turns=turns,
+        audio_seconds=samples.shape[0] / SAMPLE_RATE,
+        compute_seconds=compute,
+        native_rate=native_rate,
     )
 
 
@@ -327,11 +442,22 @@ def join_cmd(
 @device_cli.command("transcribe")
 def transcribe_cmd(
     audio: Annotated[Path, typer.Argument(help="Audio file (WAV, FLAC, ...; resampled to 16 kHz if needed).")],
-    checkpoint: Annotated[Path, typer.Option(help="A Chorus checkpoint (global.pt, best.pt, ...).")],
-    artifacts: Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json.")],
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A Chorus checkpoint (global.pt, best.pt, ...); with --talkers 2 a multi-talker model (default: shipped)."
+        ),
+    ] = None,
+    artifacts: Annotated[Optional[Path], typer.Option(help="tokenizer-<vocab>.model and cmvn.json (--talkers 1).")] = None,
     chunk_ms: Annotated[int, typer.Option(min=10, help="Audio pushed per step, in ms.")] = 160,
+    talkers: Annotated[int, typer.Option(min=1, max=2, help="2: two overlapping talkers, each turn's words and bounds.")] = 1,
 ) -> None:
     """Transcribe a recording as it streams: partial hypotheses, final text, real-time factor, compute skipped."""
+    if talkers == 2:
+        _transcribe_talkers_cmd(audio, checkpoint, chunk_ms)
+        return
+    if checkpoint is None or artifacts is None:
+        fail("--checkpoint and --artifacts are required (or use --talkers 2 for the shipped two-talker model)")
     from rich.console import Console
 
     from shared.data.audio import SAMPLE_RATE
@@ -366,6 +492,33 @@ def transcribe_cmd(
     )
     kind = "gated sub-blocks" if result.model_name == "amortized" else f"dense {result.model_name} model"
     typer.echo(f"encoder compute skipped: {100 * result.skipped_share:.1f}% ({kind})")
+
+
+def _turns_line(turns: tuple[tuple[int, float, float | None], ...]) -> str:
+    return ", ".join(f"talker channel {c + 1} {start:.2f}-{'...' if end is None else f'{end:.2f}'} s" for c, start, end in turns)
+
+
+def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int) -> None:
+    """`chorus device transcribe --talkers 2`: each channel's words and the turns as they stream."""
+    from shared.data.audio import SAMPLE_RATE
+
+    def show(texts: tuple[str, ...], turns: tuple[tuple[int, float, float | None], ...]) -> None:
+        words = " | ".join(f"[{c + 1}] {text}" for c, text in enumerate(texts))
+        typer.echo(f"partial: {words}" + (f"  turns: {_turns_line(turns)}" if turns else ""))
+
+    try:
+        result = transcribe_talkers(audio, checkpoint=checkpoint, chunk_ms=chunk_ms, on_partial=show)
+    except DeviceError as err:
+        fail(str(err))
+    if result.native_rate != SAMPLE_RATE:
+        typer.echo(f"note: {audio} is {result.native_rate} Hz; resampled to {SAMPLE_RATE} Hz")
+    for c, text in enumerate(result.channels):
+        typer.echo(f"final [{c + 1}]: {text}")
+    typer.echo(f"turns: {len(result.turns)}" + (f" ({_turns_line(result.turns)})" if result.turns else ""))
+    typer.echo(
+        f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
+        f"of audio, {chunk_ms} ms chunks)"
+    )
 
 
 @device_cli.command("enroll")

@@ -73,6 +73,44 @@ def data_synth(
     typer.echo(f"Corpus: {path}")
 
 
+@data_app.command("mix")
+def data_mix(
+    corpus: Annotated[
+        Path, typer.Option(help="Corpus whose speakers talk (a `chorus data synth` corpus re-speaks through one device).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/mix"),
+    sessions: Annotated[int, typer.Option(min=1)] = 200,
+    turns: Annotated[str, typer.Option(help="Turns per session, MIN-MAX; talkers alternate.")] = "2-4",
+    max_overlap: Annotated[float, typer.Option(help="Overlap ratio drawn per session in [0, this].")] = 0.4,
+    level_db: Annotated[float, typer.Option(help="Second talker's level drawn in [-this, +this] dB of the first's.")] = 0.0,
+    seed: int = 7,
+    workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
+) -> None:
+    """Two-talker sessions with pauses and overlaps: audio, sessions.jsonl (turns with times and text)."""
+    from shared.data.mix import MixError, load_sessions, mix_sessions
+
+    try:
+        low, high = (int(x) for x in turns.split("-"))
+    except ValueError:
+        fail(f"--turns {turns!r}: expected MIN-MAX, e.g. 2-4")
+    try:
+        path = mix_sessions(
+            corpus,
+            out,
+            sessions=sessions,
+            seed=seed,
+            turns=(low, high),
+            max_overlap=max_overlap,
+            level_db=level_db,
+            workers=workers,
+        )
+    except MixError as err:
+        fail(str(err))
+    made = load_sessions(path)
+    mean_overlap = sum(s.overlap for s in made) / len(made)
+    typer.echo(f"Sessions: {path} ({len(made)} sessions, mean overlap ratio {mean_overlap:.3f})")
+
+
 @data_app.command("prepare")
 def data_prepare(set_: SetOption = None) -> None:
     """Synthesize (if needed), split speakers, train the tokenizer and fit CMVN for a run config."""
@@ -174,6 +212,35 @@ def bench_compute_cmd(
     )
 
 
+@bench_app.command("multitalker")
+def bench_multitalker_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (minutes); numbers prove the pipeline only.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-multitalker[-quick]).")] = "",
+    reuse: Annotated[bool, typer.Option(help="Reuse models already trained under runs/<bench-id>/.")] = True,
+    workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps of each system (default: the plan's).")] = None,
+) -> None:
+    """Separator-transducer-segmenter vs MT-RNN-T on two-talker sessions: WER, turn counting, end-of-turn latency."""
+    import json
+    from dataclasses import replace
+
+    from simulations.bench_multitalker import FULL, QUICK, run_multitalker_bench
+
+    plan = QUICK if quick else FULL
+    plan = replace(plan, steps=steps) if steps is not None else plan
+    workdir = workdir.resolve()
+    run_dir = workdir / "runs" / (bench_id or ("bench-multitalker-quick" if quick else "bench-multitalker"))
+    try:
+        result = run_multitalker_bench(plan, run_dir=run_dir, workdir=workdir, reuse=reuse)
+    except FileNotFoundError as err:
+        fail(str(err))
+    if json_:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo((run_dir / "report.md").read_text())
+
+
 @model_app.command("ship")
 def model_ship_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A `chorus train` checkpoint (runs/<id>/checkpoints/best.pt).")],
@@ -197,6 +264,22 @@ def model_ship_cmd(
         eval_command=eval_command,
     )
     print(json.dumps({k: entry[k] for k in ("sha256", "bytes", "parameters")} | {"wer": entry["eval"]["wer"]}))
+
+
+@model_app.command("ship-multitalker")
+def model_ship_multitalker_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A `chorus bench multitalker` run directory (runs/bench-multitalker).")],
+    command: Annotated[str, typer.Option(help="The exact commands that made it (recorded in the manifest).")],
+    hardware: Annotated[str, typer.Option(help="Where it trained, e.g. '2-core CPU'.")],
+    arm: Annotated[str, typer.Option(help="Which of the run's systems ships.")] = "sts+penalty",
+) -> None:
+    """Ship a two-talker model as shared/models/shipped/sts-2.pt with its manifest entry (re-scored in float16)."""
+    from simulations.ship import ship_multitalker
+
+    if not (run_dir / f"{arm}.pt").is_file() or not (run_dir / "result.json").is_file():
+        fail(f"{run_dir}: no {arm}.pt and result.json (run `chorus bench multitalker` first)")
+    entry = ship_multitalker(run_dir, arm=arm, command=command, hardware=hardware)
+    typer.echo(f"shipped {arm}: WER {entry['eval']['all']['wer']:.3f} on {entry['eval']['sessions']} unseen sessions")
 
 
 @model_app.command("average")

@@ -20,7 +20,7 @@ from shared.files import write_text_atomic
 from shared.models.checkpoint import SHIPPED_DIR, architecture, load_checkpoint, save_checkpoint, sha256_of, shipped_manifest
 from simulations.eval_wer import evaluate_wer
 
-__all__ = ["ship", "ship_verifiers"]
+__all__ = ["ship", "ship_multitalker", "ship_verifiers"]
 
 # Attributes the manifest breaks WER down by (synthetic corpus' speakers.tsv, plus the fleet).
 BY = ("accent", "fleet", "age_group", "gender", "channel_rate")
@@ -138,3 +138,42 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
     manifest.update(entries)
     write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return entries
+
+
+def ship_multitalker(run_dir: Path, *, arm: str, command: str, hardware: str) -> dict[str, Any]:
+    """Ship the ``arm`` model of a ``chorus bench multitalker`` run as ``shared/models/shipped/sts-2.pt`` (float16,
+    with its front end) and its manifest entry: sha256, size, the commands, the training record and the scores of
+    the *shipped* file on the run's test sessions (unseen speakers). Returns the entry."""
+    from shared.data.mix import load_sessions
+    from shared.multitalker import SHIPPED_MULTITALKER, load_multitalker, save_multitalker, session_features
+    from simulations.bench_multitalker import evaluate
+
+    result = json.loads((run_dir / "result.json").read_text())
+    model, kind, frontend, meta = load_multitalker(run_dir / f"{arm}.pt")
+    out = SHIPPED_DIR / SHIPPED_MULTITALKER
+    base = load_checkpoint(SHIPPED_DIR / result["base"]["file"])
+    save_multitalker(out, model, base.model_config, kind, frontend=frontend, dtype=torch.float16, training=meta["training"])
+    shipped, _, _, _ = load_multitalker(out)
+    sessions = load_sessions(Path(result["sessions"]["test"]))
+    features = session_features(sessions, frontend.cmvn)
+    scores = evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=result["plan"]["batch_frames"])
+    entry = {
+        "kind": "multitalker",
+        "arm": arm,
+        "system": kind,
+        "base": result["base"]["file"],
+        "base_model_config": architecture(base.model_config),
+        "separator": dataclasses.asdict(shipped.config),
+        "sha256": sha256_of(out),
+        "bytes": out.stat().st_size,
+        "parameters": sum(p.numel() for p in shipped.parameters()),
+        "dtype": "float16",
+        "command": command,
+        "hardware": hardware,
+        "training": meta["training"] | {"plan": result["plan"], "train_sessions": result["sessions"]["train_count"]},
+        "eval": {"sessions": result["sessions"]["test_count"], **scores},
+    }
+    manifest = shipped_manifest()
+    manifest[out.name] = entry
+    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return entry

@@ -169,3 +169,27 @@ def test_fastemit_keeps_the_loss_and_scales_the_gradient_of_label_emissions() ->
     assert not torch.allclose(plain_grad, fast_grad)
     double_value, double_grad = grad(1.0)
     assert torch.allclose(fast_grad - plain_grad, 0.5 * (double_grad - plain_grad), atol=1e-10)
+
+
+def test_emission_bonus_matches_brute_force_with_weighted_alignments() -> None:
+    # The bonus is a log-weight on each label emission: the loss is -log sum_a P(a) exp(sum of a's bonuses).
+    logits, targets, logit_lengths, target_lengths, blank = _random_case(4, 3, seed=11)
+    bonus = torch.randn(logits.shape[0], logits.shape[1], targets.shape[1], dtype=torch.float64)
+    ours = rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=blank, emission_bonus=bonus)
+    log_probs = logits.log_softmax(dim=-1).clone()
+    for b in range(len(logits)):
+        for u in range(int(target_lengths[b])):
+            log_probs[b, :, u, int(targets[b, u])] += bonus[b, :, u]
+    reference = torch.stack(
+        [
+            _brute_force_nll(
+                log_probs[b, : int(logit_lengths[b]), : int(target_lengths[b]) + 1],
+                targets[b, : int(target_lengths[b])].tolist(),
+                blank,
+            )
+            for b in range(len(logits))
+        ]
+    )
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="emission_bonus must be"):
+        rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=blank, emission_bonus=bonus[:, :2])

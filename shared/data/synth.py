@@ -103,13 +103,16 @@ __all__ = [
     "SAMPLE_RATE",
     "SPEAKER_COLUMNS",
     "AgeProfile",
+    "DeviceChannel",
     "Device",
     "Fleet",
     "Speaker",
     "SynthError",
+    "espeak_executable",
     "render_utterance",
     "room_impulse_response",
     "sample_population",
+    "speak",
     "synthesize",
 ]
 
@@ -389,14 +392,14 @@ def _resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return resample_poly(samples, up, down, window=_anti_aliasing_filter(up, down)).astype(np.float32)
 
 
-def _espeak_executable() -> str:
+def espeak_executable() -> str:
     executable = shutil.which("espeak-ng")
     if executable is None:
         raise SynthError(_ESPEAK_MISSING)
     return executable
 
 
-def _speak(speaker: Speaker, text: str, executable: str) -> np.ndarray:
+def speak(speaker: Speaker, text: str, executable: str) -> np.ndarray:
     """espeak-ng's rendering of ``text`` in ``speaker``'s voice, float32 at SAMPLE_RATE."""
     voice = speaker.espeak_voice
     command = [
@@ -452,7 +455,7 @@ def _seeded_global_rngs(seed: int) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-class _Channel:
+class DeviceChannel:
     """A device's channel, built once (the RIR is the expensive part) and applied per utterance."""
 
     def __init__(self, device: Device) -> None:
@@ -503,7 +506,7 @@ def render_utterance(speaker: Speaker, text: str, *, noise_seed: int) -> np.ndar
 
     Builds the device's RIR on every call; :func:`synthesize` builds it once per speaker.
     """
-    return _Channel(speaker.device)(_speak(speaker, text, _espeak_executable()), noise_seed=noise_seed)
+    return DeviceChannel(speaker.device)(speak(speaker, text, espeak_executable()), noise_seed=noise_seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -555,14 +558,14 @@ def _synthesize_speaker(job: _SpeakerJob) -> list[_Utterance]:
     done = folder / _DONE_FILE
     if done.is_file():
         return [_Utterance(**row) for row in json.loads(done.read_text())]
-    executable = _espeak_executable()
-    channel = _Channel(speaker.device)
+    executable = espeak_executable()
+    channel = DeviceChannel(speaker.device)
     folder.mkdir(parents=True, exist_ok=True)
     utterances: list[_Utterance] = []
     for utterance_index in range(job.utterances):
         text_seed, noise_seed = _utterance_seeds(job.seed, job.index, utterance_index)
         text = sample_sentence(random.Random(text_seed))
-        audio = channel(_speak(speaker, text, executable), noise_seed=noise_seed)
+        audio = channel(speak(speaker, text, executable), noise_seed=noise_seed)
         utterance_id = f"{speaker.id}-{utterance_index:04d}"
         sf.write(folder / f"{utterance_id}.flac", audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         utterances.append(
@@ -677,7 +680,7 @@ def synthesize(
     arguments = _arguments(speakers, utterances, seed)
     if _is_cached(out, arguments):
         return out
-    _espeak_executable()  # fail before touching `out` if espeak-ng is missing
+    espeak_executable()  # fail before touching `out` if espeak-ng is missing
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "synth.json").unlink(missing_ok=True)

@@ -137,6 +137,7 @@ def rnnt_loss(
     *,
     blank: int,
     fastemit_lambda: float = 0.0,
+    emission_bonus: Tensor | None = None,
 ) -> Tensor:
     """Per-utterance RNN-T negative log-likelihood.
 
@@ -149,6 +150,9 @@ def rnnt_loss(
         fastemit_lambda: FastEmit regularization (Yu et al. 2021): the gradient through every label emission is
             scaled by ``1 + lambda`` while the loss value is unchanged, which favours alignments that emit early
             and so concentrates each label's emission on few frames (what greedy search needs).
+        emission_bonus: optional (B, T, U) log-weights added to the emission of ``targets[:, u]`` at frame t, e.g. a
+            delay penalty (Kang et al. 2023) that rewards early emissions of some labels; the result is then the
+            negative log of the bonus-weighted sum over alignments, no longer a likelihood.
 
     Returns:
         (B,) ``-log P(targets | logits)`` in the dtype of ``logits``.
@@ -163,6 +167,10 @@ def rnnt_loss(
     blank_lp, emit_lp = _lattice_log_probs(logits, targets, target_lengths, blank)
     if fastemit_lambda:
         emit_lp = emit_lp * (1.0 + fastemit_lambda) - emit_lp.detach() * fastemit_lambda
+    if emission_bonus is not None:
+        if emission_bonus.shape != emit_lp.shape:
+            raise ValueError(f"emission_bonus must be (B, T, U) = {tuple(emit_lp.shape)}, got {tuple(emission_bonus.shape)}")
+        emit_lp = emit_lp + emission_bonus.to(emit_lp)
     max_frames, max_labels = emit_lp.shape[1], emit_lp.shape[2]
     if max_frames <= max_labels + 1:
         alpha = _forward_variables(across=blank_lp[:, :-1], along=emit_lp)

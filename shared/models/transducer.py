@@ -218,35 +218,58 @@ class Transducer(nn.Module):
         too_short = (encoded.lengths < 1).nonzero().flatten().tolist()
         if too_short:
             raise ValueError(f"utterances {too_short} (feat_lens {feat_lens[too_short].tolist()}) give no encoder frame")
-        max_frames = int(encoded.lengths.max()) if feats.shape[0] > 0 else 0
+        loss, ctc_loss = self.frames_loss(
+            encoded.frames, encoded.lengths, targets, target_lens, fastemit_lambda=fastemit_lambda, ctc=ctc
+        )
+        return TransducerOutput(
+            loss_per_utt=loss, compute_cost=encoded.compute_cost, enc_lens=encoded.lengths, ctc_loss_per_utt=ctc_loss
+        )
+
+    def frames_loss(
+        self,
+        frames: Tensor,
+        frame_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        fastemit_lambda: float = 0.0,
+        ctc: bool = False,
+        emission_bonus: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B,) RNN-T losses (and CTC losses with ``ctc``) of encoder ``frames`` (B, T', D) with ``frame_lens`` (B,),
+        each >= 1, against ``targets`` (B, U): ``forward`` after the encoder, for models that transform its frames
+        (e.g. a separator). ``emission_bonus`` (B, T'', U''), trimmed to the longest frames and transcript of the
+        batch, goes to ``rnnt_loss``."""
+        max_frames = int(frame_lens.max()) if frames.shape[0] > 0 else 0
         max_tokens = int(target_lens.max()) if target_lens.numel() > 0 else 0
         targets = targets[:, :max_tokens]
         predicted = self.predictor(self.predictor.training_context(targets, target_lens))
-        logits = self.joiner(encoded.frames[:, :max_frames], predicted)
-        loss = rnnt_loss(logits, targets, encoded.lengths, target_lens, blank=self.blank, fastemit_lambda=fastemit_lambda)
+        logits = self.joiner(frames[:, :max_frames], predicted)
+        bonus = emission_bonus[:, :max_frames, :max_tokens] if emission_bonus is not None else None
+        loss = rnnt_loss(
+            logits, targets, frame_lens, target_lens, blank=self.blank, fastemit_lambda=fastemit_lambda, emission_bonus=bonus
+        )
         ctc_loss = None
         if ctc:
-            log_probs = self.ctc_logits(encoded.frames[:, :max_frames]).log_softmax(dim=-1).float()
+            log_probs = self.ctc_logits(frames[:, :max_frames]).log_softmax(dim=-1).float()
             ctc_loss = F.ctc_loss(
                 log_probs.transpose(0, 1),
                 targets,
-                encoded.lengths,
+                frame_lens,
                 target_lens,
                 blank=self.blank,
                 reduction="none",
                 zero_infinity=True,
             )
-        return TransducerOutput(
-            loss_per_utt=loss, compute_cost=encoded.compute_cost, enc_lens=encoded.lengths, ctc_loss_per_utt=ctc_loss
-        )
+        return loss, ctc_loss
 
     def ctc_logits(self, frames: Tensor) -> Tensor:
         """(B, T', D) encoder frames -> (B, T', V + 1) CTC logits: the joiner with no predictor input."""
         return self.joiner.output(torch.tanh(self.joiner.encoder_proj(frames)))
 
-    def _greedy_frames(
+    def greedy_frames(
         self, frames: Tensor, frame_counts: Tensor, context: Tensor, max_symbols_per_frame: int
-    ) -> tuple[Tensor, list[list[int]]]:
+    ) -> tuple[Tensor, list[list[int]], list[list[int]]]:
         """Batched greedy search over a run of encoder frames.
 
         Args:
@@ -256,9 +279,10 @@ class Transducer(nn.Module):
             max_symbols_per_frame: labels one frame may emit before moving on.
 
         Returns:
-            The context after the last frame and the tokens each row emitted.
+            The context after the last frame, the tokens each row emitted, and the frame (0 .. n - 1) of each.
         """
         emitted: list[list[int]] = [[] for _ in range(frames.shape[0])]
+        when: list[list[int]] = [[] for _ in range(frames.shape[0])]
         predicted = self.predictor(context)
         for t in range(frames.shape[1]):
             frame = frames[:, t : t + 1]
@@ -273,7 +297,8 @@ class Transducer(nn.Module):
                 predicted = torch.where(active[:, None, None], self.predictor(context), predicted)
                 for row in active.nonzero().flatten().tolist():
                     emitted[row].append(int(tokens[row]))
-        return context, emitted
+                    when[row].append(t)
+        return context, emitted, when
 
     @torch.no_grad()
     def greedy_search(self, feats: Tensor, feat_lens: Tensor, max_symbols_per_frame: int = 3) -> list[list[int]]:
@@ -282,7 +307,7 @@ class Transducer(nn.Module):
             raise ValueError(f"max_symbols_per_frame must be positive, got {max_symbols_per_frame}")
         encoded = self.encoder(feats, feat_lens)
         context = self.predictor.start_context(feats.shape[0], feats.device)
-        _, emitted = self._greedy_frames(encoded.frames, encoded.lengths, context, max_symbols_per_frame)
+        _, emitted, _ = self.greedy_frames(encoded.frames, encoded.lengths, context, max_symbols_per_frame)
         return emitted
 
     def _beam_search_one(self, frames: Tensor, beam: int) -> list[int]:
@@ -343,6 +368,6 @@ class Transducer(nn.Module):
             raise ValueError(f"max_symbols_per_frame must be positive, got {max_symbols_per_frame}")
         frames, encoder_state = self.encoder.infer(chunk, state.encoder)
         counts = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
-        context, emitted = self._greedy_frames(frames, counts, state.context, max_symbols_per_frame)
+        context, emitted, _ = self.greedy_frames(frames, counts, state.context, max_symbols_per_frame)
         hypotheses = tuple(old + tuple(new) for old, new in zip(state.hypotheses, emitted, strict=True))
         return StreamState(encoder=encoder_state, context=context, hypotheses=hypotheses)

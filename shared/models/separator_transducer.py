@@ -1,0 +1,284 @@
+"""Separator-transducer-segmenter (Sklyar et al., Interspeech 2022, arXiv 2205.05199): two overlapping talkers.
+
+A streaming encoder hears the mixture; a **separator** splits its frames into C output channels (one causal
+Transformer stack per channel, fed the encoder frames plus a learned channel embedding); every channel is decoded
+by the **same** (tied) predictor and joiner. Each channel transcribes the turns routed to it, framed by the turn
+tokens ``<sot>`` and ``<eot>``, so the words carry their own segmentation: when a turn starts, when it ends, how
+many there were. Turns are routed by the heuristic error assignment of Sklyar et al. 2021 (``heat_channels`` in
+``shared/multitalker.py``): in order of start time, each turn takes the first channel that is free.
+
+With ``channels=1`` and the speaker-change token ``<sc>`` between turns instead of ``<sot>``/``<eot>``, the same
+module is the **MT-RNN-T** baseline of the issue (one serialized stream, no end-of-turn token).
+
+**Turn-token latency penalty**: a delay penalty (Kang et al., ICASSP 2023, "delay-penalized transducer") restricted
+to turn tokens: the emission of a turn token at encoder frame t of a session of T' frames gets the log-weight
+``lambda * ((T' - 1) / 2 - t)`` in the transducer loss (``turn_bonus``), so among the alignments of a transcript
+those that end-point a turn earlier weigh more. It changes no parameter and costs nothing at inference.
+
+The separator's blocks start with zero output projections, so at initialization every channel equals the encoder
+output plus its embedding: a model made ``from_transducer`` a trained single-talker base starts as that base.
+
+Legend of tensor symbols (see also ``shared/models/encoder.py`` and ``transducer.py``):
+    B   sessions in a batch;  C  output channels
+    T   input feature frames;  T'  encoder frames;  t  input frames of a streaming chunk, t' encoder frames
+    F   feature dimension;  D  encoder dimension
+    U   target tokens per channel (padded maximum)
+    V   vocabulary without blank: the tokenizer's pieces, then ``<sot>``, ``<eot>``, ``<sc>``; blank is V
+
+Example:
+    >>> from shared.models.transformer import CausalTransformerEncoder, TransformerConfig
+    >>> from shared.models.transducer import Transducer, TransducerConfig
+    >>> base = Transducer(CausalTransformerEncoder(TransformerConfig(num_layers=2)), TransducerConfig(vocab_size=30))
+    >>> model = SeparatorTransducer.from_transducer(base, SeparatorConfig(channels=2, layers=1))
+    >>> feats, feat_lens = torch.randn(2, 120, 80), torch.tensor([120, 90])
+    >>> targets = torch.tensor([[[30, 3, 31], [30, 5, 31]], [[30, 4, 31], [0, 0, 0]]])  # (C, B, U)
+    >>> target_lens = torch.tensor([[3, 3], [3, 0]])
+    >>> model(feats, feat_lens, targets, target_lens).shape
+    torch.Size([2])
+    >>> model = model.eval()
+    >>> state = model.init_stream(batch_size=1)
+    >>> for chunk in feats[:1].split(32, dim=1):
+    ...     state = model.stream(chunk, state)
+    >>> [list(h) for h in state.hypotheses] == [h for h, _ in model.greedy_search(feats[:1], feat_lens[:1])[0]]
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from shared.models.encoder import BlockList, check_batch
+from shared.models.transducer import Transducer
+from shared.models.transformer import LayerCache, TransformerBlock, TransformerConfig
+
+__all__ = [
+    "TURN_TOKENS",
+    "SeparatorConfig",
+    "SeparatorState",
+    "SeparatorTransducer",
+    "MultiStreamState",
+    "extended_vocabulary",
+]
+
+TURN_TOKENS = ("<sot>", "<eot>", "<sc>")
+"""Tokens appended to the tokenizer's vocabulary, in this order: start of turn, end of turn, speaker change."""
+
+
+def extended_vocabulary(tokenizer_vocab: int) -> dict[str, int]:
+    """Ids of ``TURN_TOKENS`` after a tokenizer of ``tokenizer_vocab`` pieces (blank comes after them)."""
+    return {name: tokenizer_vocab + i for i, name in enumerate(TURN_TOKENS)}
+
+
+@dataclass(frozen=True)
+class SeparatorConfig:
+    channels: int = 2  # talkers transcribed at once (Sklyar et al.: 2); 1 is the MT-RNN-T baseline
+    layers: int = 2  # causal Transformer blocks per channel
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.layers < 1:
+            raise ValueError(f"channels and layers must be positive, got {self.channels} and {self.layers}")
+
+
+class SeparatorState(NamedTuple):
+    """Streaming state of the encoder and the separator.
+
+    Attributes:
+        encoder: the encoder's own state.
+        channels: per channel, one ``LayerCache`` per separator block.
+        offset: encoder frames released so far (the separator blocks' absolute position).
+    """
+
+    encoder: Any
+    channels: tuple[tuple[LayerCache, ...], ...]
+    offset: int
+
+
+class MultiStreamState(NamedTuple):
+    """Streaming greedy-decoding state; rows are channel-major: row ``c * B + b`` is channel c of stream b.
+
+    Attributes:
+        separator: ``SeparatorState``.
+        context: (C * B, c) predictor contexts.
+        hypotheses: tokens emitted so far per row.
+        frames: the encoder frame (absolute) at which each of those tokens was emitted.
+    """
+
+    separator: SeparatorState
+    context: Tensor
+    hypotheses: tuple[tuple[int, ...], ...]
+    frames: tuple[tuple[int, ...], ...]
+
+
+class SeparatorTransducer(nn.Module):
+    """Encoder, separator into C channels, and a transducer head (predictor, joiner) tied across channels."""
+
+    def __init__(self, transducer: Transducer, config: SeparatorConfig, block: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transducer = transducer
+        width = int(transducer.encoder.output_dim)
+        if block.d_model != width:
+            raise ValueError(f"separator blocks must have d_model={width} (the encoder's), got {block.d_model}")
+        self.channel_embedding = nn.Parameter(torch.randn(config.channels, width) * 0.1)
+        self.separator: BlockList[BlockList[TransformerBlock]] = BlockList(
+            BlockList(TransformerBlock(block) for _ in range(config.layers)) for _ in range(config.channels)
+        )
+        for stack in self.separator:
+            for layer in stack:
+                nn.init.zeros_(layer.attention.out.weight)
+                nn.init.zeros_(layer.attention.out.bias)
+                nn.init.zeros_(layer.feed_forward.out.weight)
+                nn.init.zeros_(layer.feed_forward.out.bias)
+
+    @classmethod
+    def from_transducer(
+        cls, base: Transducer, config: SeparatorConfig, block: TransformerConfig | None = None
+    ) -> SeparatorTransducer:
+        """A model that starts as the single-talker ``base``: its encoder, and its predictor and joiner with the
+        vocabulary extended by ``TURN_TOKENS`` (pieces and blank keep their weights; the new tokens' output rows
+        start at the mean of the pieces' with a low bias, so the model does not emit them before it learns them)."""
+        encoder = base.encoder
+        if block is None:
+            enc_cfg = getattr(encoder, "config", None)
+            block = enc_cfg if isinstance(enc_cfg, TransformerConfig) else TransformerConfig(d_model=int(encoder.output_dim))
+        pieces = base.config.vocab_size
+        head = Transducer(encoder, dataclasses.replace(base.config, vocab_size=pieces + len(TURN_TOKENS)))
+        with torch.no_grad():
+            old_embedding, new_embedding = base.predictor.embedding.weight, head.predictor.embedding.weight
+            new_embedding[:pieces] = old_embedding[:pieces]
+            new_embedding[pieces : pieces + len(TURN_TOKENS)] = old_embedding[:pieces].mean(dim=0)
+            new_embedding[head.blank] = old_embedding[base.blank]
+            head.predictor.load_state_dict(base.predictor.state_dict() | {"embedding.weight": new_embedding.clone()})
+            head.joiner.encoder_proj.load_state_dict(base.joiner.encoder_proj.state_dict())
+            head.joiner.predictor_proj.load_state_dict(base.joiner.predictor_proj.state_dict())
+            old_out, new_out = base.joiner.output, head.joiner.output
+            new_out.weight[:pieces] = old_out.weight[:pieces]
+            new_out.bias[:pieces] = old_out.bias[:pieces]
+            new_out.weight[pieces : pieces + len(TURN_TOKENS)] = old_out.weight[:pieces].mean(dim=0)
+            new_out.bias[pieces : pieces + len(TURN_TOKENS)] = old_out.bias[:pieces].min()
+            new_out.weight[head.blank] = old_out.weight[base.blank]
+            new_out.bias[head.blank] = old_out.bias[base.blank]
+        return cls(head, config, block)
+
+    @property
+    def blank(self) -> int:
+        return self.transducer.blank
+
+    def _separate(
+        self, frames: Tensor, caches: tuple[tuple[LayerCache, ...], ...], offset: int
+    ) -> tuple[Tensor, tuple[tuple[LayerCache, ...], ...]]:
+        """(B, t', D) encoder frames from ``offset`` on -> (C * B, t', D) channel frames (channel-major) and caches."""
+        outputs, new_caches = [], []
+        for c, stack in enumerate(self.separator):
+            hidden = frames + self.channel_embedding[c]
+            layer_caches = []
+            for layer, cache in zip(stack, caches[c], strict=True):
+                hidden, cache = layer(hidden, cache, offset)
+                layer_caches.append(cache)
+            outputs.append(hidden)
+            new_caches.append(tuple(layer_caches))
+        return torch.cat(outputs, dim=0), tuple(new_caches)
+
+    def _empty_caches(self, batch_size: int, reference: Tensor) -> tuple[tuple[LayerCache, ...], ...]:
+        return tuple(tuple(layer.attention.empty_cache(batch_size, reference) for layer in stack) for stack in self.separator)
+
+    def channel_frames(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (B, T, F), feat_lens (B,) -> channel frames (C * B, T', D), zero beyond each length, and (C * B,)
+        lengths."""
+        check_batch(feats, feat_lens, int(self.transducer.encoder.input_dim))
+        encoded = self.transducer.encoder(feats, feat_lens)
+        frames, _ = self._separate(encoded.frames, self._empty_caches(feats.shape[0], encoded.frames), offset=0)
+        lengths = encoded.lengths.repeat(self.config.channels)
+        valid = torch.arange(frames.shape[1], device=frames.device) < lengths.to(frames.device)[:, None]
+        return frames * valid.unsqueeze(-1).to(frames.dtype), lengths
+
+    def forward(
+        self,
+        feats: Tensor,
+        feat_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        turn_bonus: float = 0.0,
+        turn_tokens: tuple[int, ...] = (),
+    ) -> Tensor:
+        """(B,) transducer loss per session, summed over channels.
+
+        Args:
+            feats: (B, T, F); feat_lens: (B,).
+            targets: (C, B, U) token ids of each channel's transcript (turn tokens included), padded.
+            target_lens: (C, B); a channel with no turn has length 0 (it must emit only blanks).
+            turn_bonus: lambda of the turn-token delay penalty (0: the plain negative log-likelihood).
+            turn_tokens: the ids the penalty applies to.
+        """
+        channels = self.config.channels
+        if targets.dim() != 3 or targets.shape[:2] != (channels, feats.shape[0]) or target_lens.shape != targets.shape[:2]:
+            raise ValueError(
+                f"targets must be (C={channels}, B={feats.shape[0]}, U) and target_lens (C, B), got "
+                f"{tuple(targets.shape)} and {tuple(target_lens.shape)}"
+            )
+        frames, lengths = self.channel_frames(feats, feat_lens)
+        flat_targets, flat_lens = targets.reshape(-1, targets.shape[2]), target_lens.reshape(-1)
+        bonus = None
+        if turn_bonus and turn_tokens:
+            t = torch.arange(frames.shape[1], device=frames.device, dtype=torch.float64)
+            per_frame = turn_bonus * ((lengths.to(t)[:, None] - 1) / 2 - t[None, :])  # (C * B, T')
+            is_turn = torch.isin(flat_targets, torch.tensor(turn_tokens, device=flat_targets.device))  # (C * B, U)
+            bonus = per_frame[:, :, None] * is_turn[:, None, :].to(per_frame)
+        loss, _ = self.transducer.frames_loss(frames, lengths, flat_targets, flat_lens, emission_bonus=bonus)
+        return loss.view(channels, -1).sum(dim=0)
+
+    @torch.no_grad()
+    def greedy_search(
+        self, feats: Tensor, feat_lens: Tensor, max_symbols_per_frame: int = 3
+    ) -> list[list[tuple[list[int], list[int]]]]:
+        """Per session, per channel: (token ids, encoder frame of each) by greedy search."""
+        frames, lengths = self.channel_frames(feats, feat_lens)
+        context = self.transducer.predictor.start_context(frames.shape[0], frames.device)
+        _, emitted, when = self.transducer.greedy_frames(frames, lengths, context, max_symbols_per_frame)
+        batch = feats.shape[0]
+        return [[(emitted[c * batch + b], when[c * batch + b]) for c in range(self.config.channels)] for b in range(batch)]
+
+    def init_stream(self, batch_size: int = 1) -> MultiStreamState:
+        """A fresh streaming state for ``batch_size`` sessions."""
+        encoder = self.transducer.encoder
+        device = next(self.parameters()).device
+        reference = next(self.parameters()).new_zeros((), device=device)
+        rows = self.config.channels * batch_size
+        return MultiStreamState(
+            separator=SeparatorState(
+                encoder=encoder.init_state(batch_size, device), channels=self._empty_caches(batch_size, reference), offset=0
+            ),
+            context=self.transducer.predictor.start_context(rows, device),
+            hypotheses=((),) * rows,
+            frames=((),) * rows,
+        )
+
+    def infer(self, chunk: Tensor, state: SeparatorState) -> tuple[Tensor, SeparatorState]:
+        """chunk (B, t, F) -> channel frames (C * B, t', D) it completes and the new state; chunk by chunk equal to
+        ``channel_frames`` on the whole input."""
+        frames, encoder_state = self.transducer.encoder.infer(chunk, state.encoder)
+        if frames.shape[1] == 0:
+            empty = frames.new_zeros(self.config.channels * frames.shape[0], 0, frames.shape[2])
+            return empty, state._replace(encoder=encoder_state)
+        channel_frames, caches = self._separate(frames, state.channels, state.offset)
+        return channel_frames, SeparatorState(encoder=encoder_state, channels=caches, offset=state.offset + frames.shape[1])
+
+    @torch.no_grad()
+    def stream(self, chunk: Tensor, state: MultiStreamState, max_symbols_per_frame: int = 3) -> MultiStreamState:
+        """Greedy-decode the next chunk (B, t, F); tokens and their frames accumulate per row (channel-major)."""
+        start = state.separator.offset
+        frames, separator = self.infer(chunk, state.separator)
+        counts = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
+        context, emitted, when = self.transducer.greedy_frames(frames, counts, state.context, max_symbols_per_frame)
+        return MultiStreamState(
+            separator=separator,
+            context=context,
+            hypotheses=tuple(old + tuple(new) for old, new in zip(state.hypotheses, emitted, strict=True)),
+            frames=tuple(old + tuple(start + t for t in new) for old, new in zip(state.frames, when, strict=True)),
+        )

@@ -1,0 +1,269 @@
+"""`chorus bench multitalker`: two overlapping talkers, separator-transducer-segmenter against MT-RNN-T.
+
+Three systems start from the shipped single-talker base and are trained on the same two-talker sessions
+(``chorus data mix`` of public speakers) for the same steps, then decode sessions of unseen speakers:
+
+    mt-rnnt       one channel, turns serialized with ``<sc>`` (the baseline)
+    sts           separator into two channels, ``<sot>``/``<eot>`` per turn (HEAT routing)
+    sts+penalty   the same with the turn-token delay penalty (``plan.turn_bonus``)
+
+Measured in this one process (see ``shared/multitalker.py`` for the definitions): WER (permutation-invariant over
+channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket;
+encoder + separator FLOPs per audio second actually executed (FlopCounterMode) while streaming 160 ms chunks, and
+batch-1 streaming RTF (one thread). One JSON object goes to stdout; the run directory keeps the models and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.data.mix import Session, load_sessions, mix_sessions
+from shared.data.synth import synthesize
+from shared.data.tokenizer import Tokenizer
+from shared.files import write_text_atomic
+from shared.models.checkpoint import Checkpoint, SHIPPED_DIR, load_checkpoint, shipped_manifest
+from shared.models.flops import measure_flops
+from shared.models.separator_transducer import SeparatorConfig, SeparatorTransducer
+from shared.multitalker import (
+    channels_of,
+    decode_sessions,
+    load_multitalker,
+    make_session_batches,
+    save_multitalker,
+    score_sessions,
+    session_features,
+    train_sessions,
+)
+
+__all__ = ["ARMS", "FULL", "QUICK", "MultitalkerPlan", "evaluate", "run_multitalker_bench"]
+
+BASE = "dense-6.pt"
+CHUNK_FRAMES = 16  # 160 ms of features per streaming call
+ARMS = {"sts+penalty": ("sts", True), "mt-rnnt": ("mt-rnnt", False), "sts": ("sts", False)}
+
+
+@dataclass(frozen=True)
+class MultitalkerPlan:
+    train_corpus: str  # a `chorus data synth` corpus; "" synthesizes the quick one under the workdir
+    test_corpus: str  # unseen speakers; "" as above
+    train_sessions: int
+    test_sessions: int
+    turns: tuple[int, int]
+    max_overlap: float
+    steps: int
+    peak_lr: float
+    warmup: int
+    turn_bonus: float  # lambda of the turn-token delay penalty, per encoder frame (40 ms)
+    batch_frames: int  # padded feature frames per batch (B x T)
+    layers: int  # separator blocks per channel
+    stream_sessions: int  # test sessions streamed for FLOPs and RTF
+
+
+# CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
+QUICK = MultitalkerPlan(
+    train_corpus="",
+    test_corpus="",
+    train_sessions=8,
+    test_sessions=4,
+    turns=(2, 3),
+    max_overlap=0.4,
+    steps=2,
+    peak_lr=5e-4,
+    warmup=1,
+    turn_bonus=0.05,
+    batch_frames=3000,
+    layers=1,
+    stream_sessions=1,
+)
+# The README's table: sessions of the base's training corpus and of the unseen eval corpus (see README).
+FULL = MultitalkerPlan(
+    train_corpus="data/synth-seed1-2400x20",
+    test_corpus="data/eval-seed99",
+    train_sessions=4000,
+    test_sessions=300,
+    turns=(2, 3),
+    max_overlap=0.4,
+    steps=600,
+    peak_lr=5e-4,
+    warmup=50,
+    turn_bonus=0.05,
+    batch_frames=4000,
+    layers=2,
+    stream_sessions=10,
+)
+
+
+def _corpora(plan: MultitalkerPlan, workdir: Path) -> tuple[Path, Path]:
+    if plan.train_corpus and plan.test_corpus:
+        return workdir / plan.train_corpus, workdir / plan.test_corpus
+    data = workdir / "data"
+    train = synthesize(data / "mt-quick-train", speakers=4, utterances=4, seed=11, progress=False)
+    test = synthesize(data / "mt-quick-test", speakers=3, utterances=3, seed=12, progress=False)
+    return train, test
+
+
+def _stream_cost(model: SeparatorTransducer, sessions: list[Session], features: dict[str, Any]) -> dict[str, float]:
+    """Encoder + separator FLOPs per audio second, and batch-1 streaming RTF (encoder, separator, greedy search)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        audio = sum(features[s.id].shape[0] for s in sessions) / 100.0
+        flops = 0
+        for session in sessions:
+            feats = torch.from_numpy(features[session.id])[None]
+
+            def encode(feats: torch.Tensor = feats) -> None:
+                state = model.init_stream(1).separator
+                for chunk in feats.split(CHUNK_FRAMES, dim=1):
+                    _, state = model.infer(chunk, state)
+
+            with torch.no_grad():
+                flops += measure_flops(encode)
+        began = time.perf_counter()
+        for session in sessions:
+            state = model.init_stream(1)
+            for chunk in torch.from_numpy(features[session.id])[None].split(CHUNK_FRAMES, dim=1):
+                state = model.stream(chunk, state)
+        wall = time.perf_counter() - began
+    finally:
+        torch.set_num_threads(threads)
+    return {"encoder_gflops_per_audio_second": flops / audio / 1e9, "batch1_streaming_rtf": wall / audio}
+
+
+def run_multitalker_bench(plan: MultitalkerPlan, *, run_dir: Path, workdir: Path, reuse: bool = True) -> dict[str, Any]:
+    """Mix (or reuse) the sessions, train (or reuse) the three systems, measure them; returns the JSON result."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_corpus, test_corpus = _corpora(plan, workdir)
+    for corpus in (train_corpus, test_corpus):
+        if not corpus.is_dir():
+            raise FileNotFoundError(f"corpus {corpus} does not exist (see the README's multi-talker section)")
+    data = workdir / "data"
+    train_dir = mix_sessions(
+        train_corpus,
+        data / f"mix-{train_corpus.name}-{plan.train_sessions}",
+        sessions=plan.train_sessions,
+        seed=1,
+        turns=plan.turns,
+        max_overlap=plan.max_overlap,
+    )
+    test_dir = mix_sessions(
+        test_corpus,
+        data / f"mix-{test_corpus.name}-{plan.test_sessions}",
+        sessions=plan.test_sessions,
+        seed=99,
+        turns=plan.turns,
+        max_overlap=plan.max_overlap,
+    )
+    base_path = SHIPPED_DIR / BASE
+    base: Checkpoint = load_checkpoint(base_path)
+    frontend = base.frontend
+    if frontend is None:
+        raise ValueError(f"{base_path} carries no front end")
+    train_set, test_set = load_sessions(train_dir), load_sessions(test_dir)
+    features = session_features(train_set + test_set, frontend.cmvn)
+    stream_set = test_set[: plan.stream_sessions]
+    result: dict[str, Any] = {
+        "plan": asdict(plan),
+        "sessions": {"train": str(train_dir), "test": str(test_dir), "train_count": len(train_set), "test_count": len(test_set)},
+        "base": {"file": BASE, "single_talker_wer": shipped_manifest().get(BASE, {}).get("eval", {}).get("wer")},
+        "arms": {},
+    }
+    for arm, (kind, penalized) in ARMS.items():
+        path = run_dir / f"{arm}.pt"
+        if reuse and path.is_file():
+            model, _, _, meta = load_multitalker(path)
+            training = meta["training"]
+        else:
+            torch.manual_seed(0)
+            model = SeparatorTransducer.from_transducer(
+                base.build(), SeparatorConfig(channels=channels_of(kind), layers=plan.layers)
+            )
+            batches = make_session_batches(
+                train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=0
+            )
+            began = time.perf_counter()
+            log = train_sessions(
+                model,
+                batches,
+                steps=plan.steps,
+                peak_lr=plan.peak_lr,
+                warmup=plan.warmup,
+                turn_bonus=plan.turn_bonus if penalized else 0.0,
+                tokenizer_vocab=frontend.tokenizer.vocab_size,
+                seed=0,
+                log_every=max(1, plan.steps // 10),
+            )
+            training = {"steps": plan.steps, "seconds": round(time.perf_counter() - began, 1), "loss_curve": log}
+            save_multitalker(path, model, base.model_config, kind, frontend=frontend, training=training, plan=asdict(plan))
+        scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames)
+        result["arms"][arm] = {"kind": kind, "turn_bonus": plan.turn_bonus if penalized else 0.0, "training": training, **scores}
+        result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features))
+    arms = result["arms"]
+    base_wer, sts, mt = arms["mt-rnnt"]["all"]["wer"], arms["sts+penalty"]["all"], arms["mt-rnnt"]["all"]
+    result["comparison"] = {
+        "sts+penalty_vs_mt-rnnt_relative_wer": (sts["wer"] - base_wer) / base_wer if base_wer else None,
+        "sts+penalty_vs_mt-rnnt_turn_counting_abs": sts["turn_counting_accuracy"] - mt["turn_counting_accuracy"],
+        "eot_latency_median_ms": {a: arms[a]["all"]["end_of_turn_latency_ms"]["median"] for a in ("sts", "sts+penalty")},
+        "overlap<=20%_wer_over_single_talker_wer": (
+            arms["sts+penalty"]["overlap<=20%"]["wer"] / result["base"]["single_talker_wer"]
+            if result["base"]["single_talker_wer"] and arms["sts+penalty"]["overlap<=20%"]["wer"] is not None
+            else None
+        ),
+    }
+    write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(run_dir / "report.md", report(result))
+    return result
+
+
+def evaluate(
+    model: SeparatorTransducer,
+    kind: str,
+    sessions: list[Session],
+    features: dict[str, Any],
+    tokenizer: Tokenizer,
+    *,
+    batch_frames: int,
+) -> dict[str, Any]:
+    """``score_sessions`` of ``model``'s greedy decoding of ``sessions``."""
+    batches = make_session_batches(sessions, features, tokenizer, kind, max_frames=batch_frames, shuffle=False, seed=0)
+    return score_sessions(sessions, decode_sessions(model, batches), tokenizer, kind)
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def report(result: dict[str, Any]) -> str:
+    """Markdown: one row per system and overlap bucket."""
+    lines = [
+        "# Multi-talker benchmark",
+        "",
+        f"Sessions: {result['sessions']['train_count']} for training, {result['sessions']['test_count']} for testing; "
+        f"single-talker WER of the base on the test speakers' corpus: {_fmt(result['base']['single_talker_wer'])}.",
+        "",
+        "| system | overlap | sessions | WER | turn counting | "
+        "turn start error, median ms | end-of-turn latency, median / p90 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, row in result["arms"].items():
+        for bucket, scores in [("all", row["all"]), *row["by_overlap"].items()]:
+            lat = scores["end_of_turn_latency_ms"]
+            lines.append(
+                f"| {arm} | {bucket} | {scores['sessions']} | {_fmt(scores['wer'])} | {_fmt(scores['turn_counting_accuracy'])} | "
+                f"{_fmt(scores['turn_start_abs_error_ms']['median'], digits=0)} | "
+                f"{_fmt(lat['median'], digits=0)} / {_fmt(lat['p90'], digits=0)} |"
+            )
+    lines += ["", "| system | encoder GFLOPs / audio s | batch-1 RTF | training steps | training s |", "|---|---|---|---|---|"]
+    for arm, row in result["arms"].items():
+        lines.append(
+            f"| {arm} | {row['encoder_gflops_per_audio_second']:.3f} | {row['batch1_streaming_rtf']:.3f} | "
+            f"{row['training']['steps']} | {row['training']['seconds']} |"
+        )
+    lines += ["", "```json", json.dumps(result["comparison"], indent=2), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,284 @@
+"""Two-talker sessions, the separator-transducer-segmenter, its scoring, and `chorus device transcribe --talkers 2`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from shared.data.mix import MixError, Session, Turn, load_sessions, mix_sessions, plan_timeline, speech_span
+from shared.data.synth import SAMPLE_RATE, synthesize
+from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint
+from shared.models.separator_transducer import SeparatorConfig, SeparatorTransducer, extended_vocabulary
+from shared.multitalker import (
+    decode_sessions,
+    emission_seconds,
+    heat_channels,
+    load_multitalker,
+    make_session_batches,
+    references,
+    save_multitalker,
+    score_sessions,
+    session_features,
+    train_sessions,
+)
+from simulations.cli import app
+from tests.conftest import TINY_ENCODER, real_corpus, tiny_transducer
+
+BASE = load_checkpoint(SHIPPED_DIR / "dense-6.pt")
+FRONTEND = BASE.frontend
+assert FRONTEND is not None
+
+
+@pytest.fixture(scope="module")
+def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("corpus"), speakers=3, utterances=4, seed=5, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mixed(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mix_sessions(synth_corpus, tmp_path_factory.mktemp("mix"), sessions=6, seed=3, turns=(2, 3), workers=1)
+
+
+def _turn(talker: int, start: float, end: float, text: str = "lights on") -> Turn:
+    return Turn(talker=talker, speaker=f"s{talker}", start=start, end=end, text=text)
+
+
+def test_timeline_without_overlap_has_pauses_and_with_overlap_never_overlaps_a_talker_with_itself() -> None:
+    rng = np.random.default_rng(0)
+    durations = [1.5, 2.0, 1.0, 2.5]
+    starts = plan_timeline(durations, 0.0, rng)
+    ends = [s + d for s, d in zip(starts, durations)]
+    assert all(starts[i] >= ends[i - 1] + 0.1 - 1e-9 for i in range(1, 4))
+    starts = plan_timeline(durations, 0.4, rng)
+    ends = [s + d for s, d in zip(starts, durations)]
+    assert any(starts[i] < ends[i - 1] for i in range(1, 4))  # some turn change overlaps
+    assert all(starts[i] > ends[i - 2] for i in range(2, 4))  # each talker's turns follow each other
+    assert all(ends[i - 1] - starts[i] <= 0.5 * min(durations[i - 1], durations[i]) + 1e-9 for i in range(1, 4))
+
+
+def test_speech_span_finds_the_voiced_part() -> None:
+    samples = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    samples[4000:12000] = 0.5 * np.sin(np.arange(8000) * 0.3)
+    assert speech_span(samples) == (4000, 12000)
+
+
+def test_heat_routes_each_turn_to_the_first_free_channel() -> None:
+    turns = [_turn(0, 0.0, 2.0), _turn(1, 1.5, 3.0), _turn(0, 3.2, 4.0), _turn(1, 3.5, 5.0)]
+    channels = heat_channels(turns, 2)
+    assert [[t.start for t in c] for c in channels] == [[0.0, 3.2], [1.5, 3.5]]
+    assert [[t.start for t in c] for c in heat_channels(turns[:1] + turns[2:3], 2)] == [[0.0, 3.2], []]
+
+
+def test_references_frame_turns_with_turn_tokens_or_serialize_them_with_speaker_changes() -> None:
+    tokenizer = FRONTEND.tokenizer
+    ids = extended_vocabulary(tokenizer.vocab_size)
+    session = Session("x", Path("x.flac"), 5.0, 0.2, ("s0", "s1"), (_turn(0, 0.0, 2.0, "play jazz"), _turn(1, 1.5, 3.0, "stop")))
+    sts = references(session, tokenizer, "sts")
+    assert sts == [
+        [ids["<sot>"], *tokenizer.encode("play jazz"), ids["<eot>"]],
+        [ids["<sot>"], *tokenizer.encode("stop"), ids["<eot>"]],
+    ]
+    assert references(session, tokenizer, "mt-rnnt") == [[*tokenizer.encode("play jazz"), ids["<sc>"], *tokenizer.encode("stop")]]
+
+
+def test_mix_is_deterministic_cached_and_records_turns_that_fit_the_audio(
+    synth_corpus: Path, mixed: Path, tmp_path: Path
+) -> None:
+    sessions = load_sessions(mixed)
+    assert len(sessions) == 6
+    words = {json.loads(line)["text"] for line in (synth_corpus / "manifest.jsonl").read_text().splitlines()}
+    for session in sessions:
+        audio, rate = sf.read(session.audio)
+        assert rate == SAMPLE_RATE and abs(len(audio) / rate - session.duration) < 1e-3
+        assert 2 <= len(session.turns) <= 3 and session.speakers[0] != session.speakers[1]
+        assert [t.talker for t in session.turns] in ([0, 1], [1, 0], [0, 1, 0], [1, 0, 1])
+        assert all(0 < t.start < t.end < session.duration and t.text in words for t in session.turns)
+        assert 0.0 <= session.overlap <= 0.5
+    again = mix_sessions(synth_corpus, tmp_path / "again", sessions=6, seed=3, turns=(2, 3), workers=2)
+    assert (again / "sessions.jsonl").read_text().replace(str(again), "") == (mixed / "sessions.jsonl").read_text().replace(
+        str(mixed), ""
+    )
+    before = (mixed / "mix.json").stat().st_mtime_ns
+    mix_sessions(synth_corpus, mixed, sessions=6, seed=3, turns=(2, 3), workers=1)
+    assert (mixed / "mix.json").stat().st_mtime_ns == before  # same arguments: reused
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "culprit"),
+    [
+        ({"sessions": 0}, "--sessions"),
+        ({"turns": (3, 2)}, "--turns"),
+        ({"max_overlap": 0.9}, "--max-overlap"),
+        ({"level_db": -1.0}, "--level-db"),
+    ],
+)
+def test_bad_mix_arguments_name_the_option(tmp_path: Path, kwargs: dict[str, object], culprit: str) -> None:
+    arguments: dict[str, object] = {"sessions": 2, "seed": 0} | kwargs
+    with pytest.raises(MixError, match=culprit):
+        mix_sessions(tmp_path, tmp_path / "out", **arguments)  # type: ignore[arg-type]
+    with pytest.raises(MixError, match="no such directory"):
+        mix_sessions(tmp_path / "missing", tmp_path / "out", sessions=1, seed=0)
+
+
+def test_mixing_real_recordings(tmp_path: Path) -> None:
+    corpus = real_corpus("speechocean762-dev")
+    sessions = load_sessions(mix_sessions(corpus, tmp_path / "so", sessions=3, seed=1, turns=(2, 2), workers=1))
+    assert len(sessions) == 3 and all(len(s.turns) == 2 for s in sessions)
+    assert all(sf.info(str(s.audio)).samplerate == SAMPLE_RATE for s in sessions)
+
+
+def _tiny_model(channels: int = 2) -> SeparatorTransducer:
+    torch.manual_seed(0)
+    return SeparatorTransducer.from_transducer(tiny_transducer(), SeparatorConfig(channels=channels, layers=2)).eval()
+
+
+def test_streaming_equals_the_whole_input_for_any_chunking() -> None:
+    model = _tiny_model()
+    with torch.no_grad():
+        for p in model.separator.parameters():  # the zero-initialized projections would hide a broken cache
+            p.add_(0.1 * torch.randn_like(p))
+        feats = torch.randn(2, 150, TINY_ENCODER.input_dim)
+        whole, lengths = model.channel_frames(feats, torch.tensor([150, 150]))
+        for size in (1, 7, 40):
+            state, pieces = model.init_stream(2).separator, []
+            for chunk in feats.split(size, dim=1):
+                frames, state = model.infer(chunk, state)
+                pieces.append(frames)
+            torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, rtol=1e-5)
+        decoded = model.greedy_search(feats, torch.tensor([150, 150]))
+        state = model.init_stream(2)
+        for chunk in feats.split(13, dim=1):
+            state = model.stream(chunk, state)
+        assert [[(list(state.hypotheses[c * 2 + b]), list(state.frames[c * 2 + b])) for c in range(2)] for b in range(2)] == [
+            [(tokens, frames) for tokens, frames in session] for session in decoded
+        ]
+    assert lengths.tolist() == [36, 36, 36, 36]
+
+
+def test_a_model_made_from_a_base_starts_as_the_base_on_its_own_pieces() -> None:
+    base = BASE.build().eval()
+    model = SeparatorTransducer.from_transducer(base, SeparatorConfig(channels=2, layers=2)).eval()
+    with torch.no_grad():
+        model.channel_embedding.zero_()
+        feats = torch.randn(1, 120, 80)
+        frames, _ = model.channel_frames(feats, torch.tensor([120]))
+        encoded = base.encoder(feats, torch.tensor([120])).frames
+        torch.testing.assert_close(frames, encoded.repeat(2, 1, 1))
+        context = base.predictor.start_context(1, feats.device)
+        old = base.joiner(encoded, base.predictor(context))[..., : base.blank].log_softmax(-1)
+        new = model.transducer.joiner(
+            encoded, model.transducer.predictor(model.transducer.predictor.start_context(1, feats.device))
+        )
+        pieces = torch.cat([new[..., : base.blank], new[..., model.blank :]], dim=-1)
+        assert new.shape[-1] == base.blank + 4  # three turn tokens and blank
+        torch.testing.assert_close(pieces[..., :-1].log_softmax(-1), old)
+        assert bool((new[..., base.blank : model.blank].amax() < new[..., : base.blank].amax()))
+
+
+def test_turn_bonus_rewards_early_turn_tokens_and_leaves_other_labels_alone() -> None:
+    model = _tiny_model().train()
+    feats, feat_lens = torch.randn(1, 100, TINY_ENCODER.input_dim), torch.tensor([100])
+    vocab = extended_vocabulary(5)
+    turn = (vocab["<sot>"], vocab["<eot>"])
+    targets = torch.tensor([[[vocab["<sot>"], 1, 2, vocab["<eot>"]]], [[3, 4, 0, 0]]])
+    target_lens = torch.tensor([[4], [2]])
+    torch.manual_seed(1)
+    plain = model(feats, feat_lens, targets, target_lens)
+    no_turn_tokens = model(
+        feats, feat_lens, targets[1:].repeat(2, 1, 1), target_lens[1:].repeat(2, 1), turn_bonus=1.0, turn_tokens=turn
+    )
+    unchanged = model(feats, feat_lens, targets[1:].repeat(2, 1, 1), target_lens[1:].repeat(2, 1))
+    torch.testing.assert_close(no_turn_tokens, unchanged)
+    penalized = model(feats, feat_lens, targets, target_lens, turn_bonus=0.5, turn_tokens=turn)
+    assert plain.shape == penalized.shape == (1,) and not torch.allclose(plain, penalized)
+
+
+def test_training_lowers_the_loss_and_scoring_counts_words_turns_and_times(mixed: Path) -> None:
+    sessions = load_sessions(mixed)
+    features = session_features(sessions, FRONTEND.cmvn)
+    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1))
+    batches = make_session_batches(sessions, features, FRONTEND.tokenizer, "sts", max_frames=2500, shuffle=True, seed=0)
+    assert sorted(i for b in batches for i in b.ids) == sorted(s.id for s in sessions)
+    log = train_sessions(
+        model,
+        batches[:1],
+        steps=6,
+        peak_lr=1e-3,
+        warmup=1,
+        turn_bonus=0.05,
+        tokenizer_vocab=FRONTEND.tokenizer.vocab_size,
+        seed=0,
+        log_every=3,
+    )
+    assert log[1]["loss"] < log[0]["loss"]
+    hyps = decode_sessions(model, batches)
+    scores = score_sessions(sessions, hyps, FRONTEND.tokenizer, "sts")
+    words = sum(len(t.text.split()) for s in sessions for t in s.turns)
+    assert scores["all"]["sessions"] == 6 and scores["all"]["words"] == words
+    assert sum(b["sessions"] for b in scores["by_overlap"].values()) == 6
+
+
+def test_score_of_a_perfect_and_of_a_swapped_hypothesis() -> None:
+    tokenizer = FRONTEND.tokenizer
+    ids = extended_vocabulary(tokenizer.vocab_size)
+    turns = (_turn(0, 0.5, 2.0, "play jazz"), _turn(1, 1.6, 3.0, "stop it"), _turn(0, 3.5, 4.4, "thanks"))
+    session = Session("s", Path("s.flac"), 5.0, 0.15, ("s0", "s1"), turns)
+
+    def channel(texts_frames: list[tuple[str, int, int]]) -> tuple[list[int], list[int]]:
+        tokens, frames = [], []
+        for text, start, end in texts_frames:
+            pieces = tokenizer.encode(text)
+            tokens += [ids["<sot>"], *pieces, ids["<eot>"]]
+            frames += [start] * (len(pieces) + 1) + [end]
+        return tokens, frames
+
+    first = channel([("play jazz", 12, 50), ("thanks", 87, 110)])
+    second = channel([("stop it", 40, 75)])
+    for hyp in ([first, second], [second, first]):  # channels are matched to references by permutation
+        scores = score_sessions([session], {"s": hyp}, tokenizer, "sts")["all"]
+        assert scores["wer"] == 0.0 and scores["turn_counting_accuracy"] == 1.0
+        ends = sorted([emission_seconds(50) - 2.0, emission_seconds(110) - 4.4, emission_seconds(75) - 3.0])
+        assert scores["end_of_turn_latency_ms"]["median"] == pytest.approx(1000 * ends[1])
+    wrong = score_sessions([session], {"s": [channel([("play jazz", 12, 50)]), second]}, tokenizer, "sts")["all"]
+    assert wrong["wer"] == pytest.approx(1 / 5) and wrong["turn_counting_accuracy"] == 0.0
+    serial = [*tokenizer.encode("play jazz"), ids["<sc>"], *tokenizer.encode("stop it"), ids["<sc>"], *tokenizer.encode("thanks")]
+    mt = score_sessions([session], {"s": [(serial, list(range(len(serial))))]}, tokenizer, "mt-rnnt")["all"]
+    assert mt["wer"] == 0.0 and mt["turn_counting_accuracy"] == 1.0
+
+
+def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_path: Path) -> None:
+    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1)).eval()
+    path = save_multitalker(tmp_path / "sts.pt", model, BASE.model_config, "sts", frontend=FRONTEND, dtype=torch.float16)
+    loaded, kind, frontend, _ = load_multitalker(path)
+    assert kind == "sts" and frontend.digest() == FRONTEND.digest()
+    session = load_sessions(mixed)[0]
+    result = CliRunner().invoke(app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "final [1]:" in result.output and "final [2]:" in result.output and "RTF" in result.output
+    wrong = CliRunner().invoke(
+        app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(SHIPPED_DIR / "dense-6.pt")]
+    )
+    assert wrong.exit_code == 2 and "--talkers 1" in wrong.output
+
+
+@pytest.mark.slow
+def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "multitalker", "--quick", "--json", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert list(report["arms"]) == ["sts+penalty", "mt-rnnt", "sts"]
+    for arm in report["arms"].values():
+        assert arm["all"]["sessions"] == 4 and arm["all"]["words"] > 0 and 0.0 <= arm["all"]["wer"]
+        assert arm["training"]["steps"] == 2 and arm["batch1_streaming_rtf"] > 0
+    arms = report["arms"]
+    # two channels of separator blocks cost more than one, and all three share the encoder
+    assert arms["sts"]["encoder_gflops_per_audio_second"] > arms["mt-rnnt"]["encoder_gflops_per_audio_second"]
+    assert arms["sts"]["encoder_gflops_per_audio_second"] == pytest.approx(arms["sts+penalty"]["encoder_gflops_per_audio_second"])
+    assert arms["sts+penalty"]["turn_bonus"] > 0 and arms["sts"]["turn_bonus"] == 0
+    assert (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text().startswith("# Multi-talker benchmark")
