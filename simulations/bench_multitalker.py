@@ -63,6 +63,7 @@ class MultitalkerPlan:
     batch_frames: int  # padded feature frames per batch (B x T)
     layers: int  # separator blocks per channel
     stream_sessions: int  # test sessions streamed for FLOPs and RTF
+    init_run: str = ""  # runs/<id> of an earlier bench whose systems this one continues training ("": the base)
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -181,11 +182,16 @@ def run_multitalker_bench(plan: MultitalkerPlan, *, run_dir: Path, workdir: Path
             training = meta["training"]
         else:
             torch.manual_seed(0)
-            model = SeparatorTransducer.from_transducer(
-                base.build(), SeparatorConfig(channels=channels_of(kind), layers=plan.layers)
-            )
+            earlier: dict[str, Any] = {}
+            if plan.init_run:  # continue the same system of an earlier run (a warm restart of the schedule)
+                model, _, _, meta = load_multitalker(workdir / plan.init_run / f"{arm}.pt")
+                earlier = meta["training"]
+            else:
+                model = SeparatorTransducer.from_transducer(
+                    base.build(), SeparatorConfig(channels=channels_of(kind), layers=plan.layers)
+                )
             batches = make_session_batches(
-                train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=0
+                train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=len(earlier)
             )
             began = time.perf_counter()
             log = train_sessions(
@@ -199,7 +205,13 @@ def run_multitalker_bench(plan: MultitalkerPlan, *, run_dir: Path, workdir: Path
                 seed=0,
                 log_every=max(1, plan.steps // 10),
             )
-            training = {"steps": plan.steps, "seconds": round(time.perf_counter() - began, 1), "loss_curve": log}
+            stage = {"steps": plan.steps, "seconds": round(time.perf_counter() - began, 1), "loss_curve": log}
+            stages = [*earlier.get("stages", [earlier] if earlier else []), stage]
+            training = {
+                "steps": sum(x["steps"] for x in stages),
+                "seconds": round(sum(x["seconds"] for x in stages), 1),
+                "stages": stages,
+            }
             save_multitalker(path, model, base.model_config, kind, frontend=frontend, training=training, plan=asdict(plan))
         scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames)
         result["arms"][arm] = {"kind": kind, "turn_bonus": plan.turn_bonus if penalized else 0.0, "training": training, **scores}

@@ -220,6 +220,10 @@ def bench_multitalker_cmd(
     reuse: Annotated[bool, typer.Option(help="Reuse models already trained under runs/<bench-id>/.")] = True,
     workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps of each system (default: the plan's).")] = None,
+    continue_from: Annotated[
+        str,
+        typer.Option(help="A run under WORKDIR/runs whose three systems this run trains further (default: start from the base)."),
+    ] = "",
 ) -> None:
     """Separator-transducer-segmenter vs MT-RNN-T on two-talker sessions: WER, turn counting, end-of-turn latency."""
     import json
@@ -229,6 +233,7 @@ def bench_multitalker_cmd(
 
     plan = QUICK if quick else FULL
     plan = replace(plan, steps=steps) if steps is not None else plan
+    plan = replace(plan, init_run=f"runs/{continue_from}") if continue_from else plan
     workdir = workdir.resolve()
     run_dir = workdir / "runs" / (bench_id or ("bench-multitalker-quick" if quick else "bench-multitalker"))
     try:
