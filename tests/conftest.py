@@ -33,6 +33,13 @@ from simulations.harness import InProcessGrid
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# One intra-op thread in every process the tests start (the `chorus` runs, Flower's SuperLink and SuperNodes,
+# Ray's workers, the xdist workers: all inherit this environment), as in the tests' own process
+# (_one_torch_thread). Two xdist workers already fill the 2 cores; a second OpenMP thread per process only spins
+# against the other worker's (`chorus bench compute --quick` used 5x the CPU time, 303 s against 56 s). An
+# OMP_NUM_THREADS set by whoever runs the tests wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def real_corpus(name: str) -> Path:
     path = SHARED_DATA / name
