@@ -33,6 +33,43 @@ from simulations.harness import InProcessGrid
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# One intra-op thread in every process the tests start (the `chorus` runs, Flower's SuperLink and SuperNodes,
+# Ray's workers, the xdist workers: all inherit this environment), as in the tests' own process
+# (_one_torch_thread). Two xdist workers already fill the 2 cores; a second OpenMP thread per process only spins
+# against the other worker's (`chorus bench compute --quick` used 5x the CPU time, 303 s against 56 s). An
+# OMP_NUM_THREADS set by whoever runs the tests wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Longest file first. `make test` runs the files on two xdist workers, each file whole on one (`--dist loadfile`),
+# handed out in collection order (`--no-loadscope-reorder` in pyproject.toml; xdist's default order is by number
+# of tests, which sends the one-test end-to-end files out last, where a 2-minute file leaves the other worker
+# idle for its whole length). So the end-to-end files start first and the many short ones fill in behind them.
+# Seconds per file in a full run (`--durations`): only an order, a file not listed counts as 0, and a stale figure
+# costs balance, never a result.
+FILE_SECONDS = {
+    "test_bench_compute.py": 476,
+    "test_eval_fairness.py": 362,
+    "test_recognizer.py": 227,
+    "test_deployment.py": 194,
+    "test_bench_federation.py": 143,
+    "test_eval_privacy.py": 138,
+    "test_resume.py": 135,
+    "test_bench_robustness.py": 127,
+    "test_simulation.py": 102,
+    "test_privacy_invariant.py": 87,
+    "test_failures.py": 83,
+    "test_secagg.py": 77,
+    "test_fairness_federated.py": 58,
+    "test_verification.py": 56,
+    "test_train.py": 41,
+    "test_central_dp.py": 23,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A stable sort on a per-file key: each file's tests stay together and in their order.
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
+
 
 def real_corpus(name: str) -> Path:
     path = SHARED_DATA / name
