@@ -36,8 +36,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # One intra-op thread in every process the tests start (the `chorus` runs, Flower's SuperLink and SuperNodes,
 # Ray's workers, the xdist workers: all inherit this environment), as in the tests' own process
 # (_one_torch_thread). Two xdist workers already fill the 2 cores; a second OpenMP thread per process only spins
-# against the other worker's (`chorus bench compute --quick` used 5x the CPU time, 303 s against 56 s). An
-# OMP_NUM_THREADS set by whoever runs the tests wins.
+# against the other worker's. An OMP_NUM_THREADS set by whoever runs the tests wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Longest file first. `make test` runs the files on two xdist workers, each file whole on one (`--dist loadfile`),
@@ -60,7 +59,9 @@ FILE_SECONDS = {
     "test_failures.py": 83,
     "test_secagg.py": 77,
     "test_fairness_federated.py": 58,
+    "test_multitalker.py": 60,
     "test_verification.py": 56,
+    "test_multitalker_federated.py": 40,
     "test_train.py": 41,
     "test_central_dp.py": 23,
 }
