@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from shared.data.mix import MixError, Session, Turn, load_sessions, mix_sessions, plan_timeline, speech_span
 from shared.data.synth import SAMPLE_RATE, synthesize
-from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint
+from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint, sha256_of, shipped_manifest
 from shared.models.separator_transducer import SeparatorConfig, SeparatorTransducer, extended_vocabulary
 from shared.multitalker import (
+    SHIPPED_MULTITALKER,
     decode_sessions,
     emission_seconds,
     heat_channels,
@@ -27,11 +28,13 @@ from shared.multitalker import (
     session_features,
     train_sessions,
 )
+from simulations.bench_multitalker import evaluate
 from simulations.cli import app
 from tests.conftest import TINY_ENCODER, real_corpus, tiny_transducer
 
 BASE = load_checkpoint(SHIPPED_DIR / "dense-6.pt")
 FRONTEND = BASE.frontend
+WER_MARGIN = 0.15  # 10 sessions of 4 speakers against the manifest's 300 sessions of 40
 assert FRONTEND is not None
 
 
@@ -282,3 +285,17 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     assert arms["sts"]["encoder_gflops_per_audio_second"] == pytest.approx(arms["sts+penalty"]["encoder_gflops_per_audio_second"])
     assert arms["sts+penalty"]["turn_bonus"] > 0 and arms["sts"]["turn_bonus"] == 0
     assert (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text().startswith("# Multi-talker benchmark")
+
+
+def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_speakers(tmp_path: Path) -> None:
+    entry = shipped_manifest()[SHIPPED_MULTITALKER]
+    path = SHIPPED_DIR / SHIPPED_MULTITALKER
+    assert sha256_of(path) == entry["sha256"], "the shipped file is not the one the manifest measured"
+    model, kind, frontend, _ = load_multitalker(path)
+    assert kind == entry["system"] == "sts" and model.config.channels == 2
+    # The eval corpus's first speakers (`chorus data synth --seed 99`: no training session has them), new sessions.
+    corpus = synthesize(tmp_path / "unseen", speakers=4, utterances=4, seed=99, workers=1, progress=False)
+    sessions = load_sessions(mix_sessions(corpus, tmp_path / "mix", sessions=10, seed=98, turns=(2, 3), workers=1))
+    features = session_features(sessions, frontend.cmvn)
+    scores = evaluate(model, kind, sessions, features, frontend.tokenizer, batch_frames=4000)["all"]
+    assert scores["wer"] <= entry["eval"]["all"]["wer"] + WER_MARGIN
