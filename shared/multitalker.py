@@ -176,7 +176,8 @@ def train_sessions(
 ) -> list[dict[str, float]]:
     """``steps`` AdamW steps cycling over ``batches`` (SpecAugment, warm-up then cosine decay to 5% of
     ``peak_lr``); objective: the channels' transducer loss per target token, with the turn-token delay penalty
-    ``turn_bonus``. Returns the loss every ``log_every`` steps (never when 0)."""
+    ``turn_bonus``. Trains on whatever device ``model`` is on. Returns the loss every ``log_every`` steps (never
+    when 0)."""
     if not batches:
         raise ValueError("no training sessions")
     ids = extended_vocabulary(tokenizer_vocab)
@@ -195,8 +196,16 @@ def train_sessions(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = batches[step % len(batches)]
-        feats = spec_augment(batch.feats, batch.feat_lens, generator=generator)
-        losses = model(feats, batch.feat_lens, batch.targets, batch.target_lens, turn_bonus=turn_bonus, turn_tokens=turn_tokens)
+        feats = spec_augment(batch.feats, batch.feat_lens, generator=generator)  # masks drawn on the CPU: any device
+        device = next(model.parameters()).device
+        losses = model(
+            feats.to(device),
+            batch.feat_lens.to(device),
+            batch.targets.to(device),
+            batch.target_lens.to(device),
+            turn_bonus=turn_bonus,
+            turn_tokens=turn_tokens,
+        )
         loss = losses.sum() / batch.target_lens.sum().clamp(min=1)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} on sessions {batch.ids[:3]}")

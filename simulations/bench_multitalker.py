@@ -137,8 +137,11 @@ def _stream_cost(model: SeparatorTransducer, sessions: list[Session], features: 
     return {"encoder_gflops_per_audio_second": flops / audio / 1e9, "batch1_streaming_rtf": wall / audio}
 
 
-def run_multitalker_bench(plan: MultitalkerPlan, *, run_dir: Path, workdir: Path, reuse: bool = True) -> dict[str, Any]:
-    """Mix (or reuse) the sessions, train (or reuse) the three systems, measure them; returns the JSON result."""
+def run_multitalker_bench(
+    plan: MultitalkerPlan, *, run_dir: Path, workdir: Path, reuse: bool = True, train_device: str = "cpu"
+) -> dict[str, Any]:
+    """Mix (or reuse) the sessions, train (or reuse) the three systems on ``train_device``, measure them on the CPU;
+    returns the JSON result."""
     run_dir.mkdir(parents=True, exist_ok=True)
     train_corpus, test_corpus = _corpora(plan, workdir)
     for corpus in (train_corpus, test_corpus):
@@ -193,6 +196,7 @@ def run_multitalker_bench(plan: MultitalkerPlan, *, run_dir: Path, workdir: Path
             batches = make_session_batches(
                 train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=len(earlier)
             )
+            model.to(train_device)
             began = time.perf_counter()
             log = train_sessions(
                 model,
@@ -205,6 +209,7 @@ def run_multitalker_bench(plan: MultitalkerPlan, *, run_dir: Path, workdir: Path
                 seed=0,
                 log_every=max(1, plan.steps // 10),
             )
+            model.cpu()
             stage = {"steps": plan.steps, "seconds": round(time.perf_counter() - began, 1), "loss_curve": log}
             stages = [*earlier.get("stages", [earlier] if earlier else []), stage]
             training = {

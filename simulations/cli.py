@@ -224,6 +224,9 @@ def bench_multitalker_cmd(
         str,
         typer.Option(help="A run under WORKDIR/runs whose three systems this run trains further (default: start from the base)."),
     ] = "",
+    train_device: Annotated[
+        str, typer.Option(help="torch device for training the systems (e.g. cuda); measurements always run on the CPU.")
+    ] = "cpu",
 ) -> None:
     """Separator-transducer-segmenter vs MT-RNN-T on two-talker sessions: WER, turn counting, end-of-turn latency."""
     import json
@@ -237,7 +240,7 @@ def bench_multitalker_cmd(
     workdir = workdir.resolve()
     run_dir = workdir / "runs" / (bench_id or ("bench-multitalker-quick" if quick else "bench-multitalker"))
     try:
-        result = run_multitalker_bench(plan, run_dir=run_dir, workdir=workdir, reuse=reuse)
+        result = run_multitalker_bench(plan, run_dir=run_dir, workdir=workdir, reuse=reuse, train_device=train_device)
     except FileNotFoundError as err:
         fail(str(err))
     if json_:
