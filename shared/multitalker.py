@@ -44,7 +44,7 @@ from shared.data.features import GlobalCMVN, compute_fbank, spec_augment
 from shared.data.mix import Session, Turn
 from shared.data.tokenizer import Tokenizer
 from shared.files import torch_save_atomic
-from shared.models.checkpoint import CheckpointError, Frontend, build_model
+from shared.models.checkpoint import CheckpointError, Frontend, build_model, read_payload, saveable_state
 from shared.models.separator_transducer import SeparatorConfig, SeparatorTransducer, extended_vocabulary
 from shared.models.transformer import ConvSubsampling
 
@@ -262,11 +262,10 @@ def score_sessions(
         channels = heat_channels(session.turns, 2) if kind == "sts" else [sorted(session.turns, key=lambda t: t.start)]
         refs = [[w for turn in channel for w in turn.text.split()] for channel in channels]
         hyps = hypotheses[session.id]
-        best = min(
-            itertools.permutations(range(len(hyps))),
-            key=lambda p: sum(_errors(refs[c], _words(hyps[p[c]][0], tokenizer)) for c in range(len(refs))),
+        words = [_words(tokens, tokenizer) for tokens, _ in hyps]
+        errors, best = min(
+            (sum(_errors(refs[c], words[p[c]]) for c in range(len(refs))), p) for p in itertools.permutations(range(len(hyps)))
         )
-        errors = sum(_errors(refs[c], _words(hyps[best[c]][0], tokenizer)) for c in range(len(refs)))
         starts: list[float] = []
         ends: list[float] = []
         if kind == "sts":
@@ -332,9 +331,7 @@ def save_multitalker(
 ) -> Path:
     """Atomically write a multi-talker model: weights, the base's model config, the separator config, the kind
     and the front end (tokenizer, CMVN)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = saveable_state(model, Path(path), dtype)
     payload = {
         "format": _FORMAT,
         "kind": kind,
@@ -349,15 +346,8 @@ def save_multitalker(
 def load_multitalker(path: Path | str) -> tuple[SeparatorTransducer, str, Frontend, dict[str, Any]]:
     """(model in eval mode, kind, front end, meta) of a ``save_multitalker`` file; CheckpointError naming the file
     when it is missing or not one."""
-    import io
-
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"multi-talker model {path} does not exist")
-    try:
-        payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated/garbage files
-        raise CheckpointError(f"multi-talker model {path} is corrupt: {err}") from err
+    payload = read_payload(path, "multi-talker model")
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a {_FORMAT} file (a single-talker checkpoint needs --talkers 1)")
     base = build_model(ModelConfig(**payload["model_config"]))

@@ -58,6 +58,8 @@ __all__ = [
     "checkpoint_frontend",
     "architecture",
     "average_checkpoints",
+    "read_payload",
+    "saveable_state",
 ]
 
 
@@ -253,6 +255,27 @@ def _check_finite(state: dict[str, torch.Tensor], context: str) -> None:
             raise CheckpointError(f"{context}: weight {key!r} has {int((~torch.isfinite(value)).sum())} non-finite value(s)")
 
 
+def saveable_state(model: nn.Module, path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``model``'s weights on the CPU, cast to ``dtype`` (floating point only) when given; CheckpointError naming
+    the tensor if any is non-finite (every model file is finite by construction)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _check_finite(state, f"refusing to write checkpoint {path}")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
+def read_payload(path: Path, what: str) -> Any:
+    """What ``torch.load`` reads from the model file ``path`` (tensors only); CheckpointError naming ``what`` and the
+    file when it is missing or unreadable."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/garbage files
+        raise CheckpointError(f"{what} {path} is corrupt or not a Chorus checkpoint: {err}") from err
+
+
 def save_checkpoint(
     path: Path | str,
     model: nn.Module,
@@ -272,10 +295,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     if frontend is not None:
         meta = {**meta, "frontend": frontend.to_meta()}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _check_finite(state, f"refusing to write checkpoint {path}")
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = saveable_state(model, path, dtype)
     payload = {"format": _FORMAT, "model_config": dataclasses.asdict(model_config), "state_dict": state, "meta": meta}
     return torch_save_atomic(path, payload)
 
@@ -283,12 +303,7 @@ def save_checkpoint(
 def load_checkpoint(path: Path | str, *, expect: ModelConfig | None = None) -> Checkpoint:
     """Read a checkpoint; with ``expect``, refuse one whose architecture differs (naming the fields)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated/garbage files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a Chorus checkpoint: {err}") from err
+    payload = read_payload(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {_FORMAT} file")
     try:
