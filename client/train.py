@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, MetricRecordValues, RecordDict
@@ -32,8 +33,10 @@ from shared.config import DPConfig, RunConfig
 from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
 from shared.models.transducer import Transducer
-from shared.privacy.dp import AccountantState, PrivacyBudgetExhausted, check_budget, dp_train_steps, make_dp_compatible
 from shared.training import Reweighter, train_steps
+
+if TYPE_CHECKING:
+    from shared.privacy.dp import AccountantState
 
 __all__ = ["ACCOUNTANT_KEY", "LocalUpdate", "fine_tune", "load_accountant", "store_accountant"]
 
@@ -69,6 +72,8 @@ class LocalUpdate:
 
 def load_accountant(device_state: RecordDict) -> AccountantState:
     """The device's privacy ledger from its persistent state (empty before its first DP round)."""
+    from shared.privacy.dp import AccountantState  # Opacus: see _dp_fine_tune
+
     record = device_state.get(ACCOUNTANT_KEY)
     return AccountantState.from_record(dict(record) if record is not None else {})
 
@@ -143,6 +148,10 @@ def fine_tune(
 def _dp_fine_tune(
     cfg: RunConfig, model: Transducer, batches: list[Batch], data: DeviceData, *, server_round: int, device_state: RecordDict
 ) -> LocalUpdate:
+    # Imported here, by DP rounds only: Opacus takes over a second to import, which every device process and
+    # simulation actor would pay at start-up otherwise.
+    from shared.privacy.dp import PrivacyBudgetExhausted, check_budget, dp_train_steps, make_dp_compatible
+
     dp: DPConfig = cfg.dp
     steps = cfg.train.local_steps
     ledger = load_accountant(device_state)

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import logging
 import math
@@ -104,7 +105,8 @@ from shared.fairness import protocol as p
 from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats, ScoreSums
 from shared.fairness.cohorts import CohortCounts, CohortReport, cohort_report, init_centroids, server_update
 from shared.fairness.ewc import FisherSums, add_fisher_sums, fisher_sums
-from shared.files import torch_save_atomic, write_text_atomic
+from shared.files import torch_save_atomic, write_bytes_atomic, write_text_atomic
+from shared.models.checkpoint import sha256_of
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
 from shared.records import metric_record, scalar
 
@@ -116,6 +118,7 @@ __all__ = [
     "normalized_fisher",
     "public_embeddings",
     "public_fisher",
+    "stored_public_embeddings",
     "sum_cohort_eval",
     "worst_cohorts",
 ]
@@ -171,6 +174,21 @@ def public_embeddings(
     if not rows:
         raise ValueError("no public speaker has usable audio to embed")
     return np.stack(rows)
+
+
+def stored_public_embeddings(
+    embedder: SpeakerEmbedder, embedder_path: Path, prepared: Prepared, features: FeatureCache
+) -> np.ndarray:
+    """``public_embeddings`` of the run's public speakers, computed once and kept beside the extractor (named by
+    its digest): every run on these artifacts, e.g. each arm of an evaluation, seeds its centroids from them."""
+    stored = embedder_path.with_name(f"public-embeddings-{sha256_of(embedder_path)[:16]}.npy")
+    if stored.is_file():
+        return np.load(stored)
+    public = public_embeddings(embedder, prepared.split.public, prepared.corpus.by_speaker(), features)
+    buffer = io.BytesIO()
+    np.save(buffer, public)
+    write_bytes_atomic(stored, buffer.getvalue())
+    return public
 
 
 def _secure_sum(
@@ -419,7 +437,7 @@ class FairnessRounds:
         embedder = load_speaker_embedder(path)
         features = FeatureCache(prepared.corpus, prepared.cmvn)
         by_speaker = prepared.corpus.by_speaker()
-        public = public_embeddings(embedder, prepared.split.public, by_speaker, features)
+        public = stored_public_embeddings(embedder, path, prepared, features)
         if public.shape[0] < f.num_cohorts:
             raise ConfigError(
                 f"fairness.num-cohorts={f.num_cohorts} exceeds the {public.shape[0]} public speakers "

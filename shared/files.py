@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["torch_save_atomic", "write_bytes_atomic", "write_text_atomic"]
 
 
@@ -41,6 +39,8 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
 
 def torch_save_atomic(path: Path | str, obj: Any) -> Path:
     """``torch.save`` of ``obj`` to ``path``, atomically."""
+    import torch  # here: the corpus tools (synthesis and its worker processes) write files without torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return write_bytes_atomic(path, buffer.getvalue())

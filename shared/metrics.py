@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 
 import jiwer
 import numpy as np
-from sklearn.metrics import roc_curve
 
 __all__ = ["ErrorCounts", "equal_error_rate", "error_counts", "min_dcf", "pooled_wer", "threshold_at_far"]
 
@@ -70,6 +69,8 @@ def _roc(scores: Sequence[float] | np.ndarray, same: Sequence[bool] | np.ndarray
         raise ValueError(f"a verification metric needs both trial kinds, got {positives} same and {negatives} different")
     if not np.isfinite(values).all():
         raise ValueError("verification scores must be finite")
+    from sklearn.metrics import roc_curve  # here, not at the top: only verification needs scikit-learn's import
+
     far, tpr, thresholds = roc_curve(labels, values, drop_intermediate=False)
     return far, 1.0 - tpr, thresholds
 

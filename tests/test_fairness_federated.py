@@ -570,6 +570,40 @@ def _device_embeddings(cfg: RunConfig, devices: int) -> np.ndarray:
     return np.stack(rows)
 
 
+@needs_espeak
+def test_public_embeddings_are_computed_once_per_extractor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_workdir: TinyWorkdir
+) -> None:
+    """Every run on one set of artifacts (each arm of `chorus eval fairness`) seeds its centroids from the same
+    public embeddings: the first computes and stores them, the next read them; a changed extractor does not."""
+    import server.fairness
+    from shared.data.dataset import FeatureCache
+    from shared.data.prepare import open_prepared, speaker_embedder_path
+    from shared.models.speaker_embedding import load_speaker_embedder, save_speaker_embedder
+
+    cfg = RunConfig.from_flat({**FAIR_RUN, "workdir": str(tiny_workdir(tmp_path, FAIR_RUN))})
+    prepared = open_prepared(cfg)
+    path = speaker_embedder_path(prepared.artifacts, cfg)
+    embedder = load_speaker_embedder(path)
+    features = FeatureCache(prepared.corpus, prepared.cmvn)
+    fresh = server.fairness.public_embeddings(embedder, prepared.split.public, prepared.corpus.by_speaker(), features)
+    first = server.fairness.stored_public_embeddings(embedder, path, prepared, features)
+    np.testing.assert_array_equal(first, fresh)
+
+    def no_recompute(*args: object) -> np.ndarray:
+        raise AssertionError("public embeddings recomputed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.fairness, "public_embeddings", no_recompute)
+        np.testing.assert_array_equal(server.fairness.stored_public_embeddings(embedder, path, prepared, features), fresh)
+
+    with torch.no_grad():
+        next(embedder.parameters()).add_(0.5)  # another extractor under the same file name
+    save_speaker_embedder(path, embedder)
+    changed = server.fairness.stored_public_embeddings(embedder, path, prepared, features)
+    assert changed.shape == fresh.shape and not np.allclose(changed, fresh)
+
+
 @pytest.mark.slow
 @needs_espeak
 def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_workdir: TinyWorkdir) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from scipy.signal import resample_poly
 
 __all__ = ["SAMPLE_RATE", "AudioError", "load_audio", "probe_audio"]
 
@@ -93,6 +92,8 @@ def load_audio(path: Path | str, *, sample_rate: int = SAMPLE_RATE, resample: bo
     if not np.isfinite(mono).all():
         raise AudioError(f"{path}: audio contains NaN or infinite samples")
     if native_rate != sample_rate:
+        from scipy.signal import resample_poly  # here, not at the top: scipy.signal takes a second to import
+
         common = gcd(sample_rate, native_rate)
         mono = resample_poly(mono, sample_rate // common, native_rate // common).astype(np.float32)
     # Float-encoded files may exceed full scale and resampling can overshoot it slightly; the

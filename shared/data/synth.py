@@ -592,8 +592,12 @@ def _run_jobs(jobs: list[_SpeakerJob], workers: int, progress: bool) -> list[_Ut
                 results.extend(_synthesize_speaker(job))
                 advance(job.utterances)
         else:
-            # spawn, not fork: the caller may hold threads (rich's refresher, torch's pools).
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            # forkserver: its one server process imports this module (pyroomacoustics, scipy: seconds) and forks
+            # every pool's workers from itself. Not fork: the caller may hold threads (rich's refresher, torch's
+            # pools); not spawn: each worker of each pool would import it all again.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with context.Pool(workers) as pool:
                 for utterances in pool.imap_unordered(_synthesize_speaker, ordered, chunksize=1):
                     results.extend(utterances)
                     advance(len(utterances))
