@@ -544,6 +544,12 @@ def eval_fairness_cmd(
         if unknown or not chosen:
             fail(f"--arms {arms!r}: {unknown or 'none'} not among {', '.join(ARMS)}")
         plan = replace(plan, arms=chosen)
+    if corpus and corpus != "synth" and not Path(corpus).is_dir():
+        fail(f"--corpus {corpus!r}: neither 'synth' nor a corpus directory")
+    if checkpoint is not None and not corpus:
+        fail("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
+    if checkpoint is not None and not checkpoint.is_file():
+        fail(f"--checkpoint {checkpoint}: no such file")
     main(
         plan,
         workdir=workdir.resolve(),

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from simulations.cli import app
 from simulations.eval_fairness import QUICK, FairnessPlan
 from shared.config import ConfigError
 from tests.conftest import REPO_ROOT, SHARED_DATA, needs_espeak
@@ -68,3 +70,17 @@ def test_plan_overrides_are_checked_and_win_over_corpus_defaults() -> None:
     assert "split.public-speakers" not in plan.corpus_overrides["synth"]
     with pytest.raises(ConfigError, match="'fairness.num-cohort'"):
         QUICK.with_overrides({"fairness.num-cohort": 2})
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["--corpus", "no-such-corpus"], "'no-such-corpus'"),
+        (["--checkpoint", "base.pt"], "--checkpoint needs --corpus"),
+        (["--corpus", "synth", "--checkpoint", "no-such.pt"], "no-such.pt"),
+    ],
+)
+def test_bad_arguments_get_one_line_naming_them_before_any_work(tmp_path: Path, args: list[str], culprit: str) -> None:
+    result = CliRunner().invoke(app, ["eval", "fairness", "--quick", "--workdir", str(tmp_path), *args])
+    assert result.exit_code == 2 and culprit in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir()), "nothing is prepared or written before the arguments are checked"

@@ -92,8 +92,9 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
     assert [s["epsilon"] for s in by_sigma] == sorted((s["epsilon"] for s in dp), reverse=True)  # more noise, less eps
 
     step = result["step_time"]
+    # Times only: two step pairs on a machine the other tests share put no order on them (the DP/plain ratio is
+    # the benchmark's figure, measured on idle cores, never a test's).
     assert step["plain_s"] > 0 and step["dp_s"] > 0
-    assert step["ratio"] > 1.0, "per-sample gradients, clipping and noise cannot make a step cheaper"
     run_dir = Path(result["run_dir"])
     report = (run_dir / "report.md").read_text()
     assert "| non-dp |" in report and "wer_vs_epsilon.png" in report
