@@ -162,6 +162,53 @@ def simulate_cmd(
     typer.echo(f"Report: {run_dir / 'report.md'}")
 
 
+@app.command("simulate-multitalker")
+def simulate_multitalker_cmd(
+    devices: Annotated[list[Path], typer.Argument(help="One `chorus data mix` sessions folder per device.")],
+    rounds: Annotated[int, typer.Option(help="FedAvg rounds.")] = 3,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Multi-talker model to start from (default: the shipped sts-2.pt).")
+    ] = None,
+    local_steps: Annotated[int, typer.Option(help="AdamW steps per device per round.")] = 10,
+    lr: Annotated[float, typer.Option(help="Devices' AdamW learning rate.")] = 1e-4,
+    heldout: Annotated[int, typer.Option(help="Each device's last sessions: evaluated, never trained on.")] = 1,
+    run_id: Annotated[str, typer.Option(help="runs/<run-id>/ (default: multitalker-federation).")] = "multitalker-federation",
+    workdir: Annotated[Path, typer.Option(help="Where runs/ lives.")] = Path("."),
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Federated fine-tuning of the two-talker model: each device holds two-talker sessions (only updates and word-error
+    counts leave it); prints the devices' pooled held-out WER before the first round and after each."""
+    import json
+
+    from client.multitalker import MultitalkerDeviceError, MultitalkerRecipe
+    from shared.data.mix import MixError
+    from shared.models.checkpoint import SHIPPED_DIR, CheckpointError
+    from shared.multitalker import SHIPPED_MULTITALKER
+    from simulations.federated_multitalker import run
+
+    run_dir = workdir.resolve() / "runs" / run_id
+    try:
+        recipe = MultitalkerRecipe(local_steps=local_steps, lr=lr, heldout=heldout)
+        result = run(
+            (checkpoint or SHIPPED_DIR / SHIPPED_MULTITALKER).resolve(),
+            [d.resolve() for d in devices],
+            recipe,
+            rounds=rounds,
+            run_dir=run_dir,
+        )
+    except (MixError, CheckpointError, MultitalkerDeviceError) as err:
+        fail(str(err))
+    if json_:
+        typer.echo(json.dumps(result))
+        return
+    for row in result["rounds"]:
+        typer.echo(
+            f"round {row['round']}: held-out WER {row['wer']} ({row['word_errors']} errors / {row['words']} words)"
+            + (f", {row['replies']} devices trained, loss {row['train_loss']}" if row["round"] else " (before training)")
+        )
+    typer.echo(f"Global model: {result['model']}")
+
+
 @app.command("train")
 def train_cmd(
     steps: Annotated[int, typer.Option(min=1)] = 3000,

@@ -6,11 +6,13 @@ ClientApp (``client.multitalker.mt_app``, its privacy audit mod included) throug
 evaluation pools word-error counts) and the server's one send/receive path, which validates every reply
 (``server/exchange.py``). The global model is evaluated on the devices' held-out sessions before the first round
 and after each: the pooled WER (sum of the devices' word errors / sum of their words). The pattern is the
-verifier's federation (``simulations/eval_verification.py``'s ``federate``).
+verifier's federation (``simulations/eval_verification.py``'s ``federate``). ``run`` is `chorus simulate-multitalker`:
+inputs checked first, then ``federate``, the final global model and the round table written to the run folder.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,13 +25,16 @@ from flwr.serverapp.strategy import Strategy
 from client.multitalker import MODEL_KEY, SESSIONS_DIR_KEY, MultitalkerRecipe, model_arrays, mt_app
 from server.exchange import exchange
 from server.workflow import make_strategy
-from shared.config import StrategyConfig
+from shared.config import ModelConfig, StrategyConfig
+from shared.data.mix import MixError, load_sessions
+from shared.files import write_text_atomic
+from shared.models.checkpoint import read_payload
 from shared.models.separator_transducer import SeparatorTransducer
-from shared.multitalker import load_multitalker
+from shared.multitalker import load_multitalker, save_multitalker
 from shared.records import scalar
 from simulations.harness import InProcessGrid, server_identity
 
-__all__ = ["MultitalkerFederation", "federate"]
+__all__ = ["MultitalkerFederation", "federate", "run"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,41 @@ def federate(init: Path, devices: Sequence[Path], recipe: MultitalkerRecipe, *, 
                 }
             )
     return MultitalkerFederation(model=model, rounds=history, exchanges=list(grid.exchanges))
+
+
+def run(init: Path, devices: Sequence[Path], recipe: MultitalkerRecipe, *, rounds: int, run_dir: Path) -> dict[str, Any]:
+    """``federate``, after checking what a user gives (MixError or CheckpointError naming the file or folder,
+    before any training); writes ``run_dir/global.pt`` (the final global model, a multi-talker model file) and
+    ``run_dir/federation.json`` (the rounds), and returns the latter's content."""
+    if rounds < 1:
+        raise MixError(f"--rounds must be >= 1, got {rounds}")
+    if len(devices) < 1:
+        raise MixError("name at least one device's sessions folder (`chorus data mix --out ...`)")
+    for folder in devices:
+        count = len(load_sessions(folder))
+        if count <= recipe.heldout:
+            raise MixError(f"{folder}: {count} sessions, but the last {recipe.heldout} are held out: none left to train on")
+    _, kind, frontend, _ = load_multitalker(init)
+    base_config = ModelConfig(**read_payload(init, "multi-talker model")["model_config"])
+    started = time.monotonic()
+    federation = federate(init, devices, recipe, rounds=rounds)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = save_multitalker(
+        run_dir / "global.pt",
+        federation.model,
+        base_config,
+        kind,
+        frontend=frontend,
+        federation={"init": str(init), "rounds": rounds},
+    )
+    result = {
+        "init": str(init),
+        "kind": kind,
+        "devices": [str(d) for d in devices],
+        "recipe": recipe.to_config(),
+        "rounds": federation.rounds,
+        "model": str(model_path),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    write_text_atomic(run_dir / "federation.json", json.dumps(result, indent=1) + "\n")
+    return result

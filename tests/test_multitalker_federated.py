@@ -4,6 +4,7 @@ content leaves them."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -131,3 +132,29 @@ def test_a_device_without_its_sessions_fails_naming_the_directory_only_in_its_lo
     assert reply.has_error() and "raised MultitalkerDeviceError" in reply.error.reason
     assert str(missing) not in reply.error.reason  # the server learns only the exception type
     assert f"sessions directory {missing} does not exist" in caplog.text  # the device's log names it
+
+
+def test_simulate_multitalker_command_fine_tunes_and_writes_the_global_model(
+    setup: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    init, devices = setup
+    common = ["simulate-multitalker", "--checkpoint", str(init), "--workdir", str(tmp_path), "--local-steps", "2"]
+    missing = CliRunner().invoke(app, [*common, str(devices[0]), str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere" in missing.output and len(missing.output.strip().splitlines()) == 1
+    too_few = CliRunner().invoke(app, [*common, "--heldout", "4", *map(str, devices)])
+    assert too_few.exit_code == 2 and str(devices[0]) in too_few.output
+    assert not (tmp_path / "runs").exists(), "nothing runs before the inputs are checked"
+
+    done = CliRunner().invoke(app, [*common, "--rounds", "1", "--json", *map(str, devices)])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.output)
+    assert [r["round"] for r in result["rounds"]] == [0, 1] and result["rounds"][1]["replies"] == DEVICES
+    assert result["rounds"][1]["words"] == result["rounds"][0]["words"] > 0
+    trained, kind, _, _ = load_multitalker(result["model"])
+    start = model_arrays(load_multitalker(init)[0])
+    assert kind == "sts" and any(not torch.equal(start[k], v) for k, v in model_arrays(trained).items())
+    assert json.loads((tmp_path / "runs" / "multitalker-federation" / "federation.json").read_text()) == result
