@@ -184,6 +184,7 @@ def train_sessions(
     turn_tokens = (ids["<sot>"], ids["<eot>"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     model.train()
     log: list[dict[str, float]] = []
     running, began = 0.0, time.perf_counter()
@@ -197,7 +198,6 @@ def train_sessions(
             group["lr"] = lr
         batch = batches[step % len(batches)]
         feats = spec_augment(batch.feats, batch.feat_lens, generator=generator)  # masks drawn on the CPU: any device
-        device = next(model.parameters()).device
         losses = model(
             feats.to(device),
             batch.feat_lens.to(device),

@@ -165,7 +165,7 @@ def simulate_cmd(
 @app.command("simulate-multitalker")
 def simulate_multitalker_cmd(
     devices: Annotated[list[Path], typer.Argument(help="One `chorus data mix` sessions folder per device.")],
-    rounds: Annotated[int, typer.Option(help="FedAvg rounds.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="FedAvg rounds.")] = 3,
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Multi-talker model to start from (default: the shipped sts-2.pt).")
     ] = None,
@@ -579,7 +579,7 @@ def eval_fairness_cmd(
     """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both; automatic vs metadata cohorts."""
     from dataclasses import replace
 
-    from simulations.eval_fairness import ARMS, FULL, QUICK, main
+    from simulations.eval_fairness import ARMS, FULL, QUICK, check_inputs, main
 
     try:
         plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
@@ -591,12 +591,10 @@ def eval_fairness_cmd(
         if unknown or not chosen:
             fail(f"--arms {arms!r}: {unknown or 'none'} not among {', '.join(ARMS)}")
         plan = replace(plan, arms=chosen)
-    if corpus and corpus != "synth" and not Path(corpus).is_dir():
-        fail(f"--corpus {corpus!r}: neither 'synth' nor a corpus directory")
-    if checkpoint is not None and not corpus:
-        fail("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
-    if checkpoint is not None and not checkpoint.is_file():
-        fail(f"--checkpoint {checkpoint}: no such file")
+    try:
+        check_inputs(corpus, checkpoint)
+    except ValueError as err:
+        fail(str(err))
     main(
         plan,
         workdir=workdir.resolve(),

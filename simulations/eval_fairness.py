@@ -67,7 +67,7 @@ from shared.metrics import ErrorCounts
 from simulations.harness import InProcessGrid, server_identity
 from simulations.metadata_cohorts import Cohorts, attribute_cohorts, cohort_counts_by_speaker, tree_cohorts
 
-__all__ = ["ARMS", "FULL", "FairnessPlan", "QUICK", "main", "run_fairness_eval"]
+__all__ = ["ARMS", "FULL", "FairnessPlan", "QUICK", "check_inputs", "main", "run_fairness_eval"]
 
 SPEECHOCEAN = "speechocean762-dev"
 # The issue's targets, reported next to the measurements.
@@ -505,6 +505,16 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def check_inputs(corpus: str | None, checkpoint: Path | None) -> None:
+    """ValueError naming ``--corpus`` or ``--checkpoint`` when the evaluation cannot use it (before any work)."""
+    if corpus and corpus != "synth" and not Path(corpus).is_dir():
+        raise ValueError(f"--corpus {corpus!r}: neither 'synth' nor a corpus directory")
+    if checkpoint is not None and not corpus:  # a base model's tokenizer belongs to one corpus
+        raise ValueError("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: no such file")
+
+
 def run_fairness_eval(
     plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus: str | None = None, checkpoint: Path | None = None
 ) -> dict[str, Any]:
@@ -513,12 +523,9 @@ def run_fairness_eval(
     out = workdir / "runs" / eval_id
     out.mkdir(parents=True, exist_ok=True)
     speechocean = Path(__file__).resolve().parents[1].parent / "shared" / "data" / SPEECHOCEAN
+    check_inputs(corpus, checkpoint)
     if corpus and corpus != "synth":  # a directory named on the command line is relative to the shell, not the workdir
-        if not Path(corpus).is_dir():
-            raise ValueError(f"corpus {corpus!r} is neither 'synth' nor a corpus directory")
         corpus = str(Path(corpus).resolve())
-    if checkpoint is not None and not corpus:  # a base model's tokenizer belongs to one corpus
-        raise ValueError("--checkpoint needs --corpus: a base model is trained on one corpus' tokenizer")
     corpora = [corpus] if corpus else ["synth", str(speechocean)]
     summary: dict[str, Any] = {"experiment": "fairness", "plan": plan.name, "targets": TARGETS, "corpora": {}}
     for name in corpora:

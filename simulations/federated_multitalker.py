@@ -107,10 +107,6 @@ def run(init: Path, devices: Sequence[Path], recipe: MultitalkerRecipe, *, round
     """``federate``, after checking what a user gives (MixError or CheckpointError naming the file or folder,
     before any training); writes ``run_dir/global.pt`` (the final global model, a multi-talker model file) and
     ``run_dir/federation.json`` (the rounds), and returns the latter's content."""
-    if rounds < 1:
-        raise MixError(f"--rounds must be >= 1, got {rounds}")
-    if len(devices) < 1:
-        raise MixError("name at least one device's sessions folder (`chorus data mix --out ...`)")
     for folder in devices:
         count = len(load_sessions(folder))
         if count <= recipe.heldout:
