@@ -68,22 +68,27 @@ def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> DeviceData:
 # -- simulation ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def _prepared(cfg: RunConfig) -> Prepared:
-    return open_prepared(cfg)
+_OPENED: dict[tuple[object, ...], tuple[Prepared, FeatureCache]] = {}
 
 
-@functools.lru_cache(maxsize=2)
-def _features(cfg: RunConfig) -> FeatureCache:
-    prepared = _prepared(cfg)
-    return FeatureCache(prepared.corpus, prepared.cmvn)
+def _opened(cfg: RunConfig) -> tuple[Prepared, FeatureCache]:
+    """What ``prepare`` built for the run's corpus and front end, with one feature cache over it. Memoized (the
+    last two) by the settings that choose them, not the whole run config: runs that differ only in training or
+    strategy (the arms of an evaluation, a resumed run) share one corpus and its features."""
+    key = (cfg.workdir_path, cfg.corpus, cfg.synth, cfg.split, cfg.model.vocab_size, cfg.model.init_checkpoint)
+    if key not in _OPENED:
+        prepared = open_prepared(cfg)
+        _OPENED[key] = (prepared, FeatureCache(prepared.corpus, prepared.cmvn))
+        while len(_OPENED) > 2:
+            del _OPENED[next(iter(_OPENED))]
+    return _OPENED[key]
 
 
 def device_data(cfg: RunConfig, partition_id: int) -> DeviceData:
-    prepared = _prepared(cfg)
+    prepared, features = _opened(cfg)
     speaker = prepared.speaker_for_partition(partition_id)
     train, evaluation = local_split(prepared.corpus.by_speaker()[speaker], cfg.split.local_eval_fraction)
-    return DeviceData(train=train, eval=evaluation, features=_features(cfg), tokenizer=prepared.tokenizer)
+    return DeviceData(train=train, eval=evaluation, features=features, tokenizer=prepared.tokenizer)
 
 
 # -- deployment ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def _plot(records: list[dict[str, Any]], out: Path) -> Path:
 
     rounds = [r["round"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.92, wspace=0.22)  # fixed: no layout pass to draw
     axes[0].plot(rounds, [r.get("heldout_wer") for r in records], "o-", label="held-out speakers (server)")
     fed = [(r["round"], r["device_wer"]) for r in records if r.get("device_wer") is not None]
     if fed:
@@ -50,7 +51,6 @@ def _plot(records: list[dict[str, Any]], out: Path) -> Path:
     )
     axes[2].set(xlabel="round", ylabel="devices", title="devices per round")
     axes[2].legend()
-    fig.tight_layout()
     path = out / "rounds.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)

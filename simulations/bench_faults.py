@@ -49,7 +49,7 @@ from shared.data.prepare import prepare
 from shared.files import write_text_atomic
 from shared.models.checkpoint import load_checkpoint
 from shared.processes import stop_tree
-from simulations.simulate import REPO_ROOT, free_port, toml_value
+from simulations.simulate import REPO_ROOT, free_port, stage_app, toml_value
 
 __all__ = ["FAULT_RUN", "device_dirs", "main", "run_faults"]
 
@@ -161,6 +161,7 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
     resume_overrides = root / "run_config_resume.toml"
     resume_overrides.write_text(overrides.read_text().replace("resume = false", "resume = true"))
     flwr_exe = str(Path(sys.executable).with_name("flwr"))
+    app = stage_app(root / "app")
     outcome: dict[str, Any] = {"devices": DEVICES, "rounds": cfg.num_server_rounds, "strategy_timeout_s": cfg.strategy.timeout}
 
     def link() -> subprocess.Popen[bytes]:
@@ -183,7 +184,7 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
     def flwr_run(config: Path, name: str) -> subprocess.Popen[str]:
         log = (root / f"{name}.log").open("w")
         return subprocess.Popen(
-            [flwr_exe, "run", str(REPO_ROOT), CONNECTION_NAME, "--run-config", str(config), "--stream"],
+            [flwr_exe, "run", str(app), CONNECTION_NAME, "--run-config", str(config), "--stream"],
             env=flower_env(flwr_home),
             cwd=REPO_ROOT,
             stdout=log,

@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,7 @@ __all__ = [
     "free_port",
     "sampling_overrides",
     "simulate",
+    "stage_app",
     "stop_local_superlink",
     "superlink_marker",
     "toml_value",
@@ -58,6 +60,7 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "chorus-simulation"  # the [superlink.<name>] entry in $FLWR_HOME/config.toml
 SUPERLINK_START_TIMEOUT = 180.0  # seconds for our SuperLink to answer /health
+APP_PACKAGES = ("server", "client", "shared")  # what the ServerApp and the ClientApp import
 
 
 class SimulationError(RuntimeError):
@@ -122,6 +125,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stage_app(dest: Path) -> Path:
+    """``dest`` made a copy of the Flower app (``pyproject.toml`` and :data:`APP_PACKAGES`), for ``flwr run``;
+    returns ``dest``.
+
+    ``flwr run DIR`` lists every file under DIR before it picks the app's files for the FAB: run on the checkout,
+    that is the virtualenv, ``.git`` and the tool caches too, tens of thousands of files at every run. The copy holds
+    only the app (no model weights: a run names its checkpoint by absolute path)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for package in APP_PACKAGES:
+        shutil.copytree(REPO_ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    shutil.copy2(REPO_ROOT / "pyproject.toml", dest)
+    return dest
 
 
 def _flower_env(flwr_home: Path) -> dict[str, str]:
@@ -237,18 +254,19 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
     superlink, port, log_file = _start_superlink(flwr_home, env)
     try:
         _write_connection(flwr_home, port)
-        cmd = [
-            flwr,
-            "run",
-            str(REPO_ROOT),
-            CONNECTION,
-            "--run-config",
-            str(overrides),
-            "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={parallel}",
-            "--stream",
-        ]
-        result = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
+        with tempfile.TemporaryDirectory(prefix="chorus-app-") as app:
+            cmd = [
+                flwr,
+                "run",
+                str(stage_app(Path(app))),
+                CONNECTION,
+                "--run-config",
+                str(overrides),
+                "--federation-config",
+                f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={parallel}",
+                "--stream",
+            ]
+            result = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
     finally:
         stop_tree(superlink, timeout=10.0)  # with its SuperExec, ServerApp, simulation process and Ray
         for suffix in ("", "-wal", "-shm", "-journal"):  # the run's record is runs/<run-id>/, not this state

@@ -26,7 +26,7 @@ from server.deploy import (
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
 from simulations.bench_faults import device_dirs
-from simulations.simulate import free_port, toml_value
+from simulations.simulate import free_port, stage_app, toml_value
 from tests.conftest import REPO_ROOT, TINY_RUN, TinyWorkdir, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
@@ -80,7 +80,7 @@ def test_tls_superlink_two_authenticated_devices(tmp_path: Path, tiny_workdir: T
             [
                 str(Path(sys.executable).with_name("flwr")),
                 "run",
-                str(REPO_ROOT),
+                str(stage_app(tmp_path / "app")),
                 CONNECTION_NAME,
                 "--run-config",
                 str(overrides),

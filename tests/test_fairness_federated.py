@@ -644,7 +644,7 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
         server_app=server_app,
         client_app=outer,
         num_supernodes=4,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 1, "num_gpus": 0}},
     )
     assert run_dirs, "the ServerApp did not finish"
     run_dir = run_dirs[0]

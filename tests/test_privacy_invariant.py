@@ -107,7 +107,7 @@ def test_every_reply_of_a_simulation_is_allowlisted(
         server_app=server_app,
         client_app=recorded_client_app(replies_dir, cfg.to_flat()),
         num_supernodes=4,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 1, "num_gpus": 0}},
     )
 
     assert run_dirs, "the ServerApp did not finish"

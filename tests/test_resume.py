@@ -234,7 +234,8 @@ def test_kill_and_resume_a_real_simulation(tmp_path: Path, tiny_workdir: TinyWor
     marker = f"chorus-resume-test-{uuid.uuid4().hex}"  # in the environment of every process the run starts
     env = {**os.environ, "CHORUS_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"}
     sets = [arg for k, v in {**TINY_RUN, "workdir": str(tmp_path)}.items() for arg in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "4", "--rounds", "3", "--run-id", "killed", *sets]
+    simulate = ["simulate", "--clients", "4", "--rounds", "3", "--parallel", "1", "--run-id", "killed"]  # 1 Ray actor
+    cmd = [sys.executable, "-m", "simulations.cli", *simulate, *sets]
     run_dir = tmp_path / "runs" / "killed"
     metrics = run_dir / "metrics.jsonl"
     log = (tmp_path / "first.log").open("wb")

@@ -432,7 +432,7 @@ def simulate_secagg(flat: dict[str, Any]) -> None:
         server_app=server_app,
         client_app=_device_app(flat),
         num_supernodes=DEVICES,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 1, "num_gpus": 0}},
     )
 
 
