@@ -68,24 +68,18 @@ def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> DeviceData:
 # -- simulation ---------------------------------------------------------------------------------------------
 
 
-_OPENED: dict[tuple[object, ...], tuple[Prepared, FeatureCache]] = {}
-
-
-def _opened(cfg: RunConfig) -> tuple[Prepared, FeatureCache]:
-    """What ``prepare`` built for the run's corpus and front end, with one feature cache over it. Memoized (the
-    last two) by the settings that choose them, not the whole run config: runs that differ only in training or
-    strategy (the arms of an evaluation, a resumed run) share one corpus and its features."""
-    key = (cfg.workdir_path, cfg.corpus, cfg.synth, cfg.split, cfg.model.vocab_size, cfg.model.init_checkpoint)
-    if key not in _OPENED:
-        prepared = open_prepared(cfg)
-        _OPENED[key] = (prepared, FeatureCache(prepared.corpus, prepared.cmvn))
-        while len(_OPENED) > 2:
-            del _OPENED[next(iter(_OPENED))]
-    return _OPENED[key]
+@functools.lru_cache(maxsize=2)
+def _opened(data_cfg: RunConfig) -> tuple[Prepared, FeatureCache]:
+    """What ``prepare`` built for a corpus and front end, with one feature cache over it."""
+    prepared = open_prepared(data_cfg)
+    return prepared, FeatureCache(prepared.corpus, prepared.cmvn)
 
 
 def device_data(cfg: RunConfig, partition_id: int) -> DeviceData:
-    prepared, features = _opened(cfg)
+    # Memoized by the settings that choose the corpus and front end, not the whole run config: runs that differ
+    # only in training or strategy (the arms of an evaluation) share one corpus and its features.
+    data_cfg = RunConfig(workdir=str(cfg.workdir_path), corpus=cfg.corpus, synth=cfg.synth, split=cfg.split, model=cfg.model)
+    prepared, features = _opened(data_cfg)
     speaker = prepared.speaker_for_partition(partition_id)
     train, evaluation = local_split(prepared.corpus.by_speaker()[speaker], cfg.split.local_eval_fraction)
     return DeviceData(train=train, eval=evaluation, features=features, tokenizer=prepared.tokenizer)
