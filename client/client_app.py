@@ -8,8 +8,9 @@ arrays the server sent, and turns a violation into an error reply.
 Fairness phases (``fairness.enabled``; message contract in ``shared/fairness/protocol.py``, device side in
 ``client/fairness.py``): two query handlers (``query.kmeans``: federated k-means; ``query.fisher``: EWC's Fisher
 sums), and train / evaluate messages that may carry an EWC Fisher, ARW adversary arrays, targeted cohort ids or
-centroids. A message without them is a plain round. Under SecAgg+ the k-means statistics and per-cohort counts
-leave only inside a secure sum (a train message with ``protocol.SECURE_SUM``; the plain forms are refused).
+centroids. A message without them is a plain round. Under SecAgg+ the k-means statistics, per-cohort counts
+and Fisher sums leave only inside a secure sum (a train message with ``protocol.SECURE_SUM``; the plain forms are
+refused).
 """
 
 from __future__ import annotations
@@ -81,11 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_flat(context.run_config)
         return Message(
             secure_sum_reply(
-                msg.content,
-                context.state,
-                node_data(cfg, context.node_config),
-                embedder_location(cfg, context.node_config),
-                bound=cfg.secagg.sum_bound,
+                cfg, msg.content, context.state, node_data(cfg, context.node_config), embedder_location(cfg, context.node_config)
             ),
             reply_to=msg,
         )

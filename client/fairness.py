@@ -17,6 +17,7 @@ refuses to send either record in plain).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,11 @@ from shared.data.prepare import artifact_dir, speaker_embedder_path
 from shared.fairness import protocol as p
 from shared.fairness.arw import UTTERANCE_STATISTICS, AdversarialReweighter, PopulationStats, adversary_inputs
 from shared.fairness.cohorts import assign, client_kmeans_stats, cohort_error_vectors
-from shared.fairness.ewc import EWCPenalty, fisher_sums
+from shared.fairness.ewc import EWCPenalty, FisherSums, fisher_sums
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import build_model, load_state
 from shared.models.speaker_embedding import SpeakerEmbedder, load_speaker_embedder
-from shared.records import config_record, scalar
+from shared.records import array_record, config_record, scalar
 
 __all__ = [
     "LocalFairness",
@@ -158,12 +159,12 @@ def remember_evaluation(state: RecordDict, server_round: int, counts: ErrorCount
     )
 
 
-def secure_sum_reply(
-    content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path, *, bound: float
-) -> RecordDict:
+def secure_sum_reply(cfg: RunConfig, content: RecordDict, state: RecordDict, data: DeviceData, embedder_path: Path) -> RecordDict:
     """A fairness phase under SecAgg+ (``protocol.SECURE_SUM``): this device's part of the named sum (its k-means
-    statistics, or its last evaluation's per-cohort counts), as a train reply of weight 1 for ``secaggplus_mod``
-    to mask. Each value must lie within +-``bound`` (``SecAggConfig.sum_bound``), or the sum would be clipped."""
+    statistics, its last evaluation's per-cohort counts, or its Fisher's peaks or scaled sums), as a train reply
+    of weight 1 for ``secaggplus_mod`` to mask. Each value must lie within +-``SecAggConfig.sum_bound``, or the
+    sum would be clipped."""
+    bound = cfg.secagg.sum_bound
     request = content.get(p.SECURE_SUM)
     which = request.get("sum") if isinstance(request, ConfigRecord) else None
     if which == p.KMEANS_STATS:
@@ -177,8 +178,17 @@ def secure_sum_reply(
             )
         counts = ErrorCounts(int(scalar(kept, "errors")), int(scalar(kept, "words")), int(scalar(kept, "utterances")))
         arrays = cohort_eval_record(content, state, data, embedder_path, counts)
+    elif which == p.FISHER_PEAKS:
+        arrays = _fisher_peaks(*_device_fisher(cfg, array_record(content, p.GLOBAL_MODEL).to_torch_state_dict(), data))
+    elif which == p.FISHER_SUMS:
+        global_state = array_record(content, p.GLOBAL_MODEL).to_torch_state_dict()
+        scale = array_record(content, p.FISHER_SCALE)["scale"].numpy()
+        arrays = _scaled_fisher(*_device_fisher(cfg, global_state, data), scale, bound=bound)
     else:
-        raise p.ProtocolError(f"{p.SECURE_SUM!r} must name the sum {p.KMEANS_STATS!r} or {p.COHORT_EVAL!r}, got {which!r}")
+        raise p.ProtocolError(
+            f"{p.SECURE_SUM!r} must name the sum {p.KMEANS_STATS!r}, {p.COHORT_EVAL!r}, {p.FISHER_PEAKS!r} or "
+            f"{p.FISHER_SUMS!r}, got {which!r}"
+        )
     assert isinstance(arrays, ArrayRecord)
     template = content.get("arrays")
     expected = {k: tuple(v.shape) for k, v in template.items()} if isinstance(template, ArrayRecord) else None
@@ -193,9 +203,9 @@ def secure_sum_reply(
     return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
 
 
-def fisher_reply(cfg: RunConfig, global_state: dict[str, Tensor], data: DeviceData) -> RecordDict:
-    """Summed squared minibatch gradients of the global model on the device's training utterances, one array per
-    key of the global model (zeros for buffers), and how many minibatches they cover."""
+def _device_fisher(cfg: RunConfig, global_state: dict[str, Tensor], data: DeviceData) -> tuple[dict[str, Tensor], FisherSums]:
+    """The Fisher sums of the global model on the device's training utterances (deterministic: eval mode, batches
+    in order), as one array per key of the global model (zeros for buffers), and the sums themselves."""
     model = build_model(cfg.model)
     load_state(model, global_state, source="global model from the server")
     batches = make_batches(
@@ -205,6 +215,38 @@ def fisher_reply(cfg: RunConfig, global_state: dict[str, Tensor], data: DeviceDa
         raise ValueError("no usable training utterance for the Fisher sums")
     sums = fisher_sums(model, batches)
     arrays = {k: sums.sums[k].to(v.dtype) if k in sums.sums else torch.zeros_like(v) for k, v in global_state.items()}
+    return arrays, sums
+
+
+def _fisher_peaks(arrays: dict[str, Tensor], sums: FisherSums) -> ArrayRecord:
+    """The first secure Fisher sum: per model key, a one-hot of the power of 2 just above its largest Fisher sum
+    (``protocol.PEAK_EXPONENTS``; all zeros for a key with none), and the minibatch count."""
+    exponents = p.PEAK_EXPONENTS
+    peaks = np.zeros((len(arrays), len(exponents)))
+    for row, value in enumerate(arrays.values()):
+        peak = float(value.double().max()) if value.numel() else 0.0
+        if peak > 0:
+            exponent = min(max(math.ceil(math.log2(peak)), exponents.start), exponents.stop - 1)
+            peaks[row, exponent - exponents.start] = 1.0
+    return ArrayRecord({"peaks": Array(peaks), "batches": Array(np.array([float(sums.count)]))})
+
+
+def _scaled_fisher(arrays: dict[str, Tensor], sums: FisherSums, scale: np.ndarray, *, bound: float) -> ArrayRecord:
+    """The second secure Fisher sum: each model key's Fisher sums times its scale (which the server chose so that
+    no device's largest entry exceeds ``bound``; the cap only guards against a scale that is not), and the
+    minibatch count."""
+    if scale.shape != (len(arrays),):
+        raise p.ProtocolError(f"{p.FISHER_SCALE!r} must hold one scale per model key ({len(arrays)}), got {scale.shape}")
+    scaled = {
+        k: Array(np.minimum(v.double().numpy() * factor, bound)) for (k, v), factor in zip(arrays.items(), scale, strict=True)
+    }
+    return ArrayRecord({**scaled, p.FISHER_BATCHES: Array(np.array([float(sums.count)]))})
+
+
+def fisher_reply(cfg: RunConfig, global_state: dict[str, Tensor], data: DeviceData) -> RecordDict:
+    """Summed squared minibatch gradients of the global model on the device's training utterances, one array per
+    key of the global model (zeros for buffers), and how many minibatches they cover."""
+    arrays, sums = _device_fisher(cfg, global_state, data)
     return RecordDict({p.FISHER_SUMS: ArrayRecord(arrays), "metrics": MetricRecord({p.FISHER_BATCHES: sums.count})})
 
 

@@ -51,15 +51,18 @@ Adam's invariance to a constant loss scale would erase a device-wide factor, so 
 strategy each update weighted by its ARL weight mass (the reply's ``arw-weight``, num-examples x the device's mean
 weight) instead of its utterance count: a device the adversary scores high pulls the average toward its update.
 
-Under SecAgg+ (``strategy.secure-aggregation``) each k-means iteration and each round's per-cohort counts are a
-secure sum (``server/secagg.py``: the SecAgg+ protocol on a train message carrying ``protocol.SECURE_SUM``); the
-server learns only the per-cluster and per-cohort totals, and a device refuses to send either in plain. The run
-config refuses what would still leave unmasked: ARW's scalars, targeted rounds' weights and federated Fisher sums.
+Under SecAgg+ (``strategy.secure-aggregation``) each k-means iteration, each round's per-cohort counts and the
+federated Fisher (two sums: :func:`_secure_fisher`) are secure sums (``server/secagg.py``: the SecAgg+ protocol on
+a train message carrying ``protocol.SECURE_SUM``); the server learns only the totals, and a device refuses to send
+any of them in plain. In the train phase a device's weight (0 outside a targeted round's cohorts, the ARL weight
+mass under population ARW) and its metrics (ARW's ``ScoreSums`` among them) ride in the masked update
+(``shared/privacy/secure_reply.py``): the server reads weighted means, from which ``PopulationStats`` follow
+exactly, and never learns which devices trained.
 
 What the server learns without SecAgg+:
     * k-means: each device's reply has one non-zero row, so the server learns each device's cluster
       (its cohort) and its embedding, unless ``fairness.kmeans-noise`` is large; with noise it learns a noised
-      embedding. With SecAgg+ it would learn only per-cluster totals.
+      embedding. With SecAgg+ it learns only per-cluster totals.
     * disaggregated evaluation: each device's vectors are non-zero at its cohort id only: without SecAgg+
       the server learns every evaluating device's cohort and its WER (which it already learns from the metrics).
     * targeted rounds: a reply with ``num-examples`` 0 (and unchanged arrays) tells the server the device is not
@@ -67,7 +70,7 @@ What the server learns without SecAgg+:
     * Fisher sums: squared gradients on the device's data (model-shaped, like an update).
     * ARW: the adversary's update (inside ``arrays``) and four scalars: summed scores, utterance-steps, summed
       score x loss and the weight mass; a device's scores are a projection of its inputs that the adversary's
-      update already carries. All are summable: SecAgg+ would leave the server only their totals.
+      update already carries. All are summable: SecAgg+ leaves the server only their weighted means.
     * The speaker embedding itself, utterance statistics, transcripts and cohort ids as such never leave a device.
 """
 
@@ -201,9 +204,10 @@ def _secure_sum(
     secagg: SecAggConfig,
     strategy: StrategyConfig,
     phase: str,
-) -> dict[str, np.ndarray]:
-    """The devices' ``record`` arrays (k-means statistics or per-cohort counts) summed over ``nodes`` under
-    SecAgg+: the server learns only the totals (``server/secagg.py``)."""
+) -> tuple[dict[str, np.ndarray], int]:
+    """The devices' ``record`` arrays (k-means statistics, per-cohort counts, Fisher norms or sums) summed over
+    ``nodes`` under SecAgg+, and how many devices are in the sum: the server learns only the totals
+    (``server/secagg.py``)."""
     content = RecordDict(dict(content.items()))
     content[p.SECURE_SUM] = ConfigRecord({"sum": record})
     content["arrays"] = ArrayRecord({key: Array(np.zeros(shape)) for key, shape in shapes.items()})
@@ -212,7 +216,7 @@ def _secure_sum(
         raise RuntimeError(
             f"{phase}: SecAgg+ summed nothing ({result.failed} of {len(nodes)} devices failed or the protocol halted)"
         )
-    return result.sums
+    return result.sums, result.contributed
 
 
 def discover_cohorts(
@@ -251,7 +255,7 @@ def discover_cohorts(
         )
         phase = f"k-means iteration {iteration}"
         if secagg is not None:
-            total = _secure_sum(
+            total, _ = _secure_sum(
                 grid,
                 node_ids,
                 content,
@@ -277,9 +281,17 @@ def discover_cohorts(
 
 
 def federated_fisher(
-    grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *, strategy: StrategyConfig = StrategyConfig()
+    grid: Grid,
+    node_ids: Sequence[int],
+    arrays: ArrayRecord,
+    *,
+    strategy: StrategyConfig = StrategyConfig(),
+    secagg: SecAggConfig | None = None,
 ) -> FisherSums:
-    """The devices' summed Fisher sums of the global model ``arrays`` (``query.fisher``)."""
+    """The devices' summed Fisher sums of the global model ``arrays`` (``query.fisher``), or with ``secagg`` the
+    same sums out of two secure sums (:func:`_secure_fisher`): the server sees only totals."""
+    if secagg is not None:
+        return _secure_fisher(grid, node_ids, arrays, strategy=strategy, secagg=secagg)
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})})
     messages = [Message(content=content, dst_node_id=node, message_type=p.FISHER_QUERY) for node in node_ids]
     replies = exchange(grid, messages, phase="Fisher", strategy=strategy).ok
@@ -297,6 +309,54 @@ def federated_fisher(
             )
         )
     return add_fisher_sums(parts)
+
+
+def _secure_fisher(
+    grid: Grid, node_ids: Sequence[int], arrays: ArrayRecord, *, strategy: StrategyConfig, secagg: SecAggConfig
+) -> FisherSums:
+    """The Fisher sums under SecAgg+, in two secure sums.
+
+    Squared gradients span many orders of magnitude, and a secure sum quantizes each summand to a fixed step
+    (``quantization_step x max-weight``) within +-``SecAggConfig.sum_bound``: summed as they are, most entries
+    would round to noise or be clipped. So first each device sends, per model key, a one-hot of the power of 2
+    just above its largest Fisher sum, and its minibatch count: summed, a histogram whose top bucket bounds every
+    device's largest entry within a factor 2. The server scales each key so that this bound becomes ``sum_bound``
+    (the most precision that cannot clip), the second secure sum returns sum over devices of (Fisher sums x
+    scale), and the server divides by the scale again: the plain protocol's sums, up to ``devices x step / scale``
+    per entry."""
+    config = ConfigRecord({"server-round": 0})
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    exponents = p.PEAK_EXPONENTS
+    histogram, _ = _secure_sum(
+        grid,
+        node_ids,
+        RecordDict({p.GLOBAL_MODEL: arrays, "config": config}),
+        p.FISHER_PEAKS,
+        {"peaks": (len(shapes), len(exponents)), "batches": (1,)},
+        secagg=secagg,
+        strategy=strategy,
+        phase="Fisher peaks",
+    )
+    scale = np.zeros(len(shapes))
+    for row, counts in enumerate(histogram["peaks"]):
+        present = np.flatnonzero(counts > 0.5)  # counts are whole numbers; the quantization moves them by << 0.5
+        if present.size:  # else no device has a non-zero entry: the key's Fisher is 0, whatever the scale
+            scale[row] = secagg.sum_bound / 2.0 ** (exponents.start + int(present[-1]))
+    sums, _ = _secure_sum(
+        grid,
+        node_ids,
+        RecordDict({p.GLOBAL_MODEL: arrays, p.FISHER_SCALE: ArrayRecord({"scale": Array(scale)}), "config": config}),
+        p.FISHER_SUMS,
+        {**shapes, p.FISHER_BATCHES: (1,)},
+        secagg=secagg,
+        strategy=strategy,
+        phase="Fisher sums",
+    )
+    fisher = {
+        k: torch.from_numpy(sums[k] / factor if factor > 0 else np.zeros(shape)).float()
+        for (k, shape), factor in zip(shapes.items(), scale, strict=True)
+    }
+    return FisherSums(sums=fisher, count=round(float(sums[p.FISHER_BATCHES][0])))
 
 
 def public_fisher(
@@ -471,7 +531,7 @@ class FairnessRounds:
         if f.ewc_lambda > 0:
             start = time.monotonic()
             if f.fisher == "federated":
-                sums = federated_fisher(grid, nodes, ArrayRecord(model.state_dict()), strategy=cfg.strategy)
+                sums = federated_fisher(grid, nodes, ArrayRecord(model.state_dict()), strategy=cfg.strategy, secagg=secagg)
             else:
                 public_utts = [u for s in prepared.split.public for u in by_speaker.get(s, [])]
                 sums = public_fisher(
@@ -537,7 +597,9 @@ class FairnessRounds:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies of devices that trained (weight > 0); split the adversary off the model."""
         contributing = [m for m in replies if float(scalar(metric_record(m.content, "metrics"), "num-examples")) > 0]
-        self._round_notes.setdefault(server_round, {})["train_contributors"] = len(contributing)
+        # Under SecAgg+ a device's weight is masked: how many of them trained is not known to the server.
+        known = not self.cfg.strategy.secure_aggregation
+        self._round_notes.setdefault(server_round, {})["train_contributors"] = len(contributing) if known else None
         if not contributing:
             log.warning(
                 "round %d: no device trained (none in the targeted cohorts answered): the global model is kept", server_round
@@ -557,18 +619,23 @@ class FairnessRounds:
 
     def _population_round(self, replies: list[Message]) -> list[Message]:
         """ARW: the next round's ``PopulationStats`` from the replies' summed ``ScoreSums``; under population
-        normalization, the replies as the strategy should weigh them (``num-examples`` := ``arw-weight``)."""
+        normalization, the replies as the strategy should weigh them (``num-examples`` := ``arw-weight``).
+
+        Under SecAgg+ every reply carries the same masked slots, (sum over devices) / (summed weight), and the
+        devices weighed their own updates: the ratios that make ``PopulationStats`` are the same."""
+        secure = self.cfg.strategy.secure_aggregation
+        needed = p.ARW_METRICS[:3] if secure else p.ARW_METRICS
         totals = ScoreSums(0.0, 0.0, 0.0)
         for reply in replies:
             metrics = metric_record(reply.content, "metrics")
-            missing = [k for k in p.ARW_METRICS if k not in metrics]
+            missing = [k for k in needed if k not in metrics]
             if missing:
                 raise p.ProtocolError(f"an ARW train reply from node {reply.metadata.src_node_id} lacks the metrics {missing}")
-            score, count, score_loss, _ = (float(scalar(metrics, k)) for k in p.ARW_METRICS)
+            score, count, score_loss = (float(scalar(metrics, k)) for k in p.ARW_METRICS[:3])
             totals = totals + ScoreSums(score, count, score_loss)
         if totals.count > 0 and totals.score > 0:
             self.population = totals.population()
-        if self.cfg.fairness.arw_normalization != "population":
+        if secure or self.cfg.fairness.arw_normalization != "population":
             return replies
         weighted = []  # copies: the strategy weighs by num-examples, and here that is the ARL weight mass
         for reply in replies:
@@ -601,7 +668,7 @@ class FairnessRounds:
         content = RecordDict(
             {p.CENTROIDS: _centroid_record(self.centroids), "config": ConfigRecord({"server-round": server_round})}
         )
-        sums = _secure_sum(
+        sums, _ = _secure_sum(
             self.grid,
             [r.metadata.src_node_id for r in replies],
             content,

@@ -11,8 +11,9 @@ of ``flwr.serverapp.strategy``. Everything legacy stays here, behind one functio
        Shamir shares, relayed by the server), collect masked vectors (the device trains, then uploads its
        quantized, weighted and masked update), unmask (shares of the survivors' seeds and of the dropped devices'
        keys): the masks cancel in the sum, and only the weighted mean of the updates comes out;
-    3. the strategy's own ``aggregate_train`` runs on replies that each carry that mean (with each device's
-       plain metrics): FedAvg of identical arrays is the mean itself; FedAvgM / FedAdam / FedYogi / FedAdagrad
+    3. the strategy's own ``aggregate_train`` runs on replies that each carry that mean (and the weighted mean of
+       each metric, which rode in the masked vector too: ``shared/privacy/secure_reply.py``): FedAvg of identical
+       arrays is the mean itself; FedAvgM / FedAdam / FedYogi / FedAdagrad
        take their server step from it; the client-side central-DP wrapper adds its noise to it. Strategies that
        need each update (FedMedian, FedTrimmedAvg, server-side clipping) are refused by the config.
 
@@ -31,8 +32,8 @@ The fairness phases (``server/fairness.py``) use the same protocol for sums that
 answers with weight 1, so the weighted mean times the number of contributors is the sum.
 
 What the server still learns per device under SecAgg+: that it took part, when it answered each stage, its
-public keys, the encrypted shares it relays, and its plain reply metrics (``num-examples``, training loss,
-local steps; DP-SGD replies carry only epsilon, steps and a weight of 1). Its update stays masked.
+public keys and the encrypted shares it relays. Its update, its weight and its metrics stay masked: the server
+reads the weighted mean of each metric (a metric slot, ``shared/privacy/secure_reply.py``), never one device's.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from shared.config import SecAggConfig
+from shared.privacy.secure_reply import METRIC_SLOT, PLAIN_WEIGHT, slot_metric
 
 if TYPE_CHECKING:
     from server.fairness import FairStrategy  # which imports this module
@@ -180,16 +182,16 @@ def _mean_record(results: list[tuple[ClientProxy, FitRes]], sent: ArrayRecord) -
     return ArrayRecord(out)
 
 
-def _reply_metrics(res: FitRes) -> MetricRecord:
-    """A device's train-reply metrics from its FitRes (numbers: the device's audit let nothing else leave), with
-    its weight as ``num-examples``."""
-    metrics: dict[str, MetricRecordValues] = {}
-    for key, value in res.metrics.items():
-        if not isinstance(value, (int, float)):
-            raise TypeError(f"SecAgg+ reply metric {key!r} is a {type(value).__name__}, not a number")
-        metrics[key] = value
-    metrics["num-examples"] = res.num_examples
-    return MetricRecord(metrics)
+def _split_slots(mean: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
+    """The unmasked mean -> (the model's arrays, a reply's metrics: each slot's weighted mean, weight 1)."""
+    arrays = ArrayRecord({k: v for k, v in mean.items() if not k.startswith(METRIC_SLOT)})
+    metrics: dict[str, MetricRecordValues] = {
+        k[len(METRIC_SLOT) :]: slot_metric(k[len(METRIC_SLOT) :], float(v.numpy()[0]))
+        for k, v in mean.items()
+        if k.startswith(METRIC_SLOT)
+    }
+    metrics["num-examples"] = PLAIN_WEIGHT
+    return arrays, MetricRecord(metrics)
 
 
 def _run_protocol(
@@ -205,7 +207,8 @@ def _run_protocol(
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     context.state[MAIN_PARAMS_RECORD] = arrays
     workflow = _MessageApiSecAggPlus(instructions, cfg, timeout=timeout)
-    workflow(grid, context)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a summed weight of 0: the caller checks the mean
+        workflow(grid, context)
     return relay.results if relay.aggregated and relay.results else None
 
 
@@ -218,22 +221,30 @@ def secure_train_round(
     *,
     timeout: float,
     min_contributors: int,
+    metric_keys: Sequence[str] = (),
 ) -> SecureRound:
     """Run the train phase of ``server_round`` through SecAgg+ and aggregate with ``strategy``.
 
-    ``timeout`` bounds each of the four stages. Devices that fail or drop out in any stage are left out; the
-    round completes while every sampled device keeps at least the reconstruction threshold of its neighbours,
-    else the workflow halts and nothing is aggregated. With fewer than ``min_contributors`` updates in the sum
-    the strategy does not step either (its state stays as it was) and the global model is kept.
+    ``metric_keys``: the train metrics to ask for (``secure_reply.train_metrics``), as masked slots; the strategy
+    aggregates replies that carry their weighted means. ``timeout`` bounds each of the four stages. Devices that
+    fail or drop out in any stage are left out; the round completes while every sampled device keeps at least the
+    reconstruction threshold of its neighbours, else the workflow halts and nothing is aggregated. With fewer than
+    ``min_contributors`` updates in the sum, or none with a weight above 0, the strategy does not step either (its
+    state stays as it was) and the global model is kept.
     """
     messages: list[Message] = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     sampled = [m.metadata.dst_node_id for m in messages]
     if len(sampled) < 2:  # SecAgg+ needs two devices at least; fewer would reveal the one update
         log.warning("round %d: %d device(s) sampled: SecAgg+ needs at least 2, nothing aggregated", server_round, len(sampled))
         return SecureRound(None, None, 0, len(sampled))
-    results = _run_protocol(
-        grid, {m.metadata.dst_node_id: m.content for m in messages}, arrays, server_round, cfg, timeout=timeout
-    )
+    # What the strategy sends (the model; with ARW, the adversary too), then the metric slots, zero: what the
+    # device fills in, and what the audit and the unmasked mean are read against.
+    sent = messages[0].content["arrays"]
+    if not isinstance(sent, ArrayRecord) or any(m.content["arrays"] is not sent for m in messages):
+        raise ValueError(f"round {server_round}: SecAgg+ needs one ArrayRecord 'arrays' sent to every device")
+    slotted = ArrayRecord({**dict(sent.items()), **{METRIC_SLOT + k: Array(np.zeros(1)) for k in metric_keys}})
+    instructions = {m.metadata.dst_node_id: RecordDict({**dict(m.content.items()), "arrays": slotted}) for m in messages}
+    results = _run_protocol(grid, instructions, slotted, server_round, cfg, timeout=timeout)
     if results is None:
         log.warning("round %d: SecAgg+ halted (too few devices completed a stage): nothing aggregated", server_round)
         return SecureRound(None, None, 0, len(sampled))
@@ -246,11 +257,14 @@ def secure_train_round(
             min_contributors,
         )
         return SecureRound(None, None, contributed, len(sampled) - contributed)
-    mean = _mean_record(results, arrays)
+    mean, reply_metrics = _split_slots(_mean_record(results, slotted))
+    if not all(np.isfinite(v.numpy()).all() for v in mean.values()):
+        # The summed weight is 0: e.g. a targeted round in which no device of the targeted cohorts took part.
+        log.warning("round %d: no masked update carries weight (no device trained): the global model is kept", server_round)
+        return SecureRound(None, None, contributed, len(sampled) - contributed)
     by_node = {m.metadata.dst_node_id: m for m in messages}
     replies: Iterable[Message] = [
-        Message(RecordDict({"arrays": mean, "metrics": _reply_metrics(res)}), reply_to=by_node[proxy.node_id])
-        for proxy, res in results
+        Message(RecordDict({"arrays": mean, "metrics": reply_metrics}), reply_to=by_node[proxy.node_id]) for proxy, _ in results
     ]
     new_arrays, metrics = strategy.aggregate_train(server_round, replies)
     log.info("round %d: SecAgg+ aggregated %d of %d sampled devices", server_round, contributed, len(sampled))

@@ -45,6 +45,7 @@ from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import initial_model, load_state, save_checkpoint
+from shared.privacy.secure_reply import train_metrics
 from shared.records import metric_record, scalar
 from shared.training import score
 
@@ -174,6 +175,7 @@ def _train_phase(
             cfg.secagg,
             timeout=cfg.strategy.timeout,
             min_contributors=cfg.strategy.min_train_nodes,
+            metric_keys=train_metrics(cfg),
         )
         return secure.arrays, secure.metrics, secure.contributed, secure.failed, 0
     train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))

@@ -405,26 +405,6 @@ class RunConfig:
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
-    def __post_init__(self) -> None:
-        # Under SecAgg+ cohort discovery and the per-cohort evaluation are secure sums (server/fairness.py); what
-        # would still leave a device unmasked is refused rather than left to look protected.
-        f = self.fairness
-        if f.enabled and self.strategy.secure_aggregation:
-            unmasked = [  # (option, is it on, what it would send outside the masks)
-                ("fairness.arw", f.arw, "each device's ARW scalars (adversary scores, weight mass)"),
-                ("fairness.targeted-rounds", f.targeted_rounds > 0, "a weight of 0 (not in a targeted cohort) or > 0"),
-                (
-                    "fairness.fisher=federated",
-                    f.ewc_lambda > 0 and f.fisher == "federated",
-                    "each device's Fisher sums (use fairness.fisher=public)",
-                ),
-            ]
-            for key, on, what in unmasked:
-                if on:
-                    raise ConfigError(
-                        f"{key} with strategy.secure-aggregation is not supported: {what} would reach the server unmasked"
-                    )
-
     @property
     def workdir_path(self) -> Path:
         root = self.workdir or os.environ.get("CHORUS_HOME", "") or "."

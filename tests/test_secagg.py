@@ -13,6 +13,7 @@ num-examples / max-weight, so every parameter lies within N x step / sum(weights
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,18 +28,21 @@ import client.client_app as client_app
 from client.data import node_data
 from client.train import fine_tune
 import client.fairness as client_fairness
-from server.fairness import FairnessRounds, public_embeddings
+from server.fairness import FairnessRounds, federated_fisher, normalized_fisher, public_embeddings
 from server.secagg import quantization_step, secure_train_round
+from simulations.harness import InProcessGrid
 from server.workflow import make_strategy, run_federation
 from shared.config import ConfigError, RunConfig
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import artifact_dir, prepare, speaker_embedder_path
 from shared.fairness import protocol as p
 from shared.fairness.cohorts import assign, federated_kmeans, init_centroids
+from shared.fairness.ewc import FisherSums, add_fisher_sums
 from shared.models.speaker_embedding import load_speaker_embedder
 from shared.models.checkpoint import initial_model, load_checkpoint
 from shared.privacy.audit import PrivacyViolation
 from shared.privacy.secagg_audit import SecAggRequest, audit_secagg_reply
+from shared.privacy.secure_reply import train_metrics
 from tests.conftest import (
     SECAGG_DEVICES,
     TINY_RUN,
@@ -65,10 +69,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_workdir: TinyWorkdir)
     return tiny_workdir(tmp_path_factory.mktemp("secagg"))
 
 
-def _plain_fedavg(cfg: RunConfig, arrays: ArrayRecord, nodes: Iterable[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """The float FedAvg of the same devices' round-1 updates, trained here by the same device code, and their
-    weights (training utterances)."""
-    updates, weights = [], []
+def _plain_fedavg(
+    cfg: RunConfig, arrays: ArrayRecord, nodes: Iterable[int]
+) -> tuple[dict[str, torch.Tensor], list[int], list[float]]:
+    """The float FedAvg of the same devices' round-1 updates, trained here by the same device code, their
+    weights (training utterances) and their training losses."""
+    updates, weights, losses = [], [], []
     for node in nodes:
         update = fine_tune(
             cfg,
@@ -79,8 +85,9 @@ def _plain_fedavg(cfg: RunConfig, arrays: ArrayRecord, nodes: Iterable[int]) -> 
         )
         updates.append(update.state_dict)
         weights.append(update.num_examples)
+        losses.append(update.loss)
     mean = {k: sum(w * u[k].double() for w, u in zip(weights, updates)) / sum(weights) for k in updates[0]}
-    return mean, weights
+    return mean, weights, losses
 
 
 def _tolerance(cfg: RunConfig, weights: list[int]) -> float:
@@ -104,23 +111,28 @@ def test_secure_aggregate_equals_plain_fedavg(workdir: Path, drop: str | None) -
     torch.manual_seed(0)
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
     grid = SecAggGrid(cfg, drop_at={2: drop} if drop else None)
-    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2)
+    result = secure_train_round(
+        grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2, metric_keys=train_metrics(cfg)
+    )
     survivors = [n for n in grid.get_node_ids() if n not in grid.dropped]
     assert (result.contributed, result.failed) == (len(survivors), DEVICES - len(survivors))
     assert result.arrays is not None and result.metrics is not None
 
-    plain, weights = _plain_fedavg(cfg, arrays, survivors)
-    sent = [
-        int(reply.content["fitres.num_examples"]["num_examples"])
-        for stage, reply in grid.replies
-        if stage == Stage.COLLECT_MASKED_VECTORS
-    ]
-    assert sent == weights and max(weights) <= cfg.secagg.max_weight
+    plain, weights, losses = _plain_fedavg(cfg, arrays, survivors)
+    assert max(weights) <= cfg.secagg.max_weight
+    # In plain every device sends the same weight and no metric: they rode in the masked vector.
+    collected = [reply.content for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
+    assert [dict(c["fitres.num_examples"]) for c in collected] == [{"num_examples": 1}] * len(survivors)
+    assert all(len(c["fitres.metrics"]) == 0 for c in collected)
     largest = max(float(v.abs().max()) for v in plain.values())
     assert largest < cfg.secagg.clipping_range  # nothing was clipped by the quantizer
     error, bound = _max_error(result.arrays, plain), _tolerance(cfg, weights)
     print(f"SecAgg+ vs FedAvg ({len(survivors)} devices): max |difference| {error:.3g}, bound {bound:.3g}")
     assert error <= bound
+    # The train loss is the weighted mean that Flower's FedAvg reports for plain replies.
+    plain_loss = sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
+    assert float(result.metrics["train-loss"]) == pytest.approx(plain_loss, abs=bound)
+    assert set(result.metrics) == set(train_metrics(cfg))
     # ... and it is an aggregate of trained updates, not the global model sent back
     assert max(float((plain[k] - arrays.to_torch_state_dict()[k].double()).abs().max()) for k in plain) > 10 * bound
 
@@ -155,12 +167,15 @@ def test_dp_sgd_updates_go_through_secagg(workdir: Path) -> None:
     )  # just above the weights
     arrays = ArrayRecord(initial_model(cfg.model).state_dict())
     grid = SecAggGrid(cfg)
-    result = secure_train_round(grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2)
+    result = secure_train_round(
+        grid, make_strategy(cfg.strategy), 1, arrays, cfg.secagg, timeout=60.0, min_contributors=2, metric_keys=train_metrics(cfg)
+    )
     assert (result.contributed, result.failed) == (DEVICES, 0) and result.arrays is not None
     collected = [reply.content for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
     assert [int(c["fitres.num_examples"]["num_examples"]) for c in collected] == [1] * DEVICES
-    epsilons = [float(c["fitres.metrics"]["epsilon"]) for c in collected]
-    assert all(0 < e < 1e9 for e in epsilons) and len(set(epsilons)) == 1  # same steps, same accountant
+    # epsilon (the same on every device: same steps, same accountant) reaches the server as a masked mean
+    assert result.metrics is not None and set(result.metrics) == {"epsilon", "local-steps"}
+    assert 0 < float(result.metrics["epsilon"]) < 1e9
     sent, got = arrays.to_torch_state_dict(), result.arrays.to_torch_state_dict()
     assert all(bool(torch.isfinite(v).all()) for v in got.values())
     assert max(float((got[k].double() - sent[k].double()).abs().max()) for k in sent) > 10 * _tolerance(cfg, [1] * DEVICES)
@@ -191,15 +206,6 @@ def test_config_refuses_what_secagg_cannot_do() -> None:
         RunConfig.from_flat({"strategy.secure-aggregation": True, "strategy.central-dp": "server"})
     with pytest.raises(ConfigError, match="fedmedian"):
         RunConfig.from_flat({"strategy.secure-aggregation": True, "strategy.name": "fedmedian"})
-    secure_fairness = {"strategy.secure-aggregation": True, "fairness.enabled": True}
-    RunConfig.from_flat({**secure_fairness, "fairness.ewc-lambda": 1.0, "fairness.fisher": "public"})
-    for key, value, match in [
-        ("fairness.arw", True, "fairness.arw with"),
-        ("fairness.targeted-rounds", 1, "fairness.targeted-rounds with"),
-        ("fairness.ewc-lambda", 1.0, "fairness.fisher=federated with"),
-    ]:
-        with pytest.raises(ConfigError, match=match):
-            RunConfig.from_flat({**secure_fairness, "num-server-rounds": 3, key: value})
     with pytest.raises(ConfigError, match="reconstruction-threshold"):
         RunConfig.from_flat({"secagg.reconstruction-threshold": 0.0})
 
@@ -277,27 +283,143 @@ def test_fairness_phases_under_secagg_sum_what_the_plain_phases_sum(fair_workdir
 
 
 @needs_espeak
-def test_a_federated_round_with_fairness_under_secagg(fair_workdir: Path) -> None:
-    """The whole round loop (server/workflow.py) with cohort discovery, EWC (public Fisher) and the
-    disaggregated evaluation under SecAgg+: per-cohort counts pool to the devices' own counts, and no device's
-    k-means statistics, per-cohort counts or update leave it in plain."""
-    cfg = _cfg(
-        fair_workdir,
+def test_federated_rounds_with_every_fairness_method_under_secagg(fair_workdir: Path) -> None:
+    """The whole round loop (server/workflow.py) under SecAgg+ with every fairness method: cohort discovery, EWC
+    with the federated Fisher, population ARW (its scalars and weight masked) and a targeted last round (a device
+    outside the targeted cohort trains nothing, and the server cannot tell which). Against the same run without
+    SecAgg+: the same cohorts, targets, ARW population statistics and training losses, up to the quantization;
+    per-cohort counts pool to the devices' own; nothing of any device leaves it in plain."""
+    fair = {
         **SECURE_FAIRNESS,
-        **{"num-server-rounds": 1, "fairness.ewc-lambda": 1.0, "fairness.fisher": "public", "run-id": "secure-fairness"},
-    )
+        "num-server-rounds": 2,
+        "fairness.ewc-lambda": 1.0,
+        "fairness.fisher": "federated",
+        "fairness.arw": True,
+        "fairness.arw-normalization": "population",
+        "fairness.targeted-rounds": 1,
+    }
+    cfg = _cfg(fair_workdir, **fair, **{"run-id": "secure-fairness"})
     grid = SecAggGrid(cfg)
     run_dir = run_federation(grid, cfg)
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert (record["round"], record["train_replies"], record["eval_replies"]) == (1, DEVICES, DEVICES)
-    assert sum(record["cohort_words"]) == record["device_words"] > 0
-    assert sum(record["cohort_errors"]) / sum(record["cohort_words"]) == pytest.approx(record["device_wer"])
-    assert sum(record["cohort_speakers"]) == DEVICES
-    fairness = json.loads((run_dir / "fairness.json").read_text())
-    assert sum(fairness["cohort_sizes"]) == pytest.approx(DEVICES, abs=1e-2)
+    plain_cfg = _cfg(fair_workdir, **{**fair, "run-id": "plain-fairness", "strategy.secure-aggregation": False})
+    plain_dir = run_federation(InProcessGrid(client_app.app, DEVICES, plain_cfg.to_flat(), on_wire=True), plain_cfg)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    plain_records = [json.loads(line) for line in (plain_dir / "metrics.jsonl").read_text().splitlines()]
+    for secure_round, plain_round in zip(records[1:], plain_records[1:], strict=True):
+        assert (secure_round["train_replies"], secure_round["eval_replies"]) == (DEVICES, DEVICES)
+        assert secure_round["train_contributors"] is None  # a device's weight is masked
+        assert secure_round["train_loss"] == pytest.approx(plain_round["train_loss"], rel=1e-3)
+        assert secure_round.get("targeted_cohorts") == plain_round.get("targeted_cohorts")
+        assert sum(secure_round["cohort_words"]) == secure_round["device_words"] > 0
+        assert sum(secure_round["cohort_errors"]) / sum(secure_round["cohort_words"]) == pytest.approx(secure_round["device_wer"])
+    assert records[2]["targeted_cohorts"] and plain_records[2]["train_contributors"] < DEVICES  # some devices idled
+    population, plain_population = (
+        json.loads((d / "checkpoints" / "arw-population.json").read_text()) for d in (run_dir, plain_dir)
+    )
+    # each slot's mean lies within N x step / (summed weight) of the plain one: 1e-3 relative here, a ratio of two
+    assert population == pytest.approx(plain_population, rel=5e-3)
+    # (The models themselves are not compared entry by entry: AdamW's first steps move a parameter by about lr
+    # whatever its gradient's size, so a gradient near 0 flips sign with the quantization's differences.)
+    secure_model = load_checkpoint(run_dir / "checkpoints" / "global.pt").state_dict
+    initial = load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict
+    assert all(bool(torch.isfinite(v).all()) for v in secure_model.values())
+    assert max(float((secure_model[k].double() - initial[k].double()).abs().max()) for k in initial) > 0
+
     for _, reply in grid.exchanges:
         assert not reply.has_error(), reply.error.reason
         assert not {p.KMEANS_STATS, p.COHORT_EVAL, p.FISHER_SUMS, "arrays"} & set(reply.content.keys())
+        if "fitres.metrics" in reply.content:  # a masked update: the same plain part on every device
+            assert len(reply.content["fitres.metrics"]) == 0
+            assert dict(reply.content["fitres.num_examples"]) == {"num_examples": 1}
+
+
+@needs_espeak
+def test_a_targeted_round_in_which_no_device_trains_keeps_the_model(fair_workdir: Path) -> None:
+    """Under SecAgg+ a device outside the targeted cohorts masks a weight of 0 and its plain reply looks like any
+    other; when no device of the targeted cohort answers, the summed weight is 0 and the model is kept."""
+    cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
+    dims = _device_embedding(cfg, 1).shape[0]
+    # cohort 1 lies far from every (normalized) embedding: every device is in cohort 0, and cohort 1 is targeted
+    centroids = ArrayRecord({"centroids": Array(np.stack([np.zeros(dims), np.full(dims, 1e6)]))})
+    strategy = make_strategy(cfg.strategy)
+
+    class Targeting:
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> list[Message]:
+            instruction = p.TrainInstruction(target_cohorts=(1,)).to_config(ConfigRecord())
+            messages = list(strategy.configure_train(server_round, arrays, instruction, grid))
+            for message in messages:
+                message.content[p.CENTROIDS] = centroids
+            return messages
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+            return strategy.aggregate_train(server_round, replies)
+
+    grid = SecAggGrid(cfg)
+    arrays = ArrayRecord(initial_model(cfg.model).state_dict())
+    result = secure_train_round(
+        grid,
+        Targeting(),
+        1,
+        arrays,
+        cfg.secagg,
+        timeout=60.0,
+        min_contributors=2,
+        metric_keys=train_metrics(cfg),  # type: ignore[arg-type]
+    )
+    assert (result.arrays, result.contributed, result.failed) == (None, DEVICES, 0)
+    collected = [reply.content for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
+    assert len(collected) == DEVICES
+    assert all(dict(c["fitres.num_examples"]) == {"num_examples": 1} and len(c["fitres.metrics"]) == 0 for c in collected)
+
+
+@needs_espeak
+def test_federated_fisher_under_secagg_equals_the_plain_sums(fair_workdir: Path) -> None:
+    """EWC's federated Fisher as two SecAgg+ sums (a histogram of each parameter tensor's peak, then the sums
+    scaled per tensor): the plain Fisher sums up to the quantization, and no device's sums leave it in plain.
+
+    The bound: the server scales a tensor by sum_bound / 2^e, 2^e the power of 2 just above the devices' largest
+    entry of it, so each of the N summands of an entry is off by less than one step x 2^e / sum_bound."""
+    cfg = _cfg(fair_workdir, **SECURE_FAIRNESS)
+    model = initial_model(cfg.model)
+    arrays = ArrayRecord(model.state_dict())
+    grid = SecAggGrid(cfg)
+    nodes = grid.get_node_ids()
+    secure = federated_fisher(grid, nodes, arrays, strategy=cfg.strategy, secagg=cfg.secagg)
+    devices = [
+        client_fairness.fisher_reply(
+            cfg, arrays.to_torch_state_dict(), node_data(cfg, {"partition-id": n - 1, "num-partitions": DEVICES})
+        )
+        for n in nodes
+    ]
+    parts = [
+        FisherSums(
+            {k: v.double() for k, v in d[p.FISHER_SUMS].to_torch_state_dict().items()}, int(d["metrics"][p.FISHER_BATCHES])
+        )
+        for d in devices
+    ]
+    plain = add_fisher_sums(parts)
+    assert secure.count == plain.count > 0
+    step = quantization_step(cfg.secagg) * cfg.secagg.max_weight
+    worst = 0.0
+    for key, expected in plain.sums.items():
+        peak = max(float(part.sums[key].max()) for part in parts)
+        if peak == 0:
+            assert float(secure.sums[key].abs().max()) == 0.0, key
+            continue
+        bound = len(nodes) * step * 2.0 ** math.ceil(math.log2(peak)) / cfg.secagg.sum_bound + 1e-6 * peak
+        error = float((secure.sums[key].double() - expected).abs().max())
+        worst = max(worst, error / bound)
+        assert error <= bound, (key, error, bound)
+    names = [n for n, _ in model.named_parameters()]
+    got, want = normalized_fisher(secure, names), normalized_fisher(plain, names)
+    print(
+        f"secure vs plain Fisher: worst error {worst:.2f} of its bound; normalized (mean 1): max |difference| "
+        f"{max(float((got[n] - want[n].float()).abs().max()) for n in names):.3g}"
+    )
+    for _, reply in grid.exchanges:
+        assert not reply.has_error(), reply.error.reason
+        assert p.FISHER_SUMS not in reply.content and all(len(r) == 0 for r in reply.content.array_records.values())
 
 
 @needs_espeak
@@ -333,8 +455,8 @@ def _collect_reply(**override: Any) -> RecordDict:
     content = {
         RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: masked}),
         "fitres.parameters": ArrayRecord(),
-        "fitres.num_examples": MetricRecord({"num_examples": 5}),
-        "fitres.metrics": ConfigRecord({"train-loss": 1.5, "num-examples": 5}),
+        "fitres.num_examples": MetricRecord({"num_examples": 1}),
+        "fitres.metrics": ConfigRecord(),
         "fitres.status": ConfigRecord({"code": 0, "message": ""}),
     }
     content.update(override)
@@ -347,6 +469,8 @@ def test_audit_allows_a_masked_update_and_nothing_more() -> None:
         "plain update": {"arrays": ArrayRecord({"w": torch.ones(2, 3)})},
         "transcript metric": {"fitres.metrics": ConfigRecord({"remind me to call": 1.0})},
         "string metric": {"fitres.metrics": ConfigRecord({"train-loss": "remind me to call"})},
+        "plain metric": {"fitres.metrics": ConfigRecord({"train-loss": 1.5})},
+        "plain weight": {"fitres.num_examples": MetricRecord({"num_examples": 0})},
         "status text": {"fitres.status": ConfigRecord({"code": 0, "message": "speaker f12"})},
         "unmasked float": {RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [b"x"]})},
         "kept parameters": {"fitres.parameters": ArrayRecord({"w": torch.ones(2, 3)})},
@@ -462,7 +586,7 @@ def test_secagg_round_with_a_dropout_in_the_ray_simulation(tmp_path: Path) -> No
     # FedAvg of the three survivors' updates (the same device code, deterministic, run here).
     cfg = RunConfig.from_flat(flat)
     initial = ArrayRecord(load_checkpoint(run_dir / "checkpoints" / "initial.pt").state_dict)
-    plain, weights = _plain_fedavg(cfg, initial, [p + 1 for p in range(DEVICES) if p != DROPOUT])
+    plain, weights, _ = _plain_fedavg(cfg, initial, [p + 1 for p in range(DEVICES) if p != DROPOUT])
     secure = ArrayRecord(load_checkpoint(run_dir / "checkpoints" / "global.pt").state_dict)
     error, bound = _max_error(secure, plain), _tolerance(cfg, weights)
     print(f"Ray SecAgg+ vs FedAvg of the survivors: max |difference| {error:.3g}, bound {bound:.3g}")

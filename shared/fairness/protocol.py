@@ -57,11 +57,15 @@ __all__ = [
     "EWC_LAMBDA",
     "FISHER",
     "FISHER_BATCHES",
+    "FISHER_PEAKS",
     "FISHER_QUERY",
+    "FISHER_SCALE",
     "FISHER_SUMS",
+    "GLOBAL_MODEL",
     "KMEANS_NOISE",
     "KMEANS_QUERY",
     "KMEANS_STATS",
+    "PEAK_EXPONENTS",
     "ProtocolError",
     "SECURE_SUM",
     "TARGET_COHORTS",
@@ -88,10 +92,18 @@ COHORT_EVAL_KEYS = ("errors", "words", "speakers")
 FISHER_SUMS = "fisher-sums"  # summed squared gradients, one array per key of the sent "arrays"
 FISHER_BATCHES = "fisher-batches"  # metric: minibatches behind the Fisher sums
 
-# Under SecAgg+ (strategy.secure-aggregation) the k-means statistics and the per-cohort counts are not sent as
-# the records above: the server asks for them in a SecAgg+ round (a train message with this ConfigRecord, naming
-# the sum, and "arrays" holding zeros shaped like it), and the device answers with those arrays, masked.
-SECURE_SUM = "secure-sum"  # ConfigRecord {"sum": KMEANS_STATS or COHORT_EVAL}
+# Under SecAgg+ (strategy.secure-aggregation) the k-means statistics, the per-cohort counts and the Fisher sums
+# are not sent as the records above: the server asks for them in a SecAgg+ round (a train message with this
+# ConfigRecord, naming the sum, and "arrays" holding zeros shaped like it), and the device answers with those
+# arrays, masked. The Fisher takes two such sums (server/fairness.py: federated_fisher): FISHER_PEAKS, then
+# FISHER_SUMS scaled per parameter tensor by FISHER_SCALE, so that the quantized sum keeps the Fisher's precision.
+SECURE_SUM = "secure-sum"  # ConfigRecord {"sum": KMEANS_STATS, COHORT_EVAL, FISHER_PEAKS or FISHER_SUMS}
+# {"peaks": (K, len(PEAK_EXPONENTS)) per model key a one-hot of the power of 2 just above its largest Fisher sum,
+# "batches": (1,)}: summed, a histogram from which the server reads every key's largest value within a factor 2.
+FISHER_PEAKS = "fisher-peaks"
+PEAK_EXPONENTS = range(-100, 33)  # 2^-100 .. 2^32: far beyond any Fisher sum's range on either side
+GLOBAL_MODEL = "global-model"  # a secure Fisher sum's model (its "arrays" holds the sum's zeros)
+FISHER_SCALE = "fisher-scale"  # {"scale": (K,)}: per model key, what a device multiplies its Fisher sums by
 
 # Config keys the server sets per phase or round.
 KMEANS_NOISE = "kmeans-noise"  # std of the Gaussian noise a device adds to its k-means sums and counts

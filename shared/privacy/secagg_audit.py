@@ -13,11 +13,11 @@ The audit allows exactly this, and checks every value that it can:
                             for the neighbour (the server only relays them and cannot read them)
     collect masked vectors  ``masked_params``: the weight factor (shape [1]) and one array per array the server
                             sent (the global model's, or a fairness phase's secure-sum zeros), of its shape,
-                            integer, each entry in [0, 2^32), in canonical numpy bytes: the update, quantized
-                            and masked by pairwise and private masks that cancel only in the sum;
-                            ``fitres.parameters`` empty; ``fitres.num_examples`` one count; ``fitres.metrics`` only
-                            allowlisted metric keys with finite scalar values (what the plain path sends in its
-                            MetricRecord); ``fitres.status`` exactly code 0 with an empty message
+                            integer, each entry in [0, 2^32), in canonical numpy bytes: the update (with its
+                            metric slots, ``shared/privacy/secure_reply.py``), quantized and masked by pairwise and
+                            private masks that cancel only in the sum; ``fitres.parameters`` empty;
+                            ``fitres.num_examples`` exactly 1 and ``fitres.metrics`` empty (the weight and the
+                            metrics leave masked only); ``fitres.status`` exactly code 0 with an empty message
     unmask                  ``nids``: exactly the active and then the dead neighbours the server listed; ``shares``:
                             one per node id, at most ``MAX_SECRET_BYTES``: shares of the survivors' mask seeds (one
                             length) and of the dropped devices' keys (one length): what lets the server cancel the
@@ -28,7 +28,6 @@ Anything else (another record, key or type, a free-form string) is a :class:`Pri
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -36,7 +35,8 @@ from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
-from shared.privacy.audit import ALLOWED_METRICS, PrivacyViolation, _q
+from shared.privacy.audit import PrivacyViolation
+from shared.privacy.secure_reply import PLAIN_WEIGHT
 
 __all__ = ["MAX_SECRET_BYTES", "SecAggRequest", "audit_secagg_reply", "secagg_request"]
 
@@ -117,21 +117,14 @@ def _fitres(content: RecordDict) -> None:
             "SecAgg+ reply: 'fitres.parameters' must be an empty ArrayRecord (the update leaves masked only)", "fitres.parameters"
         )
     count = content.get("fitres.num_examples")
-    if (
-        not isinstance(count, MetricRecord)
-        or set(count) != {"num_examples"}
-        or isinstance(count["num_examples"], bool)
-        or not isinstance(count["num_examples"], int)
-    ):
-        raise PrivacyViolation("SecAgg+ reply: 'fitres.num_examples' must be one integer count", "fitres.num_examples")
+    if not isinstance(count, MetricRecord) or dict(count) != {"num_examples": PLAIN_WEIGHT}:
+        raise PrivacyViolation(
+            f"SecAgg+ reply: 'fitres.num_examples' must be {PLAIN_WEIGHT} on every device (the weight leaves masked only)",
+            "fitres.num_examples",
+        )
     metrics = content.get("fitres.metrics")
-    if not isinstance(metrics, ConfigRecord):
-        raise PrivacyViolation("SecAgg+ reply: 'fitres.metrics' is missing", "fitres.metrics")
-    for key, value in metrics.items():
-        if key not in ALLOWED_METRICS:
-            raise PrivacyViolation(f"metric {_q(key)} is not on the allowlist", key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PrivacyViolation(f"metric {_q(key)} is not a finite number", key)
+    if not isinstance(metrics, ConfigRecord) or len(metrics):
+        raise PrivacyViolation("SecAgg+ reply: 'fitres.metrics' must be empty (metrics leave masked only)", "fitres.metrics")
     status = content.get("fitres.status")
     if not isinstance(status, ConfigRecord) or dict(status) != {"code": 0, "message": ""}:
         raise PrivacyViolation("SecAgg+ reply: 'fitres.status' must be code 0 with an empty message", "fitres.status")
