@@ -68,11 +68,25 @@ class RobustnessPlan:
     defenses: tuple[str, ...]
 
     def with_changes(
-        self, *, attacks: str | None = None, defenses: str | None = None, overrides: dict[str, Any] | None = None
+        self,
+        *,
+        attacks: str | None = None,
+        defenses: str | None = None,
+        shares: str | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> RobustnessPlan:
-        """The plan with a subset of attacks / defenses (comma-separated) and extra run-config keys (``--set``);
-        raises ValueError naming an unknown attack, defense or key."""
+        """The plan with a subset of attacks / defenses, other shares of malicious devices (comma-separated) and
+        extra run-config keys (``--set``); raises ValueError naming an unknown attack, defense or key, or a share
+        outside (0, 1)."""
         plan = self
+        if shares:
+            try:
+                chosen_shares = tuple(float(x) for x in shares.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"--shares: {shares!r} is not a comma-separated list of numbers") from None
+            if bad := [x for x in chosen_shares if not 0.0 < x < 1.0]:
+                raise ValueError(f"--shares: {', '.join(map(str, bad))} not in (0, 1)")
+            plan = replace(plan, shares=chosen_shares)
         if attacks:
             chosen = tuple(a.strip() for a in attacks.split(",") if a.strip())
             if unknown := [a for a in chosen if a not in ATTACKS]:

@@ -657,6 +657,7 @@ def bench_robustness_cmd(
         str,
         typer.Option(help="Comma-separated subset of fedavg,fedavg-no-norm-bound,fedmedian,fedtrimmedavg,krum,multikrum,bulyan."),
     ] = "",
+    shares: Annotated[str, typer.Option(help="Comma-separated shares of malicious devices (default 0.1,0.2; quick 0.2).")] = "",
     bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-robustness[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     set_: SetOption = None,
@@ -665,7 +666,9 @@ def bench_robustness_cmd(
     from simulations.bench_robustness import FULL, QUICK, main
 
     try:
-        plan = (QUICK if quick else FULL).with_changes(attacks=attacks, defenses=defenses, overrides=_parse_sets(set_))
+        plan = (QUICK if quick else FULL).with_changes(
+            attacks=attacks, defenses=defenses, shares=shares, overrides=_parse_sets(set_)
+        )
     except (ValueError, ConfigError) as err:
         fail(str(err))
     main(

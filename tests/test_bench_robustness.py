@@ -39,3 +39,9 @@ def test_unknown_attack_is_refused_in_one_line() -> None:
     result = CliRunner().invoke(app, ["bench", "robustness", "--quick", "--attacks", "nan,ddos"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --attacks: ddos not among nan, scaled, sign-flip, noise, shuffled"
+
+
+def test_a_share_outside_zero_one_is_refused_in_one_line() -> None:
+    result = CliRunner().invoke(app, ["bench", "robustness", "--quick", "--shares", "0.2,1.5"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --shares: 1.5 not in (0, 1)"
