@@ -19,6 +19,11 @@ norm rejected), ``fedavg-no-norm-bound`` (validation without the norm bound), ``
 ``fedtrimmedavg``, ``krum``, ``multikrum`` and ``bulyan`` (told f, the number of malicious devices, as their
 papers assume). Bulyan needs 4f + 3 replies a round; where there are fewer it keeps the global model (Flower's
 implementation), which the table shows as no change.
+
+Each finished cell is written to ``runs/<bench-id>/cells/<run-id>.json`` with the run config it measured; a bench
+run again with the same id takes a cell from there when its config is the same, so a killed bench resumes at the
+cell it was in, and two processes given disjoint ``--defenses`` (or ``--attacks``) fill one table together: the
+full bench run afterwards measures only what is missing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from client.train import fine_tune
 from server.workflow import run_federation
 from shared.config import TINY_RUN, RunConfig
 from shared.data.prepare import prepare
+from shared.files import write_text_atomic
 from shared.records import array_record, config_record, scalar
 from simulations.harness import InProcessGrid, server_identity
 
@@ -175,7 +181,20 @@ def _norm(state: dict[str, torch.Tensor]) -> float:
 # -- the bench ---------------------------------------------------------------------------------------------------
 
 
-def _run(plan: RobustnessPlan, cfg_flat: dict[str, Any], *, attack: str | None, malicious: int, run_id: str) -> dict[str, Any]:
+def _cell(cells: Path, cfg_flat: dict[str, Any], *, attack: str | None, malicious: int, run_id: str) -> dict[str, Any]:
+    """The cell's result from ``cells/<run_id>.json`` when it was measured with this config, else a fresh run."""
+    path = cells / f"{run_id}.json"
+    config = json.loads(json.dumps({**cfg_flat, "attack": attack, "malicious": malicious}, sort_keys=True))
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("config") == config:
+            return {**stored["result"], "cached": True}
+    result = _run(cfg_flat, attack=attack, malicious=malicious, run_id=run_id)
+    write_text_atomic(path, json.dumps({"config": config, "result": result}, indent=1))
+    return {**result, "cached": False}
+
+
+def _run(cfg_flat: dict[str, Any], *, attack: str | None, malicious: int, run_id: str) -> dict[str, Any]:
     cfg = RunConfig.from_flat({**cfg_flat, "run-id": run_id})
     devices = cfg.synth.speakers - cfg.split.public_speakers - cfg.split.heldout_speakers
     app = client_app.app if attack is None else Attacker(attack, set(range(1, malicious + 1)))
@@ -208,11 +227,12 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
         "strategy.fraction-train": 1.0,
         "strategy.fraction-evaluate": 1.0,
     }
+    cells_dir = workdir / "runs" / bench_id / "cells"
     start = time.monotonic()
     clean: dict[str, dict[str, Any]] = {}
     for defense in plan.defenses:
         keys = {**flat, **every, **DEFENSES[defense]}
-        clean[defense] = _run(plan, keys, attack=None, malicious=0, run_id=f"{bench_id}-clean-{defense}")
+        clean[defense] = _cell(cells_dir, keys, attack=None, malicious=0, run_id=f"{bench_id}-clean-{defense}")
         print(f"clean {defense}: held-out WER {clean[defense]['heldout_wer']:.4f}", file=sys.stderr, flush=True)
     cells: list[dict[str, Any]] = []
     for share in plan.shares:
@@ -227,9 +247,8 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
                     # a round aggregates what survives validation: the honest devices
                     "strategy.min-train-nodes": devices - malicious,
                 }
-                result = _run(
-                    plan, keys, attack=attack, malicious=malicious, run_id=f"{bench_id}-{attack}-{defense}-{malicious}of{devices}"
-                )
+                run_id = f"{bench_id}-{attack}-{defense}-{malicious}of{devices}"
+                result = _cell(cells_dir, keys, attack=attack, malicious=malicious, run_id=run_id)
                 reference = clean["fedavg"]["heldout_wer"] if "fedavg" in clean else clean[defense]["heldout_wer"]
                 result.update(
                     share=share,
@@ -241,7 +260,8 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
                 cells.append(result)
                 print(
                     f"{attack} x {defense}, {malicious}/{devices} malicious: held-out WER "
-                    f"{result['heldout_wer']:.4f} ({result['rejected_updates']} rejected)",
+                    f"{result['heldout_wer']:.4f} ({result['rejected_updates']} rejected"
+                    + (", from cells/)" if result["cached"] else ")"),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -253,12 +273,12 @@ def run_bench(plan: RobustnessPlan, *, workdir: Path, bench_id: str) -> dict[str
         "settings": plan.overrides,
         "clean": clean,
         "attacked": cells,
+        "cached_cells": sum(c["cached"] for c in [*clean.values(), *cells]),
         "seconds": round(time.monotonic() - start, 1),
     }
     out = workdir / "runs" / bench_id
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness.json").write_text(json.dumps(summary, indent=1))
-    (out / "robustness.md").write_text("\n".join(_table(summary)) + "\n")
+    write_text_atomic(out / "robustness.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "robustness.md", "\n".join(_table(summary)) + "\n")
     return summary
 
 

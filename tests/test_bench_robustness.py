@@ -33,6 +33,23 @@ def test_quick_bench_rejects_nan_and_scaled_updates_and_reports_every_cell(tmp_p
     assert cells["sign-flip", "fedavg"]["rejected_updates"] == 0
     table = (tmp_path / "runs" / "bench-robustness-quick" / "robustness.md").read_text()
     assert "| nan | 2 |" in table and "| none | 0 |" in table
+    assert summary["cached_cells"] == 0
+
+    # Run again (a bench killed after its last cell, or a second process's share of the table): every cell
+    # comes from cells/, with the figures it was measured with; a cell whose config changed runs again.
+    changed = tmp_path / "runs" / "bench-robustness-quick" / "cells" / "bench-robustness-quick-scaled-krum-2of10.json"
+    stored = json.loads(changed.read_text())
+    stored["config"]["num-server-rounds"] += 1  # as if measured with another plan
+    changed.write_text(json.dumps(stored))
+    again = CliRunner().invoke(app, ["bench", "robustness", "--quick", "--json", "--workdir", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    resumed = json.loads(again.stdout.strip().splitlines()[-1])
+    assert resumed["cached_cells"] == 11
+    again_cells = {(c["attack"], c["defense"]): c for c in resumed["attacked"]}
+    assert not again_cells["scaled", "krum"]["cached"]
+    for key, cell in cells.items():
+        if key != ("scaled", "krum"):
+            assert again_cells[key] == {**cell, "cached": True}
 
 
 def test_unknown_attack_is_refused_in_one_line() -> None:
