@@ -24,12 +24,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -49,7 +51,7 @@ from shared.privacy.secure_reply import train_metrics
 from shared.records import metric_record, scalar
 from shared.training import score
 
-__all__ = ["make_strategy", "run_federation", "stateful_strategy", "sum_error_counts"]
+__all__ = ["TrainRound", "make_strategy", "run_federation", "stateful_strategy", "sum_error_counts", "train_round"]
 
 log = logging.getLogger("chorus.server")
 
@@ -160,27 +162,51 @@ def _breakdowns(
     return out
 
 
-def _train_phase(
-    grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
-) -> tuple[ArrayRecord | None, MetricRecord | None, int, int, int]:
-    """One round's training: (new global arrays, or None to keep the model; aggregated metrics; devices
-    aggregated; devices failed; replies rejected). Plainly, or with ``strategy.secure-aggregation`` through
-    SecAgg+ (server/secagg.py), where a device counts as answered when its masked update is in the sum."""
-    if cfg.strategy.secure_aggregation:
-        secure = secure_train_round(
-            grid,
-            strategy,
-            server_round,
-            arrays,
-            cfg.secagg,
-            timeout=cfg.strategy.timeout,
-            min_contributors=cfg.strategy.min_train_nodes,
-            metric_keys=train_metrics(cfg),
-        )
-        return secure.arrays, secure.metrics, secure.contributed, secure.failed, 0
-    train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    replies = exchange(grid, train_msgs, phase=f"round {server_round} train", strategy=cfg.strategy)
-    needed = cfg.strategy.min_train_nodes if train_msgs else 0  # no messages: fraction-train is 0
+@dataclass(frozen=True)
+class TrainRound:
+    """One round's training: the new global arrays (None: the global model is kept), the strategy's aggregated
+    metrics, the valid replies (none under SecAgg+, where the server sees only the sum), and how many devices
+    answered (their update is in the aggregate), failed, or had their reply rejected."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    replies: list[Message]
+    answered: int
+    failed: int
+    rejected: int
+
+    def fields(self) -> dict[str, Any]:
+        """The round's entry in an evaluation's report."""
+        return {
+            "replies": self.answered,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "aggregated": self.arrays is not None,
+            "train_loss": None if (loss := _metric(self.metrics, "train-loss")) is None else round(loss, 5),
+        }
+
+
+def train_round(
+    grid: Grid,
+    strategy: flwr_strategy.Strategy | FairStrategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    limits: StrategyConfig,
+    *,
+    config: ConfigRecord | None = None,
+    content: Mapping[str, ArrayRecord] | None = None,
+    phase: str = "",
+) -> TrainRound:
+    """The plain train phase of every federation: the strategy's messages (``config`` their instruction,
+    ``content`` records added to each), the server's one send/receive path (``limits``: timeout, in-flight window,
+    reply validation), and the strategy's aggregation when at least ``limits.min_train_nodes`` valid updates came
+    back; with fewer, the global model is kept."""
+    messages = list(strategy.configure_train(server_round, arrays, config or ConfigRecord(), grid))
+    for message in messages:
+        for name, record in (content or {}).items():
+            message.content[name] = record
+    replies = exchange(grid, messages, phase=phase or f"round {server_round} train", strategy=limits)
+    needed = limits.min_train_nodes if messages else 0  # no messages: fraction-train is 0
     if len(replies.ok) < needed:  # too few updates to trust: keep the global model and the strategy's state
         log.warning(
             "round %d: %d valid update(s), fewer than strategy.min-train-nodes=%d: the global model is kept",
@@ -188,9 +214,29 @@ def _train_phase(
             len(replies.ok),
             needed,
         )
-        return None, None, len(replies.ok), replies.failed, replies.rejected
+        return TrainRound(None, None, replies.ok, len(replies.ok), replies.failed, replies.rejected)
     new_arrays, metrics = strategy.aggregate_train(server_round, replies.ok)
-    return new_arrays, metrics, len(replies.ok), replies.failed, replies.rejected
+    return TrainRound(new_arrays, metrics, replies.ok, len(replies.ok), replies.failed, replies.rejected)
+
+
+def _train_phase(
+    grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+) -> TrainRound:
+    """One round's training, plainly or with ``strategy.secure-aggregation`` through SecAgg+ (server/secagg.py),
+    where a device counts as answered when its masked update is in the sum (the server sees no single reply)."""
+    if not cfg.strategy.secure_aggregation:
+        return train_round(grid, strategy, server_round, arrays, cfg.strategy)
+    secure = secure_train_round(
+        grid,
+        strategy,
+        server_round,
+        arrays,
+        cfg.secagg,
+        timeout=cfg.strategy.timeout,
+        min_contributors=cfg.strategy.min_train_nodes,
+        metric_keys=train_metrics(cfg),
+    )
+    return TrainRound(secure.arrays, secure.metrics, [], secure.contributed, secure.failed, 0)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
@@ -254,11 +300,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=first_round - 1, status="")
         for server_round in range(first_round, cfg.num_server_rounds + 1):
             start = time.monotonic()
-            new_arrays, train_metrics, train_answered, train_failed, train_rejected = _train_phase(
-                grid, rounds, cfg, server_round, arrays
-            )
-            if new_arrays is not None:
-                load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
+            trained = _train_phase(grid, rounds, cfg, server_round, arrays)
+            if trained.arrays is not None:
+                load_state(model, trained.arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
             train_seconds = time.monotonic() - start  # sampling, devices' training, aggregation
             eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
@@ -267,13 +311,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             counts, per_utt = evaluate_heldout()
             record = {
                 "round": server_round,
-                "aggregated": new_arrays is not None,
+                "aggregated": trained.arrays is not None,
                 # DP replies carry no training loss (it lies outside the guarantee) but their epsilon spent
-                "train_loss": _metric(train_metrics, "train-loss"),
-                "train_epsilon": _metric(train_metrics, "epsilon"),
-                "train_replies": train_answered,
-                "train_failures": train_failed,
-                "rejected_updates": train_rejected,
+                "train_loss": _metric(trained.metrics, "train-loss"),
+                "train_epsilon": _metric(trained.metrics, "epsilon"),
+                "train_replies": trained.answered,
+                "train_failures": trained.failed,
+                "rejected_updates": trained.rejected,
                 "eval_replies": len(evaluated.ok),
                 "eval_failures": evaluated.failed,
                 "rejected_evaluations": evaluated.rejected,
@@ -303,7 +347,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             kept = "" if record["aggregated"] else " (too few: global model kept)"
             print(
                 f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
-                f"devices {train_answered} ok / {train_failed} failed / {train_rejected} rejected{kept}, "
+                f"devices {trained.answered} ok / {trained.failed} failed / {trained.rejected} rejected{kept}, "
                 f"device WER {record['device_wer']}, "
                 f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)",
                 flush=True,

@@ -56,12 +56,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
 from client.client_app import app as client_app
 from client.data import DeviceData, device_data
-from server.exchange import exchange
-from server.workflow import make_strategy
+from server.workflow import make_strategy, train_round
 from shared.config import TINY_MODEL, RunConfig
 from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, make_batches
@@ -215,22 +214,20 @@ def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, dev
     failures = 0
     log: list[dict[str, Any]] = []
     for server_round in range(1, rounds + 1):
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        # The server's one send/receive path: a failed or refused device is logged and left out, as in a run.
-        result = exchange(grid, sent, phase=f"round {server_round} train", strategy=cfg.strategy)
-        failures += result.failed + result.rejected
+        # The server's one train phase: a failed or refused device is logged and left out, as in a run.
+        trained = train_round(grid, strategy, server_round, arrays, cfg.strategy)
+        failures += trained.failed + trained.rejected
         updates = {}
-        for reply in result.ok:
+        for reply in trained.replies:
             partition = reply.metadata.src_node_id - 1
             updates[partition] = array_record(reply.content, "arrays").to_torch_state_dict()
             metrics = metric_record(reply.content, "metrics")
             if "epsilon" in metrics:
                 epsilons.setdefault(partition, []).append(float(scalar(metrics, "epsilon")))
-        new_arrays, _ = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
-        if new_arrays is not None:
-            load_state(model, new_arrays.to_torch_state_dict(), source="aggregated global model")
+        if trained.arrays is not None:
+            load_state(model, trained.arrays.to_torch_state_dict(), source="aggregated global model")
             arrays = ArrayRecord(model.state_dict())  # in the model's dtypes
-        log.append({"round": server_round, "replies": len(result.ok), "failures": result.failed + result.rejected})
+        log.append({"round": server_round, "replies": trained.answered, "failures": trained.failed + trained.rejected})
     seconds = sum(grid.seconds) / max(1, len(grid.seconds))
     return _Federation(
         global_state=model.state_dict(),

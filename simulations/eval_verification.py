@@ -72,7 +72,6 @@ from shared.models.speaker_embedding import (
     save_speaker_embedder,
     train_speaker_embedding,
 )
-from shared.records import scalar
 
 __all__ = [
     "ARMS",
@@ -399,8 +398,7 @@ def federate(
     from flwr.app import ArrayRecord, ConfigRecord
 
     from client.verification import DATA_DIR_KEY, VERIFIER_KEY, sv_app
-    from server.exchange import exchange
-    from server.workflow import make_strategy
+    from server.workflow import make_strategy, train_round
     from shared.config import StrategyConfig
     from simulations.harness import InProcessGrid, server_identity
 
@@ -426,30 +424,25 @@ def federate(
             arrays = ArrayRecord({**embedder_state(model), **(adversary_state(adversary) if adversary else {})})
             recipe = replace(plan.device, arw=arw, arw_frozen=server_round <= plan.arw_warmup, seed=seed)
             config: dict[str, Any] = recipe.to_config()
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
             impostors = ArrayRecord({"centroids": impostor_centroids(model, public), **extra})
-            for message in messages:
-                message.content[IMPOSTORS] = impostors
-            result = exchange(grid, messages, phase=f"verifier round {server_round}", strategy=limits)
-            aggregated, metrics = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
-            if aggregated is not None:
-                state = aggregated.to_torch_state_dict()
+            trained = train_round(
+                grid,
+                strategy,
+                server_round,
+                arrays,
+                limits,
+                config=ConfigRecord(config),
+                content={IMPOSTORS: impostors},
+                phase=f"verifier round {server_round}",
+            )
+            if trained.arrays is not None:
+                state = trained.arrays.to_torch_state_dict()
                 model.load_state_dict({k: v for k, v in state.items() if not k.startswith(ADVERSARY_PREFIX)}, strict=False)
                 if adversary is not None:
                     adversary.load_state_dict(
                         {k.removeprefix(ADVERSARY_PREFIX): v for k, v in state.items() if k.startswith(ADVERSARY_PREFIX)}
                     )
-            rounds.append(
-                {
-                    "round": server_round,
-                    "replies": len(result.ok),
-                    "failed": result.failed,
-                    "rejected": result.rejected,
-                    "aggregated": aggregated is not None,
-                    "train_loss": round(float(scalar(metrics, "train-loss")), 5) if metrics else None,
-                    "seconds": round(time.monotonic() - started, 1),
-                }
-            )
+            rounds.append({"round": server_round, **trained.fields(), "seconds": round(time.monotonic() - started, 1)})
     if adversary is not None:
         with torch.no_grad():
             rounds[-1]["cluster_weight"] = [round(float(w), 3) for w in arl_weights(adversary(torch.eye(plan.clusters)))]

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from client.multitalker import MODEL_KEY, SESSIONS_DIR_KEY, MultitalkerRecipe, model_arrays, mt_app
 from server.exchange import exchange
-from server.workflow import make_strategy
+from server.workflow import make_strategy, train_round
 from shared.config import ModelConfig, StrategyConfig
 from shared.data.mix import MixError, load_sessions
 from shared.files import write_text_atomic
@@ -83,19 +83,14 @@ def federate(init: Path, devices: Sequence[Path], recipe: MultitalkerRecipe, *, 
         for server_round in range(1, rounds + 1):
             started = time.monotonic()
             arrays = ArrayRecord(model_arrays(model))
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
-            result = exchange(grid, messages, phase=f"multi-talker round {server_round}", strategy=limits)
-            aggregated, metrics = strategy.aggregate_train(server_round, result.ok) if result.ok else (None, None)
-            if aggregated is not None:
-                model.load_state_dict(aggregated.to_torch_state_dict(), strict=False)
+            phase = f"multi-talker round {server_round}"
+            trained = train_round(grid, strategy, server_round, arrays, limits, config=ConfigRecord(config), phase=phase)
+            if trained.arrays is not None:
+                model.load_state_dict(trained.arrays.to_torch_state_dict(), strict=False)
             history.append(
                 {
                     "round": server_round,
-                    "replies": len(result.ok),
-                    "failed": result.failed,
-                    "rejected": result.rejected,
-                    "aggregated": aggregated is not None,
-                    "train_loss": round(float(scalar(metrics, "train-loss")), 5) if metrics else None,
+                    **trained.fields(),
                     **_evaluate(strategy, grid, model, server_round, config, limits),
                     "seconds": round(time.monotonic() - started, 1),
                 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from shared.files import write_text_atomic
 from shared.models.checkpoint import SHIPPED_DIR, architecture, load_checkpoint, save_checkpoint, sha256_of, shipped_manifest
@@ -48,6 +49,24 @@ def _training_record(run_dir: Path) -> dict[str, Any]:
     return record
 
 
+def _file_facts(out: Path, model: nn.Module, *, command: str, hardware: str) -> dict[str, Any]:
+    """What every manifest entry records of a shipped file: checksum, size, parameters, dtype, how it was made."""
+    return {
+        "sha256": sha256_of(out),
+        "bytes": out.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float16",
+        "command": command,
+        "hardware": hardware,
+    }
+
+
+def _add_to_manifest(entries: dict[str, dict[str, Any]]) -> None:
+    """``entries`` ({file name: entry}) into ``shared/models/shipped/manifest.json``, replacing older ones."""
+    manifest = shipped_manifest() | entries
+    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
 def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpus: Path, eval_command: str) -> dict[str, Any]:
     """Write ``shared/models/shipped/<name>.pt`` and its entry in ``manifest.json``; returns the entry."""
     ckpt = load_checkpoint(checkpoint)
@@ -69,12 +88,7 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
     evaluation = evaluate_wer(out, eval_corpus, by=BY)
     entry = {
         "model_config": architecture(ckpt.model_config),
-        "sha256": sha256_of(out),
-        "bytes": out.stat().st_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": "float16",
-        "command": command,
-        "hardware": hardware,
+        **_file_facts(out, model, command=command, hardware=hardware),
         "step": step,
         **_training_record(checkpoint.parent.parent),
         "eval": {
@@ -88,9 +102,7 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
             "by_words": evaluation["by_words"],
         },
     }
-    manifest = shipped_manifest()
-    manifest[out.name] = entry
-    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _add_to_manifest({out.name: entry})
     return entry
 
 
@@ -106,7 +118,6 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
     record = json.loads((trained / "training.json").read_text())
     files = {arm: trained / f"{arm}.pt" for arm in ARMS}
     result = evaluate_verification(eval_corpus, files, FULL, trained / "eval")
-    manifest = shipped_manifest()
     entries = {}
     for arm, source in files.items():
         out = shipped_verifier(arm)
@@ -116,13 +127,8 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
         entries[out.name] = {
             "kind": "speaker-verifier",
             "arm": arm,
-            "sha256": sha256_of(out),
-            "bytes": out.stat().st_size,
-            "parameters": sum(p.numel() for p in verifier.embedder.parameters()),
-            "dtype": "float16",
+            **_file_facts(out, verifier.embedder, command=command, hardware=hardware),
             "config": dataclasses.asdict(verifier.embedder.config),
-            "command": command,
-            "hardware": hardware,
             "threshold": verifier.threshold,
             "target_far": verifier.target_far,
             "training": {k: v for k, v in record.items() if k != "arms"} | {"arm": record["arms"][arm]},
@@ -135,8 +141,7 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
             }
             | {k: figures[k] for k in ("eer", "eer_ci95", "min_dcf", "threshold", "by", "gap", "spread") if k in figures},
         }
-    manifest.update(entries)
-    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _add_to_manifest(entries)
     return entries
 
 
@@ -164,16 +169,9 @@ def ship_multitalker(run_dir: Path, *, arm: str, command: str, hardware: str) ->
         "base": result["base"]["file"],
         "base_model_config": architecture(base.model_config),
         "separator": dataclasses.asdict(shipped.config),
-        "sha256": sha256_of(out),
-        "bytes": out.stat().st_size,
-        "parameters": sum(p.numel() for p in shipped.parameters()),
-        "dtype": "float16",
-        "command": command,
-        "hardware": hardware,
+        **_file_facts(out, shipped, command=command, hardware=hardware),
         "training": meta["training"] | {"plan": result["plan"], "train_sessions": result["sessions"]["train_count"]},
         "eval": {"sessions": result["sessions"]["test_count"], **scores},
     }
-    manifest = shipped_manifest()
-    manifest[out.name] = entry
-    write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _add_to_manifest({out.name: entry})
     return entry
