@@ -135,9 +135,8 @@ QUICK = FairnessPlan(
 # The full plan, sized for the shared 2-core CPU: 12 devices (one federated speaker each), 3 rounds of 8 local
 # steps per arm (2 FedAvg rounds, then 1 targeted round in the EWC arms), the default 6-layer model trained 1500
 # steps on the public speakers unless ``--checkpoint`` gives a base model (then its architecture is used). Local
-# AdamW at lr 1e-4, the learning rate the base model's schedule ends at: the run config's 1e-3 (for training
-# from scratch) made plain FedAvg fine-tuning of a fitted base model 5% worse overall (0.834 -> 0.878 on the
-# default corpus), 1e-4 2% (-> 0.852).
+# AdamW at lr 1e-4, the learning rate the base model's schedule ends at: the run config's 1e-3 is for training
+# from scratch and moves a fitted base model too far (the README's fairness section has the measurement).
 FULL = FairnessPlan(
     name="full",
     overrides={
