@@ -17,8 +17,10 @@ Attacks (what a malicious device's train reply carries, ``U`` its honest update,
 Defenses (``strategy.*``): ``fedavg`` (the default: every reply validated, updates above 10x the round's median
 norm rejected), ``fedavg-no-norm-bound`` (validation without the norm bound), ``fedmedian``,
 ``fedtrimmedavg``, ``krum``, ``multikrum`` and ``bulyan`` (told f, the number of malicious devices, as their
-papers assume). Bulyan needs 4f + 3 replies a round; where there are fewer it keeps the global model (Flower's
-implementation), which the table shows as no change.
+papers assume), and ``norm-clipping`` (server-side clipping of each update to ``central-dp.clipping-norm``,
+Flower's fixed-clipping wrapper with no noise, in place of the norm bound's rejection). Bulyan needs 4f + 3
+replies a round; where there are fewer it keeps the global model (Flower's implementation), which the table
+shows as no change.
 
 Each finished cell is written to ``runs/<bench-id>/cells/<run-id>.json`` with the run config it measured; a bench
 run again with the same id takes a cell from there when its config is the same, so a killed bench resumes at the
@@ -61,6 +63,11 @@ DEFENSES: dict[str, dict[str, Any]] = {
     "krum": {"strategy.name": "krum"},
     "multikrum": {"strategy.name": "multikrum"},
     "bulyan": {"strategy.name": "bulyan"},
+    "norm-clipping": {
+        "strategy.update-norm-factor": 0.0,
+        "strategy.central-dp": "server",
+        "central-dp.noise-multiplier": 0.0,
+    },
 }
 
 

@@ -655,7 +655,10 @@ def bench_robustness_cmd(
     attacks: Annotated[str, typer.Option(help="Comma-separated subset of nan,scaled,sign-flip,noise,shuffled.")] = "",
     defenses: Annotated[
         str,
-        typer.Option(help="Comma-separated subset of fedavg,fedavg-no-norm-bound,fedmedian,fedtrimmedavg,krum,multikrum,bulyan."),
+        typer.Option(
+            help="Comma-separated subset of fedavg,fedavg-no-norm-bound,fedmedian,fedtrimmedavg,krum,multikrum,bulyan,"
+            "norm-clipping."
+        ),
     ] = "",
     shares: Annotated[str, typer.Option(help="Comma-separated shares of malicious devices (default 0.1,0.2; quick 0.2).")] = "",
     bench_id: Annotated[str, typer.Option(help="runs/<bench-id>/ (default: bench-robustness[-quick]).")] = "",
