@@ -1,17 +1,19 @@
 """`chorus bench compute`: what each streaming model costs and how well it recognizes, side by side.
 
-For each model — the dense causal Transformer, the sliding-window baseline, ConvRNN-T, and the
-compute-amortized Transformer at several compute-loss weights (lambda) — the benchmark trains (or reuses) it
-on the public speakers, decodes held-out speakers it never saw, and measures in this one process:
-    wer                              greedy search, held-out speakers (jiwer, pooled counts)
+Every model starts from the shipped dense base (``shared/models/shipped/``): the dense causal Transformer as
+shipped; the same fine-tuned further (`transformer-continued`, the equal-training reference); the sliding-window
+baseline (the dense weights with an 8-frame attention window, fine-tuned as long); and the compute-amortized
+Transformer at several compute-loss weights (lambda: the dense blocks plus fresh arbitrators, fine-tuned with
+loss = transducer + lambda * expected compute), which traces the WER-compute curve. ConvRNN-T has no shipped
+base yet: its row measures the cost of its architecture (FLOPs do not depend on the weights) and no WER. Measured
+in this one process, on unseen speakers of a test corpus:
+    wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet
     encoder_gflops_per_audio_second  FLOPs actually executed (torch FlopCounterMode) by the encoder while
                                      streaming batch-1 chunks of 160 ms, per second of audio
     batch1_streaming_rtf             wall time of batch-1 streaming (encoder + greedy search) / audio time,
                                      one thread, best of `repeats` interleaved passes
     relative_*_vs_dense              ratios to the dense model measured in the same run
-The amortized models start from the trained dense model (its weights; fresh arbitrators whose gates start
-mostly on) and are fine-tuned with loss = transducer + lambda * expected compute, which traces the
-WER-compute curve. One JSON object goes to stdout; the run directory keeps the checkpoints and a report.
+One JSON object goes to stdout; the run directory keeps the checkpoints and a report.
 """
 
 from __future__ import annotations
@@ -26,36 +28,41 @@ from typing import Any
 
 import torch
 
-from shared.config import ModelConfig, RunConfig
-from shared.data.corpora import Utterance
+from shared.config import RunConfig
+from shared.data.corpora import Utterance, load_corpus
 from shared.data.dataset import FeatureCache
-from shared.data.prepare import prepare
+from shared.data.synth import synthesize
 from shared.models.amortized_transformer import AmortizedTransformerEncoder
-from shared.models.checkpoint import load_checkpoint
+from shared.models.checkpoint import build_model, init_checkpoint_path, load_checkpoint
 from shared.models.encoder import StreamingEncoder
 from shared.models.flops import measure_flops
 from shared.models.transducer import Transducer
-from shared.training import score
+from simulations.eval_wer import evaluate_wer
 from simulations.train import TrainPlan, train_central
 
 __all__ = ["BenchPlan", "QUICK", "FULL", "train_models", "run_compute_bench"]
 
 CHUNK_FRAMES = 16  # 160 ms of features per streaming call: a typical on-device chunk
-DENSE_CONTINUED = "transformer-continued"  # the dense model fine-tuned as long as the amortized ones
+DENSE = "transformer"  # the shipped dense base, as shipped
+DENSE_CONTINUED = "transformer-continued"  # the dense base fine-tuned as long as the other models
+UNTRAINED = ("convrnnt",)  # no shipped base: cost only
 
 
 @dataclass(frozen=True)
 class BenchPlan:
-    overrides: dict[str, Any]  # run-config overrides (corpus and model sizes)
-    steps: int  # central training steps of each base model
-    amortized_steps: int  # fine-tuning steps of each amortized model, from the trained dense one
+    overrides: dict[str, Any]  # run-config overrides: the fine-tuning corpus (public speakers) and batches
+    test_corpus: str  # unseen speakers: a corpus directory under the workdir; "" synthesizes a tiny one
+    steps: int  # fine-tuning steps of every model that starts from the shipped dense base
+    peak_lr: float
+    arbitrator_lr: float  # the amortized models' fresh arbitrators learn at the from-scratch rate
+    warmup: int
     lambdas: tuple[float, ...]
-    eval_utterances: int  # held-out utterances for WER
-    stream_utterances: int  # held-out utterances for FLOPs and wall time
+    eval_utterances: int  # test utterances for WER (every k-th, at most this many)
+    stream_utterances: int  # of those, streamed for FLOPs and wall time
     repeats: int  # interleaved timing passes (the best one counts)
 
 
-# CI-sized: a tiny corpus and model, minutes in all. The numbers only prove the pipeline runs.
+# CI-sized: a tiny corpus, a few steps; the numbers only prove the pipeline runs.
 QUICK = BenchPlan(
     overrides={
         "synth.speakers": 10,
@@ -63,30 +70,37 @@ QUICK = BenchPlan(
         "synth.seed": 5,
         "split.public-speakers": 6,
         "split.heldout-speakers": 3,
-        "model.d-model": 64,
-        "model.num-layers": 2,
-        "model.num-heads": 2,
-        "model.ffn-dim": 256,
-        "model.vocab-size": 128,
-        "model.init-checkpoint": "",
         "train.batch-frames": 3000,
     },
-    steps=24,
-    amortized_steps=8,
-    lambdas=(0.05, 0.2, 0.5, 1.0),
+    test_corpus="",
+    steps=4,
+    peak_lr=5e-4,
+    arbitrator_lr=2e-3,
+    warmup=1,
+    lambdas=(0.3, 1.0),
     eval_utterances=12,
     stream_utterances=3,
     repeats=1,
 )
-# The README's table: the default corpus (24 public / 16 held-out speakers), 8 blocks (2.34 M parameters),
-# ~53 utterances per step. Its models were trained with `--train-device cuda` (3 base models side by side in
-# 3.5 min on one H200, then the 5 fine-tuned ones); on 2 CPU cores the training alone takes many hours.
+# The README's table: fine-tuned on 550 public speakers of the base's own training pool (seed 1: nothing new to
+# learn but the gates), measured on the unseen speakers the shipped manifest's WER is measured on.
 FULL = BenchPlan(
-    overrides={"model.num-layers": 8, "model.init-checkpoint": "", "train.batch-frames": 16000},
-    steps=3200,
-    amortized_steps=2500,
-    lambdas=(0.1, 0.3, 1.0, 3.0),
-    eval_utterances=320,
+    overrides={
+        "synth.speakers": 600,
+        "synth.utterances": 20,
+        "synth.seed": 1,
+        "split.public-speakers": 550,
+        "split.heldout-speakers": 40,
+        "model.dropout": 0.0,
+        "train.batch-frames": 4000,
+    },
+    test_corpus="data/eval-seed99",
+    steps=1500,
+    peak_lr=3e-4,
+    arbitrator_lr=2e-3,
+    warmup=100,
+    lambdas=(0.1, 0.3, 1.0),
+    eval_utterances=400,
     stream_utterances=16,
     repeats=3,
 )
@@ -111,7 +125,8 @@ def _encoder_stream(model: Transducer, feats: torch.Tensor) -> None:
 def _measure(
     models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache, repeats: int
 ) -> dict[str, dict[str, float]]:
-    """FLOPs and batch-1 streaming wall time of every model on the same utterances, interleaved."""
+    """FLOPs of every model and batch-1 streaming wall time of the trained ones, on the same utterances,
+    interleaved."""
     feats = [torch.from_numpy(f.copy()) for f in (features.features(u) for u in utterances) if f is not None]
     audio_seconds = sum(f.shape[0] for f in feats) * 0.01  # 10 ms feature shift
     threads = torch.get_num_threads()
@@ -127,15 +142,17 @@ def _measure(
             out[name] = {"encoder_gflops_per_audio_second": flops / audio_seconds / 1e9}
             if isinstance(model.encoder, AmortizedTransformerEncoder):
                 out[name]["executed_share"] = model.encoder.gate_stats().executed_share
-        best = {name: float("inf") for name in models}
+        # Search time depends on what a model emits: only trained models are timed.
+        best = {name: float("inf") for name in models if name not in UNTRAINED}
         with torch.no_grad():
             for _ in range(repeats):
-                for name, model in models.items():
+                for name in best:
+                    model = models[name]
                     start = time.perf_counter()
                     for f in feats:
                         _stream(model, f)
                     best[name] = min(best[name], time.perf_counter() - start)
-        for name in models:
+        for name in best:
             out[name]["batch1_streaming_rtf"] = best[name] / audio_seconds
         return out
     finally:
@@ -156,51 +173,56 @@ def train_models(
     device: str = "cpu",
     only: frozenset[str] | None = None,
 ) -> dict[str, Path]:
-    """Train (or reuse) every model of the benchmark; name -> best checkpoint.
+    """Fine-tune (or reuse) every trained model of the benchmark from the shipped dense base; name -> checkpoint.
 
-    The amortized models start from the trained dense one, so they train after it. ``only`` trains a subset
-    (e.g. one model per process on a GPU); ``device`` is where training runs (the measurements are always on
-    the CPU, in ``run_compute_bench``).
+    ``only`` trains a subset (e.g. one model per process); ``device`` is where training runs (the measurements
+    are always on the CPU, in ``run_compute_bench``).
     """
     base = _base_config(plan, workdir)
+    dense = init_checkpoint_path(base.model)
+    if dense is None or load_checkpoint(dense).model_config.name != DENSE:
+        raise ValueError(f"model.init-checkpoint={base.model.init_checkpoint!r}: the benchmark starts from a dense base")
     root = base.workdir_path / "runs" / bench_id
-    train_plan = TrainPlan(
+    fine_tune = TrainPlan(
         steps=plan.steps,
-        eval_every=plan.steps,
-        ckpt_every=max(1, plan.steps // 8),
-        warmup=max(1, min(300, plan.steps // 10)),
-        eval_utterances=plan.eval_utterances,
+        peak_lr=plan.peak_lr,
+        arbitrator_lr=plan.arbitrator_lr,
+        warmup=plan.warmup,
+        eval_every=max(1, plan.steps // 3),
+        ckpt_every=max(1, plan.steps // 6),
+        eval_utterances=200,
         device=device,
     )
-    fine_tune = replace(
-        train_plan,
-        steps=plan.amortized_steps,
-        warmup=1,
-        peak_lr=train_plan.peak_lr / 4,
-        eval_every=plan.amortized_steps,
-        ckpt_every=max(1, plan.amortized_steps // 4),
-    )
 
-    def trained(name: str, model_cfg: ModelConfig, compute_weight: float, tplan: TrainPlan) -> Path:
+    def trained(name: str, model_name: str, compute_weight: float) -> Path:
         run_dir = root / name
-        best = run_dir / "checkpoints" / "best.pt"
-        if (reuse and best.exists()) or (only is not None and name not in only):
-            return best
-        cfg = replace(base, model=model_cfg, train=replace(base.train, compute_weight=compute_weight))
-        return train_central(cfg, tplan, run_dir=run_dir, resume=reuse, progress=progress)
+        last = run_dir / "checkpoints" / "last.pt"
+        if (reuse and last.exists() and load_checkpoint(last).meta.get("step") == plan.steps) or (
+            only is not None and name not in only
+        ):
+            return last
+        cfg = replace(
+            base,
+            model=replace(base.model, name=model_name, init_checkpoint=str(dense)),
+            train=replace(base.train, compute_weight=compute_weight),
+        )
+        train_central(cfg, fine_tune, run_dir=run_dir, resume=reuse, progress=progress)
+        return last
 
-    checkpoints = {
-        name: trained(name, replace(base.model, name=name), 0.0, train_plan)
-        for name in ("transformer", "sliding-window", "convrnnt")
-    }
-    # The amortized models train `amortized_steps` more than the dense one; so does this dense reference, with
-    # the same fine-tuning plan and no arbitrators, so that their WERs compare equal amounts of training.
-    continued = replace(base.model, name="transformer", init_checkpoint=str(checkpoints["transformer"]))
-    checkpoints[DENSE_CONTINUED] = trained(DENSE_CONTINUED, continued, 0.0, fine_tune)
+    checkpoints = {DENSE: dense, DENSE_CONTINUED: trained(DENSE_CONTINUED, DENSE, 0.0)}
+    checkpoints["sliding-window"] = trained("sliding-window", "sliding-window", 0.0)
     for lam in plan.lambdas:
-        amortized = replace(base.model, name="amortized", init_checkpoint=str(checkpoints["transformer"]))
-        checkpoints[f"amortized-lambda{lam:g}"] = trained(f"amortized-lambda{lam:g}", amortized, lam, fine_tune)
+        checkpoints[f"amortized-lambda{lam:g}"] = trained(f"amortized-lambda{lam:g}", "amortized", lam)
     return checkpoints
+
+
+def _test_corpus(plan: BenchPlan, workdir: Path) -> Path:
+    if plan.test_corpus:
+        path = workdir / plan.test_corpus
+        if not path.is_dir():
+            raise ValueError(f"test corpus {path}: no such directory (make it with `chorus data synth ... --out {path}`)")
+        return path
+    return synthesize(workdir / "data" / "bench-compute-quick-test", speakers=3, utterances=4, seed=12, progress=False)
 
 
 def run_compute_bench(
@@ -208,35 +230,44 @@ def run_compute_bench(
 ) -> dict[str, Any]:
     started = time.monotonic()
     base = _base_config(plan, workdir)
-    prepared = prepare(base, progress=progress)
     root = base.workdir_path / "runs" / bench_id
+    test_corpus = _test_corpus(plan, workdir)
     checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress, device=train_device)
 
-    models = {name: load_checkpoint(path).build() for name, path in checkpoints.items()}
-    by_speaker = prepared.corpus.by_speaker()
-    heldout = [u for s in prepared.split.heldout for u in by_speaker.get(s, [])]
-    heldout = heldout[:: max(1, len(heldout) // plan.eval_utterances)][: plan.eval_utterances]
-    features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=len(heldout))
     results: dict[str, dict[str, Any]] = {}
-    for name, model in models.items():
-        counts, _ = score(model, heldout, features=features, tokenizer=prepared.tokenizer)
+    models: dict[str, Transducer] = {}
+    for name, path in checkpoints.items():
+        models[name] = load_checkpoint(path).build()
+        scored = evaluate_wer(path, test_corpus, by=("accent", "fleet"), limit=plan.eval_utterances)
         results[name] = {
-            "params": _params(model),
-            "encoder_params": _params(model.encoder),
-            "wer": counts.wer,
-            "words": counts.words,
+            "params": _params(models[name]),
+            "encoder_params": _params(models[name].encoder),
+            "wer": scored["wer"],
+            "words": scored["words"],
+            "by": scored["by"],
         }
-    stream_utts = heldout[:: max(1, len(heldout) // plan.stream_utterances)][: plan.stream_utterances]
+    for name in UNTRAINED:  # random weights: what the architecture costs, not what it recognizes
+        torch.manual_seed(0)
+        models[name] = build_model(replace(base.model, name=name))
+        results[name] = {"params": _params(models[name]), "encoder_params": _params(models[name].encoder), "wer": None}
+
+    frontend = load_checkpoint(checkpoints[DENSE]).frontend
+    assert frontend is not None  # a shipped base carries its front end
+    corpus = load_corpus(test_corpus)
+    utterances = sorted(corpus.utterances, key=lambda u: u.id)
+    stream_utts = utterances[:: max(1, len(utterances) // plan.stream_utterances)][: plan.stream_utterances]
+    features = FeatureCache(corpus, frontend.cmvn, max_items=len(stream_utts))
     for name, measured in _measure(models, stream_utts, features, plan.repeats).items():
         results[name].update(measured)
-    dense = results["transformer"]
+    dense = results[DENSE]
     for name, row in results.items():
-        # WER against the dense model with as many training steps: the base one for the other base models,
-        # the continued one for the amortized models (fine-tuned from it) and for itself.
-        reference = results[DENSE_CONTINUED] if name.startswith(("amortized", DENSE_CONTINUED)) else dense
+        # WER against the dense model with as many training steps: the shipped one for itself, the continued
+        # one for every fine-tuned model.
+        reference = results[DENSE if name == DENSE else DENSE_CONTINUED]["wer"]
         row["relative_flops_vs_dense"] = row["encoder_gflops_per_audio_second"] / dense["encoder_gflops_per_audio_second"]
-        row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
-        row["relative_wer_vs_dense"] = row["wer"] / reference["wer"] if reference["wer"] > 0 else float("nan")
+        if name not in UNTRAINED:
+            row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
+            row["relative_wer_vs_dense"] = row["wer"] / reference if reference > 0 else float("nan")
 
     curve = [
         {
@@ -254,7 +285,7 @@ def run_compute_bench(
     chosen = min(within, key=lambda c: c["relative_flops_vs_dense"]) if within else min(curve, key=lambda c: c["wer"])
     summary = {
         "models": {
-            "transformer": dense,
+            DENSE: dense,
             DENSE_CONTINUED: results[DENSE_CONTINUED],
             "sliding-window": results["sliding-window"],
             "convrnnt": results["convrnnt"],
@@ -262,10 +293,11 @@ def run_compute_bench(
         },
         "amortized_curve": curve,
         "all_models": results,
+        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
         "settings": {
             "plan": {k: v for k, v in asdict(plan).items()},
+            "test_corpus": str(test_corpus),
             "chunk_ms": CHUNK_FRAMES * 10,
-            "heldout_utterances": len(heldout),
             "stream_utterances": len(stream_utts),
             "threads_for_timing": 1,
             "torch": torch.__version__,
@@ -294,18 +326,22 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         "| model | params | WER | rel. WER | encoder GFLOPs / audio s | rel. FLOPs | batch-1 RTF | rel. wall |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return "" if row.get(key) is None else format(row[key], fmt)
+
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['params']:,} | {r['wer']:.4f} | {r['relative_wer_vs_dense']:.3f} | "
+            f"| {name} | {r['params']:,} | {cell(r, 'wer', '.4f')} | {cell(r, 'relative_wer_vs_dense', '.3f')} | "
             f"{r['encoder_gflops_per_audio_second']:.3f} | {r['relative_flops_vs_dense']:.3f} | "
-            f"{r['batch1_streaming_rtf']:.4f} | {r['relative_wall_vs_dense']:.3f} |"
+            f"{cell(r, 'batch1_streaming_rtf', '.4f')} | {cell(r, 'relative_wall_vs_dense', '.3f')} |"
         )
     fig, ax = plt.subplots(figsize=(5.5, 4))
     curve = summary["amortized_curve"]
     ax.plot([c["relative_flops_vs_dense"] for c in curve], [c["wer"] for c in curve], "o-", label="amortized (lambda)")
     for c in curve:
         ax.annotate(f"{c['lambda']:g}", (c["relative_flops_vs_dense"], c["wer"]))
-    for name, marker in (("transformer", "s"), ("sliding-window", "^"), ("convrnnt", "D")):
+    for name, marker in ((DENSE, "s"), (DENSE_CONTINUED, "x"), ("sliding-window", "^")):
         ax.plot([rows[name]["relative_flops_vs_dense"]], [rows[name]["wer"]], marker, label=name)
     ax.set(xlabel="encoder FLOPs relative to dense", ylabel="held-out WER", title="WER vs compute")
     ax.legend()

@@ -41,6 +41,9 @@ class TrainPlan:
     speakers: str = "public"  # public | train (public + federated: an upper bound, data a vendor never has)
     device: str = "cpu"  # e.g. "cuda": the same recipe, faster; checkpoints are saved on the CPU either way
     average: int = 0  # > 0: keep the last N checkpoints' weights and write their mean as averaged.pt
+    # Peak lr of an amortized model's arbitrators (0: peak_lr). Arbitrators fresh on a trained dense base need a
+    # from-scratch rate to learn to skip, while the blocks they gate fine-tune gently at peak_lr.
+    arbitrator_lr: float = 0.0
 
 
 def _lr_at(step: int, plan: TrainPlan) -> float:
@@ -80,7 +83,11 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
         model: Transducer = initial_model(cfg.model).to(device)
     except (RuntimeError, AssertionError) as err:  # e.g. "cuda" on a machine without a GPU
         raise ValueError(f"device={plan.device!r} is not usable here: {err}") from err
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.peak_lr, weight_decay=1e-3)
+    arbitrators = [p for name, p in model.named_parameters() if ".arbitrator." in name]
+    others = [p for name, p in model.named_parameters() if ".arbitrator." not in name]
+    scales = [1.0, (plan.arbitrator_lr or plan.peak_lr) / plan.peak_lr]  # each group's lr relative to the schedule
+    groups = [{"params": others}] + ([{"params": arbitrators}] if arbitrators else [])
+    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, weight_decay=1e-3)
     step, best_wer = 0, float("inf")
     if resume and (ckpt_dir / "last.pt").exists():
         ckpt = load_checkpoint(ckpt_dir / "last.pt", expect=cfg.model)
@@ -118,8 +125,8 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
             start = time.monotonic()
             losses = []
             for _ in range(chunk):
-                for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(step, plan)
+                for group, scale in zip(optimizer.param_groups, scales):
+                    group["lr"] = _lr_at(step, plan) * scale
                 stats = train_steps(
                     model,
                     [batches[step % len(batches)]],

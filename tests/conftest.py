@@ -53,7 +53,7 @@ FILE_SECONDS = {
     "test_recognizer.py": 80,
     "test_eval_privacy.py": 79,
     "test_bench_robustness.py": 79,
-    "test_bench_compute.py": 64,
+    "test_bench_compute.py": 86,
     "test_secagg.py": 62,
     "test_failures.py": 62,
     "test_verification.py": 62,

@@ -69,6 +69,8 @@ SLIDING_WINDOW = 8
 # ``model.init-checkpoint`` value that names the shipped base model of the configured architecture.
 SHIPPED = "shipped"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+# Models that can start from a dense transformer checkpoint of the same sizes (``initial_model``).
+FROM_DENSE = ("amortized", "sliding-window")
 
 
 class CheckpointError(ValueError):
@@ -144,13 +146,14 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
 
 def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
     """The checkpoint ``cfg.init_checkpoint`` names: None for "" (random init), the shipped base of the same
-    architecture for "shipped" (an amortized model takes the dense one: see ``initial_model``), else the path."""
+    architecture for "shipped" (an amortized or sliding-window model without one of its own takes the dense one:
+    see ``initial_model``), else the path."""
     if not cfg.init_checkpoint:
         return None
     if cfg.init_checkpoint != SHIPPED:
         return Path(cfg.init_checkpoint).expanduser()
     wanted = [architecture(cfg)]
-    if cfg.name == "amortized":
+    if cfg.name in FROM_DENSE:
         wanted.append(architecture(dataclasses.replace(cfg, name="transformer")))
     manifest = shipped_manifest()
     for arch in wanted:
@@ -170,6 +173,7 @@ def initial_model(cfg: ModelConfig) -> Transducer:
 
     An amortized model may start from a dense transformer checkpoint of the same sizes: its blocks take the
     dense weights and only the arbitrators start fresh (gates start mostly on, so it starts as the dense model).
+    A sliding-window model has the dense model's very parameters (only its attention window is shorter).
     """
     model = build_model(cfg)
     path = init_checkpoint_path(cfg)
@@ -177,13 +181,13 @@ def initial_model(cfg: ModelConfig) -> Transducer:
         return model
     ckpt = load_checkpoint(path)
     source = ckpt.model_config
-    dense_to_amortized = cfg.name == "amortized" and source.name == "transformer"
-    if source.name != cfg.name and not dense_to_amortized:
+    from_dense = cfg.name in FROM_DENSE and source.name == "transformer"
+    if source.name != cfg.name and not from_dense:
         raise CheckpointError(
             f"model.init-checkpoint {cfg.init_checkpoint} holds a {source.name!r} model, model.name is {cfg.name!r}"
         )
     state = dict(ckpt.state_dict)
-    if dense_to_amortized:
+    if from_dense and cfg.name == "amortized":
         own = model.state_dict()
         state.update({k: v for k, v in own.items() if ".arbitrator." in k})
     load_state(model, state, source=f"model.init-checkpoint {cfg.init_checkpoint}")
