@@ -37,7 +37,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from server.checkpoint import load_round, rewind_metrics, save_round
-from server.exchange import exchange
+from server.exchange import Exchange, exchange
 from server.fairness import FairnessRounds, FairStrategy
 from server.report import MetricsLog, write_report
 from server.secagg import secure_train_round
@@ -283,9 +283,26 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
         return score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
 
-    if first_round == 1:
+    def evaluate_devices(server_round: int) -> tuple[MetricRecord | None, Exchange]:
+        eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        evaluated = exchange(grid, eval_msgs, phase=f"round {server_round} evaluate", strategy=cfg.strategy)
+        return rounds.aggregate_evaluate(server_round, evaluated.ok), evaluated
+
+    if first_round == 1:  # the starting model, on the held-out speakers and on the devices' own utterances
+        start = time.monotonic()
+        device_eval, _ = evaluate_devices(0)
         counts, _ = evaluate_heldout()
-        metrics.append({"round": 0, "heldout_wer": counts.wer, "heldout_words": counts.words, "seconds": 0.0})
+        record: dict[str, Any] = {
+            "round": 0,
+            "device_wer": None if device_eval is None else float(scalar(device_eval, "wer")),
+            "device_words": None if device_eval is None else int(scalar(device_eval, "words")),
+            "heldout_wer": counts.wer,
+            "heldout_words": counts.words,
+            "seconds": round(time.monotonic() - start, 3),
+            **({} if fairness is None else fairness.round_fields(0)),
+        }
+        metrics.append(record)
+        print(f"round 0 (the starting model): device WER {record['device_wer']}, held-out WER {counts.wer:.4f}", flush=True)
 
     columns = [
         TextColumn("[bold]federated rounds"),
@@ -305,9 +322,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 load_state(model, trained.arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
             train_seconds = time.monotonic() - start  # sampling, devices' training, aggregation
-            eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            evaluated = exchange(grid, eval_msgs, phase=f"round {server_round} evaluate", strategy=cfg.strategy)
-            device_eval = rounds.aggregate_evaluate(server_round, evaluated.ok)
+            device_eval, evaluated = evaluate_devices(server_round)
             counts, per_utt = evaluate_heldout()
             record = {
                 "round": server_round,

@@ -666,6 +666,7 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
     # 2. Per-cohort counts from the devices pool to the overall device WER, every round.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
+    assert sum(records[0]["cohort_words"]) == records[0]["device_words"] > 0  # the starting model, per cohort
     for r in records[1:]:
         assert (r["train_replies"], r["train_failures"], r["eval_replies"], r["eval_failures"]) == (4, 0, 4, 0), r
         assert sum(r["cohort_words"]) == r["device_words"] > 0
@@ -701,8 +702,9 @@ def test_fairness_phases_through_flower(tmp_path: Path, monkeypatch: pytest.Monk
             config = sent.content["config"]
             assert (p.ARW_MEAN_SCORE in config) == (config["server-round"] == 2), sent_path.name
             assert set(p.ARW_METRICS) <= set(reply.content["metrics"].keys())
-    # 3 k-means passes (2 iterations + assignment), 1 Fisher, and 2 rounds of train + evaluate, 4 devices each
-    assert seen == {p.KMEANS_QUERY: 12, p.FISHER_QUERY: 4, MessageType.TRAIN: 8, MessageType.EVALUATE: 8}
+    # 3 k-means passes (2 iterations + assignment), 1 Fisher, an evaluation of the starting model, and 2 rounds
+    # of train + evaluate, 4 devices each
+    assert seen == {p.KMEANS_QUERY: 12, p.FISHER_QUERY: 4, MessageType.TRAIN: 8, MessageType.EVALUATE: 12}
     assert "Fairness: automatic cohorts" in (run_dir / "report.md").read_text()
 
     # 4. fairness.fisher=public: the same estimator on the server, on public speakers' utterances.

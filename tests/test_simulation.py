@@ -23,6 +23,8 @@ def test_two_rounds_four_devices(tmp_path: Path, tiny_workdir: TinyWorkdir) -> N
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
+    # Round 0 scores the starting model on the devices too: the baseline of every round's device WER.
+    assert 0.0 <= records[0]["device_wer"] and records[0]["device_words"] == records[1]["device_words"] > 0
     for r in records[1:]:
         assert r["train_replies"] == 4 and r["train_failures"] == 0
         assert r["eval_replies"] == 4
