@@ -115,6 +115,7 @@ QUICK = PrivacyPlan(
         **TINY_MODEL,
         "train.batch-frames": 3000,
         "train.local-steps": 6,
+        "train.lr": 1e-3,  # its model starts from random weights
         "dp.sample-rate": 0.5,
     },
     base_steps=30,
