@@ -216,6 +216,14 @@ def train_cmd(
     resume: Annotated[bool, typer.Option(help="Continue run --run-id from its last checkpoint.")] = False,
     speakers: Annotated[str, typer.Option(help="public (default) or train (public + federated).")] = "public",
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    arbitrator_lr: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Peak learning rate of an amortized model's arbitrators (default: --lr). Fresh arbitrators on a "
+            "trained dense checkpoint need a from-scratch rate (e.g. 2e-3) while the blocks fine-tune gently.",
+        ),
+    ] = 0.0,
     eval_every: Annotated[int, typer.Option(min=1)] = 500,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu (default) or e.g. cuda.")] = "cpu",
     average: Annotated[
@@ -230,7 +238,15 @@ def train_cmd(
 
     cfg = _config(set_)
     run_id = run_id or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    plan = TrainPlan(steps=steps, peak_lr=lr, eval_every=eval_every, speakers=speakers, device=device, average=average)
+    plan = TrainPlan(
+        steps=steps,
+        peak_lr=lr,
+        arbitrator_lr=arbitrator_lr,
+        eval_every=eval_every,
+        speakers=speakers,
+        device=device,
+        average=average,
+    )
     best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
     typer.echo(f"Best checkpoint: {best}")
 

@@ -111,3 +111,19 @@ def test_checkpoints_carry_their_front_end_and_runs_that_start_from_one_use_it(c
     assert prepared.tokenizer.model_proto == frontend.tokenizer.model_proto
     assert (prepared.cmvn.std == frontend.cmvn.std).all()
     assert prepared.artifacts != prepare(replace(other, model=replace(other.model, init_checkpoint="")), progress=False).artifacts
+
+
+def test_amortized_arbitrators_fine_tune_from_a_dense_checkpoint_at_their_own_rate(cfg: RunConfig, tmp_path: Path) -> None:
+    """`chorus train --arbitrator-lr`: an amortized model started from a dense checkpoint keeps the dense weights in
+    one optimizer group at --lr and trains its fresh arbitrators in another at their own peak rate."""
+    plan = TrainPlan(steps=2, ckpt_every=2, eval_every=2, warmup=1, eval_utterances=2)
+    dense = train_central(cfg, plan, run_dir=tmp_path / "dense", progress=False).parent / "last.pt"
+    flags = ["--steps", "2", "--eval-every", "2", "--lr", "1e-4", "--arbitrator-lr", "2e-3", "--run-id", "amortized"]
+    settings = {**TINY_RUN, "workdir": str(cfg.workdir_path), "model.name": "amortized", "model.init-checkpoint": str(dense)}
+    result = CliRunner().invoke(app, ["train", *flags, *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]])
+    assert result.exit_code == 0, result.output
+    last = load_checkpoint(cfg.workdir_path / "runs" / "amortized" / "checkpoints" / "last.pt")
+    blocks, arbitrators = last.meta["optimizer"]["param_groups"]
+    assert arbitrators["lr"] == pytest.approx(20 * blocks["lr"])  # 2e-3 / 1e-4, at every step of the schedule
+    names = [name for name, _ in last.build().named_parameters()]
+    assert len(arbitrators["params"]) == sum(".arbitrator." in name for name in names) > 0
