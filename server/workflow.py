@@ -283,19 +283,23 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
         return score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
 
-    def evaluate_devices(server_round: int) -> tuple[MetricRecord | None, Exchange]:
+    def evaluate_devices(server_round: int) -> tuple[dict[str, Any], Exchange]:
+        """The global model on the devices' own utterances: the record's device fields, and the exchange."""
         eval_msgs = list(rounds.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         evaluated = exchange(grid, eval_msgs, phase=f"round {server_round} evaluate", strategy=cfg.strategy)
-        return rounds.aggregate_evaluate(server_round, evaluated.ok), evaluated
+        aggregated = rounds.aggregate_evaluate(server_round, evaluated.ok)
+        return {
+            "device_wer": None if aggregated is None else float(scalar(aggregated, "wer")),
+            "device_words": None if aggregated is None else int(scalar(aggregated, "words")),
+        }, evaluated
 
     if first_round == 1:  # the starting model, on the held-out speakers and on the devices' own utterances
         start = time.monotonic()
-        device_eval, _ = evaluate_devices(0)
+        device_fields, _ = evaluate_devices(0)
         counts, _ = evaluate_heldout()
         record: dict[str, Any] = {
             "round": 0,
-            "device_wer": None if device_eval is None else float(scalar(device_eval, "wer")),
-            "device_words": None if device_eval is None else int(scalar(device_eval, "words")),
+            **device_fields,
             "heldout_wer": counts.wer,
             "heldout_words": counts.words,
             "seconds": round(time.monotonic() - start, 3),
@@ -322,7 +326,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 load_state(model, trained.arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
             train_seconds = time.monotonic() - start  # sampling, devices' training, aggregation
-            device_eval, evaluated = evaluate_devices(server_round)
+            device_fields, evaluated = evaluate_devices(server_round)
             counts, per_utt = evaluate_heldout()
             record = {
                 "round": server_round,
@@ -336,8 +340,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "eval_replies": len(evaluated.ok),
                 "eval_failures": evaluated.failed,
                 "rejected_evaluations": evaluated.rejected,
-                "device_wer": None if device_eval is None else float(scalar(device_eval, "wer")),
-                "device_words": None if device_eval is None else int(scalar(device_eval, "words")),
+                **device_fields,
                 "heldout_wer": counts.wer,
                 "heldout_words": counts.words,
                 "seconds": round(time.monotonic() - start, 3),

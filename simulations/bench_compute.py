@@ -234,10 +234,11 @@ def run_compute_bench(
     test_corpus = _test_corpus(plan, workdir)
     checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress, device=train_device)
 
+    loaded = {name: load_checkpoint(path) for name, path in checkpoints.items()}
     results: dict[str, dict[str, Any]] = {}
     models: dict[str, Transducer] = {}
     for name, path in checkpoints.items():
-        models[name] = load_checkpoint(path).build()
+        models[name] = loaded[name].build()
         scored = evaluate_wer(path, test_corpus, by=("accent", "fleet"), limit=plan.eval_utterances)
         results[name] = {
             "params": _params(models[name]),
@@ -251,7 +252,7 @@ def run_compute_bench(
         models[name] = build_model(replace(base.model, name=name))
         results[name] = {"params": _params(models[name]), "encoder_params": _params(models[name].encoder), "wer": None}
 
-    frontend = load_checkpoint(checkpoints[DENSE]).frontend
+    frontend = loaded[DENSE].frontend
     assert frontend is not None  # a shipped base carries its front end
     corpus = load_corpus(test_corpus)
     utterances = sorted(corpus.utterances, key=lambda u: u.id)

@@ -23,6 +23,7 @@ from server.report import MetricsLog
 from shared.config import RunConfig
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
+from shared.models.amortized_transformer import is_arbitrator
 from shared.models.checkpoint import Frontend, average_checkpoints, initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
@@ -83,8 +84,8 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
         model: Transducer = initial_model(cfg.model).to(device)
     except (RuntimeError, AssertionError) as err:  # e.g. "cuda" on a machine without a GPU
         raise ValueError(f"device={plan.device!r} is not usable here: {err}") from err
-    arbitrators = [p for name, p in model.named_parameters() if ".arbitrator." in name]
-    others = [p for name, p in model.named_parameters() if ".arbitrator." not in name]
+    arbitrators = [p for name, p in model.named_parameters() if is_arbitrator(name)]
+    others = [p for name, p in model.named_parameters() if not is_arbitrator(name)]
     scales = [1.0, (plan.arbitrator_lr or plan.peak_lr) / plan.peak_lr]  # each group's lr relative to the schedule
     groups = [{"params": others}] + ([{"params": arbitrators}] if arbitrators else [])
     optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, weight_decay=1e-3)

@@ -114,7 +114,14 @@ __all__ = [
     "Arbitrator",
     "BlockGates",
     "GateStats",
+    "is_arbitrator",
 ]
+
+
+def is_arbitrator(name: str) -> bool:
+    """Whether a parameter or state-dict key of an amortized model belongs to an arbitrator (the part a dense
+    checkpoint lacks)."""
+    return ".arbitrator." in name
 
 
 @dataclass(frozen=True)
@@ -514,7 +521,7 @@ class AmortizedTransformerEncoder(nn.Module):
         reference = next(dense.parameters())
         model = cls(config).to(device=reference.device, dtype=reference.dtype)
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
-        foreign = [key for key in missing if ".arbitrator." not in key] + list(unexpected)
+        foreign = [key for key in missing if not is_arbitrator(key)] + list(unexpected)
         if foreign:
             raise ValueError(f"dense weights do not map onto the amortized encoder: {foreign}")
         return model.train(dense.training)

@@ -34,7 +34,7 @@ from shared.config import MODEL_NAMES, ModelConfig
 from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
 from shared.files import torch_save_atomic
-from shared.models.amortized_transformer import AmortizedConfig, AmortizedTransformerEncoder
+from shared.models.amortized_transformer import AmortizedConfig, AmortizedTransformerEncoder, is_arbitrator
 from shared.models.convrnnt import ConvRNNTConfig, ConvRNNTEncoder
 from shared.models.encoder import StreamingEncoder
 from shared.models.transducer import Transducer, TransducerConfig
@@ -189,7 +189,7 @@ def initial_model(cfg: ModelConfig) -> Transducer:
     state = dict(ckpt.state_dict)
     if from_dense and cfg.name == "amortized":
         own = model.state_dict()
-        state.update({k: v for k, v in own.items() if ".arbitrator." in k})
+        state.update({k: v for k, v in own.items() if is_arbitrator(k)})
     load_state(model, state, source=f"model.init-checkpoint {cfg.init_checkpoint}")
     return model
 
