@@ -225,10 +225,29 @@ def train_cmd(
         ),
     ] = 0.0,
     eval_every: Annotated[int, typer.Option(min=1)] = 500,
+    ckpt_every: Annotated[
+        int,
+        typer.Option(min=1, help="Steps between checkpoints (and reshuffles); a GPU run takes more, e.g. 1000."),
+    ] = 250,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu (default) or e.g. cuda.")] = "cpu",
     average: Annotated[
-        int, typer.Option(min=0, help="Also write averaged.pt, the mean of the last N checkpoints (every 250 steps).")
+        int, typer.Option(min=0, help="Also write averaged.pt, the mean of the last N checkpoints (--ckpt-every apart).")
     ] = 0,
+    max_minutes: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Wall-clock budget (0: none): after the first checkpoint the run fits --steps to it, so the whole "
+            "learning-rate schedule ends in time (a leased GPU).",
+        ),
+    ] = 0.0,
+    withhold: Annotated[
+        str,
+        typer.Option(
+            help="ATTRIBUTE=V1,V2: train without the speakers whose speakers.tsv ATTRIBUTE is one of the values "
+            "(e.g. accent=en-029,en-gb-scotland: a public pool collected without those markets)."
+        ),
+    ] = "",
     set_: SetOption = None,
 ) -> None:
     """Central pretraining on the public speakers (checkpoints, resume, SpecAugment, held-out WER)."""
@@ -238,16 +257,22 @@ def train_cmd(
 
     cfg = _config(set_)
     run_id = run_id or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    plan = TrainPlan(
-        steps=steps,
-        peak_lr=lr,
-        arbitrator_lr=arbitrator_lr,
-        eval_every=eval_every,
-        speakers=speakers,
-        device=device,
-        average=average,
-    )
-    best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
+    try:
+        plan = TrainPlan(
+            steps=steps,
+            peak_lr=lr,
+            arbitrator_lr=arbitrator_lr,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            speakers=speakers,
+            device=device,
+            average=average,
+            withhold=withhold,
+            max_minutes=max_minutes,
+        )
+        best = train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / run_id, resume=resume)
+    except ValueError as err:  # a bad --speakers, --device or --withhold, named
+        fail(str(err))
     typer.echo(f"Best checkpoint: {best}")
 
 

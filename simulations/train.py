@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.report import MetricsLog
 from shared.config import RunConfig
+from shared.data.corpora import read_speakers_tsv
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.models.amortized_transformer import is_arbitrator
@@ -45,6 +46,20 @@ class TrainPlan:
     # Peak lr of an amortized model's arbitrators (0: peak_lr). Arbitrators fresh on a trained dense base need a
     # from-scratch rate to learn to skip, while the blocks they gate fine-tune gently at peak_lr.
     arbitrator_lr: float = 0.0
+    # "ATTRIBUTE=V1,V2": leave out the training speakers whose speakers.tsv ATTRIBUTE is one of the values, e.g.
+    # "accent=en-029,en-gb-scotland,en-gb-x-gbcwmd" (the legacy fleet's markets): a public pool without them.
+    withhold: str = ""
+    # > 0: a wall-clock budget in minutes for the whole call (data preparation included). After its first
+    # checkpoint the run measures its pace and shortens ``steps`` so that the whole cosine schedule ends in time.
+    max_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes={self.max_minutes} must be >= 0")
+        if self.withhold:
+            key, _, values = self.withhold.partition("=")
+            if not key or not [v for v in values.split(",") if v]:
+                raise ValueError(f"withhold={self.withhold!r}: expected ATTRIBUTE=VALUE[,VALUE...], e.g. accent=en-029")
 
 
 def _lr_at(step: int, plan: TrainPlan) -> float:
@@ -54,22 +69,47 @@ def _lr_at(step: int, plan: TrainPlan) -> float:
     return plan.peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _train_speakers(prepared: Prepared, which: str) -> tuple[str, ...]:
+def _fit_budget(plan: TrainPlan, step: int, seconds_per_step: float, seconds_left: float) -> TrainPlan:
+    """``plan`` with ``steps`` cut to what ``seconds_left`` affords at ``seconds_per_step``, a tenth kept for
+    held-out scoring and the last checkpoints; a whole number of checkpoints, never fewer than ``step``."""
+    affordable = step + int(0.9 * max(0.0, seconds_left) / seconds_per_step)
+    steps = max(step, min(plan.steps, affordable // plan.ckpt_every * plan.ckpt_every))
+    if steps < plan.steps:
+        print(f"max_minutes={plan.max_minutes}: {seconds_per_step:.3f} s a step, so {steps} steps", flush=True)
+    return replace(plan, steps=steps)
+
+
+def _train_speakers(prepared: Prepared, which: str, withhold: str) -> tuple[str, ...]:
     if which == "public":
-        return prepared.split.public
-    if which == "train":
-        return prepared.split.public + prepared.split.federated
-    raise ValueError(f"speakers={which!r}: choose public or train")
+        speakers = prepared.split.public
+    elif which == "train":
+        speakers = prepared.split.public + prepared.split.federated
+    else:
+        raise ValueError(f"speakers={which!r}: choose public or train")
+    if not withhold:
+        return speakers
+    key, _, values = withhold.partition("=")
+    attributes = read_speakers_tsv(prepared.corpus.root)
+    columns = {column for row in attributes.values() for column in row}
+    if key not in columns:
+        raise ValueError(f"withhold={withhold!r}: {prepared.corpus.root}/speakers.tsv has no column {key!r} ({sorted(columns)})")
+    withheld = set(values.split(","))
+    unknown = withheld - {row[key] for row in attributes.values()}
+    if unknown:
+        raise ValueError(f"withhold={withhold!r}: no speaker of {prepared.corpus.root} has {key} {sorted(unknown)}")
+    return tuple(s for s in speakers if attributes.get(s, {}).get(key) not in withheld)
 
 
 def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train ``plan.steps`` steps; returns the path of the best checkpoint (by held-out WER)."""
+    called = time.monotonic()
     prepared = prepare(cfg, progress=progress)
     by_speaker = prepared.corpus.by_speaker()
-    train_utts = [u for s in _train_speakers(prepared, plan.speakers) for u in by_speaker.get(s, [])]
+    train_utts = [u for s in _train_speakers(prepared, plan.speakers, plan.withhold) for u in by_speaker.get(s, [])]
     heldout = [u for s in prepared.split.heldout for u in by_speaker.get(s, [])]
     heldout = heldout[:: max(1, len(heldout) // plan.eval_utterances)][: plan.eval_utterances]
     features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=len(train_utts) + len(heldout))
+    features.warm(train_utts + heldout)
     frontend = Frontend(tokenizer=prepared.tokenizer, cmvn=prepared.cmvn)
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -102,6 +142,7 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
         metrics.path.unlink(missing_ok=True)
 
     epoch = step // max(1, plan.ckpt_every)
+    began, first_step = time.monotonic(), step
     columns = [
         TextColumn("[bold]central training"),
         BarColumn(),
@@ -170,6 +211,10 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
             )
             if plan.average > 0:
                 _keep_for_average(ckpt_dir, model, cfg, frontend, step, plan.average)
+            if plan.max_minutes > 0 and step - first_step == chunk:  # the first chunk of this process sets the pace
+                now = time.monotonic()
+                plan = _fit_budget(plan, step, (now - began) / chunk, plan.max_minutes * 60 - (now - called))
+                bar.update(task, total=plan.steps)
     if plan.average > 0:
         steps_kept = _averaged_steps(ckpt_dir)
         averaged = average_checkpoints(steps_kept)

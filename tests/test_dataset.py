@@ -87,6 +87,24 @@ def test_feature_cache_normalizes_memoizes_and_bounds(corpus: Corpus, cmvn: Glob
     np.testing.assert_array_equal(cache.features(corpus.utterances[0]), first)
 
 
+def test_warm_featurizes_in_worker_processes_exactly_as_one_process_does(corpus: Corpus, cmvn: GlobalCMVN) -> None:
+    warmed = FeatureCache(corpus, cmvn, max_items=len(corpus.utterances))
+    warmed.warm(corpus.utterances, workers=2)
+    assert set(warmed.skipped) == {"corrupt", "short"}
+    assert "200 samples is too short for one frame" in warmed.skipped["short"]
+    assert len(warmed) == len(corpus.utterances) - 2
+    one = FeatureCache(corpus, cmvn, max_items=0)
+    for utt in corpus.utterances:
+        expected = one.features(utt)
+        got = warmed.features(utt)
+        assert (got is None) == (expected is None), utt.id
+        if expected is not None:
+            assert got is not None and not got.flags.writeable
+            np.testing.assert_array_equal(got, expected)
+    with pytest.raises(DatasetError, match="workers must be >= 1, got 0"):
+        warmed.warm(corpus.utterances, workers=0)
+
+
 def test_feature_cache_skips_unusable_audio(corpus: Corpus, cmvn: GlobalCMVN) -> None:
     cache = FeatureCache(corpus, cmvn)
     by_id = {utt.id: utt for utt in corpus.utterances}

@@ -92,6 +92,40 @@ def test_a_device_this_machine_lacks_is_named(cfg: RunConfig) -> None:
         train_central(cfg, plan, run_dir=cfg.workdir_path / "runs" / "gpu", progress=False)
 
 
+def test_max_minutes_fits_the_whole_schedule_into_the_budget(cfg: RunConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = TrainPlan(steps=100_000, ckpt_every=2, eval_every=4, warmup=1, eval_utterances=2, max_minutes=0.05)
+    run_dir = cfg.workdir_path / "runs" / "budget"
+    train_central(cfg, plan, run_dir=run_dir, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]["step"]
+    assert last < 100_000 and last % 2 == 0
+    assert f"s a step, so {last} steps" in capsys.readouterr().out
+    assert "heldout_wer" in records[-1], "the shortened schedule's last step is scored, as a full run's is"
+    with pytest.raises(ValueError, match="max_minutes=-1.0 must be >= 0"):
+        TrainPlan(max_minutes=-1.0)
+
+
+def test_withhold_leaves_a_market_out_of_the_training_speakers(cfg: RunConfig) -> None:
+    from shared.data.corpora import read_speakers_tsv
+    from shared.data.prepare import prepare
+    from simulations.train import _train_speakers
+
+    prepared = prepare(cfg, progress=False)
+    everyone = _train_speakers(prepared, "train", "")
+    fleets = read_speakers_tsv(prepared.corpus.root)
+    withheld = fleets[everyone[0]]["accent"]
+    kept = _train_speakers(prepared, "train", f"accent={withheld}")
+    assert kept == tuple(s for s in everyone if fleets[s]["accent"] != withheld) and len(kept) < len(everyone)
+
+    with pytest.raises(ValueError, match="speakers.tsv has no column 'market'"):
+        _train_speakers(prepared, "train", "market=legacy")
+    with pytest.raises(ValueError, match=r"no speaker of .* has accent \['en-xx'\]"):
+        _train_speakers(prepared, "train", f"accent={withheld},en-xx")
+    result = CliRunner().invoke(app, ["train", "--withhold", "accent", "--set", f"workdir={cfg.workdir_path}"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].endswith("expected ATTRIBUTE=VALUE[,VALUE...], e.g. accent=en-029")
+
+
 def test_checkpoints_carry_their_front_end_and_runs_that_start_from_one_use_it(cfg: RunConfig, tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -173,7 +173,8 @@ def load_corpus(path: Path | str, *, validate: bool = True) -> Corpus:
 
 
 def read_speakers_tsv(root: Path | str) -> dict[str, dict[str, str]]:
-    """Speaker attributes from ``root/speakers.tsv``, for evaluation code only (never for training).
+    """Speaker attributes from ``root/speakers.tsv``, for evaluation code (and `chorus train --withhold`, which
+    leaves whole markets out of a public pool) only: no model ever sees them.
 
     The file has a header row; the first column is the speaker id, the others become attribute names.
 

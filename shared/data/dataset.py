@@ -22,6 +22,8 @@ Example (``tokenizer`` from :meth:`Tokenizer.load`)::
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -122,25 +124,74 @@ class FeatureCache:
         if memoized is not None:
             self._memo.move_to_end(utt.id)
             return memoized
-        try:
-            feats = compute_fbank(self._corpus.load_audio(utt))
-        except (AudioError, FeatureError) as error:
-            self.skip(utt.id, str(error))
+        result = _featurize(self._corpus, self._cmvn, utt)
+        if isinstance(result, str):
+            self.skip(utt.id, result)
             return None
-        if self._cmvn is not None:
-            feats = self._cmvn.apply(feats)
+        self._keep(utt.id, result)
+        return result
+
+    def _keep(self, utterance_id: str, feats: np.ndarray) -> None:
         feats.flags.writeable = False
         if self._max_items > 0:
-            self._memo[utt.id] = feats
+            self._memo[utterance_id] = feats
             if len(self._memo) > self._max_items:
                 self._memo.popitem(last=False)
-        return feats
+
+    def warm(self, utterances: Sequence[Utterance], *, workers: int | None = None) -> None:
+        """Featurize ``utterances`` now, in ``workers`` processes (default: one per core), and memoize them.
+
+        Central training reads every utterance in its first epoch; one process featurizing tens of thousands of
+        utterances would leave the other cores (and a GPU) idle for minutes. Skips are recorded as by
+        :meth:`features`. Only as many as the cache holds are kept (the most recent ``max_items``).
+        """
+        todo = [utt for utt in utterances if utt.id not in self._memo and utt.id not in self.skipped]
+        workers = min(os.cpu_count() or 1, len(todo) // 64 + 1) if workers is None else workers
+        if workers < 1:
+            raise DatasetError(f"workers must be >= 1, got {workers}")
+        if self._max_items == 0:  # nothing would be kept
+            return
+        if workers == 1:
+            for utt in todo:
+                self.features(utt)
+            return
+        # forkserver, as `chorus data synth`: the caller may hold threads (torch's pools) that fork would copy.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with context.Pool(workers, initializer=_start_worker, initargs=(self._corpus, self._cmvn)) as pool:
+            for utt, result in zip(todo, pool.imap(_worker_featurize, todo, chunksize=32)):
+                if isinstance(result, str):
+                    self.skip(utt.id, result)
+                else:
+                    self._keep(utt.id, result)
 
     def skip(self, utterance_id: str, reason: str) -> None:
         """Record an utterance as unusable (first reason wins) and log it once."""
         if utterance_id not in self.skipped:
             self.skipped[utterance_id] = reason
             _logger.warning("skipping utterance %s: %s", utterance_id, reason)
+
+
+def _featurize(corpus: Corpus, cmvn: GlobalCMVN | None, utt: Utterance) -> np.ndarray | str:
+    """``(T, F)`` features of ``utt`` (CMVN-normalized with ``cmvn``), or the reason it cannot be used."""
+    try:
+        feats = compute_fbank(corpus.load_audio(utt))
+    except (AudioError, FeatureError) as error:
+        return str(error)
+    return cmvn.apply(feats) if cmvn is not None else feats
+
+
+_worker_source: tuple[Corpus, GlobalCMVN | None] | None = None  # a warm() worker's corpus and CMVN
+
+
+def _start_worker(corpus: Corpus, cmvn: GlobalCMVN | None) -> None:
+    global _worker_source
+    _worker_source = (corpus, cmvn)
+
+
+def _worker_featurize(utt: Utterance) -> np.ndarray | str:
+    assert _worker_source is not None, "called outside a FeatureCache.warm worker"
+    return _featurize(*_worker_source, utt)
 
 
 def make_batches(
