@@ -46,7 +46,7 @@ from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import initial_model, load_state, save_checkpoint
+from shared.models.checkpoint import Frontend, initial_model, load_state, save_checkpoint
 from shared.privacy.secure_reply import train_metrics
 from shared.records import metric_record, scalar
 from shared.training import score
@@ -267,6 +267,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         metrics.path.unlink(missing_ok=True)
         global_ckpt.unlink(missing_ok=True)  # an earlier run's under this id must never be resumed into this one
         save_checkpoint(ckpt_dir / "initial.pt", model, cfg.model, round=0)
+        if cfg.eval.keep_round_models:
+            save_checkpoint(
+                ckpt_dir / "round-0.pt", model, cfg.model, frontend=Frontend(prepared.tokenizer, prepared.cmvn), round=0
+            )
 
     heldout = _heldout_utterances(prepared, cfg.eval.heldout_utterances)
     features = FeatureCache(prepared.corpus, prepared.cmvn)
@@ -357,6 +361,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 strategy_name=cfg.strategy.name,
                 strategy=stateful_strategy(strategy),
             )
+            if cfg.eval.keep_round_models:
+                frontend = Frontend(prepared.tokenizer, prepared.cmvn)  # so that `chorus eval wer` scores it as is
+                save_checkpoint(ckpt_dir / f"round-{server_round}.pt", model, cfg.model, frontend=frontend, round=server_round)
             if fairness is not None:
                 fairness.save(run_dir)  # the federated adversary, beside the checkpoint
             progress.update(

@@ -134,6 +134,9 @@ class TrainConfig:
 class EvalConfig:
     heldout_utterances: int = 120  # server-side evaluation budget per round (utterances)
     beam: int = 1  # 1 = greedy search
+    # Also keep each round's global model (checkpoints/round-<r>.pt; round 0 = the starting model), for
+    # measurements outside the run, e.g. `chorus eval federation`'s WER per market per round.
+    keep_round_models: bool = False
 
 
 STRATEGIES = (

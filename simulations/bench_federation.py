@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import TINY_RUN, RunConfig
+from shared.console import progress_to_stderr
 from shared.processes import SAMPLE_INTERVAL, TreeMemorySampler, tree_cpu_seconds
 from simulations.simulate import available_cores, sampling_overrides, simulate
 
@@ -599,17 +600,8 @@ def _report(root: Path, s: dict[str, Any]) -> None:
 
 
 def main(plan: FederationPlan, *, workdir: Path, bench_id: str, as_json: bool) -> None:
-    # stdout carries only the result: progress, and `flwr run`'s streamed output (a subprocess writing to
-    # file descriptor 1), go to stderr.
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
+    with progress_to_stderr():
         summary = run_federation_bench(plan, workdir=workdir, bench_id=bench_id, progress=sys.stderr.isatty())
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     if as_json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")

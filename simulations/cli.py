@@ -597,6 +597,44 @@ def eval_privacy_cmd(
     )
 
 
+@eval_app.command("federation")
+def eval_federation_cmd(
+    quick: Annotated[bool, typer.Option(help="Tiny settings for CI (minutes); numbers prove the pipeline only.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(help="The launch base (a `chorus train --withhold accent=...` checkpoint); default: the shipped one."),
+    ] = None,
+    devices: Annotated[Optional[int], typer.Option(min=1, help="Simulated devices (default: the plan's).")] = None,
+    per_round: Annotated[Optional[int], typer.Option(min=1, help="Devices sampled per round (default: the plan's).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="Federated rounds (default: the plan's).")] = None,
+    eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-federation[-quick]).")] = "",
+    workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
+    set_: SetOption = None,
+) -> None:
+    """New markets: a launch base that never heard them, federated with devices of every market; WER per market
+    per round on the devices' own utterances and on held-out speakers."""
+    from shared.models.checkpoint import CheckpointError, load_checkpoint
+    from simulations.eval_federation import FULL, QUICK, main
+
+    try:
+        plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_), devices=devices, per_round=per_round, rounds=rounds)
+        if checkpoint is not None:
+            load_checkpoint(checkpoint)  # a missing or corrupt launch base, named before anything runs
+    except (ConfigError, ValueError, CheckpointError) as err:
+        fail(str(err))
+    try:
+        main(
+            plan,
+            workdir=workdir.resolve(),
+            eval_id=eval_id or ("eval-federation-quick" if quick else "eval-federation"),
+            checkpoint=checkpoint.resolve() if checkpoint else None,
+            as_json=json_,
+        )
+    except FileNotFoundError as err:  # no launch base shipped and none given
+        fail(str(err))
+
+
 @eval_app.command("fairness")
 def eval_fairness_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny settings for CI (under 5 min); numbers prove the pipeline only.")] = False,

@@ -1,0 +1,362 @@
+"""`chorus eval federation`: the scenario federation exists for, a market the vendor has no data from.
+
+A *launch base* is the recognizer trained on a public pool without some markets (``chorus train --withhold
+accent=...``: the legacy fleet's three accents by default). Devices of every market then fine-tune it with FedAvg
+through ``chorus simulate`` (Flower's simulation engine, Ray): ``per_round`` of ``devices`` sampled each round.
+Each round's global model is kept (``eval.keep-round-models``) and measured here, per market (accent), on
+
+    devices    every device's own local-eval utterances (sampled that round or not), decoded as a device does
+    held-out   the held-out speakers of each market: speakers no device and no base model ever trained on
+
+Round 0 is the launch base. The summary compares round 0 with the last round for the new markets (withheld from
+the base) and the served ones, against the targets: new markets' WER falls >= 25% relative (goal 35%: Shor et al.
+2019 personalizing to accented speech; FedNST -22.5% federated) while served markets get no worse than +2%.
+
+Plans: ``QUICK`` is CI-sized (a tiny model trained 40 steps here as its own launch base, 10 devices, 2 rounds):
+its numbers prove the pipeline only. ``FULL``: 200 devices of a fresh 320-speaker corpus (seed 11), 30 per round,
+5 rounds, from the launch base ``--checkpoint`` (default: the shipped ``launch-6.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from shared.config import TINY_MODEL, RunConfig
+from shared.console import progress_to_stderr
+from shared.data.corpora import Utterance, read_speakers_tsv
+from shared.data.dataset import FeatureCache
+from shared.data.prepare import Prepared, prepare
+from shared.metrics import ErrorCounts
+from shared.models.checkpoint import load_checkpoint
+from shared.training import score
+
+__all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval"]
+
+LEGACY = ("en-029", "en-gb-scotland", "en-gb-x-gbcwmd")  # the legacy fleet's markets (shared/data/synth.py)
+TARGETS = {"new_markets_relative": -0.25, "new_markets_goal": -0.35, "served_markets_relative": 0.02}
+LAUNCH_BASE = "launch-6.pt"  # the shipped launch base (shared/models/shipped/)
+
+
+@dataclass(frozen=True)
+class NewMarketPlan:
+    name: str  # quick | full
+    overrides: dict[str, Any]  # run-config keys: corpus, split, model, the devices' local recipe
+    withheld: tuple[str, ...]  # accents the launch base never heard: the new markets
+    devices: int
+    per_round: int
+    rounds: int
+    base_steps: int  # > 0: train the launch base here (QUICK); 0: --checkpoint or the shipped one
+
+    def with_overrides(
+        self, overrides: dict[str, Any], *, devices: int | None = None, per_round: int | None = None, rounds: int | None = None
+    ) -> NewMarketPlan:
+        """The plan with extra run-config keys (``--set``, checked against the run config at once) and other
+        ``devices`` / ``per_round`` / ``rounds`` (None keeps the plan's)."""
+        merged = {**self.overrides, **overrides}
+        RunConfig.from_flat(merged)  # ConfigError naming an unknown key or a bad value
+        plan = replace(
+            self,
+            overrides=merged,
+            devices=self.devices if devices is None else devices,
+            per_round=self.per_round if per_round is None else per_round,
+            rounds=self.rounds if rounds is None else rounds,
+        )
+        if not 1 <= plan.per_round <= plan.devices or plan.rounds < 1:
+            raise ValueError(f"need 1 <= per-round ({plan.per_round}) <= devices ({plan.devices}) and rounds >= 1")
+        return plan
+
+
+QUICK = NewMarketPlan(
+    name="quick",
+    overrides={
+        **TINY_MODEL,
+        "synth.speakers": 24,
+        "synth.utterances": 8,
+        "synth.seed": 2,
+        "split.public-speakers": 8,
+        "split.heldout-speakers": 4,
+        "train.local-steps": 3,
+        "train.lr": 1e-3,
+        "train.batch-frames": 3000,
+        "eval.heldout-utterances": 8,
+    },
+    withheld=LEGACY,
+    devices=10,
+    per_round=4,
+    rounds=2,
+    base_steps=40,
+)
+# 320 fresh speakers (seed 11: none of them is in the launch base's seed-1 pool): 200 devices, 80 held-out
+# speakers (10 per market on average), 40 public ones the run does not use (the base brings its own front end).
+FULL = NewMarketPlan(
+    name="full",
+    overrides={
+        "synth.speakers": 320,
+        "synth.utterances": 20,
+        "synth.seed": 11,
+        "split.public-speakers": 40,
+        "split.heldout-speakers": 80,
+        "train.local-steps": 8,
+        "train.lr": 1e-4,
+        "eval.heldout-utterances": 200,
+    },
+    withheld=LEGACY,
+    devices=200,
+    per_round=30,
+    rounds=5,
+    base_steps=0,
+)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _launch_base(cfg: RunConfig, plan: NewMarketPlan, out: Path, checkpoint: Path | None) -> Path:
+    """The checkpoint federation starts from: ``checkpoint``, the shipped launch base, or (QUICK) one trained here
+    on the public speakers without the withheld markets."""
+    if checkpoint is not None:
+        return checkpoint
+    if plan.base_steps == 0:
+        from shared.models.checkpoint import SHIPPED_DIR
+
+        shipped = SHIPPED_DIR / LAUNCH_BASE
+        if not shipped.is_file():
+            raise FileNotFoundError(
+                f"no launch base: {shipped} is not shipped yet; pass --checkpoint (a `chorus train --withhold "
+                f"accent={','.join(plan.withheld)}` checkpoint)"
+            )
+        return shipped
+    from simulations.train import TrainPlan, train_central
+
+    best = out / "launch-base" / "checkpoints" / "best.pt"
+    if best.exists():
+        return best
+    train_plan = TrainPlan(
+        steps=plan.base_steps,
+        warmup=max(1, plan.base_steps // 5),
+        eval_every=plan.base_steps,
+        ckpt_every=plan.base_steps,
+        eval_utterances=cfg.eval.heldout_utterances,
+        withhold=f"accent={','.join(plan.withheld)}",
+    )
+    return train_central(cfg, train_plan, run_dir=out / "launch-base", progress=False)
+
+
+def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """An earlier federation of exactly this config kept all its round models (an interrupted evaluation restarts
+    from the measurements)."""
+    try:
+        same = json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_flat()))
+    except (OSError, ValueError):
+        return False
+    return same and (run_dir / "checkpoints" / f"round-{cfg.num_server_rounds}.pt").is_file()
+
+
+def _by_market(
+    checkpoint: Path,
+    utterances: Sequence[Utterance],
+    features: FeatureCache,
+    prepared: Prepared,
+    accent: dict[str, str],
+    beam: int,
+) -> dict[str, ErrorCounts]:
+    """accent -> ErrorCounts of ``checkpoint`` over ``utterances`` (greedy or beam, as the devices decode)."""
+    model = load_checkpoint(checkpoint).build().eval()
+    with torch.inference_mode():
+        _, per_utt = score(model, utterances, features=features, tokenizer=prepared.tokenizer, beam=beam)
+    speaker_of = {u.id: u.speaker for u in utterances}
+    markets: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
+    for utt_id, counts in per_utt.items():
+        markets[accent[speaker_of[utt_id]]] += counts
+    return dict(markets)
+
+
+def _pooled(markets: dict[str, ErrorCounts], names: Sequence[str]) -> ErrorCounts:
+    total = ErrorCounts(0, 0, 0)
+    for name in names:
+        total += markets.get(name, ErrorCounts(0, 0, 0))
+    return total
+
+
+def _wer(counts: ErrorCounts) -> float | None:
+    return round(counts.wer, 4) if counts.words else None
+
+
+def _change(before: ErrorCounts, after: ErrorCounts) -> dict[str, float | int | None]:
+    rel = (after.wer - before.wer) / before.wer if before.words and before.wer > 0 else None
+    return {
+        "before": _wer(before),
+        "after": _wer(after),
+        "relative": None if rel is None else round(rel, 4),
+        "words": before.words,
+    }
+
+
+def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Train or take the launch base, federate, measure every round per market; returns the JSON summary."""
+    from simulations.simulate import available_cores, sampling_overrides, simulate
+
+    start = time.monotonic()
+    parallel = min(available_cores(), plan.per_round)
+    flat: dict[str, Any] = {
+        **RunConfig().to_flat(),
+        **plan.overrides,
+        **sampling_overrides(plan.devices, plan.per_round, parallel=parallel),
+        "workdir": str(workdir),
+        "num-server-rounds": plan.rounds,
+        "eval.keep-round-models": True,
+    }
+    if checkpoint is not None:  # the base model's architecture wins over the plan's
+        model_config = asdict(load_checkpoint(checkpoint).model_config)
+        flat.update({f"model.{k.replace('_', '-')}": v for k, v in model_config.items() if k != "init_checkpoint"})
+    base = _launch_base(RunConfig.from_flat(flat), plan, out, checkpoint)
+    _note(f"federation ({plan.name}): launch base {base} at {time.monotonic() - start:.0f} s")
+    cfg = RunConfig.from_flat({**flat, "model.init-checkpoint": str(base.resolve()), "run-id": f"{out.name}/federation"})
+    prepared = prepare(cfg, progress=False)
+    if plan.devices > len(prepared.split.federated):
+        raise ValueError(
+            f"{plan.devices} devices exceed the {len(prepared.split.federated)} federated speakers of {prepared.corpus.root}"
+        )
+    run_dir = cfg.workdir_path / "runs" / cfg.run_id
+    if _finished(run_dir, cfg):
+        _note(f"federation ({plan.name}): reusing {run_dir} (same config, all rounds done)")
+    else:
+        run_dir = simulate(cfg, num_supernodes=plan.devices, progress=False, parallel=parallel)
+    _note(f"federation ({plan.name}): {plan.rounds} rounds done at {time.monotonic() - start:.0f} s")
+
+    from client.data import device_data
+
+    accent = {speaker: row.get("accent", "?") for speaker, row in read_speakers_tsv(prepared.corpus.root).items()}
+    by_speaker = prepared.corpus.by_speaker()
+    sets = {
+        "devices": [u for pid in range(plan.devices) for u in device_data(cfg, pid).eval],
+        "heldout": [u for s in prepared.split.heldout for u in by_speaker.get(s, [])],
+    }
+    features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=sum(len(v) for v in sets.values()))
+    features.warm([u for utts in sets.values() for u in utts])
+    per_round: list[dict[str, Any]] = []
+    for r in range(plan.rounds + 1):
+        ckpt = run_dir / "checkpoints" / f"round-{r}.pt"
+        row: dict[str, Any] = {"round": r}
+        for name, utts in sets.items():
+            markets = _by_market(ckpt, utts, features, prepared, accent, cfg.eval.beam)
+            row[name] = {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
+            row[f"{name}_counts"] = markets
+        per_round.append(row)
+        _note(f"federation ({plan.name}): round {r} measured at {time.monotonic() - start:.0f} s")
+
+    seen = sorted({m for row in per_round for name in sets for m in row[name]})
+    new = [m for m in seen if m in plan.withheld]
+    served = [m for m in seen if m not in plan.withheld]
+    summary = {
+        name: {
+            group: _change(_pooled(per_round[0][f"{name}_counts"], members), _pooled(per_round[-1][f"{name}_counts"], members))
+            for group, members in (("new_markets", new), ("served_markets", served))
+        }
+        for name in sets
+    }
+    for row in per_round:
+        for name in sets:
+            del row[f"{name}_counts"]
+    return {
+        "plan": plan.name,
+        "launch_base": str(base),
+        "withheld": list(plan.withheld),
+        "new_markets": new,
+        "served_markets": served,
+        "devices": plan.devices,
+        "per_round": plan.per_round,
+        "rounds": plan.rounds,
+        "local_recipe": {k: cfg.to_flat()[k] for k in ("train.local-steps", "train.lr", "strategy.name")},
+        "run_dir": str(run_dir),
+        "per_round_wer": per_round,
+        "summary": summary,
+        "targets": TARGETS,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+
+
+def _plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    rounds = [row["round"] for row in result["per_round_wer"]]
+    for ax, name, title in zip(axes, ("devices", "heldout"), ("devices' own utterances", "held-out speakers")):
+        for market in result["new_markets"] + result["served_markets"]:
+            wers = [row[name].get(market, {}).get("wer") for row in result["per_round_wer"]]
+            style = "--" if market in result["new_markets"] else "-"
+            ax.plot(rounds, [w if w is not None else float("nan") for w in wers], style, marker="o", label=market)
+        ax.set_title(title)
+        ax.set_xlabel("round (0 = launch base)")
+        ax.set_xticks(rounds)
+    axes[0].set_ylabel("WER (greedy)")
+    axes[1].legend(fontsize=7, title="dashed: new markets")
+    fig.suptitle(f"chorus eval federation ({result['plan']}): WER per market per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cell(markets: dict[str, Any], market: str) -> str:
+    wer = markets.get(market, {}).get("wer")
+    return "-" if wer is None else f"{wer:.3f}"
+
+
+def write_report(result: dict[str, Any], out: Path) -> Path:
+    """report.md: the summary against the targets and the per-market table, beside the plot."""
+    lines = [
+        f"# chorus eval federation ({result['plan']})",
+        "",
+        f"Launch base `{result['launch_base']}` (never heard: {', '.join(result['withheld'])}); "
+        f"{result['devices']} devices, {result['per_round']} per round, {result['rounds']} rounds, local recipe "
+        f"{result['local_recipe']}.",
+        "",
+        "| measured on | markets | WER before | WER after | relative | words | target |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name in ("devices", "heldout"):
+        for group, target in (("new_markets", "<= -25%"), ("served_markets", "<= +2%")):
+            s = result["summary"][name][group]
+            rel = "n/a" if s["relative"] is None else f"{100 * s['relative']:+.1f}%"
+            lines.append(
+                f"| {name} | {group.replace('_', ' ')} | {s['before']} | {s['after']} | {rel} | {s['words']} | {target} |"
+            )
+    lines += ["", "WER per market per round (devices / held-out):", ""]
+    rounds = result["per_round_wer"]
+    lines.append("| market | " + " | ".join(f"round {row['round']}" for row in rounds) + " |")
+    lines.append("|---|" + "---:|" * len(rounds))
+    for market in result["new_markets"] + result["served_markets"]:
+        cells = [f"{_cell(row['devices'], market)} / {_cell(row['heldout'], market)}" for row in rounds]
+        star = " (new)" if market in result["new_markets"] else ""
+        lines.append(f"| {market}{star} | " + " | ".join(cells) + " |")
+    lines += ["", "![WER per market per round](federation.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(plan: NewMarketPlan, *, workdir: Path, eval_id: str, checkpoint: Path | None = None, as_json: bool = False) -> None:
+    out = workdir / "runs" / eval_id
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_to_stderr():
+        result = run_federation_eval(plan, workdir=workdir, out=out, checkpoint=checkpoint)
+        result["plot"] = str(_plot(result, out / "federation.png"))
+        result["report"] = str(write_report(result, out))
+    (out / "federation.json").write_text(json.dumps(result, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(Path(result["report"]).read_text())

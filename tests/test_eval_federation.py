@@ -1,0 +1,81 @@
+"""`chorus eval federation`: a launch base that never heard some markets, federated through `chorus simulate`
+(Ray) with devices of every market, measured per market per round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from shared.config import RunConfig
+from shared.data.corpora import read_speakers_tsv
+from shared.data.prepare import open_prepared
+from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint
+from simulations.cli import app
+from simulations.eval_federation import LAUNCH_BASE, QUICK
+from tests.conftest import REPO_ROOT, needs_espeak
+
+
+@pytest.mark.slow
+@needs_espeak
+@pytest.mark.timeout(900)  # a hang guard, not a timing check
+def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "eval", "federation", "--quick", "--json", "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout)  # stdout is exactly one JSON object: `flwr run`'s stream went to stderr
+    assert out["plan"] == "quick" and out["withheld"] == list(QUICK.withheld)
+    rounds = out["per_round_wer"]
+    assert [row["round"] for row in rounds] == list(range(QUICK.rounds + 1))
+
+    # The launch base was trained without the withheld markets, and federation started from it.
+    run_dir = Path(out["run_dir"])
+    base = Path(out["launch_base"])
+    plan = json.loads((base.parents[1] / "config.json").read_text())
+    assert plan["plan.withhold"] == "accent=" + ",".join(QUICK.withheld)
+    start = load_checkpoint(run_dir / "checkpoints" / "round-0.pt").state_dict
+    assert all(torch.equal(start[k], v) for k, v in load_checkpoint(base).state_dict.items())
+    end = load_checkpoint(run_dir / "checkpoints" / f"round-{QUICK.rounds}.pt").state_dict
+    assert any(not torch.equal(start[k], end[k]) for k in start), "the rounds must have changed the global model"
+
+    # Every device is measured, sampled or not: its market is its speaker's accent.
+    cfg = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
+    prepared = open_prepared(cfg)
+    accents = read_speakers_tsv(prepared.corpus.root)
+    device_markets = {accents[s]["accent"] for s in prepared.split.federated[: QUICK.devices]}
+    heldout_markets = {accents[s]["accent"] for s in prepared.split.heldout}
+    for row in rounds:
+        assert set(row["devices"]) == device_markets and set(row["heldout"]) == heldout_markets
+        assert {m: c["words"] for m, c in row["devices"].items()} == {m: c["words"] for m, c in rounds[0]["devices"].items()}
+    assert set(out["new_markets"]) == (device_markets | heldout_markets) & set(QUICK.withheld)
+    assert set(out["new_markets"]) | set(out["served_markets"]) == device_markets | heldout_markets
+
+    # The summary pools round 0 and the last round over each group's markets.
+    for name in ("devices", "heldout"):
+        for group in ("new_markets", "served_markets"):
+            words = sum(rounds[0][name][m]["words"] for m in out[group] if m in rounds[0][name])
+            assert out["summary"][name][group]["words"] == words, (name, group)
+    assert Path(out["report"]).is_file() and Path(out["plot"]).stat().st_size > 0
+
+
+def test_bad_inputs_are_named_before_anything_runs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["eval", "federation", "--checkpoint", str(tmp_path / "nope.pt"), "--workdir", str(tmp_path)])
+    assert missing.exit_code == 2 and "nope.pt" in missing.output
+    too_many = runner.invoke(app, ["eval", "federation", "--quick", "--per-round", "11", "--workdir", str(tmp_path)])
+    assert too_many.exit_code == 2 and "per-round (11) <= devices (10)" in too_many.output
+    bad_key = runner.invoke(app, ["eval", "federation", "--quick", "--set", "train.nope=1", "--workdir", str(tmp_path)])
+    assert bad_key.exit_code == 2 and "train.nope" in bad_key.output
+    if not (SHIPPED_DIR / LAUNCH_BASE).exists():  # until a launch base ships, the full plan names what it lacks
+        unshipped = runner.invoke(app, ["eval", "federation", "--workdir", str(tmp_path)])
+        assert unshipped.exit_code == 2 and f"{LAUNCH_BASE} is not shipped yet; pass --checkpoint" in unshipped.output
+    assert not (tmp_path / "data").exists(), "nothing may be synthesized for bad input"
