@@ -324,8 +324,9 @@ class DPConfig:
 class FairnessConfig:
     """Fairness without demographics (``server/fairness.py``, ``client/fairness.py``, ``shared/fairness``).
 
-    With ``enabled``, ``chorus data prepare`` also trains the on-device speaker-embedding extractor on the public
-    speakers, and every run starts with federated k-means cohort discovery and evaluates per cohort each round.
+    With ``enabled``, ``chorus data prepare`` also provides the on-device speaker-embedding extractor (the shipped
+    speaker verifier, or one trained on the public speakers: ``embedder``), and every run starts with federated
+    k-means cohort discovery and evaluates per cohort each round.
     EWC (``ewc-lambda`` > 0), targeted rounds (``targeted-rounds`` > 0) and ARW (``arw``) are opt-in on top.
     """
 
@@ -338,6 +339,10 @@ class FairnessConfig:
     kmeans_iterations: int = 5
     # std of the Gaussian noise each device adds to its k-means sums and counts (0 = exact; see the docs).
     kmeans_noise: float = 0.0
+    # auto: the shipped speaker verifier (shared/models/shipped/speaker-sv.pt) when the run's CMVN is the one it
+    # was trained with, as in every run from the shipped base; else (and with "train") an extractor trained here
+    # on the public speakers for embedder-steps.
+    embedder: str = "auto"
     # AAM-softmax training steps of the speaker-embedding extractor (~0.35 s each on one core at default sizes).
     embedder_steps: int = 300
     # lambda of the EWC penalty lambda * sum F (theta - theta*)^2, F normalized to mean 1 (0 = no EWC).
@@ -364,6 +369,8 @@ class FairnessConfig:
                 f"need fairness.kmeans-iterations >= 0 and fairness.embedder-steps >= 1, got "
                 f"{self.kmeans_iterations} and {self.embedder_steps}"
             )
+        if self.embedder not in ("auto", "train"):
+            raise ConfigError(f"fairness.embedder must be auto or train, got {self.embedder!r}")
         if not self.kmeans_noise >= 0.0:
             raise ConfigError(f"fairness.kmeans-noise must be >= 0, got {self.kmeans_noise}")
         if not self.ewc_lambda >= 0.0:

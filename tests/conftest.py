@@ -130,7 +130,7 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> TinyWorkdir:
         fairness = probe.fairness
         key = (
             f"{corpus_dir(probe).name}/{artifact_dir(probe).name}/{probe.model.vocab_size}/"
-            f"{fairness.enabled and (fairness.embedder_steps, probe.train.seed)}"
+            f"{fairness.enabled and (fairness.embedder, fairness.embedder_steps, probe.train.seed)}"
         )
         if key not in templates:
             template = tmp_path_factory.mktemp("prepared")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared.config import TINY_RUN
 from shared.metrics import equal_error_rate
 from shared.models.speaker_embedding import (
     SpeakerEmbedder,
@@ -19,6 +20,7 @@ from shared.models.speaker_embedding import (
     save_speaker_embedder,
     train_speaker_embedding,
 )
+from tests.conftest import needs_espeak
 
 FEATURES = 16
 TINY = SpeakerEmbeddingConfig(input_dim=FEATURES, channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32)
@@ -126,3 +128,28 @@ def test_bad_inputs_are_named() -> None:
         train_speaker_embedding([f[:, :8] for f in feats], labels, config=TINY, steps=1)
     with pytest.raises(SpeakerEmbeddingError, match="kernel sizes must be odd"):
         SpeakerEmbeddingConfig(kernel_sizes=(4,), dilations=(1,))
+
+
+@needs_espeak
+def test_runs_from_the_shipped_base_take_the_shipped_verifier_as_their_cohort_embedder(tmp_path: Path) -> None:
+    from shared.config import RunConfig
+    from shared.data.prepare import SHIPPED_EMBEDDER, prepare, speaker_embedder_path
+    from shared.models.speaker_embedding import shipped_verifier
+
+    default_model = {k: v for k, v in TINY_RUN.items() if not k.startswith("model.")}  # the shipped base
+    flat = {**default_model, "fairness.enabled": True, "fairness.embedder-steps": 2}
+    auto = RunConfig.from_flat({**flat, "workdir": str(tmp_path / "auto")})
+    path = speaker_embedder_path(prepare(auto, progress=False).artifacts, auto)
+    assert path.name == SHIPPED_EMBEDDER and path.read_bytes() == shipped_verifier().read_bytes()
+
+    train = RunConfig.from_flat({**flat, "fairness.embedder": "train", "workdir": str(tmp_path / "train")})
+    artifacts = prepare(train, progress=False).artifacts
+    assert speaker_embedder_path(artifacts, train).name == "speaker-embedder-2.pt"
+    assert load_speaker_embedder(artifacts / "speaker-embedder-2.pt").config.embedding_dim > 0
+    assert not (artifacts / SHIPPED_EMBEDDER).exists()
+
+    # From random weights the run fits a CMVN of its own, which the verifier was not trained with: one is trained.
+    own = RunConfig.from_flat(
+        {**TINY_RUN, "fairness.enabled": True, "fairness.embedder-steps": 2, "workdir": str(tmp_path / "own")}
+    )
+    assert speaker_embedder_path(prepare(own, progress=False).artifacts, own).name == "speaker-embedder-2.pt"

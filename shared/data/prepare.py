@@ -15,6 +15,8 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 from typing import Sequence
 
 from shared.config import RunConfig
@@ -129,20 +131,43 @@ def _frontend_files(artifacts: Path, vocab_size: int) -> tuple[Path, Path]:
     return artifacts / f"tokenizer-{vocab_size}.model", artifacts / "cmvn.json"
 
 
+SHIPPED_EMBEDDER = "speaker-embedder-shipped.pt"
+
+
 def speaker_embedder_path(artifacts: Path, cfg: RunConfig) -> Path:
-    """The public speaker-embedding extractor among the artifacts (named by its training steps, so a changed
+    """The on-device speaker-embedding extractor among the artifacts: the shipped verifier's copy where ``prepare``
+    put one (``fairness.embedder=auto``), else the one trained here, named by its training steps (so a changed
     ``fairness.embedder-steps`` trains a new one instead of reusing a stale one)."""
+    shipped = artifacts / SHIPPED_EMBEDDER
+    if cfg.fairness.embedder == "auto" and shipped.is_file():
+        return shipped
     return artifacts / f"speaker-embedder-{cfg.fairness.embedder_steps}.pt"
 
 
 def build_speaker_embedder(cfg: RunConfig, corpus: Corpus, public: Sequence[str], cmvn: GlobalCMVN, artifacts: Path) -> Path:
-    """Train the on-device speaker-embedding extractor (AAM-softmax) on the public speakers, once; the file
-    travels to devices with the tokenizer and CMVN. Its embeddings never leave a device."""
+    """The on-device speaker-embedding extractor, once: with ``fairness.embedder=auto`` the shipped speaker verifier
+    (copied beside the tokenizer and CMVN) when the run's CMVN is the one it was trained with, else an extractor
+    trained (AAM-softmax) on the public speakers. The file travels to devices with the tokenizer and CMVN; its
+    embeddings never leave a device."""
+    from shared.models.speaker_embedding import (
+        collect_features,
+        load_verifier,
+        save_speaker_embedder,
+        shipped_verifier,
+        train_speaker_embedding,
+    )
+
     path = speaker_embedder_path(artifacts, cfg)
     if path.exists():
         return path
-    from shared.models.speaker_embedding import collect_features, save_speaker_embedder, train_speaker_embedding
-
+    verifier = shipped_verifier()
+    if cfg.fairness.embedder == "auto" and verifier.is_file():
+        trained_with = load_verifier(verifier).cmvn
+        same = trained_with is not None and all(
+            np.array_equal(getattr(trained_with, stat), getattr(cmvn, stat)) for stat in ("mean", "std")
+        )
+        if same:
+            return write_bytes_atomic(artifacts / SHIPPED_EMBEDDER, verifier.read_bytes())
     by_speaker = corpus.by_speaker()
     feats, speakers = collect_features(
         [u for s in public for u in by_speaker.get(s, [])], FeatureCache(corpus, cmvn, max_items=0)
