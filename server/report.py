@@ -85,6 +85,17 @@ def write_report(
             f"| {r['round']} | {fmt('heldout_wer')} | {fmt('device_wer')} | {fmt('train_loss')} | "
             f"{r.get('train_replies', 0)} / {r.get('train_failures', 0)} | {fmt('seconds', '.1f')} |"
         )
+    accounted = [r for r in records if r.get("central_dp_epsilon") is not None]
+    if accounted:
+        last = accounted[-1]
+        released = sum(1 for r in records if r.get("central_dp_sample_rate"))
+        lines += [
+            "",
+            f"Device-level DP (`strategy.central-dp`): epsilon {last['central_dp_epsilon']:.2f} at delta "
+            f"{config.get('central-dp.delta')} after {released} released rounds (noise multiplier "
+            f"{config.get('central-dp.noise-multiplier')}, sample rate {last['central_dp_sample_rate'] or '-'}; "
+            "Opacus' RDP accountant).",
+        ]
     if plot:
         lines += ["", f"![rounds]({plot.name})"]
     for attribute, groups in breakdowns.items():

@@ -47,6 +47,7 @@ from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import Frontend, initial_model, load_state, save_checkpoint
+from shared.privacy.dp import WIDE_ORDERS, AccountantState
 from shared.privacy.secure_reply import train_metrics
 from shared.records import metric_record, scalar
 from shared.training import score
@@ -125,6 +126,34 @@ def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
     if cfg.name == "bulyan":
         return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
     raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose one of {', '.join(STRATEGIES)}")
+
+
+def device_level_dp(
+    central_dp: CentralDPConfig, population: int, earlier: list[dict[str, Any]], *, released: bool
+) -> dict[str, float | None]:
+    """The run's device-level (user-level) privacy after this round, for the round record.
+
+    Opacus' RDP accountant for the subsampled Gaussian mechanism: one step per round that released a model, at
+    ``central-dp.noise-multiplier`` (the noise std is that multiple of one device's clipped contribution) and sample
+    rate ``sampled-clients / population``, the devices the server could sample from. Flower samples a fixed number
+    without replacement; Poisson sampling at the same rate is the standard approximation. Earlier rounds come from
+    their records, so a resumed run counts them. ``central_dp_epsilon`` is None without noise (no guarantee).
+    """
+    rate = min(1.0, central_dp.sampled_clients / max(1, population))
+    if central_dp.noise_multiplier == 0.0:
+        return {"central_dp_sample_rate": rate if released else None, "central_dp_epsilon": None}
+    state = AccountantState()
+    for record in earlier:
+        if record.get("central_dp_sample_rate"):
+            state = state.after(
+                noise_multiplier=central_dp.noise_multiplier, sample_rate=record["central_dp_sample_rate"], steps=1
+            )
+    if released:
+        state = state.after(noise_multiplier=central_dp.noise_multiplier, sample_rate=rate, steps=1)
+    return {
+        "central_dp_sample_rate": rate if released else None,
+        "central_dp_epsilon": state.epsilon(central_dp.delta, orders=WIDE_ORDERS),
+    }
 
 
 def _heldout_utterances(prepared: Prepared, budget: int) -> list[Utterance]:
@@ -330,6 +359,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 load_state(model, trained.arrays.to_torch_state_dict(), source="aggregated global model")
                 arrays = ArrayRecord(model.state_dict())  # in the model's dtypes (FedAdam & co. return float64)
             train_seconds = time.monotonic() - start  # sampling, devices' training, aggregation
+            released = trained.arrays is not None  # a round that kept the old model released nothing
+            central = (
+                device_level_dp(cfg.central_dp, len(list(grid.get_node_ids())), metrics.records(), released=released)
+                if cfg.strategy.central_dp != "none"
+                else {}
+            )
             device_fields, evaluated = evaluate_devices(server_round)
             counts, per_utt = evaluate_heldout()
             record = {
@@ -349,6 +384,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "heldout_words": counts.words,
                 "seconds": round(time.monotonic() - start, 3),
                 "train_seconds": round(train_seconds, 3),
+                **central,
                 **({} if fairness is None else fairness.round_fields(server_round)),
             }
             metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)
@@ -374,7 +410,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 f"round {server_round}/{cfg.num_server_rounds}: train loss {record['train_loss']}, "
                 f"devices {trained.answered} ok / {trained.failed} failed / {trained.rejected} rejected{kept}, "
                 f"device WER {record['device_wer']}, "
-                f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)",
+                f"held-out WER {counts.wer:.4f} ({record['seconds']:.1f} s)"
+                + (f", device-level epsilon {central['central_dp_epsilon']}" if central else ""),
                 flush=True,
             )
 

@@ -272,6 +272,8 @@ class CentralDPConfig:
     clipping_norm: float = 5.0
     # Devices whose updates each round averages: the noise std divides by it. Must equal the sampled count.
     sampled_clients: int = 20
+    # delta of the device-level (epsilon, delta) each round reports (Opacus' RDP accountant); below 1 / devices.
+    delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0.0:
@@ -280,6 +282,8 @@ class CentralDPConfig:
             raise ConfigError(f"central-dp.clipping-norm must be positive, got {self.clipping_norm}")
         if not self.sampled_clients > 0:
             raise ConfigError(f"central-dp.sampled-clients must be positive, got {self.sampled_clients}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"central-dp.delta must lie in (0, 1), got {self.delta}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
@@ -595,6 +596,55 @@ def eval_privacy_cmd(
         reuse=reuse,
         as_json=json_,
     )
+
+
+@eval_app.command("device-dp")
+def eval_device_dp_cmd(
+    population: Annotated[str, typer.Option(help="Comma-separated device populations.")] = "200,1000,10000,100000,1000000",
+    per_round: Annotated[int, typer.Option(min=1, help="Devices sampled per round (central-dp.sampled-clients).")] = 30,
+    rounds: Annotated[str, typer.Option(help="Comma-separated numbers of rounds.")] = "5,50,500",
+    noise: Annotated[str, typer.Option(help="Comma-separated noise multipliers (central-dp.noise-multiplier).")] = "0.5,1,2,4",
+    delta: Annotated[float, typer.Option(help="delta of (epsilon, delta); keep it below 1 / population.")] = 1e-5,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Device-level epsilon of central DP (strategy.central-dp) by population, rounds and noise: what a run would
+    spend, from Opacus' RDP accountant (the same accounting every central-DP round reports)."""
+    from shared.privacy.dp import WIDE_ORDERS, AccountantState
+
+    try:
+        populations = [int(p) for p in population.split(",")]
+        round_counts = [int(r) for r in rounds.split(",")]
+        sigmas = [float(n) for n in noise.split(",")]
+        if min(populations) < per_round or min(round_counts) < 1 or min(sigmas) <= 0 or not 0 < delta < 1:
+            raise ValueError("populations must be >= --per-round, rounds >= 1, noise > 0 and delta in (0, 1)")
+    except ValueError as err:
+        fail(f"--population {population!r} --rounds {rounds!r} --noise {noise!r} --delta {delta}: {err}")
+    table = [
+        {
+            "population": n,
+            "rounds": r,
+            "noise_multiplier": sigma,
+            "sample_rate": per_round / n,
+            "epsilon": round(
+                AccountantState()
+                .after(noise_multiplier=sigma, sample_rate=per_round / n, steps=r)
+                .epsilon(delta, orders=WIDE_ORDERS),
+                3,
+            ),
+        }
+        for n in populations
+        for r in round_counts
+        for sigma in sigmas
+    ]
+    if json_:
+        print(json.dumps({"per_round": per_round, "delta": delta, "accountant": "opacus RDP", "table": table}))
+        return
+    typer.echo(f"device-level epsilon at delta {delta}, {per_round} devices per round (Opacus RDP accountant)")
+    typer.echo("population  rounds  " + "  ".join(f"sigma={s:g}".rjust(10) for s in sigmas))
+    for n in populations:
+        for r in round_counts:
+            cells = [row["epsilon"] for row in table if row["population"] == n and row["rounds"] == r]
+            typer.echo(f"{n:>10}  {r:>6}  " + "  ".join(f"{e:10.2f}" for e in cells))
 
 
 @eval_app.command("federation")

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.serverapp import strategy as flwr_strategy
 
-from server.workflow import make_strategy, run_federation, stateful_strategy
+from server.workflow import device_level_dp, make_strategy, run_federation, stateful_strategy
 from shared.config import RunConfig
 from shared.models.checkpoint import load_checkpoint
+from shared.privacy.dp import WIDE_ORDERS, AccountantState
 from tests.conftest import TINY_RUN, TinyWorkdir, SecAggGrid, needs_espeak
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -87,6 +89,32 @@ def test_a_round_with_server_side_clipping(workdir: Path) -> None:
     params = sum(v.numel() for v in initial.values())
     noise = 1.0 * CLIP / 4 * params**0.5
     assert 0.5 * noise < _change_norm(final, initial) < CLIP + 1.5 * noise
+    # Device-level accounting: all 4 devices sampled of 4 (rate 1), so the round is one Gaussian mechanism of
+    # noise multiplier 1, whose RDP is alpha / (2 sigma^2) in closed form (Mironov 2017), converted to
+    # (epsilon, delta) as Opacus does (Balle et al. 2020).
+    assert one["central_dp_sample_rate"] == 1.0
+    delta = RunConfig().central_dp.delta
+    orders = np.array(WIDE_ORDERS)
+    closed_form = orders / 2 - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    assert one["central_dp_epsilon"] == pytest.approx(float(closed_form.min()), rel=1e-9)
+    assert "Device-level DP" in (run_dir / "report.md").read_text()
+
+
+def test_device_level_epsilon_counts_the_rounds_that_released_a_model() -> None:
+    central = RunConfig().central_dp  # 20 devices a round, noise multiplier 1
+    rate = 20 / 200
+    earlier = [{"round": 0}, {"round": 1, "central_dp_sample_rate": rate}, {"round": 2, "central_dp_sample_rate": None}]
+    three = device_level_dp(central, 200, earlier + [{"round": 3, "central_dp_sample_rate": rate}], released=True)
+    two = AccountantState().after(noise_multiplier=1.0, sample_rate=rate, steps=2)
+    assert three["central_dp_sample_rate"] == rate
+    assert three["central_dp_epsilon"] == pytest.approx(
+        two.after(noise_multiplier=1.0, sample_rate=rate, steps=1).epsilon(central.delta, orders=WIDE_ORDERS)
+    )
+    kept = device_level_dp(central, 200, earlier + [{"round": 3, "central_dp_sample_rate": rate}], released=False)
+    assert kept == {"central_dp_sample_rate": None, "central_dp_epsilon": two.epsilon(central.delta, orders=WIDE_ORDERS)}
+    assert device_level_dp(central, 2000, [], released=True)["central_dp_epsilon"] < three["central_dp_epsilon"]
+    noiseless = RunConfig.from_flat({"central-dp.noise-multiplier": 0.0}).central_dp
+    assert device_level_dp(noiseless, 200, [], released=True)["central_dp_epsilon"] is None
 
 
 @needs_espeak
@@ -112,3 +140,22 @@ def test_client_side_clipping_under_secagg(workdir: Path) -> None:
     masked = [reply for stage, reply in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
     assert len(masked) == 4 and not any(r.has_error() for r in masked)
     assert not any("arrays" in reply.content for stage, reply in grid.replies if stage != "plain")
+
+
+def test_device_dp_table_shows_what_population_buys() -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    args = ["eval", "device-dp", "--population", "200,1000", "--rounds", "5,50", "--noise", "1,2", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = {(r["population"], r["rounds"], r["noise_multiplier"]): r["epsilon"] for r in json.loads(result.output)["table"]}
+    assert len(table) == 8
+    for rounds in (5, 50):
+        for sigma in (1.0, 2.0):
+            assert table[(1000, rounds, sigma)] < table[(200, rounds, sigma)]  # subsampling amplifies privacy
+            assert table[(200, rounds, 2.0)] < table[(200, rounds, 1.0)]
+    assert table[(200, 5, 1.0)] < table[(200, 50, 1.0)]  # composition over rounds
+    bad = CliRunner().invoke(app, ["eval", "device-dp", "--population", "10", "--per-round", "30"])
+    assert bad.exit_code == 2 and "populations must be >= --per-round" in bad.output
