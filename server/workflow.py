@@ -41,7 +41,7 @@ from server.exchange import Exchange, exchange
 from server.fairness import FairnessRounds, FairStrategy
 from server.report import MetricsLog, write_report
 from server.secagg import secure_train_round
-from shared.config import STRATEGIES, CentralDPConfig, RunConfig, StrategyConfig
+from shared.config import STRATEGIES, CentralDPConfig, RunConfig, StrategyConfig, TrainConfig
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
@@ -68,9 +68,12 @@ def sum_error_counts(records: list[RecordDict], weighted_by_key: str) -> MetricR
     )
 
 
-def make_strategy(cfg: StrategyConfig, central_dp: CentralDPConfig | None = None) -> flwr_strategy.Strategy:
-    """The run's Flower strategy; with ``strategy.central-dp`` wrapped in Flower's fixed-clipping DP wrapper."""
-    base = _base_strategy(cfg)
+def make_strategy(
+    cfg: StrategyConfig, central_dp: CentralDPConfig | None = None, *, client_lr: float | None = None
+) -> flwr_strategy.Strategy:
+    """The run's Flower strategy; with ``strategy.central-dp`` wrapped in Flower's fixed-clipping DP wrapper.
+    ``client_lr`` is the devices' learning rate (``train.lr``), q-FedAvg's Lipschitz estimate."""
+    base = _base_strategy(cfg, TrainConfig().lr if client_lr is None else client_lr)
     if cfg.central_dp == "none":
         return base
     dp = central_dp or CentralDPConfig()
@@ -94,7 +97,7 @@ def stateful_strategy(strategy: flwr_strategy.Strategy) -> flwr_strategy.Strateg
     return strategy
 
 
-def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
+def _base_strategy(cfg: StrategyConfig, client_lr: float) -> flwr_strategy.Strategy:
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -125,6 +128,8 @@ def _base_strategy(cfg: StrategyConfig) -> flwr_strategy.Strategy:
         )
     if cfg.name == "bulyan":
         return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
+    if cfg.name == "qfedavg":
+        return flwr_strategy.QFedAvg(**common, client_learning_rate=client_lr, q=cfg.qffl_q, train_loss_key="train-loss")
     raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose one of {', '.join(STRATEGIES)}")
 
 
@@ -280,7 +285,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
 
     torch.manual_seed(cfg.train.seed)
     model = initial_model(cfg.model)  # always holds the global model (``arrays`` is its wire copy)
-    strategy = make_strategy(cfg.strategy, cfg.central_dp)
+    strategy = make_strategy(cfg.strategy, cfg.central_dp, client_lr=cfg.train.lr)
     global_ckpt = ckpt_dir / "global.pt"
     first_round = 1
     if resume and global_ckpt.exists():

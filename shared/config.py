@@ -150,9 +150,11 @@ STRATEGIES = (
     "krum",
     "multikrum",
     "bulyan",
+    "qfedavg",
 )
 # Strategies that need each device's update, which strategy.secure-aggregation hides.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+PER_UPDATE_STRATEGIES = (*ROBUST_STRATEGIES, "qfedavg")  # q-FedAvg weighs each update by its device's loss
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,9 @@ class StrategyConfig:
     # the share FedTrimmedAvg cuts from each end.
     num_malicious: int = 0
     trim_beta: float = 0.2
+    # q of q-FedAvg (q-FFL, Li et al. 2020; Flower's QFedAvg): each update weighs by its device's training loss to
+    # the power q, so devices served worse pull harder (0 = FedAvg). Its Lipschitz estimate is 1 / train.lr.
+    qffl_q: float = 0.1
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -198,7 +203,7 @@ class StrategyConfig:
                 'strategy.central-dp = "server" clips each device\'s update on the server, which '
                 'strategy.secure-aggregation hides from it: use strategy.central-dp = "client"'
             )
-        if self.secure_aggregation and self.name in ROBUST_STRATEGIES:
+        if self.secure_aggregation and self.name in PER_UPDATE_STRATEGIES:
             raise ConfigError(
                 f"strategy.name={self.name!r} needs each device's update, which "
                 f"strategy.secure-aggregation hides: use a mean-based strategy (fedavg, fedavgm, "
@@ -208,6 +213,8 @@ class StrategyConfig:
             raise ConfigError(f"strategy.max-in-flight must be >= 0 (0: no limit), got {self.max_in_flight}")
         if self.num_malicious < 0:
             raise ConfigError(f"strategy.num-malicious must be >= 0, got {self.num_malicious}")
+        if not self.qffl_q >= 0.0:
+            raise ConfigError(f"strategy.qffl-q must be >= 0, got {self.qffl_q}")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"strategy.trim-beta must lie in [0, 0.5), got {self.trim_beta}")
         if self.max_examples < 1:
@@ -422,6 +429,13 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
+
+    def __post_init__(self) -> None:
+        if self.strategy.name == "qfedavg" and self.dp.enabled:
+            raise ConfigError(
+                'strategy.name = "qfedavg" weighs each update by its device\'s training loss, which DP-SGD replies '
+                "do not carry (it lies outside their guarantee): turn dp.enabled off or choose another strategy"
+            )
 
     @property
     def workdir_path(self) -> Path:

@@ -701,7 +701,8 @@ def eval_fairness_cmd(
     eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-fairness[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     arms: Annotated[
-        str, typer.Option(help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw); also targeted, arw-pop, ewc+arw-pop.")
+        str,
+        typer.Option(help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw,qfedavg); also targeted, arw-pop, ewc+arw-pop."),
     ] = "",
     set_: SetOption = None,
 ) -> None:

@@ -12,6 +12,8 @@ devices fine-tune it in each arm; every arm runs our ServerApp workflow (``serve
     arw         adversarial reweighting on every device (ARL weights from utterance statistics + the device's
                 speaker embedding; the adversary is federated with the model)
     ewc+arw     both
+    qfedavg     q-FedAvg (Li et al. 2020, Flower's ``QFedAvg``, ``strategy.qffl-q``): the fairness baseline a user would
+                pick instead, which needs no cohorts: each update weighs by its device's training loss to the power q
     (``arm_overrides`` also knows ``targeted``: the targeted rounds without EWC, what EWC adds to targeting alone,
     and ``arw-pop`` / ``ewc+arw-pop``: ARW normalized over the federation, ``fairness.arw-normalization=
     population``, which also reweighs devices against each other; pick arms with ``--arms``)
@@ -40,9 +42,10 @@ transport and Ray (whose start-up per arm alone would break ``--quick``'s budget
 fairness phases through Ray are tested in ``tests/test_fairness_federated.py``.
 
 Plans: ``QUICK`` is CI-sized (tiny corpus and model, 4 devices, 2 rounds per arm): its numbers prove the
-pipeline only (a 40-step base model has WER 1 everywhere). ``FULL``: the default corpus (12 devices), the default
-model trained 1500 steps (or ``--checkpoint``, whose architecture then wins; it needs ``--corpus``, since a base
-model belongs to one corpus' tokenizer), 3 rounds per arm, the last one targeted in the EWC arms.
+pipeline only (a 40-step base model has WER 1 everywhere). ``FULL``: the default corpus from the shipped base,
+100 devices in 8 automatic cohorts; speechocean762-dev's 24 federated speakers in 4, from a base trained here 1500
+steps (or ``--checkpoint``, whose architecture then wins; it needs ``--corpus``, since a base model belongs to one
+corpus' tokenizer); 3 rounds per arm, the last one targeted in the EWC arms.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from shared.config import TINY_MODEL, RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.prepare import Prepared, prepare, speaker_embedder_path
 from shared.fairness.cohorts import CohortReport, assign, cohort_report
+from shared.models.checkpoint import init_checkpoint_path
 from shared.metrics import ErrorCounts
 from simulations.harness import InProcessGrid, server_identity
 from simulations.metadata_cohorts import Cohorts, attribute_cohorts, cohort_counts_by_speaker, tree_cohorts
@@ -90,6 +94,7 @@ class FairnessPlan:
     base_steps: int
     ewc_lambda: float
     arms: tuple[str, ...]
+    shipped_base: bool = False  # the default corpus starts from the shipped base (else one trained base_steps here)
 
     def with_overrides(self, overrides: dict[str, Any]) -> FairnessPlan:
         """The plan with extra run-config keys (``--set``), checked against the run config at once."""
@@ -130,34 +135,39 @@ QUICK = FairnessPlan(
     targeted_rounds=1,
     base_steps=40,
     ewc_lambda=10.0,
-    arms=("fedavg", "ewc", "arw", "ewc+arw"),
+    arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg"),
 )
-# The full plan, sized for the shared 2-core CPU: 12 devices (one federated speaker each), 3 rounds of 8 local
-# steps per arm (2 FedAvg rounds, then 1 targeted round in the EWC arms), the default 6-layer model trained 1500
-# steps on the public speakers unless ``--checkpoint`` gives a base model (then its architecture is used). Local
-# AdamW at lr 1e-4, the learning rate the base model's schedule ends at: the run config's 1e-3 is for training
-# from scratch and moves a fitted base model too far (the README's fairness section has the measurement).
+# The full plan: the default corpus from the shipped base, 100 devices (one fresh federated speaker each: seed 7,
+# none of them in the base's seed-1 pool) in 8 automatic cohorts, 3 rounds of 8 local AdamW steps at lr 1e-4 per arm
+# (2 FedAvg rounds, then 1 targeted round in the EWC arms); speechocean762-dev (24 federated speakers, 4 cohorts)
+# from a base trained here 1,500 steps unless ``--checkpoint`` gives one (then its architecture is used).
 FULL = FairnessPlan(
     name="full",
     overrides={
         "train.local-steps": 8,
         "train.lr": 1e-4,
         "eval.heldout-utterances": 32,
-        "fairness.num-cohorts": 4,
         "fairness.kmeans-iterations": 5,
         "fairness.embedder-steps": 200,
         "fairness.arw-warmup": 1,
     },
     corpus_overrides={
-        "synth": {"synth.speakers": 60, "synth.utterances": 40},
-        SPEECHOCEAN: {"split.public-speakers": 48, "split.heldout-speakers": 8},
+        "synth": {
+            "synth.speakers": 140,
+            "synth.utterances": 20,
+            "split.public-speakers": 24,
+            "split.heldout-speakers": 16,
+            "fairness.num-cohorts": 8,
+        },
+        SPEECHOCEAN: {"split.public-speakers": 48, "split.heldout-speakers": 8, "fairness.num-cohorts": 4},
     },
-    devices=12,
+    devices=100,
     rounds=3,
     targeted_rounds=1,
     base_steps=1500,
     ewc_lambda=10.0,
-    arms=("fedavg", "ewc", "arw", "ewc+arw"),
+    arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg"),
+    shipped_base=True,
 )
 
 
@@ -174,13 +184,14 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
         "ewc+arw": {**ewc, "fairness.arw": True},
         "arw-pop": population,
         "ewc+arw-pop": {**ewc, **population},
+        "qfedavg": {"strategy.name": "qfedavg"},
     }
     if arm not in arms:
         raise ValueError(f"arm {arm!r} is not one of {', '.join(arms)}")
     return arms[arm]
 
 
-ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-pop", "ewc+arw-pop")
+ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-pop", "ewc+arw-pop", "qfedavg")
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
@@ -294,6 +305,8 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
 
     key = _corpus_key(corpus)
     start = time.monotonic()
+    if checkpoint is None and plan.shipped_base and key == "synth":
+        checkpoint = init_checkpoint_path(RunConfig().model)  # the shipped base
     model_keys: dict[str, Any] = {}
     if checkpoint is not None:  # the base model's architecture wins over the plan's
         from shared.models.checkpoint import load_checkpoint

@@ -16,7 +16,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.serverapp import strategy as flwr_strategy
 
 from server.workflow import device_level_dp, make_strategy, run_federation, stateful_strategy
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.models.checkpoint import load_checkpoint
 from shared.privacy.dp import WIDE_ORDERS, AccountantState
 from tests.conftest import TINY_RUN, TinyWorkdir, SecAggGrid, needs_espeak
@@ -73,6 +73,19 @@ def test_make_strategy_wraps_by_config() -> None:
     server = RunConfig.from_flat({"strategy.central-dp": "server"})
     assert isinstance(make_strategy(server.strategy, server.central_dp), flwr_strategy.DifferentialPrivacyServerSideFixedClipping)
     assert isinstance(make_strategy(RunConfig().strategy), flwr_strategy.FedAvg)
+
+
+def test_qfedavg_reads_the_devices_loss_and_learning_rate() -> None:
+    cfg = RunConfig.from_flat({"strategy.name": "qfedavg", "strategy.qffl-q": 0.5, "train.lr": 3e-4})
+    strategy = make_strategy(cfg.strategy, cfg.central_dp, client_lr=cfg.train.lr)
+    assert isinstance(strategy, flwr_strategy.QFedAvg)
+    assert (strategy.q, strategy.client_learning_rate, strategy.train_loss_key) == (0.5, 3e-4, "train-loss")
+    with pytest.raises(ConfigError, match="DP-SGD replies do not carry"):
+        RunConfig.from_flat({"strategy.name": "qfedavg", "dp.enabled": True})
+    with pytest.raises(ConfigError, match="needs each device's update"):
+        RunConfig.from_flat({"strategy.name": "qfedavg", "strategy.secure-aggregation": True})
+    with pytest.raises(ConfigError, match="strategy.qffl-q must be >= 0"):
+        RunConfig.from_flat({"strategy.qffl-q": -1.0})
 
 
 @needs_espeak
