@@ -283,19 +283,9 @@ def _corpus_key(corpus: str) -> str:
 def _base_checkpoint(cfg: RunConfig, plan: FairnessPlan, out: Path, checkpoint: Path | None) -> Path:
     if checkpoint is not None:
         return checkpoint
-    from simulations.train import TrainPlan, train_central
+    from simulations.train import base_model
 
-    best = out / "base" / "checkpoints" / "best.pt"
-    if best.exists():
-        return best
-    train_plan = TrainPlan(
-        steps=plan.base_steps,
-        warmup=max(1, plan.base_steps // 5),
-        eval_every=plan.base_steps,
-        ckpt_every=plan.base_steps,
-        eval_utterances=cfg.eval.heldout_utterances,
-    )
-    return train_central(cfg, train_plan, run_dir=out / "base", progress=False)
+    return base_model(cfg, plan.base_steps, out / "base", eval_utterances=cfg.eval.heldout_utterances)
 
 
 def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, checkpoint: Path | None = None) -> dict[str, Any]:

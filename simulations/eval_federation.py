@@ -135,20 +135,10 @@ def _launch_base(cfg: RunConfig, plan: NewMarketPlan, out: Path, checkpoint: Pat
                 f"accent={','.join(plan.withheld)}` checkpoint)"
             )
         return shipped
-    from simulations.train import TrainPlan, train_central
+    from simulations.train import base_model
 
-    best = out / "launch-base" / "checkpoints" / "best.pt"
-    if best.exists():
-        return best
-    train_plan = TrainPlan(
-        steps=plan.base_steps,
-        warmup=max(1, plan.base_steps // 5),
-        eval_every=plan.base_steps,
-        ckpt_every=plan.base_steps,
-        eval_utterances=cfg.eval.heldout_utterances,
-        withhold=f"accent={','.join(plan.withheld)}",
-    )
-    return train_central(cfg, train_plan, run_dir=out / "launch-base", progress=False)
+    withhold = f"accent={','.join(plan.withheld)}"
+    return base_model(cfg, plan.base_steps, out / "launch-base", eval_utterances=cfg.eval.heldout_utterances, withhold=withhold)
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:

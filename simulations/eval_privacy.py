@@ -72,7 +72,7 @@ from shared.privacy.membership import MembershipAttack, loss_threshold_attack, u
 from shared.records import array_record, metric_record, scalar
 from shared.training import score, train_steps
 from simulations.harness import InProcessGrid, server_identity
-from simulations.train import TrainPlan, train_central
+from simulations.train import base_model
 
 __all__ = ["PrivacyPlan", "QUICK", "FULL", "run_privacy_eval", "main"]
 
@@ -292,16 +292,9 @@ def _base_model(
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint, expect=cfg.model)
         return ckpt.state_dict, str(checkpoint)
-    best = root / "base" / "checkpoints" / "best.pt"
-    if not (reuse and best.exists()):
-        tplan = TrainPlan(
-            steps=plan.base_steps,
-            eval_every=plan.base_steps,
-            ckpt_every=max(1, plan.base_steps // 4),
-            warmup=max(1, min(300, plan.base_steps // 10)),
-            eval_utterances=plan.heldout_utterances,
-        )
-        best = train_central(cfg, tplan, run_dir=root / "base", progress=progress)
+    best = base_model(
+        cfg, plan.base_steps, root / "base", eval_utterances=plan.heldout_utterances, reuse=reuse, progress=progress
+    )
     return load_checkpoint(best, expect=cfg.model).state_dict, str(best)
 
 

@@ -29,7 +29,7 @@ from shared.models.checkpoint import Frontend, average_checkpoints, initial_mode
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
 
-__all__ = ["TrainPlan", "train_central"]
+__all__ = ["TrainPlan", "base_model", "train_central"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,32 @@ def _lr_at(step: int, plan: TrainPlan) -> float:
         return plan.peak_lr * (step + 1) / plan.warmup
     progress = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
     return plan.peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def base_model(
+    cfg: RunConfig,
+    steps: int,
+    run_dir: Path,
+    *,
+    eval_utterances: int,
+    withhold: str = "",
+    reuse: bool = True,
+    progress: bool = False,
+) -> Path:
+    """An evaluation's own base model when it is given none: ``steps`` steps of central training (a fifth of them,
+    at most 300, warm-up; scored once, at the end), or the ``best.pt`` an earlier call left in ``run_dir``."""
+    best = run_dir / "checkpoints" / "best.pt"
+    if reuse and best.exists():
+        return best
+    plan = TrainPlan(
+        steps=steps,
+        warmup=max(1, min(300, steps // 5)),
+        eval_every=steps,
+        ckpt_every=steps,
+        eval_utterances=eval_utterances,
+        withhold=withhold,
+    )
+    return train_central(cfg, plan, run_dir=run_dir, progress=progress)
 
 
 def _fit_budget(plan: TrainPlan, step: int, seconds_per_step: float, seconds_left: float) -> TrainPlan:
