@@ -129,7 +129,8 @@ def _base_strategy(cfg: StrategyConfig, client_lr: float) -> flwr_strategy.Strat
     if cfg.name == "bulyan":
         return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
     if cfg.name == "qfedavg":
-        return flwr_strategy.QFedAvg(**common, client_learning_rate=client_lr, q=cfg.qffl_q, train_loss_key="train-loss")
+        step = cfg.qffl_lr or client_lr
+        return flwr_strategy.QFedAvg(**common, client_learning_rate=step, q=cfg.qffl_q, train_loss_key="train-loss")
     raise ValueError(f"strategy.name={cfg.name!r} is not supported; choose one of {', '.join(STRATEGIES)}")
 
 

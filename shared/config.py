@@ -190,8 +190,12 @@ class StrategyConfig:
     num_malicious: int = 0
     trim_beta: float = 0.2
     # q of q-FedAvg (q-FFL, Li et al. 2020; Flower's QFedAvg): each update weighs by its device's training loss to
-    # the power q, so devices served worse pull harder (0 = FedAvg). Its Lipschitz estimate is 1 / train.lr.
+    # the power q, so devices served worse pull harder (0 = FedAvg).
     qffl_q: float = 0.1
+    # The device step size q-FedAvg assumes (its Lipschitz estimate L = 1 / qffl-lr; 0 = train.lr, Flower's
+    # choice). It reads L x (global - local weights) as a device's gradient: after AdamW's normalized steps that is
+    # far larger than the gradient, the step comes out tiny, and the paper tunes L.
+    qffl_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -215,6 +219,8 @@ class StrategyConfig:
             raise ConfigError(f"strategy.num-malicious must be >= 0, got {self.num_malicious}")
         if not self.qffl_q >= 0.0:
             raise ConfigError(f"strategy.qffl-q must be >= 0, got {self.qffl_q}")
+        if not self.qffl_lr >= 0.0:
+            raise ConfigError(f"strategy.qffl-lr must be >= 0 (0: train.lr), got {self.qffl_lr}")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"strategy.trim-beta must lie in [0, 0.5), got {self.trim_beta}")
         if self.max_examples < 1:

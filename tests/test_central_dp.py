@@ -80,6 +80,8 @@ def test_qfedavg_reads_the_devices_loss_and_learning_rate() -> None:
     strategy = make_strategy(cfg.strategy, cfg.central_dp, client_lr=cfg.train.lr)
     assert isinstance(strategy, flwr_strategy.QFedAvg)
     assert (strategy.q, strategy.client_learning_rate, strategy.train_loss_key) == (0.5, 3e-4, "train-loss")
+    tuned = RunConfig.from_flat({"strategy.name": "qfedavg", "strategy.qffl-lr": 0.5})
+    assert make_strategy(tuned.strategy, client_lr=tuned.train.lr).client_learning_rate == 0.5
     with pytest.raises(ConfigError, match="DP-SGD replies do not carry"):
         RunConfig.from_flat({"strategy.name": "qfedavg", "dp.enabled": True})
     with pytest.raises(ConfigError, match="needs each device's update"):
