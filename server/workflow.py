@@ -288,6 +288,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     model = initial_model(cfg.model)  # always holds the global model (``arrays`` is its wire copy)
     strategy = make_strategy(cfg.strategy, cfg.central_dp, client_lr=cfg.train.lr)
     global_ckpt = ckpt_dir / "global.pt"
+    frontend = Frontend(prepared.tokenizer, prepared.cmvn)  # round models carry it: `chorus eval wer` scores them as is
     first_round = 1
     if resume and global_ckpt.exists():
         # The checkpoint commits a round; metrics lines of later rounds (a kill after the line, before the
@@ -303,9 +304,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         global_ckpt.unlink(missing_ok=True)  # an earlier run's under this id must never be resumed into this one
         save_checkpoint(ckpt_dir / "initial.pt", model, cfg.model, round=0)
         if cfg.eval.keep_round_models:
-            save_checkpoint(
-                ckpt_dir / "round-0.pt", model, cfg.model, frontend=Frontend(prepared.tokenizer, prepared.cmvn), round=0
-            )
+            save_checkpoint(ckpt_dir / "round-0.pt", model, cfg.model, frontend=frontend, round=0)
 
     heldout = _heldout_utterances(prepared, cfg.eval.heldout_utterances)
     features = FeatureCache(prepared.corpus, prepared.cmvn)
@@ -404,7 +403,6 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 strategy=stateful_strategy(strategy),
             )
             if cfg.eval.keep_round_models:
-                frontend = Frontend(prepared.tokenizer, prepared.cmvn)  # so that `chorus eval wer` scores it as is
                 save_checkpoint(ckpt_dir / f"round-{server_round}.pt", model, cfg.model, frontend=frontend, round=server_round)
             if fairness is not None:
                 fairness.save(run_dir)  # the federated adversary, beside the checkpoint

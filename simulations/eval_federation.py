@@ -36,6 +36,7 @@ from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import load_checkpoint
+from shared.models.transducer import Transducer
 from shared.training import score
 
 __all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval"]
@@ -152,15 +153,14 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
 
 
 def _by_market(
-    checkpoint: Path,
+    model: Transducer,
     utterances: Sequence[Utterance],
     features: FeatureCache,
     prepared: Prepared,
     accent: dict[str, str],
     beam: int,
 ) -> dict[str, ErrorCounts]:
-    """accent -> ErrorCounts of ``checkpoint`` over ``utterances`` (greedy or beam, as the devices decode)."""
-    model = load_checkpoint(checkpoint).build().eval()
+    """accent -> ErrorCounts of ``model`` over ``utterances`` (greedy or beam, as the devices decode)."""
     with torch.inference_mode():
         _, per_utt = score(model, utterances, features=features, tokenizer=prepared.tokenizer, beam=beam)
     speaker_of = {u.id: u.speaker for u in utterances}
@@ -235,10 +235,10 @@ def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkp
     features.warm([u for utts in sets.values() for u in utts])
     per_round: list[dict[str, Any]] = []
     for r in range(plan.rounds + 1):
-        ckpt = run_dir / "checkpoints" / f"round-{r}.pt"
+        model = load_checkpoint(run_dir / "checkpoints" / f"round-{r}.pt").build().eval()
         row: dict[str, Any] = {"round": r}
         for name, utts in sets.items():
-            markets = _by_market(ckpt, utts, features, prepared, accent, cfg.eval.beam)
+            markets = _by_market(model, utts, features, prepared, accent, cfg.eval.beam)
             row[name] = {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
             row[f"{name}_counts"] = markets
         per_round.append(row)
