@@ -606,7 +606,7 @@ class FairnessRounds:
             )
             return None, None
         if self.adversary is not None:
-            contributing = self._population_round(contributing)
+            contributing = self._population_round(server_round, contributing)
         arrays, metrics = strategy.aggregate_train(server_round, contributing)
         if arrays is None:
             return None, metrics
@@ -617,9 +617,10 @@ class FairnessRounds:
             raise p.ProtocolError(f"replies carry adversary arrays {sorted(adversary_state)[:3]} but ARW is off")
         return ArrayRecord(model_state), metrics
 
-    def _population_round(self, replies: list[Message]) -> list[Message]:
+    def _population_round(self, server_round: int, replies: list[Message]) -> list[Message]:
         """ARW: the next round's ``PopulationStats`` from the replies' summed ``ScoreSums``; under population
-        normalization, the replies as the strategy should weigh them (``num-examples`` := ``arw-weight``).
+        normalization, the replies as the strategy should weigh them (``num-examples`` := ``arw-weight``). Notes
+        the round's range of device mean weights (``arw_weight_min`` / ``arw_weight_max``) when they are in the clear.
 
         Under SecAgg+ every reply carries the same masked slots, (sum over devices) / (summed weight), and the
         devices weighed their own updates: the ratios that make ``PopulationStats`` are the same."""
@@ -635,7 +636,16 @@ class FairnessRounds:
             totals = totals + ScoreSums(score, count, score_loss)
         if totals.count > 0 and totals.score > 0:
             self.population = totals.population()
-        if secure or self.cfg.fairness.arw_normalization != "population":
+        if secure:
+            return replies
+        # How far ARW reweighs devices against each other: each device's mean ARL weight (2 for every device
+        # under in-batch normalization, whose weights sum to 2n on each device; population ARW spreads them).
+        means = [
+            float(scalar(m, p.ARW_WEIGHT)) / float(scalar(m, "num-examples"))
+            for m in (metric_record(reply.content, "metrics") for reply in replies)
+        ]
+        self._round_notes.setdefault(server_round, {}).update(arw_weight_min=min(means), arw_weight_max=max(means))
+        if self.cfg.fairness.arw_normalization != "population":
             return replies
         weighted = []  # copies: the strategy weighs by num-examples, and here that is the ARL weight mass
         for reply in replies:

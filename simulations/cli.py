@@ -658,6 +658,10 @@ def eval_federation_cmd(
     devices: Annotated[Optional[int], typer.Option(min=1, help="Simulated devices (default: the plan's).")] = None,
     per_round: Annotated[Optional[int], typer.Option(min=1, help="Devices sampled per round (default: the plan's).")] = None,
     rounds: Annotated[Optional[int], typer.Option(min=1, help="Federated rounds (default: the plan's).")] = None,
+    sweep: Annotated[
+        bool,
+        typer.Option(help="Choose the devices' local recipe by the plan's sweep first (--no-sweep: the plan's and --set's)."),
+    ] = True,
     eval_id: Annotated[str, typer.Option(help="runs/<eval-id>/ (default: eval-federation[-quick]).")] = "",
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     set_: SetOption = None,
@@ -668,7 +672,9 @@ def eval_federation_cmd(
     from simulations.eval_federation import FULL, QUICK, main
 
     try:
-        plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_), devices=devices, per_round=per_round, rounds=rounds)
+        plan = (QUICK if quick else FULL).with_overrides(
+            _parse_sets(set_), devices=devices, per_round=per_round, rounds=rounds, sweep=sweep
+        )
         if checkpoint is not None:
             load_checkpoint(checkpoint)  # a missing or corrupt launch base, named before anything runs
     except (ConfigError, ValueError, CheckpointError) as err:

@@ -12,6 +12,12 @@ Round 0 is the launch base. The summary compares round 0 with the last round for
 the base) and the served ones, against the targets: new markets' WER falls >= 25% relative (goal 35%: Shor et al.
 2019 personalizing to accented speech; FedNST -22.5% federated) while served markets get no worse than +2%.
 
+The devices' local recipe (learning rate, local steps, EWC strength) is chosen first by a small sweep
+(``Sweep``): each candidate federates the launch base for a few rounds on its own fresh speakers (another synth
+seed, so the recipe is not picked on the speakers it is reported on), and the one with the lowest new-market
+device WER whose served markets' held-out WER rose no more than the +2% target wins (none within it: the one that
+forgot least). The sweep's table is in the report; ``--no-sweep`` keeps the plan's recipe (and ``--set``'s).
+
 Plans: ``QUICK`` is CI-sized (a tiny model trained 40 steps here as its own launch base, 10 devices, 2 rounds):
 its numbers prove the pipeline only. ``FULL``: 200 devices of a fresh 320-speaker corpus (seed 11), 30 per round,
 5 rounds, from the launch base ``--checkpoint`` (default: the shipped ``launch-6.pt``).
@@ -44,6 +50,18 @@ __all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_e
 LEGACY = ("en-029", "en-gb-scotland", "en-gb-x-gbcwmd")  # the legacy fleet's markets (shared/data/synth.py)
 TARGETS = {"new_markets_relative": -0.25, "new_markets_goal": -0.35, "served_markets_relative": 0.02}
 LAUNCH_BASE = "launch-6.pt"  # the shipped launch base (shared/models/shipped/)
+RECIPE_KEYS = ("train.lr", "train.local-steps", "fairness.ewc-lambda", "strategy.name")  # a local recipe, as reported
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Candidate local recipes, tried on a corpus of their own before the measured federation."""
+
+    recipes: tuple[dict[str, Any], ...]  # run-config keys of each candidate (over the plan's overrides)
+    corpus: dict[str, Any]  # the sweep corpus' keys over the plan's (another synth seed: fresh speakers)
+    devices: int
+    per_round: int
+    rounds: int
 
 
 @dataclass(frozen=True)
@@ -55,20 +73,30 @@ class NewMarketPlan:
     per_round: int
     rounds: int
     base_steps: int  # > 0: train the launch base here (QUICK); 0: --checkpoint or the shipped one
+    sweep: Sweep | None = None  # the local-recipe sweep run first (None: the plan's recipe)
 
     def with_overrides(
-        self, overrides: dict[str, Any], *, devices: int | None = None, per_round: int | None = None, rounds: int | None = None
+        self,
+        overrides: dict[str, Any],
+        *,
+        devices: int | None = None,
+        per_round: int | None = None,
+        rounds: int | None = None,
+        sweep: bool = True,
     ) -> NewMarketPlan:
-        """The plan with extra run-config keys (``--set``, checked against the run config at once) and other
-        ``devices`` / ``per_round`` / ``rounds`` (None keeps the plan's)."""
+        """The plan with extra run-config keys (``--set``, checked against the run config at once), other
+        ``devices`` / ``per_round`` / ``rounds`` (None keeps the plan's), and without its sweep (``sweep=False``)."""
         merged = {**self.overrides, **overrides}
         RunConfig.from_flat(merged)  # ConfigError naming an unknown key or a bad value
+        for recipe in self.sweep.recipes if self.sweep and sweep else ():
+            RunConfig.from_flat({**merged, **recipe})
         plan = replace(
             self,
             overrides=merged,
             devices=self.devices if devices is None else devices,
             per_round=self.per_round if per_round is None else per_round,
             rounds=self.rounds if rounds is None else rounds,
+            sweep=self.sweep if sweep else None,
         )
         if not 1 <= plan.per_round <= plan.devices or plan.rounds < 1:
             raise ValueError(f"need 1 <= per-round ({plan.per_round}) <= devices ({plan.devices}) and rounds >= 1")
@@ -94,6 +122,23 @@ QUICK = NewMarketPlan(
     per_round=4,
     rounds=2,
     base_steps=40,
+    # The plan's recipe and one with EWC (fairness phases on: a Fisher from the devices, tiny cohort discovery).
+    sweep=Sweep(
+        recipes=(
+            {},
+            {
+                "fairness.enabled": True,
+                "fairness.ewc-lambda": 10.0,
+                "fairness.num-cohorts": 2,
+                "fairness.kmeans-iterations": 1,
+                "fairness.embedder-steps": 20,
+            },
+        ),
+        corpus={"synth.seed": 4},
+        devices=4,
+        per_round=2,
+        rounds=1,
+    ),
 )
 # 320 fresh speakers (seed 11: none of them is in the launch base's seed-1 pool): 200 devices, 80 held-out
 # speakers (10 per market on average), 40 public ones the run does not use (the base brings its own front end).
@@ -114,6 +159,20 @@ FULL = NewMarketPlan(
     per_round=30,
     rounds=5,
     base_steps=0,
+    # Five recipes, each 2 rounds of 20 of 60 devices of 160 fresh seed-12 speakers (40 of them held out).
+    sweep=Sweep(
+        recipes=(
+            {"train.lr": 1e-4, "train.local-steps": 8},
+            {"train.lr": 3e-4, "train.local-steps": 8},
+            {"train.lr": 3e-4, "train.local-steps": 24},
+            {"train.lr": 1e-3, "train.local-steps": 8},
+            {"train.lr": 3e-4, "train.local-steps": 24, "fairness.enabled": True, "fairness.ewc-lambda": 10.0},
+        ),
+        corpus={"synth.speakers": 160, "synth.seed": 12, "split.heldout-speakers": 40},
+        devices=60,
+        per_round=20,
+        rounds=2,
+    ),
 )
 
 
@@ -191,85 +250,145 @@ def _change(before: ErrorCounts, after: ErrorCounts) -> dict[str, float | int | 
     }
 
 
-def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkpoint: Path | None = None) -> dict[str, Any]:
-    """Train or take the launch base, federate, measure every round per market; returns the JSON summary."""
+def _federate(
+    flat: dict[str, Any], plan: NewMarketPlan, base: Path, *, run_id: str, devices: int, per_round: int, rounds: int
+) -> dict[str, Any]:
+    """Federate ``base`` through ``chorus simulate`` and measure every round's global model per market on the
+    devices' own local-eval utterances and the held-out speakers; reuses a finished run of the same config."""
+    from client.data import device_data
     from simulations.simulate import available_cores, sampling_overrides, simulate
 
     start = time.monotonic()
-    parallel = min(available_cores(), plan.per_round)
-    flat: dict[str, Any] = {
-        **RunConfig().to_flat(),
-        **plan.overrides,
-        **sampling_overrides(plan.devices, plan.per_round, parallel=parallel),
-        "workdir": str(workdir),
-        "num-server-rounds": plan.rounds,
-        "eval.keep-round-models": True,
-    }
-    if checkpoint is not None:  # the base model's architecture wins over the plan's
-        model_config = asdict(load_checkpoint(checkpoint).model_config)
-        flat.update({f"model.{k.replace('_', '-')}": v for k, v in model_config.items() if k != "init_checkpoint"})
-    base = _launch_base(RunConfig.from_flat(flat), plan, out, checkpoint)
-    _note(f"federation ({plan.name}): launch base {base} at {time.monotonic() - start:.0f} s")
-    cfg = RunConfig.from_flat({**flat, "model.init-checkpoint": str(base.resolve()), "run-id": f"{out.name}/federation"})
+    parallel = min(available_cores(), per_round)
+    cfg = RunConfig.from_flat(
+        {
+            **flat,
+            **sampling_overrides(devices, per_round, parallel=parallel),
+            "num-server-rounds": rounds,
+            "eval.keep-round-models": True,
+            "model.init-checkpoint": str(base.resolve()),
+            "run-id": run_id,
+        }
+    )
     prepared = prepare(cfg, progress=False)
-    if plan.devices > len(prepared.split.federated):
-        raise ValueError(
-            f"{plan.devices} devices exceed the {len(prepared.split.federated)} federated speakers of {prepared.corpus.root}"
-        )
+    if devices > len(prepared.split.federated):
+        federated = len(prepared.split.federated)
+        raise ValueError(f"{devices} devices exceed the {federated} federated speakers of {prepared.corpus.root}")
     run_dir = cfg.workdir_path / "runs" / cfg.run_id
     if _finished(run_dir, cfg):
-        _note(f"federation ({plan.name}): reusing {run_dir} (same config, all rounds done)")
+        _note(f"{run_id}: reusing {run_dir} (same config, all rounds done)")
     else:
-        run_dir = simulate(cfg, num_supernodes=plan.devices, progress=False, parallel=parallel)
-    _note(f"federation ({plan.name}): {plan.rounds} rounds done at {time.monotonic() - start:.0f} s")
-
-    from client.data import device_data
+        run_dir = simulate(cfg, num_supernodes=devices, progress=False, parallel=parallel)
+    _note(f"{run_id}: {rounds} rounds done at {time.monotonic() - start:.0f} s")
 
     accent = {speaker: row.get("accent", "?") for speaker, row in read_speakers_tsv(prepared.corpus.root).items()}
     by_speaker = prepared.corpus.by_speaker()
     sets = {
-        "devices": [u for pid in range(plan.devices) for u in device_data(cfg, pid).eval],
+        "devices": [u for pid in range(devices) for u in device_data(cfg, pid).eval],
         "heldout": [u for s in prepared.split.heldout for u in by_speaker.get(s, [])],
     }
     features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=sum(len(v) for v in sets.values()))
     features.warm([u for utts in sets.values() for u in utts])
-    per_round: list[dict[str, Any]] = []
-    for r in range(plan.rounds + 1):
+    measured: list[dict[str, Any]] = []
+    for r in range(rounds + 1):
         model = load_checkpoint(run_dir / "checkpoints" / f"round-{r}.pt").build().eval()
         row: dict[str, Any] = {"round": r}
         for name, utts in sets.items():
             markets = _by_market(model, utts, features, prepared, accent, cfg.eval.beam)
             row[name] = {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
             row[f"{name}_counts"] = markets
-        per_round.append(row)
-        _note(f"federation ({plan.name}): round {r} measured at {time.monotonic() - start:.0f} s")
+        measured.append(row)
+        _note(f"{run_id}: round {r} measured at {time.monotonic() - start:.0f} s")
 
-    seen = sorted({m for row in per_round for name in sets for m in row[name]})
+    seen = sorted({m for row in measured for name in sets for m in row[name]})
     new = [m for m in seen if m in plan.withheld]
     served = [m for m in seen if m not in plan.withheld]
     summary = {
         name: {
-            group: _change(_pooled(per_round[0][f"{name}_counts"], members), _pooled(per_round[-1][f"{name}_counts"], members))
+            group: _change(_pooled(measured[0][f"{name}_counts"], members), _pooled(measured[-1][f"{name}_counts"], members))
             for group, members in (("new_markets", new), ("served_markets", served))
         }
         for name in sets
     }
-    for row in per_round:
+    for row in measured:
         for name in sets:
             del row[f"{name}_counts"]
+    return {
+        "new_markets": new,
+        "served_markets": served,
+        "local_recipe": {k: cfg.to_flat()[k] for k in RECIPE_KEYS},
+        "run_dir": str(run_dir),
+        "per_round_wer": measured,
+        "summary": summary,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+
+
+def _choose(rows: Sequence[dict[str, Any]]) -> int:
+    """The sweep's winner: the lowest new-market device WER after the sweep's rounds among the recipes whose
+    served markets' held-out WER rose no more than the target; if none kept to it, the one that forgot least."""
+
+    def served(row: dict[str, Any]) -> float:
+        rel = row["summary"]["heldout"]["served_markets"]["relative"]
+        return 0.0 if rel is None else rel
+
+    def new_after(row: dict[str, Any]) -> float:
+        after = row["summary"]["devices"]["new_markets"]["after"]
+        return float("inf") if after is None else after
+
+    kept = [i for i, row in enumerate(rows) if served(row) <= TARGETS["served_markets_relative"]]
+    if kept:
+        return min(kept, key=lambda i: (new_after(rows[i]), i))
+    return min(range(len(rows)), key=lambda i: (served(rows[i]), i))
+
+
+def _sweep(flat: dict[str, Any], plan: NewMarketPlan, base: Path, out: Path) -> dict[str, Any]:
+    """Federate ``base`` with each candidate recipe on the sweep's own speakers; the table and the chosen recipe."""
+    assert plan.sweep is not None
+    sweep = plan.sweep
+    rows = []
+    for i, recipe in enumerate(sweep.recipes):
+        result = _federate(
+            {**flat, **sweep.corpus, **recipe},
+            plan,
+            base,
+            run_id=f"{out.name}/sweep-{i}",
+            devices=sweep.devices,
+            per_round=sweep.per_round,
+            rounds=sweep.rounds,
+        )
+        rows.append({"recipe": recipe, **{k: result[k] for k in ("local_recipe", "summary", "run_dir", "seconds")}})
+    chosen = _choose(rows)
+    return {**asdict(sweep), "rows": rows, "chosen": chosen}
+
+
+def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Train or take the launch base, sweep the local recipe, federate, measure every round per market; returns
+    the JSON summary."""
+    start = time.monotonic()
+    flat: dict[str, Any] = {**RunConfig().to_flat(), **plan.overrides, "workdir": str(workdir)}
+    if checkpoint is not None:  # the base model's architecture wins over the plan's
+        model_config = asdict(load_checkpoint(checkpoint).model_config)
+        flat.update({f"model.{k.replace('_', '-')}": v for k, v in model_config.items() if k != "init_checkpoint"})
+    base = _launch_base(RunConfig.from_flat(flat), plan, out, checkpoint)
+    _note(f"federation ({plan.name}): launch base {base} at {time.monotonic() - start:.0f} s")
+    sweep = None
+    if plan.sweep is not None:
+        sweep = _sweep(flat, plan, base, out)
+        flat.update(sweep["rows"][sweep["chosen"]]["recipe"])
+        _note(f"federation ({plan.name}): the sweep chose {sweep['rows'][sweep['chosen']]['recipe']}")
+    result = _federate(
+        flat, plan, base, run_id=f"{out.name}/federation", devices=plan.devices, per_round=plan.per_round, rounds=plan.rounds
+    )
     return {
         "plan": plan.name,
         "launch_base": str(base),
         "withheld": list(plan.withheld),
-        "new_markets": new,
-        "served_markets": served,
         "devices": plan.devices,
         "per_round": plan.per_round,
         "rounds": plan.rounds,
-        "local_recipe": {k: cfg.to_flat()[k] for k in ("train.local-steps", "train.lr", "strategy.name")},
-        "run_dir": str(run_dir),
-        "per_round_wer": per_round,
-        "summary": summary,
+        **result,
+        "sweep": sweep,
         "targets": TARGETS,
         "seconds": round(time.monotonic() - start, 1),
     }
@@ -324,6 +443,27 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
             lines.append(
                 f"| {name} | {group.replace('_', ' ')} | {s['before']} | {s['after']} | {rel} | {s['words']} | {target} |"
             )
+    sweep = result.get("sweep")
+    if sweep:
+        lines += [
+            "",
+            f"The local recipe, chosen by a sweep: each candidate federated the launch base {sweep['rounds']} rounds, "
+            f"{sweep['per_round']} of {sweep['devices']} devices per round, on speakers of their own ({sweep['corpus']}); "
+            "the lowest new-market device WER whose served markets' held-out WER rose <= +2% wins.",
+            "",
+            "| recipe | new markets, devices | new markets, held-out | served markets, held-out | seconds |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for i, row in enumerate(sweep["rows"]):
+            cells = [
+                row["summary"][name][group]
+                for name, group in (("devices", "new_markets"), ("heldout", "new_markets"), ("heldout", "served_markets"))
+            ]
+            text = [
+                "-" if c["relative"] is None else f"{c['before']} -> {c['after']} ({100 * c['relative']:+.1f}%)" for c in cells
+            ]
+            mark = " **(chosen)**" if i == sweep["chosen"] else ""
+            lines.append(f"| {row['local_recipe']}{mark} | " + " | ".join(text) + f" | {row['seconds']} |")
     lines += ["", "WER per market per round (devices / held-out):", ""]
     rounds = result["per_round_wer"]
     lines.append("| market | " + " | ".join(f"round {row['round']}" for row in rounds) + " |")

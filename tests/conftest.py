@@ -50,7 +50,7 @@ FILE_SECONDS = {
     "test_resume.py": 139,
     "test_bench_federation.py": 127,
     "test_eval_fairness.py": 114,
-    "test_eval_federation.py": 63,
+    "test_eval_federation.py": 140,
     "test_recognizer.py": 80,
     "test_eval_privacy.py": 79,
     "test_bench_robustness.py": 79,

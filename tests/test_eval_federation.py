@@ -17,7 +17,7 @@ from shared.data.corpora import read_speakers_tsv
 from shared.data.prepare import open_prepared
 from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint
 from simulations.cli import app
-from simulations.eval_federation import LAUNCH_BASE, QUICK
+from simulations.eval_federation import LAUNCH_BASE, QUICK, _choose
 from tests.conftest import REPO_ROOT, needs_espeak
 
 
@@ -65,6 +65,32 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
             words = sum(rounds[0][name][m]["words"] for m in out[group] if m in rounds[0][name])
             assert out["summary"][name][group]["words"] == words, (name, group)
     assert Path(out["report"]).is_file() and Path(out["plot"]).stat().st_size > 0
+
+    # The sweep federated each candidate recipe on its own speakers first; the measured run used the chosen one.
+    sweep = out["sweep"]
+    assert QUICK.sweep is not None and len(sweep["rows"]) == len(QUICK.sweep.recipes)
+    chosen = sweep["rows"][sweep["chosen"]]
+    assert out["local_recipe"] == chosen["local_recipe"]
+    ewc_run = RunConfig.from_flat(json.loads((Path(sweep["rows"][1]["run_dir"]) / "config.json").read_text()))
+    assert ewc_run.fairness.ewc_lambda == 10.0 and ewc_run.synth.seed == QUICK.sweep.corpus["synth.seed"] != cfg.synth.seed
+    assert "**(chosen)**" in Path(out["report"]).read_text()
+
+
+def _sweep_row(new_after: float, served_relative: float) -> dict[str, object]:
+    return {
+        "summary": {
+            "devices": {"new_markets": {"after": new_after}},
+            "heldout": {"served_markets": {"relative": served_relative}},
+        }
+    }
+
+
+def test_the_sweep_picks_the_best_new_market_recipe_that_does_not_forget() -> None:
+    # The best new-market WER forgot 5% of the served markets: the next best, within +2%, wins.
+    assert _choose([_sweep_row(0.30, 0.0), _sweep_row(0.20, 0.05), _sweep_row(0.25, 0.01)]) == 2
+    # None kept to +2%: the one that forgot least.
+    assert _choose([_sweep_row(0.30, 0.08), _sweep_row(0.20, 0.05)]) == 1
+    assert QUICK.with_overrides({}, sweep=False).sweep is None
 
 
 def test_bad_inputs_are_named_before_anything_runs(tmp_path: Path) -> None:

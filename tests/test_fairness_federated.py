@@ -417,6 +417,9 @@ def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_wei
     assert rounds.population == pytest.approx((0.4, 2.5))
     # ... and FedAvg weighed the updates 5.6 : 10.4 (their ARL weight mass), not 4 : 4 (their utterances).
     np.testing.assert_allclose(arrays["joiner.b"].numpy(), np.full(5, 10.4 / 16.0), rtol=1e-6)  # type: ignore[index]
+    # The round notes how far apart the devices' mean weights were: 1.4 and 2.6.
+    notes = rounds._round_notes[2]
+    assert (notes["arw_weight_min"], notes["arw_weight_max"]) == pytest.approx((1.4, 2.6))
 
     # The next round's message carries the normalizers; the device's reweighter uses them.
     content = _train_content(adversary=Adversary(UTTERANCE_STATISTICS + E))
