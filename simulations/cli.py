@@ -572,30 +572,47 @@ def eval_privacy_cmd(
     noise_multipliers: Annotated[
         str, typer.Option(help="DP noise multipliers, comma-separated, e.g. 0.5,1,1.5,2 (default: the plan's).")
     ] = "",
+    markets: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Devices and held-out speakers only of these accents, comma-separated, or 'any' (default: the "
+            "plan's; full: the launch base's new markets en-029,en-gb-scotland,en-gb-x-gbcwmd)."
+        ),
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Local DP-SGD: epsilon vs held-out WER (non-DP + 3 noise levels), DP step time, membership-inference AUC."""
     from dataclasses import replace
 
+    from shared.data.synth import ACCENTS
     from simulations.eval_privacy import FULL, QUICK, main
 
     plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
     if devices is not None:
         plan = replace(plan, devices=devices)
+    if markets is not None:
+        chosen = () if markets == "any" else tuple(m.strip() for m in markets.split(",") if m.strip())
+        unknown = [m for m in chosen if m not in ACCENTS]
+        if unknown or markets != "any" and not chosen:
+            fail(f"--markets {markets!r}: {unknown or 'no accent'} is not one of {', '.join(ACCENTS)} (or 'any')")
+        plan = replace(plan, markets=chosen)
     if noise_multipliers:
         try:
             sigmas = tuple(float(x) for x in noise_multipliers.split(","))
         except ValueError as err:
             fail(f"--noise-multipliers {noise_multipliers!r}: {err}")
         plan = replace(plan, noise_multipliers=sigmas)
-    main(
-        plan,
-        workdir=workdir.resolve(),
-        eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
-        checkpoint=checkpoint.resolve() if checkpoint else None,
-        reuse=reuse,
-        as_json=json_,
-    )
+    try:
+        main(
+            plan,
+            workdir=workdir.resolve(),
+            eval_id=eval_id or ("eval-privacy-quick" if quick else "eval-privacy"),
+            checkpoint=checkpoint.resolve() if checkpoint else None,
+            reuse=reuse,
+            as_json=json_,
+        )
+    except FileNotFoundError as err:  # the full plan's launch base is not shipped and none was given
+        fail(str(err))
 
 
 @eval_app.command("device-dp")

@@ -45,7 +45,7 @@ from shared.models.checkpoint import load_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score
 
-__all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval"]
+__all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval", "shipped_launch_base"]
 
 LEGACY = ("en-029", "en-gb-scotland", "en-gb-x-gbcwmd")  # the legacy fleet's markets (shared/data/synth.py)
 TARGETS = {"new_markets_relative": -0.25, "new_markets_goal": -0.35, "served_markets_relative": 0.02}
@@ -180,21 +180,26 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def shipped_launch_base() -> Path:
+    """The shipped launch base; FileNotFoundError naming what to pass instead while none ships."""
+    from shared.models.checkpoint import SHIPPED_DIR
+
+    shipped = SHIPPED_DIR / LAUNCH_BASE
+    if not shipped.is_file():
+        raise FileNotFoundError(
+            f"no launch base: {shipped} is not shipped yet; pass --checkpoint (a `chorus train --withhold "
+            f"accent={','.join(LEGACY)}` checkpoint)"
+        )
+    return shipped
+
+
 def _launch_base(cfg: RunConfig, plan: NewMarketPlan, out: Path, checkpoint: Path | None) -> Path:
     """The checkpoint federation starts from: ``checkpoint``, the shipped launch base, or (QUICK) one trained here
     on the public speakers without the withheld markets."""
     if checkpoint is not None:
         return checkpoint
     if plan.base_steps == 0:
-        from shared.models.checkpoint import SHIPPED_DIR
-
-        shipped = SHIPPED_DIR / LAUNCH_BASE
-        if not shipped.is_file():
-            raise FileNotFoundError(
-                f"no launch base: {shipped} is not shipped yet; pass --checkpoint (a `chorus train --withhold "
-                f"accent={','.join(plan.withheld)}` checkpoint)"
-            )
-        return shipped
+        return shipped_launch_base()
     from simulations.train import base_model
 
     withhold = f"accent={','.join(plan.withheld)}"

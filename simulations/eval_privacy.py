@@ -32,9 +32,11 @@ DP settings run with ``dp.epsilon-budget`` lifted (1e9) so that every setting tr
 curve shows what each noise level costs; whether each stays within the 8.0 target is reported instead.
 
 Plans: ``QUICK`` (``--quick``) is CI-sized: a tiny corpus and model, minutes; its numbers prove the pipeline only
-(a 30-step base model has WER 1, and 7 training + 3 local-eval utterances per device give a noisy AUC). ``FULL`` is the
-default corpus (24 public and 16 held-out speakers), 6 of its federated speakers as devices, the default model and a
-1500-step base model (or ``--checkpoint``), 3 rounds of 8 local steps, sigma 1.0 / 1.5 / 2.0, sequential. It is
+(a 30-step base model has WER 1, and 7 training + 3 local-eval utterances per device give a noisy AUC). ``FULL`` prices
+privacy where fine-tuning helps: it starts from the shipped launch base (or ``--checkpoint``), and its devices and
+held-out speakers are of the markets that base never heard (``markets``; ``--markets`` changes them): on the default
+corpus (24 public and 16 held-out speakers) 6 of its 7 such federated speakers as devices, 7 held-out speakers,
+3 rounds of 8 local steps, sigma 1.0 / 1.5 / 2.0, sequential. It is
 sized from the README's measured run (10 devices, sigma 0.5 too, an 8-layer ``--checkpoint``: 58 min in all, 406 s
 without DP and 406-1147 s per DP setting on 2 cores shared with other jobs, load average 7-10): 6 devices and 3 noise
 levels scale that to about 20-35 min (an estimate, not measured; training the base model, without
@@ -53,16 +55,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
 from client.client_app import app as client_app
 from client.data import DeviceData, device_data
 from server.workflow import make_strategy, train_round
 from shared.config import TINY_MODEL, RunConfig
-from shared.data.corpora import Utterance
+from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import Batch, FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
@@ -71,6 +73,7 @@ from shared.privacy.dp import DPSGD, GradSampleMode, make_dp_compatible, validat
 from shared.privacy.membership import MembershipAttack, loss_threshold_attack, utterance_losses
 from shared.records import array_record, metric_record, scalar
 from shared.training import score, train_steps
+from simulations.eval_federation import LEGACY, shipped_launch_base
 from simulations.harness import InProcessGrid, server_identity
 from simulations.train import base_model
 
@@ -97,6 +100,9 @@ class PrivacyPlan:
     noise_multipliers: tuple[float, ...]
     heldout_utterances: int  # held-out-speaker utterances for WER
     timing_steps: int  # measured step pairs (plain, DP) after a warm-up pair
+    # Devices (and held-out speakers) only of these accents, e.g. the launch base's new markets; () = any.
+    markets: tuple[str, ...] = ()
+    launch_base: bool = False  # without --checkpoint: the shipped launch base (else a base trained here)
 
     def with_overrides(self, extra: dict[str, Any]) -> PrivacyPlan:
         return replace(self, overrides={**self.overrides, **extra})
@@ -129,7 +135,15 @@ QUICK = PrivacyPlan(
 # default 1.5 (3 rounds of 8 steps: epsilon 35 at 0.5, 9.9 at 1.0, 5.2 at 1.5, 3.4 at 2.0); 6 devices and 3 noise
 # levels keep it near 40 min on 2 loaded cores (see the module docstring).
 FULL = PrivacyPlan(
-    overrides={}, base_steps=1500, devices=6, rounds=3, noise_multipliers=(1.0, 1.5, 2.0), heldout_utterances=320, timing_steps=10
+    overrides={},
+    base_steps=1500,
+    devices=6,
+    rounds=3,
+    noise_multipliers=(1.0, 1.5, 2.0),
+    heldout_utterances=320,
+    timing_steps=10,
+    markets=LEGACY,  # where fine-tuning helps: the markets the launch base never heard (7 such devices, 7 held out)
+    launch_base=True,
 )
 
 
@@ -199,14 +213,17 @@ class _Federation:
     rounds_log: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _federate(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: int, rounds: int) -> _Federation:
+def _federate(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, partitions: Sequence[int], rounds: int) -> _Federation:
     with server_identity():
-        return _federate_rounds(cfg, base_state, devices=devices, rounds=rounds)
+        return _federate_rounds(cfg, base_state, partitions=partitions, rounds=rounds)
 
 
-def _federate_rounds(cfg: RunConfig, base_state: dict[str, torch.Tensor], *, devices: int, rounds: int) -> _Federation:
+def _federate_rounds(
+    cfg: RunConfig, base_state: dict[str, torch.Tensor], *, partitions: Sequence[int], rounds: int
+) -> _Federation:
+    """``rounds`` FedAvg rounds of the devices with these partition ids (node id = partition id + 1)."""
     strategy = make_strategy(cfg.strategy)
-    grid = InProcessGrid(client_app, devices, cfg.to_flat())
+    grid = InProcessGrid(client_app, {p + 1: RecordDict() for p in partitions}, cfg.to_flat())
     model = build_model(cfg.model)
     load_state(model, base_state, source="base model")
     arrays = ArrayRecord(model.state_dict())
@@ -280,9 +297,9 @@ def _attack_on(state: dict[str, torch.Tensor], cfg: RunConfig, data: dict[int, D
 # --- the evaluation ------------------------------------------------------------------------------------------------
 
 
-def _heldout(prepared: Prepared, budget: int) -> list[Utterance]:
+def _heldout(prepared: Prepared, budget: int, keep: Callable[[str], bool]) -> list[Utterance]:
     by_speaker = prepared.corpus.by_speaker()
-    utterances = [u for s in prepared.split.heldout for u in by_speaker.get(s, [])]
+    utterances = [u for s in prepared.split.heldout if keep(s) for u in by_speaker.get(s, [])]
     return utterances[:: max(1, len(utterances) // budget)][:budget]
 
 
@@ -307,9 +324,12 @@ def run_privacy_eval(
 ) -> dict[str, Any]:
     started = time.monotonic()
     flat = {**RunConfig().to_flat(), **plan.overrides, "workdir": str(workdir)}
-    if checkpoint is not None:  # the checkpoint decides the model; the corpus and tokenizer follow its vocab size
+    if checkpoint is None and plan.launch_base:
+        checkpoint = shipped_launch_base()
+    if checkpoint is not None:  # the checkpoint decides the model and brings its front end (tokenizer, CMVN)
         model_cfg = load_checkpoint(checkpoint).model_config
         flat.update({f"model.{k.replace('_', '-')}": v for k, v in asdict(model_cfg).items()})
+        flat["model.init-checkpoint"] = str(checkpoint)
     # Every device trains in every round: the strategy samples all of them.
     flat.update(
         {"strategy.fraction-train": 1.0, "strategy.min-train-nodes": plan.devices, "strategy.min-available-nodes": plan.devices}
@@ -319,20 +339,28 @@ def run_privacy_eval(
     mark = time.monotonic()
     prepared = prepare(base, progress=progress)
     phases["prepare"] = round(time.monotonic() - mark, 1)
-    if plan.devices > len(prepared.split.federated):
-        raise ValueError(f"{plan.devices} devices, but the corpus has {len(prepared.split.federated)} federated speakers")
+    accent = {speaker: row.get("accent", "?") for speaker, row in read_speakers_tsv(prepared.corpus.root).items()}
+
+    def in_markets(speaker: str) -> bool:
+        return not plan.markets or accent.get(speaker) in plan.markets
+
+    partitions = [p for p in range(len(prepared.split.federated)) if in_markets(prepared.speaker_for_partition(p))]
+    if plan.devices > len(partitions):
+        where = f" of {', '.join(plan.markets)}" if plan.markets else ""
+        raise ValueError(f"{plan.devices} devices, but the corpus has {len(partitions)} federated speakers{where}")
+    partitions = partitions[: plan.devices]
     root = base.workdir_path / "runs" / eval_id
     root.mkdir(parents=True, exist_ok=True)
     mark = time.monotonic()
     base_state, base_source = _base_model(base, plan, root, checkpoint, reuse, progress)
     phases["base_model"] = round(time.monotonic() - mark, 1)
 
-    heldout = _heldout(prepared, plan.heldout_utterances)
+    heldout = _heldout(prepared, plan.heldout_utterances, in_markets)
     features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=len(heldout))
 
-    data = {p: device_data(base, p) for p in range(plan.devices)}
+    data = {p: device_data(base, p) for p in partitions}
     local_eval = [u for d in data.values() for u in d.eval]
-    device_features = data[0].features  # one cache of the whole corpus, shared by the devices' DeviceData
+    device_features = data[partitions[0]].features  # one cache of the whole corpus, shared by the devices' DeviceData
 
     def wers(state: dict[str, torch.Tensor]) -> tuple[float, int, float]:
         """(held-out-speaker WER, its words, WER on the devices' own local-eval utterances): the first asks
@@ -363,7 +391,7 @@ def run_privacy_eval(
         name = "non-dp" if sigma is None else f"dp-sigma{sigma:g}"
         start = time.monotonic()
         torch.manual_seed(cfg.train.seed)
-        fed = _federate(cfg, base_state, devices=plan.devices, rounds=plan.rounds)
+        fed = _federate(cfg, base_state, partitions=partitions, rounds=plan.rounds)
         wer, _, device_wer = wers(fed.global_state)
         model = build_model(cfg.model)
         load_state(model, fed.global_state, source="final global model")
@@ -407,13 +435,13 @@ def run_privacy_eval(
             (row["device_wer"] - plain_device_wer) / plain_device_wer if plain_device_wer > 0 else float("nan")
         )
 
-    # Step time: one batch of device 0's training data, as the non-DP path batches it; one thread, as on a device.
+    # Step time: one batch of the first device's training data, as the non-DP path batches it; one thread, as on a device.
     timing_model = build_model(base.model)
     load_state(timing_model, base_state, source="base model")
     batch = make_batches(
-        data[0].train,
-        features=data[0].features,
-        tokenizer=data[0].tokenizer,
+        data[partitions[0]].train,
+        features=data[partitions[0]].features,
+        tokenizer=data[partitions[0]].tokenizer,
         max_frames=base.train.batch_frames,
         shuffle=False,
         seed=0,
@@ -460,6 +488,7 @@ def run_privacy_eval(
         },
         "duration_s": round(time.monotonic() - started, 1),
         "phases_s": phases,
+        "device_markets": {str(p): accent.get(prepared.speaker_for_partition(p), "?") for p in partitions},
         "run_dir": str(root),
     }
     (root / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -521,7 +550,9 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         f"{summary['base']['heldout_wer']:.4f} ({summary['base']['heldout_words']} words), device WER "
         f"{summary['base']['device_wer']:.4f} (`{summary['base']['checkpoint']}`). Held-out WER: held-out speakers "
         "the federation never saw; device WER: the devices' own local-eval utterances (same speakers, not trained "
-        "on).",
+        "on). Markets (accents) of the devices and held-out speakers: "
+        + (", ".join(plan["markets"]) if plan["markets"] else "any")
+        + f"; the devices' partitions and accents: {summary['device_markets']}.",
         "",
         "| setting | sigma | epsilon (max over devices) | held-out WER | rel. WER cost | device WER | rel. device "
         "WER cost | MIA AUC (device update) | MIA advantage | MIA AUC (global model) | s / device round |",

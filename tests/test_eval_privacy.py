@@ -10,10 +10,21 @@ from pathlib import Path
 
 import pytest
 
+from typer.testing import CliRunner
+
+from shared.config import RunConfig
+from shared.data.corpora import read_speakers_tsv
+from shared.data.prepare import open_prepared
+from shared.data.synth import ACCENTS
+from shared.models.checkpoint import SHIPPED_DIR
 from shared.privacy.dp import AccountantState
+from simulations.cli import app
+from simulations.eval_federation import LAUNCH_BASE
 from tests.conftest import REPO_ROOT, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
+
+MARKETS = tuple(a for a in ACCENTS if a != "en-gb-x-gbclan")  # every accent but one (a rare one)
 
 SETTING_KEYS = {
     "name",
@@ -48,7 +59,9 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
             "--workdir",
             str(tmp_path),
             "--devices",
-            "4",
+            "3",
+            "--markets",
+            ",".join(MARKETS),
             "--noise-multipliers",
             "0.5,1,2",
         ],
@@ -62,11 +75,19 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
     assert {"base", "non_dp", "settings", "step_time", "targets", "plan", "duration_s", "run_dir"} <= set(result)
     assert 0.0 <= result["base"]["mia"]["auc"] <= 1.0  # the attack on a model that saw no device data
 
+    # The devices are the first 3 federated speakers of the chosen markets (the corpus' order, others skipped).
+    plan = result["plan"]
+    cfg = RunConfig.from_flat({**RunConfig().to_flat(), **plan["overrides"], "workdir": str(tmp_path)})
+    prepared = open_prepared(cfg)
+    accents = {s: row["accent"] for s, row in read_speakers_tsv(prepared.corpus.root).items()}
+    federated = [prepared.speaker_for_partition(p) for p in range(len(prepared.split.federated))]
+    expected = {str(p): accents[s] for p, s in enumerate(federated) if accents[s] in MARKETS}
+    assert result["device_markets"] == dict(list(expected.items())[:3])
+
     settings = result["settings"]
     assert settings[0]["name"] == "non-dp" and settings[0]["epsilon"] is None and not settings[0]["dp"]
     dp = [s for s in settings if s["dp"]]
     assert [s["noise_multiplier"] for s in dp] == [0.5, 1.0, 2.0]  # --noise-multipliers
-    plan = result["plan"]
     for s in settings:
         assert SETTING_KEYS <= set(s), f"{s['name']} lacks {SETTING_KEYS - set(s)}"
         assert 0.0 <= s["heldout_wer"] and s["device_failures"] == 0
@@ -99,3 +120,13 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "| non-dp |" in report and "wer_vs_epsilon.png" in report
     assert (run_dir / "wer_vs_epsilon.png").stat().st_size > 0
+
+
+def test_bad_markets_and_a_missing_launch_base_are_named_before_anything_runs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(app, ["eval", "privacy", "--quick", "--markets", "en-029,en-mars", "--workdir", str(tmp_path)])
+    assert bad.exit_code == 2 and "['en-mars'] is not one of" in bad.output
+    if not (SHIPPED_DIR / LAUNCH_BASE).exists():  # the full plan starts from the launch base, or --checkpoint
+        unshipped = runner.invoke(app, ["eval", "privacy", "--workdir", str(tmp_path)])
+        assert unshipped.exit_code == 2 and f"{LAUNCH_BASE} is not shipped yet; pass --checkpoint" in unshipped.output
+    assert not (tmp_path / "data").exists()  # nothing was synthesized
