@@ -725,7 +725,9 @@ def eval_fairness_cmd(
     workdir: Annotated[Path, typer.Option(help="Where data/, artifacts/ and runs/ live.")] = Path("."),
     arms: Annotated[
         str,
-        typer.Option(help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw,qfedavg); also targeted, arw-pop, ewc+arw-pop."),
+        typer.Option(
+            help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw,qfedavg); also targeted, arw-batch, ewc+arw-batch."
+        ),
     ] = "",
     set_: SetOption = None,
 ) -> None:

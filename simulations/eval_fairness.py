@@ -10,13 +10,13 @@ devices fine-tune it in each arm; every arm runs our ServerApp workflow (``serve
                 the worst automatic cohort, so the penalty holds the others' knowledge while it is fine-tuned for
                 (Trinh et al.)
     arw         adversarial reweighting on every device (ARL weights from utterance statistics + the device's
-                speaker embedding; the adversary is federated with the model)
+                speaker embedding, normalized over the federation; the adversary is federated with the model)
     ewc+arw     both
     qfedavg     q-FedAvg (Li et al. 2020, Flower's ``QFedAvg``, ``strategy.qffl-q``): the fairness baseline a user would
                 pick instead, which needs no cohorts: each update weighs by its device's training loss to the power q
     (``arm_overrides`` also knows ``targeted``: the targeted rounds without EWC, what EWC adds to targeting alone,
-    and ``arw-pop`` / ``ewc+arw-pop``: ARW normalized over the federation, ``fairness.arw-normalization=
-    population``, which also reweighs devices against each other; pick arms with ``--arms``)
+    and ``arw-batch`` / ``ewc+arw-batch``: ARL's in-batch normalization, ``fairness.arw-normalization=batch``,
+    which with one speaker per device reweights only a speaker's own utterances; pick arms with ``--arms``)
 
 Measured per arm, on the federated devices' own local-eval utterances (what the devices evaluate), for the
 final global model (and the base model once):
@@ -175,15 +175,15 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
     """The run-config keys that make an arm (on top of the plan's shared ones)."""
     targeted = {"fairness.targeted-rounds": plan.targeted_rounds}
     ewc = {**targeted, "fairness.ewc-lambda": plan.ewc_lambda, "fairness.fisher": "federated"}
-    population = {"fairness.arw": True, "fairness.arw-normalization": "population"}
+    batch = {"fairness.arw": True, "fairness.arw-normalization": "batch"}
     arms: dict[str, dict[str, Any]] = {
         "fedavg": {},
         "targeted": targeted,
         "ewc": ewc,
         "arw": {"fairness.arw": True},
         "ewc+arw": {**ewc, "fairness.arw": True},
-        "arw-pop": population,
-        "ewc+arw-pop": {**ewc, **population},
+        "arw-batch": batch,
+        "ewc+arw-batch": {**ewc, **batch},
         "qfedavg": {"strategy.name": "qfedavg"},
     }
     if arm not in arms:
@@ -191,7 +191,7 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
     return arms[arm]
 
 
-ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-pop", "ewc+arw-pop", "qfedavg")
+ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-batch", "ewc+arw-batch", "qfedavg")
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------

@@ -60,9 +60,10 @@ def test_quick_fairness_eval_prints_one_json_object(tmp_path: Path) -> None:
             # The server's sums of the devices' dense vectors equal a central recount of the same cohorts.
             assert row["federated_matches_recount"], (name, arm)
         assert section["arms"]["ewc"]["targeted_cohorts"] and not section["arms"]["fedavg"]["targeted_cohorts"]
-        # In-batch ARW: every device's weights sum to 2 x its utterances, so the devices weigh as in FedAvg.
+        # Population ARW: uniform weights (2) in the warm-up round, then the adversary weighs devices apart.
         spread = section["arms"]["arw"]["arw_weight_range"]
-        assert spread and np.allclose(spread, 2.0), (name, spread)
+        assert len(spread) == QUICK.rounds and np.allclose(spread[0], 2.0), (name, spread)
+        assert spread[-1][0] < spread[-1][1], (name, spread)
         assert not section["arms"]["fedavg"]["arw_weight_range"]
     report = Path(summary["report"]).read_text()
     assert "| fedavg | automatic |" in report and "| ewc+arw | metadata |" in report

@@ -437,9 +437,9 @@ def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_wei
     assert list(metrics) == list(p.ARW_METRICS) and metrics[p.ARW_WEIGHT] == 10.0  # no step yet: weight 2 each
     audit_reply(RecordDict({"metrics": MetricRecord(metrics)}), content)
 
-    # Batch normalization (the default) keeps the strategy's utterance weights.
+    # Batch normalization keeps the strategy's utterance weights.
     rounds = FairnessRounds(
-        cfg=RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True}),
+        cfg=RunConfig.from_flat({"fairness.enabled": True, "fairness.arw": True, "fairness.arw-normalization": "batch"}),
         centroids=np.zeros((3, E)),
         cohort_sizes=np.zeros(3),
         adversary=Adversary(UTTERANCE_STATISTICS + E),
