@@ -102,6 +102,9 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
             "by_words": evaluation["by_words"],
         },
     }
+    withheld = entry.get("run_config", {}).get("plan.withhold")
+    if withheld:  # a launch base: trained without some markets, never the default "shipped" base
+        entry["withheld"] = withheld
     _add_to_manifest({out.name: entry})
     return entry
 

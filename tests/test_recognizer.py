@@ -95,6 +95,9 @@ def test_shipped_base_starts_the_models_built_on_the_dense_one() -> None:
     """``model.init-checkpoint = "shipped"`` with no shipped base of its own gives the amortized and sliding-window
     models the dense base: the sliding-window model its very weights (only its attention window is shorter)."""
     assert default_checkpoint().name == "dense-6.pt"
+    # A launch base of the same architecture (trained without some markets) ships too, and is never the default.
+    launch = [name for name, entry in shipped_manifest().items() if entry.get("withheld")]
+    assert all(shipped_manifest()[name]["model_config"] == shipped_manifest()["dense-6.pt"]["model_config"] for name in launch)
     for name in ("amortized", "sliding-window"):
         path = init_checkpoint_path(ModelConfig(name=name))
         assert path is not None and shipped_manifest()[path.name]["model_config"]["name"] in (name, "transformer")

@@ -147,7 +147,7 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
 def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
     """The checkpoint ``cfg.init_checkpoint`` names: None for "" (random init), the shipped base of the same
     architecture for "shipped" (an amortized or sliding-window model without one of its own takes the dense one:
-    see ``initial_model``), else the path."""
+    see ``initial_model``; a launch base, trained without some markets, is never it), else the path."""
     if not cfg.init_checkpoint:
         return None
     if cfg.init_checkpoint != SHIPPED:
@@ -158,7 +158,7 @@ def init_checkpoint_path(cfg: ModelConfig) -> Path | None:
     manifest = shipped_manifest()
     for arch in wanted:
         for file_name, entry in manifest.items():
-            if entry.get("model_config") == arch:
+            if entry.get("model_config") == arch and not entry.get("withheld"):
                 return _shipped_file(file_name)
     sizes = ", ".join(f"{k}={v}" for k, v in architecture(cfg).items())
     raise CheckpointError(
