@@ -45,7 +45,7 @@ from shared.models.checkpoint import load_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score
 
-__all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval", "shipped_launch_base"]
+__all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval", "shipped_launch_base", "speaker_accents"]
 
 LEGACY = ("en-029", "en-gb-scotland", "en-gb-x-gbcwmd")  # the legacy fleet's markets (shared/data/synth.py)
 TARGETS = {"new_markets_relative": -0.25, "new_markets_goal": -0.35, "served_markets_relative": 0.02}
@@ -216,6 +216,11 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     return same and (run_dir / "checkpoints" / f"round-{cfg.num_server_rounds}.pt").is_file()
 
 
+def speaker_accents(corpus_root: Path) -> dict[str, str]:
+    """speaker id -> accent (a market), from the corpus' speakers.tsv ("?" where a row has none)."""
+    return {speaker: row.get("accent", "?") for speaker, row in read_speakers_tsv(corpus_root).items()}
+
+
 def _by_market(
     model: Transducer,
     utterances: Sequence[Utterance],
@@ -286,7 +291,7 @@ def _federate(
         run_dir = simulate(cfg, num_supernodes=devices, progress=False, parallel=parallel)
     _note(f"{run_id}: {rounds} rounds done at {time.monotonic() - start:.0f} s")
 
-    accent = {speaker: row.get("accent", "?") for speaker, row in read_speakers_tsv(prepared.corpus.root).items()}
+    accent = speaker_accents(prepared.corpus.root)
     by_speaker = prepared.corpus.by_speaker()
     sets = {
         "devices": [u for pid in range(devices) for u in device_data(cfg, pid).eval],

@@ -64,7 +64,7 @@ from client.client_app import app as client_app
 from client.data import DeviceData, device_data
 from server.workflow import make_strategy, train_round
 from shared.config import TINY_MODEL, RunConfig
-from shared.data.corpora import Utterance, read_speakers_tsv
+from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
@@ -73,7 +73,7 @@ from shared.privacy.dp import DPSGD, GradSampleMode, make_dp_compatible, validat
 from shared.privacy.membership import MembershipAttack, loss_threshold_attack, utterance_losses
 from shared.records import array_record, metric_record, scalar
 from shared.training import score, train_steps
-from simulations.eval_federation import LEGACY, shipped_launch_base
+from simulations.eval_federation import LEGACY, shipped_launch_base, speaker_accents
 from simulations.harness import InProcessGrid, server_identity
 from simulations.train import base_model
 
@@ -339,7 +339,7 @@ def run_privacy_eval(
     mark = time.monotonic()
     prepared = prepare(base, progress=progress)
     phases["prepare"] = round(time.monotonic() - mark, 1)
-    accent = {speaker: row.get("accent", "?") for speaker, row in read_speakers_tsv(prepared.corpus.root).items()}
+    accent = speaker_accents(prepared.corpus.root)
 
     def in_markets(speaker: str) -> bool:
         return not plan.markets or accent.get(speaker) in plan.markets
@@ -438,10 +438,11 @@ def run_privacy_eval(
     # Step time: one batch of the first device's training data, as the non-DP path batches it; one thread, as on a device.
     timing_model = build_model(base.model)
     load_state(timing_model, base_state, source="base model")
+    first = data[partitions[0]]
     batch = make_batches(
-        data[partitions[0]].train,
-        features=data[partitions[0]].features,
-        tokenizer=data[partitions[0]].tokenizer,
+        first.train,
+        features=first.features,
+        tokenizer=first.tokenizer,
         max_frames=base.train.batch_frames,
         shuffle=False,
         seed=0,
