@@ -38,12 +38,12 @@ import torch
 from shared.config import TINY_MODEL, RunConfig
 from shared.console import progress_to_stderr
 from shared.data.corpora import Utterance, read_speakers_tsv
-from shared.data.dataset import FeatureCache
+from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import load_checkpoint
+from shared.models.checkpoint import initial_model, load_checkpoint, save_checkpoint
 from shared.models.transducer import Transducer
-from shared.training import score
+from shared.training import score, train_steps
 
 __all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval", "shipped_launch_base", "speaker_accents"]
 
@@ -74,6 +74,11 @@ class NewMarketPlan:
     rounds: int
     base_steps: int  # > 0: train the launch base here (QUICK); 0: --checkpoint or the shipped one
     sweep: Sweep | None = None  # the local-recipe sweep run first (None: the plan's recipe)
+    # The central bound: the launch base fine-tuned centrally on the devices' own training utterances pooled (the
+    # same data, no federation: what FedAvg could at best reach with it), ``central_steps`` AdamW steps at
+    # ``central_lr`` (0 steps: not run).
+    central_steps: int = 0
+    central_lr: float = 3e-4
 
     def with_overrides(
         self,
@@ -122,6 +127,8 @@ QUICK = NewMarketPlan(
     per_round=4,
     rounds=2,
     base_steps=40,
+    central_steps=10,
+    central_lr=1e-3,
     # The plan's recipe and one with EWC (fairness phases on: a Fisher from the devices, tiny cohort discovery).
     sweep=Sweep(
         recipes=(
@@ -159,6 +166,8 @@ FULL = NewMarketPlan(
     per_round=30,
     rounds=5,
     base_steps=0,
+    central_steps=1200,
+    central_lr=3e-4,
     # Five recipes, each 2 rounds of 20 of 60 devices of 160 fresh seed-12 speakers (40 of them held out).
     sweep=Sweep(
         recipes=(
@@ -260,11 +269,53 @@ def _change(before: ErrorCounts, after: ErrorCounts) -> dict[str, float | int | 
     }
 
 
+def _central(
+    cfg: RunConfig, plan: NewMarketPlan, train: Sequence[Utterance], features: FeatureCache, prepared: Prepared, path: Path
+) -> Transducer:
+    """The central bound's model: the launch base (``cfg.model.init-checkpoint``) fine-tuned on ``train``, the
+    devices' training utterances pooled, with the devices' objective (SpecAugment, CTC, FastEmit) and a constant
+    AdamW rate; reused from ``path`` when an earlier call of the same config and data wrote it."""
+    key = {"config": cfg.to_flat(), "steps": plan.central_steps, "lr": plan.central_lr, "utterances": len(train)}
+    if path.is_file() and load_checkpoint(path).meta.get("central") == key:
+        return load_checkpoint(path).build()
+    batches = make_batches(
+        train,
+        features=features,
+        tokenizer=prepared.tokenizer,
+        max_frames=cfg.train.batch_frames,
+        shuffle=True,
+        seed=cfg.train.seed,
+    )
+    torch.manual_seed(cfg.train.seed)
+    model = initial_model(cfg.model)
+    train_steps(
+        model,
+        batches,
+        steps=plan.central_steps,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=plan.central_lr),
+        spec_augment_seed=cfg.train.seed if cfg.train.spec_augment else None,
+        ctc_weight=cfg.train.ctc_weight,
+        fastemit_lambda=cfg.train.fastemit_lambda,
+    )
+    save_checkpoint(path, model, cfg.model, central=key)
+    return model
+
+
 def _federate(
-    flat: dict[str, Any], plan: NewMarketPlan, base: Path, *, run_id: str, devices: int, per_round: int, rounds: int
+    flat: dict[str, Any],
+    plan: NewMarketPlan,
+    base: Path,
+    *,
+    run_id: str,
+    devices: int,
+    per_round: int,
+    rounds: int,
+    central: bool = False,
 ) -> dict[str, Any]:
     """Federate ``base`` through ``chorus simulate`` and measure every round's global model per market on the
-    devices' own local-eval utterances and the held-out speakers; reuses a finished run of the same config."""
+    devices' own local-eval utterances and the held-out speakers; reuses a finished run of the same config.
+    ``central``: measure the plan's central bound on the same devices beside it."""
+    central = central and plan.central_steps > 0
     from client.data import device_data
     from simulations.simulate import available_cores, sampling_overrides, simulate
 
@@ -297,8 +348,9 @@ def _federate(
         "devices": [u for pid in range(devices) for u in device_data(cfg, pid).eval],
         "heldout": [u for s in prepared.split.heldout for u in by_speaker.get(s, [])],
     }
-    features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=sum(len(v) for v in sets.values()))
-    features.warm([u for utts in sets.values() for u in utts])
+    train = [u for pid in range(devices) for u in device_data(cfg, pid).train] if central else []
+    features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=sum(len(v) for v in sets.values()) + len(train))
+    features.warm([u for utts in sets.values() for u in utts] + train)
     measured: list[dict[str, Any]] = []
     for r in range(rounds + 1):
         model = load_checkpoint(run_dir / "checkpoints" / f"round-{r}.pt").build().eval()
@@ -310,16 +362,36 @@ def _federate(
         measured.append(row)
         _note(f"{run_id}: round {r} measured at {time.monotonic() - start:.0f} s")
 
+    bound: dict[str, Any] | None = None
+    if central:
+        began = time.monotonic()
+        model = _central(cfg, plan, train, features, prepared, run_dir / "checkpoints" / "central.pt").eval()
+        bound = {"steps": plan.central_steps, "lr": plan.central_lr, "utterances": len(train)}
+        for name, utts in sets.items():
+            markets = _by_market(model, utts, features, prepared, accent, cfg.eval.beam)
+            bound[name] = {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
+            bound[f"{name}_counts"] = markets
+        bound["seconds"] = round(time.monotonic() - began, 1)
+        _note(f"{run_id}: the central bound ({plan.central_steps} steps) measured at {time.monotonic() - start:.0f} s")
+
     seen = sorted({m for row in measured for name in sets for m in row[name]})
     new = [m for m in seen if m in plan.withheld]
     served = [m for m in seen if m not in plan.withheld]
-    summary = {
-        name: {
-            group: _change(_pooled(measured[0][f"{name}_counts"], members), _pooled(measured[-1][f"{name}_counts"], members))
-            for group, members in (("new_markets", new), ("served_markets", served))
+
+    def summarize(after: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: {
+                group: _change(_pooled(measured[0][f"{name}_counts"], members), _pooled(after[f"{name}_counts"], members))
+                for group, members in (("new_markets", new), ("served_markets", served))
+            }
+            for name in sets
         }
-        for name in sets
-    }
+
+    summary = summarize(measured[-1])
+    if bound is not None:
+        bound["summary"] = summarize(bound)
+        for name in sets:
+            del bound[f"{name}_counts"]
     for row in measured:
         for name in sets:
             del row[f"{name}_counts"]
@@ -330,6 +402,7 @@ def _federate(
         "run_dir": str(run_dir),
         "per_round_wer": measured,
         "summary": summary,
+        "central": bound,
         "seconds": round(time.monotonic() - start, 1),
     }
 
@@ -388,7 +461,14 @@ def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkp
         flat.update(sweep["rows"][sweep["chosen"]]["recipe"])
         _note(f"federation ({plan.name}): the sweep chose {sweep['rows'][sweep['chosen']]['recipe']}")
     result = _federate(
-        flat, plan, base, run_id=f"{out.name}/federation", devices=plan.devices, per_round=plan.per_round, rounds=plan.rounds
+        flat,
+        plan,
+        base,
+        run_id=f"{out.name}/federation",
+        devices=plan.devices,
+        per_round=plan.per_round,
+        rounds=plan.rounds,
+        central=True,
     )
     return {
         "plan": plan.name,
@@ -453,6 +533,22 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
             lines.append(
                 f"| {name} | {group.replace('_', ' ')} | {s['before']} | {s['after']} | {rel} | {s['words']} | {target} |"
             )
+    bound = result.get("central")
+    if bound:
+        lines += [
+            "",
+            f"The central bound: the launch base fine-tuned on one machine on the same devices' training utterances "
+            f"pooled ({bound['utterances']} utterances, {bound['steps']} AdamW steps at {bound['lr']}; the devices' "
+            "eval utterances and the held-out speakers never trained): what FedAvg could at best reach with this data.",
+            "",
+            "| measured on | markets | launch base | federated (last round) | central bound |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for name in ("devices", "heldout"):
+            for group in ("new_markets", "served_markets"):
+                fed, cen = result["summary"][name][group], bound["summary"][name][group]
+                after = ["n/a" if x["relative"] is None else f"{x['after']} ({100 * x['relative']:+.1f}%)" for x in (fed, cen)]
+                lines.append(f"| {name} | {group.replace('_', ' ')} | {fed['before']} | " + " | ".join(after) + " |")
     sweep = result.get("sweep")
     if sweep:
         lines += [

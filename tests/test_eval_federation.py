@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from client.data import device_data
 from shared.config import RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.prepare import open_prepared
@@ -65,6 +66,19 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
             words = sum(rounds[0][name][m]["words"] for m in out[group] if m in rounds[0][name])
             assert out["summary"][name][group]["words"] == words, (name, group)
     assert Path(out["report"]).is_file() and Path(out["plot"]).stat().st_size > 0
+
+    # The central bound trained the launch base on the devices' training utterances only (never their eval ones)
+    # and was measured on the very utterances the rounds were.
+    bound = out["central"]
+    assert bound["steps"] == QUICK.central_steps and bound["lr"] == QUICK.central_lr
+    local_eval = {u.id for pid in range(QUICK.devices) for u in device_data(cfg, pid).eval}
+    pooled = [u for pid in range(QUICK.devices) for u in device_data(cfg, pid).train]
+    assert bound["utterances"] == len(pooled) > 0 and not local_eval & {u.id for u in pooled}
+    for name in ("devices", "heldout"):
+        assert {m: c["words"] for m, c in bound[name].items()} == {m: c["words"] for m, c in rounds[0][name].items()}
+    central = load_checkpoint(run_dir / "checkpoints" / "central.pt").state_dict
+    assert any(not torch.equal(start[k], central[k]) for k in start), "the central bound must have trained"
+    assert "central bound" in Path(out["report"]).read_text()
 
     # The sweep federated each candidate recipe on its own speakers first; the measured run used the chosen one.
     sweep = out["sweep"]
