@@ -450,7 +450,11 @@ def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkp
     the JSON summary."""
     start = time.monotonic()
     flat: dict[str, Any] = {**RunConfig().to_flat(), **plan.overrides, "workdir": str(workdir)}
-    if checkpoint is not None:  # the base model's architecture wins over the plan's
+    if checkpoint is None and plan.base_steps == 0:
+        checkpoint = shipped_launch_base()
+    # The base model's architecture wins over the plan's, its dropout too: devices fine-tune it under the
+    # regularization it was trained with (the shipped bases finished at dropout 0.0, the run config's default is 0.1).
+    if checkpoint is not None:
         model_config = asdict(load_checkpoint(checkpoint).model_config)
         flat.update({f"model.{k.replace('_', '-')}": v for k, v in model_config.items() if k != "init_checkpoint"})
     base = _launch_base(RunConfig.from_flat(flat), plan, out, checkpoint)
