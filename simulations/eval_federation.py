@@ -207,12 +207,10 @@ def shipped_launch_base() -> Path:
 
 
 def _launch_base(cfg: RunConfig, plan: NewMarketPlan, out: Path, checkpoint: Path | None) -> Path:
-    """The checkpoint federation starts from: ``checkpoint``, the shipped launch base, or (QUICK) one trained here
-    on the public speakers without the withheld markets."""
+    """The checkpoint federation starts from: ``checkpoint`` (given, or the shipped launch base), or (QUICK) one
+    trained here on the public speakers without the withheld markets."""
     if checkpoint is not None:
         return checkpoint
-    if plan.base_steps == 0:
-        return shipped_launch_base()
     from simulations.train import base_model
 
     withhold = f"accent={','.join(plan.withheld)}"
