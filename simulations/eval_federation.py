@@ -278,8 +278,10 @@ def _central(
     devices' training utterances pooled, with the devices' objective (SpecAugment, CTC, FastEmit) and a constant
     AdamW rate; reused from ``path`` when an earlier call of the same config and data wrote it."""
     key = {"config": cfg.to_flat(), "steps": plan.central_steps, "lr": plan.central_lr, "utterances": len(train)}
-    if path.is_file() and load_checkpoint(path).meta.get("central") == key:
-        return load_checkpoint(path).build()
+    if path.is_file():
+        kept = load_checkpoint(path)
+        if kept.meta.get("central") == key:
+            return kept.build()
     batches = make_batches(
         train,
         features=features,
@@ -346,11 +348,12 @@ def _federate(
 
     accent = speaker_accents(prepared.corpus.root)
     by_speaker = prepared.corpus.by_speaker()
+    local = [device_data(cfg, pid) for pid in range(devices)]
     sets = {
-        "devices": [u for pid in range(devices) for u in device_data(cfg, pid).eval],
+        "devices": [u for data in local for u in data.eval],
         "heldout": [u for s in prepared.split.heldout for u in by_speaker.get(s, [])],
     }
-    train = [u for pid in range(devices) for u in device_data(cfg, pid).train] if central else []
+    train = [u for data in local for u in data.train] if central else []
     features = FeatureCache(prepared.corpus, prepared.cmvn, max_items=sum(len(v) for v in sets.values()) + len(train))
     features.warm([u for utts in sets.values() for u in utts] + train)
     measured: list[dict[str, Any]] = []
