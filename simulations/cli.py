@@ -481,6 +481,7 @@ def eval_wer_cmd(
     typer.echo(
         f"WER {result['wer']:.4f} over {result['words']} words, {result['utterances']} utterances "
         f"({result['skipped']} skipped), beam {beam}"
+        + (f"; sub-blocks executed {result['executed_share']:.1%}" if "executed_share" in result else "")
     )
     for name, values in result["by"].items():
         typer.echo(f"  by {name}: " + ", ".join(f"{v} {w:.4f}" for v, w in values.items()))

@@ -3,7 +3,8 @@
 The checkpoint brings its own front end (tokenizer and CMVN, ``Checkpoint.frontend``), so any checkpoint scores on
 any corpus ``load_corpus`` reads; the default is the shipped base model. WER pools word errors over utterances
 (``shared.metrics``). Per-attribute WERs read the corpus' ``speakers.tsv`` (evaluation code only); on the synthetic
-corpus the device fleet is derived from the accent (``shared.data.synth.ACCENTS``).
+corpus the device fleet is derived from the accent (``shared.data.synth.ACCENTS``). For a compute-amortized model
+the result also says what share of its sub-blocks ran over the decoded frames (``executed_share``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shared.config import ModelConfig
 from shared.data.corpora import CorpusError, load_corpus, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.metrics import ErrorCounts
+from shared.models.amortized_transformer import AmortizedTransformerEncoder
 from shared.models.checkpoint import CheckpointError, init_checkpoint_path, load_checkpoint
 from shared.training import score
 
@@ -89,6 +91,9 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
         utterances = utterances[:: max(1, len(utterances) // limit)][:limit]
 
     model = ckpt.build().eval()
+    amortized = model.encoder if isinstance(model.encoder, AmortizedTransformerEncoder) else None
+    if amortized is not None:
+        amortized.reset_gate_stats()
     features = FeatureCache(loaded, frontend.cmvn, max_items=len(utterances))
     start = time.monotonic()
     with torch.inference_mode():
@@ -114,4 +119,5 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
         "decode_seconds": round(seconds, 1),
         "by": {name: {value: round(c.wer, 4) for value, c in sorted(values.items())} for name, values in groups.items()},
         "by_words": {name: {value: c.words for value, c in sorted(values.items())} for name, values in groups.items()},
+        **({"executed_share": round(amortized.gate_stats().executed_share, 4)} if amortized is not None else {}),
     }

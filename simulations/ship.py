@@ -100,6 +100,7 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
             "utterances": evaluation["utterances"],
             "by": evaluation["by"],
             "by_words": evaluation["by_words"],
+            **({"executed_share": evaluation["executed_share"]} if "executed_share" in evaluation else {}),
         },
     }
     withheld = entry.get("run_config", {}).get("plan.withhold")

@@ -30,13 +30,19 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert set(result["models"]) == {"transformer", "transformer-continued", "sliding-window", "convrnnt", "amortized"}
+    shipped_convrnnt = [name for name, e in shipped_manifest().items() if e.get("model_config", {}).get("name") == "convrnnt"]
     for name, row in result["models"].items():
-        keys = KEYS if name == "convrnnt" else TRAINED_KEYS
+        keys = KEYS if name == "convrnnt" and not shipped_convrnnt else TRAINED_KEYS
         assert keys <= set(row), f"{name} lacks {keys - set(row)}"
         assert row["params"] > 0 and row["encoder_gflops_per_audio_second"] > 0
-    # ConvRNN-T has no shipped base: its row is the architecture's cost, with no WER or wall time.
-    assert result["models"]["convrnnt"]["wer"] is None
-    assert result["models"]["convrnnt"]["relative_flops_vs_dense"] < 1.0
+    convrnnt = result["models"]["convrnnt"]
+    assert convrnnt["relative_flops_vs_dense"] < 1.0
+    if shipped_convrnnt:  # measured as shipped, its WER against the dense base as shipped
+        assert Path(result["checkpoints"]["convrnnt"]).name == shipped_convrnnt[0]
+        assert convrnnt["params"] == shipped_manifest()[shipped_convrnnt[0]]["parameters"]
+        assert convrnnt["relative_wer_vs_dense"] == pytest.approx(convrnnt["wer"] / result["models"]["transformer"]["wer"])
+    else:  # no shipped base: the architecture's cost, with no WER or wall time
+        assert convrnnt["wer"] is None
     dense = result["models"]["transformer"]
     assert dense["relative_flops_vs_dense"] == 1.0 and dense["batch1_streaming_rtf"] > 0
     # The dense row is the shipped base as shipped.

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shared.data.synth import synthesize
+from shared.models.checkpoint import SHIPPED_DIR
 from simulations.cli import app
 from simulations.eval_wer import default_checkpoint
 from tests.conftest import needs_espeak
@@ -28,6 +29,12 @@ def test_wer_overall_and_by_attribute_pools_the_same_words(tmp_path: Path) -> No
         assert sum(out["by_words"][attribute].values()) == out["words"]
         pooled = sum(out["by"][attribute][v] * out["by_words"][attribute][v] for v in out["by"][attribute])
         assert pooled / out["words"] == pytest.approx(out["wer"], abs=1e-3)
+    # A dense model runs every sub-block; the shipped amortized one says what share of its sub-blocks ran.
+    assert "executed_share" not in out
+    amortized = SHIPPED_DIR / "amortized-6.pt"
+    result = runner.invoke(app, ["eval", "wer", "--corpus", str(corpus), "--checkpoint", str(amortized), "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0.0 < json.loads(result.stdout)["executed_share"] < 1.0
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "missing corpus", "empty corpus", "unknown attribute"])
