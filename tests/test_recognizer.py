@@ -105,3 +105,16 @@ def test_shipped_base_starts_the_models_built_on_the_dense_one() -> None:
     window = initial_model(ModelConfig(name="sliding-window")).state_dict()
     assert set(window) == set(dense)
     assert all(torch.equal(window[k], dense[k].float()) for k in dense)
+
+
+def test_a_convrnnt_takes_the_dense_label_model_and_a_fresh_encoder() -> None:
+    """A ConvRNN-T started from the dense base takes its predictor and joiner (the label model and joint network
+    its encoder learns against: the ConvRNN-T recipe's warm start) and keeps its own encoder's initial weights."""
+    dense = load_checkpoint(default_checkpoint()).state_dict
+    torch.manual_seed(0)
+    fresh = build_model(ModelConfig(name="convrnnt", init_checkpoint="")).state_dict()
+    torch.manual_seed(0)
+    warm = initial_model(ModelConfig(name="convrnnt", init_checkpoint=str(default_checkpoint()))).state_dict()
+    label = [k for k in warm if k.startswith(("predictor.", "joiner."))]
+    assert label and all(torch.equal(warm[k], dense[k].float()) for k in label)
+    assert all(torch.equal(warm[k], fresh[k]) for k in warm if k not in label)

@@ -71,6 +71,10 @@ SHIPPED = "shipped"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 # Models that can start from a dense transformer checkpoint of the same sizes (``initial_model``).
 FROM_DENSE = ("amortized", "sliding-window")
+# A model whose encoder is not the dense one's may still take a dense checkpoint's predictor and joiner (same
+# vocabulary and d_model), so that its fresh encoder learns against a trained label model and joint network.
+LABEL_MODEL_FROM_DENSE = ("convrnnt",)
+LABEL_MODEL_PREFIXES = ("predictor.", "joiner.")
 
 
 class CheckpointError(ValueError):
@@ -173,7 +177,8 @@ def initial_model(cfg: ModelConfig) -> Transducer:
 
     An amortized model may start from a dense transformer checkpoint of the same sizes: its blocks take the
     dense weights and only the arbitrators start fresh (gates start mostly on, so it starts as the dense model).
-    A sliding-window model has the dense model's very parameters (only its attention window is shorter).
+    A sliding-window model has the dense model's very parameters (only its attention window is shorter). A
+    ConvRNN-T may start from one too: it takes the predictor and joiner, and its encoder starts from random weights.
     """
     model = build_model(cfg)
     path = init_checkpoint_path(cfg)
@@ -181,12 +186,15 @@ def initial_model(cfg: ModelConfig) -> Transducer:
         return model
     ckpt = load_checkpoint(path)
     source = ckpt.model_config
-    from_dense = cfg.name in FROM_DENSE and source.name == "transformer"
+    from_dense = cfg.name in FROM_DENSE + LABEL_MODEL_FROM_DENSE and source.name == "transformer"
     if source.name != cfg.name and not from_dense:
         raise CheckpointError(
             f"model.init-checkpoint {cfg.init_checkpoint} holds a {source.name!r} model, model.name is {cfg.name!r}"
         )
     state = dict(ckpt.state_dict)
+    if from_dense and cfg.name in LABEL_MODEL_FROM_DENSE:
+        own = model.state_dict()
+        state = {k: state[k] if k.startswith(LABEL_MODEL_PREFIXES) else v for k, v in own.items()}
     if from_dense and cfg.name == "amortized":
         own = model.state_dict()
         state.update({k: v for k, v in own.items() if is_arbitrator(k)})
