@@ -5,9 +5,9 @@ shipped; the same fine-tuned further (`transformer-continued`, the equal-trainin
 baseline (the dense weights with an 8-frame attention window, fine-tuned as long); and the compute-amortized
 Transformer at several compute-loss weights (lambda: the dense blocks plus fresh arbitrators, fine-tuned with
 loss = transducer + lambda * expected compute), which traces the WER-compute curve. ConvRNN-T is measured as
-shipped, against the dense base as shipped (it is its own base, trained from random weights); where no ConvRNN-T
-ships, its row is the cost of its architecture alone (FLOPs do not depend on the weights), with no WER. Measured
-in this one process, on unseen speakers of a test corpus:
+shipped, against the dense base as shipped (another base: its encoder learned from random weights against the
+dense base's predictor and joiner); where no ConvRNN-T ships, its row is the cost of its architecture alone (FLOPs
+do not depend on the weights), with no WER. Measured in this one process, on unseen speakers of a test corpus:
     wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet
     encoder_gflops_per_audio_second  FLOPs actually executed (torch FlopCounterMode) by the encoder while
                                      streaming batch-1 chunks of 160 ms, per second of audio

@@ -91,9 +91,9 @@ def test_shipped_recognizer_decodes_unseen_speakers_as_its_manifest_says(name: s
     assert result["wer"] <= entry["eval"]["wer"] + 0.03, result
 
 
-def test_shipped_base_starts_the_models_built_on_the_dense_one() -> None:
-    """``model.init-checkpoint = "shipped"`` with no shipped base of its own gives the amortized and sliding-window
-    models the dense base: the sliding-window model its very weights (only its attention window is shorter)."""
+def test_each_model_starts_from_its_own_shipped_base_or_the_dense_one() -> None:
+    """``model.init-checkpoint = "shipped"`` gives each model its own shipped base, and the dense base where it has
+    none: the sliding-window model takes the dense base's very weights (only its attention window is shorter)."""
     assert default_checkpoint().name == "dense-6.pt"
     # A launch base of the same architecture (trained without some markets) ships too, and is never the default.
     launch = [name for name, entry in shipped_manifest().items() if entry.get("withheld")]
@@ -101,6 +101,9 @@ def test_shipped_base_starts_the_models_built_on_the_dense_one() -> None:
     for name in ("amortized", "sliding-window"):
         path = init_checkpoint_path(ModelConfig(name=name))
         assert path is not None and shipped_manifest()[path.name]["model_config"]["name"] in (name, "transformer")
+    # ConvRNN-T is another architecture: it has its own shipped base, whole.
+    path = init_checkpoint_path(ModelConfig(name="convrnnt"))
+    assert path is not None and shipped_manifest()[path.name]["model_config"]["name"] == "convrnnt"
     dense = load_checkpoint(default_checkpoint()).state_dict
     window = initial_model(ModelConfig(name="sliding-window")).state_dict()
     assert set(window) == set(dense)
