@@ -6,8 +6,7 @@ baseline (the dense weights with an 8-frame attention window, fine-tuned as long
 Transformer at several compute-loss weights (lambda: the dense blocks plus fresh arbitrators, fine-tuned with
 loss = transducer + lambda * expected compute), which traces the WER-compute curve. ConvRNN-T is measured as
 shipped, against the dense base as shipped (another base: its encoder learned from random weights against the
-dense base's predictor and joiner); where no ConvRNN-T ships, its row is the cost of its architecture alone (FLOPs
-do not depend on the weights), with no WER. Measured in this one process, on unseen speakers of a test corpus:
+dense base's predictor and joiner). Measured in this one process, on unseen speakers of a test corpus:
     wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet
     encoder_gflops_per_audio_second  FLOPs actually executed (torch FlopCounterMode) by the encoder while
                                      streaming batch-1 chunks of 160 ms, per second of audio
@@ -34,7 +33,7 @@ from shared.data.corpora import Utterance, load_corpus
 from shared.data.dataset import FeatureCache
 from shared.data.synth import synthesize
 from shared.models.amortized_transformer import AmortizedTransformerEncoder
-from shared.models.checkpoint import SHIPPED, CheckpointError, build_model, init_checkpoint_path, load_checkpoint
+from shared.models.checkpoint import SHIPPED, init_checkpoint_path, load_checkpoint
 from shared.models.encoder import StreamingEncoder
 from shared.models.flops import measure_flops
 from shared.models.transducer import Transducer
@@ -46,7 +45,7 @@ __all__ = ["BenchPlan", "QUICK", "FULL", "train_models", "run_compute_bench"]
 CHUNK_FRAMES = 16  # 160 ms of features per streaming call: a typical on-device chunk
 DENSE = "transformer"  # the shipped dense base, as shipped
 DENSE_CONTINUED = "transformer-continued"  # the dense base fine-tuned as long as the other models
-CONVRNNT = "convrnnt"  # measured as shipped; without a shipped base, cost only
+CONVRNNT = "convrnnt"  # measured as shipped
 
 
 @dataclass(frozen=True)
@@ -124,10 +123,9 @@ def _encoder_stream(model: Transducer, feats: torch.Tensor) -> None:
 
 
 def _measure(
-    models: dict[str, Transducer], untrained: tuple[str, ...], utterances: list[Utterance], features: FeatureCache, repeats: int
+    models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache, repeats: int
 ) -> dict[str, dict[str, float]]:
-    """FLOPs of every model and batch-1 streaming wall time of the trained ones (not ``untrained``), on the same
-    utterances, interleaved."""
+    """FLOPs and batch-1 streaming wall time of every model, on the same utterances, interleaved."""
     feats = [torch.from_numpy(f.copy()) for f in (features.features(u) for u in utterances) if f is not None]
     audio_seconds = sum(f.shape[0] for f in feats) * 0.01  # 10 ms feature shift
     threads = torch.get_num_threads()
@@ -143,8 +141,7 @@ def _measure(
             out[name] = {"encoder_gflops_per_audio_second": flops / audio_seconds / 1e9}
             if isinstance(model.encoder, AmortizedTransformerEncoder):
                 out[name]["executed_share"] = model.encoder.gate_stats().executed_share
-        # Search time depends on what a model emits: only trained models are timed.
-        best = {name: float("inf") for name in models if name not in untrained}
+        best = {name: float("inf") for name in models}
         with torch.no_grad():
             for _ in range(repeats):
                 for name in best:
@@ -217,14 +214,6 @@ def train_models(
     return checkpoints
 
 
-def _shipped_convrnnt(base: RunConfig) -> Path | None:
-    """The shipped ConvRNN-T base of the benchmark's sizes, or None where none ships."""
-    try:
-        return init_checkpoint_path(replace(base.model, name=CONVRNNT, init_checkpoint=SHIPPED))
-    except CheckpointError:
-        return None
-
-
 def _test_corpus(plan: BenchPlan, workdir: Path) -> Path:
     if plan.test_corpus:
         path = workdir / plan.test_corpus
@@ -242,10 +231,9 @@ def run_compute_bench(
     root = base.workdir_path / "runs" / bench_id
     test_corpus = _test_corpus(plan, workdir)
     checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress, device=train_device)
-    convrnnt = _shipped_convrnnt(base)
-    if convrnnt is not None:
-        checkpoints[CONVRNNT] = convrnnt
-    untrained = () if convrnnt is not None else (CONVRNNT,)
+    convrnnt = init_checkpoint_path(replace(base.model, name=CONVRNNT, init_checkpoint=SHIPPED))
+    assert convrnnt is not None  # "shipped" resolves to a file or raises
+    checkpoints[CONVRNNT] = convrnnt  # its own base, as shipped
 
     loaded = {name: load_checkpoint(path) for name, path in checkpoints.items()}
     results: dict[str, dict[str, Any]] = {}
@@ -260,10 +248,6 @@ def run_compute_bench(
             "words": scored["words"],
             "by": scored["by"],
         }
-    for name in untrained:  # random weights: what the architecture costs, not what it recognizes
-        torch.manual_seed(0)
-        models[name] = build_model(replace(base.model, name=name))
-        results[name] = {"params": _params(models[name]), "encoder_params": _params(models[name].encoder), "wer": None}
 
     frontend = loaded[DENSE].frontend
     assert frontend is not None  # a shipped base carries its front end
@@ -271,7 +255,7 @@ def run_compute_bench(
     utterances = sorted(corpus.utterances, key=lambda u: u.id)
     stream_utts = utterances[:: max(1, len(utterances) // plan.stream_utterances)][: plan.stream_utterances]
     features = FeatureCache(corpus, frontend.cmvn, max_items=len(stream_utts))
-    for name, measured in _measure(models, untrained, stream_utts, features, plan.repeats).items():
+    for name, measured in _measure(models, stream_utts, features, plan.repeats).items():
         results[name].update(measured)
     dense = results[DENSE]
     for name, row in results.items():
@@ -279,9 +263,8 @@ def run_compute_bench(
         # continued one (as many training steps) for every fine-tuned model.
         reference = results[DENSE if name in (DENSE, CONVRNNT) else DENSE_CONTINUED]["wer"]
         row["relative_flops_vs_dense"] = row["encoder_gflops_per_audio_second"] / dense["encoder_gflops_per_audio_second"]
-        if name not in untrained:
-            row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
-            row["relative_wer_vs_dense"] = row["wer"] / reference if reference > 0 else float("nan")
+        row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
+        row["relative_wer_vs_dense"] = row["wer"] / reference if reference > 0 else float("nan")
 
     curve = [
         {
@@ -356,8 +339,7 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
     for c in curve:
         ax.annotate(f"{c['lambda']:g}", (c["relative_flops_vs_dense"], c["wer"]))
     for name, marker in ((DENSE, "s"), (DENSE_CONTINUED, "x"), ("sliding-window", "^"), (CONVRNNT, "D")):
-        if rows[name]["wer"] is not None:
-            ax.plot([rows[name]["relative_flops_vs_dense"]], [rows[name]["wer"]], marker, label=name)
+        ax.plot([rows[name]["relative_flops_vs_dense"]], [rows[name]["wer"]], marker, label=name)
     ax.set(xlabel="encoder FLOPs relative to dense", ylabel="held-out WER", title="WER vs compute")
     ax.legend()
     fig.tight_layout()
