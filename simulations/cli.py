@@ -731,6 +731,7 @@ def eval_fairness_cmd(
         ),
     ] = "",
     set_: SetOption = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (default: the report).")] = False,
 ) -> None:
     """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both; automatic vs metadata cohorts."""
     from dataclasses import replace
@@ -757,6 +758,7 @@ def eval_fairness_cmd(
         eval_id=eval_id or ("eval-fairness-quick" if quick else "eval-fairness"),
         corpus=corpus,
         checkpoint=checkpoint.resolve() if checkpoint else None,
+        as_json=json_,
     )
 
 

@@ -42,7 +42,7 @@ transport and Ray (whose start-up per arm alone would break ``--quick``'s budget
 fairness phases through Ray are tested in ``tests/test_fairness_federated.py``.
 
 Plans: ``QUICK`` is CI-sized (tiny corpus and model, 4 devices, 2 rounds per arm): its numbers prove the
-pipeline only (a 40-step base model has WER 1 everywhere). ``FULL``: the default corpus from the shipped base,
+pipeline only (a 20-step base model has WER 1 everywhere). ``FULL``: the default corpus from the shipped base,
 100 devices in 8 automatic cohorts; speechocean762-dev's 24 federated speakers in 4, from a base trained here 1500
 steps (or ``--checkpoint``, whose architecture then wins; it needs ``--corpus``, since a base model belongs to one
 corpus' tokenizer); 3 rounds per arm, the last one targeted in the EWC arms.
@@ -133,7 +133,7 @@ QUICK = FairnessPlan(
     devices=4,
     rounds=2,
     targeted_rounds=1,
-    base_steps=40,
+    base_steps=20,
     ewc_lambda=10.0,
     arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg"),
 )
@@ -562,9 +562,17 @@ def _espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def main(plan: FairnessPlan, *, workdir: Path, eval_id: str, corpus: str | None = None, checkpoint: Path | None = None) -> None:
-    """Progress to stderr; stdout carries one JSON object."""
+def main(
+    plan: FairnessPlan,
+    *,
+    workdir: Path,
+    eval_id: str,
+    corpus: str | None = None,
+    checkpoint: Path | None = None,
+    as_json: bool = False,
+) -> None:
+    """Progress to stderr; stdout carries the report (markdown) or, ``as_json``, one JSON object."""
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(sys.stderr):
         summary = run_fairness_eval(plan, workdir=workdir, eval_id=eval_id, corpus=corpus, checkpoint=checkpoint)
-    print(json.dumps(summary))
+    print(json.dumps(summary) if as_json else Path(summary["report"]).read_text())

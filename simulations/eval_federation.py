@@ -133,10 +133,10 @@ QUICK = NewMarketPlan(
     base_steps=40,
     central_steps=10,
     central_lr=1e-3,
-    # The plan's recipe and one with EWC (fairness phases on: a Fisher from the devices, tiny cohort discovery).
+    # One candidate, the one that exercises most (EWC: fairness phases on, a Fisher from the devices, tiny cohort
+    # discovery): each candidate is a Flower simulation of its own, and the choice among several is unit-tested.
     sweep=Sweep(
         recipes=(
-            {},
             {
                 "fairness.enabled": True,
                 "fairness.ewc-lambda": 10.0,

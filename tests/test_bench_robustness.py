@@ -19,9 +19,9 @@ def test_quick_bench_rejects_nan_and_scaled_updates_and_reports_every_cell(tmp_p
     result = CliRunner().invoke(app, ["bench", "robustness", "--quick", "--json", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(summary["clean"]) == {"fedavg", "fedmedian", "krum"}
+    assert set(summary["clean"]) == {"fedavg", "krum"}
     cells = {(c["attack"], c["defense"]): c for c in summary["attacked"]}
-    assert len(cells) == 9 and all(c["malicious"] == 2 for c in cells.values())  # 20% of 10 devices
+    assert len(cells) == 6 and all(c["malicious"] == 2 for c in cells.values())  # 20% of 10 devices
     for cell in [*cells.values(), *summary["clean"].values()]:
         assert math.isfinite(cell["heldout_wer"]) and cell["heldout_words"] > 0
     rounds = summary["rounds"]
@@ -44,7 +44,7 @@ def test_quick_bench_rejects_nan_and_scaled_updates_and_reports_every_cell(tmp_p
     again = CliRunner().invoke(app, ["bench", "robustness", "--quick", "--json", "--workdir", str(tmp_path)])
     assert again.exit_code == 0, again.output
     resumed = json.loads(again.stdout.strip().splitlines()[-1])
-    assert resumed["cached_cells"] == 11
+    assert resumed["cached_cells"] == 7
     again_cells = {(c["attack"], c["defense"]): c for c in resumed["attacked"]}
     assert not again_cells["scaled", "krum"]["cached"]
     for key, cell in cells.items():

@@ -34,7 +34,7 @@ SUMMARY_KEYS = {
 @pytest.mark.timeout(900)  # a hang guard, not a timing check: --quick takes a few minutes on 2 shared cores
 def test_quick_fairness_eval_prints_one_json_object(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "eval", "fairness", "--quick", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "simulations.cli", "eval", "fairness", "--quick", "--json", "--workdir", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -85,7 +85,7 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
     assert QUICK.sweep is not None and len(sweep["rows"]) == len(QUICK.sweep.recipes)
     chosen = sweep["rows"][sweep["chosen"]]
     assert out["local_recipe"] == chosen["local_recipe"]
-    ewc_run = RunConfig.from_flat(json.loads((Path(sweep["rows"][1]["run_dir"]) / "config.json").read_text()))
+    ewc_run = RunConfig.from_flat(json.loads((Path(sweep["rows"][0]["run_dir"]) / "config.json").read_text()))
     assert ewc_run.fairness.ewc_lambda == 10.0 and ewc_run.synth.seed == QUICK.sweep.corpus["synth.seed"] != cfg.synth.seed
     assert "**(chosen)**" in Path(out["report"]).read_text()
 
