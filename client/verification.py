@@ -147,7 +147,7 @@ def enroll(data: Path, *, verifier_path: Path, max_utterances: int = 10) -> Enro
             f"{data}: none of {min(len(corpus.utterances), max_utterances)} recordings is usable "
             f"({len(corpus.skipped) + len(cache.skipped)} skipped)"
         )
-    embedding = verifier.embedder.embed_speaker(feats).numpy()
+    embedding = verifier.embed_speaker(feats).numpy()
     return Enrollment(embedding=embedding, utterances=len(feats), verifier_sha256=sha256_of(verifier_path))
 
 
@@ -161,7 +161,7 @@ def verify(audio: Path, enrollment: Enrollment, *, verifier_path: Path) -> Decis
         feats = verifier.cmvn.apply(compute_fbank(load_audio(audio, sample_rate=SAMPLE_RATE, resample=True)))
     except (AudioError, FeatureError) as err:
         raise VerificationError(str(err)) from err
-    test = verifier.embedder.embed(feats)
+    test = verifier.embed(feats)
     score = float(F.normalize(torch.from_numpy(enrollment.embedding), dim=0) @ test)
     return Decision(
         score=score, threshold=verifier.threshold, target_far=verifier.target_far, accepted=score >= verifier.threshold

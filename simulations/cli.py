@@ -446,6 +446,29 @@ def model_ship_verifiers_cmd(
     )
 
 
+@model_app.command("center-verifier")
+def model_center_verifier_cmd(
+    corpus: Annotated[
+        Path, typer.Option(help="Public speech of the domain the devices will hear (every speaker is the cohort).")
+    ],
+    out: Annotated[Path, typer.Option(help="The centered verifier file to write.")],
+    verifier: Annotated[Optional[Path], typer.Option(help="The verifier to adapt (default: the shipped baseline).")] = None,
+) -> None:
+    """Adapt a verifier to a speech domain: subtract the cohort's mean embedding before scoring and recalibrate
+    the threshold on the cohort's trials (same target false-acceptance rate)."""
+    import json
+
+    from shared.models.speaker_embedding import shipped_verifier
+    from simulations.eval_verification import FULL, VerificationError, center_on_corpus
+
+    try:
+        source = (verifier or shipped_verifier("baseline")).resolve()
+        record = center_on_corpus(source, corpus.resolve(), out.resolve(), plan=FULL)
+    except VerificationError as err:
+        fail(str(err))
+    print(json.dumps(record))
+
+
 @eval_app.command("wer")
 def eval_wer_cmd(
     corpus: Annotated[Path, typer.Option(help="Any corpus directory `load_corpus` reads (e.g. `chorus data synth`'s).")],
@@ -506,6 +529,13 @@ def eval_verification_cmd(
             "verifiers' public synthetic pool, synthesized)."
         ),
     ] = None,
+    center: Annotated[
+        bool,
+        typer.Option(
+            help="Also score the baseline and ARW verifiers centered and recalibrated on the federated half's speakers "
+            "(a public cohort of the corpus' own domain, never in a trial): arms baseline+center, arw+center."
+        ),
+    ] = False,
     workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
@@ -547,7 +577,7 @@ def eval_verification_cmd(
                 progress=not json_,
             )
         result = evaluate_verification(
-            corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out, public=public.resolve()
+            corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out, public=public.resolve(), center=center
         )
     except VerificationError as err:
         fail(str(err))

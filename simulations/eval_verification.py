@@ -30,6 +30,11 @@ with pairwise ARW on the devices; both start from the baseline verifier, so ``fe
 isolates on-device ARW. All arms are then scored on the test half's trials only (trial speakers never trained
 on), and, as a check of the fit, on trials of the federated speakers themselves (``seen_eer``: utterances the
 devices trained on). A federated model is not calibrated: it reports no threshold.
+
+Centering (``center_verifier``; ``--center`` adds ``baseline+center`` and ``arw+center``): a verifier adapted to
+a speech domain by a public cohort of it, its mean embedding subtracted before scoring and its threshold
+recalibrated on the cohort's trials. In the evaluation the cohort is the federated half (never in a trial);
+``chorus model center-verifier`` (``center_on_corpus``) adapts a verifier file on a whole corpus.
 """
 
 from __future__ import annotations
@@ -221,10 +226,10 @@ def make_trials(by_speaker: dict[str, list[str]], *, enroll: int, seed: int) -> 
 
 
 def score_trials(verifier: Verifier, trials: Trials, features: dict[str, np.ndarray]) -> np.ndarray:
-    """(N,) cosine scores: the enrolled speaker's mean embedding against each test utterance's."""
-    model = verifier.embedder
+    """(N,) cosine scores: the enrolled speaker's mean embedding against each test utterance's (as a device
+    scores: ``Verifier.embed``, centered when the verifier carries a center)."""
     embedding = {
-        u: model.embed(features[u]) for u in {*trials.utterance, *(u for ids in trials.enrollments.values() for u in ids)}
+        u: verifier.embed(features[u]) for u in {*trials.utterance, *(u for ids in trials.enrollments.values() for u in ids)}
     }
     enrolled = {
         s: F.normalize(torch.stack([embedding[u] for u in ids]).mean(dim=0), dim=0) for s, ids in trials.enrollments.items()
@@ -232,8 +237,61 @@ def score_trials(verifier: Verifier, trials: Trials, features: dict[str, np.ndar
     return np.array([float(enrolled[s] @ embedding[u]) for s, u in zip(trials.speaker, trials.utterance)])
 
 
+def center_on_corpus(verifier_path: Path, corpus_dir: Path, out: Path, *, plan: VerifierPlan) -> dict[str, Any]:
+    """``chorus model center-verifier``: the verifier at ``verifier_path`` centered and recalibrated on every
+    speaker of ``corpus_dir`` (a public corpus of the domain the devices will hear), written to ``out``."""
+    try:
+        verifier = load_verifier(verifier_path)
+    except SpeakerEmbeddingError as err:
+        raise VerificationError(str(err)) from err
+    corpus = _open(corpus_dir)
+    cmvn = verifier.cmvn or default_cmvn()
+    features = _features(corpus, cmvn, [u.id for u in corpus.utterances])
+    cohort = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
+    adapted, record = center_verifier(replace(verifier, cmvn=cmvn), cohort, features, plan=plan)
+    record = {"corpus": str(corpus.root), "skipped": len(corpus.skipped), **record}
+    save_speaker_embedder(
+        out,
+        adapted.embedder,
+        cmvn=cmvn,
+        threshold=adapted.threshold,
+        target_far=adapted.target_far,
+        meta={**adapted.meta, "centered": record},
+        center=adapted.center,
+    )
+    return {"verifier": str(out), **record}
+
+
 def _usable(by_speaker: dict[str, list[str]], features: dict[str, np.ndarray]) -> dict[str, list[str]]:
     return {s: [u for u in ids if u in features] for s, ids in by_speaker.items()}
+
+
+def center_verifier(
+    verifier: Verifier, cohort: dict[str, list[str]], features: dict[str, np.ndarray], *, plan: VerifierPlan
+) -> tuple[Verifier, dict[str, Any]]:
+    """``verifier`` adapted to a domain with a public cohort of it (speaker -> utterance ids): its ``center`` is
+    the mean embedding of the cohort's utterances, and its threshold is recalibrated on the cohort's own trials,
+    scored centered, for the verifier's target false-acceptance rate. Returns the adapted verifier and a record
+    of the cohort and the calibration."""
+    usable = {s: ids for s, ids in _usable(cohort, features).items() if ids}
+    if len(usable) < 2:
+        raise VerificationError(f"centering needs a cohort of >= 2 speakers with usable audio, got {len(usable)}")
+    ids = [u for us in usable.values() for u in us]
+    center = torch.stack([verifier.embedder.embed(features[u]) for u in ids]).mean(dim=0).numpy()
+    centered = replace(verifier, center=center)
+    trials = make_trials(usable, enroll=plan.enroll, seed=plan.seed)
+    scores = score_trials(centered, trials, features)
+    far = verifier.target_far if verifier.target_far is not None else plan.target_far
+    threshold = threshold_at_far(scores, trials.same, far)
+    record = {
+        "cohort_speakers": len(usable),
+        "cohort_utterances": len(ids),
+        "calibration_trials": len(trials),
+        "calibration_eer": round(equal_error_rate(scores, trials.same), 4),
+        "threshold": round(threshold, 4),
+        "target_far": far,
+    }
+    return replace(centered, threshold=threshold, target_far=far, meta={**verifier.meta, "centered": record}), record
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -542,12 +600,18 @@ def evaluate_verification(
     *,
     by: Sequence[str] = BY,
     public: Path | None = None,
+    center: bool = False,
 ) -> dict[str, Any]:
     """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result.
 
     With ``public`` (the public corpus whose speakers are the devices' impostors), the speakers are split first
     and the federated arms are trained from ``verifiers["baseline"]`` on the federated half; every arm is then
-    scored on the test half's trials (see the module docstring). Without it, every speaker makes trials."""
+    scored on the test half's trials (see the module docstring). Without it, every speaker makes trials.
+    ``center`` (needs ``public``) adds ``<arm>+center`` for the baseline and ARW verifiers: each centered and
+    recalibrated (``center_verifier``) on the other half's speakers, a public cohort of the corpus' own domain
+    that is never in a trial."""
+    if center and public is None:
+        raise VerificationError("centering takes its cohort from the split: it needs the federated arms' public corpus")
     corpus = _open(corpus_dir)
     loaded = {}
     for arm, path in verifiers.items():
@@ -600,6 +664,22 @@ def evaluate_verification(
             verifiers = {**verifiers, arm: path}
             loaded[arm] = Verifier(embedder=run.embedder, cmvn=cmvn)
             result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1), "rounds": run.rounds}
+        if center:
+            result["centering"] = {}
+            for arm in [a for a in ("baseline", "arw") if a in loaded]:
+                adapted, record = center_verifier(loaded[arm], {s: by_speaker[s] for s in federated}, features, plan=plan)
+                name = f"{arm}+center"
+                path = save_speaker_embedder(
+                    out_dir / "models" / f"{name}.pt",
+                    adapted.embedder,
+                    cmvn=cmvn,
+                    threshold=adapted.threshold,
+                    target_far=adapted.target_far,
+                    meta=adapted.meta,
+                    center=adapted.center,
+                )
+                verifiers, loaded[name] = {**verifiers, name: path}, adapted
+                result["centering"][name] = record
     scores = {}
     for arm, verifier in loaded.items():
         scores[arm] = score_trials(verifier, trials, features)
@@ -723,6 +803,15 @@ def _report(result: dict[str, Any]) -> str:
                     f"| {arm} | {r['round']} | {r['replies']} | {r['failed']} | {r['rejected']} | "
                     f"{r['train_loss']} | {r['seconds']} |"
                 )
+        if result.get("centering"):
+            lines += [
+                "",
+                "## Centering (`<arm>+center`)",
+                "",
+                "Each verifier centered on the mean embedding of the federated half's utterances (speakers never in a "
+                "trial, standing in for a public corpus of the same domain) and its threshold recalibrated on their "
+                "trials: " + json.dumps(result["centering"]),
+            ]
         lines += [
             "",
             f"Split (seed {split['seed']}, stratified by speakers.tsv attributes): federated "

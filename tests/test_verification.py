@@ -233,6 +233,57 @@ def test_scores_are_cosines_with_the_enrolled_mean(unseen: Path) -> None:
     assert scores[i] == pytest.approx(float(enrolled @ test / np.linalg.norm(enrolled)), abs=1e-5)
 
 
+def _speakers_of(corpus_dir: Path, speakers: list[str], dest: Path) -> Path:
+    """A corpus folder (manifest of absolute paths) holding only ``speakers``' utterances of ``corpus_dir``."""
+    dest.mkdir()
+    lines = [json.loads(line) for line in (corpus_dir / "manifest.jsonl").read_text().splitlines()]
+    chosen = [{**line, "audio": str(corpus_dir / line["audio"])} for line in lines if line["speaker"] in speakers]
+    (dest / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in chosen))
+    return dest
+
+
+@needs_espeak
+def test_a_centered_verifier_subtracts_its_cohort_mean_and_is_recalibrated_on_the_cohort(unseen: Path, tmp_path: Path) -> None:
+    corpus = load_corpus(unseen)
+    speakers = corpus.speakers()
+    cohort_dir = _speakers_of(unseen, speakers[:8], tmp_path / "cohort")  # the public cohort; the rest only tested
+    out = tmp_path / "centered.pt"
+    done = CliRunner().invoke(app, ["model", "center-verifier", "--corpus", str(cohort_dir), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.output.strip().splitlines()[-1])
+    assert record["cohort_speakers"] == 8 and record["cohort_utterances"] == 48
+
+    plain, centered = load_verifier(shipped_verifier()), load_verifier(out)
+    assert plain.cmvn is not None and centered.center is not None and plain.center is None
+    features = _features(corpus, plain.cmvn, [u.id for u in corpus.utterances])
+    cohort_ids = [u.id for u in corpus.utterances if u.speaker in speakers[:8]]
+    mean = np.mean([plain.embedder.embed(features[u]).numpy() for u in cohort_ids], axis=0)
+    assert np.allclose(centered.center, mean, atol=1e-5)
+    # The device scores centered: cosine of the re-normalized differences from the cohort mean.
+    u, v = cohort_ids[0], [i for i in features if i not in cohort_ids][0]
+    a, b = (plain.embedder.embed(features[x]).numpy() - centered.center for x in (u, v))
+    expected = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert float(centered.embed(features[u]) @ centered.embed(features[v])) == pytest.approx(expected, abs=1e-5)
+    # Its threshold is the cohort's own: at most the target false-acceptance rate on the cohort's trials.
+    by_speaker = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items() if s in speakers[:8]}
+    trials = make_trials(by_speaker, enroll=FULL.enroll, seed=FULL.seed)
+    scores = score_trials(centered, trials, features)
+    assert centered.threshold == pytest.approx(record["threshold"], abs=1e-4) and centered.target_far == plain.target_far
+    assert np.mean(scores[~trials.same] >= centered.threshold) <= centered.target_far
+    # A device enrolls and verifies with it centered too.
+    user = corpus.by_speaker()[speakers[8]]
+    enrollment = enroll(_speakers_of(unseen, speakers[8:9], tmp_path / "user"), verifier_path=out, max_utterances=3)
+    own = centered.embed_speaker([features[x.id] for x in user[:3]])
+    assert np.allclose(enrollment.embedding, own.numpy(), atol=1e-5)
+    decision = verify(user[4].audio, enrollment, verifier_path=out)
+    assert decision.score == pytest.approx(float(own @ centered.embed(features[user[4].id])), abs=1e-4)
+    assert decision.threshold == centered.threshold
+    # A cohort of one speaker cannot be centered on: one line naming the problem.
+    one = _speakers_of(unseen, speakers[:1], tmp_path / "one")
+    refused = CliRunner().invoke(app, ["model", "center-verifier", "--corpus", str(one), "--out", str(tmp_path / "x.pt")])
+    assert refused.exit_code == 2 and "got 1" in refused.output and len(refused.output.strip().splitlines()) == 1
+
+
 def test_device_recipe_travels_as_config_keys_and_unknown_keys_are_refused() -> None:
     recipe = DeviceRecipe(local_steps=3, lr=5e-4, arw=True)
     config = {**recipe.to_config(), "server-round": 2}
@@ -382,10 +433,14 @@ def test_federated_fine_tuning_learns_the_device_speakers_without_collapsing_the
 @pytest.mark.slow
 @needs_espeak
 def test_eval_verification_quick(tmp_path: Path) -> None:
-    done = CliRunner().invoke(app, ["eval", "verification", "--quick", "--json", "--workdir", str(tmp_path)])
+    args = ["eval", "verification", "--quick", "--center", "--json", "--workdir", str(tmp_path)]
+    done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     result = json.loads(done.output.strip().splitlines()[-1])
-    assert set(result["arms"]) == {"baseline", "arw", "federated", "federated+arw"}
+    assert set(result["arms"]) == {"baseline", "arw", "federated", "federated+arw", "baseline+center", "arw+center"}
+    # Centered on the federated half's 8 speakers (never tested), recalibrated on their trials.
+    assert {r["cohort_speakers"] for r in result["centering"].values()} == {8}
+    assert all(result["arms"][arm]["threshold"]["value"] == result["centering"][arm]["threshold"] for arm in result["centering"])
     # 16 speakers: 8 federated (one device each), 8 tested; every arm scored on the same test trials.
     split = result["split"]
     assert len(split["federated"]) == len(split["test"]) == 8 and not set(split["federated"]) & set(split["test"])

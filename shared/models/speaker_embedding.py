@@ -363,6 +363,23 @@ class Verifier:
     threshold: float | None = None
     target_far: float | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    center: np.ndarray | None = None  # (E,) mean embedding of a public cohort of the target domain, or None
+
+    def embed(self, features: np.ndarray | Tensor) -> Tensor:
+        """One utterance's (E,) L2-normalized embedding as the verifier scores it: with a ``center``, the
+        extractor's embedding minus that mean, normalized again (domain centering: a mismatched domain, e.g. real
+        speech for an extractor trained on synthetic speech, shares one offset that makes every two speakers
+        look alike; the cohort's mean removes it)."""
+        embedding = self.embedder.embed(features)
+        if self.center is None:
+            return embedding
+        return F.normalize(embedding - torch.from_numpy(self.center).to(embedding), dim=0)
+
+    def embed_speaker(self, utterances: Sequence[np.ndarray | Tensor]) -> Tensor:
+        """A speaker's (E,) enrollment embedding: the L2-normalized mean of its utterances' ``embed``."""
+        if not utterances:
+            raise SpeakerEmbeddingError("a speaker embedding needs at least one utterance")
+        return F.normalize(torch.stack([self.embed(u) for u in utterances]).mean(dim=0), dim=0)
 
 
 def save_speaker_embedder(
@@ -373,10 +390,11 @@ def save_speaker_embedder(
     threshold: float | None = None,
     target_far: float | None = None,
     meta: dict[str, Any] | None = None,
+    center: np.ndarray | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Atomically write the extractor's config and weights (the AAM head is not needed to embed), and, for a
-    verifier, its CMVN and operating threshold; ``dtype=torch.float16`` halves a shipped file."""
+    verifier, its CMVN, operating threshold and centering vector; ``dtype=torch.float16`` halves a shipped file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
@@ -386,6 +404,8 @@ def save_speaker_embedder(
         payload["cmvn_mean"], payload["cmvn_std"] = cmvn.mean.tolist(), cmvn.std.tolist()
     if threshold is not None:
         payload["threshold"], payload["target_far"] = float(threshold), target_far
+    if center is not None:
+        payload["center"] = [float(x) for x in center]
     return torch_save_atomic(path, payload)
 
 
@@ -415,6 +435,7 @@ def load_verifier(path: Path | str) -> Verifier:
         threshold=payload.get("threshold"),
         target_far=payload.get("target_far"),
         meta=dict(payload.get("meta", {})),
+        center=np.asarray(payload["center"], dtype=np.float32) if "center" in payload else None,
     )
 
 
