@@ -529,11 +529,20 @@ def eval_verification_cmd(
             "verifiers' public synthetic pool, synthesized)."
         ),
     ] = None,
+    public_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Instead of --public: this share of the corpus' own speakers is the public pool (public speech of the "
+            "devices' domain: the impostors, and the centering cohort), neither devices nor tested.",
+        ),
+    ] = 0.0,
     center: Annotated[
         bool,
         typer.Option(
-            help="Also score the baseline and ARW verifiers centered and recalibrated on the federated half's speakers "
-            "(a public cohort of the corpus' own domain, never in a trial): arms baseline+center, arw+center."
+            help="Also score every arm centered and recalibrated on a cohort never in a trial (the --public-share "
+            "pool, else the federated half's speakers): arms baseline+center, arw+center, federated+center, ..."
         ),
     ] = False,
     workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
@@ -555,10 +564,11 @@ def eval_verification_cmd(
             train = synthesize(workdir / "data" / "synth-sv-quick-train", speakers=30, utterances=6, seed=5, progress=False)
             train_verifiers(train, plan, out / "models", log=lambda _: None)
             models = {"baseline": out / "models" / "baseline.pt", "arw": out / "models" / "arw.pt"}
-            public = public or train  # the quick verifiers' own public training speakers
+            if not public_share:
+                public = public or train  # the quick verifiers' own public training speakers
         else:
             models = {"baseline": baseline or shipped_verifier("baseline"), "arw": arw or shipped_verifier("arw")}
-        if public is None:  # the shipped verifiers' public population (seed 1), a few utterances per speaker
+        if public is None and not public_share:  # the shipped verifiers' public population (seed 1)
             speakers, utterances = plan.federated.public_speakers, plan.federated.public_utterances
             public = synthesize(
                 workdir / "data" / f"synth-sv-public-seed1-{speakers}x{utterances}",
@@ -577,7 +587,13 @@ def eval_verification_cmd(
                 progress=not json_,
             )
         result = evaluate_verification(
-            corpus.resolve(), {k: v.resolve() for k, v in models.items()}, plan, out, public=public.resolve(), center=center
+            corpus.resolve(),
+            {k: v.resolve() for k, v in models.items()},
+            plan,
+            out,
+            public=public.resolve() if public else None,
+            public_share=public_share,
+            center=center,
         )
     except VerificationError as err:
         fail(str(err))

@@ -31,10 +31,14 @@ isolates on-device ARW. All arms are then scored on the test half's trials only 
 on), and, as a check of the fit, on trials of the federated speakers themselves (``seen_eer``: utterances the
 devices trained on). A federated model is not calibrated: it reports no threshold.
 
-Centering (``center_verifier``; ``--center`` adds ``baseline+center`` and ``arw+center``): a verifier adapted to
-a speech domain by a public cohort of it, its mean embedding subtracted before scoring and its threshold
-recalibrated on the cohort's trials. In the evaluation the cohort is the federated half (never in a trial);
-``chorus model center-verifier`` (``center_on_corpus``) adapts a verifier file on a whole corpus.
+In-domain public speech (``public_share``, ``--public-share``): a share of the evaluated corpus' own speakers is
+taken first as the public pool, public speech of the devices' domain: the federated arms' impostors (instead of a
+public corpus' synthetic speakers) and the centering cohort; the rest is split into federated and test halves.
+
+Centering (``center_verifier``; ``--center`` adds ``<arm>+center`` for every arm): a verifier adapted to a speech
+domain by a public cohort of it, its mean embedding subtracted before scoring and its threshold recalibrated on
+the cohort's trials. The cohort is the in-domain public pool, or without one the federated half (never in a
+trial either); ``chorus model center-verifier`` (``center_on_corpus``) adapts a verifier file on a whole corpus.
 """
 
 from __future__ import annotations
@@ -600,6 +604,7 @@ def evaluate_verification(
     *,
     by: Sequence[str] = BY,
     public: Path | None = None,
+    public_share: float = 0.0,
     center: bool = False,
 ) -> dict[str, Any]:
     """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result.
@@ -607,11 +612,18 @@ def evaluate_verification(
     With ``public`` (the public corpus whose speakers are the devices' impostors), the speakers are split first
     and the federated arms are trained from ``verifiers["baseline"]`` on the federated half; every arm is then
     scored on the test half's trials (see the module docstring). Without it, every speaker makes trials.
-    ``center`` (needs ``public``) adds ``<arm>+center`` for the baseline and ARW verifiers: each centered and
-    recalibrated (``center_verifier``) on the other half's speakers, a public cohort of the corpus' own domain
-    that is never in a trial."""
-    if center and public is None:
-        raise VerificationError("centering takes its cohort from the split: it needs the federated arms' public corpus")
+    ``public_share`` instead takes that share of the corpus' own speakers (stratified, seeded) as the public pool:
+    public speech of the devices' domain, whose speakers are neither devices nor tested; the rest is split.
+    ``center`` (needs a public pool) adds ``<arm>+center`` for every arm, each centered and
+    recalibrated (``center_verifier``) on a cohort never in a trial: the in-domain public pool when there is one,
+    else the federated half's speakers."""
+    if public is not None and public_share:
+        raise VerificationError("give the impostors as a public corpus or as a share of this one, not both")
+    if not 0.0 <= public_share < 1.0:
+        raise VerificationError(f"public share must lie in [0, 1), got {public_share}")
+    federating = public is not None or public_share > 0
+    if center and not federating:
+        raise VerificationError("centering takes its cohort from the split: it needs the federated arms' public pool")
     corpus = _open(corpus_dir)
     loaded = {}
     for arm, path in verifiers.items():
@@ -627,11 +639,15 @@ def evaluate_verification(
     features = _features(corpus, cmvn, [u.id for u in corpus.utterances])
     attributes = _attributes(corpus.root)
     federated: list[str] = []
+    pool: list[str] = []  # public speakers of this corpus (public_share)
     tested = by_speaker
-    if public is not None:
+    if federating:
         if "baseline" not in verifiers:
             raise VerificationError("the federated arms fine-tune the baseline verifier: pass one")
-        federated, test = split_speakers(sorted(by_speaker), attributes, share=plan.federated.share, seed=plan.seed, by=by)
+        rest = sorted(by_speaker)
+        if public_share:
+            pool, rest = split_speakers(rest, attributes, share=public_share, seed=plan.seed + 1, by=by)
+        federated, test = split_speakers(rest, attributes, share=plan.federated.share, seed=plan.seed, by=by)
         tested = {s: by_speaker[s] for s in test}
     trials = make_trials(_usable(tested, features), enroll=plan.enroll, seed=plan.seed)
     result: dict[str, Any] = {
@@ -644,12 +660,16 @@ def evaluate_verification(
         "p_target": P_TARGET,
         "arms": {},
     }
-    if public is not None:
+    if federating:
         devices = _device_dirs(corpus, federated, out_dir / "devices")
-        impostors = _public_features(public, cmvn, plan.federated)
-        result["split"] = {"seed": plan.seed, "federated": federated, "test": sorted(tested)}
+        if public is not None:
+            impostors = _public_features(public, cmvn, plan.federated)
+        else:  # every in-domain public speaker, its first utterances (as many as the plan takes of a public corpus)
+            firsts = {s: sorted(by_speaker[s])[: plan.federated.public_utterances] for s in pool}
+            impostors = [[features[u] for u in ids if u in features] for ids in firsts.values()]
+        result["split"] = {"seed": plan.seed, "public": pool, "federated": federated, "test": sorted(tested)}
         result["federation"] = {
-            "public": str(public),
+            "public": str(public) if public is not None else f"{len(pool)} speakers of {corpus.root} (share {public_share})",
             "impostors": len(impostors),
             "devices": len(devices),
             "plan": asdict(plan.federated),
@@ -666,8 +686,10 @@ def evaluate_verification(
             result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1), "rounds": run.rounds}
         if center:
             result["centering"] = {}
-            for arm in [a for a in ("baseline", "arw") if a in loaded]:
-                adapted, record = center_verifier(loaded[arm], {s: by_speaker[s] for s in federated}, features, plan=plan)
+            for arm in [a for a in (*ARMS, *FEDERATED_ARMS) if a in loaded]:
+                cohort = {s: by_speaker[s] for s in (pool or federated)}
+                adapted, record = center_verifier(loaded[arm], cohort, features, plan=plan)
+                record["cohort"] = "public pool" if pool else "federated half"
                 name = f"{arm}+center"
                 path = save_speaker_embedder(
                     out_dir / "models" / f"{name}.pt",
@@ -684,7 +706,7 @@ def evaluate_verification(
     for arm, verifier in loaded.items():
         scores[arm] = score_trials(verifier, trials, features)
         result["arms"][arm] = {"model": str(verifiers[arm]), **_arm_figures(trials, scores[arm], verifier, attributes, by, plan)}
-    if public is not None:  # the fit: trials of the speakers the devices trained on (their own utterances)
+    if federating:  # the fit: trials of the speakers the devices trained on (their own utterances)
         seen = make_trials(_usable({s: by_speaker[s] for s in federated}, features), enroll=plan.enroll, seed=plan.seed)
         result["seen"] = {"speakers": len(seen.enrollments), "trials": len(seen)}
         for arm, verifier in loaded.items():
@@ -808,13 +830,14 @@ def _report(result: dict[str, Any]) -> str:
                 "",
                 "## Centering (`<arm>+center`)",
                 "",
-                "Each verifier centered on the mean embedding of the federated half's utterances (speakers never in a "
-                "trial, standing in for a public corpus of the same domain) and its threshold recalibrated on their "
-                "trials: " + json.dumps(result["centering"]),
+                "Each verifier centered on the mean embedding of a cohort's utterances (the in-domain public pool, or "
+                "else the federated half standing in for one; never in a trial) and its threshold recalibrated on the "
+                "cohort's trials: " + json.dumps(result["centering"]),
             ]
         lines += [
             "",
-            f"Split (seed {split['seed']}, stratified by speakers.tsv attributes): federated "
-            f"{', '.join(split['federated'])}; test {', '.join(split['test'])}.",
+            f"Split (seed {split['seed']}, stratified by speakers.tsv attributes): "
+            + (f"public {', '.join(split['public'])}; " if split["public"] else "")
+            + f"federated {', '.join(split['federated'])}; test {', '.join(split['test'])}.",
         ]
     return "\n".join(lines) + "\n"

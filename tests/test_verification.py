@@ -433,22 +433,32 @@ def test_federated_fine_tuning_learns_the_device_speakers_without_collapsing_the
 @pytest.mark.slow
 @needs_espeak
 def test_eval_verification_quick(tmp_path: Path) -> None:
-    args = ["eval", "verification", "--quick", "--center", "--json", "--workdir", str(tmp_path)]
+    args = ["eval", "verification", "--quick", "--public-share", "0.25", "--center", "--json", "--workdir", str(tmp_path)]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     result = json.loads(done.output.strip().splitlines()[-1])
-    assert set(result["arms"]) == {"baseline", "arw", "federated", "federated+arw", "baseline+center", "arw+center"}
-    # Centered on the federated half's 8 speakers (never tested), recalibrated on their trials.
-    assert {r["cohort_speakers"] for r in result["centering"].values()} == {8}
-    assert all(result["arms"][arm]["threshold"]["value"] == result["centering"][arm]["threshold"] for arm in result["centering"])
-    # 16 speakers: 8 federated (one device each), 8 tested; every arm scored on the same test trials.
+    plain = {"baseline", "arw", "federated", "federated+arw"}
+    assert set(result["arms"]) == plain | {f"{arm}+center" for arm in plain}
+    # 16 speakers: 4 the in-domain public pool (impostors, centering cohort), then 6 federated (one device each)
+    # and 6 tested; every arm scored on the same test trials.
     split = result["split"]
-    assert len(split["federated"]) == len(split["test"]) == 8 and not set(split["federated"]) & set(split["test"])
-    assert result["speakers"] == 8 and result["trials"] == 2 * result["target_trials"]
+    assert (len(split["public"]), len(split["federated"]), len(split["test"])) == (4, 6, 6)
+    assert len(set(split["public"]) | set(split["federated"]) | set(split["test"])) == 16
+    assert result["speakers"] == 6 and result["trials"] == 2 * result["target_trials"]
+    assert result["federation"]["impostors"] == 4
+    # Centered on the public pool, recalibrated on its trials.
+    assert {(r["cohort"], r["cohort_speakers"]) for r in result["centering"].values()} == {("public pool", 4)}
+    assert all(result["arms"][arm]["threshold"]["value"] == result["centering"][arm]["threshold"] for arm in result["centering"])
     for figures in result["arms"].values():
         assert figures["eer"] < 0.5  # better than chance, even tiny
         assert "gender" in figures["by"] and "seen_eer" in figures
     for arm in ("federated", "federated+arw"):
         rounds = result["federation"]["arms"][arm]["rounds"]
-        assert all(r["replies"] == 8 and r["rejected"] == r["failed"] == 0 for r in rounds)
+        assert all(r["replies"] == 6 and r["rejected"] == r["failed"] == 0 for r in rounds)
     assert (tmp_path / "runs" / "eval-verification-quick" / "det.png").is_file()
+
+
+def test_a_public_corpus_and_a_public_share_are_refused_together(tmp_path: Path) -> None:
+    args = ["eval", "verification", "--corpus", str(tmp_path), "--public", str(tmp_path), "--public-share", "0.25"]
+    done = CliRunner().invoke(app, [*args, "--workdir", str(tmp_path)])
+    assert done.exit_code == 2 and "not both" in done.output and len(done.output.strip().splitlines()) == 1
