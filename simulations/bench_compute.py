@@ -78,8 +78,8 @@ QUICK = BenchPlan(
     arbitrator_lr=2e-3,
     warmup=1,
     lambdas=(0.3, 1.0),
-    eval_utterances=12,
-    stream_utterances=3,
+    eval_utterances=8,
+    stream_utterances=2,
     repeats=1,
 )
 # The README's table: fine-tuned on 550 public speakers of the base's own training pool (seed 1: nothing new to

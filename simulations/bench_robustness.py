@@ -117,13 +117,14 @@ class RobustnessPlan:
 
 
 # CI-sized: a tiny model on 10 devices; its numbers prove the pipeline only (the model is untrained). One robust
-# aggregator (Krum) stands for the rest: each defense costs a clean run and one run per attack.
+# aggregator (Krum) stands for the rest and one malformed update (NaN) for the ones validation drops (the scaled
+# update's rejection is tested in-process, tests/test_trust.py): each cell is a federation of its own.
 QUICK = RobustnessPlan(
     name="quick",
     overrides={**TINY_RUN, "synth.speakers": 14},
     rounds=1,
     shares=(0.2,),
-    attacks=("nan", "scaled", "sign-flip"),
+    attacks=("nan", "sign-flip"),
     defenses=("fedavg", "krum"),
 )
 # The documented setting: the default corpus (20 devices) from the shipped base, 2 rounds.
