@@ -79,6 +79,7 @@ from shared.models.speaker_embedding import (
     Verifier,
     load_verifier,
     save_speaker_embedder,
+    save_verifier,
     train_speaker_embedding,
 )
 
@@ -254,15 +255,7 @@ def center_on_corpus(verifier_path: Path, corpus_dir: Path, out: Path, *, plan: 
     cohort = {s: [u.id for u in utts] for s, utts in corpus.by_speaker().items()}
     adapted, record = center_verifier(replace(verifier, cmvn=cmvn), cohort, features, plan=plan)
     record = {"corpus": str(corpus.root), "skipped": len(corpus.skipped), **record}
-    save_speaker_embedder(
-        out,
-        adapted.embedder,
-        cmvn=cmvn,
-        threshold=adapted.threshold,
-        target_far=adapted.target_far,
-        meta={**adapted.meta, "centered": record},
-        center=adapted.center,
-    )
+    save_verifier(out, replace(adapted, meta={**adapted.meta, "centered": record}))
     return {"verifier": str(out), **record}
 
 
@@ -686,22 +679,13 @@ def evaluate_verification(
             result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1), "rounds": run.rounds}
         if center:
             result["centering"] = {}
+            cohort = {s: by_speaker[s] for s in (pool or federated)}
             for arm in [a for a in (*ARMS, *FEDERATED_ARMS) if a in loaded]:
-                cohort = {s: by_speaker[s] for s in (pool or federated)}
                 adapted, record = center_verifier(loaded[arm], cohort, features, plan=plan)
-                record["cohort"] = "public pool" if pool else "federated half"
                 name = f"{arm}+center"
-                path = save_speaker_embedder(
-                    out_dir / "models" / f"{name}.pt",
-                    adapted.embedder,
-                    cmvn=cmvn,
-                    threshold=adapted.threshold,
-                    target_far=adapted.target_far,
-                    meta=adapted.meta,
-                    center=adapted.center,
-                )
+                path = save_verifier(out_dir / "models" / f"{name}.pt", adapted)
                 verifiers, loaded[name] = {**verifiers, name: path}, adapted
-                result["centering"][name] = record
+                result["centering"][name] = {**record, "cohort": "public pool" if pool else "federated half"}
     scores = {}
     for arm, verifier in loaded.items():
         scores[arm] = score_trials(verifier, trials, features)

@@ -409,6 +409,20 @@ def save_speaker_embedder(
     return torch_save_atomic(path, payload)
 
 
+def save_verifier(path: Path | str, verifier: Verifier, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a whole ``Verifier`` (extractor, CMVN, threshold, center, meta): what ``load_verifier`` reads back."""
+    return save_speaker_embedder(
+        path,
+        verifier.embedder,
+        cmvn=verifier.cmvn,
+        threshold=verifier.threshold,
+        target_far=verifier.target_far,
+        meta=verifier.meta,
+        center=verifier.center,
+        dtype=dtype,
+    )
+
+
 def load_verifier(path: Path | str) -> Verifier:
     """Read a file written by ``save_speaker_embedder``: the extractor (float32, eval mode) and what came with it."""
     path = Path(path)
