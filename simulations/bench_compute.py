@@ -6,7 +6,9 @@ baseline (the dense weights with an 8-frame attention window, fine-tuned as long
 Transformer at several compute-loss weights (lambda: the dense blocks plus fresh arbitrators, fine-tuned with
 loss = transducer + lambda * expected compute), which traces the WER-compute curve. ConvRNN-T is measured as
 shipped, against the dense base as shipped (another base: its encoder learned from random weights against the
-dense base's predictor and joiner). Measured in this one process, on unseen speakers of a test corpus:
+dense base's predictor and joiner). ``--shipped`` measures only the shipped bases as they are (dense, amortized,
+ConvRNN-T), with no training: the compute table of what ships, in minutes. Measured in this one process, on
+unseen speakers of a test corpus:
     wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet
     encoder_gflops_per_audio_second  FLOPs actually executed (torch FlopCounterMode) by the encoder while
                                      streaming batch-1 chunks of 160 ms, per second of audio
@@ -46,6 +48,7 @@ CHUNK_FRAMES = 16  # 160 ms of features per streaming call: a typical on-device 
 DENSE = "transformer"  # the shipped dense base, as shipped
 DENSE_CONTINUED = "transformer-continued"  # the dense base fine-tuned as long as the other models
 CONVRNNT = "convrnnt"  # measured as shipped
+AMORTIZED = "amortized"  # the headline amortized model (a lambda of the curve), or the shipped one
 
 
 @dataclass(frozen=True)
@@ -223,17 +226,33 @@ def _test_corpus(plan: BenchPlan, workdir: Path) -> Path:
     return synthesize(workdir / "data" / "bench-compute-quick-test", speakers=3, utterances=4, seed=12, progress=False)
 
 
+def _shipped(base: RunConfig, name: str) -> Path:
+    path = init_checkpoint_path(replace(base.model, name=name, init_checkpoint=SHIPPED))
+    assert path is not None  # "shipped" resolves to a file or raises
+    return path
+
+
 def run_compute_bench(
-    plan: BenchPlan, *, workdir: Path, bench_id: str, reuse: bool = True, progress: bool = True, train_device: str = "cpu"
+    plan: BenchPlan,
+    *,
+    workdir: Path,
+    bench_id: str,
+    reuse: bool = True,
+    progress: bool = True,
+    train_device: str = "cpu",
+    shipped: bool = False,
 ) -> dict[str, Any]:
+    """Train (or reuse) the plan's models and measure them with the shipped ConvRNN-T; with ``shipped``, measure
+    only the shipped bases as they are (dense, amortized, ConvRNN-T: no training, minutes instead of an hour)."""
     started = time.monotonic()
     base = _base_config(plan, workdir)
     root = base.workdir_path / "runs" / bench_id
     test_corpus = _test_corpus(plan, workdir)
-    checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress, device=train_device)
-    convrnnt = init_checkpoint_path(replace(base.model, name=CONVRNNT, init_checkpoint=SHIPPED))
-    assert convrnnt is not None  # "shipped" resolves to a file or raises
-    checkpoints[CONVRNNT] = convrnnt  # its own base, as shipped
+    if shipped:
+        checkpoints = {DENSE: _shipped(base, DENSE), AMORTIZED: _shipped(base, AMORTIZED)}
+    else:
+        checkpoints = train_models(plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=progress, device=train_device)
+    checkpoints[CONVRNNT] = _shipped(base, CONVRNNT)  # its own base, as shipped
 
     loaded = {name: load_checkpoint(path) for name, path in checkpoints.items()}
     results: dict[str, dict[str, Any]] = {}
@@ -259,13 +278,37 @@ def run_compute_bench(
         results[name].update(measured)
     dense = results[DENSE]
     for name, row in results.items():
-        # WER against a dense model: the shipped one for itself and for the shipped ConvRNN-T (another base), the
+        # WER against a dense model: the shipped one for itself and for every model measured as shipped, the
         # continued one (as many training steps) for every fine-tuned model.
-        reference = results[DENSE if name in (DENSE, CONVRNNT) else DENSE_CONTINUED]["wer"]
+        reference = results[DENSE if shipped or name in (DENSE, CONVRNNT) else DENSE_CONTINUED]["wer"]
         row["relative_flops_vs_dense"] = row["encoder_gflops_per_audio_second"] / dense["encoder_gflops_per_audio_second"]
         row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
         row["relative_wer_vs_dense"] = row["wer"] / reference if reference > 0 else float("nan")
 
+    summary = {"models": results, "amortized_curve": []} if shipped else _trained_summary(plan, results)
+    summary |= {
+        "all_models": results,
+        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+        "settings": {
+            "plan": {k: v for k, v in asdict(plan).items()},
+            "shipped": shipped,
+            "test_corpus": str(test_corpus),
+            "chunk_ms": CHUNK_FRAMES * 10,
+            "stream_utterances": len(stream_utts),
+            "threads_for_timing": 1,
+            "torch": torch.__version__,
+        },
+        "duration_s": round(time.monotonic() - started, 1),
+        "run_dir": str(root),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bench.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _report(root, summary)
+    return summary
+
+
+def _trained_summary(plan: BenchPlan, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The headline rows of a run that trained the plan's models, and the amortized models' WER-compute curve."""
     curve = [
         {
             "lambda": lam,
@@ -280,32 +323,16 @@ def run_compute_bench(
     # point), else the most accurate one.
     within = [c for c in curve if c["wer"] <= results[DENSE_CONTINUED]["wer"] * 1.03]
     chosen = min(within, key=lambda c: c["relative_flops_vs_dense"]) if within else min(curve, key=lambda c: c["wer"])
-    summary = {
+    return {
         "models": {
-            DENSE: dense,
+            DENSE: results[DENSE],
             DENSE_CONTINUED: results[DENSE_CONTINUED],
             "sliding-window": results["sliding-window"],
             CONVRNNT: results[CONVRNNT],
-            "amortized": {**results[f"amortized-lambda{chosen['lambda']:g}"], "lambda": chosen["lambda"]},
+            AMORTIZED: {**results[f"amortized-lambda{chosen['lambda']:g}"], "lambda": chosen["lambda"]},
         },
         "amortized_curve": curve,
-        "all_models": results,
-        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
-        "settings": {
-            "plan": {k: v for k, v in asdict(plan).items()},
-            "test_corpus": str(test_corpus),
-            "chunk_ms": CHUNK_FRAMES * 10,
-            "stream_utterances": len(stream_utts),
-            "threads_for_timing": 1,
-            "torch": torch.__version__,
-        },
-        "duration_s": round(time.monotonic() - started, 1),
-        "run_dir": str(root),
     }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bench.json").write_text(json.dumps(summary, indent=1) + "\n")
-    _report(root, summary)
-    return summary
 
 
 def _report(root: Path, summary: dict[str, Any]) -> None:
@@ -338,7 +365,9 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
     ax.plot([c["relative_flops_vs_dense"] for c in curve], [c["wer"] for c in curve], "o-", label="amortized (lambda)")
     for c in curve:
         ax.annotate(f"{c['lambda']:g}", (c["relative_flops_vs_dense"], c["wer"]))
-    for name, marker in ((DENSE, "s"), (DENSE_CONTINUED, "x"), ("sliding-window", "^"), (CONVRNNT, "D")):
+    for name, marker in ((DENSE, "s"), (DENSE_CONTINUED, "x"), ("sliding-window", "^"), (CONVRNNT, "D"), (AMORTIZED, "o")):
+        if name not in rows:
+            continue
         ax.plot([rows[name]["relative_flops_vs_dense"]], [rows[name]["wer"]], marker, label=name)
     ax.set(xlabel="encoder FLOPs relative to dense", ylabel="held-out WER", title="WER vs compute")
     ax.legend()
@@ -349,11 +378,19 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
     (root / "report.md").write_text("\n".join(lines))
 
 
-def main(*, quick: bool, workdir: Path, bench_id: str, reuse: bool, as_json: bool, train_device: str = "cpu") -> None:
+def main(
+    *, quick: bool, workdir: Path, bench_id: str, reuse: bool, as_json: bool, train_device: str = "cpu", shipped: bool = False
+) -> None:
     plan = QUICK if quick else FULL
     with contextlib.redirect_stdout(sys.stderr):  # progress to stderr: stdout carries only the result
         summary = run_compute_bench(
-            plan, workdir=workdir, bench_id=bench_id, reuse=reuse, progress=sys.stderr.isatty(), train_device=train_device
+            plan,
+            workdir=workdir,
+            bench_id=bench_id,
+            reuse=reuse,
+            progress=sys.stderr.isatty(),
+            train_device=train_device,
+            shipped=shipped,
         )
     if as_json:
         json.dump(summary, sys.stdout, indent=1)

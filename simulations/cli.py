@@ -287,6 +287,9 @@ def bench_compute_cmd(
     train_device: Annotated[
         str, typer.Option(help="torch device for training the models (e.g. cuda); measurements always run on the CPU.")
     ] = "cpu",
+    shipped: Annotated[
+        bool, typer.Option(help="Measure the shipped dense, amortized and ConvRNN-T bases as they are (no training).")
+    ] = False,
 ) -> None:
     """Dense vs sliding-window vs ConvRNN-T vs compute-amortized Transformer: WER, FLOPs, batch-1 RTF."""
     from simulations.bench_compute import main
@@ -294,10 +297,11 @@ def bench_compute_cmd(
     main(
         quick=quick,
         workdir=workdir.resolve(),
-        bench_id=bench_id or ("bench-compute-quick" if quick else "bench-compute"),
+        bench_id=bench_id or ("bench-compute" + ("-shipped" if shipped else "") + ("-quick" if quick else "")),
         reuse=reuse,
         as_json=json_,
         train_device=train_device,
+        shipped=shipped,
     )
 
 

@@ -52,7 +52,7 @@ FILE_SECONDS = {
     "test_deployment.py": 77,
     "test_recognizer.py": 70,
     "test_bench_federation.py": 61,
-    "test_bench_compute.py": 59,
+    "test_bench_compute.py": 73,
     "test_failures.py": 57,
     "test_bench_robustness.py": 55,
     "test_verification.py": 53,

@@ -58,3 +58,30 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
     continued = result["models"]["transformer-continued"]
     for point in curve:
         assert point["relative_wer_vs_dense"] == pytest.approx(point["wer"] / continued["wer"])
+
+
+def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) -> None:
+    """``--shipped`` trains nothing: the dense, amortized and ConvRNN-T bases as shipped, side by side, every WER
+    against the dense base's."""
+    command = ["bench", "compute", "--quick", "--shipped", "--json", "--workdir", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *command],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    models = result["models"]
+    assert set(models) == {"transformer", "amortized", "convrnnt"} and result["amortized_curve"] == []
+    manifest = shipped_manifest()
+    by_architecture = {e["model_config"]["name"]: n for n, e in manifest.items() if "model_config" in e and not e.get("withheld")}
+    for name, row in models.items():
+        assert TRAINED_KEYS <= set(row), f"{name} lacks {TRAINED_KEYS - set(row)}"
+        assert Path(result["checkpoints"][name]).name == by_architecture[name]
+        assert row["params"] == manifest[by_architecture[name]]["parameters"]
+        assert row["relative_wer_vs_dense"] == pytest.approx(row["wer"] / models["transformer"]["wer"])
+    assert 0.0 < models["amortized"]["executed_share"] <= 1.0
+    assert models["convrnnt"]["relative_flops_vs_dense"] < 1.0
+    assert not (tmp_path / "runs" / "bench-compute-shipped-quick" / "transformer-continued").exists()  # nothing trained
