@@ -15,8 +15,16 @@ from tests.conftest import REPO_ROOT, needs_espeak
 
 pytestmark = [pytest.mark.slow, needs_espeak]
 
-KEYS = {"params", "wer", "encoder_gflops_per_audio_second", "relative_flops_vs_dense"}
-TRAINED_KEYS = KEYS | {"batch1_streaming_rtf", "relative_wall_vs_dense", "relative_wer_vs_dense", "by"}
+ROW_KEYS = {
+    "params",
+    "wer",
+    "encoder_gflops_per_audio_second",
+    "relative_flops_vs_dense",
+    "batch1_streaming_rtf",
+    "relative_wall_vs_dense",
+    "relative_wer_vs_dense",
+    "by",
+}
 
 
 def test_quick_bench_prints_json(tmp_path: Path) -> None:
@@ -30,19 +38,15 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert set(result["models"]) == {"transformer", "transformer-continued", "sliding-window", "convrnnt", "amortized"}
-    shipped_convrnnt = [name for name, e in shipped_manifest().items() if e.get("model_config", {}).get("name") == "convrnnt"]
     for name, row in result["models"].items():
-        keys = KEYS if name == "convrnnt" and not shipped_convrnnt else TRAINED_KEYS
-        assert keys <= set(row), f"{name} lacks {keys - set(row)}"
+        assert ROW_KEYS <= set(row), f"{name} lacks {ROW_KEYS - set(row)}"
         assert row["params"] > 0 and row["encoder_gflops_per_audio_second"] > 0
+    # ConvRNN-T is measured as shipped, its WER against the dense base as shipped.
     convrnnt = result["models"]["convrnnt"]
     assert convrnnt["relative_flops_vs_dense"] < 1.0
-    if shipped_convrnnt:  # measured as shipped, its WER against the dense base as shipped
-        assert Path(result["checkpoints"]["convrnnt"]).name == shipped_convrnnt[0]
-        assert convrnnt["params"] == shipped_manifest()[shipped_convrnnt[0]]["parameters"]
-        assert convrnnt["relative_wer_vs_dense"] == pytest.approx(convrnnt["wer"] / result["models"]["transformer"]["wer"])
-    else:  # no shipped base: the architecture's cost, with no WER or wall time
-        assert convrnnt["wer"] is None
+    assert Path(result["checkpoints"]["convrnnt"]).name == "convrnnt-6.pt"
+    assert convrnnt["params"] == shipped_manifest()["convrnnt-6.pt"]["parameters"]
+    assert convrnnt["relative_wer_vs_dense"] == pytest.approx(convrnnt["wer"] / result["models"]["transformer"]["wer"])
     dense = result["models"]["transformer"]
     assert dense["relative_flops_vs_dense"] == 1.0 and dense["batch1_streaming_rtf"] > 0
     # The dense row is the shipped base as shipped.
@@ -78,7 +82,7 @@ def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) ->
     manifest = shipped_manifest()
     by_architecture = {e["model_config"]["name"]: n for n, e in manifest.items() if "model_config" in e and not e.get("withheld")}
     for name, row in models.items():
-        assert TRAINED_KEYS <= set(row), f"{name} lacks {TRAINED_KEYS - set(row)}"
+        assert ROW_KEYS <= set(row), f"{name} lacks {ROW_KEYS - set(row)}"
         assert Path(result["checkpoints"][name]).name == by_architecture[name]
         assert row["params"] == manifest[by_architecture[name]]["parameters"]
         assert row["relative_wer_vs_dense"] == pytest.approx(row["wer"] / models["transformer"]["wer"])
