@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,16 +28,19 @@ ROW_KEYS = {
 }
 
 
-def test_quick_bench_prints_json(tmp_path: Path) -> None:
+def _quick_bench(workdir: Path, *flags: str) -> dict[str, Any]:
+    """``chorus bench compute --quick --json [flags]`` in ``workdir``: its one JSON object."""
+    command = ["bench", "compute", "--quick", *flags, "--json", "--workdir", str(workdir)]
     out = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "bench", "compute", "--quick", "--json", "--workdir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-m", "simulations.cli", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_quick_bench_prints_json(tmp_path: Path) -> None:
+    result = _quick_bench(tmp_path)
     assert set(result["models"]) == {"transformer", "transformer-continued", "sliding-window", "convrnnt", "amortized"}
     for name, row in result["models"].items():
         assert ROW_KEYS <= set(row), f"{name} lacks {ROW_KEYS - set(row)}"
@@ -67,16 +71,7 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
 def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) -> None:
     """``--shipped`` trains nothing: the dense, amortized and ConvRNN-T bases as shipped, side by side, every WER
     against the dense base's."""
-    command = ["bench", "compute", "--quick", "--shipped", "--json", "--workdir", str(tmp_path)]
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", *command],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
+    result = _quick_bench(tmp_path, "--shipped")
     models = result["models"]
     assert set(models) == {"transformer", "amortized", "convrnnt"} and result["amortized_curve"] == []
     manifest = shipped_manifest()
