@@ -95,6 +95,7 @@ class ModelConfig:
     left_context: int = 64  # encoder frames (40 ms each): 2.56 s of history
     dropout: float = 0.1
     vocab_size: int = 256
+    conv_kernel: int = 0  # transformer family: K of a causal convolution module in every block; 0 = none
     # "shipped" = the shipped base model of this architecture (shared/models/shipped/); "" = random init; else a
     # `chorus train` checkpoint. A run uses the starting checkpoint's tokenizer and CMVN.
     init_checkpoint: str = "shipped"
@@ -107,6 +108,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.left_context < 0:
             raise ConfigError(f"model.left-context must be >= 0, got {self.left_context}")
+        if self.conv_kernel < 0:
+            raise ConfigError(f"model.conv-kernel must be >= 0, got {self.conv_kernel}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
 

@@ -33,3 +33,17 @@ def test_wrong_type_is_named() -> None:
         RunConfig.from_flat({"train.local-steps": "8"})
     with pytest.raises(ConfigError, match="'synth' is a section"):
         RunConfig.from_flat({"synth": 3})
+
+
+def test_conv_kernel_reaches_the_transformer_blocks_and_is_checked() -> None:
+    from shared.models.checkpoint import build_model
+    from shared.models.transformer import CausalConvModule
+
+    cfg = RunConfig.from_flat({"model.conv-kernel": 7, "model.num-layers": 2})
+    kernels = [m.kernel_size for m in build_model(cfg.model).modules() if isinstance(m, CausalConvModule)]
+    assert kernels == [7, 7]
+    assert not any(isinstance(m, CausalConvModule) for m in build_model(RunConfig().model).modules())
+    with pytest.raises(ConfigError, match="model.conv-kernel must be >= 0, got -1"):
+        RunConfig.from_flat({"model.conv-kernel": -1})
+    with pytest.raises(ValueError, match="the amortized encoder has no convolution module"):
+        build_model(RunConfig.from_flat({"model.conv-kernel": 7, "model.name": "amortized"}).model)

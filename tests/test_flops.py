@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from shared.models.flops import (
     ENCODER_FRAMES_PER_SECOND,
     arbitrator_flops_per_frame,
+    conv_flops_per_frame,
     encoder_flops_per_frame,
     encoder_flops_per_second,
     ffn_flops_per_frame,
@@ -33,8 +34,9 @@ def test_measure_flops_counts_cpu_attention() -> None:
     assert measure_flops(torch.nn.Linear(6, 5), torch.randn(3, 6)) == 2 * 3 * 6 * 5  # bias add not counted
 
 
-def test_dense_forward_of_four_seconds_matches_the_formulas() -> None:
-    config = TransformerConfig()
+@pytest.mark.parametrize("conv_kernel", [0, 15])
+def test_dense_forward_of_four_seconds_matches_the_formulas(conv_kernel: int) -> None:
+    config = TransformerConfig(conv_kernel=conv_kernel)
     with torch.no_grad():
         measured = measure_flops(_dense(config), torch.randn(1, 400, 80), torch.tensor([400]))
     frames = 99  # 4 s = 400 fbank frames -> 99 encoder frames; a whole-utterance forward scores 99 keys per query
@@ -65,6 +67,7 @@ def test_per_frame_formulas() -> None:
     assert mha_flops_per_frame(144, 4, 65, elementwise=False) == 8 * 144 * 144 + 4 * 65 * 144
     assert ffn_flops_per_frame(144, 576, elementwise=False) == 4 * 144 * 576
     assert arbitrator_flops_per_frame(144, 32, elementwise=False) == 2 * 144 * 32 + 2 * 32 * 2
+    assert conv_flops_per_frame(144, 15, elementwise=False) == 4 * 144 * 144 + 2 * 15 * 144 + 2 * 144 * 144
     for flops in (frontend_flops_per_frame, ffn_flops_per_frame):
         assert flops(144, 576) > flops(144, 576, elementwise=False)
     block = mha_flops_per_frame(144, 4, 65) + ffn_flops_per_frame(144, 576)

@@ -1,7 +1,9 @@
-"""CausalTransformerEncoder: exact streaming, causal masking, padding, Opacus compatibility."""
+"""CausalTransformerEncoder, with and without its convolution module: exact streaming, causal masking, padding,
+Opacus compatibility."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from shared.models.transformer import (
+    CausalConvModule,
     CausalSelfAttention,
     CausalTransformerEncoder,
     ConvSubsampling,
@@ -19,6 +22,7 @@ from shared.models.transformer import (
 )
 
 SMALL = TransformerConfig(input_dim=20, d_model=32, num_heads=4, ffn_dim=64, num_layers=3, left_context=6)
+CONV = dataclasses.replace(SMALL, conv_kernel=5)
 
 
 def _encoder(config: TransformerConfig = SMALL, seed: int = 0) -> CausalTransformerEncoder:
@@ -74,6 +78,18 @@ def test_attention_window_is_itself_and_left_context_predecessors(left_context: 
     assert changed.nonzero().flatten().tolist() == list(range(5, 5 + left_context + 1))
 
 
+def test_convolution_module_sees_each_frame_and_its_kernel_minus_one_predecessors() -> None:
+    torch.manual_seed(0)
+    conv = CausalConvModule(d_model=16, kernel_size=4)
+    x = torch.randn(1, 12, 16)
+    history = conv.empty_history(1, x)
+    base, _ = conv(x, history)
+    perturbed = x.clone()
+    perturbed[:, 5] += 1.0
+    changed = (conv(perturbed, history)[0] - base).abs().amax(dim=(0, 2)) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [5, 6, 7, 8]
+
+
 def test_rope_makes_attention_independent_of_absolute_position() -> None:
     torch.manual_seed(0)
     attention = CausalSelfAttention(d_model=16, num_heads=2, left_context=4)
@@ -84,9 +100,10 @@ def test_rope_makes_attention_independent_of_absolute_position() -> None:
     torch.testing.assert_close(much_later, at_start, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("config", [SMALL, CONV], ids=["attention", "attention+conv"])
 @pytest.mark.parametrize("chunk", [7, 16, 40, "random"])
-def test_streaming_equals_forward(chunk: int | str) -> None:
-    encoder = _encoder()
+def test_streaming_equals_forward(chunk: int | str, config: TransformerConfig) -> None:
+    encoder = _encoder(config)
     feats = torch.randn(2, 203, SMALL.input_dim)
     offline = encoder(feats, torch.tensor([203, 203])).frames
     if chunk == "random":
@@ -113,7 +130,7 @@ def test_streaming_equals_forward_at_default_size() -> None:
 
 
 def test_state_stays_bounded_and_typed() -> None:
-    encoder = _encoder()
+    encoder = _encoder(CONV)
     state = encoder.init_state(batch_size=2)
     total = 0
     for size in (3, 2, 5, 40, 1, 33):
@@ -124,13 +141,15 @@ def test_state_stays_bounded_and_typed() -> None:
         assert state.pending.shape[1] == total - 4 * state.offset <= 6
         assert len(state.layers) == SMALL.num_layers
         for cache in state.layers:
-            assert cache.key.shape == cache.value.shape == (2, 4, min(SMALL.left_context, state.offset), 8)
+            assert cache.attention.key.shape == cache.attention.value.shape == (2, 4, min(SMALL.left_context, state.offset), 8)
+            assert cache.conv.shape == (2, CONV.conv_kernel - 1, SMALL.d_model)
     first_frames, _ = encoder.infer(torch.randn(2, 6, SMALL.input_dim), encoder.init_state(2))
     assert first_frames.shape == (2, 0, SMALL.d_model)
 
 
-def test_batch_of_different_lengths_matches_single_utterances() -> None:
-    encoder = _encoder()
+@pytest.mark.parametrize("config", [SMALL, CONV], ids=["attention", "attention+conv"])
+def test_batch_of_different_lengths_matches_single_utterances(config: TransformerConfig) -> None:
+    encoder = _encoder(config)
     lengths = torch.tensor([90, 57, 8, 0])
     feats = 100.0 * torch.randn(4, 90, SMALL.input_dim)  # loud garbage in the padding
     out = encoder(feats, lengths)
@@ -145,15 +164,17 @@ def test_batch_of_different_lengths_matches_single_utterances() -> None:
 
 
 def test_gradients_flow_to_every_parameter() -> None:
-    encoder = _encoder().train()
+    encoder = _encoder(CONV).train()
     out = encoder(torch.randn(2, 60, SMALL.input_dim), torch.tensor([60, 41]))
     out.frames.square().sum().backward()
     for name, parameter in encoder.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_opacus_validator_finds_no_errors() -> None:
-    assert ModuleValidator.validate(CausalTransformerEncoder(TransformerConfig()), strict=False) == []
+@pytest.mark.parametrize("conv_kernel", [0, 15])
+def test_opacus_validator_finds_no_errors(conv_kernel: int) -> None:
+    encoder = CausalTransformerEncoder(TransformerConfig(conv_kernel=conv_kernel))
+    assert ModuleValidator.validate(encoder, strict=False) == []
 
 
 def test_sliding_window_config_only_shrinks_the_window() -> None:
@@ -186,3 +207,5 @@ def test_invalid_config_raises() -> None:
         TransformerConfig(d_model=12, num_heads=4)
     with pytest.raises(ValueError, match="left_context must be >= 0, got -2"):
         TransformerConfig(left_context=-2)
+    with pytest.raises(ValueError, match="conv_kernel must be >= 0, got -1"):
+        TransformerConfig(conv_kernel=-1)

@@ -143,6 +143,10 @@ class AmortizedConfig:
             raise ValueError(f"init_bias must be finite, got {self.init_bias}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if self.base.conv_kernel:
+            raise ValueError(
+                f"the amortized encoder has no convolution module: base.conv_kernel must be 0, got {self.base.conv_kernel}"
+            )
 
 
 class ActiveKVCache(NamedTuple):

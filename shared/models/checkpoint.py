@@ -90,6 +90,7 @@ def build_model(cfg: ModelConfig) -> Transducer:
         num_layers=cfg.num_layers,
         left_context=cfg.left_context,
         dropout=cfg.dropout,
+        conv_kernel=cfg.conv_kernel,
     )
     if cfg.name == "transformer":
         encoder: StreamingEncoder = CausalTransformerEncoder(enc_cfg)

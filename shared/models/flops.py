@@ -22,6 +22,7 @@ T' frames before the band mask discards most of them: pass ``keys`` to model tho
 
 Legend of symbols:
     F   input feature dimension;  D  model dimension;  H  attention heads;  d_ff  feed-forward dimension
+    K_c convolution module kernel (``conv_kernel``)
     A   arbitrator hidden dimension;  L  blocks;  W  left context;  K  keys per query
 
 Example:
@@ -44,6 +45,7 @@ __all__ = [
     "ENCODER_FRAMES_PER_SECOND",
     "ENCODER_FRAME_SECONDS",
     "arbitrator_flops_per_frame",
+    "conv_flops_per_frame",
     "encoder_flops_per_frame",
     "encoder_flops_per_second",
     "ffn_flops_per_frame",
@@ -105,6 +107,16 @@ def ffn_flops_per_frame(d_model: int, ffn_dim: int, *, elementwise: bool = True)
     return flops
 
 
+def conv_flops_per_frame(d_model: int, kernel_size: int, *, elementwise: bool = True) -> int:
+    """FLOPs of one causal convolution module per frame: pointwise 2*D*2D, depthwise 2*K_c*D, pointwise 2*D*D;
+    element-wise its two LayerNorms, biases (2D + D + D), GLU (sigmoid and product, about 5 per D), SiLU, residual."""
+    _check_positive(d_model=d_model, kernel_size=kernel_size)
+    flops = 2 * d_model * 2 * d_model + 2 * kernel_size * d_model + 2 * d_model * d_model
+    if elementwise:
+        flops += (2 * _LAYER_NORM + 4 + 5 + _SILU + 1) * d_model
+    return flops
+
+
 def arbitrator_flops_per_frame(d_model: int, arbitrator_dim: int, gates: int = 2, *, elementwise: bool = True) -> int:
     """FLOPs of one block's arbitrator per frame: LayerNorm, Linear(D, A), ReLU, Linear(A, gates), gate decision.
 
@@ -148,7 +160,7 @@ def encoder_flops_per_frame(
         elementwise: add the element-wise estimates (and the final LayerNorm) to the matrix FLOPs.
 
     Returns:
-        front end + sum over blocks (mha_on * MHA + ffn_on * FFN + arbitrator) [+ final LayerNorm].
+        front end + sum over blocks (mha_on * MHA + conv + ffn_on * FFN + arbitrator) [+ final LayerNorm].
     """
     if arbitrator_dim < 0:
         raise ValueError(f"arbitrator_dim must be >= 0, got {arbitrator_dim}")
@@ -156,9 +168,10 @@ def encoder_flops_per_frame(
     mha = mha_flops_per_frame(config.d_model, config.num_heads, keys, elementwise=elementwise)
     ffn = ffn_flops_per_frame(config.d_model, config.ffn_dim, elementwise=elementwise)
     arbitrator = arbitrator_flops_per_frame(config.d_model, arbitrator_dim, elementwise=elementwise) if arbitrator_dim else 0
+    conv = conv_flops_per_frame(config.d_model, config.conv_kernel, elementwise=elementwise) if config.conv_kernel else 0
     mha_rates = _per_block(mha_on, config.num_layers, "mha_on")
     ffn_rates = _per_block(ffn_on, config.num_layers, "ffn_on")
-    blocks = sum(m * mha + f * ffn + arbitrator for m, f in zip(mha_rates, ffn_rates, strict=True))
+    blocks = sum(m * mha + conv + f * ffn + arbitrator for m, f in zip(mha_rates, ffn_rates, strict=True))
     final_norm = _LAYER_NORM * config.d_model if elementwise else 0
     return frontend_flops_per_frame(config.input_dim, config.d_model, elementwise=elementwise) + blocks + final_norm
 

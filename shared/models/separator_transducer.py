@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from shared.models.encoder import BlockList, check_batch
 from shared.models.transducer import Transducer
-from shared.models.transformer import LayerCache, TransformerBlock, TransformerConfig
+from shared.models.transformer import BlockCache, TransformerBlock, TransformerConfig
 
 __all__ = [
     "TURN_TOKENS",
@@ -89,12 +89,12 @@ class SeparatorState(NamedTuple):
 
     Attributes:
         encoder: the encoder's own state.
-        channels: per channel, one ``LayerCache`` per separator block.
+        channels: per channel, one ``BlockCache`` per separator block.
         offset: encoder frames released so far (the separator blocks' absolute position).
     """
 
     encoder: Any
-    channels: tuple[tuple[LayerCache, ...], ...]
+    channels: tuple[tuple[BlockCache, ...], ...]
     offset: int
 
 
@@ -134,6 +134,9 @@ class SeparatorTransducer(nn.Module):
                 nn.init.zeros_(layer.attention.out.bias)
                 nn.init.zeros_(layer.feed_forward.out.weight)
                 nn.init.zeros_(layer.feed_forward.out.bias)
+                if layer.conv is not None:
+                    nn.init.zeros_(layer.conv.pointwise_out.weight)
+                    nn.init.zeros_(layer.conv.pointwise_out.bias)
 
     @classmethod
     def from_transducer(
@@ -170,8 +173,8 @@ class SeparatorTransducer(nn.Module):
         return self.transducer.blank
 
     def _separate(
-        self, frames: Tensor, caches: tuple[tuple[LayerCache, ...], ...], offset: int
-    ) -> tuple[Tensor, tuple[tuple[LayerCache, ...], ...]]:
+        self, frames: Tensor, caches: tuple[tuple[BlockCache, ...], ...], offset: int
+    ) -> tuple[Tensor, tuple[tuple[BlockCache, ...], ...]]:
         """(B, t', D) encoder frames from ``offset`` on -> (C * B, t', D) channel frames (channel-major) and caches."""
         outputs, new_caches = [], []
         for c, stack in enumerate(self.separator):
@@ -184,8 +187,8 @@ class SeparatorTransducer(nn.Module):
             new_caches.append(tuple(layer_caches))
         return torch.cat(outputs, dim=0), tuple(new_caches)
 
-    def _empty_caches(self, batch_size: int, reference: Tensor) -> tuple[tuple[LayerCache, ...], ...]:
-        return tuple(tuple(layer.attention.empty_cache(batch_size, reference) for layer in stack) for stack in self.separator)
+    def _empty_caches(self, batch_size: int, reference: Tensor) -> tuple[tuple[BlockCache, ...], ...]:
+        return tuple(tuple(layer.empty_cache(batch_size, reference) for layer in stack) for stack in self.separator)
 
     def channel_frames(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """feats (B, T, F), feat_lens (B,) -> channel frames (C * B, T', D), zero beyond each length, and (C * B,)

@@ -2,9 +2,12 @@
 
 A causal 4x convolutional front end, then pre-LayerNorm Transformer blocks whose self-attention lets every encoder
 frame see itself and the ``left_context`` frames before it (a sliding causal window), with rotary position
-embeddings (RoPE) on absolute frame positions. Because nothing ever looks ahead, ``infer`` on consecutive chunks of
-ANY size reproduces ``forward`` exactly: the front end keeps the input frames it has not consumed yet, each block
-keeps the keys and values of its last ``left_context`` frames, and the state counts frames so RoPE stays absolute.
+embeddings (RoPE) on absolute frame positions. With ``conv_kernel`` > 0 each block also has Conformer's convolution
+module (Gulati et al. 2020), made causal: a depthwise convolution over each frame and the ``conv_kernel - 1``
+frames before it. Because nothing ever looks ahead, ``infer`` on consecutive chunks of ANY size reproduces
+``forward`` exactly: the front end keeps the input frames it has not consumed yet, each block keeps the keys and
+values of its last ``left_context`` frames (and its convolution's last ``conv_kernel - 1`` inputs), and the state
+counts frames so RoPE stays absolute.
 
 The parts (``ConvSubsampling``, ``CausalSelfAttention``, ``FeedForward``, ``TransformerBlock``) are public so that
 the compute-amortized encoder can reuse them; attention and feed-forward take an optional per-frame mask that
@@ -19,6 +22,7 @@ Legend of tensor symbols (see also ``shared/models/encoder.py``):
     H   attention heads;  d_h = D / H per-head dimension
     W   ``left_context``: past encoder frames each frame attends to, itself excluded (window of W + 1 frames)
     c   cached frames in a layer's key/value cache, c <= W
+    K   ``conv_kernel``: frames one causal depthwise convolution sees (K - 1 of them kept between chunks)
     p   pending input frames not yet consumed by the front end, p <= 6
 
 Example:
@@ -59,6 +63,8 @@ from shared.models.encoder import (
 )
 
 __all__ = [
+    "BlockCache",
+    "CausalConvModule",
     "CausalSelfAttention",
     "CausalTransformerEncoder",
     "ConvSubsampling",
@@ -84,6 +90,7 @@ class TransformerConfig:
     num_layers: int = 8  # deep enough for the amortized variant to have blocks worth skipping; fits on a device
     left_context: int = 64  # 64 past frames x 40 ms = 2.56 s of attention history, plus the frame itself
     dropout: float = 0.1  # standard Transformer regularization for small (100 h-scale) corpora
+    conv_kernel: int = 0  # K of the causal convolution module in every block; 0: no convolution module
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "d_model", "num_heads", "ffn_dim", "num_layers"):
@@ -93,6 +100,8 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} must split into num_heads={self.num_heads} heads of even size (RoPE)")
         if self.left_context < 0:
             raise ValueError(f"left_context must be >= 0, got {self.left_context}")
+        if self.conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be >= 0, got {self.conv_kernel}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
@@ -135,8 +144,20 @@ class LayerCache(NamedTuple):
     value: Tensor
 
 
+class BlockCache(NamedTuple):
+    """One ``TransformerBlock``'s memory between chunks.
+
+    Attributes:
+        attention: its attention's keys and values.
+        conv: (B, K - 1, D) the convolution module's inputs of the frames before the chunk ((B, 0, D) without one).
+    """
+
+    attention: LayerCache
+    conv: Tensor
+
+
 class TransformerState(NamedTuple, Generic[Cache]):
-    """Streaming state of ``CausalTransformerEncoder`` (``Cache`` = ``LayerCache``) and of
+    """Streaming state of ``CausalTransformerEncoder`` (``Cache`` = ``BlockCache``) and of
     ``AmortizedTransformerEncoder`` (``ActiveKVCache``).
 
     Attributes:
@@ -260,23 +281,63 @@ class FeedForward(nn.Module):
         return output
 
 
+class CausalConvModule(nn.Module):
+    """Conformer's convolution module, causal: pointwise Linear(D, 2D) and GLU, a depthwise Conv1d over each frame
+    and its K - 1 predecessors, LayerNorm (BatchNorm's batch statistics would differ between training and a
+    device's stream), SiLU, pointwise Linear(D, D). Linear, Conv1d and LayerNorm all have Opacus grad samplers."""
+
+    def __init__(self, d_model: int, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+
+    def empty_history(self, batch_size: int, reference: Tensor) -> Tensor:
+        """(B, K - 1, D) zeros: what the convolution sees before an utterance's first frame."""
+        return reference.new_zeros(batch_size, self.kernel_size - 1, self.depthwise.in_channels)
+
+    def forward(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, t', D), history (B, K - 1, D) -> (B, t', D) and the history for the frames after x."""
+        gated = F.glu(self.pointwise_in(x), dim=-1)
+        padded = torch.cat([history, gated], dim=1)
+        convolved = self.depthwise(padded.transpose(1, 2)).transpose(1, 2)
+        return self.pointwise_out(F.silu(self.norm(convolved))), padded[:, padded.shape[1] - history.shape[1] :]
+
+
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + MHA(LN(x)), then x + FFN(LN(x))."""
+    """Pre-LayerNorm block: x + MHA(LN(x)), then (with ``conv_kernel`` > 0) x + Conv(LN(x)), then x + FFN(LN(x))."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.d_model)
         self.attention = CausalSelfAttention(config.d_model, config.num_heads, config.left_context)
+        self.conv: CausalConvModule | None = None
+        if config.conv_kernel > 0:
+            self.conv_norm = nn.LayerNorm(config.d_model)
+            self.conv = CausalConvModule(config.d_model, config.conv_kernel)
         self.feed_forward_norm = nn.LayerNorm(config.d_model)
         self.feed_forward = FeedForward(config.d_model, config.ffn_dim, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: LayerCache, offset: int) -> tuple[Tensor, LayerCache]:
-        """x: (B, t', D) frames from ``offset`` on -> (B, t', D) and this layer's updated cache."""
-        attended, cache = self.attention(self.attention_norm(x), cache, offset)
+    def empty_cache(self, batch_size: int, reference: Tensor) -> BlockCache:
+        """The memory of a block that has seen no frames, like ``reference``'s dtype and device."""
+        attention = self.attention.empty_cache(batch_size, reference)
+        if self.conv is None:
+            return BlockCache(attention, reference.new_zeros(batch_size, 0, self.attention.out.out_features))
+        return BlockCache(attention, self.conv.empty_history(batch_size, reference))
+
+    def forward(self, x: Tensor, cache: BlockCache, offset: int) -> tuple[Tensor, BlockCache]:
+        """x: (B, t', D) frames from ``offset`` on -> (B, t', D) and this block's updated cache."""
+        attended, attention = self.attention(self.attention_norm(x), cache.attention, offset)
         x = x + self.dropout(attended)
+        history = cache.conv
+        if self.conv is not None:
+            convolved, history = self.conv(self.conv_norm(x), history)
+            x = x + self.dropout(convolved)
         x = x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
-        return x, cache
+        return x, BlockCache(attention, history)
 
 
 class CausalTransformerEncoder(nn.Module):
@@ -300,14 +361,14 @@ class CausalTransformerEncoder(nn.Module):
         """(B,) input frame counts -> (B,) encoder frame counts."""
         return subsampled_length(lengths)
 
-    def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> TransformerState[LayerCache]:
+    def init_state(self, batch_size: int = 1, device: torch.device | None = None) -> TransformerState[BlockCache]:
         """Fresh streaming state: nothing pending, empty caches, position 0."""
         reference = state_reference(self, batch_size, device)
-        layers = tuple(block.attention.empty_cache(batch_size, reference) for block in self.blocks)
+        layers = tuple(block.empty_cache(batch_size, reference) for block in self.blocks)
         pending = reference.new_zeros(batch_size, 0, self.input_dim)
         return TransformerState(pending=pending, layers=layers, offset=0)
 
-    def _encode(self, frames: Tensor, layers: tuple[LayerCache, ...], offset: int) -> tuple[Tensor, tuple[LayerCache, ...]]:
+    def _encode(self, frames: Tensor, layers: tuple[BlockCache, ...], offset: int) -> tuple[Tensor, tuple[BlockCache, ...]]:
         """Blocks and final norm over (B, t', D) subsampled frames starting at ``offset``."""
         frames = self.frontend_dropout(frames)
         new_layers = []
@@ -335,7 +396,7 @@ class CausalTransformerEncoder(nn.Module):
         frames = frames * valid.unsqueeze(-1).to(frames.dtype)
         return EncoderOutput(frames=frames, lengths=out_lengths, compute_cost=constant_cost(frames))
 
-    def infer(self, chunk: Tensor, state: TransformerState[LayerCache]) -> tuple[Tensor, TransformerState[LayerCache]]:
+    def infer(self, chunk: Tensor, state: TransformerState[BlockCache]) -> tuple[Tensor, TransformerState[BlockCache]]:
         """Encode the next chunk of a stream.
 
         Args:
