@@ -142,7 +142,7 @@ def test_state_stays_bounded_and_typed() -> None:
         assert len(state.layers) == SMALL.num_layers
         for cache in state.layers:
             assert cache.attention.key.shape == cache.attention.value.shape == (2, 4, min(SMALL.left_context, state.offset), 8)
-            assert cache.conv.shape == (2, CONV.conv_kernel - 1, SMALL.d_model)
+            assert cache.conv.shape == (2, SMALL.d_model, CONV.conv_kernel - 1)
     first_frames, _ = encoder.infer(torch.randn(2, 6, SMALL.input_dim), encoder.init_state(2))
     assert first_frames.shape == (2, 0, SMALL.d_model)
 

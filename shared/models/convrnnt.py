@@ -56,7 +56,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.models.encoder import BlockList, EncoderOutput, check_batch, check_chunk, constant_cost, state_reference
+from shared.models.encoder import (
+    BlockList,
+    CausalConv1d,
+    EncoderOutput,
+    check_batch,
+    check_chunk,
+    constant_cost,
+    state_reference,
+)
 
 __all__ = [
     "ConvRNNTConfig",
@@ -200,41 +208,6 @@ class ConvRNNTState(NamedTuple):
     lstm: LSTMState
 
 
-class _CausalConv1d(nn.Module):
-    """A Conv1d over the present and past only; a strided output is released once its stride is complete.
-
-    Output frame j covers input frames j*S - P .. j*S + S - 1, so T input frames give T // S outputs.
-    forward(x (B, Cin, t), history (B, Cin, P + R)) -> (y (B, Cout, (R + t) // S), history (B, Cin, P + R')).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-    ) -> None:
-        super().__init__()
-        self.context = dilation * (kernel_size - 1) + 1 - stride
-        if self.context < 0:
-            raise ValueError(f"kernel_size {kernel_size} with dilation {dilation} is shorter than the stride {stride}")
-        self.stride = stride
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, groups=groups)
-
-    def initial_history(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(batch_size, self.conv.in_channels, self.context, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([history, x], dim=2)
-        num_outputs = (x.size(2) - self.context) // self.stride
-        if num_outputs == 0:
-            return x.new_zeros(x.size(0), self.conv.out_channels, 0), x
-        return self.conv(x), x[:, :, num_outputs * self.stride :]
-
-
 class _ChannelNorm(nn.Module):
     """LayerNorm over the channels of each frame of (B, C, T): per frame, hence causal (GroupNorm pools over T)."""
 
@@ -251,8 +224,8 @@ class _Subsampling(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int) -> None:
         super().__init__()
-        self.conv1 = _CausalConv1d(in_channels, channels, kernel_size, stride=_SUBSAMPLING_STRIDE)
-        self.conv2 = _CausalConv1d(channels, channels, kernel_size, stride=_SUBSAMPLING_STRIDE)
+        self.conv1 = CausalConv1d(in_channels, channels, kernel_size, stride=_SUBSAMPLING_STRIDE)
+        self.conv2 = CausalConv1d(channels, channels, kernel_size, stride=_SUBSAMPLING_STRIDE)
         self.norm = _ChannelNorm(channels)
 
     def initial_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SubsamplingState:
@@ -272,7 +245,7 @@ class _LocalBlock(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, dropout: float) -> None:
         super().__init__()
-        self.conv = _CausalConv1d(channels, channels, kernel_size)
+        self.conv = CausalConv1d(channels, channels, kernel_size)
         self.norm = _ChannelNorm(channels)
         self.dropout = nn.Dropout(dropout)
 
@@ -343,7 +316,7 @@ class _GlobalBlock(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, dilation: int, se_reduction: int, dropout: float) -> None:
         super().__init__()
-        self.depthwise = _CausalConv1d(channels, channels, kernel_size, dilation=dilation, groups=channels)
+        self.depthwise = CausalConv1d(channels, channels, kernel_size, dilation=dilation, groups=channels)
         self.pointwise = nn.Conv1d(channels, channels, 1)
         self.norm = _ChannelNorm(channels)
         self.se = _CausalSqueezeExcitation(channels, se_reduction)

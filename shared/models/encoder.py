@@ -7,6 +7,9 @@ Legend of tensor symbols used in shapes across ``shared/models``:
     F  feature dimension (80 log-mel bins)
     D  encoder output dimension
     t  frames in one streaming chunk (input), t' the encoder frames it releases
+    C  channels of a convolution (Cin in, Cout out)
+    K  kernel size of a convolution;  S  its stride;  P  its left context, P = dilation * (K - 1) + 1 - S
+    R  pending input frames of a strided convolution, 0 <= R < S
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BlockList",
+    "CausalConv1d",
     "EncoderOutput",
     "StreamingEncoder",
     "check_batch",
@@ -153,3 +157,40 @@ def state_reference(module: torch.nn.Module, batch_size: int, device: torch.devi
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     parameter = next(module.parameters())
     return parameter.new_zeros((), device=parameter.device if device is None else torch.device(device))
+
+
+class CausalConv1d(nn.Module):
+    """A Conv1d over the present and past only, streamed through the input frames it still needs (its history);
+    a strided output is released once its stride is complete. ``forward`` from ``initial_history`` is the offline
+    convolution with zeros before the first frame.
+
+    Output frame j covers input frames j*S - P .. j*S + S - 1, so T input frames give T // S outputs.
+    forward(x (B, Cin, t), history (B, Cin, P + R)) -> (y (B, Cout, (R + t) // S), history (B, Cin, P + R')).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        self.context = dilation * (kernel_size - 1) + 1 - stride
+        if self.context < 0:
+            raise ValueError(f"kernel_size {kernel_size} with dilation {dilation} is shorter than the stride {stride}")
+        self.stride = stride
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, groups=groups)
+
+    def initial_history(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return torch.zeros(batch_size, self.conv.in_channels, self.context, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([history, x], dim=2)
+        num_outputs = (x.size(2) - self.context) // self.stride
+        if num_outputs == 0:
+            return x.new_zeros(x.size(0), self.conv.out_channels, 0), x
+        return self.conv(x), x[:, :, num_outputs * self.stride :]

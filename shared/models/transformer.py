@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from shared.models.encoder import (
     BlockList,
+    CausalConv1d,
     EncoderOutput,
     check_batch,
     check_chunk,
@@ -149,7 +150,7 @@ class BlockCache(NamedTuple):
 
     Attributes:
         attention: its attention's keys and values.
-        conv: (B, K - 1, D) the convolution module's inputs of the frames before the chunk ((B, 0, D) without one).
+        conv: (B, D, K - 1) the convolution module's inputs of the frames before the chunk ((B, D, 0) without one).
     """
 
     attention: LayerCache
@@ -290,20 +291,19 @@ class CausalConvModule(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         self.pointwise_in = nn.Linear(d_model, 2 * d_model)
-        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)
+        self.depthwise = CausalConv1d(d_model, d_model, kernel_size, groups=d_model)
         self.norm = nn.LayerNorm(d_model)
         self.pointwise_out = nn.Linear(d_model, d_model)
 
     def empty_history(self, batch_size: int, reference: Tensor) -> Tensor:
-        """(B, K - 1, D) zeros: what the convolution sees before an utterance's first frame."""
-        return reference.new_zeros(batch_size, self.kernel_size - 1, self.depthwise.in_channels)
+        """(B, D, K - 1) zeros: what the convolution sees before an utterance's first frame."""
+        return self.depthwise.initial_history(batch_size, reference.device, reference.dtype)
 
     def forward(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, t', D), history (B, K - 1, D) -> (B, t', D) and the history for the frames after x."""
+        """x: (B, t', D), history (B, D, K - 1) -> (B, t', D) and the history for the frames after x."""
         gated = F.glu(self.pointwise_in(x), dim=-1)
-        padded = torch.cat([history, gated], dim=1)
-        convolved = self.depthwise(padded.transpose(1, 2)).transpose(1, 2)
-        return self.pointwise_out(F.silu(self.norm(convolved))), padded[:, padded.shape[1] - history.shape[1] :]
+        convolved, history = self.depthwise(gated.transpose(1, 2), history)
+        return self.pointwise_out(F.silu(self.norm(convolved.transpose(1, 2)))), history
 
 
 class TransformerBlock(nn.Module):
@@ -325,7 +325,7 @@ class TransformerBlock(nn.Module):
         """The memory of a block that has seen no frames, like ``reference``'s dtype and device."""
         attention = self.attention.empty_cache(batch_size, reference)
         if self.conv is None:
-            return BlockCache(attention, reference.new_zeros(batch_size, 0, self.attention.out.out_features))
+            return BlockCache(attention, reference.new_zeros(batch_size, self.attention.out.out_features, 0))
         return BlockCache(attention, self.conv.empty_history(batch_size, reference))
 
     def forward(self, x: Tensor, cache: BlockCache, offset: int) -> tuple[Tensor, BlockCache]:
