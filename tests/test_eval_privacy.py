@@ -38,6 +38,8 @@ SETTING_KEYS = {
     "relative_device_wer_cost",
     "rounds",
     "relative_wer_cost",
+    "gain_kept",
+    "device_gain_kept",
     "mia",
     "device_failures",
     "seconds_per_device_round",
@@ -86,6 +88,8 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
 
     settings = result["settings"]
     assert settings[0]["name"] == "non-dp" and settings[0]["epsilon"] is None and not settings[0]["dp"]
+    # Non-DP keeps all of its own gain, or had none to keep (a 30-step base model: WER 1 before and after).
+    assert settings[0]["gain_kept"] in (None, 1.0) and settings[0]["device_gain_kept"] in (None, 1.0)
     dp = [s for s in settings if s["dp"]]
     assert [s["noise_multiplier"] for s in dp] == [0.5, 1.0, 2.0]  # --noise-multipliers
     for s in settings:
