@@ -11,7 +11,10 @@ Each round's global model is kept (``eval.keep-round-models``) and measured here
 Round 0 is the launch base. Beside the rounds, the *central bound*: the launch base fine-tuned on one machine
 on the same devices' training utterances pooled (``NewMarketPlan.central_steps``), measured on the same sets: what
 FedAvg could at best reach with the devices' data, so that a miss can be told apart as federation's or the data's.
-The summary compares round 0 with the last round for the new markets (withheld from the base) and the served
+*Personalization* (Shor et al.'s setting, the target's reference): each of the first ``personal_devices`` devices
+fine-tunes the launch base, and the last round's global model, on its own training utterances alone and keeps the
+result (``fine_tune``, nothing sent); its own local-eval utterances are decoded with each model as received and as
+personalized. The summary compares round 0 with the last round for the new markets (withheld from the base) and the served
 ones, against the targets: new markets' WER falls >= 25% relative (goal 35%: Shor et al. 2019 personalizing to
 accented speech; FedNST -22.5% federated) while served markets get no worse than +2%.
 
@@ -23,8 +26,8 @@ forgot least). The sweep's table is in the report; ``--no-sweep`` keeps the plan
 
 Plans: ``QUICK`` is CI-sized (a tiny model trained 40 steps here as its own launch base, 10 devices, 2 rounds,
 no sweep): its numbers prove the pipeline only. ``FULL``: 200 devices of a fresh 320-speaker corpus (seed 11), 30 per round,
-5 rounds, from the launch base ``--checkpoint`` (default: the shipped ``launch-6.pt``), and a 1,200-step central
-bound.
+5 rounds, from the launch base ``--checkpoint`` (default: the shipped ``launch-6.pt``), a 1,200-step central
+bound and 24-step personalization of 60 devices.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -45,9 +48,12 @@ from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import initial_model, load_checkpoint, save_checkpoint
+from shared.models.checkpoint import build_model, initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
+
+if TYPE_CHECKING:
+    from client.data import DeviceData
 
 __all__ = ["FULL", "LEGACY", "QUICK", "NewMarketPlan", "main", "run_federation_eval", "shipped_launch_base", "speaker_accents"]
 
@@ -83,6 +89,13 @@ class NewMarketPlan:
     # ``central_lr`` (0 steps: not run).
     central_steps: int = 0
     central_lr: float = 3e-4
+    # Personalization (Shor et al.'s setting): each device fine-tunes a model on its own training utterances alone,
+    # ``personal_steps`` AdamW steps at ``personal_lr``, and keeps it; measured from the launch base and from the
+    # last round's global model on the first ``personal_devices`` devices' own local-eval utterances (0 steps: not
+    # run; 0 devices: all of them).
+    personal_steps: int = 0
+    personal_lr: float = 3e-4
+    personal_devices: int = 0
 
     def with_overrides(
         self,
@@ -133,6 +146,8 @@ QUICK = NewMarketPlan(
     base_steps=40,
     central_steps=10,
     central_lr=1e-3,
+    personal_steps=2,
+    personal_lr=1e-3,
     # No sweep: each candidate is a Flower simulation of its own (start-up is most of --quick's time); the choice
     # among candidates is unit-tested, and ``FULL`` sweeps.
     sweep=None,
@@ -158,6 +173,9 @@ FULL = NewMarketPlan(
     base_steps=0,
     central_steps=1200,
     central_lr=3e-4,
+    personal_steps=24,
+    personal_lr=3e-4,
+    personal_devices=60,
     # Five recipes, each 2 rounds of 20 of 60 devices of 160 fresh seed-12 speakers (40 of them held out).
     sweep=Sweep(
         recipes=(
@@ -291,6 +309,28 @@ def _central(
     return model
 
 
+def _personalized(
+    cfg: RunConfig, state: dict[str, torch.Tensor], devices: Sequence[DeviceData], markets: Sequence[str]
+) -> tuple[dict[str, ErrorCounts], dict[str, ErrorCounts]]:
+    """(as received, personalized), per market: each device's own local-eval utterances decoded with ``state``,
+    and with ``state`` fine-tuned on the device's own training utterances by ``fine_tune`` (``cfg.train``'s local
+    recipe; the model a device keeps for itself, nothing of it sent)."""
+    from client.train import fine_tune
+
+    received: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
+    personal: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
+    model = build_model(cfg.model)
+    for pid, (data, market) in enumerate(zip(devices, markets)):
+        for kept, weights in ((received, state), (personal, None)):
+            if weights is None:
+                weights = fine_tune(cfg, state, data, server_round=0, partition_id=pid).state_dict
+            load_state(model, weights, source="a device's model")
+            with torch.inference_mode():
+                counts, _ = score(model.eval(), data.eval, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam)
+            kept[market] += counts
+    return dict(received), dict(personal)
+
+
 def _federate(
     flat: dict[str, Any],
     plan: NewMarketPlan,
@@ -301,11 +341,14 @@ def _federate(
     per_round: int,
     rounds: int,
     central: bool = False,
+    personalize: bool = False,
 ) -> dict[str, Any]:
     """Federate ``base`` through ``chorus simulate`` and measure every round's global model per market on the
     devices' own local-eval utterances and the held-out speakers; reuses a finished run of the same config.
-    ``central``: measure the plan's central bound on the same devices beside it."""
+    ``central``: measure the plan's central bound on the same devices beside it; ``personalize``: the plan's
+    personalization, from the launch base and from the last round's model."""
     central = central and plan.central_steps > 0
+    personalize = personalize and plan.personal_steps > 0
     from client.data import device_data
     from simulations.simulate import available_cores, sampling_overrides, simulate
 
@@ -365,6 +408,22 @@ def _federate(
         bound["seconds"] = round(time.monotonic() - began, 1)
         _note(f"{run_id}: the central bound ({plan.central_steps} steps) measured at {time.monotonic() - start:.0f} s")
 
+    personal_counts: dict[str, dict[str, ErrorCounts]] = {}
+    personal: dict[str, Any] | None = None
+    if personalize:
+        began = time.monotonic()
+        count = min(devices, plan.personal_devices or devices)
+        recipe = {"train.local-steps": plan.personal_steps, "train.lr": plan.personal_lr}
+        personal_cfg = RunConfig.from_flat({**cfg.to_flat(), **recipe})
+        owners = [accent[prepared.speaker_for_partition(pid)] for pid in range(count)]
+        for start_name, r in (("launch_base", 0), ("federated", rounds)):
+            state = load_checkpoint(run_dir / "checkpoints" / f"round-{r}.pt").state_dict
+            received, personalized = _personalized(personal_cfg, state, local[:count], owners)
+            personal_counts[start_name], personal_counts[f"{start_name}_personalized"] = received, personalized
+        personal = {"steps": plan.personal_steps, "lr": plan.personal_lr, "devices": count}
+        personal["seconds"] = round(time.monotonic() - began, 1)
+        _note(f"{run_id}: personalization of {count} devices measured at {time.monotonic() - start:.0f} s")
+
     seen = sorted({m for row in measured for name in sets for m in row[name]})
     new = [m for m in seen if m in plan.withheld]
     served = [m for m in seen if m not in plan.withheld]
@@ -379,6 +438,17 @@ def _federate(
         }
 
     summary = summarize(measured[-1])
+    if personal is not None:
+        groups = (("new_markets", new), ("served_markets", served))
+        origin = personal_counts["launch_base"]
+        personal["wer"] = {
+            row: {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
+            for row, markets in personal_counts.items()
+        }
+        personal["summary"] = {
+            row: {group: _change(_pooled(origin, members), _pooled(markets, members)) for group, members in groups}
+            for row, markets in personal_counts.items()
+        }
     if bound is not None:
         bound["summary"] = summarize(bound)
         for name in sets:
@@ -394,6 +464,7 @@ def _federate(
         "per_round_wer": measured,
         "summary": summary,
         "central": bound,
+        "personalization": personal,
         "seconds": round(time.monotonic() - start, 1),
     }
 
@@ -464,6 +535,7 @@ def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkp
         per_round=plan.per_round,
         rounds=plan.rounds,
         central=True,
+        personalize=True,
     )
     return {
         "plan": plan.name,
@@ -504,6 +576,13 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _after(change: dict[str, Any]) -> str:
+    """A ``_change``'s WER after, with its relative change: "0.425 (-24.5%)"."""
+    if change["after"] is None:
+        return "-"
+    return f"{change['after']} (" + ("n/a" if change["relative"] is None else f"{100 * change['relative']:+.1f}%") + ")"
+
+
 def _cell(markets: dict[str, Any], market: str) -> str:
     wer = markets.get(market, {}).get("wer")
     return "-" if wer is None else f"{wer:.3f}"
@@ -542,8 +621,30 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         for name in ("devices", "heldout"):
             for group in ("new_markets", "served_markets"):
                 fed, cen = result["summary"][name][group], bound["summary"][name][group]
-                after = ["n/a" if x["relative"] is None else f"{x['after']} ({100 * x['relative']:+.1f}%)" for x in (fed, cen)]
+                after = [_after(x) for x in (fed, cen)]
                 lines.append(f"| {name} | {group.replace('_', ' ')} | {fed['before']} | " + " | ".join(after) + " |")
+    personal = result.get("personalization")
+    if personal:
+        lines += [
+            "",
+            f"Personalization: each of the first {personal['devices']} devices fine-tuned a model on its own training "
+            f"utterances alone ({personal['steps']} AdamW steps at {personal['lr']}) and kept it; its own local-eval "
+            "utterances, decoded with the model as received and as personalized (relative to the launch base as "
+            "received, on the same devices):",
+            "",
+            "| model on the device | new markets | served markets |",
+            "|---|---:|---:|",
+        ]
+        names = {
+            "launch_base": "launch base",
+            "launch_base_personalized": "launch base, personalized",
+            "federated": "federated (last round)",
+            "federated_personalized": "federated, personalized",
+        }
+        for row, name in names.items():
+            cells = personal["summary"][row]
+            text = [_after(c) for c in (cells["new_markets"], cells["served_markets"])]
+            lines.append(f"| {name} | " + " | ".join(text) + " |")
     sweep = result.get("sweep")
     if sweep:
         lines += [

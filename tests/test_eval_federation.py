@@ -80,6 +80,25 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
     assert any(not torch.equal(start[k], central[k]) for k in start), "the central bound must have trained"
     assert "central bound" in Path(out["report"]).read_text()
 
+    # Personalization: every device (the quick plan measures all) decoded its own local-eval utterances, the
+    # very ones of the rounds, with each model as received and as it fine-tuned it on its own training utterances.
+    personal = out["personalization"]
+    assert personal["steps"] == QUICK.personal_steps and personal["devices"] == QUICK.devices
+    rows = ("launch_base", "launch_base_personalized", "federated", "federated_personalized")
+    assert set(personal["wer"]) == set(personal["summary"]) == set(rows)
+    for row in rows:
+        assert {m: c["words"] for m, c in personal["wer"][row].items()} == {
+            m: c["words"] for m, c in rounds[0]["devices"].items()
+        }
+    # As received, the two starting models score as the rounds measured them (the same decoder and utterances).
+    assert {m: c["wer"] for m, c in personal["wer"]["launch_base"].items()} == {
+        m: c["wer"] for m, c in rounds[0]["devices"].items()
+    }
+    last = rounds[-1]["devices"]
+    assert {m: c["wer"] for m, c in personal["wer"]["federated"].items()} == {m: c["wer"] for m, c in last.items()}
+    assert all(personal["summary"]["launch_base"][g]["relative"] in (0.0, None) for g in ("new_markets", "served_markets"))
+    assert "Personalization" in Path(out["report"]).read_text()
+
     # The quick plan has no sweep (each candidate is a Flower simulation; `_choose` is tested below): the measured
     # run used the plan's own recipe.
     assert QUICK.sweep is None and out["sweep"] is None
