@@ -265,6 +265,11 @@ def _wer(counts: ErrorCounts) -> float | None:
     return round(counts.wer, 4) if counts.words else None
 
 
+def _table(markets: dict[str, ErrorCounts]) -> dict[str, dict[str, float | int | None]]:
+    """market -> its WER and words, as the JSON and the report show them."""
+    return {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
+
+
 def _change(before: ErrorCounts, after: ErrorCounts) -> dict[str, float | int | None]:
     rel = (after.wer - before.wer) / before.wer if before.words and before.wer > 0 else None
     return {
@@ -317,17 +322,19 @@ def _personalized(
     recipe; the model a device keeps for itself, nothing of it sent)."""
     from client.train import fine_tune
 
+    model = build_model(cfg.model)
+
+    def decode(weights: dict[str, torch.Tensor], data: DeviceData) -> ErrorCounts:
+        load_state(model, weights, source="a device's model")
+        with torch.inference_mode():
+            counts, _ = score(model.eval(), data.eval, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam)
+        return counts
+
     received: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
     personal: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
-    model = build_model(cfg.model)
     for pid, (data, market) in enumerate(zip(devices, markets)):
-        for kept, weights in ((received, state), (personal, None)):
-            if weights is None:
-                weights = fine_tune(cfg, state, data, server_round=0, partition_id=pid).state_dict
-            load_state(model, weights, source="a device's model")
-            with torch.inference_mode():
-                counts, _ = score(model.eval(), data.eval, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam)
-            kept[market] += counts
+        received[market] += decode(state, data)
+        personal[market] += decode(fine_tune(cfg, state, data, server_round=0, partition_id=pid).state_dict, data)
     return dict(received), dict(personal)
 
 
@@ -391,7 +398,7 @@ def _federate(
         row: dict[str, Any] = {"round": r}
         for name, utts in sets.items():
             markets = _by_market(model, utts, features, prepared, accent, cfg.eval.beam)
-            row[name] = {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
+            row[name] = _table(markets)
             row[f"{name}_counts"] = markets
         measured.append(row)
         _note(f"{run_id}: round {r} measured at {time.monotonic() - start:.0f} s")
@@ -403,12 +410,22 @@ def _federate(
         bound = {"steps": plan.central_steps, "lr": plan.central_lr, "utterances": len(train)}
         for name, utts in sets.items():
             markets = _by_market(model, utts, features, prepared, accent, cfg.eval.beam)
-            bound[name] = {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
+            bound[name] = _table(markets)
             bound[f"{name}_counts"] = markets
         bound["seconds"] = round(time.monotonic() - began, 1)
         _note(f"{run_id}: the central bound ({plan.central_steps} steps) measured at {time.monotonic() - start:.0f} s")
 
-    personal_counts: dict[str, dict[str, ErrorCounts]] = {}
+    seen = sorted({m for row in measured for name in sets for m in row[name]})
+    new = [m for m in seen if m in plan.withheld]
+    served = [m for m in seen if m not in plan.withheld]
+
+    def compare(before: dict[str, ErrorCounts], after: dict[str, ErrorCounts]) -> dict[str, Any]:
+        groups = (("new_markets", new), ("served_markets", served))
+        return {group: _change(_pooled(before, members), _pooled(after, members)) for group, members in groups}
+
+    def summarize(after: dict[str, Any]) -> dict[str, Any]:
+        return {name: compare(measured[0][f"{name}_counts"], after[f"{name}_counts"]) for name in sets}
+
     personal: dict[str, Any] | None = None
     if personalize:
         began = time.monotonic()
@@ -416,39 +433,21 @@ def _federate(
         recipe = {"train.local-steps": plan.personal_steps, "train.lr": plan.personal_lr}
         personal_cfg = RunConfig.from_flat({**cfg.to_flat(), **recipe})
         owners = [accent[prepared.speaker_for_partition(pid)] for pid in range(count)]
+        counts: dict[str, dict[str, ErrorCounts]] = {}
         for start_name, r in (("launch_base", 0), ("federated", rounds)):
             state = load_checkpoint(run_dir / "checkpoints" / f"round-{r}.pt").state_dict
-            received, personalized = _personalized(personal_cfg, state, local[:count], owners)
-            personal_counts[start_name], personal_counts[f"{start_name}_personalized"] = received, personalized
-        personal = {"steps": plan.personal_steps, "lr": plan.personal_lr, "devices": count}
-        personal["seconds"] = round(time.monotonic() - began, 1)
+            counts[start_name], counts[f"{start_name}_personalized"] = _personalized(personal_cfg, state, local[:count], owners)
+        personal = {
+            "steps": plan.personal_steps,
+            "lr": plan.personal_lr,
+            "devices": count,
+            "wer": {row: _table(markets) for row, markets in counts.items()},
+            "summary": {row: compare(counts["launch_base"], markets) for row, markets in counts.items()},
+            "seconds": round(time.monotonic() - began, 1),
+        }
         _note(f"{run_id}: personalization of {count} devices measured at {time.monotonic() - start:.0f} s")
 
-    seen = sorted({m for row in measured for name in sets for m in row[name]})
-    new = [m for m in seen if m in plan.withheld]
-    served = [m for m in seen if m not in plan.withheld]
-
-    def summarize(after: dict[str, Any]) -> dict[str, Any]:
-        return {
-            name: {
-                group: _change(_pooled(measured[0][f"{name}_counts"], members), _pooled(after[f"{name}_counts"], members))
-                for group, members in (("new_markets", new), ("served_markets", served))
-            }
-            for name in sets
-        }
-
     summary = summarize(measured[-1])
-    if personal is not None:
-        groups = (("new_markets", new), ("served_markets", served))
-        origin = personal_counts["launch_base"]
-        personal["wer"] = {
-            row: {m: {"wer": _wer(c), "words": c.words} for m, c in sorted(markets.items())}
-            for row, markets in personal_counts.items()
-        }
-        personal["summary"] = {
-            row: {group: _change(_pooled(origin, members), _pooled(markets, members)) for group, members in groups}
-            for row, markets in personal_counts.items()
-        }
     if bound is not None:
         bound["summary"] = summarize(bound)
         for name in sets:

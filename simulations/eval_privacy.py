@@ -569,9 +569,9 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         lines.append(
             f"| {s['name']} | {_fmt(s['noise_multiplier'], 'g')} | "
             f"{'inf (no DP)' if s['epsilon'] is None else _fmt(s['epsilon'], '.3g')} | "
-            f"{s['heldout_wer']:.4f} | {_fmt(s['relative_wer_cost'], '+.1%')} | {_fmt(s.get('gain_kept'), '.0%')} | "
+            f"{s['heldout_wer']:.4f} | {_fmt(s['relative_wer_cost'], '+.1%')} | {_fmt(s['gain_kept'], '.0%')} | "
             f"{s['device_wer']:.4f} | {_fmt(s['relative_device_wer_cost'], '+.1%')} | "
-            f"{_fmt(s.get('device_gain_kept'), '.0%')} | "
+            f"{_fmt(s['device_gain_kept'], '.0%')} | "
             f"{_fmt(upd.get('auc'), '.3f')} | "
             f"{_fmt(upd.get('advantage'), '.3f')} | {s['mia']['global_model']['auc']:.3f} | "
             f"{s['seconds_per_device_round']:.2f} |"
@@ -593,8 +593,8 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         f" (within epsilon: {', '.join(tg['settings_within_epsilon']) or 'none'}); on the devices' own WER: "
         + (", ".join(tg["settings_meeting_epsilon_and_device_wer"]) or "none"),
         *(
-            f"  - {s['name']} keeps {_fmt(s.get('gain_kept'), '.0%')} of non-DP fine-tuning's held-out gain and "
-            f"{_fmt(s.get('device_gain_kept'), '.0%')} of its device gain (a small cost can mean a small gain)"
+            f"  - {s['name']} keeps {_fmt(s['gain_kept'], '.0%')} of non-DP fine-tuning's held-out gain and "
+            f"{_fmt(s['device_gain_kept'], '.0%')} of its device gain (a small cost can mean a small gain)"
             for s in settings
             if s["name"] in tg["settings_within_epsilon"]
         ),
