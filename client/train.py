@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,12 +33,23 @@ from shared.config import DPConfig, RunConfig
 from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
 from shared.models.transducer import Transducer
-from shared.training import Reweighter, train_steps
+from shared.metrics import ErrorCounts
+from shared.training import Reweighter, score, train_steps
 
 if TYPE_CHECKING:
     from shared.privacy.dp import AccountantState
 
-__all__ = ["ACCOUNTANT_KEY", "LocalUpdate", "fine_tune", "load_accountant", "store_accountant"]
+__all__ = [
+    "ACCOUNTANT_KEY",
+    "LocalUpdate",
+    "PersonalCheck",
+    "check_personalization",
+    "fine_tune",
+    "load_accountant",
+    "local_optimizer",
+    "personalize",
+    "store_accountant",
+]
 
 log = logging.getLogger("chorus.client")
 
@@ -93,7 +104,7 @@ def fine_tune(
     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
     reweighter: Reweighter | None = None,
 ) -> LocalUpdate:
-    """``cfg.train.local_steps`` AdamW steps from the global weights (a fresh optimizer each round: the
+    """``cfg.train.local_steps`` steps of ``cfg.train.optimizer`` from the global weights (a fresh optimizer each round: the
     device keeps no optimizer state between rounds, so a device may skip rounds without stale moments).
 
     With ``cfg.dp.enabled`` they are DP-SGD steps, accounted in ``device_state`` (the device's ``context.state``,
@@ -122,7 +133,7 @@ def fine_tune(
                 "its privacy accountant across rounds"
             )
         return _dp_fine_tune(cfg, model, batches, data, server_round=server_round, device_state=device_state)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    optimizer = local_optimizer(cfg, model)
     stats = train_steps(
         model,
         batches,
@@ -143,6 +154,56 @@ def fine_tune(
         compute_cost=stats.compute_cost,
         skipped=len(data.features.skipped),
     )
+
+
+@dataclass(frozen=True)
+class PersonalCheck:
+    """Whether personalizing helps this device, measured on training utterances set aside for the check."""
+
+    keep: bool  # the fine-tuned model made fewer errors on the set-aside utterances than the received one
+    received: ErrorCounts  # the received model on the set-aside utterances
+    personal: ErrorCounts  # the received model fine-tuned on the device's other training utterances, on the same
+
+
+def check_personalization(
+    cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData, *, partition_id: int, check_every: int = 3
+) -> PersonalCheck:
+    """Set aside every ``check_every``-th training utterance, fine-tune the received model on the others
+    (``cfg.train``'s recipe) and score both models on those set aside, which neither trained on."""
+    check = data.train[::check_every]
+    fit = [u for i, u in enumerate(data.train) if i % check_every]
+    if not fit:
+        raise ValueError(f"personalization needs at least 2 training utterances, the device has {len(data.train)}")
+    model = build_model(cfg.model)
+
+    def errors(state: dict[str, torch.Tensor]) -> ErrorCounts:
+        load_state(model, state, source="a personalized model")
+        with torch.inference_mode():
+            counts, _ = score(model.eval(), check, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam)
+        return counts
+
+    received = errors(global_state)
+    trial = fine_tune(cfg, global_state, replace(data, train=fit), server_round=0, partition_id=partition_id)
+    personal = errors(trial.state_dict)
+    return PersonalCheck(keep=personal.errors < received.errors, received=received, personal=personal)
+
+
+def personalize(
+    cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData, *, partition_id: int
+) -> tuple[dict[str, torch.Tensor], PersonalCheck]:
+    """The model a device keeps for itself: the received one fine-tuned on all its training utterances where
+    :func:`check_personalization` says that helps, else the received one unchanged. Nothing of it leaves the device."""
+    check = check_personalization(cfg, global_state, data, partition_id=partition_id)
+    if not check.keep:
+        return global_state, check
+    return fine_tune(cfg, global_state, data, server_round=0, partition_id=partition_id).state_dict, check
+
+
+def local_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.train.optimizer`` at ``cfg.train.lr``, fresh for this round's local steps."""
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
 
 
 def _dp_fine_tune(
@@ -178,7 +239,7 @@ def _dp_fine_tune(
     planned = ledger.after(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
     store_accountant(device_state, planned)  # charged before training: a failed round is paid for too
     make_dp_compatible(model)  # ConvRNN-T: nn.LSTM -> DPLSTM (same weights and keys); before the optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    optimizer = local_optimizer(cfg, model)
     result = dp_train_steps(
         model,
         batches,

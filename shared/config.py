@@ -114,6 +114,9 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
 
 
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = 8  # optimizer steps per device per round
@@ -121,6 +124,10 @@ class TrainConfig:
     # 1e-4 kept both the devices' and the held-out speakers' WER below the starting model's in every round (README).
     # Runs from random weights need about 1e-3 (TINY_RUN sets it).
     lr: float = 1e-4
+    # Local optimizer: "adamw" (its normalized steps move every device's weights about equally far) or "sgd" (a step
+    # proportional to the device's gradient: devices the model serves worst, with the larger gradients, move the
+    # average more; McMahan et al.'s FedAvg). SGD needs a rate about 1,000x AdamW's.
+    optimizer: str = "adamw"
     batch_frames: int = 4000  # padded feature frames per batch (B x T): bounds device memory
     spec_augment: bool = True
     # lambda of Xie et al.'s compute-cost loss: loss = transducer + lambda * expected executed compute share.
@@ -131,6 +138,12 @@ class TrainConfig:
     ctc_weight: float = 0.3
     fastemit_lambda: float = 0.01
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in LOCAL_OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={self.optimizer!r} is not supported; choose {', '.join(LOCAL_OPTIMIZERS)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ Round 0 is the launch base. Beside the rounds, the *central bound*: the launch b
 on the same devices' training utterances pooled (``NewMarketPlan.central_steps``), measured on the same sets: what
 FedAvg could at best reach with the devices' data, so that a miss can be told apart as federation's or the data's.
 *Personalization* (Shor et al.'s setting, the target's reference): each of the first ``personal_devices`` devices
-fine-tunes the launch base, and the last round's global model, on its own training utterances alone and keeps the
-result (``fine_tune``, nothing sent); its own local-eval utterances are decoded with each model as received and as
-personalized. The summary compares round 0 with the last round for the new markets (withheld from the base) and the served
+fine-tunes the launch base, and the last round's global model, on its own training utterances alone
+(``fine_tune``, nothing sent); its own local-eval utterances are decoded with each model as received, as
+personalized, and as ``personalize`` keeps it (personalized only where a check on set-aside training utterances
+says it helps). The summary compares round 0 with the last round for the new markets (withheld from the base) and the served
 ones, against the targets: new markets' WER falls >= 25% relative (goal 35%: Shor et al. 2019 personalizing to
 accented speech; FedNST -22.5% federated) while served markets get no worse than +2%.
 
@@ -90,9 +91,9 @@ class NewMarketPlan:
     central_steps: int = 0
     central_lr: float = 3e-4
     # Personalization (Shor et al.'s setting): each device fine-tunes a model on its own training utterances alone,
-    # ``personal_steps`` AdamW steps at ``personal_lr``, and keeps it; measured from the launch base and from the
-    # last round's global model on the first ``personal_devices`` devices' own local-eval utterances (0 steps: not
-    # run; 0 devices: all of them).
+    # ``personal_steps`` AdamW steps at ``personal_lr``, and keeps it (always, or where a check says it helps);
+    # measured from the launch base and from the last round's global model on the first ``personal_devices``
+    # devices' own local-eval utterances (0 steps: not run; 0 devices: all of them).
     personal_steps: int = 0
     personal_lr: float = 3e-4
     personal_devices: int = 0
@@ -316,11 +317,13 @@ def _central(
 
 def _personalized(
     cfg: RunConfig, state: dict[str, torch.Tensor], devices: Sequence[DeviceData], markets: Sequence[str]
-) -> tuple[dict[str, ErrorCounts], dict[str, ErrorCounts]]:
-    """(as received, personalized), per market: each device's own local-eval utterances decoded with ``state``,
-    and with ``state`` fine-tuned on the device's own training utterances by ``fine_tune`` (``cfg.train``'s local
-    recipe; the model a device keeps for itself, nothing of it sent)."""
-    from client.train import fine_tune
+) -> tuple[dict[str, ErrorCounts], dict[str, ErrorCounts], dict[str, ErrorCounts], int]:
+    """(as received, personalized, checked, devices that kept theirs), per market: each device's own local-eval
+    utterances decoded with ``state``, with ``state`` fine-tuned on the device's own training utterances by
+    ``fine_tune`` (``cfg.train``'s local recipe; nothing of it sent), and with the model ``personalize`` keeps:
+    the fine-tuned one where ``check_personalization`` found it better on set-aside training utterances, else
+    ``state``."""
+    from client.train import check_personalization, fine_tune
 
     model = build_model(cfg.model)
 
@@ -332,10 +335,18 @@ def _personalized(
 
     received: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
     personal: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
+    checked: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
+    kept = 0
     for pid, (data, market) in enumerate(zip(devices, markets)):
-        received[market] += decode(state, data)
-        personal[market] += decode(fine_tune(cfg, state, data, server_round=0, partition_id=pid).state_dict, data)
-    return dict(received), dict(personal)
+        as_received = decode(state, data)
+        # personalize(), unrolled: its fine-tuning on all training utterances is this one, same seed
+        fine_tuned = decode(fine_tune(cfg, state, data, server_round=0, partition_id=pid).state_dict, data)
+        keep = check_personalization(cfg, state, data, partition_id=pid).keep
+        received[market] += as_received
+        personal[market] += fine_tuned
+        checked[market] += fine_tuned if keep else as_received
+        kept += keep
+    return dict(received), dict(personal), dict(checked), kept
 
 
 def _federate(
@@ -430,17 +441,24 @@ def _federate(
     if personalize:
         began = time.monotonic()
         count = min(devices, plan.personal_devices or devices)
-        recipe = {"train.local-steps": plan.personal_steps, "train.lr": plan.personal_lr}
+        recipe = {"train.local-steps": plan.personal_steps, "train.lr": plan.personal_lr, "train.optimizer": "adamw"}
         personal_cfg = RunConfig.from_flat({**cfg.to_flat(), **recipe})
         owners = [accent[prepared.speaker_for_partition(pid)] for pid in range(count)]
         counts: dict[str, dict[str, ErrorCounts]] = {}
+        kept: dict[str, int] = {}
         for start_name, r in (("launch_base", 0), ("federated", rounds)):
             state = load_checkpoint(run_dir / "checkpoints" / f"round-{r}.pt").state_dict
-            counts[start_name], counts[f"{start_name}_personalized"] = _personalized(personal_cfg, state, local[:count], owners)
+            (
+                counts[start_name],
+                counts[f"{start_name}_personalized"],
+                counts[f"{start_name}_checked"],
+                kept[start_name],
+            ) = _personalized(personal_cfg, state, local[:count], owners)
         personal = {
             "steps": plan.personal_steps,
             "lr": plan.personal_lr,
             "devices": count,
+            "kept": kept,
             "wer": {row: _table(markets) for row, markets in counts.items()},
             "summary": {row: compare(counts["launch_base"], markets) for row, markets in counts.items()},
             "seconds": round(time.monotonic() - began, 1),
@@ -627,9 +645,11 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         lines += [
             "",
             f"Personalization: each of the first {personal['devices']} devices fine-tuned a model on its own training "
-            f"utterances alone ({personal['steps']} AdamW steps at {personal['lr']}) and kept it; its own local-eval "
-            "utterances, decoded with the model as received and as personalized (relative to the launch base as "
-            "received, on the same devices):",
+            f"utterances alone ({personal['steps']} AdamW steps at {personal['lr']}); its own local-eval utterances, "
+            "decoded with the model as received, as personalized, and as checked (personalized only where that beat "
+            "the received model on a third of its training utterances set aside: kept by "
+            f"{personal['kept']['launch_base']} devices from the launch base, {personal['kept']['federated']} from the "
+            "federated model); relative to the launch base as received, on the same devices:",
             "",
             "| model on the device | new markets | served markets |",
             "|---|---:|---:|",
@@ -637,8 +657,10 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         names = {
             "launch_base": "launch base",
             "launch_base_personalized": "launch base, personalized",
+            "launch_base_checked": "launch base, personalized where it helps",
             "federated": "federated (last round)",
             "federated_personalized": "federated, personalized",
+            "federated_checked": "federated, personalized where it helps",
         }
         for row, name in names.items():
             cells = personal["summary"][row]

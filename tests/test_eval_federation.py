@@ -84,7 +84,7 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
     # very ones of the rounds, with each model as received and as it fine-tuned it on its own training utterances.
     personal = out["personalization"]
     assert personal["steps"] == QUICK.personal_steps and personal["devices"] == QUICK.devices
-    rows = ("launch_base", "launch_base_personalized", "federated", "federated_personalized")
+    rows = tuple(f"{start}{kind}" for start in ("launch_base", "federated") for kind in ("", "_personalized", "_checked"))
     assert set(personal["wer"]) == set(personal["summary"]) == set(rows)
     for row in rows:
         assert {m: c["words"] for m, c in personal["wer"][row].items()} == {
@@ -97,6 +97,14 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
     last = rounds[-1]["devices"]
     assert {m: c["wer"] for m, c in personal["wer"]["federated"].items()} == {m: c["wer"] for m, c in last.items()}
     assert all(personal["summary"]["launch_base"][g]["relative"] in (0.0, None) for g in ("new_markets", "served_markets"))
+    # Checked: each device keeps one of its two models; where none kept its personalized one the row is the
+    # received model's, where all did it is the personalized one's.
+    for start in ("launch_base", "federated"):
+        assert 0 <= personal["kept"][start] <= QUICK.devices
+        if personal["kept"][start] == 0:
+            assert personal["wer"][f"{start}_checked"] == personal["wer"][start]
+        if personal["kept"][start] == QUICK.devices:
+            assert personal["wer"][f"{start}_checked"] == personal["wer"][f"{start}_personalized"]
     assert "Personalization" in Path(out["report"]).read_text()
 
     # The quick plan has no sweep (each candidate is a Flower simulation; `_choose` is tested below): the measured
