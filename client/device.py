@@ -22,6 +22,7 @@ multitalker`` model, the shipped one by default): each channel's partial words a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -48,9 +49,11 @@ if TYPE_CHECKING:
 __all__ = [
     "DeviceError",
     "MultiTalkerTranscript",
+    "Personalization",
     "Transcript",
     "device_cli",
     "node_config_arg",
+    "personalize_device",
     "start_supernode",
     "stop_supernode",
     "transcribe",
@@ -519,6 +522,97 @@ def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int)
         f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
         f"of audio, {chunk_ms} ms chunks)"
     )
+
+
+@dataclass(frozen=True)
+class Personalization:
+    kept: bool  # the personalized model was kept (it beat the received one on set-aside training utterances)
+    check_wer: tuple[float, float]  # received, personalized: on the set-aside training utterances
+    eval_wer: tuple[float, float] | None  # received, kept model: on the device's local-eval utterances (None: none)
+    utterances: tuple[int, int]  # training, local-eval
+    out: Path
+
+
+def personalize_device(
+    *, checkpoint: Path, data: Path, artifacts: Path, out: Path, steps: int = 24, lr: float = 3e-4
+) -> Personalization:
+    """Fine-tune ``checkpoint`` on this device's own recordings (``steps`` AdamW steps at ``lr``: the personalization
+    ``chorus eval federation`` measures), keep it only where a check on set-aside training utterances says it helps
+    (``client.train.personalize``), and write the kept model to ``out``. Nothing leaves the device.
+
+    Raises:
+        DeviceError: a missing or unusable checkpoint, data or artifacts directory (the message names it).
+    """
+    import torch
+
+    from client.data import DeviceDataError, local_device_data
+    from client.train import personalize
+    from shared.config import RunConfig
+    from shared.models.checkpoint import CheckpointError, build_model, load_checkpoint, load_state, save_checkpoint
+    from shared.training import score
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise DeviceError(str(err)) from err
+    model_keys = {f"model.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(ckpt.model_config).items()}
+    recipe = {"train.local-steps": steps, "train.lr": lr, "train.optimizer": "adamw"}
+    cfg = RunConfig.from_flat({**model_keys, **recipe, "model.init-checkpoint": str(checkpoint)})
+    try:
+        device = local_device_data(cfg, data_dir=data, artifacts_dir=artifacts)
+    except DeviceDataError as err:
+        raise DeviceError(str(err)) from err
+    if ckpt.frontend is not None and ckpt.frontend.tokenizer.model_proto != device.tokenizer.model_proto:
+        raise DeviceError(f"the tokenizer in {artifacts} is not the one {checkpoint} was trained with")
+    if len(device.train) < 2:
+        raise DeviceError(f"{data}: {len(device.train)} training utterance(s) after the local-eval split; need at least 2")
+    kept_state, check = personalize(cfg, ckpt.state_dict, device, partition_id=0)
+    model = build_model(cfg.model)
+
+    def eval_wer(state: dict[str, torch.Tensor]) -> float:
+        load_state(model, state, source=str(checkpoint))
+        with torch.inference_mode():
+            counts, _ = score(model.eval(), device.eval, features=device.features, tokenizer=device.tokenizer)
+        return counts.wer
+
+    evaluated = (eval_wer(ckpt.state_dict), eval_wer(kept_state)) if device.eval else None
+    load_state(model, kept_state, source=str(checkpoint))
+    meta = {**ckpt.meta, "personalized": {"from": str(checkpoint), "kept": check.keep, "steps": steps, "lr": lr}}
+    meta.pop("frontend", None)
+    save_checkpoint(out, model, ckpt.model_config, frontend=ckpt.frontend, **meta)
+    return Personalization(
+        kept=check.keep,
+        check_wer=(check.received.wer, check.personal.wer),
+        eval_wer=evaluated,
+        utterances=(len(device.train), len(device.eval)),
+        out=out,
+    )
+
+
+@device_cli.command("personalize")
+def personalize_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="The model this device runs (a shipped base or a federation's global.pt).")],
+    data: Annotated[Path, typer.Option(help="This device's recordings (manifest.jsonl, Kaldi or FSDD layout).")],
+    artifacts: Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json from `chorus data prepare`.")],
+    out: Annotated[Path, typer.Option(help="Where the model the device keeps is written (it never leaves the device).")],
+    steps: Annotated[int, typer.Option(min=1, help="AdamW fine-tuning steps.")] = 24,
+    lr: Annotated[float, typer.Option(min=1e-8, help="AdamW learning rate.")] = 3e-4,
+) -> None:
+    """Personalize the recognizer to this device's user, keeping the result only where it helps."""
+    try:
+        result = personalize_device(checkpoint=checkpoint, data=data, artifacts=artifacts, out=out, steps=steps, lr=lr)
+    except DeviceError as err:
+        fail(str(err))
+    received, personal = result.check_wer
+    verdict = "kept the personalized model" if result.kept else "kept the received model (personalizing did not help)"
+    typer.echo(
+        f"{verdict}: WER on a third of the {result.utterances[0]} training recordings set aside {received:.3f} received, "
+        f"{personal:.3f} personalized"
+    )
+    if result.eval_wer is not None:
+        before, after = result.eval_wer
+        typer.echo(f"local-eval recordings ({result.utterances[1]}, not trained on): WER {before:.3f} -> {after:.3f}")
+    typer.echo(f"wrote {result.out}")
 
 
 @device_cli.command("enroll")

@@ -126,7 +126,7 @@ class TrainConfig:
     lr: float = 1e-4
     # Local optimizer: "adamw" (its normalized steps move every device's weights about equally far) or "sgd" (a step
     # proportional to the device's gradient: devices the model serves worst, with the larger gradients, move the
-    # average more; McMahan et al.'s FedAvg). SGD needs a rate about 1,000x AdamW's.
+    # average more; McMahan et al.'s FedAvg). SGD takes a far larger rate (0.1 where AdamW takes 1e-4).
     optimizer: str = "adamw"
     batch_frames: int = 4000  # padded feature frames per batch (B x T): bounds device memory
     spec_augment: bool = True

@@ -225,3 +225,52 @@ def test_flower_config_names_the_superlink(tmp_path: Path, monkeypatch: pytest.M
     assert connection.root_certificates == str((tmp_path / "ca.crt").resolve()) and not connection.insecure
     assert read_superlink_connection(None).name == "chorus"  # made the default
     assert read_superlink_connection("local").address == ":local:"  # other connections kept
+
+
+# -- personalization ----------------------------------------------------------------------------------------
+
+
+def _recordings(assets: dict[str, Path], path: Path, count: int) -> Path:
+    """``count`` recordings of one user, each the fixture's utterance."""
+    path.mkdir()
+    entries = []
+    for index in range(count):
+        (path / f"u{index}.wav").write_bytes(assets["wav16"].read_bytes())
+        entries.append(
+            {"id": f"u{index}", "speaker": "me", "audio": f"u{index}.wav", "text": TEXT, "duration": 1.0, "sample_rate": 16000}
+        )
+    (path / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return path
+
+
+@needs_espeak
+@pytest.mark.parametrize(("steps", "lr", "kept"), [(1, 1e-8, False), (40, 1e-2, True)])
+def test_personalize_keeps_the_fine_tuned_model_only_where_it_helps(
+    assets: dict[str, Path], tmp_path: Path, steps: int, lr: float, kept: bool
+) -> None:
+    from shared.models.checkpoint import load_checkpoint
+
+    data = _recordings(assets, tmp_path / "recordings", 8)  # 6 train (2 set aside for the check), 2 local-eval
+    out = tmp_path / "mine.pt"
+    args = ["--checkpoint", assets["transformer"], "--data", data, "--artifacts", assets["artifacts"], "--out", out]
+    result = _run("personalize", *args, "--steps", steps, "--lr", lr)
+    assert result.exit_code == 0, result.output
+    assert ("kept the personalized model" if kept else "kept the received model") in result.output
+    assert "of the 6 training recordings set aside" in result.output and "local-eval recordings (2" in result.output
+    mine, received = load_checkpoint(out), load_checkpoint(assets["transformer"])
+    assert mine.meta["personalized"]["kept"] is kept
+    same = all(torch.equal(mine.state_dict[k], received.state_dict[k]) for k in received.state_dict)
+    assert same is not kept
+
+
+@needs_espeak
+def test_personalize_bad_inputs_name_the_culprit(assets: dict[str, Path], tmp_path: Path) -> None:
+    data = _recordings(assets, tmp_path / "recordings", 2)
+    common = ["--artifacts", assets["artifacts"], "--out", tmp_path / "mine.pt"]
+    result = _run("personalize", "--checkpoint", tmp_path / "none.pt", "--data", data, *common)
+    assert result.exit_code != 0 and "none.pt" in result.output
+    result = _run("personalize", "--checkpoint", assets["transformer"], "--data", tmp_path / "nowhere", *common)
+    assert result.exit_code != 0 and "nowhere" in result.output
+    result = _run("personalize", "--checkpoint", assets["transformer"], "--data", data, *common)
+    assert result.exit_code != 0 and "1 training utterance(s)" in result.output
+    assert not (tmp_path / "mine.pt").exists()
