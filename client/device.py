@@ -385,15 +385,20 @@ def transcribe_talkers(
 # -- command line: `chorus device ...` -----------------------------------------------
 
 device_cli = typer.Typer(
-    help="A device: join a federation, transcribe a recording as it streams, enroll and verify its user.", no_args_is_help=True
+    help="A device: join a federation, personalize its recognizer, transcribe as it streams, enroll and verify its user.",
+    no_args_is_help=True,
 )
+
+
+RecordingsOption = Annotated[Path, typer.Option(help="This device's recordings (manifest.jsonl, Kaldi or FSDD layout).")]
+ArtifactsOption = Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json from `chorus data prepare`.")]
 
 
 @device_cli.command("join")
 def join_cmd(
     superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink (its HTTPS port).")],
-    data: Annotated[Path, typer.Option(help="This device's recordings (manifest.jsonl, Kaldi or FSDD layout).")],
-    artifacts: Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json from `chorus data prepare`.")],
+    data: RecordingsOption,
+    artifacts: ArtifactsOption,
     root_cert: Annotated[Path, typer.Option(help="CA certificate that signed the SuperLink's certificate.")],
     auth_key: Annotated[Path, typer.Option(help="This device's OpenSSH EC private key (its .pub is registered).")],
     port: Annotated[int, typer.Option(min=1, max=65535, help="This SuperNode's own Runtime API port.")] = 9094,
@@ -592,8 +597,8 @@ def personalize_device(
 @device_cli.command("personalize")
 def personalize_cmd(
     checkpoint: Annotated[Path, typer.Option(help="The model this device runs (a shipped base or a federation's global.pt).")],
-    data: Annotated[Path, typer.Option(help="This device's recordings (manifest.jsonl, Kaldi or FSDD layout).")],
-    artifacts: Annotated[Path, typer.Option(help="tokenizer-<vocab>.model and cmvn.json from `chorus data prepare`.")],
+    data: RecordingsOption,
+    artifacts: ArtifactsOption,
     out: Annotated[Path, typer.Option(help="Where the model the device keeps is written (it never leaves the device).")],
     steps: Annotated[int, typer.Option(min=1, help="AdamW fine-tuning steps.")] = 24,
     lr: Annotated[float, typer.Option(min=1e-8, help="AdamW learning rate.")] = 3e-4,
