@@ -548,13 +548,10 @@ def personalize_device(
     Raises:
         DeviceError: a missing or unusable checkpoint, data or artifacts directory (the message names it).
     """
-    import torch
-
     from client.data import DeviceDataError, local_device_data
-    from client.train import personalize
+    from client.train import device_errors, personalize
     from shared.config import RunConfig
     from shared.models.checkpoint import CheckpointError, build_model, load_checkpoint, load_state, save_checkpoint
-    from shared.training import score
 
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -573,14 +570,10 @@ def personalize_device(
         raise DeviceError(f"{data}: {len(device.train)} training utterance(s) after the local-eval split; need at least 2")
     kept_state, check = personalize(cfg, ckpt.state_dict, device, partition_id=0)
     model = build_model(cfg.model)
-
-    def eval_wer(state: dict[str, torch.Tensor]) -> float:
-        load_state(model, state, source=str(checkpoint))
-        with torch.inference_mode():
-            counts, _ = score(model.eval(), device.eval, features=device.features, tokenizer=device.tokenizer)
-        return counts.wer
-
-    evaluated = (eval_wer(ckpt.state_dict), eval_wer(kept_state)) if device.eval else None
+    evaluated = None
+    if device.eval:
+        before = device_errors(model, ckpt.state_dict, device.eval, device).wer
+        evaluated = (before, device_errors(model, kept_state, device.eval, device).wer if check.keep else before)
     load_state(model, kept_state, source=str(checkpoint))
     meta = {**ckpt.meta, "personalized": {"from": str(checkpoint), "kept": check.keep, "steps": steps, "lr": lr}}
     meta.pop("frontend", None)

@@ -30,6 +30,7 @@ from torch import nn
 
 from client.data import DeviceData
 from shared.config import DPConfig, RunConfig
+from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
 from shared.models.transducer import Transducer
@@ -44,6 +45,7 @@ __all__ = [
     "LocalUpdate",
     "PersonalCheck",
     "check_personalization",
+    "device_errors",
     "fine_tune",
     "load_accountant",
     "local_optimizer",
@@ -165,6 +167,16 @@ class PersonalCheck:
     personal: ErrorCounts  # the received model fine-tuned on the device's other training utterances, on the same
 
 
+def device_errors(
+    model: Transducer, state: dict[str, torch.Tensor], utterances: list[Utterance], data: DeviceData, *, beam: int = 1
+) -> ErrorCounts:
+    """Word errors of ``state`` (loaded into ``model``, which the caller reuses) on ``utterances`` of this device."""
+    load_state(model, state, source="a device's model")
+    with torch.inference_mode():
+        counts, _ = score(model.eval(), utterances, features=data.features, tokenizer=data.tokenizer, beam=beam)
+    return counts
+
+
 def check_personalization(
     cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData, *, partition_id: int, check_every: int = 3
 ) -> PersonalCheck:
@@ -175,16 +187,9 @@ def check_personalization(
     if not fit:
         raise ValueError(f"personalization needs at least 2 training utterances, the device has {len(data.train)}")
     model = build_model(cfg.model)
-
-    def errors(state: dict[str, torch.Tensor]) -> ErrorCounts:
-        load_state(model, state, source="a personalized model")
-        with torch.inference_mode():
-            counts, _ = score(model.eval(), check, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam)
-        return counts
-
-    received = errors(global_state)
+    received = device_errors(model, global_state, check, data, beam=cfg.eval.beam)
     trial = fine_tune(cfg, global_state, replace(data, train=fit), server_round=0, partition_id=partition_id)
-    personal = errors(trial.state_dict)
+    personal = device_errors(model, trial.state_dict, check, data, beam=cfg.eval.beam)
     return PersonalCheck(keep=personal.errors < received.errors, received=received, personal=personal)
 
 

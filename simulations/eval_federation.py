@@ -49,7 +49,7 @@ from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import build_model, initial_model, load_checkpoint, load_state, save_checkpoint
+from shared.models.checkpoint import build_model, initial_model, load_checkpoint, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.training import score, train_steps
 
@@ -327,15 +327,12 @@ def _personalized(
     ``fine_tune`` (``cfg.train``'s local recipe; nothing of it sent), and with the model ``personalize`` keeps:
     the fine-tuned one where ``check_personalization`` found it better on set-aside training utterances, else
     ``state``."""
-    from client.train import check_personalization, fine_tune
+    from client.train import check_personalization, device_errors, fine_tune
 
     model = build_model(cfg.model)
 
     def decode(weights: dict[str, torch.Tensor], data: DeviceData) -> ErrorCounts:
-        load_state(model, weights, source="a device's model")
-        with torch.inference_mode():
-            counts, _ = score(model.eval(), data.eval, features=data.features, tokenizer=data.tokenizer, beam=cfg.eval.beam)
-        return counts
+        return device_errors(model, weights, data.eval, data, beam=cfg.eval.beam)
 
     received: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
     personal: dict[str, ErrorCounts] = defaultdict(lambda: ErrorCounts(0, 0, 0))
