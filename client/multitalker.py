@@ -66,7 +66,7 @@ class MultitalkerRecipe:
     local_steps: int = 10
     lr: float = 1e-4  # AdamW peak, fresh each round: small, the global model is the starting point
     warmup: int = 0
-    turn_bonus: float = 0.0  # the turn-token delay penalty of train_sessions
+    turn_penalty: float = 0.0  # the turn-token latency penalty of train_sessions
     max_frames: int = 4000  # padded feature frames per batch (B x T)
     heldout: int = 1  # the last sessions of the device's manifest: evaluated, never trained on
     seed: int = 0
@@ -77,8 +77,8 @@ class MultitalkerRecipe:
                 f"need local_steps >= 1, max_frames >= 1, warmup >= 0 and heldout >= 0, got {self.local_steps}, "
                 f"{self.max_frames}, {self.warmup}, {self.heldout}"
             )
-        if not self.lr > 0 or not self.turn_bonus >= 0:
-            raise MultitalkerDeviceError(f"need lr > 0 and turn_bonus >= 0, got {self.lr} and {self.turn_bonus}")
+        if not self.lr > 0 or not self.turn_penalty >= 0:
+            raise MultitalkerDeviceError(f"need lr > 0 and turn_penalty >= 0, got {self.lr} and {self.turn_penalty}")
 
     def to_config(self) -> dict[str, int | float]:
         """``mt.local-steps`` = ..., one key per field: a message's ConfigRecord."""
@@ -199,8 +199,7 @@ def mt_train(msg: Message, context: Context) -> Message:
         steps=recipe.local_steps,
         peak_lr=recipe.lr,
         warmup=recipe.warmup,
-        turn_bonus=recipe.turn_bonus,
-        tokenizer_vocab=tokenizer.vocab_size,
+        turn_penalty=recipe.turn_penalty,
         seed=work.seed,
         log_every=recipe.local_steps,  # one entry: the mean loss over the round's steps
     )

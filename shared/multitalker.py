@@ -91,16 +91,30 @@ def heat_channels(turns: Sequence[Turn], channels: int) -> list[list[Turn]]:
 
 def references(session: Session, tokenizer: Tokenizer, kind: str) -> list[list[int]]:
     """Per channel, the token ids the model must emit for ``session``."""
+    return [[token for token, _ in channel] for channel in _anchored_references(session, tokenizer, kind)]
+
+
+def _anchored_references(session: Session, tokenizer: Tokenizer, kind: str) -> list[list[tuple[int, float]]]:
+    """Per channel, (token id, the encoder frame it is anchored to): a turn token's is the frame at which its event
+    (the turn's first or last speech; for ``<sc>`` the next talker's first) becomes audible; a word's is NaN."""
     ids = extended_vocabulary(tokenizer.vocab_size)
+
+    def words(turn: Turn) -> list[tuple[int, float]]:
+        return [(piece, math.nan) for piece in tokenizer.encode(turn.text)]
+
     if kind == "sts":
         return [
-            [token for turn in channel for token in (ids["<sot>"], *tokenizer.encode(turn.text), ids["<eot>"])]
+            [
+                pair
+                for turn in channel
+                for pair in [(ids["<sot>"], anchor_frame(turn.start)), *words(turn), (ids["<eot>"], anchor_frame(turn.end))]
+            ]
             for channel in heat_channels(session.turns, 2)
         ]
     channels_of(kind)
-    stream: list[int] = []
+    stream: list[tuple[int, float]] = []
     for i, turn in enumerate(sorted(session.turns, key=lambda t: t.start)):
-        stream += ([ids["<sc>"]] if i else []) + tokenizer.encode(turn.text)
+        stream += ([(ids["<sc>"], anchor_frame(turn.start))] if i else []) + words(turn)
     return [stream]
 
 
@@ -111,6 +125,7 @@ class SessionBatch:
     feat_lens: Tensor  # (B,)
     targets: Tensor  # (C, B, U)
     target_lens: Tensor  # (C, B)
+    turn_frames: Tensor  # (C, B, U) the encoder frame each turn token is anchored to; NaN for words and padding
 
 
 def session_features(sessions: Sequence[Session], cmvn: GlobalCMVN) -> dict[str, np.ndarray]:
@@ -144,14 +159,18 @@ def make_session_batches(
 
 def _collate(group: list[Session], features: dict[str, np.ndarray], tokenizer: Tokenizer, kind: str) -> SessionBatch:
     feats = [torch.from_numpy(features[s.id]) for s in group]
-    refs = [references(s, tokenizer, kind) for s in group]
+    refs = [_anchored_references(s, tokenizer, kind) for s in group]
     channels = channels_of(kind)
     longest = max(1, max(len(r[c]) for r in refs for c in range(channels)))
     targets = torch.zeros(channels, len(group), longest, dtype=torch.long)
     target_lens = torch.zeros(channels, len(group), dtype=torch.long)
+    turn_frames = torch.full((channels, len(group), longest), math.nan)
     for b, ref in enumerate(refs):
         for c in range(channels):
-            targets[c, b, : len(ref[c])] = torch.tensor(ref[c], dtype=torch.long)
+            if ref[c]:
+                tokens, anchors = zip(*ref[c], strict=True)
+                targets[c, b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                turn_frames[c, b, : len(anchors)] = torch.tensor(anchors)
             target_lens[c, b] = len(ref[c])
     return SessionBatch(
         ids=[s.id for s in group],
@@ -159,6 +178,7 @@ def _collate(group: list[Session], features: dict[str, np.ndarray], tokenizer: T
         feat_lens=torch.tensor([f.shape[0] for f in feats]),
         targets=targets,
         target_lens=target_lens,
+        turn_frames=turn_frames,
     )
 
 
@@ -169,19 +189,16 @@ def train_sessions(
     steps: int,
     peak_lr: float,
     warmup: int,
-    turn_bonus: float,
-    tokenizer_vocab: int,
+    turn_penalty: float,
     seed: int,
     log_every: int = 0,
 ) -> list[dict[str, float]]:
     """``steps`` AdamW steps cycling over ``batches`` (SpecAugment, warm-up then cosine decay to 5% of
-    ``peak_lr``); objective: the channels' transducer loss per target token, with the turn-token delay penalty
-    ``turn_bonus``. Trains on whatever device ``model`` is on. Returns the loss every ``log_every`` steps (never
-    when 0)."""
+    ``peak_lr``); objective: the channels' transducer loss per target token, with the turn-token latency penalty
+    ``turn_penalty`` (``SeparatorTransducer.forward``). Trains on whatever device ``model`` is on. Returns the
+    loss every ``log_every`` steps (never when 0)."""
     if not batches:
         raise ValueError("no training sessions")
-    ids = extended_vocabulary(tokenizer_vocab)
-    turn_tokens = (ids["<sot>"], ids["<eot>"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -203,8 +220,8 @@ def train_sessions(
             batch.feat_lens.to(device),
             batch.targets.to(device),
             batch.target_lens.to(device),
-            turn_bonus=turn_bonus,
-            turn_tokens=turn_tokens,
+            turn_frames=batch.turn_frames.to(device),
+            turn_penalty=turn_penalty,
         )
         loss = losses.sum() / batch.target_lens.sum().clamp(min=1)
         if not math.isfinite(loss.item()):
@@ -233,6 +250,11 @@ def decode_sessions(model: SeparatorTransducer, batches: Sequence[SessionBatch])
 def emission_seconds(frame: int) -> float:
     """When the audio an encoder frame needs has all arrived: the end of its receptive field."""
     return (ConvSubsampling.factor * frame + ConvSubsampling.receptive_field) / 100.0
+
+
+def anchor_frame(seconds: float) -> float:
+    """The inverse of ``emission_seconds``: the (fractional) encoder frame whose receptive field ends at ``seconds``."""
+    return (100.0 * seconds - ConvSubsampling.receptive_field) / ConvSubsampling.factor
 
 
 def _words(tokens: Sequence[int], tokenizer: Tokenizer) -> list[str]:

@@ -90,6 +90,22 @@ def test_references_frame_turns_with_turn_tokens_or_serialize_them_with_speaker_
     assert references(session, tokenizer, "mt-rnnt") == [[*tokenizer.encode("play jazz"), ids["<sc>"], *tokenizer.encode("stop")]]
 
 
+def test_batches_anchor_each_turn_token_at_the_frame_its_event_becomes_audible() -> None:
+    tokenizer = FRONTEND.tokenizer
+    session = Session("x", Path("x.flac"), 5.0, 0.2, ("s0", "s1"), (_turn(0, 0.4, 2.0, "play jazz"), _turn(1, 1.5, 3.0, "stop")))
+    features = {"x": np.zeros((500, 80), dtype=np.float32)}
+    (sts,) = make_session_batches([session], features, tokenizer, "sts", max_frames=1000, shuffle=False, seed=0)
+    words = len(tokenizer.encode("play jazz"))
+    anchors = sts.turn_frames[0, 0, : words + 2]
+    assert [emission_seconds(anchors[0].item()), emission_seconds(anchors[-1].item())] == pytest.approx([0.4, 2.0])
+    assert bool(anchors[1:-1].isnan().all()) and bool(sts.turn_frames[0, 0, words + 2 :].isnan().all())
+    stop = len(tokenizer.encode("stop"))
+    assert [emission_seconds(sts.turn_frames[1, 0, i].item()) for i in (0, stop + 1)] == pytest.approx([1.5, 3.0])
+    (mt,) = make_session_batches([session], features, tokenizer, "mt-rnnt", max_frames=1000, shuffle=False, seed=0)
+    assert emission_seconds(mt.turn_frames[0, 0, words].item()) == pytest.approx(1.5)  # <sc>: the next talker starts
+    assert int(mt.turn_frames[0, 0].isnan().logical_not().sum()) == 1
+
+
 def test_mix_is_deterministic_cached_and_records_turns_that_fit_the_audio(
     synth_corpus: Path, mixed: Path, tmp_path: Path
 ) -> None:
@@ -184,22 +200,22 @@ def test_a_model_made_from_a_base_starts_as_the_base_on_its_own_pieces() -> None
         assert bool((new[..., base.blank : model.blank].amax() < new[..., : base.blank].amax()))
 
 
-def test_turn_bonus_rewards_early_turn_tokens_and_leaves_other_labels_alone() -> None:
+def test_turn_penalty_weighs_only_anchored_tokens_and_grows_with_lambda() -> None:
     model = _tiny_model().train()
     feats, feat_lens = torch.randn(1, 100, TINY_ENCODER.input_dim), torch.tensor([100])
     vocab = extended_vocabulary(5)
-    turn = (vocab["<sot>"], vocab["<eot>"])
     targets = torch.tensor([[[vocab["<sot>"], 1, 2, vocab["<eot>"]]], [[3, 4, 0, 0]]])
     target_lens = torch.tensor([[4], [2]])
+    words_only = torch.full(targets.shape, float("nan"))
+    anchored = words_only.clone()
+    anchored[0, 0, 0], anchored[0, 0, 3] = 2.0, 15.0  # <sot> at encoder frame 2, <eot> at 15 (of 25)
     torch.manual_seed(1)
     plain = model(feats, feat_lens, targets, target_lens)
-    no_turn_tokens = model(
-        feats, feat_lens, targets[1:].repeat(2, 1, 1), target_lens[1:].repeat(2, 1), turn_bonus=1.0, turn_tokens=turn
-    )
-    unchanged = model(feats, feat_lens, targets[1:].repeat(2, 1, 1), target_lens[1:].repeat(2, 1))
-    torch.testing.assert_close(no_turn_tokens, unchanged)
-    penalized = model(feats, feat_lens, targets, target_lens, turn_bonus=0.5, turn_tokens=turn)
-    assert plain.shape == penalized.shape == (1,) and not torch.allclose(plain, penalized)
+    torch.testing.assert_close(model(feats, feat_lens, targets, target_lens, turn_frames=words_only, turn_penalty=1.0), plain)
+    light, heavy = (model(feats, feat_lens, targets, target_lens, turn_frames=anchored, turn_penalty=lam) for lam in (0.1, 1.0))
+    assert plain.item() < light.item() < heavy.item()  # weights <= 1 on alignments outside the slack
+    with pytest.raises(ValueError, match="turn_frames"):
+        model(feats, feat_lens, targets, target_lens, turn_penalty=1.0)
 
 
 def test_training_lowers_the_loss_and_scoring_counts_words_turns_and_times(mixed: Path) -> None:
@@ -214,8 +230,7 @@ def test_training_lowers_the_loss_and_scoring_counts_words_turns_and_times(mixed
         steps=6,
         peak_lr=1e-3,
         warmup=1,
-        turn_bonus=0.05,
-        tokenizer_vocab=FRONTEND.tokenizer.vocab_size,
+        turn_penalty=0.1,
         seed=0,
         log_every=3,
     )
@@ -283,7 +298,7 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     # two channels of separator blocks cost more than one, and all three share the encoder
     assert arms["sts"]["encoder_gflops_per_audio_second"] > arms["mt-rnnt"]["encoder_gflops_per_audio_second"]
     assert arms["sts"]["encoder_gflops_per_audio_second"] == pytest.approx(arms["sts+penalty"]["encoder_gflops_per_audio_second"])
-    assert arms["sts+penalty"]["turn_bonus"] > 0 and arms["sts"]["turn_bonus"] == 0
+    assert arms["sts+penalty"]["turn_penalty"] > 0 and arms["sts"]["turn_penalty"] == 0
     assert (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text().startswith("# Multi-talker benchmark")
 
 

@@ -151,7 +151,7 @@ def rnnt_loss(
             scaled by ``1 + lambda`` while the loss value is unchanged, which favours alignments that emit early
             and so concentrates each label's emission on few frames (what greedy search needs).
         emission_bonus: optional (B, T, U) log-weights added to the emission of ``targets[:, u]`` at frame t, e.g. a
-            delay penalty (Kang et al. 2023) that rewards early emissions of some labels; the result is then the
+            latency penalty on some labels (the turn tokens of ``SeparatorTransducer``); the result is then the
             negative log of the bonus-weighted sum over alignments, no longer a likelihood.
 
     Returns:

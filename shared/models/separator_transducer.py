@@ -10,10 +10,13 @@ many there were. Turns are routed by the heuristic error assignment of Sklyar et
 With ``channels=1`` and the speaker-change token ``<sc>`` between turns instead of ``<sot>``/``<eot>``, the same
 module is the **MT-RNN-T** baseline of the issue (one serialized stream, no end-of-turn token).
 
-**Turn-token latency penalty**: a delay penalty (Kang et al., ICASSP 2023, "delay-penalized transducer") restricted
-to turn tokens: the emission of a turn token at encoder frame t of a session of T' frames gets the log-weight
-``lambda * ((T' - 1) / 2 - t)`` in the transducer loss (``turn_bonus``), so among the alignments of a transcript
-those that end-point a turn earlier weigh more. It changes no parameter and costs nothing at inference.
+**Turn-token latency penalty** (``turn_penalty``): the mix knows when every turn starts and ends, so each turn
+token is anchored to the encoder frame r at which its event becomes audible (``turn_frames``): in the transducer
+loss, emitting it at frame t gets the log-weight ``-lambda * (relu(r - TURN_SLACK[0] - t) + relu(t - r - TURN_SLACK[1]))``.
+Among the alignments of a transcript, those that emit ``<eot>`` within ``TURN_SLACK[1]`` frames of the talker's end
+weigh most (fast end-pointing), and a ``<sot>`` cannot drift to frame 0 before anyone speaks. It restricts only turn
+tokens' alignments (Mahadeokar et al. 2021 restrict every token's this way), changes no parameter and costs nothing
+at inference.
 
 The separator's blocks start with zero output projections, so at initialization every channel equals the encoder
 output plus its embedding: a model made ``from_transducer`` a trained single-talker base starts as that base.
@@ -57,6 +60,7 @@ from shared.models.transducer import Transducer
 from shared.models.transformer import BlockCache, TransformerBlock, TransformerConfig
 
 __all__ = [
+    "TURN_SLACK",
     "TURN_TOKENS",
     "SeparatorConfig",
     "SeparatorState",
@@ -67,6 +71,8 @@ __all__ = [
 
 TURN_TOKENS = ("<sot>", "<eot>", "<sc>")
 """Tokens appended to the tokenizer's vocabulary, in this order: start of turn, end of turn, speaker change."""
+TURN_SLACK = (2, 5)
+"""Encoder frames (40 ms) a turn token may come before / after its anchor at no cost under ``turn_penalty``."""
 
 
 def extended_vocabulary(tokenizer_vocab: int) -> dict[str, int]:
@@ -207,8 +213,8 @@ class SeparatorTransducer(nn.Module):
         targets: Tensor,
         target_lens: Tensor,
         *,
-        turn_bonus: float = 0.0,
-        turn_tokens: tuple[int, ...] = (),
+        turn_frames: Tensor | None = None,
+        turn_penalty: float = 0.0,
     ) -> Tensor:
         """(B,) transducer loss per session, summed over channels.
 
@@ -216,8 +222,10 @@ class SeparatorTransducer(nn.Module):
             feats: (B, T, F); feat_lens: (B,).
             targets: (C, B, U) token ids of each channel's transcript (turn tokens included), padded.
             target_lens: (C, B); a channel with no turn has length 0 (it must emit only blanks).
-            turn_bonus: lambda of the turn-token delay penalty (0: the plain negative log-likelihood).
-            turn_tokens: the ids the penalty applies to.
+            turn_frames: (C, B, U) the encoder frame each target token is anchored to, NaN for tokens that are not
+                (words); needed when ``turn_penalty`` > 0.
+            turn_penalty: lambda of the turn-token latency penalty, per encoder frame outside ``TURN_SLACK``
+                (0: the plain negative log-likelihood).
         """
         channels = self.config.channels
         if targets.dim() != 3 or targets.shape[:2] != (channels, feats.shape[0]) or target_lens.shape != targets.shape[:2]:
@@ -225,14 +233,17 @@ class SeparatorTransducer(nn.Module):
                 f"targets must be (C={channels}, B={feats.shape[0]}, U) and target_lens (C, B), got "
                 f"{tuple(targets.shape)} and {tuple(target_lens.shape)}"
             )
+        if turn_penalty and (turn_frames is None or turn_frames.shape != targets.shape):
+            raise ValueError(f"turn_penalty needs turn_frames of the targets' shape {tuple(targets.shape)}")
         frames, lengths = self.channel_frames(feats, feat_lens)
         flat_targets, flat_lens = targets.reshape(-1, targets.shape[2]), target_lens.reshape(-1)
         bonus = None
-        if turn_bonus and turn_tokens:
-            t = torch.arange(frames.shape[1], device=frames.device, dtype=torch.float64)
-            per_frame = turn_bonus * ((lengths.to(t)[:, None] - 1) / 2 - t[None, :])  # (C * B, T')
-            is_turn = torch.isin(flat_targets, torch.tensor(turn_tokens, device=flat_targets.device))  # (C * B, U)
-            bonus = per_frame[:, :, None] * is_turn[:, None, :].to(per_frame)
+        if turn_penalty and turn_frames is not None:
+            t = torch.arange(frames.shape[1], device=frames.device, dtype=torch.float64)[None, :, None]  # (1, T', 1)
+            anchor = turn_frames.reshape(-1, 1, targets.shape[2]).to(t)  # (C * B, 1, U)
+            early, late = TURN_SLACK
+            outside = torch.relu(anchor - early - t) + torch.relu(t - anchor - late)  # (C * B, T', U), NaN: words
+            bonus = torch.nan_to_num(-turn_penalty * outside, nan=0.0)
         loss, _ = self.transducer.frames_loss(frames, lengths, flat_targets, flat_lens, emission_bonus=bonus)
         return loss.view(channels, -1).sum(dim=0)
 
