@@ -577,7 +577,9 @@ def personalize_device(
     load_state(model, kept_state, source=str(checkpoint))
     meta = {**ckpt.meta, "personalized": {"from": str(checkpoint), "kept": check.keep, "steps": steps, "lr": lr}}
     meta.pop("frontend", None)
-    save_checkpoint(out, model, ckpt.model_config, frontend=ckpt.frontend, **meta)
+    # At the precision it came in: a shipped float16 base stays a 3.5 MB file on the device.
+    dtype = next(v.dtype for v in ckpt.state_dict.values() if v.is_floating_point())
+    save_checkpoint(out, model, ckpt.model_config, frontend=ckpt.frontend, dtype=dtype, **meta)
     return Personalization(
         kept=check.keep,
         check_wer=(check.received.wer, check.personal.wer),

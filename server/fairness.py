@@ -15,7 +15,9 @@ Before round 1 (:meth:`FairnessRounds.start`):
        iterations, each one round trip: the server sends the centroids, each device returns dense per-cluster
        sums and counts of its own embedding (optionally noised), the server divides summed sums by summed
        counts (``cohorts.server_update``). A last pass sends the final centroids: devices store their cohort id
-       in ``context.state`` and the summed counts give the cohort sizes.
+       in ``context.state`` and the summed counts give the cohort sizes. A cluster under
+       ``fairness.min-cohort-devices`` is merged into its neighbours (its centroid dropped, the rest re-centred
+       once), so a cohort's figures are never a few devices' own.
     3. **Fisher** for EWC (``fairness.ewc-lambda`` > 0): ``fisher=federated`` asks every device for Fisher sums
        on its training utterances (``query.fisher``) and divides the summed sums by the summed minibatch count;
        ``fisher=public`` computes the same estimator on public speakers' utterances on the server. Either way the
@@ -106,7 +108,7 @@ from shared.data.prepare import Prepared, speaker_embedder_path
 from shared.data.tokenizer import Tokenizer
 from shared.fairness import protocol as p
 from shared.fairness.arw import UTTERANCE_STATISTICS, Adversary, PopulationStats, ScoreSums
-from shared.fairness.cohorts import CohortCounts, CohortReport, cohort_report, init_centroids, server_update
+from shared.fairness.cohorts import CohortCounts, CohortReport, cohort_report, init_centroids, server_update, undersized_cluster
 from shared.fairness.ewc import FisherSums, add_fisher_sums, fisher_sums
 from shared.files import torch_save_atomic, write_bytes_atomic, write_text_atomic
 from shared.models.checkpoint import sha256_of
@@ -226,6 +228,7 @@ def discover_cohorts(
     *,
     iterations: int,
     noise_std: float = 0.0,
+    min_devices: int = 0,
     strategy: StrategyConfig = StrategyConfig(),
     secagg: SecAggConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -233,11 +236,14 @@ def discover_cohorts(
     the same statistics: the server sees only the per-cluster totals).
 
     ``iterations`` Lloyd updates, then one assignment-only pass with the final centroids (devices keep their
-    cohort id; the summed counts are the cohort sizes). The same as ``cohorts.federated_kmeans`` over the
-    devices' embeddings when every device answers and ``noise_std`` is 0 (under SecAgg+, up to quantization).
+    cohort id; the summed counts are the cohort sizes). While a cluster counts fewer than ``min_devices``
+    (``fairness.min-cohort-devices``), the smallest is dropped and the others re-centred once (two more passes):
+    its devices join their nearest remaining cohort. The same as ``cohorts.federated_kmeans`` over the devices'
+    embeddings when every device answers and ``noise_std`` is 0 (under SecAgg+, up to quantization).
 
     Returns:
-        (C, E) final centroids, (C,) summed counts of the last pass, per-iteration centroid shift (L2 norm).
+        (C', E) final centroids (C' <= C), (C',) summed counts of the last pass, the centroid shift (L2 norm)
+        of every update.
     """
     if iterations < 0:
         raise ValueError(f"fairness.kmeans-iterations must be >= 0, got {iterations}")
@@ -245,8 +251,8 @@ def discover_cohorts(
     # Summed noise has std noise_std * sqrt(devices): a cluster needs a clearly positive count to move.
     min_count = max(0.5, 3.0 * noise_std * math.sqrt(len(node_ids)))
     shifts: list[float] = []
-    counts = np.zeros(current.shape[0])
-    for iteration in range(iterations + 1):
+    updates_left, iteration = iterations, 0
+    while True:
         content = RecordDict(
             {
                 p.CENTROIDS: _centroid_record(current),
@@ -273,11 +279,16 @@ def discover_cohorts(
                 raise RuntimeError(f"no device answered k-means iteration {iteration}")
             sums = _summed(_reply_array(r, p.KMEANS_STATS, "sums") for r in replies)
             counts = _summed(_reply_array(r, p.KMEANS_STATS, "counts") for r in replies)
-        if iteration < iterations:
+        iteration += 1
+        if updates_left > 0:
             updated = server_update(current, sums, counts, min_count=min_count)
             shifts.append(float(np.linalg.norm(updated - current)))
-            current = updated
-    return current, np.asarray(counts, dtype=np.float64), shifts
+            current, updates_left = updated, updates_left - 1
+            continue
+        small = undersized_cluster(counts, min_devices)
+        if small is None:
+            return current, np.asarray(counts, dtype=np.float64), shifts
+        current, updates_left = np.delete(current, small, axis=0), 1
 
 
 def federated_fisher(
@@ -508,7 +519,14 @@ class FairnessRounds:
         start = time.monotonic()
         secagg = cfg.secagg if cfg.strategy.secure_aggregation else None
         centroids, sizes, shifts = discover_cohorts(
-            grid, nodes, initial, iterations=f.kmeans_iterations, noise_std=f.kmeans_noise, strategy=cfg.strategy, secagg=secagg
+            grid,
+            nodes,
+            initial,
+            iterations=f.kmeans_iterations,
+            noise_std=f.kmeans_noise,
+            min_devices=f.min_cohort_devices,
+            strategy=cfg.strategy,
+            secagg=secagg,
         )
         state = cls(cfg=cfg, centroids=centroids, cohort_sizes=sizes, grid=grid)
         state.log.append(
@@ -518,6 +536,7 @@ class FairnessRounds:
                 "iterations": f.kmeans_iterations,
                 "secure": secagg is not None,
                 "noise": f.kmeans_noise,
+                "merged": f.num_cohorts - len(sizes),  # clusters under fairness.min-cohort-devices
                 "cohort_sizes": sizes.tolist(),
                 "shifts": shifts,
                 "seconds": round(time.monotonic() - start, 3),

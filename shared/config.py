@@ -93,7 +93,9 @@ class ModelConfig:
     num_heads: int = 4
     ffn_dim: int = 576
     left_context: int = 64  # encoder frames (40 ms each): 2.56 s of history
-    dropout: float = 0.1
+    # 0: the shipped bases finished at 0, and fine-tuning one at 0.1 made the devices' own WER worse in
+    # `chorus simulate` (README); training from random weights may want 0.1 (`--set model.dropout=0.1`).
+    dropout: float = 0.0
     vocab_size: int = 256
     conv_kernel: int = 0  # transformer family: K of a causal convolution module in every block; 0 = none
     # "shipped" = the shipped base model of this architecture (shared/models/shipped/); "" = random init; else a
@@ -370,6 +372,9 @@ class FairnessConfig:
     # Lloyd iterations of federated k-means (one round trip each, plus one assignment pass); 5 converge on tens
     # of speakers.
     kmeans_iterations: int = 5
+    # The smallest cohort kept: a cluster with fewer devices is merged into its neighbours after k-means (its
+    # centroid dropped, the rest re-centred once), so fewer than num-cohorts may remain. 0 keeps every cluster.
+    min_cohort_devices: int = 0
     # std of the Gaussian noise each device adds to its k-means sums and counts (0 = exact; see the docs).
     kmeans_noise: float = 0.0
     # auto: the shipped speaker verifier (shared/models/shipped/speaker-sv.pt) when the run's CMVN is the one it
@@ -400,6 +405,8 @@ class FairnessConfig:
     def __post_init__(self) -> None:
         if self.num_cohorts < 2:
             raise ConfigError(f"fairness.num-cohorts must be >= 2, got {self.num_cohorts}")
+        if self.min_cohort_devices < 0:
+            raise ConfigError(f"fairness.min-cohort-devices must be >= 0, got {self.min_cohort_devices}")
         if self.kmeans_iterations < 0 or self.embedder_steps < 1:
             raise ConfigError(
                 f"need fairness.kmeans-iterations >= 0 and fairness.embedder-steps >= 1, got "

@@ -43,9 +43,10 @@ fairness phases through Ray are tested in ``tests/test_fairness_federated.py``.
 
 Plans: ``QUICK`` is CI-sized (tiny corpus and model, 4 devices, 2 rounds per arm): its numbers prove the
 pipeline only (a 20-step base model has WER 1 everywhere). ``FULL``: the default corpus from the shipped base,
-100 devices in 8 automatic cohorts; speechocean762-dev's 24 federated speakers in 4, from a base trained here 1500
-steps (or ``--checkpoint``, whose architecture then wins; it needs ``--corpus``, since a base model belongs to one
-corpus' tokenizer); 3 rounds per arm, the last one targeted in the EWC arms.
+100 devices in automatic cohorts of 5 devices or more (``fairness.min-cohort-devices``); speechocean762-dev's 24
+federated speakers in 4, from a base trained here 1500 steps (or ``--checkpoint``, whose architecture then wins; it
+needs ``--corpus``, since a base model belongs to one corpus' tokenizer); 3 rounds of local SGD per arm, the last
+one targeted in the EWC arms.
 """
 
 from __future__ import annotations
@@ -138,14 +139,17 @@ QUICK = FairnessPlan(
     arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg"),
 )
 # The full plan: the default corpus from the shipped base, 100 devices (one fresh federated speaker each: seed 7,
-# none of them in the base's seed-1 pool) in 8 automatic cohorts, 3 rounds of 8 local AdamW steps at lr 1e-4 per arm
-# (2 FedAvg rounds, then 1 targeted round in the EWC arms); speechocean762-dev (24 federated speakers, 4 cohorts)
-# from a base trained here 1,500 steps unless ``--checkpoint`` gives one (then its architecture is used).
+# none of them in the base's seed-1 pool) in automatic cohorts of at least 5 devices (9 k-means clusters, those
+# under 5 merged: 8 on this corpus), 3 rounds of 8 local SGD steps at lr 0.1 per arm (the federation evaluation's
+# local recipe; 2 FedAvg rounds, then 1 targeted round in the EWC arms); speechocean762-dev (24 federated speakers,
+# 4 cohorts) from a base trained here 1,500 steps unless ``--checkpoint`` gives one (then its architecture is used).
 FULL = FairnessPlan(
     name="full",
     overrides={
         "train.local-steps": 8,
-        "train.lr": 1e-4,
+        "train.optimizer": "sgd",
+        "train.lr": 0.1,
+        "fairness.min-cohort-devices": 5,
         "eval.heldout-utterances": 32,
         "fairness.kmeans-iterations": 5,
         "fairness.embedder-steps": 200,
@@ -157,7 +161,7 @@ FULL = FairnessPlan(
             "synth.utterances": 20,
             "split.public-speakers": 24,
             "split.heldout-speakers": 16,
-            "fairness.num-cohorts": 8,
+            "fairness.num-cohorts": 9,
         },
         SPEECHOCEAN: {"split.public-speakers": 48, "split.heldout-speakers": 8, "fairness.num-cohorts": 4},
     },

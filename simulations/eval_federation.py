@@ -533,7 +533,7 @@ def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkp
     if checkpoint is None and plan.base_steps == 0:
         checkpoint = shipped_launch_base()
     # The base model's architecture wins over the plan's, its dropout too: devices fine-tune it under the
-    # regularization it was trained with (the shipped bases finished at dropout 0.0, the run config's default is 0.1).
+    # regularization it was trained with (a ``--checkpoint`` may have trained at another dropout than the default).
     if checkpoint is not None:
         model_config = asdict(load_checkpoint(checkpoint).model_config)
         flat.update({f"model.{k.replace('_', '-')}": v for k, v in model_config.items() if k != "init_checkpoint"})

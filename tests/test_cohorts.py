@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from shared.fairness.cohorts import assign, client_kmeans_stats, federated_kmeans, init_centroids, server_update
+from shared.fairness.cohorts import (
+    assign,
+    client_kmeans_stats,
+    federated_kmeans,
+    init_centroids,
+    server_update,
+    undersized_cluster,
+)
 from shared.metrics import ErrorCounts
 from simulations.metadata_cohorts import attribute_cohorts, cohort_counts_by_speaker, tree_cohorts
 
@@ -42,6 +49,22 @@ def test_federated_kmeans_equals_centralized_lloyd_and_sklearn(iterations: int) 
     np.testing.assert_allclose(federated, _lloyd(points, initial, iterations), rtol=1e-10, atol=1e-10)
     reference = KMeans(4, init=initial, n_init=1, max_iter=iterations, tol=0.0, algorithm="lloyd").fit(points)
     np.testing.assert_allclose(federated, reference.cluster_centers_, rtol=1e-8, atol=1e-8)
+
+
+def test_a_cluster_under_the_floor_is_merged_into_its_neighbours() -> None:
+    points = np.concatenate([_blobs(per_blob=20), _blobs(seed=5, per_blob=3, centers=1) + 9.0])  # 4 blobs and 3 strays
+    initial = np.concatenate([init_centroids(points[:80:7], 4, seed=0), points[-1:]])  # one centroid on the strays
+    plain = federated_kmeans(_split(points, devices=83, seed=1), initial, iterations=5)
+    assert sorted(np.bincount(assign(points, plain), minlength=5).tolist())[0] == 3
+    floored = federated_kmeans(_split(points, devices=83, seed=1), initial, iterations=5, min_devices=5)
+    sizes = np.bincount(assign(points, floored), minlength=len(floored))
+    assert len(floored) == 4 and sizes.min() >= 5 and sizes.sum() == 83
+    # What merging does: the strays' centroid is dropped, then one Lloyd update re-centres the other four.
+    expected = _lloyd(points, np.delete(plain, int(np.argmin(np.bincount(assign(points, plain), minlength=5))), 0), 1)
+    np.testing.assert_allclose(floored, expected, atol=1e-10)
+    # 0 keeps every cluster, an empty one too; the last cluster is never merged away.
+    assert undersized_cluster(np.array([0.0, 9.0]), 0) is None and undersized_cluster(np.array([0.0, 9.0]), 1) == 0
+    assert undersized_cluster(np.array([4.0, 4.0]), 5) == 0 and undersized_cluster(np.array([3.0]), 5) is None
 
 
 def test_client_stats_are_dense_and_sum_to_the_central_stats() -> None:

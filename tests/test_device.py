@@ -248,17 +248,23 @@ def _recordings(assets: dict[str, Path], path: Path, count: int) -> Path:
 def test_personalize_keeps_the_fine_tuned_model_only_where_it_helps(
     assets: dict[str, Path], tmp_path: Path, steps: int, lr: float, kept: bool
 ) -> None:
-    from shared.models.checkpoint import load_checkpoint
+    from shared.models.checkpoint import load_checkpoint, save_checkpoint
 
     data = _recordings(assets, tmp_path / "recordings", 8)  # 6 train (2 set aside for the check), 2 local-eval
     out = tmp_path / "mine.pt"
-    args = ["--checkpoint", assets["transformer"], "--data", data, "--artifacts", assets["artifacts"], "--out", out]
+    base = load_checkpoint(assets["transformer"])  # saved in float16 below, as the shipped bases are
+    meta = {k: v for k, v in base.meta.items() if k != "frontend"}
+    half = save_checkpoint(
+        tmp_path / "half.pt", base.build(), base.model_config, frontend=base.frontend, dtype=torch.float16, **meta
+    )
+    args = ["--checkpoint", half, "--data", data, "--artifacts", assets["artifacts"], "--out", out]
     result = _run("personalize", *args, "--steps", steps, "--lr", lr)
     assert result.exit_code == 0, result.output
     assert ("kept the personalized model" if kept else "kept the received model") in result.output
     assert "of the 6 training recordings set aside" in result.output and "local-eval recordings (2" in result.output
-    mine, received = load_checkpoint(out), load_checkpoint(assets["transformer"])
+    mine, received = load_checkpoint(out), load_checkpoint(half)
     assert mine.meta["personalized"]["kept"] is kept
+    assert {v.dtype for v in mine.state_dict.values() if v.is_floating_point()} == {torch.float16}
     same = all(torch.equal(mine.state_dict[k], received.state_dict[k]) for k in received.state_dict)
     assert same is not kept
 

@@ -116,6 +116,24 @@ def test_kmeans_phase_equals_the_reference_and_devices_keep_their_cohort() -> No
         assert stats["counts"].numpy().sum() == 1.0
 
 
+def test_kmeans_phase_merges_cohorts_under_the_floor_as_the_reference_does() -> None:
+    embeddings = np.concatenate([_embeddings(12), _embeddings(2, seed=4)[:, ::-1].copy()])  # 3 groups + 2 strays
+    states = {node: _device_state(e) for node, e in enumerate(embeddings, start=1)}
+    grid = LocalGrid(_device_app(), states)
+    initial = np.concatenate([init_centroids(_embeddings(6, seed=9), 3, seed=0), embeddings[-1:]])
+
+    centroids, sizes, _ = discover_cohorts(grid, grid.get_node_ids(), initial, iterations=2, min_devices=3)
+
+    np.testing.assert_allclose(centroids, federated_kmeans(list(embeddings), initial, iterations=2, min_devices=3), atol=1e-12)
+    labels = assign(embeddings, centroids)
+    assert len(centroids) == 3 and sizes.tolist() == np.bincount(labels, minlength=3).astype(float).tolist()
+    assert sizes.min() >= 3 and sizes.sum() == 14
+    for node, state in states.items():  # the devices' kept cohort ids are those of the final, merged centroids
+        assert state[p.COHORT_STATE]["cohort-id"] == labels[node - 1]
+    assert len(grid.exchanges) == 14 * (3 + 2)  # 2 updates + a pass that finds the strays, re-centring, final pass
+    _audited(grid)
+
+
 def test_noisy_kmeans_hides_the_embedding_bytes() -> None:
     embeddings = _embeddings(6)
     grid = LocalGrid(_device_app(), {n: _device_state(e) for n, e in enumerate(embeddings, start=1)})

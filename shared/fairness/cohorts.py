@@ -54,6 +54,7 @@ __all__ = [
     "federated_kmeans",
     "init_centroids",
     "server_update",
+    "undersized_cluster",
 ]
 
 
@@ -162,31 +163,60 @@ def server_update(
     return updated
 
 
+def undersized_cluster(counts: np.ndarray, min_devices: int) -> int | None:
+    """The cluster to merge away: the smallest one (lowest id on ties) when its summed count is under
+    ``min_devices`` and another cluster is left to take its devices, else None (always None for
+    ``min_devices`` 0: every cluster is kept, an empty one too).
+
+    A cohort of a few devices is no cohort: its WER is a handful of speakers' (noise), and a per-cohort figure of
+    one device is that device's own. Dropping the centroid sends its devices to their nearest remaining one.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if min_devices < 1 or counts.shape[0] < 2 or counts.min() >= min_devices:
+        return None
+    return int(counts.argmin())
+
+
 def federated_kmeans(
-    device_embeddings: Sequence[np.ndarray], centroids: np.ndarray, *, iterations: int, noise_std: float = 0.0, seed: int = 0
+    device_embeddings: Sequence[np.ndarray],
+    centroids: np.ndarray,
+    *,
+    iterations: int,
+    noise_std: float = 0.0,
+    seed: int = 0,
+    min_devices: int = 0,
 ) -> np.ndarray:
-    """Reference of the protocol, all in one process: ``iterations`` rounds of stats -> sum -> update.
+    """Reference of the protocol, all in one process: ``iterations`` rounds of stats -> sum -> update, then
+    while a cluster holds fewer than ``min_devices`` (:func:`undersized_cluster`), its centroid is dropped and
+    the rest are re-centred once.
 
     Args:
         device_embeddings: per device, (N_d, E) or (E,) embeddings.
         centroids: (C, E) initial centroids.
         iterations: rounds (Lloyd iterations).
         noise_std, seed: per-device noise of ``client_kmeans_stats``.
+        min_devices: the smallest cluster kept (0 = every cluster, an empty one too).
 
     Returns:
-        (C, E) final centroids.
+        (C', E) final centroids, C' <= C.
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     rng = np.random.default_rng(seed)
     current = _matrix("centroids", centroids)
-    for _ in range(iterations):
+    updates_left = iterations
+    while True:
         sums, counts = np.zeros_like(current), np.zeros(current.shape[0])
         for embeddings in device_embeddings:
             stats = client_kmeans_stats(embeddings, current, noise_std=noise_std, rng=rng)
             sums, counts = sums + stats.sums, counts + stats.counts
-        current = server_update(current, sums, counts)
-    return current
+        if updates_left > 0:
+            current, updates_left = server_update(current, sums, counts), updates_left - 1
+            continue
+        small = undersized_cluster(counts, min_devices)
+        if small is None:
+            return current
+        current, updates_left = np.delete(current, small, axis=0), 1
 
 
 def init_centroids(public_embeddings: np.ndarray, num_clusters: int, *, seed: int = 0) -> np.ndarray:
