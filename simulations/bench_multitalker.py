@@ -64,6 +64,7 @@ class MultitalkerPlan:
     layers: int  # separator blocks per channel
     stream_sessions: int  # test sessions streamed for FLOPs and RTF
     init_run: str = ""  # runs/<id> of an earlier bench whose systems this one continues training ("": the base)
+    recognition_layers: int = 0  # the base encoder's top blocks moved after the separator, tied across channels
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -191,7 +192,8 @@ def run_multitalker_bench(
                 earlier = meta["training"]
             else:
                 model = SeparatorTransducer.from_transducer(
-                    base.build(), SeparatorConfig(channels=channels_of(kind), layers=plan.layers)
+                    base.build(),
+                    SeparatorConfig(channels=channels_of(kind), layers=plan.layers, recognition_layers=plan.recognition_layers),
                 )
             batches = make_session_batches(
                 train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=len(earlier)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from shared.data.mix import MixError, Session, Turn, load_sessions, mix_sessions
 from shared.data.synth import SAMPLE_RATE, synthesize
 from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint, sha256_of, shipped_manifest
 from shared.models.separator_transducer import SeparatorConfig, SeparatorTransducer, extended_vocabulary
+from shared.models.transducer import Transducer, TransducerConfig
+from shared.models.transformer import CausalTransformerEncoder
 from shared.multitalker import (
     SHIPPED_MULTITALKER,
     decode_sessions,
@@ -152,13 +155,20 @@ def test_mixing_real_recordings(tmp_path: Path) -> None:
     assert all(sf.info(str(s.audio)).samplerate == SAMPLE_RATE for s in sessions)
 
 
-def _tiny_model(channels: int = 2) -> SeparatorTransducer:
+def _tiny_model(channels: int = 2, recognition_layers: int = 0) -> SeparatorTransducer:
     torch.manual_seed(0)
-    return SeparatorTransducer.from_transducer(tiny_transducer(), SeparatorConfig(channels=channels, layers=2)).eval()
+    if recognition_layers:
+        encoder = CausalTransformerEncoder(dataclasses.replace(TINY_ENCODER, num_layers=3))
+        base = Transducer(encoder, TransducerConfig(vocab_size=5, pred_dim=16, joint_dim=16))
+    else:
+        base = tiny_transducer()
+    config = SeparatorConfig(channels=channels, layers=2, recognition_layers=recognition_layers)
+    return SeparatorTransducer.from_transducer(base, config).eval()
 
 
-def test_streaming_equals_the_whole_input_for_any_chunking() -> None:
-    model = _tiny_model()
+@pytest.mark.parametrize("recognition_layers", [0, 2])
+def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: int) -> None:
+    model = _tiny_model(recognition_layers=recognition_layers)
     with torch.no_grad():
         for p in model.separator.parameters():  # the zero-initialized projections would hide a broken cache
             p.add_(0.1 * torch.randn_like(p))
@@ -180,9 +190,11 @@ def test_streaming_equals_the_whole_input_for_any_chunking() -> None:
     assert lengths.tolist() == [36, 36, 36, 36]
 
 
-def test_a_model_made_from_a_base_starts_as_the_base_on_its_own_pieces() -> None:
+@pytest.mark.parametrize("recognition_layers", [0, 3])
+def test_a_model_made_from_a_base_starts_as_the_base_on_its_own_pieces(recognition_layers: int) -> None:
     base = BASE.build().eval()
-    model = SeparatorTransducer.from_transducer(base, SeparatorConfig(channels=2, layers=2)).eval()
+    config = SeparatorConfig(channels=2, layers=2, recognition_layers=recognition_layers)
+    model = SeparatorTransducer.from_transducer(base, config).eval()
     with torch.no_grad():
         model.channel_embedding.zero_()
         feats = torch.randn(1, 120, 80)

@@ -7,6 +7,11 @@ tokens ``<sot>`` and ``<eot>``, so the words carry their own segmentation: when 
 many there were. Turns are routed by the heuristic error assignment of Sklyar et al. 2021 (``heat_channels`` in
 ``shared/multitalker.py``): in order of start time, each turn takes the first channel that is free.
 
+With ``recognition_layers`` R > 0 (dense Transformer encoders) the separator sits inside the encoder, as in Sklyar
+et al.'s mixture encoder / separator / recognition encoder: the encoder's blocks but its top R hear the mixture, and
+its top R blocks and final norm then run on every channel with the same weights, so a single-talker base's upper
+layers recognize each separated stream; the channels cost R more blocks each.
+
 With ``channels=1`` and the speaker-change token ``<sc>`` between turns instead of ``<sot>``/``<eot>``, the same
 module is the **MT-RNN-T** baseline of the issue (one serialized stream, no end-of-turn token).
 
@@ -19,7 +24,8 @@ tokens' alignments (Mahadeokar et al. 2021 restrict every token's this way), cha
 at inference.
 
 The separator's blocks start with zero output projections, so at initialization every channel equals the encoder
-output plus its embedding: a model made ``from_transducer`` a trained single-talker base starts as that base.
+output plus its embedding (with R > 0: the lower blocks' output plus it, through the top R blocks): a model made
+``from_transducer`` a trained single-talker base starts as that base.
 
 Legend of tensor symbols (see also ``shared/models/encoder.py`` and ``transducer.py``):
     B   sessions in a batch;  C  output channels
@@ -55,9 +61,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from shared.models.encoder import BlockList, check_batch
+from shared.models.encoder import BlockList, check_batch, check_chunk
 from shared.models.transducer import Transducer
-from shared.models.transformer import BlockCache, TransformerBlock, TransformerConfig
+from shared.models.transformer import BlockCache, CausalTransformerEncoder, TransformerBlock, TransformerConfig, TransformerState
 
 __all__ = [
     "TURN_SLACK",
@@ -84,24 +90,32 @@ def extended_vocabulary(tokenizer_vocab: int) -> dict[str, int]:
 class SeparatorConfig:
     channels: int = 2  # talkers transcribed at once (Sklyar et al.: 2); 1 is the MT-RNN-T baseline
     layers: int = 2  # causal Transformer blocks per channel
+    # The encoder's top blocks that run after the separator, on every channel with the same weights (Sklyar et
+    # al.'s recognition encoder); 0: the separator follows the whole encoder.
+    recognition_layers: int = 0
 
     def __post_init__(self) -> None:
-        if self.channels < 1 or self.layers < 1:
-            raise ValueError(f"channels and layers must be positive, got {self.channels} and {self.layers}")
+        if self.channels < 1 or self.layers < 1 or self.recognition_layers < 0:
+            raise ValueError(
+                f"channels and layers must be positive and recognition_layers >= 0, got {self.channels}, "
+                f"{self.layers} and {self.recognition_layers}"
+            )
 
 
 class SeparatorState(NamedTuple):
     """Streaming state of the encoder and the separator.
 
     Attributes:
-        encoder: the encoder's own state.
+        encoder: the encoder's own state (with ``recognition_layers``: of its blocks below the separator only).
         channels: per channel, one ``BlockCache`` per separator block.
         offset: encoder frames released so far (the separator blocks' absolute position).
+        recognition: one ``BlockCache`` (C * B rows, channel-major) per recognition block.
     """
 
     encoder: Any
     channels: tuple[tuple[BlockCache, ...], ...]
     offset: int
+    recognition: tuple[BlockCache, ...] = ()
 
 
 class MultiStreamState(NamedTuple):
@@ -130,6 +144,12 @@ class SeparatorTransducer(nn.Module):
         width = int(transducer.encoder.output_dim)
         if block.d_model != width:
             raise ValueError(f"separator blocks must have d_model={width} (the encoder's), got {block.d_model}")
+        if config.recognition_layers:
+            blocks = getattr(transducer.encoder, "blocks", None)
+            if not isinstance(transducer.encoder, CausalTransformerEncoder) or blocks is None:
+                raise ValueError("recognition_layers needs the dense Transformer encoder (model.name=transformer)")
+            if config.recognition_layers >= len(blocks):
+                raise ValueError(f"recognition_layers={config.recognition_layers} leaves no encoder block before the separator")
         self.channel_embedding = nn.Parameter(torch.randn(config.channels, width) * 0.1)
         self.separator: BlockList[BlockList[TransformerBlock]] = BlockList(
             BlockList(TransformerBlock(block) for _ in range(config.layers)) for _ in range(config.channels)
@@ -196,13 +216,56 @@ class SeparatorTransducer(nn.Module):
     def _empty_caches(self, batch_size: int, reference: Tensor) -> tuple[tuple[BlockCache, ...], ...]:
         return tuple(tuple(layer.empty_cache(batch_size, reference) for layer in stack) for stack in self.separator)
 
+    def _split_encode(
+        self, frames: Tensor, state: SeparatorState
+    ) -> tuple[Tensor, tuple[BlockCache, ...], tuple[tuple[BlockCache, ...], ...], tuple[BlockCache, ...]]:
+        """With ``recognition_layers`` R: (B, t', D) subsampled frames from ``state.offset`` on -> the encoder's
+        blocks but the top R, the separator, the top R blocks on each channel (C * B rows) and the final norm:
+        (C * B, t', D) channel frames and the new caches (below, separator, recognition)."""
+        encoder = self.transducer.encoder
+        assert isinstance(encoder, CausalTransformerEncoder)
+        split = len(encoder.blocks) - self.config.recognition_layers
+        frames = encoder.frontend_dropout(frames)
+        below = []
+        for block, cache in zip(encoder.blocks[:split], state.encoder.layers, strict=True):
+            frames, cache = block(frames, cache, state.offset)
+            below.append(cache)
+        frames, separator = self._separate(frames, state.channels, state.offset)
+        recognition = []
+        for block, cache in zip(encoder.blocks[split:], state.recognition, strict=True):
+            frames, cache = block(frames, cache, state.offset)
+            recognition.append(cache)
+        return encoder.final_norm(frames), tuple(below), separator, tuple(recognition)
+
+    def _init_separator_state(self, batch_size: int, reference: Tensor) -> SeparatorState:
+        encoder = self.transducer.encoder
+        encoder_state = encoder.init_state(batch_size, reference.device)
+        recognition: tuple[BlockCache, ...] = ()
+        if self.config.recognition_layers:
+            assert isinstance(encoder, CausalTransformerEncoder)
+            split = len(encoder.blocks) - self.config.recognition_layers
+            encoder_state = encoder_state._replace(layers=encoder_state.layers[:split])
+            rows = self.config.channels * batch_size
+            recognition = tuple(block.empty_cache(rows, reference) for block in encoder.blocks[split:])
+        return SeparatorState(
+            encoder=encoder_state, channels=self._empty_caches(batch_size, reference), offset=0, recognition=recognition
+        )
+
     def channel_frames(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """feats (B, T, F), feat_lens (B,) -> channel frames (C * B, T', D), zero beyond each length, and (C * B,)
         lengths."""
-        check_batch(feats, feat_lens, int(self.transducer.encoder.input_dim))
-        encoded = self.transducer.encoder(feats, feat_lens)
-        frames, _ = self._separate(encoded.frames, self._empty_caches(feats.shape[0], encoded.frames), offset=0)
-        lengths = encoded.lengths.repeat(self.config.channels)
+        encoder = self.transducer.encoder
+        check_batch(feats, feat_lens, int(encoder.input_dim))
+        lengths = encoder.subsampled_length(feat_lens).repeat(self.config.channels)
+        if self.config.recognition_layers:
+            assert isinstance(encoder, CausalTransformerEncoder)
+            subsampled = encoder.frontend(feats)
+            frames = subsampled.new_zeros(self.config.channels * feats.shape[0], 0, subsampled.shape[2])
+            if subsampled.shape[1] > 0:
+                frames = self._split_encode(subsampled, self._init_separator_state(feats.shape[0], subsampled))[0]
+        else:
+            encoded = self.transducer.encoder(feats, feat_lens)
+            frames, _ = self._separate(encoded.frames, self._empty_caches(feats.shape[0], encoded.frames), offset=0)
         valid = torch.arange(frames.shape[1], device=frames.device) < lengths.to(frames.device)[:, None]
         return frames * valid.unsqueeze(-1).to(frames.dtype), lengths
 
@@ -260,14 +323,11 @@ class SeparatorTransducer(nn.Module):
 
     def init_stream(self, batch_size: int = 1) -> MultiStreamState:
         """A fresh streaming state for ``batch_size`` sessions."""
-        encoder = self.transducer.encoder
         device = next(self.parameters()).device
         reference = next(self.parameters()).new_zeros((), device=device)
         rows = self.config.channels * batch_size
         return MultiStreamState(
-            separator=SeparatorState(
-                encoder=encoder.init_state(batch_size, device), channels=self._empty_caches(batch_size, reference), offset=0
-            ),
+            separator=self._init_separator_state(batch_size, reference),
             context=self.transducer.predictor.start_context(rows, device),
             hypotheses=((),) * rows,
             frames=((),) * rows,
@@ -276,6 +336,18 @@ class SeparatorTransducer(nn.Module):
     def infer(self, chunk: Tensor, state: SeparatorState) -> tuple[Tensor, SeparatorState]:
         """chunk (B, t, F) -> channel frames (C * B, t', D) it completes and the new state; chunk by chunk equal to
         ``channel_frames`` on the whole input."""
+        if self.config.recognition_layers:
+            encoder = self.transducer.encoder
+            assert isinstance(encoder, CausalTransformerEncoder)
+            check_chunk(chunk, encoder.input_dim, state.encoder.pending.shape[0])
+            subsampled, pending = encoder.frontend.stream(state.encoder.pending, chunk)
+            offset = state.offset + subsampled.shape[1]
+            if subsampled.shape[1] == 0:
+                empty = subsampled.new_zeros(self.config.channels * chunk.shape[0], 0, subsampled.shape[2])
+                return empty, state._replace(encoder=state.encoder._replace(pending=pending))
+            frames, below, separator, recognition = self._split_encode(subsampled, state)
+            encoder_state = TransformerState(pending=pending, layers=below, offset=offset)
+            return frames, SeparatorState(encoder=encoder_state, channels=separator, offset=offset, recognition=recognition)
         frames, encoder_state = self.transducer.encoder.infer(chunk, state.encoder)
         if frames.shape[1] == 0:
             empty = frames.new_zeros(self.config.channels * frames.shape[0], 0, frames.shape[2])
