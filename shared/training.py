@@ -90,7 +90,9 @@ def train_steps(
     * w_i = 1 without a ``reweighter``, so the first term is the per-token loss (its scale does not depend on
       batch composition); with one, w = ``reweighter(batch, L)`` (detached), e.g. ARL weights.
     * the compute term is Xie et al.'s compute-cost loss (only the amortized encoder's cost depends on weights).
-    * ``penalty`` is any regularizer of the parameters, e.g. ``shared.fairness.ewc.EWCPenalty``.
+    * ``penalty`` is any regularizer of the parameters, e.g. ``shared.fairness.ewc.EWCPenalty``. Under plain SGD a
+      penalty with a ``proximal_step(model, lr)`` (EWC's) is not differentiated but applied after each step,
+      implicitly: its explicit gradient step diverges where lr x curvature > 2.
 
     ``StepStats.loss`` is always the unweighted per-token loss, comparable with and without the hooks.
     """
@@ -99,6 +101,8 @@ def train_steps(
     # SpecAugment masks are drawn on the CPU, so a seed gives the same masks whichever device trains.
     generator = torch.Generator().manual_seed(spec_augment_seed) if spec_augment_seed is not None else None
     total_loss, total_cost, total_penalty, visits = 0.0, 0.0, 0.0, 0
+    plain_sgd = type(optimizer) is torch.optim.SGD and not optimizer.defaults.get("momentum")
+    proximal = getattr(penalty, "proximal_step", None) if plain_sgd else None
     source = cycle(batches)
     for _ in range(steps):
         batch = next(source)
@@ -127,12 +131,15 @@ def train_steps(
         objective = objective + compute_weight * out.compute_cost
         if penalty is not None:
             penalty_value = penalty(model)
-            objective = objective + penalty_value
+            if proximal is None:
+                objective = objective + penalty_value
             total_penalty += float(penalty_value.detach())
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
+        if proximal is not None:
+            proximal(model, optimizer.param_groups[0]["lr"])
         total_loss += loss.item()
         total_cost += float(out.compute_cost.detach())
         visits += len(batch.ids)

@@ -124,3 +124,35 @@ def test_train_steps_penalty_hook_holds_parameters_near_the_anchor() -> None:
         return sum(float((p - q).detach().square().sum()) for p, q in zip(model.parameters(), anchor.parameters()))
 
     assert drift(held) < 0.5 * drift(plain)
+
+
+def test_sgd_takes_the_penalty_implicitly_where_an_explicit_step_diverges() -> None:
+    anchor = tiny_transducer()
+    fisher = {name: torch.full_like(p, 5.0) for name, p in anchor.named_parameters()}
+    penalty = EWCPenalty.from_model(anchor, fisher, lam=10.0)  # lr 0.1: 2 lr lam F = 10
+
+    def distance(model: torch.nn.Module) -> float:
+        return sum(float((p - q).detach().square().sum()) for p, q in zip(model.parameters(), anchor.parameters())) ** 0.5
+
+    explicit, implicit = _perturbed(anchor), _perturbed(anchor)
+    start = distance(explicit)
+    penalty(explicit).backward()
+    with torch.no_grad():
+        for p in explicit.parameters():
+            p.sub_(0.1 * p.grad)
+    assert distance(explicit) == pytest.approx(9.0 * start, rel=1e-4)  # |1 - 10|: overshoots, grows
+    penalty.proximal_step(implicit, lr=0.1)
+    assert distance(implicit) == pytest.approx(start / 11.0, rel=1e-4)  # 1 / (1 + 10): toward the anchor
+
+    model = copy.deepcopy(anchor)  # train_steps under plain SGD takes the implicit step after each update
+    stats = train_steps(
+        model,
+        tiny_batches(2),
+        steps=4,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        spec_augment_seed=None,
+        penalty=penalty,
+    )
+    plain = copy.deepcopy(anchor)
+    train_steps(plain, tiny_batches(2), steps=4, optimizer=torch.optim.SGD(plain.parameters(), lr=0.1), spec_augment_seed=None)
+    assert stats.penalty > 0.0 and distance(model) < 0.2 * distance(plain)
