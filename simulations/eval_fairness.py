@@ -105,7 +105,13 @@ class FairnessPlan:
             corpus: {k: v for k, v in keys.items() if k not in overrides}  # the user's keys win
             for corpus, keys in self.corpus_overrides.items()
         }
-        return replace(self, overrides=merged, corpus_overrides=per_corpus)
+        return replace(  # ... over the EWC arms' keys too
+            self,
+            overrides=merged,
+            corpus_overrides=per_corpus,
+            ewc_lambda=float(overrides.get("fairness.ewc-lambda", self.ewc_lambda)),
+            targeted_rounds=int(overrides.get("fairness.targeted-rounds", self.targeted_rounds)),
+        )
 
 
 QUICK = FairnessPlan(

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simulations.cli import app
-from simulations.eval_fairness import QUICK, FairnessPlan
+from simulations.eval_fairness import QUICK, FairnessPlan, arm_overrides
 from shared.config import ConfigError
 from tests.conftest import REPO_ROOT, SHARED_DATA, needs_espeak
 
@@ -74,6 +74,8 @@ def test_plan_overrides_are_checked_and_win_over_corpus_defaults() -> None:
     plan = QUICK.with_overrides({"split.public-speakers": 5, "fairness.num-cohorts": 2})
     assert isinstance(plan, FairnessPlan) and plan.overrides["fairness.num-cohorts"] == 2
     assert "split.public-speakers" not in plan.corpus_overrides["synth"]
+    ewc = arm_overrides("ewc", QUICK.with_overrides({"fairness.ewc-lambda": 0.1, "fairness.targeted-rounds": 2}))
+    assert ewc["fairness.ewc-lambda"] == 0.1 and ewc["fairness.targeted-rounds"] == 2  # --set wins in the EWC arms too
     with pytest.raises(ConfigError, match="'fairness.num-cohort'"):
         QUICK.with_overrides({"fairness.num-cohort": 2})
 
