@@ -130,7 +130,8 @@ def train_steps(
             objective = (weights * per_utt).sum() / tokens
         objective = objective + compute_weight * out.compute_cost
         if penalty is not None:
-            penalty_value = penalty(model)
+            with torch.set_grad_enabled(proximal is None):  # taken implicitly: its value is only reported
+                penalty_value = penalty(model)
             if proximal is None:
                 objective = objective + penalty_value
             total_penalty += float(penalty_value.detach())
