@@ -18,7 +18,9 @@ Pairwise ARW (optional, Jin et al.): the adversary of ``pairwise_arw`` scores ea
 cluster, here the nearest of ``C`` public cluster centres (k-means of the public centroids under the starting
 model: no demographics, no federated k-means). The batch of ARL's in-batch normalization is the device's own
 utterances plus the impostor centroids, so the weights shift a device's loss between its target pairs and its
-impostor pairs, and between impostors of different clusters; a device-wide factor would do nothing under Adam.
+impostor pairs, and between impostors of different clusters. With many impostors in the batch, the device's own
+weight is close to its score over the impostors' mean score: a device-wide factor, which Adam (``sv.optimizer``
+"adam", the default) normalizes away and plain SGD ("sgd") turns into a longer step, a larger share of the average.
 The adversary's parameters ride in ``arrays`` under ``arw.`` and are averaged with the model.
 
 What leaves a device: the fine-tuned float arrays (the global model's keys, dtypes and shapes: no
@@ -70,6 +72,7 @@ __all__ = [
 
 IMPOSTORS = "impostors"  # the train message's ArrayRecord: "centroids" (M, E), with ARW "clusters" (M,), "centres" (C, E)
 ADVERSARY_PREFIX = "arw."  # the adversary's arrays inside "arrays", as in the recognizer's ARW
+OPTIMIZERS = ("adam", "sgd")
 SCALE, BIAS = 10.0, -5.0  # the pairwise recipe's starting calibration: "same" above cosine 0.5
 
 
@@ -80,7 +83,8 @@ class DeviceRecipe:
     local_steps: int = 10
     utterances_per_step: int = 8  # K crops of the device's own utterances per step
     crop_frames: int = 200  # 2 s, as in the verifier's training
-    lr: float = 1e-4  # Adam, fresh each round; small: the shipped verifier is the starting point
+    lr: float = 1e-4  # small: the shipped verifier is the starting point
+    optimizer: str = "adam"  # fresh each round; "sgd": plain SGD, so a device's step grows with its (weighted) loss
     arw: bool = False
     adversary_lr: float = 1e-2
     arw_frozen: bool = False  # ARW's warm-up rounds: the adversary stays as sent (uniform at first)
@@ -93,6 +97,8 @@ class DeviceRecipe:
                 f"(target pairs), got {self.local_steps}, {self.crop_frames}, "
                 f"{self.utterances_per_step}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise SpeakerEmbeddingError(f"sv.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0 or not self.adversary_lr > 0:
             raise SpeakerEmbeddingError(f"need lr > 0 and adversary_lr > 0, got {self.lr} and {self.adversary_lr}")
 
@@ -201,7 +207,7 @@ def fine_tune_speaker(
     """Fine-tune a copy of ``init`` on one speaker's utterances against the impostor centroids.
 
     Each of ``recipe.local_steps`` steps takes K random ``crop_frames`` windows of the speaker's utterances and
-    one Adam step on ``device_pair_loss``. With ``recipe.arw`` (``adversary``, and the cluster of every own
+    one step of ``recipe.optimizer`` on ``device_pair_loss``. With ``recipe.arw`` (``adversary``, and the cluster of every own
     utterance and every impostor given), the learner steps with the adversary's detached ARL weights and then,
     unless ``recipe.arw_frozen``, the adversary (a copy) takes one ascent step on the detached pair losses.
     """
@@ -224,7 +230,11 @@ def fine_tune_speaker(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(init).eval()  # eval-mode BatchNorm: see the module docstring
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.Adam(model.parameters(), lr=recipe.lr)
+        if recipe.optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=recipe.lr)
+    )
     adversary_optimizer = (
         torch.optim.Adam(adversary.parameters(), lr=recipe.adversary_lr)
         if adversary is not None and recipe.arw and not recipe.arw_frozen

@@ -549,6 +549,13 @@ def eval_verification_cmd(
             "pool, else the federated half's speakers): arms baseline+center, arw+center, federated+center, ..."
         ),
     ] = False,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            help="Also fine-tune the baseline centrally on the --public-share pool with the pairwise loss, plainly and "
+            "with pairwise ARW: arms tuned, tuned+arw."
+        ),
+    ] = False,
     workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ live.")] = Path("."),
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
@@ -560,6 +567,8 @@ def eval_verification_cmd(
     from shared.models.speaker_embedding import shipped_verifier
     from simulations.eval_verification import FULL, QUICK, VerificationError, evaluate_verification, train_verifiers
 
+    if tune and not public_share:  # before any synthesis
+        fail("--tune trains on the in-domain public pool: it needs a public share (--public-share)")
     workdir = workdir.resolve()
     out = workdir / "runs" / ("eval-verification-quick" if quick else "eval-verification")
     plan = QUICK if quick else FULL
@@ -598,6 +607,7 @@ def eval_verification_cmd(
             public=public.resolve() if public else None,
             public_share=public_share,
             center=center,
+            tune=tune,
         )
     except VerificationError as err:
         fail(str(err))

@@ -35,6 +35,10 @@ In-domain public speech (``public_share``, ``--public-share``): a share of the e
 taken first as the public pool, public speech of the devices' domain: the federated arms' impostors (instead of a
 public corpus' synthetic speakers) and the centering cohort; the rest is split into federated and test halves.
 
+Central tuning (``tune``, ``--tune``, with ``public_share``): the baseline fine-tuned with the pairwise loss on the
+in-domain public pool, plainly (``tuned``) and with pairwise ARW (``tuned+arw``), from the same start on the same
+batches: ARW's comparison on public speech of the devices' domain, where the synthetic training pool has none.
+
 Centering (``center_verifier``; ``--center`` adds ``<arm>+center`` for every arm): a verifier adapted to a speech
 domain by a public cohort of it, its mean embedding subtracted before scoring and its threshold recalibrated on
 the cohort's trials. The cohort is the in-domain public pool, or without one the federated half (never in a
@@ -102,6 +106,7 @@ __all__ = [
 
 ARMS = ("baseline", "arw")  # trained centrally on public speakers (`chorus model train-verifier`)
 FEDERATED_ARMS = ("federated", "federated+arw")  # the baseline, fine-tuned on devices (`federate`)
+TUNED_ARMS = ("tuned", "tuned+arw")  # the baseline, fine-tuned centrally on the in-domain public pool (``tune``)
 BY = ("gender", "age_group", "accent")
 P_TARGET = 0.01
 
@@ -144,6 +149,8 @@ class VerifierPlan:
     bootstrap: int = 200  # resamples of speakers for the EER interval
     seed: int = 0  # trials, bootstrap, the federated / test split
     federated: FederatedPlan = field(default_factory=FederatedPlan)
+    # ``tune``: the baseline's pairwise fine-tuning on the in-domain public pool (speakers per batch capped at its size)
+    tune: PairwiseRecipe = field(default_factory=lambda: PairwiseRecipe(steps=300, warmup=30))
 
 
 FULL = VerifierPlan(
@@ -158,6 +165,7 @@ QUICK = VerifierPlan(
     recipe=PairwiseRecipe(steps=40, speakers_per_batch=8, utterances_per_speaker=3, crop_frames=100, clusters=4, warmup=10),
     config=SpeakerEmbeddingConfig(channels=32, pooled_channels=64, attention_dim=16, embedding_dim=32),
     bootstrap=50,
+    tune=PairwiseRecipe(steps=8, speakers_per_batch=4, utterances_per_speaker=2, crop_frames=100, clusters=2, warmup=2),
     federated=FederatedPlan(
         rounds=3,
         public_speakers=24,
@@ -599,6 +607,7 @@ def evaluate_verification(
     public: Path | None = None,
     public_share: float = 0.0,
     center: bool = False,
+    tune: bool = False,
 ) -> dict[str, Any]:
     """Score every arm's verifier on the same trials of ``corpus_dir``; write the report; return the result.
 
@@ -609,7 +618,9 @@ def evaluate_verification(
     public speech of the devices' domain, whose speakers are neither devices nor tested; the rest is split.
     ``center`` (needs a public pool) adds ``<arm>+center`` for every arm, each centered and
     recalibrated (``center_verifier``) on a cohort never in a trial: the in-domain public pool when there is one,
-    else the federated half's speakers."""
+    else the federated half's speakers. ``tune`` (needs ``public_share``) adds ``tuned`` and ``tuned+arw``: the
+    baseline fine-tuned centrally on the in-domain public pool with the pairwise loss, plainly and with pairwise
+    ARW (``plan.tune``), from the same start on the same batches: Jin et al.'s comparison on the devices' domain."""
     if public is not None and public_share:
         raise VerificationError("give the impostors as a public corpus or as a share of this one, not both")
     if not 0.0 <= public_share < 1.0:
@@ -617,6 +628,8 @@ def evaluate_verification(
     federating = public is not None or public_share > 0
     if center and not federating:
         raise VerificationError("centering takes its cohort from the split: it needs the federated arms' public pool")
+    if tune and not public_share:
+        raise VerificationError("tuning trains on the in-domain public pool: it needs a public share")
     corpus = _open(corpus_dir)
     loaded = {}
     for arm, path in verifiers.items():
@@ -677,10 +690,40 @@ def evaluate_verification(
             verifiers = {**verifiers, arm: path}
             loaded[arm] = Verifier(embedder=run.embedder, cmvn=cmvn)
             result["federation"]["arms"][arm] = {"seconds": round(time.monotonic() - started, 1), "rounds": run.rounds}
+        if tune:
+            result["tuning"] = {}
+            pool_ids = [u for s in pool for u in sorted(by_speaker[s]) if u in features]
+            speaker_of = {u: s for s in pool for u in by_speaker[s]}
+            recipe = replace(plan.tune, speakers_per_batch=min(plan.tune.speakers_per_batch, len(pool)))
+            for arm in TUNED_ARMS:
+                started = time.monotonic()
+                try:
+                    model, history = train_pairwise(
+                        loaded["baseline"].embedder,
+                        [features[u] for u in pool_ids],
+                        [speaker_of[u] for u in pool_ids],
+                        replace(recipe, arw=arm == "tuned+arw"),
+                    )
+                except SpeakerEmbeddingError as err:
+                    raise VerificationError(f"tuning on the public pool of {len(pool)} speakers: {err}") from err
+                record = {
+                    "seconds": round(time.monotonic() - started, 1),
+                    "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4),
+                    **(
+                        {"cluster_weight": [round(w, 3) for w in history["cluster_weight"]]}
+                        if "cluster_weight" in history
+                        else {}
+                    ),
+                }
+                path = save_speaker_embedder(
+                    out_dir / "models" / f"{arm}.pt", model, cmvn=cmvn, meta={"arm": arm, "tuning": record}
+                )
+                verifiers, loaded[arm] = {**verifiers, arm: path}, Verifier(embedder=model, cmvn=cmvn)
+                result["tuning"][arm] = {"speakers": len(pool), "utterances": len(pool_ids), "recipe": asdict(recipe), **record}
         if center:
             result["centering"] = {}
             cohort = {s: by_speaker[s] for s in (pool or federated)}
-            for arm in [a for a in (*ARMS, *FEDERATED_ARMS) if a in loaded]:
+            for arm in [a for a in (*ARMS, *FEDERATED_ARMS, *TUNED_ARMS) if a in loaded]:
                 adapted, record = center_verifier(loaded[arm], cohort, features, plan=plan)
                 name = f"{arm}+center"
                 path = save_verifier(out_dir / "models" / f"{name}.pt", adapted)
@@ -809,6 +852,14 @@ def _report(result: dict[str, Any]) -> str:
                     f"| {arm} | {r['round']} | {r['replies']} | {r['failed']} | {r['rejected']} | "
                     f"{r['train_loss']} | {r['seconds']} |"
                 )
+        if result.get("tuning"):
+            lines += [
+                "",
+                "## Central fine-tuning on the in-domain public pool (`tuned`, `tuned+arw`)",
+                "",
+                "The baseline fine-tuned with the pairwise loss on the public pool's speakers (neither devices nor "
+                "tested), plainly and with pairwise ARW, same start and batches: " + json.dumps(result["tuning"]),
+            ]
         if result.get("centering"):
             lines += [
                 "",

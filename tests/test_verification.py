@@ -314,6 +314,44 @@ def test_device_loss_averages_target_and_impostor_pairs_separately() -> None:
     assert float(device_pair_loss(own, impostors, sample_weights=uniform)) == pytest.approx(4 * expected, rel=1e-5)
 
 
+def test_under_sgd_a_device_the_adversary_upweights_moves_further_and_under_adam_it_does_not() -> None:
+    """A device's ARL weight (its own cluster scored high or low against the impostors' clusters) scales its
+    whole loss; plain SGD (``sv.optimizer=sgd``) turns that into a longer step, Adam normalizes it away."""
+    from shared.fairness.arw import Adversary
+    from shared.federated_verification import fine_tune_speaker
+
+    rng = np.random.default_rng(0)
+    config = SpeakerEmbeddingConfig(input_dim=16, channels=16, pooled_channels=32, attention_dim=8, embedding_dim=8)
+    torch.manual_seed(0)
+    init = SpeakerEmbedder(config).eval()
+    features = [rng.normal(size=(60, 16)).astype(np.float32) for _ in range(6)]
+    impostors = F.normalize(torch.randn(20, 8), dim=-1)
+
+    def step_length(optimizer: str, own_logit: float) -> float:
+        adversary = Adversary(2)
+        with torch.no_grad():  # cluster 0 (the device's) scored own_logit, cluster 1 (the impostors') 0
+            adversary.net.weight.copy_(torch.tensor([[own_logit, 0.0]]))
+        recipe = DeviceRecipe(
+            local_steps=1, utterances_per_step=4, crop_frames=40, lr=1e-3, optimizer=optimizer, arw=True, arw_frozen=True
+        )
+        update = fine_tune_speaker(
+            init,
+            features,
+            impostors,
+            recipe,
+            seed=0,
+            adversary=adversary,
+            own_clusters=np.zeros(6, dtype=np.int64),
+            impostor_clusters=np.ones(20, dtype=np.int64),
+        )
+        return float(sum(((a - b) ** 2).sum() for a, b in zip(update.embedder.parameters(), init.parameters())) ** 0.5)
+
+    assert step_length("sgd", 4.0) > 1.3 * step_length("sgd", -4.0)
+    assert step_length("adam", 4.0) == pytest.approx(step_length("adam", -4.0), rel=0.05)
+    with pytest.raises(SpeakerEmbeddingError, match="sv.optimizer"):
+        DeviceRecipe(optimizer="rmsprop")
+
+
 def test_split_is_stratified_seeded_and_disjoint() -> None:
     speakers = [f"s{i:02d}" for i in range(20)]
     attributes = {
@@ -433,11 +471,22 @@ def test_federated_fine_tuning_learns_the_device_speakers_without_collapsing_the
 @pytest.mark.slow
 @needs_espeak
 def test_eval_verification_quick(tmp_path: Path) -> None:
-    args = ["eval", "verification", "--quick", "--public-share", "0.25", "--center", "--json", "--workdir", str(tmp_path)]
+    args = [
+        "eval",
+        "verification",
+        "--quick",
+        "--public-share",
+        "0.25",
+        "--center",
+        "--tune",
+        "--json",
+        "--workdir",
+        str(tmp_path),
+    ]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     result = json.loads(done.output.strip().splitlines()[-1])
-    plain = {"baseline", "arw", "federated", "federated+arw"}
+    plain = {"baseline", "arw", "federated", "federated+arw", "tuned", "tuned+arw"}
     assert set(result["arms"]) == plain | {f"{arm}+center" for arm in plain}
     # 16 speakers: 4 the in-domain public pool (impostors, centering cohort), then 6 federated (one device each)
     # and 6 tested; every arm scored on the same test trials.
@@ -455,7 +504,16 @@ def test_eval_verification_quick(tmp_path: Path) -> None:
     for arm in ("federated", "federated+arw"):
         rounds = result["federation"]["arms"][arm]["rounds"]
         assert all(r["replies"] == 6 and r["rejected"] == r["failed"] == 0 for r in rounds)
+    # Tuned centrally on the 4 public speakers' utterances, plainly and with ARW (whose adversary reports weights).
+    tuning = result["tuning"]
+    assert {r["speakers"] for r in tuning.values()} == {4} and tuning["tuned"]["recipe"]["speakers_per_batch"] == 4
+    assert "cluster_weight" in tuning["tuned+arw"] and "cluster_weight" not in tuning["tuned"]
     assert (tmp_path / "runs" / "eval-verification-quick" / "det.png").is_file()
+
+
+def test_tuning_without_an_in_domain_public_pool_is_refused(tmp_path: Path) -> None:
+    done = CliRunner().invoke(app, ["eval", "verification", "--corpus", str(tmp_path), "--tune", "--workdir", str(tmp_path)])
+    assert done.exit_code == 2 and "public share" in done.output and len(done.output.strip().splitlines()) == 1
 
 
 def test_a_public_corpus_and_a_public_share_are_refused_together(tmp_path: Path) -> None:
