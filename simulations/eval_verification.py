@@ -312,6 +312,14 @@ def default_cmvn() -> GlobalCMVN:
     return frontend.cmvn
 
 
+def _pairwise_record(history: dict[str, list[float]], seconds: float) -> dict[str, Any]:
+    """What a pairwise fine-tuning reports: its time, its last 50 steps' mean pair loss, ARW's cluster weights."""
+    record: dict[str, Any] = {"seconds": seconds, "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4)}
+    if "cluster_weight" in history:
+        record["cluster_weight"] = [round(w, 3) for w in history["cluster_weight"]]
+    return record
+
+
 def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *, log: Any = print) -> dict[str, Any]:
     """Train the baseline and ARW verifiers on ``corpus_dir``'s first speakers; write ``<out_dir>/<arm>.pt``.
 
@@ -362,14 +370,11 @@ def train_verifiers(corpus_dir: Path, plan: VerifierPlan, out_dir: Path, *, log:
         scores = score_trials(verifier, calibration_trials, features)
         threshold = threshold_at_far(scores, calibration_trials.same, plan.target_far)
         arm_record: dict[str, Any] = {
-            "seconds": seconds,
-            "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4),
+            **_pairwise_record(history, seconds),
             "calibration_trials": len(calibration_trials),
             "calibration_eer": round(equal_error_rate(scores, calibration_trials.same), 4),
             "threshold": round(threshold, 4),
         }
-        if "cluster_weight" in history:
-            arm_record["cluster_weight"] = [round(w, 3) for w in history["cluster_weight"]]
         record["arms"][arm] = arm_record
         save_speaker_embedder(
             out_dir / f"{arm}.pt",
@@ -706,15 +711,7 @@ def evaluate_verification(
                     )
                 except SpeakerEmbeddingError as err:
                     raise VerificationError(f"tuning on the public pool of {len(pool)} speakers: {err}") from err
-                record = {
-                    "seconds": round(time.monotonic() - started, 1),
-                    "final_pair_loss": round(float(np.mean(history["loss"][-50:])), 4),
-                    **(
-                        {"cluster_weight": [round(w, 3) for w in history["cluster_weight"]]}
-                        if "cluster_weight" in history
-                        else {}
-                    ),
-                }
+                record = _pairwise_record(history, round(time.monotonic() - started, 1))
                 path = save_speaker_embedder(
                     out_dir / "models" / f"{arm}.pt", model, cmvn=cmvn, meta={"arm": arm, "tuning": record}
                 )
