@@ -142,6 +142,8 @@ def fine_tune(
         steps=cfg.train.local_steps,
         optimizer=optimizer,
         spec_augment_seed=seed if cfg.train.spec_augment else None,
+        lead_silence_frames=cfg.train.lead_silence_frames,
+        concat_prob=cfg.train.concat_prob,
         compute_weight=cfg.train.compute_weight,
         ctc_weight=cfg.train.ctc_weight,
         fastemit_lambda=cfg.train.fastemit_lambda,

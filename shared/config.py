@@ -132,6 +132,13 @@ class TrainConfig:
     optimizer: str = "adamw"
     batch_frames: int = 4000  # padded feature frames per batch (B x T): bounds device memory
     spec_augment: bool = True
+    # With SpecAugment: each utterance gets U(0, lead_silence_s) seconds of its own noise floor before it
+    # (``prepend_silence``), so the model hears speech begin anywhere, as a device does; 0 turns it off.
+    lead_silence_s: float = 1.0
+    # With SpecAugment: the probability that an utterance is followed, after a pause, by the next one of its batch
+    # (``concatenate_neighbours``), so the model goes on after a sentence ends. The shipped base's recipe sets 0.5;
+    # 0 by default because a joined row costs its device twice the frames.
+    concat_prob: float = 0.0
     # lambda of Xie et al.'s compute-cost loss: loss = transducer + lambda * expected executed compute share.
     # Only the amortized encoder's cost depends on its weights; for dense encoders the term is a constant.
     compute_weight: float = 0.0
@@ -146,6 +153,15 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer={self.optimizer!r} is not supported; choose {', '.join(LOCAL_OPTIMIZERS)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.lead_silence_s <= 10.0:
+            raise ConfigError(f"train.lead-silence-s must lie in [0, 10] seconds, got {self.lead_silence_s}")
+        if not 0.0 <= self.concat_prob <= 1.0:
+            raise ConfigError(f"train.concat-prob must lie in [0, 1], got {self.concat_prob}")
+
+    @property
+    def lead_silence_frames(self) -> int:
+        """``lead_silence_s`` in feature frames (10 ms)."""
+        return round(100 * self.lead_silence_s)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from shared.data.corpora import Utterance
-from shared.data.dataset import Batch, FeatureCache, make_batches
-from shared.data.features import spec_augment
+from shared.data.dataset import Batch, FeatureCache, concatenate_neighbours, make_batches
+from shared.data.features import prepend_silence, spec_augment
 from shared.data.tokenizer import Tokenizer
 from shared.metrics import ErrorCounts, error_counts
 from shared.models.transducer import Transducer
@@ -24,6 +24,7 @@ __all__ = ["Reweighter", "StepStats", "train_steps", "transcribe", "score"]
 
 # Transducer gradients spike early in training; clipping keeps a few local steps from wrecking a good model.
 GRAD_CLIP_NORM = 5.0
+MAX_PAUSE_FRAMES = 100  # the longest pause between joined utterances (concat_prob): 1 s
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,18 @@ def train_steps(
     steps: int,
     optimizer: torch.optim.Optimizer,
     spec_augment_seed: int | None = 0,
+    lead_silence_frames: int = 0,
+    concat_prob: float = 0.0,
     compute_weight: float = 0.0,
     ctc_weight: float = 0.0,
     fastemit_lambda: float = 0.0,
     penalty: Callable[[nn.Module], Tensor] | None = None,
     reweighter: Reweighter | None = None,
 ) -> StepStats:
-    """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None.
+    """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None, and
+    with it: each utterance followed by its batch neighbour with probability ``concat_prob``
+    (``concatenate_neighbours``, pauses up to 1 s), then U{0..``lead_silence_frames``} frames of its noise floor
+    before it (``prepend_silence``).
 
     Objective per batch, with L_i the transducer NLL of utterance i and N the batch's target tokens:
 
@@ -106,10 +112,16 @@ def train_steps(
     source = cycle(batches)
     for _ in range(steps):
         batch = next(source)
-        feats = batch.feats
+        augmented = batch
         if generator is not None:
-            feats = spec_augment(feats, batch.feat_lens, generator=generator)
-        moved = on_device(replace(batch, feats=feats), device)  # the reweighter sees ``batch``, unaugmented
+            if concat_prob > 0:
+                augmented = concatenate_neighbours(augmented, prob=concat_prob, max_pause=MAX_PAUSE_FRAMES, generator=generator)
+            feats, feat_lens = augmented.feats, augmented.feat_lens
+            if lead_silence_frames > 0:
+                lead = torch.randint(0, lead_silence_frames + 1, feat_lens.shape, generator=generator)
+                feats, feat_lens = prepend_silence(feats, feat_lens, lead, generator=generator)
+            augmented = replace(augmented, feats=spec_augment(feats, feat_lens, generator=generator), feat_lens=feat_lens)
+        moved = on_device(augmented, device)  # the reweighter sees ``batch``, unaugmented
         out = model(
             moved.feats, moved.feat_lens, moved.targets, moved.target_lens, fastemit_lambda=fastemit_lambda, ctc=ctc_weight > 0
         )
@@ -177,9 +189,17 @@ def score(
     tokenizer: Tokenizer,
     beam: int = 1,
     batch_frames: int = 8000,
+    lead_frames: int = 0,
 ) -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
-    """Decode ``utterances`` and count word errors: (all together, per utterance id)."""
+    """Decode ``utterances`` and count word errors: (all together, per utterance id). With ``lead_frames``, each
+    utterance is decoded with that many frames of its noise floor before it (``prepend_silence``, fixed seed)."""
     batches = make_batches(utterances, features=features, tokenizer=tokenizer, max_frames=batch_frames, shuffle=False, seed=0)
+    if lead_frames > 0:
+        generator = torch.Generator().manual_seed(0)
+        padded = [
+            prepend_silence(b.feats, b.feat_lens, torch.full_like(b.feat_lens, lead_frames), generator=generator) for b in batches
+        ]
+        batches = [replace(b, feats=feats, feat_lens=lens) for b, (feats, lens) in zip(batches, padded, strict=True)]
     hyps = transcribe(model, batches, tokenizer, beam=beam)
     per_utt = {u.id: error_counts([u.text], [hyps[u.id]]) for u in utterances if u.id in hyps}
     total = ErrorCounts(0, 0, 0)

@@ -484,6 +484,10 @@ def eval_wer_cmd(
     ] = "",
     beam: Annotated[int, typer.Option(min=1, help="1 = greedy search (streaming); more = modified beam search.")] = 1,
     limit: Annotated[int, typer.Option(min=0, help="Decode at most this many utterances (0 = all).")] = 0,
+    lead_silence: Annotated[
+        float,
+        typer.Option(min=0.0, max=10.0, help="Seconds of each recording's own noise floor before it: speech that begins late."),
+    ] = 0.0,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """WER of a checkpoint on a corpus, overall and per speaker attribute."""
@@ -499,6 +503,7 @@ def eval_wer_cmd(
             by=[b.strip() for b in by.split(",") if b.strip()],
             beam=beam,
             limit=limit,
+            lead_silence_s=lead_silence,
         )
     except (EvalWerError, ValueError) as err:
         fail(str(err))
@@ -508,6 +513,7 @@ def eval_wer_cmd(
     typer.echo(
         f"WER {result['wer']:.4f} over {result['words']} words, {result['utterances']} utterances "
         f"({result['skipped']} skipped), beam {beam}"
+        + (f", {lead_silence:g} s of leading noise floor" if lead_silence else "")
         + (f"; sub-blocks executed {result['executed_share']:.1%}" if "executed_share" in result else "")
     )
     for name, values in result["by"].items():

@@ -312,6 +312,8 @@ def _central(
         steps=plan.central_steps,
         optimizer=torch.optim.AdamW(model.parameters(), lr=plan.central_lr),
         spec_augment_seed=cfg.train.seed if cfg.train.spec_augment else None,
+        lead_silence_frames=cfg.train.lead_silence_frames,
+        concat_prob=cfg.train.concat_prob,
         ctc_weight=cfg.train.ctc_weight,
         fastemit_lambda=cfg.train.fastemit_lambda,
     )

@@ -52,13 +52,19 @@ def speaker_attributes(corpus_root: Path) -> dict[str, dict[str, str]]:
     return attributes
 
 
-def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam: int = 1, limit: int = 0) -> dict[str, Any]:
+def evaluate_wer(
+    checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam: int = 1, limit: int = 0, lead_silence_s: float = 0.0
+) -> dict[str, Any]:
     """WER of ``checkpoint`` on ``corpus``: ``{"wer", "words", "utterances", "by": {attribute: {value: wer}},
     "by_words": {attribute: {value: reference words}}, ...}``.
 
     ``by`` names ``speakers.tsv`` columns (plus ``fleet``); an attribute the corpus lacks is an error naming it.
-    ``limit`` > 0 scores every k-th utterance so that at most ``limit`` are decoded.
+    ``limit`` > 0 scores every k-th utterance so that at most ``limit`` are decoded. ``lead_silence_s`` puts that
+    much of each recording's own noise floor before it (``prepend_silence``): a device starts listening before
+    anyone speaks, and a model that only heard speech begin on cue fails there.
     """
+    if not 0.0 <= lead_silence_s <= 10.0:
+        raise EvalWerError(f"lead silence must lie in [0, 10] seconds, got {lead_silence_s}")
     try:
         ckpt = load_checkpoint(checkpoint)
     except CheckpointError as err:
@@ -97,7 +103,9 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
     features = FeatureCache(loaded, frontend.cmvn, max_items=len(utterances))
     start = time.monotonic()
     with torch.inference_mode():
-        total, per_utt = score(model, utterances, features=features, tokenizer=frontend.tokenizer, beam=beam)
+        total, per_utt = score(
+            model, utterances, features=features, tokenizer=frontend.tokenizer, beam=beam, lead_frames=round(100 * lead_silence_s)
+        )
     seconds = time.monotonic() - start
     if total.words == 0:
         raise EvalWerError(f"corpus {corpus_path}: none of its utterances could be decoded ({len(features.skipped)} skipped)")
@@ -112,6 +120,7 @@ def evaluate_wer(checkpoint: Path, corpus: Path, *, by: Sequence[str] = (), beam
         "checkpoint": str(checkpoint),
         "corpus": str(corpus_path),
         "beam": beam,
+        "lead_silence_s": lead_silence_s,
         "wer": round(total.wer, 4),
         "words": total.words,
         "utterances": total.utterances,

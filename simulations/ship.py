@@ -4,7 +4,8 @@ The shipped file is the checkpoint's weights in float16 with its front end (toke
 ``shared/models/shipped/`` (package data, so every install starts from it). Its manifest entry records what a user
 needs to trust and reproduce it: sha256, size, architecture, the exact training command, the training corpus and
 seed, training steps, time and hardware, and the WER of the *shipped* (float16) file on an evaluation corpus of
-unseen speakers, overall and per accent, fleet, age group and gender.
+unseen speakers, overall and per accent, fleet, age group and gender, and overall with a second of silence before
+each utterance.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ __all__ = ["ship", "ship_multitalker", "ship_verifiers"]
 
 # Attributes the manifest breaks WER down by (synthetic corpus' speakers.tsv, plus the fleet).
 BY = ("accent", "fleet", "age_group", "gender", "channel_rate")
+# The manifest also states the WER with this much of each recording's noise floor before it: a device starts
+# listening before anyone speaks (``chorus eval wer --lead-silence``).
+LEAD_SILENCE_S = 1.0
 
 
 def _training_record(run_dir: Path) -> dict[str, Any]:
@@ -86,6 +90,7 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
         source_heldout_wer=ckpt.meta.get("heldout_wer"),
     )
     evaluation = evaluate_wer(out, eval_corpus, by=BY)
+    late = evaluate_wer(out, eval_corpus, lead_silence_s=LEAD_SILENCE_S)
     entry = {
         "model_config": architecture(ckpt.model_config),
         **_file_facts(out, model, command=command, hardware=hardware),
@@ -96,6 +101,7 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
             "corpus": Path(eval_corpus).name,
             "beam": evaluation["beam"],
             "wer": evaluation["wer"],
+            "wer_lead_silence": {"seconds": LEAD_SILENCE_S, "wer": late["wer"]},
             "words": evaluation["words"],
             "utterances": evaluation["utterances"],
             "by": evaluation["by"],

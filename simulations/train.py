@@ -201,6 +201,8 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                     steps=1,
                     optimizer=optimizer,
                     spec_augment_seed=step if cfg.train.spec_augment else None,
+                    lead_silence_frames=cfg.train.lead_silence_frames,
+                    concat_prob=cfg.train.concat_prob,
                     compute_weight=cfg.train.compute_weight,
                     ctc_weight=cfg.train.ctc_weight,
                     fastemit_lambda=cfg.train.fastemit_lambda,

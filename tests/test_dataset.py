@@ -1,4 +1,4 @@
-"""Tests for shared.data.dataset: feature caching with skips, and budgeted, deterministic batching."""
+"""Tests for shared.data.dataset: feature caching with skips, budgeted, deterministic batching, and concatenation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import soundfile
 import torch
 
 from shared.data.corpora import MANIFEST_FILE, Corpus, load_corpus
-from shared.data.dataset import Batch, DatasetError, FeatureCache, make_batches
-from shared.data.features import N_MELS, GlobalCMVN, num_frames
+from shared.data.dataset import Batch, DatasetError, FeatureCache, concatenate_neighbours, make_batches
+from shared.data.features import N_MELS, NOISE_FLOOR_FRAMES, GlobalCMVN, num_frames
 from shared.data.tokenizer import Tokenizer
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -192,3 +192,48 @@ def test_real_fsdd_batches(tmp_path: Path) -> None:
     )
     assert sum(len(batch) for batch in batches) == len(utterances) == 50
     _check_batches(batches, tokenizer, corpus, max_frames=1500)
+
+
+def _three_utterances() -> Batch:
+    feat_lens, target_lens = [30, 22, 17], [4, 2, 3]
+    feats = torch.zeros(3, 30, N_MELS)
+    targets = torch.zeros(3, 4, dtype=torch.int64)
+    for b, (n, u) in enumerate(zip(feat_lens, target_lens, strict=True)):
+        feats[b, :n] = torch.randn(n, N_MELS, generator=torch.Generator().manual_seed(b))
+        targets[b, :u] = torch.arange(1, u + 1) + 10 * b
+    return Batch(feats, torch.tensor(feat_lens), targets, torch.tensor(target_lens), ["a", "b", "c"])
+
+
+def test_concatenate_neighbours_joins_each_utterance_with_the_next_after_a_pause_of_its_floor() -> None:
+    batch = _three_utterances()
+    joined = concatenate_neighbours(batch, prob=1.0, max_pause=40, generator=torch.Generator().manual_seed(0))
+    assert joined.ids == ["a", "b", "c"]
+    for b in range(3):
+        nxt = (b + 1) % 3
+        n, m = int(batch.feat_lens[b]), int(batch.feat_lens[nxt])
+        pause = int(joined.feat_lens[b]) - n - m
+        assert 10 <= pause <= 40
+        torch.testing.assert_close(joined.feats[b, :n], batch.feats[b, :n])
+        torch.testing.assert_close(joined.feats[b, n + pause : n + pause + m], batch.feats[nxt, :m])
+        floor = batch.feats[b, :NOISE_FLOOR_FRAMES]
+        assert all((frame[None] == floor).all(dim=1).any() for frame in joined.feats[b, n : n + pause])
+        assert (joined.feats[b, n + pause + m :] == 0).all()
+        expected = torch.cat([batch.targets[b, : batch.target_lens[b]], batch.targets[nxt, : batch.target_lens[nxt]]])
+        assert joined.target_lens[b] == len(expected)
+        assert joined.targets[b, : len(expected)].tolist() == expected.tolist()
+    # Nothing to join: no probability, or a batch of one.
+    assert concatenate_neighbours(batch, prob=0.0, max_pause=40, generator=torch.Generator()) is batch
+    single = Batch(batch.feats[:1], batch.feat_lens[:1], batch.targets[:1], batch.target_lens[:1], ["a"])
+    assert concatenate_neighbours(single, prob=1.0, max_pause=40, generator=torch.Generator()) is single
+    with pytest.raises(DatasetError, match="prob in \\[0, 1\\]"):
+        concatenate_neighbours(batch, prob=1.5, max_pause=40, generator=torch.Generator())
+
+
+def test_concatenate_neighbours_joins_about_prob_of_the_rows() -> None:
+    batch = _three_utterances()
+    generator = torch.Generator().manual_seed(1)
+    joined = sum(
+        int((concatenate_neighbours(batch, prob=0.3, max_pause=20, generator=generator).target_lens > batch.target_lens).sum())
+        for _ in range(200)
+    )
+    assert 0.22 < joined / 600 < 0.38

@@ -31,6 +31,9 @@ def test_wer_overall_and_by_attribute_pools_the_same_words(tmp_path: Path) -> No
         assert pooled / out["words"] == pytest.approx(out["wer"], abs=1e-3)
     # A dense model runs every sub-block; the shipped amortized one says what share of its sub-blocks ran.
     assert "executed_share" not in out
+    late = runner.invoke(app, ["eval", "wer", "--corpus", str(corpus), "--lead-silence", "0.5", "--json"])
+    assert late.exit_code == 0, late.output
+    assert json.loads(late.stdout)["lead_silence_s"] == 0.5 and json.loads(late.stdout)["words"] == out["words"]
     amortized = SHIPPED_DIR / "amortized-6.pt"
     result = runner.invoke(app, ["eval", "wer", "--corpus", str(corpus), "--checkpoint", str(amortized), "--json"])
     assert result.exit_code == 0, result.output

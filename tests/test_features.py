@@ -1,4 +1,4 @@
-"""Tests for shared.data.features: fbank shapes and errors, streaming == offline, CMVN, SpecAugment."""
+"""Tests for shared.data.features: fbank shapes and errors, streaming == offline, CMVN, SpecAugment, leading silence."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from shared.data.features import (
     GlobalCMVN,
     StreamingFbank,
     compute_fbank,
+    NOISE_FLOOR_FRAMES,
     num_frames,
+    prepend_silence,
     spec_augment,
 )
 
@@ -206,3 +208,30 @@ def test_spec_augment_without_masks_is_identity_and_validates() -> None:
         spec_augment(feats, torch.tensor([201, 1, 1, 1]), generator=torch.Generator())
     with pytest.raises(FeatureError, match="freq_width=81"):
         spec_augment(feats, lengths, generator=torch.Generator(), freq_width=81)
+
+
+def test_prepend_silence_puts_each_utterances_own_noise_floor_before_it() -> None:
+    feats, lengths = _augment_inputs()
+    lead = torch.tensor([0, 3, 40, 7])
+    before = feats.clone()
+    out, out_lens = prepend_silence(feats, lengths, lead, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(feats, before)
+    assert out.shape == (4, 200 + 40, N_MELS) and out_lens.tolist() == [200, 123, 77, 0]  # the empty one stays empty
+    for row, (n, k) in enumerate(zip(lengths.tolist()[:3], lead.tolist(), strict=False)):
+        torch.testing.assert_close(out[row, k : k + n], feats[row, :n])  # the utterance, whole, after its lead
+        assert (out[row, k + n :] == 0).all()  # padding is zeros
+        floor = feats[row, : min(NOISE_FLOOR_FRAMES, n)]
+        for frame in out[row, :k]:  # every lead frame is one of the utterance's first frames
+            assert (frame[None] == floor).all(dim=1).any()
+    assert (out[3] == 0).all()
+    assert len({tuple(f.tolist()) for f in out[2, :40]}) > 1, "the floor is drawn frame by frame, not one frame repeated"
+    again, _ = prepend_silence(feats, lengths, lead, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, again)
+
+
+def test_prepend_silence_validates() -> None:
+    feats, lengths = _augment_inputs()
+    with pytest.raises(FeatureError, match="lead frames must be >= 0"):
+        prepend_silence(feats, lengths, torch.tensor([0, -1, 0, 0]), generator=torch.Generator())
+    with pytest.raises(FeatureError, match="expects \\(B, T, F\\)"):
+        prepend_silence(feats, lengths, torch.tensor([0, 1]), generator=torch.Generator())

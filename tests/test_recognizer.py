@@ -11,7 +11,7 @@ import torch
 from shared.config import ModelConfig
 from shared.data.commands import sample_sentences
 from shared.data.corpora import load_corpus
-from shared.data.dataset import FeatureCache, make_batches
+from shared.data.dataset import FeatureCache, concatenate_neighbours, make_batches
 from shared.data.features import GlobalCMVN
 from shared.data.synth import synthesize
 from shared.data.tokenizer import Tokenizer
@@ -25,7 +25,7 @@ from shared.models.checkpoint import (
     sha256_of,
     shipped_manifest,
 )
-from shared.training import train_steps
+from shared.training import MAX_PAUSE_FRAMES, train_steps, transcribe
 from simulations.eval_wer import default_checkpoint, evaluate_wer
 from tests.conftest import needs_espeak
 
@@ -89,6 +89,44 @@ def test_shipped_recognizer_decodes_unseen_speakers_as_its_manifest_says(name: s
     result = evaluate_wer(path, unseen, by=("accent",))
     assert result["utterances"] == 40
     assert result["wer"] <= entry["eval"]["wer"] + 0.03, result
+
+
+def test_the_default_base_decodes_speech_that_begins_late(unseen: Path) -> None:
+    """A device starts listening before anyone speaks: with a second of each recording's own noise floor before it
+    (``prepend_silence``), the shipped default base decodes the unseen speakers within 0.08 of its WER without (one
+    utterance garbled is 0.03 here), and within 0.03 of the figure its manifest states for that case (README,
+    "The base now hears speech that begins late")."""
+    stated = shipped_manifest()["dense-6.pt"]["eval"]["wer_lead_silence"]
+    plain = evaluate_wer(default_checkpoint(), unseen)["wer"]
+    late = evaluate_wer(default_checkpoint(), unseen, lead_silence_s=stated["seconds"])["wer"]
+    assert stated["seconds"] >= 1.0
+    assert late <= plain + 0.08 and late <= stated["wer"] + 0.03, (plain, late)
+
+
+def test_the_default_base_goes_on_after_a_sentence_ends(unseen: Path) -> None:
+    """Each of the unseen utterances followed, after a pause of up to a second, by the next one of its batch (the
+    training augmentation ``concatenate_neighbours``, every row joined): the shipped default base transcribes both
+    sentences, within 0.12 of its WER on the utterances alone (a model that stops after the first: about 0.5)."""
+    checkpoint = load_checkpoint(default_checkpoint())
+    assert checkpoint.frontend is not None
+    model, tokenizer = checkpoint.build().eval(), checkpoint.frontend.tokenizer
+    corpus = load_corpus(unseen)
+    features = FeatureCache(corpus, checkpoint.frontend.cmvn)
+    batches = make_batches(corpus.utterances, features=features, tokenizer=tokenizer, max_frames=8000, shuffle=False, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    pairs = [concatenate_neighbours(b, prob=1.0, max_pause=MAX_PAUSE_FRAMES, generator=generator) for b in batches]
+    text = {u.id: u.text for u in corpus.utterances}
+    references = [
+        f"{text[b.ids[i]]} {text[b.ids[(i + 1) % len(b)]]}" if len(b) > 1 else text[b.ids[i]]
+        for b in batches
+        for i in range(len(b))
+    ]
+    with torch.inference_mode():
+        hypotheses = transcribe(model, pairs, tokenizer)
+    joined = error_counts(references, [hypotheses[i] for b in batches for i in b.ids]).wer
+    alone = evaluate_wer(default_checkpoint(), unseen)["wer"]
+    assert sum(len(b) > 1 for b in batches) >= len(batches) - 1  # nearly every utterance has a neighbour to join
+    assert joined <= alone + 0.12, (alone, joined)
 
 
 def test_each_model_starts_from_its_own_shipped_base_or_the_dense_one() -> None:

@@ -2,7 +2,8 @@
 
 :class:`FeatureCache` turns an :class:`~shared.data.corpora.Utterance` into CMVN-normalized filterbanks
 (memoized, bounded), skipping and recording utterances whose audio cannot be used; :func:`make_batches`
-groups utterances of similar length into batches whose padded size stays under a frame budget.
+groups utterances of similar length into batches whose padded size stays under a frame budget;
+:func:`concatenate_neighbours` joins utterances of a batch in pairs (a training augmentation).
 
 Legend: ``B`` utterances per batch, ``T`` frames of the longest utterance, ``F = 80`` mel bins, ``U``
 tokens of the longest transcript.
@@ -34,10 +35,10 @@ import torch
 
 from shared.data.audio import AudioError
 from shared.data.corpora import Corpus, Utterance
-from shared.data.features import N_MELS, FeatureError, GlobalCMVN, compute_fbank
+from shared.data.features import N_MELS, NOISE_FLOOR_FRAMES, FeatureError, GlobalCMVN, compute_fbank
 from shared.data.tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["Batch", "DatasetError", "FeatureCache", "make_batches"]
+__all__ = ["Batch", "DatasetError", "FeatureCache", "concatenate_neighbours", "make_batches"]
 
 _logger = logging.getLogger("chorus.data")
 
@@ -292,4 +293,40 @@ def _collate(group: list[tuple[Utterance, np.ndarray, list[int]]]) -> Batch:
         targets=torch.from_numpy(padded_targets),
         target_lens=torch.tensor(target_lens, dtype=torch.int64),
         ids=[utt.id for utt, _, _ in group],
+    )
+
+
+def concatenate_neighbours(batch: Batch, *, prob: float, max_pause: int, generator: torch.Generator) -> Batch:
+    """``batch`` with each utterance, with probability ``prob``, followed by the next one of the batch (the last by
+    the first) after a pause of U{10..``max_pause``} frames of its noise floor; targets joined in the same order.
+
+    A corpus of one command per recording teaches a transducer that nothing follows a sentence's end (its predictor
+    sees the last tokens of a finished command, its encoder silence after speech), and the model then drops every
+    sentence after the first of a longer recording: a second command, a second talker's turn. Rows keep their
+    ids and order; a batch of one utterance is returned as it is.
+    """
+    if not 0.0 <= prob <= 1.0 or max_pause < 10:
+        raise DatasetError(f"concatenation needs prob in [0, 1] and max_pause >= 10 frames, got {prob} and {max_pause}")
+    size = len(batch)
+    if size < 2 or prob == 0.0:
+        return batch
+    joined = (torch.rand(size, generator=generator) < prob).tolist()
+    pauses = torch.randint(10, max_pause + 1, (size,), generator=generator).tolist()
+    feats, targets = [], []
+    for b in range(size):
+        n, u = int(batch.feat_lens[b]), int(batch.target_lens[b])
+        rows, tokens = [batch.feats[b, :n]], [batch.targets[b, :u]]
+        if joined[b] and n > 0:
+            nxt = (b + 1) % size
+            floor = torch.randint(0, min(NOISE_FLOOR_FRAMES, n), (pauses[b],), generator=generator)
+            rows += [batch.feats[b, floor], batch.feats[nxt, : int(batch.feat_lens[nxt])]]
+            tokens.append(batch.targets[nxt, : int(batch.target_lens[nxt])])
+        feats.append(torch.cat(rows))
+        targets.append(torch.cat(tokens))
+    return Batch(
+        feats=torch.nn.utils.rnn.pad_sequence(feats, batch_first=True),
+        feat_lens=torch.tensor([len(f) for f in feats], dtype=torch.int64),
+        targets=torch.nn.utils.rnn.pad_sequence(targets, batch_first=True),
+        target_lens=torch.tensor([len(t) for t in targets], dtype=torch.int64),
+        ids=list(batch.ids),
     )

@@ -41,10 +41,12 @@ __all__ = [
     "StreamingFbank",
     "compute_fbank",
     "num_frames",
+    "prepend_silence",
     "spec_augment",
 ]
 
 N_MELS = 80
+NOISE_FLOOR_FRAMES = 5  # the first 50 ms of a recording: what its device hears before anyone speaks (prepend_silence)
 FRAME_LENGTH = 400
 """Samples per analysis window: 25 ms at 16 kHz."""
 FRAME_SHIFT = 160
@@ -302,6 +304,43 @@ def spec_augment(
     valid = torch.arange(max_frames, device=generator.device)[None, :] < lengths[:, None]
     masked = (freq_masked[:, None, :] | time_masked[:, :, None]) & valid[:, :, None]
     return feats.masked_fill(masked.to(feats.device), 0.0)
+
+
+def prepend_silence(
+    feats: torch.Tensor, lengths: torch.Tensor, lead: torch.Tensor, *, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each utterance of a padded batch with ``lead[b]`` frames of its own noise floor before it.
+
+    A recording starts whenever the device starts listening, not when the talker does. A streaming encoder trained
+    only on utterances whose speech begins a few frames in learns where speech begins (the causal attention's and
+    convolution's left edge tell it how far in a frame is) and fails on speech that begins later. The silence is
+    frames drawn at random (with replacement) from the utterance's first ``NOISE_FLOOR_FRAMES``: the device's noise
+    and room as they are, not digital zeros.
+
+    Args:
+        feats: ``(B, T, F)`` features.
+        lengths: ``(B,)`` valid frames per utterance, each ``<= T``.
+        lead: ``(B,)`` frames to prepend, each ``>= 0``.
+        generator: source of randomness, on the CPU.
+
+    Returns:
+        ``(B, T + max(lead), F)`` features (padding is 0) and their ``(B,)`` lengths; an empty utterance stays empty.
+    """
+    if feats.ndim != 3 or lengths.shape != (feats.shape[0],) or lead.shape != lengths.shape:
+        raise FeatureError(
+            f"prepend_silence expects (B, T, F) features with (B,) lengths and leads, got {tuple(feats.shape)}, "
+            f"{tuple(lengths.shape)} and {tuple(lead.shape)}"
+        )
+    if len(lead) and int(lead.min()) < 0:
+        raise FeatureError(f"lead frames must be >= 0, got {lead.tolist()}")
+    lengths = lengths.long().cpu()
+    lead = torch.where(lengths > 0, lead.long().cpu(), 0)  # an empty utterance has no floor to draw from
+    out = feats.new_zeros(feats.shape[0], feats.shape[1] + (int(lead.max()) if len(lead) else 0), feats.shape[2])
+    for b, (n, k) in enumerate(zip(lengths.tolist(), lead.tolist(), strict=True)):
+        floor = torch.randint(0, min(NOISE_FLOOR_FRAMES, max(1, n)), (k,), generator=generator)
+        out[b, :k] = feats[b, floor.to(feats.device)]
+        out[b, k : k + n] = feats[b, :n]
+    return out, lengths + lead
 
 
 def _random_spans(
