@@ -161,7 +161,9 @@ class TrainConfig:
     @property
     def lead_silence_frames(self) -> int:
         """``lead_silence_s`` in feature frames (10 ms)."""
-        return round(100 * self.lead_silence_s)
+        from shared.data.features import FRAME_RATE  # the config module is read before any data code
+
+        return round(FRAME_RATE * self.lead_silence_s)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from shared.config import ModelConfig
 from shared.data.corpora import CorpusError, load_corpus, read_speakers_tsv
 from shared.data.dataset import FeatureCache
+from shared.data.features import FRAME_RATE
 from shared.metrics import ErrorCounts
 from shared.models.amortized_transformer import AmortizedTransformerEncoder
 from shared.models.checkpoint import CheckpointError, init_checkpoint_path, load_checkpoint
@@ -103,9 +104,8 @@ def evaluate_wer(
     features = FeatureCache(loaded, frontend.cmvn, max_items=len(utterances))
     start = time.monotonic()
     with torch.inference_mode():
-        total, per_utt = score(
-            model, utterances, features=features, tokenizer=frontend.tokenizer, beam=beam, lead_frames=round(100 * lead_silence_s)
-        )
+        lead = round(FRAME_RATE * lead_silence_s)
+        total, per_utt = score(model, utterances, features=features, tokenizer=frontend.tokenizer, beam=beam, lead_frames=lead)
     seconds = time.monotonic() - start
     if total.words == 0:
         raise EvalWerError(f"corpus {corpus_path}: none of its utterances could be decoded ({len(features.skipped)} skipped)")

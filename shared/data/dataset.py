@@ -35,7 +35,7 @@ import torch
 
 from shared.data.audio import AudioError
 from shared.data.corpora import Corpus, Utterance
-from shared.data.features import N_MELS, NOISE_FLOOR_FRAMES, FeatureError, GlobalCMVN, compute_fbank
+from shared.data.features import N_MELS, FeatureError, GlobalCMVN, compute_fbank, noise_floor
 from shared.data.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ["Batch", "DatasetError", "FeatureCache", "concatenate_neighbours", "make_batches"]
@@ -318,8 +318,7 @@ def concatenate_neighbours(batch: Batch, *, prob: float, max_pause: int, generat
         rows, tokens = [batch.feats[b, :n]], [batch.targets[b, :u]]
         if joined[b] and n > 0:
             nxt = (b + 1) % size
-            floor = torch.randint(0, min(NOISE_FLOOR_FRAMES, n), (pauses[b],), generator=generator)
-            rows += [batch.feats[b, floor], batch.feats[nxt, : int(batch.feat_lens[nxt])]]
+            rows += [noise_floor(rows[0], pauses[b], generator=generator), batch.feats[nxt, : int(batch.feat_lens[nxt])]]
             tokens.append(batch.targets[nxt, : int(batch.target_lens[nxt])])
         feats.append(torch.cat(rows))
         targets.append(torch.cat(tokens))

@@ -40,6 +40,7 @@ __all__ = [
     "GlobalCMVN",
     "StreamingFbank",
     "compute_fbank",
+    "noise_floor",
     "num_frames",
     "prepend_silence",
     "spec_augment",
@@ -51,6 +52,8 @@ FRAME_LENGTH = 400
 """Samples per analysis window: 25 ms at 16 kHz."""
 FRAME_SHIFT = 160
 """Samples between consecutive frames: 10 ms at 16 kHz."""
+FRAME_RATE = SAMPLE_RATE // FRAME_SHIFT
+"""Frames per second of audio (100)."""
 _STD_FLOOR = 1e-5
 
 
@@ -306,6 +309,13 @@ def spec_augment(
     return feats.masked_fill(masked.to(feats.device), 0.0)
 
 
+def noise_floor(frames: torch.Tensor, count: int, *, generator: torch.Generator) -> torch.Tensor:
+    """``count`` frames drawn at random (with replacement) from the first ``NOISE_FLOOR_FRAMES`` of an utterance's
+    ``(n, F)`` ``frames`` (n >= 1): silence as its device hears it, its noise and room, not digital zeros."""
+    drawn = torch.randint(0, min(NOISE_FLOOR_FRAMES, frames.shape[0]), (count,), generator=generator)
+    return frames[drawn.to(frames.device)]
+
+
 def prepend_silence(
     feats: torch.Tensor, lengths: torch.Tensor, lead: torch.Tensor, *, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +324,7 @@ def prepend_silence(
     A recording starts whenever the device starts listening, not when the talker does. A streaming encoder trained
     only on utterances whose speech begins a few frames in learns where speech begins (the causal attention's and
     convolution's left edge tell it how far in a frame is) and fails on speech that begins later. The silence is
-    frames drawn at random (with replacement) from the utterance's first ``NOISE_FLOOR_FRAMES``: the device's noise
-    and room as they are, not digital zeros.
+    the utterance's own ``noise_floor``.
 
     Args:
         feats: ``(B, T, F)`` features.
@@ -337,9 +346,9 @@ def prepend_silence(
     lead = torch.where(lengths > 0, lead.long().cpu(), 0)  # an empty utterance has no floor to draw from
     out = feats.new_zeros(feats.shape[0], feats.shape[1] + (int(lead.max()) if len(lead) else 0), feats.shape[2])
     for b, (n, k) in enumerate(zip(lengths.tolist(), lead.tolist(), strict=True)):
-        floor = torch.randint(0, min(NOISE_FLOOR_FRAMES, max(1, n)), (k,), generator=generator)
-        out[b, :k] = feats[b, floor.to(feats.device)]
-        out[b, k : k + n] = feats[b, :n]
+        if n:
+            out[b, :k] = noise_floor(feats[b, :n], k, generator=generator)
+            out[b, k : k + n] = feats[b, :n]
     return out, lengths + lead
 
 
