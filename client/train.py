@@ -143,6 +143,7 @@ def fine_tune(
         optimizer=optimizer,
         spec_augment_seed=seed if cfg.train.spec_augment else None,
         lead_silence_frames=cfg.train.lead_silence_frames,
+        lead_silence_prob=cfg.train.lead_silence_prob,
         concat_prob=cfg.train.concat_prob,
         compute_weight=cfg.train.compute_weight,
         ctc_weight=cfg.train.ctc_weight,
@@ -260,6 +261,8 @@ def _dp_fine_tune(
         epsilon_budget=dp.epsilon_budget,
         batch_frames=cfg.train.batch_frames,
         spec_augment=cfg.train.spec_augment,
+        lead_silence_frames=cfg.train.lead_silence_frames,
+        lead_silence_prob=cfg.train.lead_silence_prob,
         compute_weight=cfg.train.compute_weight,
     )
     if result.accountant != planned:  # dp_train_steps checks this too; the ledger must hold what was spent

@@ -135,6 +135,8 @@ class TrainConfig:
     # With SpecAugment: each utterance gets U(0, lead_silence_s) seconds of its own noise floor before it
     # (``prepend_silence``), so the model hears speech begin anywhere, as a device does; 0 turns it off.
     lead_silence_s: float = 1.0
+    # The share of utterances that get it; the rest begin on cue, as a recording cut by a wake word or a tap does.
+    lead_silence_prob: float = 1.0
     # With SpecAugment: the probability that an utterance is followed, after a pause, by the next one of its batch
     # (``concatenate_neighbours``), so the model goes on after a sentence ends. The shipped base's recipe sets 0.5;
     # 0 by default because a joined row costs its device twice the frames.
@@ -155,6 +157,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.lead_silence_s <= 10.0:
             raise ConfigError(f"train.lead-silence-s must lie in [0, 10] seconds, got {self.lead_silence_s}")
+        if not 0.0 <= self.lead_silence_prob <= 1.0:
+            raise ConfigError(f"train.lead-silence-prob must lie in [0, 1], got {self.lead_silence_prob}")
         if not 0.0 <= self.concat_prob <= 1.0:
             raise ConfigError(f"train.concat-prob must lie in [0, 1], got {self.concat_prob}")
 

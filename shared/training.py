@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, concatenate_neighbours, make_batches
-from shared.data.features import prepend_silence, spec_augment
+from shared.data.features import augment, prepend_silence
 from shared.data.tokenizer import Tokenizer
 from shared.metrics import ErrorCounts, error_counts
 from shared.models.transducer import Transducer
@@ -74,6 +74,7 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     spec_augment_seed: int | None = 0,
     lead_silence_frames: int = 0,
+    lead_silence_prob: float = 1.0,
     concat_prob: float = 0.0,
     compute_weight: float = 0.0,
     ctc_weight: float = 0.0,
@@ -83,8 +84,8 @@ def train_steps(
 ) -> StepStats:
     """``steps`` optimizer steps cycling over ``batches``; SpecAugment unless ``spec_augment_seed`` is None, and
     with it: each utterance followed by its batch neighbour with probability ``concat_prob``
-    (``concatenate_neighbours``, pauses up to 1 s), then U{0..``lead_silence_frames``} frames of its noise floor
-    before it (``prepend_silence``).
+    (``concatenate_neighbours``, pauses up to 1 s), then, with probability ``lead_silence_prob``,
+    U{0..``lead_silence_frames``} frames of its noise floor before it (``prepend_silence``).
 
     Objective per batch, with L_i the transducer NLL of utterance i and N the batch's target tokens:
 
@@ -116,11 +117,14 @@ def train_steps(
         if generator is not None:
             if concat_prob > 0:
                 augmented = concatenate_neighbours(augmented, prob=concat_prob, max_pause=MAX_PAUSE_FRAMES, generator=generator)
-            feats, feat_lens = augmented.feats, augmented.feat_lens
-            if lead_silence_frames > 0:
-                lead = torch.randint(0, lead_silence_frames + 1, feat_lens.shape, generator=generator)
-                feats, feat_lens = prepend_silence(feats, feat_lens, lead, generator=generator)
-            augmented = replace(augmented, feats=spec_augment(feats, feat_lens, generator=generator), feat_lens=feat_lens)
+            feats, feat_lens = augment(
+                augmented.feats,
+                augmented.feat_lens,
+                lead_frames=lead_silence_frames,
+                lead_prob=lead_silence_prob,
+                generator=generator,
+            )
+            augmented = replace(augmented, feats=feats, feat_lens=feat_lens)
         moved = on_device(augmented, device)  # the reweighter sees ``batch``, unaugmented
         out = model(
             moved.feats, moved.feat_lens, moved.targets, moved.target_lens, fastemit_lambda=fastemit_lambda, ctc=ctc_weight > 0

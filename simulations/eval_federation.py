@@ -313,6 +313,7 @@ def _central(
         optimizer=torch.optim.AdamW(model.parameters(), lr=plan.central_lr),
         spec_augment_seed=cfg.train.seed if cfg.train.spec_augment else None,
         lead_silence_frames=cfg.train.lead_silence_frames,
+        lead_silence_prob=cfg.train.lead_silence_prob,
         concat_prob=cfg.train.concat_prob,
         ctc_weight=cfg.train.ctc_weight,
         fastemit_lambda=cfg.train.fastemit_lambda,

@@ -202,6 +202,7 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                     optimizer=optimizer,
                     spec_augment_seed=step if cfg.train.spec_augment else None,
                     lead_silence_frames=cfg.train.lead_silence_frames,
+                    lead_silence_prob=cfg.train.lead_silence_prob,
                     concat_prob=cfg.train.concat_prob,
                     compute_weight=cfg.train.compute_weight,
                     ctc_weight=cfg.train.ctc_weight,

@@ -14,6 +14,7 @@ from opacus.validators import ModuleValidator
 import shared.models.amortized_transformer as amortized_module
 from shared.config import ModelConfig
 from shared.data.dataset import Batch
+from shared.data.features import augment
 from shared.models.checkpoint import MODEL_NAMES, build_model
 from shared.privacy.dp import (
     AccountantState,
@@ -50,6 +51,28 @@ def utterances(count: int, seed: int = 0) -> Batch:
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def per_utterance_gradients(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
+    """Each utterance's gradient of its per-token loss, run ALONE on a copy of ``model``."""
+    grads = []
+    for row in range(len(batch)):
+        alone = copy.deepcopy(model)
+        length, tokens = int(batch.feat_lens[row]), int(batch.target_lens[row])
+        out = alone(
+            batch.feats[row : row + 1, :length],
+            batch.feat_lens[row : row + 1],
+            batch.targets[row : row + 1, :tokens],
+            batch.target_lens[row : row + 1],
+        )
+        (out.loss_per_utt.sum() / tokens).backward()
+        grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in alone.parameters()]))
+    return grads
+
+
+def clipped_mean(grads: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """The SGD (lr 1) update of noiseless DP-SGD over all of ``grads``: -(1/N) sum_i clip_C(g_i)."""
+    return -sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads) / len(grads)
 
 
 @pytest.fixture
@@ -104,21 +127,9 @@ def test_dp_step_is_the_mean_of_per_utterance_gradients_each_clipped(
     """
     model = make_dp_compatible(tiny_model(name)).train()
     batch = utterances(5)
-    grads = []
-    for row in range(len(batch)):
-        alone = copy.deepcopy(model)
-        length, tokens = int(batch.feat_lens[row]), int(batch.target_lens[row])
-        out = alone(
-            batch.feats[row : row + 1, :length],
-            batch.feat_lens[row : row + 1],
-            batch.targets[row : row + 1, :tokens],
-            batch.target_lens[row : row + 1],
-        )
-        (out.loss_per_utt.sum() / tokens).backward()
-        grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in alone.parameters()]))
-    norms = torch.stack([g.norm() for g in grads])
-    clip = float(norms.median())
-    expected_update = -sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads) / len(grads)
+    grads = per_utterance_gradients(model, batch)
+    clip = float(torch.stack([g.norm() for g in grads]).median())
+    expected_update = clipped_mean(grads, clip)
 
     keys = list(model.state_dict())
     before = flat_params(model)
@@ -143,6 +154,48 @@ def test_dp_step_is_the_mean_of_per_utterance_gradients_each_clipped(
     assert list(model.state_dict()) == keys
     assert not any(hasattr(p, attr) for p in model.parameters() for attr in ("grad_sample", "summed_grad"))
     assert not hasattr(model, "autograd_grad_sample_hooks")
+
+
+def test_dp_round_gives_each_utterance_its_own_lead_in_and_masks_inside_its_clipped_gradient() -> None:
+    """With lead-in silence and SpecAugment, DP-SGD's update is still the mean of per-utterance clipped gradients,
+    each of its own augmented utterance alone: the augmentation adds no coupling between sampling units.
+
+    The expected augmentation is replayed from the round's seed: the generator draws the Poisson sample (q = 1,
+    everyone), then ``augment``s the one pass."""
+    model = tiny_model("transformer").train()
+    batch = utterances(4)
+    order = torch.argsort(batch.feat_lens, stable=True)  # the round's one pass is length-sorted
+    batch = Batch(
+        feats=batch.feats[order],
+        feat_lens=batch.feat_lens[order],
+        targets=batch.targets[order],
+        target_lens=batch.target_lens[order],
+        ids=[batch.ids[i] for i in order.tolist()],
+    )
+    generator = torch.Generator().manual_seed(0)
+    torch.rand(len(batch), generator=generator)  # the round's Poisson sample
+    feats, lens = augment(batch.feats, batch.feat_lens, lead_frames=30, lead_prob=0.5, generator=generator)
+    assert (lens > batch.feat_lens).any() and (lens == batch.feat_lens).any()  # some begin late, some on cue
+    augmented = Batch(feats=feats, feat_lens=lens, targets=batch.targets, target_lens=batch.target_lens, ids=batch.ids)
+    grads = per_utterance_gradients(model, augmented)
+    clip = float(torch.stack([g.norm() for g in grads]).median())
+
+    before = flat_params(model)
+    dp_train_steps(
+        model,
+        [batch],
+        steps=1,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        sample_rate=1.0,
+        accountant=AccountantState(),
+        delta=1e-5,
+        lead_silence_frames=30,
+        lead_silence_prob=0.5,
+        seed=0,
+    )
+    torch.testing.assert_close(flat_params(model) - before, clipped_mean(grads, clip), rtol=1e-4, atol=1e-6)
 
 
 def test_noise_is_added_with_std_sigma_c_over_expected_batch() -> None:

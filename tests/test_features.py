@@ -16,6 +16,7 @@ from shared.data.features import (
     GlobalCMVN,
     StreamingFbank,
     compute_fbank,
+    draw_lead,
     NOISE_FLOOR_FRAMES,
     num_frames,
     prepend_silence,
@@ -227,6 +228,19 @@ def test_prepend_silence_puts_each_utterances_own_noise_floor_before_it() -> Non
     assert len({tuple(f.tolist()) for f in out[2, :40]}) > 1, "the floor is drawn frame by frame, not one frame repeated"
     again, _ = prepend_silence(feats, lengths, lead, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, again)
+
+
+def test_draw_lead_begins_the_rest_on_cue() -> None:
+    uniform = draw_lead(4000, 100, 1.0, generator=torch.Generator().manual_seed(3))
+    # prob 1 is the uniform draw alone: runs made before the setting existed replay exactly
+    torch.testing.assert_close(uniform, torch.randint(0, 101, (4000,), generator=torch.Generator().manual_seed(3)))
+    assert int(uniform.min()) == 0 and int(uniform.max()) == 100 and 45 < float(uniform.float().mean()) < 55
+    half = draw_lead(4000, 100, 0.5, generator=torch.Generator().manual_seed(3))
+    assert 0.45 < float((half == 0).float().mean()) < 0.56  # ~half on cue (plus the uniform's own zeros, 1%)
+    assert 45 < float(half[half > 0].float().mean()) < 56 and int(half.max()) <= 100
+    assert (draw_lead(50, 100, 0.0, generator=torch.Generator()) == 0).all()
+    with pytest.raises(FeatureError, match="prob in \\[0, 1\\], got 100 and 1.5"):
+        draw_lead(4, 100, 1.5, generator=torch.Generator())
 
 
 def test_prepend_silence_validates() -> None:

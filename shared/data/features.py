@@ -39,7 +39,9 @@ __all__ = [
     "FeatureError",
     "GlobalCMVN",
     "StreamingFbank",
+    "augment",
     "compute_fbank",
+    "draw_lead",
     "noise_floor",
     "num_frames",
     "prepend_silence",
@@ -316,6 +318,20 @@ def noise_floor(frames: torch.Tensor, count: int, *, generator: torch.Generator)
     return frames[drawn.to(frames.device)]
 
 
+def draw_lead(count: int, max_frames: int, prob: float, *, generator: torch.Generator) -> torch.Tensor:
+    """``(count,)`` lead-in lengths for ``prepend_silence``: U{0..``max_frames``} frames with probability ``prob``,
+    else 0 (the utterance begins on cue, as a recording cut by a wake word or a tap does).
+
+    At ``prob`` 1 nothing more is drawn than the uniform lengths, so runs made before ``prob`` existed replay exactly.
+    """
+    if max_frames < 0 or not 0.0 <= prob <= 1.0:
+        raise FeatureError(f"draw_lead expects max_frames >= 0 and prob in [0, 1], got {max_frames} and {prob}")
+    lead = torch.randint(0, max_frames + 1, (count,), generator=generator)
+    if prob < 1.0:
+        lead = torch.where(torch.rand(count, generator=generator) < prob, lead, 0)
+    return lead
+
+
 def prepend_silence(
     feats: torch.Tensor, lengths: torch.Tensor, lead: torch.Tensor, *, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +366,18 @@ def prepend_silence(
             out[b, :k] = noise_floor(feats[b, :n], k, generator=generator)
             out[b, k : k + n] = feats[b, :n]
     return out, lengths + lead
+
+
+def augment(
+    feats: torch.Tensor, lengths: torch.Tensor, *, lead_frames: int, lead_prob: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training's augmentation of one padded ``(B, T, F)`` batch, the same under DP-SGD and without: each utterance,
+    with probability ``lead_prob``, after U{0..``lead_frames``} frames of its noise floor (``prepend_silence``;
+    ``lead_frames`` 0: none), then SpecAugment. Returns the features and their ``(B,)`` lengths."""
+    if lead_frames > 0:
+        lead = draw_lead(len(lengths), lead_frames, lead_prob, generator=generator)
+        feats, lengths = prepend_silence(feats, lengths, lead, generator=generator)
+    return spec_augment(feats, lengths, generator=generator), lengths
 
 
 def _random_spans(

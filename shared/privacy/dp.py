@@ -67,7 +67,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 from shared.data.dataset import Batch
-from shared.data.features import spec_augment as _spec_augment
+from shared.data.features import augment
 from shared.models.convrnnt import ConvRNNTEncoder
 from shared.models.transducer import Transducer
 from shared.training import StepStats
@@ -321,6 +321,11 @@ class _Example(NamedTuple):
     id: str
 
 
+def _augmented(batch: Batch, lead_frames: int, lead_prob: float, generator: torch.Generator) -> Batch:
+    feats, lens = augment(batch.feats, batch.feat_lens, lead_frames=lead_frames, lead_prob=lead_prob, generator=generator)
+    return replace(batch, feats=feats, feat_lens=lens)
+
+
 def dp_train_steps(
     model: Transducer,
     batches: Sequence[Batch],
@@ -335,6 +340,8 @@ def dp_train_steps(
     epsilon_budget: float = math.inf,
     batch_frames: int | None = None,
     spec_augment: bool = True,
+    lead_silence_frames: int = 0,
+    lead_silence_prob: float = 1.0,
     compute_weight: float = 0.0,
     seed: int | None = None,
     grad_sample_mode: GradSampleMode = "hooks",
@@ -358,7 +365,10 @@ def dp_train_steps(
         spec_augment: SpecAugment each sampled utterance, with masks from the same secret generator as the
             sampling and the noise. (Masks from a seed the server knows would tie each utterance's mask, hence
             its gradient, to which other utterances were drawn; secret i.i.d. masks keep the others'
-            contributions identically distributed whether or not any one utterance is present.)
+            contributions identically distributed whether or not any one utterance is present.) With it, as in
+            ``train_steps``: with probability ``lead_silence_prob``, U{0..``lead_silence_frames``} frames of the
+            utterance's own noise floor before it. ``train_steps``' sentence concatenation has no place here: a
+            joined row's one clipped gradient would carry two sampling units.
         compute_weight: must be 0 for encoders with a learnable compute cost (the amortized one): its batch-level
             ``compute_cost`` would make an utterance's gradient depend on the other sampled utterances'
             lengths. Ignored (as in ``train_steps``, its gradient is 0) for dense encoders.
@@ -421,9 +431,7 @@ def dp_train_steps(
             chosen = (torch.rand(len(pool), generator=generator) < sample_rate).nonzero().flatten().tolist()
             passes = _physical_batches([pool[i] for i in chosen], batch_frames)
             if spec_augment:
-                passes = [
-                    replace(batch, feats=_spec_augment(batch.feats, batch.feat_lens, generator=generator)) for batch in passes
-                ]
+                passes = [_augmented(batch, lead_silence_frames, lead_silence_prob, generator) for batch in passes]
             step = dpsgd.step(passes, compute_weight=compute_weight)
             visits += step.utterances
             if step.utterances:
