@@ -15,6 +15,9 @@ unseen speakers of a test corpus:
     batch1_streaming_rtf             wall time of batch-1 streaming (encoder + greedy search) / audio time,
                                      one thread, best of `repeats` interleaved passes
     relative_*_vs_dense              ratios to the dense model measured in the same run
+    *_lead_silence                   WER, FLOPs and executed share again with ``lead_silence_s`` of each test
+                                     recording's own noise floor before it: a device's recording, which starts
+                                     before anyone speaks (the gates may skip what is not speech)
 One JSON object goes to stdout; the run directory keeps the checkpoints and a report.
 """
 
@@ -33,6 +36,7 @@ import torch
 from shared.config import RunConfig
 from shared.data.corpora import Utterance, load_corpus
 from shared.data.dataset import FeatureCache
+from shared.data.features import FRAME_RATE, prepend_silence
 from shared.data.synth import synthesize
 from shared.models.amortized_transformer import AmortizedTransformerEncoder
 from shared.models.checkpoint import SHIPPED, init_checkpoint_path, load_checkpoint
@@ -63,6 +67,7 @@ class BenchPlan:
     eval_utterances: int  # test utterances for WER (every k-th, at most this many)
     stream_utterances: int  # of those, streamed for FLOPs and wall time
     repeats: int  # interleaved timing passes (the best one counts)
+    lead_silence_s: float  # measured again with this much noise floor before each test utterance; 0: not
 
 
 # CI-sized: a tiny corpus, a few steps; the numbers only prove the pipeline runs.
@@ -84,6 +89,7 @@ QUICK = BenchPlan(
     eval_utterances=8,
     stream_utterances=2,
     repeats=1,
+    lead_silence_s=0.5,
 )
 # The README's table: fine-tuned on 550 public speakers of the base's own training pool (seed 1: nothing new to
 # learn but the gates), measured on the unseen speakers the shipped manifest's WER is measured on.
@@ -106,6 +112,7 @@ FULL = BenchPlan(
     eval_utterances=400,
     stream_utterances=16,
     repeats=3,
+    lead_silence_s=1.0,
 )
 
 
@@ -125,25 +132,41 @@ def _encoder_stream(model: Transducer, feats: torch.Tensor) -> None:
         _, state = model.encoder.infer(feats[None, start : start + CHUNK_FRAMES], state)
 
 
+def _flops(model: Transducer, feats: list[torch.Tensor], suffix: str = "") -> dict[str, float]:
+    """Encoder GFLOPs per audio second streaming ``feats``, and an amortized encoder's executed share."""
+    audio_seconds = sum(f.shape[0] for f in feats) / FRAME_RATE
+    if isinstance(model.encoder, AmortizedTransformerEncoder):
+        model.encoder.reset_gate_stats()
+    with torch.no_grad():
+        flops = sum(measure_flops(_encoder_stream, model, f) for f in feats)
+    out = {f"encoder_gflops_per_audio_second{suffix}": flops / audio_seconds / 1e9}
+    if isinstance(model.encoder, AmortizedTransformerEncoder):
+        out[f"executed_share{suffix}"] = model.encoder.gate_stats().executed_share
+    return out
+
+
+def _with_lead(feats: list[torch.Tensor], seconds: float) -> list[torch.Tensor]:
+    """Each ``(T, F)`` utterance after ``seconds`` of its own noise floor (fixed draws: the same for every model)."""
+    generator = torch.Generator().manual_seed(0)
+    lead = torch.tensor([round(FRAME_RATE * seconds)])
+    return [prepend_silence(f[None], torch.tensor([f.shape[0]]), lead, generator=generator)[0][0] for f in feats]
+
+
 def _measure(
-    models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache, repeats: int
+    models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache, repeats: int, lead_silence_s: float
 ) -> dict[str, dict[str, float]]:
-    """FLOPs and batch-1 streaming wall time of every model, on the same utterances, interleaved."""
+    """FLOPs (also with ``lead_silence_s`` of noise floor first, if > 0) and batch-1 streaming wall time of every
+    model, on the same utterances, interleaved."""
     feats = [torch.from_numpy(f.copy()) for f in (features.features(u) for u in utterances) if f is not None]
-    audio_seconds = sum(f.shape[0] for f in feats) * 0.01  # 10 ms feature shift
+    late = _with_lead(feats, lead_silence_s) if lead_silence_s > 0 else []
+    audio_seconds = sum(f.shape[0] for f in feats) / FRAME_RATE
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a device decodes on one core; also keeps the comparison fair
     try:
         out: dict[str, dict[str, float]] = {}
         for name, model in models.items():
             model.eval()
-            if isinstance(model.encoder, AmortizedTransformerEncoder):
-                model.encoder.reset_gate_stats()
-            with torch.no_grad():
-                flops = sum(measure_flops(_encoder_stream, model, f) for f in feats)
-            out[name] = {"encoder_gflops_per_audio_second": flops / audio_seconds / 1e9}
-            if isinstance(model.encoder, AmortizedTransformerEncoder):
-                out[name]["executed_share"] = model.encoder.gate_stats().executed_share
+            out[name] = _flops(model, feats) | (_flops(model, late, "_lead_silence") if late else {})
         best = {name: float("inf") for name in models}
         with torch.no_grad():
             for _ in range(repeats):
@@ -267,6 +290,9 @@ def run_compute_bench(
             "words": scored["words"],
             "by": scored["by"],
         }
+        if plan.lead_silence_s > 0:
+            late = evaluate_wer(path, test_corpus, limit=plan.eval_utterances, lead_silence_s=plan.lead_silence_s)
+            results[name]["wer_lead_silence"] = late["wer"]
 
     frontend = loaded[DENSE].frontend
     assert frontend is not None  # a shipped base carries its front end
@@ -274,7 +300,7 @@ def run_compute_bench(
     utterances = sorted(corpus.utterances, key=lambda u: u.id)
     stream_utts = utterances[:: max(1, len(utterances) // plan.stream_utterances)][: plan.stream_utterances]
     features = FeatureCache(corpus, frontend.cmvn, max_items=len(stream_utts))
-    for name, measured in _measure(models, stream_utts, features, plan.repeats).items():
+    for name, measured in _measure(models, stream_utts, features, plan.repeats, plan.lead_silence_s).items():
         results[name].update(measured)
     dense = results[DENSE]
     for name, row in results.items():
@@ -284,6 +310,10 @@ def run_compute_bench(
         row["relative_flops_vs_dense"] = row["encoder_gflops_per_audio_second"] / dense["encoder_gflops_per_audio_second"]
         row["relative_wall_vs_dense"] = row["batch1_streaming_rtf"] / dense["batch1_streaming_rtf"]
         row["relative_wer_vs_dense"] = row["wer"] / reference if reference > 0 else float("nan")
+        if "encoder_gflops_per_audio_second_lead_silence" in row:
+            row["relative_flops_vs_dense_lead_silence"] = (
+                row["encoder_gflops_per_audio_second_lead_silence"] / dense["encoder_gflops_per_audio_second_lead_silence"]
+            )
 
     summary = {"models": results, "amortized_curve": []} if shipped else _trained_summary(plan, results)
     summary |= {
@@ -347,8 +377,9 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         "",
         f"Duration: {summary['duration_s']} s. Settings: `{json.dumps(summary['settings'])}`",
         "",
-        "| model | params | WER | rel. WER | encoder GFLOPs / audio s | rel. FLOPs | batch-1 RTF | rel. wall |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | WER | rel. WER | encoder GFLOPs / audio s | rel. FLOPs | executed share | batch-1 RTF | rel. wall "
+        "| WER, lead-in | rel. FLOPs, lead-in | executed share, lead-in |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -358,8 +389,12 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         lines.append(
             f"| {name} | {r['params']:,} | {cell(r, 'wer', '.4f')} | {cell(r, 'relative_wer_vs_dense', '.3f')} | "
             f"{r['encoder_gflops_per_audio_second']:.3f} | {r['relative_flops_vs_dense']:.3f} | "
-            f"{cell(r, 'batch1_streaming_rtf', '.4f')} | {cell(r, 'relative_wall_vs_dense', '.3f')} |"
+            f"{cell(r, 'executed_share', '.1%')} | {cell(r, 'batch1_streaming_rtf', '.4f')} | "
+            f"{cell(r, 'relative_wall_vs_dense', '.3f')} | {cell(r, 'wer_lead_silence', '.4f')} | "
+            f"{cell(r, 'relative_flops_vs_dense_lead_silence', '.3f')} | {cell(r, 'executed_share_lead_silence', '.1%')} |"
         )
+    lead = summary["settings"]["plan"]["lead_silence_s"]
+    lines += ["", f"Lead-in: {lead:g} s of each test recording's own noise floor before the speech (0: not measured)."]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     curve = summary["amortized_curve"]
     ax.plot([c["relative_flops_vs_dense"] for c in curve], [c["wer"] for c in curve], "o-", label="amortized (lambda)")

@@ -83,4 +83,10 @@ def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) ->
         assert row["relative_wer_vs_dense"] == pytest.approx(row["wer"] / models["transformer"]["wer"])
     assert 0.0 < models["amortized"]["executed_share"] <= 1.0
     assert models["convrnnt"]["relative_flops_vs_dense"] < 1.0
+    # Again as a device hears it: the plan's lead-in of noise floor before each test recording.
+    for row in models.values():
+        assert 0.0 <= row["wer_lead_silence"] and row["encoder_gflops_per_audio_second_lead_silence"] > 0
+    assert models["transformer"]["relative_flops_vs_dense_lead_silence"] == 1.0
+    assert 0.0 < models["amortized"]["executed_share_lead_silence"] <= 1.0
+    assert "Lead-in: 0.5 s" in (Path(result["run_dir"]) / "report.md").read_text()
     assert not (tmp_path / "runs" / "bench-compute-shipped-quick" / "transformer-continued").exists()  # nothing trained
