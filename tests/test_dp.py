@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from shared.models.checkpoint import MODEL_NAMES, build_model
 from shared.privacy.dp import (
     AccountantState,
     DPCompatibilityError,
+    DPRound,
     PrivacyBudgetExhausted,
     check_budget,
     dp_train_steps,
@@ -73,6 +75,23 @@ def per_utterance_gradients(model: torch.nn.Module, batch: Batch) -> list[torch.
 def clipped_mean(grads: list[torch.Tensor], clip: float) -> torch.Tensor:
     """The SGD (lr 1) update of noiseless DP-SGD over all of ``grads``: -(1/N) sum_i clip_C(g_i)."""
     return -sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads) / len(grads)
+
+
+def noiseless_round(model: torch.nn.Module, batch: Batch, clip: float, **options: Any) -> DPRound:
+    """One DP-SGD step over all of ``batch`` (q = 1) with no noise and SGD at lr 1: the update is the clipped mean."""
+    return dp_train_steps(
+        model,
+        [batch],
+        steps=1,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        sample_rate=1.0,
+        accountant=AccountantState(),
+        delta=1e-5,
+        seed=0,
+        **options,
+    )
 
 
 @pytest.fixture
@@ -133,20 +152,7 @@ def test_dp_step_is_the_mean_of_per_utterance_gradients_each_clipped(
 
     keys = list(model.state_dict())
     before = flat_params(model)
-    result = dp_train_steps(
-        model,
-        [batch],
-        steps=1,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        sample_rate=1.0,
-        accountant=AccountantState(),
-        delta=1e-5,
-        batch_frames=batch_frames,
-        spec_augment=False,
-        seed=0,
-    )
+    result = noiseless_round(model, batch, clip, batch_frames=batch_frames, spec_augment=False)
     torch.testing.assert_close(flat_params(model) - before, expected_update, rtol=1e-4, atol=1e-6)
     assert float(expected_update.norm()) <= clip + 1e-6  # the mean of clipped gradients is within C
     assert result.stats.utterances == len(batch) and result.epsilon == math.inf  # no noise: no privacy
@@ -181,20 +187,7 @@ def test_dp_round_gives_each_utterance_its_own_lead_in_and_masks_inside_its_clip
     clip = float(torch.stack([g.norm() for g in grads]).median())
 
     before = flat_params(model)
-    dp_train_steps(
-        model,
-        [batch],
-        steps=1,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        sample_rate=1.0,
-        accountant=AccountantState(),
-        delta=1e-5,
-        lead_silence_frames=30,
-        lead_silence_prob=0.5,
-        seed=0,
-    )
+    noiseless_round(model, batch, clip, lead_silence_frames=30, lead_silence_prob=0.5)
     torch.testing.assert_close(flat_params(model) - before, clipped_mean(grads, clip), rtol=1e-4, atol=1e-6)
 
 
