@@ -3,7 +3,9 @@ synthetic speakers at the WER its manifest states."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,6 +78,12 @@ def test_greedy_streaming_decodes_what_training_fitted(unseen: Path, tmp_path: P
     assert wer <= 0.05, list(zip(references, hypotheses))
 
 
+@functools.cache
+def wer_alone(checkpoint: Path, corpus: Path) -> dict[str, Any]:
+    """``evaluate_wer`` of a checkpoint on a corpus (by accent), once per module: several tests compare against it."""
+    return evaluate_wer(checkpoint, corpus, by=("accent",))
+
+
 ASR_FILES = sorted(name for name, entry in shipped_manifest().items() if "model_config" in entry)
 
 
@@ -86,7 +94,7 @@ def test_shipped_recognizer_decodes_unseen_speakers_as_its_manifest_says(name: s
     entry, path = shipped_manifest()[name], SHIPPED_DIR / name
     assert sha256_of(path) == entry["sha256"], "the shipped file is not the one the manifest measured"
     assert path.stat().st_size <= 12 * 2**20
-    result = evaluate_wer(path, unseen, by=("accent",))
+    result = wer_alone(path, unseen)
     assert result["utterances"] == 40
     assert result["wer"] <= entry["eval"]["wer"] + 0.03, result
 
@@ -107,7 +115,7 @@ def test_shipped_recognizer_decodes_speech_that_begins_late(name: str, unseen: P
     utterance garbled is 0.03 here), and within 0.03 of the figure its manifest states for that case (README,
     "The base now hears speech that begins late")."""
     stated = shipped_manifest()[name]["eval"]["wer_lead_silence"]
-    plain = evaluate_wer(SHIPPED_DIR / name, unseen)["wer"]
+    plain = wer_alone(SHIPPED_DIR / name, unseen)["wer"]
     late = evaluate_wer(SHIPPED_DIR / name, unseen, lead_silence_s=stated["seconds"])["wer"]
     assert stated["seconds"] >= 1.0
     assert late <= plain + 0.08 and late <= stated["wer"] + 0.03, (plain, late)
@@ -134,7 +142,7 @@ def test_the_default_base_goes_on_after_a_sentence_ends(unseen: Path) -> None:
     with torch.inference_mode():
         hypotheses = transcribe(model, pairs, tokenizer)
     joined = error_counts(references, [hypotheses[i] for b in batches for i in b.ids]).wer
-    alone = evaluate_wer(default_checkpoint(), unseen)["wer"]
+    alone = wer_alone(default_checkpoint(), unseen)["wer"]
     assert sum(len(b) > 1 for b in batches) >= len(batches) - 1  # nearly every utterance has a neighbour to join
     assert joined <= alone + 0.12, (alone, joined)
 
