@@ -8,6 +8,12 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 CLIENTS ?= 20
 ROUNDS ?= 3
+# `make simulate` runs the scenario federation is for: CLIENTS devices of the markets the shipped launch base never
+# heard (the accents it was trained without) fine-tune it, and held-out speakers of those markets score each round.
+# SIMULATE_SET= (empty) runs the plain `chorus simulate` instead: the default base, devices of every market.
+LAUNCH_MARKETS ?= accent=en-029,en-gb-scotland,en-gb-x-gbcwmd
+SIMULATE_SET ?= --set model.init-checkpoint=shared/models/shipped/launch-6.pt --set split.market=$(LAUNCH_MARKETS) \
+	--set synth.speakers=130 --set train.lr=3e-4
 # pytest-xdist workers for `make test` (a file's tests stay on one worker, so module fixtures are built once).
 TEST_WORKERS ?= 2
 
@@ -34,7 +40,7 @@ espeak:
 	  command -v espeak-ng >/dev/null 2>&1 || { echo "espeak-ng is missing: install it with 'sudo apt-get install espeak-ng'"; exit 1; }; }
 
 simulate: setup
-	$(BIN)/chorus simulate --clients $(CLIENTS) --rounds $(ROUNDS)
+	$(BIN)/chorus simulate --clients $(CLIENTS) --rounds $(ROUNDS) $(SIMULATE_SET)
 
 # mypy checks what [tool.mypy] in pyproject.toml names (tests/ is not type-checked).
 lint: setup

@@ -57,6 +57,19 @@ class SplitConfig:
     # Share of each device's own utterances kept aside for its local evaluation.
     local_eval_fraction: float = 0.25
     seed: int = 7
+    # "ATTRIBUTE=V1,V2" (speakers.tsv): devices and held-out speakers come only from the speakers whose ATTRIBUTE is
+    # one of the values, public speakers only from the others: a market the vendor has no data from, e.g. the
+    # launch base's withheld accents (`make simulate`). "" = every role from every speaker.
+    market: str = ""
+
+    def __post_init__(self) -> None:
+        if self.market:
+            from shared.data.corpora import parse_speaker_filter
+
+            try:
+                parse_speaker_filter(self.market)
+            except ValueError as err:
+                raise ConfigError(f"run config key 'split.market' = {err}") from None
 
 
 MODEL_NAMES = ("transformer", "sliding-window", "amortized", "convrnnt")

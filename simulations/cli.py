@@ -115,9 +115,13 @@ def data_mix(
 @data_app.command("prepare")
 def data_prepare(set_: SetOption = None) -> None:
     """Synthesize (if needed), split speakers, train the tokenizer and fit CMVN for a run config."""
-    from shared.data.prepare import prepare
+    from shared.data.corpora import CorpusError
+    from shared.data.prepare import PrepareError, prepare
 
-    prepared = prepare(_config(set_))
+    try:
+        prepared = prepare(_config(set_))
+    except (CorpusError, PrepareError) as err:
+        fail(str(err))
     split = prepared.split
     typer.echo(
         f"Corpus {prepared.corpus.root}: {len(prepared.corpus.utterances)} utterances, "
@@ -143,7 +147,9 @@ def simulate_cmd(
     set_: SetOption = None,
 ) -> None:
     """A federated run in Flower's simulation engine (Ray) on the default corpus; writes runs/<id>/."""
-    from simulations.simulate import available_cores, sampling_overrides, simulate
+    from shared.data.corpora import CorpusError
+    from shared.data.prepare import PrepareError
+    from simulations.simulate import SimulationError, available_cores, sampling_overrides, simulate
 
     per_round = clients if per_round is None else per_round
     if per_round > clients:
@@ -159,7 +165,10 @@ def simulate_cmd(
         needed = clients + cfg.split.public_speakers + cfg.split.heldout_speakers
         if cfg.synth.speakers < needed:
             cfg = _config(set_, **fixed, **{"synth.speakers": needed})
-    run_dir = simulate(cfg, num_supernodes=clients, parallel=parallel)
+    try:
+        run_dir = simulate(cfg, num_supernodes=clients, parallel=parallel)
+    except (CorpusError, PrepareError, SimulationError) as err:
+        fail(str(err))
     typer.echo(f"Report: {run_dir / 'report.md'}")
 
 
@@ -350,6 +359,12 @@ def model_ship_cmd(
     hardware: Annotated[str, typer.Option(help="Where it trained, e.g. '2-core CPU'.")],
     eval_corpus: Annotated[Path, typer.Option(help="Unseen speakers to measure it on (a `chorus data synth` corpus).")],
     eval_command: Annotated[str, typer.Option(help="The command that made --eval-corpus.")],
+    built_on: Annotated[
+        str,
+        typer.Option(
+            help="What a fine-tuned checkpoint started from, e.g. 'dense-6.pt of commit C (sha256 S)': recorded as built_on."
+        ),
+    ] = "",
 ) -> None:
     """Ship a trained checkpoint: float16 copy with its front end, sha256 and measured WER in the manifest."""
     import json
@@ -363,6 +378,7 @@ def model_ship_cmd(
         hardware=hardware,
         eval_corpus=eval_corpus.resolve(),
         eval_command=eval_command,
+        built_on=built_on,
     )
     print(json.dumps({k: entry[k] for k in ("sha256", "bytes", "parameters")} | {"wer": entry["eval"]["wer"]}))
 

@@ -71,8 +71,21 @@ def _add_to_manifest(entries: dict[str, dict[str, Any]]) -> None:
     write_text_atomic(SHIPPED_DIR / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
-def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpus: Path, eval_command: str) -> dict[str, Any]:
-    """Write ``shared/models/shipped/<name>.pt`` and its entry in ``manifest.json``; returns the entry."""
+def ship(
+    checkpoint: Path,
+    *,
+    name: str,
+    command: str,
+    hardware: str,
+    eval_corpus: Path,
+    eval_command: str,
+    built_on: str = "",
+) -> dict[str, Any]:
+    """Write ``shared/models/shipped/<name>.pt`` and its entry in ``manifest.json``; returns the entry.
+
+    ``built_on`` names the model a fine-tuned checkpoint started from (e.g. the shipped file it replaces, with its
+    sha256 and the commit that has it), so the manifest says what its ``command`` ran on.
+    """
     ckpt = load_checkpoint(checkpoint)
     frontend = ckpt.frontend
     if frontend is None:
@@ -109,6 +122,8 @@ def ship(checkpoint: Path, *, name: str, command: str, hardware: str, eval_corpu
             **({"executed_share": evaluation["executed_share"]} if "executed_share" in evaluation else {}),
         },
     }
+    if built_on:
+        entry["built_on"] = built_on
     withheld = entry.get("run_config", {}).get("plan.withhold")
     if withheld:  # a launch base: trained without some markets, never the default "shipped" base
         entry["withheld"] = withheld

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.report import MetricsLog
 from shared.config import RunConfig
-from shared.data.corpora import read_speakers_tsv
+from shared.data.corpora import parse_speaker_filter, speakers_matching
 from shared.data.dataset import FeatureCache, make_batches
 from shared.data.prepare import Prepared, prepare
 from shared.models.amortized_transformer import is_arbitrator
@@ -57,9 +57,10 @@ class TrainPlan:
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes={self.max_minutes} must be >= 0")
         if self.withhold:
-            key, _, values = self.withhold.partition("=")
-            if not key or not [v for v in values.split(",") if v]:
-                raise ValueError(f"withhold={self.withhold!r}: expected ATTRIBUTE=VALUE[,VALUE...], e.g. accent=en-029")
+            try:
+                parse_speaker_filter(self.withhold)
+            except ValueError as err:
+                raise ValueError(f"withhold={err}") from None
 
 
 def _lr_at(step: int, plan: TrainPlan) -> float:
@@ -114,16 +115,11 @@ def _train_speakers(prepared: Prepared, which: str, withhold: str) -> tuple[str,
         raise ValueError(f"speakers={which!r}: choose public or train")
     if not withhold:
         return speakers
-    key, _, values = withhold.partition("=")
-    attributes = read_speakers_tsv(prepared.corpus.root)
-    columns = {column for row in attributes.values() for column in row}
-    if key not in columns:
-        raise ValueError(f"withhold={withhold!r}: {prepared.corpus.root}/speakers.tsv has no column {key!r} ({sorted(columns)})")
-    withheld = set(values.split(","))
-    unknown = withheld - {row[key] for row in attributes.values()}
-    if unknown:
-        raise ValueError(f"withhold={withhold!r}: no speaker of {prepared.corpus.root} has {key} {sorted(unknown)}")
-    return tuple(s for s in speakers if attributes.get(s, {}).get(key) not in withheld)
+    try:
+        withheld = speakers_matching(prepared.corpus.root, withhold)
+    except ValueError as err:
+        raise ValueError(f"withhold={err}") from None
+    return tuple(s for s in speakers if s not in withheld)
 
 
 def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:

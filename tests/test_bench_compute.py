@@ -89,4 +89,10 @@ def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) ->
     assert models["transformer"]["relative_flops_vs_dense_lead_silence"] == 1.0
     assert 0.0 < models["amortized"]["executed_share_lead_silence"] <= 1.0
     assert "Lead-in: 0.5 s" in (Path(result["run_dir"]) / "report.md").read_text()
+    # Wall time: each model timed once per pass, the passes interleaved; a ratio is taken within a pass.
+    for row in models.values():
+        assert len(row["pass_seconds"]) == result["settings"]["plan"]["repeats"] == 2
+        low, high = row["relative_wall_range"]
+        assert low <= row["relative_wall_vs_dense"] <= high
+    assert models["transformer"]["relative_wall_range"] == [1.0, 1.0]
     assert not (tmp_path / "runs" / "bench-compute-shipped-quick" / "transformer-continued").exists()  # nothing trained

@@ -161,3 +161,61 @@ def test_amortized_arbitrators_fine_tune_from_a_dense_checkpoint_at_their_own_ra
     assert arbitrators["lr"] == pytest.approx(20 * blocks["lr"])  # 2e-3 / 1e-4, at every step of the schedule
     names = [name for name, _ in last.build().named_parameters()]
     assert len(arbitrators["params"]) == sum(".arbitrator." in name for name in names) > 0
+
+
+def test_split_market_draws_devices_and_held_out_speakers_from_the_market_and_public_ones_from_the_rest(
+    cfg: RunConfig,
+) -> None:
+    from collections import Counter
+
+    from shared.config import ConfigError
+    from shared.data.corpora import read_speakers_tsv
+    from shared.data.prepare import PrepareError, artifact_dir, prepare, split_speakers
+
+    root = prepare(cfg, progress=False).corpus.root
+    accents = {speaker: row["accent"] for speaker, row in read_speakers_tsv(root).items()}
+    accent, count = Counter(accents.values()).most_common(1)[0]
+    assert count >= 2, "the tiny corpus needs one accent with a held-out and a federated speaker"
+    flat = {**cfg.to_flat(), "split.market": f"accent={accent}", "split.heldout-speakers": 1}
+    split = prepare(RunConfig.from_flat(flat), progress=False).split
+    market = {speaker for speaker, a in accents.items() if a == accent}
+    assert set(split.heldout) | set(split.federated) == market and len(split.heldout) == 1
+    assert len(split.public) == cfg.split.public_speakers and not set(split.public) & market
+    assert artifact_dir(RunConfig.from_flat(flat)) != artifact_dir(RunConfig.from_flat({**flat, "split.market": ""}))
+
+    with pytest.raises(PrepareError, match="cannot split 2 speakers of split.market and 1 others"):
+        split_speakers(["a", "b", "c"], public=1, heldout=2, seed=0, market={"a", "b"})
+    with pytest.raises(ConfigError, match="'split.market' = 'accent': expected ATTRIBUTE=VALUE"):
+        RunConfig.from_flat({"split.market": "accent"})
+    result = CliRunner().invoke(app, ["data", "prepare", "--set", f"corpus={root}", "--set", "split.market=accent=en-xx"])
+    assert result.exit_code == 2
+    named = f"split.market = 'accent=en-xx': no speaker of {root} has accent ['en-xx']"
+    assert result.output.strip().splitlines()[-1].endswith(named)
+
+
+def test_model_ship_writes_a_float16_file_and_its_manifest_entry(
+    cfg: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.models.checkpoint as checkpoint_module
+    import simulations.ship as ship_module
+    from shared.data.prepare import prepare
+
+    shipped = tmp_path / "shipped"  # the package's own folder stays untouched
+    shipped.mkdir()
+    monkeypatch.setattr(checkpoint_module, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(ship_module, "SHIPPED_DIR", shipped)
+    plan = TrainPlan(steps=2, ckpt_every=2, eval_every=2, warmup=1, eval_utterances=2)
+    best = train_central(cfg, plan, run_dir=tmp_path / "run", progress=False)
+    corpus = prepare(cfg, progress=False).corpus.root
+    args = ["model", "ship", str(best), "--name", "tiny", "--command", "chorus train ...", "--hardware", "test"]
+    args += ["--eval-corpus", str(corpus), "--eval-command", "chorus data synth ...", "--built-on", "dense-6.pt of commit C"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    entry = json.loads((shipped / "manifest.json").read_text())["tiny.pt"]
+    assert entry["built_on"] == "dense-6.pt of commit C" and entry["command"] == "chorus train ..."
+    assert entry["sha256"] == checkpoint_module.sha256_of(shipped / "tiny.pt") and entry["step"] == 2
+    assert entry["train_seconds"] > 0 and entry["eval"]["words"] > 0 and 0 <= entry["eval"]["wer"]
+    assert {"accent", "gender"} <= set(entry["eval"]["by"]) and "wer" in entry["eval"]["wer_lead_silence"]
+    weights = load_checkpoint(shipped / "tiny.pt").state_dict.values()
+    assert all(v.dtype == torch.float16 for v in weights if v.is_floating_point())

@@ -43,7 +43,16 @@ import numpy as np
 from shared.data.audio import SAMPLE_RATE, AudioError, load_audio, probe_audio
 from shared.data.tokenizer import TokenizerError, normalize_text
 
-__all__ = ["MANIFEST_FILE", "Corpus", "CorpusError", "Utterance", "load_corpus", "read_speakers_tsv"]
+__all__ = [
+    "MANIFEST_FILE",
+    "Corpus",
+    "CorpusError",
+    "Utterance",
+    "load_corpus",
+    "read_speakers_tsv",
+    "parse_speaker_filter",
+    "speakers_matching",
+]
 
 _logger = logging.getLogger("chorus.data")
 
@@ -204,6 +213,34 @@ def read_speakers_tsv(root: Path | str) -> dict[str, dict[str, str]]:
             raise CorpusError(f"{tsv_path}:{line_number}: speaker {row[0]!r} listed twice")
         attributes[row[0]] = dict(zip(header[1:], row[1:]))
     return attributes
+
+
+def parse_speaker_filter(spec: str) -> tuple[str, frozenset[str]]:
+    """``"ATTRIBUTE=V1,V2"`` -> (attribute, values); a ValueError naming ``spec`` when it is not of that form."""
+    key, _, values = spec.partition("=")
+    chosen = frozenset(v for v in values.split(",") if v)
+    if not key or not chosen:
+        raise ValueError(f"{spec!r}: expected ATTRIBUTE=VALUE[,VALUE...], e.g. accent=en-029")
+    return key, chosen
+
+
+def speakers_matching(root: Path | str, spec: str) -> frozenset[str]:
+    """The speakers of the corpus at ``root`` whose ``speakers.tsv`` attribute is one of the values of ``spec``
+    (``"ATTRIBUTE=V1,V2"``): whole markets, for `chorus train --withhold` and ``split.market``.
+
+    Raises:
+        ValueError: a malformed ``spec``, a column the file does not have, or a value no speaker has (a typo would
+            otherwise select nobody), each named.
+    """
+    key, values = parse_speaker_filter(spec)
+    attributes = read_speakers_tsv(root)
+    columns = {column for row in attributes.values() for column in row}
+    if key not in columns:
+        raise ValueError(f"{spec!r}: {Path(root) / _SPEAKERS_FILE} has no column {key!r} ({sorted(columns)})")
+    unknown = values - {row[key] for row in attributes.values()}
+    if unknown:
+        raise ValueError(f"{spec!r}: no speaker of {root} has {key} {sorted(unknown)}")
+    return frozenset(speaker for speaker, row in attributes.items() if row.get(key) in values)
 
 
 _Entries = tuple[list[Utterance], list[tuple[str, str]]]

@@ -11,16 +11,17 @@ them, so many simulated devices starting at once never race to write the same fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from typing import Sequence
+from typing import Collection, Sequence
 
 from shared.config import RunConfig
-from shared.data.corpora import Corpus, Utterance, load_corpus
+from shared.data.corpora import Corpus, Utterance, load_corpus, speakers_matching
 from shared.data.dataset import FeatureCache
 from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
@@ -28,6 +29,7 @@ from shared.files import write_bytes_atomic, write_text_atomic
 from shared.models.checkpoint import Frontend, checkpoint_frontend, init_checkpoint_path
 
 __all__ = [
+    "PrepareError",
     "SpeakerSplit",
     "Prepared",
     "split_speakers",
@@ -75,19 +77,32 @@ class Prepared:
         return self.split.federated[partition_id]
 
 
-def split_speakers(speakers: Sequence[str], *, public: int, heldout: int, seed: int) -> SpeakerSplit:
-    """A seeded shuffle of the speakers, cut into public / held-out / federated."""
-    if public < 1 or heldout < 1 or public + heldout >= len(speakers):
-        raise PrepareError(
-            f"cannot split {len(speakers)} speakers into split.public-speakers={public}, "
-            f"split.heldout-speakers={heldout} and at least one federated speaker"
-        )
+def split_speakers(
+    speakers: Sequence[str], *, public: int, heldout: int, seed: int, market: Collection[str] | None = None
+) -> SpeakerSplit:
+    """A seeded shuffle of the speakers, cut into public / held-out / federated. With ``market`` (a set of speakers),
+    held-out and federated speakers come from it and public ones from the rest (``split.market``)."""
     order = sorted(speakers)
     random.Random(seed).shuffle(order)
+    if market is None:
+        if public < 1 or heldout < 1 or public + heldout >= len(order):
+            raise PrepareError(
+                f"cannot split {len(order)} speakers into split.public-speakers={public}, "
+                f"split.heldout-speakers={heldout} and at least one federated speaker"
+            )
+        inside, outside = order[public:], order[:public]
+    else:
+        inside, outside = [s for s in order if s in market], [s for s in order if s not in market]
+        if public < 1 or public > len(outside) or heldout < 1 or heldout >= len(inside):
+            raise PrepareError(
+                f"cannot split {len(inside)} speakers of split.market and {len(outside)} others into "
+                f"split.public-speakers={public} (others), split.heldout-speakers={heldout} and at least one "
+                "federated speaker (the market's)"
+            )
     return SpeakerSplit(
-        public=tuple(sorted(order[:public])),
-        heldout=tuple(sorted(order[public : public + heldout])),
-        federated=tuple(sorted(order[public + heldout :])),
+        public=tuple(sorted(outside[:public])),
+        heldout=tuple(sorted(inside[:heldout])),
+        federated=tuple(sorted(inside[heldout:])),
     )
 
 
@@ -113,7 +128,10 @@ def artifact_dir(cfg: RunConfig) -> Path:
     kept apart, named by the checkpoint's content.
     """
     sp = cfg.split
-    plain = cfg.workdir_path / "artifacts" / f"{corpus_dir(cfg).name}-p{sp.public_speakers}-h{sp.heldout_speakers}-s{sp.seed}"
+    name = f"{corpus_dir(cfg).name}-p{sp.public_speakers}-h{sp.heldout_speakers}-s{sp.seed}"
+    if sp.market:  # another split of the same corpus
+        name += "-m" + hashlib.sha256(sp.market.encode()).hexdigest()[:8]
+    plain = cfg.workdir_path / "artifacts" / name
     init = init_checkpoint_path(cfg.model)
     frontend = checkpoint_frontend(init) if init is not None and init.is_file() else None
     if frontend is None:
@@ -184,9 +202,17 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
         from shared.data.synth import synthesize  # espeak-ng is only needed for the default corpus
 
         synthesize(root, speakers=cfg.synth.speakers, utterances=cfg.synth.utterances, seed=cfg.synth.seed, progress=progress)
+    try:  # speakers.tsv alone names the market: checked before the corpus' audio is
+        market = speakers_matching(root, cfg.split.market) if cfg.split.market else None
+    except ValueError as err:
+        raise PrepareError(f"split.market = {err}") from None
     corpus = load_corpus(root)
     split = split_speakers(
-        corpus.speakers(), public=cfg.split.public_speakers, heldout=cfg.split.heldout_speakers, seed=cfg.split.seed
+        corpus.speakers(),
+        public=cfg.split.public_speakers,
+        heldout=cfg.split.heldout_speakers,
+        seed=cfg.split.seed,
+        market=market,
     )
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
