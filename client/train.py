@@ -49,6 +49,7 @@ __all__ = [
     "fine_tune",
     "load_accountant",
     "local_optimizer",
+    "trainable_parameters",
     "personalize",
     "store_accountant",
 ]
@@ -208,10 +209,28 @@ def personalize(
 
 
 def local_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """``cfg.train.optimizer`` at ``cfg.train.lr``, fresh for this round's local steps."""
+    """``cfg.train.optimizer`` at ``cfg.train.lr``, fresh for this round's local steps, over the parameters
+    ``cfg.train.trainable`` names (the others are frozen: ``requires_grad`` off, so DP-SGD neither clips nor noises
+    them)."""
+    params = trainable_parameters(model, cfg.train.trainable)
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+        return torch.optim.SGD(params, lr=cfg.train.lr)
+    return torch.optim.AdamW(params, lr=cfg.train.lr)
+
+
+def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """``model``'s parameters that ``which`` (``train.trainable``) lets train; every other one gets ``requires_grad``
+    off. "biases-norms": every parameter named ``bias`` and every parameter of a normalization layer."""
+    if which == "all":
+        return list(model.parameters())
+    if which != "biases-norms":
+        raise ValueError(f"train.trainable={which!r}: choose all or biases-norms")
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    chosen = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    chosen |= {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _dp_fine_tune(

@@ -129,3 +129,24 @@ def test_without_dp_the_reply_is_unchanged_and_no_ledger_is_kept(flat: dict[str,
     assert not reply.has_error(), reply.error.reason
     assert set(reply.content["metrics"]) == {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
     assert ACCOUNTANT_KEY not in context.state
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_trainable_biases_norms_changes_only_biases_and_normalization_parameters(flat: dict[str, object], dp: bool) -> None:
+    from torch import nn
+
+    from client.train import trainable_parameters
+
+    chosen = {**flat, "dp.enabled": dp, "train.trainable": "biases-norms"}
+    arrays = global_model(chosen)
+    reply = app(train_message(arrays, 1), device(chosen))
+    assert not reply.has_error(), reply.error.reason
+    before, after = arrays.to_torch_state_dict(), reply.content["arrays"].to_torch_state_dict()
+    model = build_model(RunConfig.from_flat(chosen).model)
+    trained = {id(p) for p in trainable_parameters(model, "biases-norms")}
+    names = {name for name, p in model.named_parameters() if id(p) in trained}
+    norms = {f"{m}.{p}" for m, layer in model.named_modules() if isinstance(layer, nn.LayerNorm) for p in ("weight", "bias")}
+    assert names == {n for n in before if n.endswith(".bias")} | norms
+    assert sum(p.numel() for p in model.parameters() if id(p) in trained) < 0.05 * sum(p.numel() for p in model.parameters())
+    moved = {name for name in before if not (before[name] == after[name]).all()}
+    assert moved and moved <= names, f"frozen parameters changed: {sorted(moved - names)[:5]}"
