@@ -1,22 +1,25 @@
 """Two-talker recognition with ``SeparatorTransducer``: references with turn tokens, training, decoding, scoring.
 
-Two systems share everything here but their references (``kind``):
+The systems share everything here but their references (``kind``):
 
 * ``sts`` (separator-transducer-segmenter, two channels): turns are routed to channels by heuristic error
   assignment (HEAT, Sklyar et al. 2021: in order of start time, each turn takes the first channel that is free),
   and each turn is ``<sot> words <eot>`` in its channel.
+* ``sts-talker`` (the same model, routed by talker): each talker's turns in a channel of their own, the talker who
+  speaks first on channel 0; a channel follows one voice instead of HEAT's "first free channel", which sends a
+  talker's turns to either channel depending on whether they overlapped.
 * ``mt-rnnt`` (the MT-RNN-T baseline of the issue, one channel): all turns serialized in order of start time,
   ``<sc>`` between consecutive turns.
 
 Scoring (``score_sessions``), per session:
 
-* **WER** over the reference streams (the HEAT channels for ``sts``, the one serialized stream for ``mt-rnnt``),
-  with the permutation of hypothesis channels that makes the fewest errors; turn tokens are not words. Both
-  systems are scored against the same reference words.
-* **Turn counting**: the session is right when the number of turns found (``sts``: ``<sot>`` emitted; ``mt-rnnt``:
-  one more than the ``<sc>`` emitted, when any word was) equals the reference's.
-* **Timing** (``sts``): in each channel, the k-th ``<sot>`` / ``<eot>`` is matched with the k-th turn routed there;
-  an emission at encoder frame f is available when the audio up to ``(4 f + 7) * 10 ms`` has arrived (the causal
+* **WER** over the reference streams (``routed_channels``: HEAT's channels for ``sts``, the talkers' for
+  ``sts-talker``, the one serialized stream for ``mt-rnnt``), with the permutation of hypothesis channels that makes
+  the fewest errors; turn tokens are not words. Every system is scored against the same reference words.
+* **Turn counting**: the session is right when the number of turns found (two channels: ``<sot>`` emitted;
+  ``mt-rnnt``: one more than the ``<sc>`` emitted, when any word was) equals the reference's.
+* **Timing** (two channels): in each channel, the k-th ``<sot>`` / ``<eot>`` is matched with the k-th turn routed
+  there; an emission at encoder frame f is available when the audio up to ``(4 f + 7) * 10 ms`` has arrived (the causal
   front end's receptive field), and its error is that time minus the turn's start / end of speech. End-of-turn
   **latency** is the ``<eot>`` error (signed: negative is before the talker stops). For ``mt-rnnt``, the k-th
   ``<sc>`` is matched with the start of turn k + 1.
@@ -54,6 +57,7 @@ __all__ = [
     "SessionBatch",
     "decode_sessions",
     "heat_channels",
+    "routed_channels",
     "load_multitalker",
     "make_session_batches",
     "references",
@@ -63,7 +67,7 @@ __all__ = [
     "train_sessions",
 ]
 
-KINDS = ("sts", "mt-rnnt")
+KINDS = ("sts", "sts-talker", "mt-rnnt")
 SHIPPED_MULTITALKER = "sts-2.pt"  # the separator-transducer-segmenter in shared/models/shipped/
 _FORMAT = "chorus-multitalker-v1"
 GRAD_CLIP_NORM = 5.0
@@ -73,7 +77,20 @@ OVERLAP_BUCKETS = ((0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 1.0))
 def channels_of(kind: str) -> int:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return 2 if kind == "sts" else 1
+    return 1 if kind == "mt-rnnt" else 2
+
+
+def routed_channels(turns: Sequence[Turn], kind: str) -> list[list[Turn]]:
+    """The reference streams of ``kind``: HEAT's two channels (``sts``), one channel per talker, the first to speak
+    on channel 0 (``sts-talker``), or every turn in one stream (``mt-rnnt``); each in order of start time."""
+    ordered = sorted(turns, key=lambda t: t.start)
+    if kind == "sts":
+        return heat_channels(turns, 2)
+    if kind == "sts-talker":
+        first = ordered[0].talker if ordered else 0
+        return [[t for t in ordered if t.talker == first], [t for t in ordered if t.talker != first]]
+    channels_of(kind)
+    return [ordered]
 
 
 def heat_channels(turns: Sequence[Turn], channels: int) -> list[list[Turn]]:
@@ -102,18 +119,18 @@ def _anchored_references(session: Session, tokenizer: Tokenizer, kind: str) -> l
     def words(turn: Turn) -> list[tuple[int, float]]:
         return [(piece, math.nan) for piece in tokenizer.encode(turn.text)]
 
-    if kind == "sts":
+    channels = routed_channels(session.turns, kind)
+    if channels_of(kind) == 2:
         return [
             [
                 pair
                 for turn in channel
                 for pair in [(ids["<sot>"], anchor_frame(turn.start)), *words(turn), (ids["<eot>"], anchor_frame(turn.end))]
             ]
-            for channel in heat_channels(session.turns, 2)
+            for channel in channels
         ]
-    channels_of(kind)
     stream: list[tuple[int, float]] = []
-    for i, turn in enumerate(sorted(session.turns, key=lambda t: t.start)):
+    for i, turn in enumerate(channels[0]):
         stream += ([(ids["<sc>"], anchor_frame(turn.start))] if i else []) + words(turn)
     return [stream]
 
@@ -281,7 +298,7 @@ def score_sessions(
     ids = extended_vocabulary(tokenizer.vocab_size)
     rows: list[dict[str, Any]] = []
     for session in sessions:
-        channels = heat_channels(session.turns, 2) if kind == "sts" else [sorted(session.turns, key=lambda t: t.start)]
+        channels = routed_channels(session.turns, kind)
         refs = [[w for turn in channel for w in turn.text.split()] for channel in channels]
         hyps = hypotheses[session.id]
         words = [_words(tokens, tokenizer) for tokens, _ in hyps]
@@ -290,7 +307,7 @@ def score_sessions(
         )
         starts: list[float] = []
         ends: list[float] = []
-        if kind == "sts":
+        if channels_of(kind) == 2:
             found = sum(tokens.count(ids["<sot>"]) for tokens, _ in hyps)
             for c, channel in enumerate(channels):
                 tokens, frames = hyps[best[c]]

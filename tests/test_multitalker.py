@@ -23,6 +23,7 @@ from shared.multitalker import (
     decode_sessions,
     emission_seconds,
     heat_channels,
+    routed_channels,
     load_multitalker,
     make_session_batches,
     references,
@@ -79,6 +80,21 @@ def test_heat_routes_each_turn_to_the_first_free_channel() -> None:
     channels = heat_channels(turns, 2)
     assert [[t.start for t in c] for c in channels] == [[0.0, 3.2], [1.5, 3.5]]
     assert [[t.start for t in c] for c in heat_channels(turns[:1] + turns[2:3], 2)] == [[0.0, 3.2], []]
+
+
+def test_talker_routing_gives_each_talker_a_channel_the_first_to_speak_channel_0() -> None:
+    turns = [_turn(1, 0.0, 2.0), _turn(0, 1.5, 3.0), _turn(1, 3.2, 4.0), _turn(0, 4.5, 5.0)]
+    # HEAT puts talker 0's last turn, which overlaps no one, on channel 0 beside talker 1's turns; talker routing
+    # keeps every turn of a talker on that talker's channel.
+    assert [[t.start for t in c] for c in routed_channels(turns, "sts")] == [[0.0, 3.2, 4.5], [1.5]]
+    assert [[(t.talker, t.start) for t in c] for c in routed_channels(turns, "sts-talker")] == [
+        [(1, 0.0), (1, 3.2)],
+        [(0, 1.5), (0, 4.5)],
+    ]
+    no_overlap = [_turn(0, 0.0, 1.0), _turn(1, 1.5, 2.0)]
+    assert [len(c) for c in routed_channels(no_overlap, "sts")] == [2, 0]
+    assert [len(c) for c in routed_channels(no_overlap, "sts-talker")] == [1, 1]
+    assert [len(c) for c in routed_channels(no_overlap, "mt-rnnt")] == [2]
 
 
 def test_references_frame_turns_with_turn_tokens_or_serialize_them_with_speaker_changes() -> None:
