@@ -83,14 +83,13 @@ def channels_of(kind: str) -> int:
 def routed_channels(turns: Sequence[Turn], kind: str) -> list[list[Turn]]:
     """The reference streams of ``kind``: HEAT's two channels (``sts``), one channel per talker, the first to speak
     on channel 0 (``sts-talker``), or every turn in one stream (``mt-rnnt``); each in order of start time."""
-    ordered = sorted(turns, key=lambda t: t.start)
+    if channels_of(kind) == 1:
+        return [sorted(turns, key=lambda t: t.start)]
     if kind == "sts":
         return heat_channels(turns, 2)
-    if kind == "sts-talker":
-        first = ordered[0].talker if ordered else 0
-        return [[t for t in ordered if t.talker == first], [t for t in ordered if t.talker != first]]
-    channels_of(kind)
-    return [ordered]
+    ordered = sorted(turns, key=lambda t: t.start)
+    first = ordered[0].talker if ordered else 0
+    return [[t for t in ordered if t.talker == first], [t for t in ordered if t.talker != first]]
 
 
 def heat_channels(turns: Sequence[Turn], channels: int) -> list[list[Turn]]:
