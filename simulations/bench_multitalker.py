@@ -65,6 +65,7 @@ class MultitalkerPlan:
     stream_sessions: int  # test sessions streamed for FLOPs and RTF
     init_run: str = ""  # runs/<id> of an earlier bench whose systems this one continues training ("": the base)
     recognition_layers: int = 0  # the base encoder's top blocks moved after the separator, tied across channels
+    turn_reset: bool = False  # the predictor's context starts afresh after <eot> (SeparatorConfig.turn_reset)
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -82,6 +83,7 @@ QUICK = MultitalkerPlan(
     batch_frames=3000,
     layers=1,
     stream_sessions=1,
+    turn_reset=True,
 )
 # The README's table: sessions of the base's training corpus and of the unseen eval corpus (see README).
 FULL = MultitalkerPlan(
@@ -98,6 +100,7 @@ FULL = MultitalkerPlan(
     batch_frames=4000,
     layers=2,
     stream_sessions=10,
+    turn_reset=True,
 )
 
 
@@ -193,7 +196,12 @@ def run_multitalker_bench(
             else:
                 model = SeparatorTransducer.from_transducer(
                     base.build(),
-                    SeparatorConfig(channels=channels_of(kind), layers=plan.layers, recognition_layers=plan.recognition_layers),
+                    SeparatorConfig(
+                        channels=channels_of(kind),
+                        layers=plan.layers,
+                        recognition_layers=plan.recognition_layers,
+                        turn_reset=plan.turn_reset,
+                    ),
                 )
             batches = make_session_batches(
                 train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=len(earlier)

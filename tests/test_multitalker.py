@@ -171,23 +171,26 @@ def test_mixing_real_recordings(tmp_path: Path) -> None:
     assert all(sf.info(str(s.audio)).samplerate == SAMPLE_RATE for s in sessions)
 
 
-def _tiny_model(channels: int = 2, recognition_layers: int = 0) -> SeparatorTransducer:
+def _tiny_model(channels: int = 2, recognition_layers: int = 0, turn_reset: bool = False) -> SeparatorTransducer:
     torch.manual_seed(0)
     if recognition_layers:
         encoder = CausalTransformerEncoder(dataclasses.replace(TINY_ENCODER, num_layers=3))
         base = Transducer(encoder, TransducerConfig(vocab_size=5, pred_dim=16, joint_dim=16))
     else:
         base = tiny_transducer()
-    config = SeparatorConfig(channels=channels, layers=2, recognition_layers=recognition_layers)
+    config = SeparatorConfig(channels=channels, layers=2, recognition_layers=recognition_layers, turn_reset=turn_reset)
     return SeparatorTransducer.from_transducer(base, config).eval()
 
 
-@pytest.mark.parametrize("recognition_layers", [0, 2])
-def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: int) -> None:
-    model = _tiny_model(recognition_layers=recognition_layers)
+@pytest.mark.parametrize(("recognition_layers", "turn_reset"), [(0, False), (2, False), (0, True)])
+def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: int, turn_reset: bool) -> None:
+    model = _tiny_model(recognition_layers=recognition_layers, turn_reset=turn_reset)
+    eot = extended_vocabulary(5)["<eot>"]
     with torch.no_grad():
         for p in model.separator.parameters():  # the zero-initialized projections would hide a broken cache
             p.add_(0.1 * torch.randn_like(p))
+        if turn_reset:  # emit <eot> now and then, so that decoding passes through reset contexts
+            model.transducer.joiner.output.bias[eot] = model.transducer.joiner.output.bias[: model.blank].max()
         feats = torch.randn(2, 150, TINY_ENCODER.input_dim)
         whole, lengths = model.channel_frames(feats, torch.tensor([150, 150]))
         for size in (1, 7, 40):
@@ -203,6 +206,8 @@ def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: i
         assert [[(list(state.hypotheses[c * 2 + b]), list(state.frames[c * 2 + b])) for c in range(2)] for b in range(2)] == [
             [(tokens, frames) for tokens, frames in session] for session in decoded
         ]
+        if turn_reset:
+            assert any(eot in tokens and tokens[-1] != eot for session in decoded for tokens, _ in session)
     assert lengths.tolist() == [36, 36, 36, 36]
 
 
@@ -299,10 +304,12 @@ def test_score_of_a_perfect_and_of_a_swapped_hypothesis() -> None:
 
 
 def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_path: Path) -> None:
-    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1)).eval()
+    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1, turn_reset=True)).eval()
     path = save_multitalker(tmp_path / "sts.pt", model, BASE.model_config, "sts", frontend=FRONTEND, dtype=torch.float16)
     loaded, kind, frontend, _ = load_multitalker(path)
     assert kind == "sts" and frontend.digest() == FRONTEND.digest()
+    eot = extended_vocabulary(BASE.model_config.vocab_size)["<eot>"]
+    assert loaded.config.turn_reset and loaded.transducer.predictor.reset_token == eot
     session = load_sessions(mixed)[0]
     result = CliRunner().invoke(app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path)])
     assert result.exit_code == 0, result.output

@@ -137,6 +137,31 @@ def test_predictor_context_matches_decoding_context() -> None:
             context = torch.cat([context[:, 1:], targets[:, u : u + 1]], dim=1)
 
 
+@pytest.mark.parametrize("context_size", [1, 2, 3])
+def test_predictor_reset_token_starts_the_context_afresh_in_training_and_decoding(context_size: int) -> None:
+    # With reset_token R, a context is what the tokens after its last R would give from the start; without an R
+    # in sight the output is the plain convolution's.
+    torch.manual_seed(0)
+    predictor = StatelessPredictor(vocab_size=6, pred_dim=8, context_size=context_size)
+    targets, target_lens = torch.tensor([[1, 2, 5, 3, 4, 5, 2]]), torch.tensor([7])
+    plain = predictor(predictor.training_context(targets, target_lens))
+    predictor.reset_token = 5
+    training = predictor(predictor.training_context(targets, target_lens))
+    context = predictor.start_context(1, torch.device("cpu"))
+    segment: list[int] = []
+    for u in range(8):
+        fresh = predictor.start_context(1, torch.device("cpu"))
+        fresh[0, context_size - len(segment[-context_size:]) :] = torch.tensor(segment[-context_size:], dtype=torch.long)
+        torch.testing.assert_close(training[:, u : u + 1], predictor(context))  # decoding builds the same context
+        torch.testing.assert_close(predictor(context), predictor(fresh))  # ... which is the segment's own
+        if u < 7:
+            token = int(targets[0, u])
+            context = torch.cat([context[:, 1:], targets[:, u : u + 1]], dim=1)
+            segment = [] if token == 5 else segment + [token]
+    torch.testing.assert_close(training[:, :3], plain[:, :3])  # before the first reset: unchanged
+    assert not torch.allclose(training[:, 3], plain[:, 3])
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the features need no gradient
 def test_opacus_per_sample_gradients_equal_single_utterance_gradients() -> None:
     model, batch = _tiny_model(), _two_utterances()

@@ -93,6 +93,9 @@ class SeparatorConfig:
     # The encoder's top blocks that run after the separator, on every channel with the same weights (Sklyar et
     # al.'s recognition encoder); 0: the separator follows the whole encoder.
     recognition_layers: int = 0
+    # After ``<eot>`` the predictor's context starts afresh (all blank), so a channel's later turns begin in the
+    # state its first one did; without it the context after ``<eot>`` is a pair seen only mid-session.
+    turn_reset: bool = False
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.layers < 1 or self.recognition_layers < 0:
@@ -141,6 +144,9 @@ class SeparatorTransducer(nn.Module):
         super().__init__()
         self.config = config
         self.transducer = transducer
+        if config.turn_reset:
+            pieces = transducer.config.vocab_size - len(TURN_TOKENS)
+            transducer.predictor.reset_token = extended_vocabulary(pieces)["<eot>"]
         width = int(transducer.encoder.output_dim)
         if block.d_model != width:
             raise ValueError(f"separator blocks must have d_model={width} (the encoder's), got {block.d_model}")

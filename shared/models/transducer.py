@@ -79,6 +79,9 @@ class StatelessPredictor(nn.Module):
         self.context_size = context_size
         self.embedding = nn.Embedding(vocab_size + 1, pred_dim)
         self.context_conv = nn.Conv1d(pred_dim, pred_dim, kernel_size=context_size, groups=pred_dim) if context_size > 1 else None
+        # A token after which the context starts afresh: a window sees blank in place of it and everything before
+        # it, as before the first token (set by models whose transcripts are runs of segments, e.g. turns).
+        self.reset_token: int | None = None
 
     def start_context(self, batch_size: int, device: torch.device) -> Tensor:
         """(B, c) all-blank context: what the predictor sees before the first token."""
@@ -109,11 +112,26 @@ class StatelessPredictor(nn.Module):
         return torch.cat([self.start_context(targets.shape[0], targets.device), padded], dim=1)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (B, c + n - 1) ids -> (B, n, P); output i summarizes tokens i .. i + c - 1."""
+        """tokens: (B, c + n - 1) ids -> (B, n, P); output i summarizes tokens i .. i + c - 1 (with ``reset_token``:
+        those after the window's last reset token, blanks in place of the rest)."""
+        if self.reset_token is not None:
+            return F.relu(self._reset_windows(tokens, self.reset_token))
         embedded = self.embedding(tokens)
         if self.context_conv is not None:
             embedded = self.context_conv(embedded.transpose(1, 2)).transpose(1, 2)
         return F.relu(embedded)
+
+    def _reset_windows(self, tokens: Tensor, reset_token: int) -> Tensor:
+        """The depthwise convolution written out per window, each window blanked up to its last reset token."""
+        windows = tokens.unfold(1, self.context_size, 1)  # (B, n, c)
+        is_reset = windows == reset_token
+        reset = is_reset.flip(-1).long().cummax(dim=-1).values.flip(-1).bool()  # at or before the last reset
+        embedded = self.embedding(windows.masked_fill(reset, self.blank))  # (B, n, c, P)
+        if self.context_conv is None:
+            return embedded[:, :, 0]
+        weight = self.context_conv.weight[:, 0, :].t()  # (c, P)
+        bias = self.context_conv.bias
+        return (embedded * weight).sum(dim=2) + (bias if bias is not None else 0.0)
 
 
 class Joiner(nn.Module):
