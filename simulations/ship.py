@@ -170,16 +170,20 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
     return entries
 
 
-def ship_multitalker(run_dir: Path, *, arm: str, command: str, hardware: str) -> dict[str, Any]:
+def ship_multitalker(
+    run_dir: Path, *, arm: str, command: str, hardware: str, turn_bonus: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, Any]:
     """Ship the ``arm`` model of a ``chorus bench multitalker`` run as ``shared/models/shipped/sts-2.pt`` (float16,
-    with its front end) and its manifest entry: sha256, size, the commands, the training record and the scores of
-    the *shipped* file on the run's test sessions (unseen speakers). Returns the entry."""
+    with its front end and ``turn_bonus``, its decoding setting) and its manifest entry: sha256, size, the commands,
+    the training record and the scores of the *shipped* file on the run's test sessions (unseen speakers). Returns
+    the entry."""
     from shared.data.mix import load_sessions
     from shared.multitalker import SHIPPED_MULTITALKER, load_multitalker, save_multitalker, session_features
     from simulations.bench_multitalker import evaluate
 
     result = json.loads((run_dir / "result.json").read_text())
     model, kind, frontend, meta = load_multitalker(run_dir / f"{arm}.pt")
+    model.config = dataclasses.replace(model.config, turn_bonus=turn_bonus)
     out = SHIPPED_DIR / SHIPPED_MULTITALKER
     base = load_checkpoint(SHIPPED_DIR / result["base"]["file"])
     save_multitalker(out, model, base.model_config, kind, frontend=frontend, dtype=torch.float16, training=meta["training"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -171,20 +172,26 @@ def test_mixing_real_recordings(tmp_path: Path) -> None:
     assert all(sf.info(str(s.audio)).samplerate == SAMPLE_RATE for s in sessions)
 
 
-def _tiny_model(channels: int = 2, recognition_layers: int = 0, turn_reset: bool = False) -> SeparatorTransducer:
+def _tiny_model(
+    channels: int = 2, recognition_layers: int = 0, turn_reset: bool = False, turn_bonus: tuple[float, float] = (0.0, 0.0)
+) -> SeparatorTransducer:
     torch.manual_seed(0)
     if recognition_layers:
         encoder = CausalTransformerEncoder(dataclasses.replace(TINY_ENCODER, num_layers=3))
         base = Transducer(encoder, TransducerConfig(vocab_size=5, pred_dim=16, joint_dim=16))
     else:
         base = tiny_transducer()
-    config = SeparatorConfig(channels=channels, layers=2, recognition_layers=recognition_layers, turn_reset=turn_reset)
+    config = SeparatorConfig(
+        channels=channels, layers=2, recognition_layers=recognition_layers, turn_reset=turn_reset, turn_bonus=turn_bonus
+    )
     return SeparatorTransducer.from_transducer(base, config).eval()
 
 
 @pytest.mark.parametrize(("recognition_layers", "turn_reset"), [(0, False), (2, False), (0, True)])
 def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: int, turn_reset: bool) -> None:
-    model = _tiny_model(recognition_layers=recognition_layers, turn_reset=turn_reset)
+    model = _tiny_model(
+        recognition_layers=recognition_layers, turn_reset=turn_reset, turn_bonus=(0.5, 0.2) if turn_reset else (0, 0)
+    )
     eot = extended_vocabulary(5)["<eot>"]
     with torch.no_grad():
         for p in model.separator.parameters():  # the zero-initialized projections would hide a broken cache
@@ -209,6 +216,24 @@ def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: i
         if turn_reset:
             assert any(eot in tokens and tokens[-1] != eot for session in decoded for tokens, _ in session)
     assert lengths.tolist() == [36, 36, 36, 36]
+
+
+def test_turn_bonus_makes_greedy_search_emit_turn_tokens_more_and_is_checked() -> None:
+    sot = extended_vocabulary(5)["<sot>"]
+    feats, lengths = torch.randn(1, 150, TINY_ENCODER.input_dim), torch.tensor([150])
+
+    def sot_count(bonus: float) -> int:
+        model = _tiny_model(turn_bonus=(bonus, 0.0))
+        with torch.no_grad():
+            return sum(tokens.count(sot) for tokens, _ in model.greedy_search(feats, lengths)[0])
+
+    assert sot_count(0.0) < sot_count(20.0)
+    mt = _tiny_model(channels=1, turn_bonus=(40.0, 0.0))  # MT-RNN-T's turn start is <sc>
+    with torch.no_grad():
+        assert mt.greedy_search(feats, lengths)[0][0][0][:1] == [extended_vocabulary(5)["<sc>"]]
+    for bad in ((1.0,), (math.inf, 0.0)):
+        with pytest.raises(ValueError, match="turn_bonus"):
+            SeparatorConfig(turn_bonus=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("recognition_layers", [0, 3])
@@ -304,12 +329,13 @@ def test_score_of_a_perfect_and_of_a_swapped_hypothesis() -> None:
 
 
 def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_path: Path) -> None:
-    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1, turn_reset=True)).eval()
+    config = SeparatorConfig(channels=2, layers=1, turn_reset=True, turn_bonus=(1.5, 1.0))
+    model = SeparatorTransducer.from_transducer(BASE.build(), config).eval()
     path = save_multitalker(tmp_path / "sts.pt", model, BASE.model_config, "sts", frontend=FRONTEND, dtype=torch.float16)
     loaded, kind, frontend, _ = load_multitalker(path)
     assert kind == "sts" and frontend.digest() == FRONTEND.digest()
     eot = extended_vocabulary(BASE.model_config.vocab_size)["<eot>"]
-    assert loaded.config.turn_reset and loaded.transducer.predictor.reset_token == eot
+    assert loaded.config == config and loaded.transducer.predictor.reset_token == eot
     session = load_sessions(mixed)[0]
     result = CliRunner().invoke(app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path)])
     assert result.exit_code == 0, result.output

@@ -55,6 +55,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -96,8 +97,14 @@ class SeparatorConfig:
     # After ``<eot>`` the predictor's context starts afresh (all blank), so a channel's later turns begin in the
     # state its first one did; without it the context after ``<eot>`` is a pair seen only mid-session.
     turn_reset: bool = False
+    # Scores added in greedy search to the logits of a turn's start (``<sot>``, or ``<sc>`` for MT-RNN-T) and of
+    # its end (``<eot>``): decoding only, like a word insertion bonus, chosen on validation sessions.
+    turn_bonus: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "turn_bonus", tuple(float(x) for x in self.turn_bonus))  # a saved file has a list
+        if len(self.turn_bonus) != 2 or not all(math.isfinite(x) for x in self.turn_bonus):
+            raise ValueError(f"turn_bonus must be two finite numbers (turn start, turn end), got {self.turn_bonus}")
         if self.channels < 1 or self.layers < 1 or self.recognition_layers < 0:
             raise ValueError(
                 f"channels and layers must be positive and recognition_layers >= 0, got {self.channels}, "
@@ -203,6 +210,19 @@ class SeparatorTransducer(nn.Module):
     @property
     def blank(self) -> int:
         return self.transducer.blank
+
+    def _bonus(self) -> Tensor | None:
+        """(V + 1,) greedy-search bonus of the turn tokens (``config.turn_bonus``); None when it is zero."""
+        if not any(self.config.turn_bonus):
+            return None
+        reference = self.transducer.joiner.output.bias
+        bonus = torch.zeros(self.blank + 1, dtype=reference.dtype, device=reference.device)
+        ids = extended_vocabulary(self.blank - len(TURN_TOKENS))
+        if self.config.channels == 1:  # MT-RNN-T: a turn starts with <sc> and has no end token
+            bonus[ids["<sc>"]] = self.config.turn_bonus[0]
+        else:
+            bonus[ids["<sot>"]], bonus[ids["<eot>"]] = self.config.turn_bonus
+        return bonus
 
     def _separate(
         self, frames: Tensor, caches: tuple[tuple[BlockCache, ...], ...], offset: int
@@ -323,7 +343,7 @@ class SeparatorTransducer(nn.Module):
         """Per session, per channel: (token ids, encoder frame of each) by greedy search."""
         frames, lengths = self.channel_frames(feats, feat_lens)
         context = self.transducer.predictor.start_context(frames.shape[0], frames.device)
-        _, emitted, when = self.transducer.greedy_frames(frames, lengths, context, max_symbols_per_frame)
+        _, emitted, when = self.transducer.greedy_frames(frames, lengths, context, max_symbols_per_frame, self._bonus())
         batch = feats.shape[0]
         return [[(emitted[c * batch + b], when[c * batch + b]) for c in range(self.config.channels)] for b in range(batch)]
 
@@ -367,7 +387,9 @@ class SeparatorTransducer(nn.Module):
         start = state.separator.offset
         frames, separator = self.infer(chunk, state.separator)
         counts = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
-        context, emitted, when = self.transducer.greedy_frames(frames, counts, state.context, max_symbols_per_frame)
+        context, emitted, when = self.transducer.greedy_frames(
+            frames, counts, state.context, max_symbols_per_frame, self._bonus()
+        )
         return MultiStreamState(
             separator=separator,
             context=context,

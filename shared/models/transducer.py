@@ -286,7 +286,12 @@ class Transducer(nn.Module):
         return self.joiner.output(torch.tanh(self.joiner.encoder_proj(frames)))
 
     def greedy_frames(
-        self, frames: Tensor, frame_counts: Tensor, context: Tensor, max_symbols_per_frame: int
+        self,
+        frames: Tensor,
+        frame_counts: Tensor,
+        context: Tensor,
+        max_symbols_per_frame: int,
+        bonus: Tensor | None = None,
     ) -> tuple[Tensor, list[list[int]], list[list[int]]]:
         """Batched greedy search over a run of encoder frames.
 
@@ -295,6 +300,7 @@ class Transducer(nn.Module):
             frame_counts: (B,) how many of the n frames are valid per row.
             context: (B, c) predictor context before the first frame.
             max_symbols_per_frame: labels one frame may emit before moving on.
+            bonus: optional (V + 1,) scores added to the joiner's logits before the argmax (decoding only).
 
         Returns:
             The context after the last frame, the tokens each row emitted, and the frame (0 .. n - 1) of each.
@@ -306,7 +312,8 @@ class Transducer(nn.Module):
             frame = frames[:, t : t + 1]
             active = frame_counts > t
             for _ in range(max_symbols_per_frame):
-                tokens = self.joiner(frame, predicted)[:, 0, 0].argmax(dim=-1)
+                logits = self.joiner(frame, predicted)[:, 0, 0]
+                tokens = (logits if bonus is None else logits + bonus).argmax(dim=-1)
                 active = active & (tokens != self.blank)
                 if not bool(active.any()):
                     break
