@@ -23,6 +23,11 @@ weigh most (fast end-pointing), and a ``<sot>`` cannot drift to frame 0 before a
 tokens' alignments (Mahadeokar et al. 2021 restrict every token's this way), changes no parameter and costs nothing
 at inference.
 
+**Turns after the first** (``turn_reset``): the stateless predictor sees the last tokens, so after ``<eot>`` its
+context would be a pair seen only mid-session; with the reset it starts afresh (all blank), and a channel opens its
+next turn from the state it opened its first one in. ``turn_bonus`` adds a constant to the turn tokens' logits in
+greedy search only (a word insertion bonus for turn tokens), chosen on validation sessions when a model ships.
+
 The separator's blocks start with zero output projections, so at initialization every channel equals the encoder
 output plus its embedding (with R > 0: the lower blocks' output plus it, through the top R blocks): a model made
 ``from_transducer`` a trained single-talker base starts as that base.
