@@ -124,8 +124,7 @@ class StatelessPredictor(nn.Module):
     def _reset_windows(self, tokens: Tensor, reset_token: int) -> Tensor:
         """The depthwise convolution written out per window, each window blanked up to its last reset token."""
         windows = tokens.unfold(1, self.context_size, 1)  # (B, n, c)
-        is_reset = windows == reset_token
-        reset = is_reset.flip(-1).long().cummax(dim=-1).values.flip(-1).bool()  # at or before the last reset
+        reset = (windows == reset_token).flip(-1).cumsum(dim=-1).flip(-1) > 0  # at or before the last reset
         embedded = self.embedding(windows.masked_fill(reset, self.blank))  # (B, n, c, P)
         if self.context_conv is None:
             return embedded[:, :, 0]
