@@ -254,12 +254,20 @@ def train_sessions(
 
 
 @torch.no_grad()
-def decode_sessions(model: SeparatorTransducer, batches: Sequence[SessionBatch]) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """session id -> per channel (token ids, encoder frame of each), by greedy search."""
+def decode_sessions(
+    model: SeparatorTransducer, batches: Sequence[SessionBatch], *, beam: int = 1
+) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """session id -> per channel (token ids, encoder frame of each), by greedy search (``beam`` 1) or modified
+    beam search."""
     model.eval()
     out: dict[str, list[tuple[list[int], list[int]]]] = {}
     for batch in batches:
-        out.update(zip(batch.ids, model.greedy_search(batch.feats, batch.feat_lens), strict=True))
+        decoded = (
+            model.greedy_search(batch.feats, batch.feat_lens)
+            if beam == 1
+            else model.beam_search(batch.feats, batch.feat_lens, beam=beam)
+        )
+        out.update(zip(batch.ids, decoded, strict=True))
     return out
 
 

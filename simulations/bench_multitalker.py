@@ -66,6 +66,7 @@ class MultitalkerPlan:
     init_run: str = ""  # runs/<id> of an earlier bench whose systems this one continues training ("": the base)
     recognition_layers: int = 0  # the base encoder's top blocks moved after the separator, tied across channels
     turn_reset: bool = False  # the predictor's context starts afresh after <eot> (SeparatorConfig.turn_reset)
+    beam: int = 1  # search for the scored sessions: 1 greedy (what a device streams), more = modified beam search
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -227,7 +228,7 @@ def run_multitalker_bench(
                 "stages": stages,
             }
             save_multitalker(path, model, base.model_config, kind, frontend=frontend, training=training, plan=asdict(plan))
-        scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames)
+        scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam)
         penalty = plan.turn_penalty if penalized else 0.0
         result["arms"][arm] = {"kind": kind, "turn_penalty": penalty, "training": training, **scores}
         result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features))
@@ -256,10 +257,11 @@ def evaluate(
     tokenizer: Tokenizer,
     *,
     batch_frames: int,
+    beam: int = 1,
 ) -> dict[str, Any]:
-    """``score_sessions`` of ``model``'s greedy decoding of ``sessions``."""
+    """``score_sessions`` of ``model``'s decoding of ``sessions``: greedy, or modified beam search with ``beam``."""
     batches = make_session_batches(sessions, features, tokenizer, kind, max_frames=batch_frames, shuffle=False, seed=0)
-    return score_sessions(sessions, decode_sessions(model, batches), tokenizer, kind)
+    return score_sessions(sessions, decode_sessions(model, batches, beam=beam), tokenizer, kind)
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -272,7 +274,8 @@ def report(result: dict[str, Any]) -> str:
         "# Multi-talker benchmark",
         "",
         f"Sessions: {result['sessions']['train_count']} for training, {result['sessions']['test_count']} for testing; "
-        f"single-talker WER of the base on the test speakers' corpus: {_fmt(result['base']['single_talker_wer'])}.",
+        f"single-talker WER of the base on the test speakers' corpus: {_fmt(result['base']['single_talker_wer'])}; "
+        + ("greedy search." if result["plan"].get("beam", 1) == 1 else f"modified beam search, beam {result['plan']['beam']}."),
         "",
         "| system | overlap | sessions | WER | turn counting | "
         "turn start error, median ms | end-of-turn latency, median / p90 ms |",

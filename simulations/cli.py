@@ -329,6 +329,10 @@ def bench_multitalker_cmd(
     train_device: Annotated[
         str, typer.Option(help="torch device for training the systems (e.g. cuda); measurements always run on the CPU.")
     ] = "cpu",
+    beam: Annotated[
+        int,
+        typer.Option(min=1, help="Search for scored sessions: 1 = greedy (as a device streams); more = modified beam search."),
+    ] = 1,
 ) -> None:
     """Separator-transducer-segmenter vs MT-RNN-T on two-talker sessions: WER, turn counting, end-of-turn latency."""
     import json
@@ -339,6 +343,7 @@ def bench_multitalker_cmd(
     plan = QUICK if quick else FULL
     plan = replace(plan, steps=steps) if steps is not None else plan
     plan = replace(plan, init_run=f"runs/{continue_from}") if continue_from else plan
+    plan = replace(plan, beam=beam)
     workdir = workdir.resolve()
     run_dir = workdir / "runs" / (bench_id or ("bench-multitalker-quick" if quick else "bench-multitalker"))
     try:

@@ -236,6 +236,29 @@ def test_turn_bonus_makes_greedy_search_emit_turn_tokens_more_and_is_checked() -
             SeparatorConfig(turn_bonus=bad)  # type: ignore[arg-type]
 
 
+def test_beam_search_decodes_each_channel_with_the_reset_and_the_bonus() -> None:
+    model = _tiny_model(turn_reset=True, turn_bonus=(0.5, 0.2))
+    eot = extended_vocabulary(5)["<eot>"]
+    feats, lengths = torch.randn(2, 150, TINY_ENCODER.input_dim), torch.tensor([150, 120])
+    with torch.no_grad():
+        for p in model.separator.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.transducer.joiner.output.bias[eot] = model.transducer.joiner.output.bias[: model.blank].max()
+        greedy = model.greedy_search(feats, lengths, max_symbols_per_frame=1)
+        assert model.beam_search(feats, lengths, beam=1) == greedy  # tokens and frames, every channel
+        assert any(eot in tokens and tokens[-1] != eot for session in greedy for tokens, _ in session)
+        wide = model.beam_search(feats, lengths, beam=4)
+        limit = model.transducer.encoder.subsampled_length(lengths)
+        for session, frames in zip(wide, limit.tolist(), strict=True):
+            for tokens, when in session:
+                assert len(tokens) == len(when) and when == sorted(when) and all(0 <= t < frames for t in when)
+        sot = extended_vocabulary(5)["<sot>"]
+        model.config = SeparatorConfig(turn_reset=True, turn_bonus=(40.0, 0.0))
+        assert all(tokens[:1] == [sot] for session in model.beam_search(feats, lengths, beam=4) for tokens, _ in session)
+    with pytest.raises(ValueError, match="beam"):
+        model.beam_search(feats, lengths, beam=0)
+
+
 @pytest.mark.parametrize("recognition_layers", [0, 3])
 def test_a_model_made_from_a_base_starts_as_the_base_on_its_own_pieces(recognition_layers: int) -> None:
     base = BASE.build().eval()

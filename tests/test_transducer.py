@@ -122,6 +122,12 @@ def test_beam_one_equals_greedy_with_one_symbol_per_frame(seed: int) -> None:
     greedy = model.greedy_search(feats, feat_lens, max_symbols_per_frame=1)
     assert model.beam_search(feats, feat_lens, beam=1) == greedy
     assert any(greedy)
+    with torch.no_grad():  # and the frame of each token is the one greedy search emitted it at
+        encoded = model.encoder(feats, feat_lens)
+        context = model.predictor.start_context(2, feats.device)
+        _, tokens, when = model.greedy_frames(encoded.frames, encoded.lengths, context, max_symbols_per_frame=1)
+        for row in range(2):
+            assert model.beam_frames(encoded.frames[row, : int(encoded.lengths[row])], beam=1) == (tokens[row], when[row])
 
 
 def test_predictor_context_matches_decoding_context() -> None:

@@ -352,6 +352,18 @@ class SeparatorTransducer(nn.Module):
         batch = feats.shape[0]
         return [[(emitted[c * batch + b], when[c * batch + b]) for c in range(self.config.channels)] for b in range(batch)]
 
+    @torch.no_grad()
+    def beam_search(self, feats: Tensor, feat_lens: Tensor, beam: int = 8) -> list[list[tuple[list[int], list[int]]]]:
+        """Per session, per channel: (token ids, encoder frame of each) by modified beam search
+        (``Transducer.beam_frames``, with the turn bonus), each channel on its own. Not streaming: a device
+        streams with greedy search; beam search is for offline scoring."""
+        if beam < 1:
+            raise ValueError(f"beam must be positive, got {beam}")
+        frames, lengths = self.channel_frames(feats, feat_lens)
+        bonus, batch = self._bonus(), feats.shape[0]
+        decoded = [self.transducer.beam_frames(frames[row, : int(lengths[row])], beam, bonus) for row in range(frames.shape[0])]
+        return [[decoded[c * batch + b] for c in range(self.config.channels)] for b in range(batch)]
+
     def init_stream(self, batch_size: int = 1) -> MultiStreamState:
         """A fresh streaming state for ``batch_size`` sessions."""
         device = next(self.parameters()).device

@@ -334,25 +334,33 @@ class Transducer(nn.Module):
         _, emitted, _ = self.greedy_frames(encoded.frames, encoded.lengths, context, max_symbols_per_frame)
         return emitted
 
-    def _beam_search_one(self, frames: Tensor, beam: int) -> list[int]:
-        """Modified beam search over one utterance's (T', D) frames: at most one label per frame."""
+    def beam_frames(self, frames: Tensor, beam: int, bonus: Tensor | None = None) -> tuple[list[int], list[int]]:
+        """Modified beam search over one utterance's (T', D) frames, at most one label per frame: the tokens of the
+        most probable hypothesis and the frame of each. ``bonus``: optional (V + 1,) scores added to the joiner's
+        logits before the softmax (decoding only, as in ``greedy_frames``)."""
         num_classes = self.blank + 1
-        hypotheses: list[tuple[int, ...]] = [()]
+        hypotheses: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
         scores = [0.0]
         padding = (self.blank,) * self.predictor.context_size
-        for frame in frames:
-            contexts = [(padding + tokens)[-self.predictor.context_size :] for tokens in hypotheses]
+        for t, frame in enumerate(frames):
+            contexts = [(padding + tokens)[-self.predictor.context_size :] for tokens, _ in hypotheses]
             predicted = self.predictor(torch.tensor(contexts, device=frames.device))
-            log_probs = self.joiner(frame.expand(len(hypotheses), 1, -1), predicted)[:, 0, 0].log_softmax(dim=-1)
+            logits = self.joiner(frame.expand(len(hypotheses), 1, -1), predicted)[:, 0, 0]
+            log_probs = (logits if bonus is None else logits + bonus).log_softmax(dim=-1)
             candidates = (log_probs.double() + torch.tensor(scores, device=frames.device)[:, None]).flatten()
             best_scores, best_indices = candidates.topk(min(beam, candidates.numel()))
-            merged: dict[tuple[int, ...], float] = {}
+            merged: dict[tuple[int, ...], tuple[float, tuple[int, ...]]] = {}
             for score, index in zip(best_scores.tolist(), best_indices.tolist(), strict=True):
                 source, token = divmod(index, num_classes)
-                tokens = hypotheses[source] if token == self.blank else hypotheses[source] + (token,)
-                merged[tokens] = _log_add(merged[tokens], score) if tokens in merged else score
-            hypotheses, scores = list(merged), list(merged.values())
-        return list(hypotheses[max(range(len(scores)), key=scores.__getitem__)])
+                tokens, when = hypotheses[source]
+                if token != self.blank:
+                    tokens, when = tokens + (token,), when + (t,)
+                # Hypotheses with the same tokens merge: their probabilities add, the first one's frames stay.
+                merged[tokens] = (_log_add(merged[tokens][0], score), merged[tokens][1]) if tokens in merged else (score, when)
+            hypotheses = [(tokens, when) for tokens, (_, when) in merged.items()]
+            scores = [score for score, _ in merged.values()]
+        tokens, when = hypotheses[max(range(len(scores)), key=scores.__getitem__)]
+        return list(tokens), list(when)
 
     @torch.no_grad()
     def beam_search(self, feats: Tensor, feat_lens: Tensor, beam: int = 4) -> list[list[int]]:
@@ -371,7 +379,7 @@ class Transducer(nn.Module):
         if beam < 1:
             raise ValueError(f"beam must be positive, got {beam}")
         encoded = self.encoder(feats, feat_lens)
-        return [self._beam_search_one(encoded.frames[row, : int(encoded.lengths[row])], beam) for row in range(feats.shape[0])]
+        return [self.beam_frames(encoded.frames[row, : int(encoded.lengths[row])], beam)[0] for row in range(feats.shape[0])]
 
     def init_stream(self, batch_size: int = 1) -> StreamState:
         """A fresh streaming-decoding state: empty encoder state, all-blank context, empty hypotheses."""
