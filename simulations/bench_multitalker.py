@@ -275,7 +275,7 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"Sessions: {result['sessions']['train_count']} for training, {result['sessions']['test_count']} for testing; "
         f"single-talker WER of the base on the test speakers' corpus: {_fmt(result['base']['single_talker_wer'])}; "
-        + ("greedy search." if result["plan"].get("beam", 1) == 1 else f"modified beam search, beam {result['plan']['beam']}."),
+        + ("greedy search." if result["plan"]["beam"] == 1 else f"modified beam search, beam {result['plan']['beam']}."),
         "",
         "| system | overlap | sessions | WER | turn counting | "
         "turn start error, median ms | end-of-turn latency, median / p90 ms |",

@@ -349,8 +349,7 @@ class SeparatorTransducer(nn.Module):
         frames, lengths = self.channel_frames(feats, feat_lens)
         context = self.transducer.predictor.start_context(frames.shape[0], frames.device)
         _, emitted, when = self.transducer.greedy_frames(frames, lengths, context, max_symbols_per_frame, self._bonus())
-        batch = feats.shape[0]
-        return [[(emitted[c * batch + b], when[c * batch + b]) for c in range(self.config.channels)] for b in range(batch)]
+        return self._by_session(list(zip(emitted, when, strict=True)), feats.shape[0])
 
     @torch.no_grad()
     def beam_search(self, feats: Tensor, feat_lens: Tensor, beam: int = 8) -> list[list[tuple[list[int], list[int]]]]:
@@ -360,9 +359,13 @@ class SeparatorTransducer(nn.Module):
         if beam < 1:
             raise ValueError(f"beam must be positive, got {beam}")
         frames, lengths = self.channel_frames(feats, feat_lens)
-        bonus, batch = self._bonus(), feats.shape[0]
+        bonus = self._bonus()
         decoded = [self.transducer.beam_frames(frames[row, : int(lengths[row])], beam, bonus) for row in range(frames.shape[0])]
-        return [[decoded[c * batch + b] for c in range(self.config.channels)] for b in range(batch)]
+        return self._by_session(decoded, feats.shape[0])
+
+    def _by_session(self, rows: list[tuple[list[int], list[int]]], batch: int) -> list[list[tuple[list[int], list[int]]]]:
+        """Channel-major rows (C * B) -> per session, per channel."""
+        return [[rows[c * batch + b] for c in range(self.config.channels)] for b in range(batch)]
 
     def init_stream(self, batch_size: int = 1) -> MultiStreamState:
         """A fresh streaming state for ``batch_size`` sessions."""
