@@ -205,14 +205,21 @@ def _load_artifacts(artifacts: Path, vocab_size: int) -> tuple[Tokenizer, Global
 
 
 def transcribe(
-    audio: Path, *, checkpoint: Path, artifacts: Path, chunk_ms: int = 160, on_partial: Callable[[str], None] | None = None
+    audio: Path,
+    *,
+    checkpoint: Path,
+    artifacts: Path,
+    chunk_ms: int = 160,
+    beam: int = 1,
+    on_partial: Callable[[str], None] | None = None,
 ) -> Transcript:
     """Stream ``audio`` through the device pipeline in ``chunk_ms`` pieces; ``on_partial(text)`` is called each
-    time the hypothesis changes.
+    time the hypothesis changes. ``beam`` 1 is greedy search; wider is modified beam search carried across chunks
+    (its best hypothesis so far is the partial text, which a later chunk may revise).
 
     Raises:
         DeviceError: a missing or unreadable audio file, checkpoint or artifact (the message names it), or a
-            bad ``chunk_ms``.
+            bad ``chunk_ms`` or ``beam``.
     """
     import torch
 
@@ -221,8 +228,7 @@ def transcribe(
     from shared.models.amortized_transformer import AmortizedTransformerEncoder
     from shared.models.checkpoint import CheckpointError, load_checkpoint
 
-    if chunk_ms < 10:
-        raise DeviceError(f"--chunk-ms {chunk_ms}: chunks must be at least 10 ms (one feature frame shift)")
+    _check_search(chunk_ms, beam)
     audio = Path(audio).expanduser()
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -250,7 +256,7 @@ def transcribe(
         nonlocal state, text
         if frames.shape[0] == 0:
             return
-        state = model.stream(torch.from_numpy(cmvn.apply(frames))[None], state)
+        state = model.stream(torch.from_numpy(cmvn.apply(frames))[None], state, beam=beam)
         new_text = tokenizer.decode(state.hypotheses[0])
         if new_text != text:
             text = new_text
@@ -298,6 +304,13 @@ class MultiTalkerTranscript:
         return self.compute_seconds / self.audio_seconds if self.audio_seconds else 0.0
 
 
+def _check_search(chunk_ms: int, beam: int) -> None:
+    if chunk_ms < 10:
+        raise DeviceError(f"--chunk-ms {chunk_ms}: chunks must be at least 10 ms (one feature frame shift)")
+    if beam < 1:
+        raise DeviceError(f"--beam {beam}: the beam must hold at least one hypothesis (1 = greedy search)")
+
+
 def _load_samples(audio: Path) -> tuple[np.ndarray, int]:
     from shared.data.audio import SAMPLE_RATE, AudioError, load_audio, probe_audio
 
@@ -312,13 +325,15 @@ def transcribe_talkers(
     *,
     checkpoint: Path | None = None,
     chunk_ms: int = 160,
+    beam: int = 1,
     on_partial: Callable[[tuple[str, ...], tuple[tuple[int, float, float | None], ...]], None] | None = None,
 ) -> MultiTalkerTranscript:
     """Stream ``audio`` through a two-talker model (``checkpoint``, default the shipped one) in ``chunk_ms`` pieces;
-    ``on_partial(channel texts, turns)`` is called each time either changes.
+    ``on_partial(channel texts, turns)`` is called each time either changes. ``beam`` as in :func:`transcribe`,
+    per channel.
 
     Raises:
-        DeviceError: a missing or unreadable audio file or model (named), or a bad ``chunk_ms``.
+        DeviceError: a missing or unreadable audio file or model (named), or a bad ``chunk_ms`` or ``beam``.
     """
     import torch
 
@@ -328,8 +343,7 @@ def transcribe_talkers(
     from shared.models.separator_transducer import extended_vocabulary
     from shared.multitalker import SHIPPED_MULTITALKER, emission_seconds, load_multitalker
 
-    if chunk_ms < 10:
-        raise DeviceError(f"--chunk-ms {chunk_ms}: chunks must be at least 10 ms (one feature frame shift)")
+    _check_search(chunk_ms, beam)
     try:
         model, _, frontend, _ = load_multitalker(checkpoint or SHIPPED_DIR / SHIPPED_MULTITALKER)
     except CheckpointError as err:
@@ -359,7 +373,7 @@ def transcribe_talkers(
         nonlocal state, shown
         if frames.shape[0] == 0:
             return
-        state = model.stream(torch.from_numpy(frontend.cmvn.apply(frames)).float()[None], state)
+        state = model.stream(torch.from_numpy(frontend.cmvn.apply(frames)).float()[None], state, beam=beam)
         now = view()
         if now != shown:
             shown = now
@@ -459,10 +473,13 @@ def transcribe_cmd(
     artifacts: Annotated[Optional[Path], typer.Option(help="tokenizer-<vocab>.model and cmvn.json (--talkers 1).")] = None,
     chunk_ms: Annotated[int, typer.Option(min=10, help="Audio pushed per step, in ms.")] = 160,
     talkers: Annotated[int, typer.Option(min=1, max=2, help="2: two overlapping talkers, each turn's words and bounds.")] = 1,
+    beam: Annotated[
+        int, typer.Option(min=1, help="1 = greedy search; more = modified beam search of that width, carried across chunks.")
+    ] = 1,
 ) -> None:
     """Transcribe a recording as it streams: partial hypotheses, final text, real-time factor, compute skipped."""
     if talkers == 2:
-        _transcribe_talkers_cmd(audio, checkpoint, chunk_ms)
+        _transcribe_talkers_cmd(audio, checkpoint, chunk_ms, beam)
         return
     if checkpoint is None or artifacts is None:
         fail("--checkpoint and --artifacts are required (or use --talkers 2 for the shipped two-talker model)")
@@ -485,7 +502,7 @@ def transcribe_cmd(
         if live is not None:
             live.start()
         try:
-            result = transcribe(audio, checkpoint=checkpoint, artifacts=artifacts, chunk_ms=chunk_ms, on_partial=show)
+            result = transcribe(audio, checkpoint=checkpoint, artifacts=artifacts, chunk_ms=chunk_ms, beam=beam, on_partial=show)
         finally:
             if live is not None:
                 live.stop()
@@ -496,7 +513,7 @@ def transcribe_cmd(
     typer.echo(f"final: {result.text}")
     typer.echo(
         f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
-        f"of audio, {chunk_ms} ms chunks)"
+        f"of audio, {chunk_ms} ms chunks, {_search(beam)})"
     )
     kind = "gated sub-blocks" if result.model_name == "amortized" else f"dense {result.model_name} model"
     typer.echo(f"encoder compute skipped: {100 * result.skipped_share:.1f}% ({kind})")
@@ -506,7 +523,11 @@ def _turns_line(turns: tuple[tuple[int, float, float | None], ...]) -> str:
     return ", ".join(f"talker channel {c + 1} {start:.2f}-{'...' if end is None else f'{end:.2f}'} s" for c, start, end in turns)
 
 
-def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int) -> None:
+def _search(beam: int) -> str:
+    return "greedy search" if beam == 1 else f"beam {beam}"
+
+
+def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int, beam: int) -> None:
     """`chorus device transcribe --talkers 2`: each channel's words and the turns as they stream."""
     from shared.data.audio import SAMPLE_RATE
 
@@ -515,7 +536,7 @@ def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int)
         typer.echo(f"partial: {words}" + (f"  turns: {_turns_line(turns)}" if turns else ""))
 
     try:
-        result = transcribe_talkers(audio, checkpoint=checkpoint, chunk_ms=chunk_ms, on_partial=show)
+        result = transcribe_talkers(audio, checkpoint=checkpoint, chunk_ms=chunk_ms, beam=beam, on_partial=show)
     except DeviceError as err:
         fail(str(err))
     if result.native_rate != SAMPLE_RATE:
@@ -525,7 +546,7 @@ def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int)
     typer.echo(f"turns: {len(result.turns)}" + (f" ({_turns_line(result.turns)})" if result.turns else ""))
     typer.echo(
         f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
-        f"of audio, {chunk_ms} ms chunks)"
+        f"of audio, {chunk_ms} ms chunks, {_search(beam)})"
     )
 
 

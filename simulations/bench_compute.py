@@ -72,6 +72,9 @@ class BenchPlan:
     stream_utterances: int  # of those, streamed for FLOPs and wall time
     repeats: int  # interleaved timing passes, each in another model order (RTF: the best; ratios: the median)
     lead_silence_s: float  # measured again with this much noise floor before each test utterance; 0: not
+    # Every model measured a second time decoding by modified beam search of this width (streamed chunk by chunk:
+    # WER and wall time; a row "<model>+beam<N>"); 1: greedy search only, what a device runs by default.
+    beam: int = 1
 
 
 # CI-sized: a tiny corpus, a few steps; the numbers only prove the pipeline runs.
@@ -124,10 +127,10 @@ def _params(model: torch.nn.Module | StreamingEncoder) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _stream(model: Transducer, feats: torch.Tensor) -> None:
+def _stream(model: Transducer, feats: torch.Tensor, beam: int = 1) -> None:
     state = model.init_stream(batch_size=1)
     for start in range(0, feats.shape[0], CHUNK_FRAMES):
-        state = model.stream(feats[None, start : start + CHUNK_FRAMES], state)
+        state = model.stream(feats[None, start : start + CHUNK_FRAMES], state, beam=beam)
 
 
 def _encoder_stream(model: Transducer, feats: torch.Tensor) -> None:
@@ -157,10 +160,14 @@ def _with_lead(feats: list[torch.Tensor], seconds: float) -> list[torch.Tensor]:
 
 
 def _measure(
-    models: dict[str, Transducer], utterances: list[Utterance], features: FeatureCache, repeats: int, lead_silence_s: float
+    models: dict[str, tuple[Transducer, int]],
+    utterances: list[Utterance],
+    features: FeatureCache,
+    repeats: int,
+    lead_silence_s: float,
 ) -> dict[str, dict[str, Any]]:
     """FLOPs (also with ``lead_silence_s`` of noise floor first, if > 0) and batch-1 streaming wall time of every
-    model, on the same utterances, interleaved."""
+    (model, beam width), on the same utterances, interleaved."""
     feats = [torch.from_numpy(f.copy()) for f in (features.features(u) for u in utterances) if f is not None]
     late = _with_lead(feats, lead_silence_s) if lead_silence_s > 0 else []
     audio_seconds = sum(f.shape[0] for f in feats) / FRAME_RATE
@@ -168,7 +175,7 @@ def _measure(
     torch.set_num_threads(1)  # a device decodes on one core; also keeps the comparison fair
     try:
         out: dict[str, dict[str, Any]] = {}
-        for name, model in models.items():
+        for name, (model, _) in models.items():
             model.eval()
             out[name] = _flops(model, feats) | (_flops(model, late, "_lead_silence") if late else {})
         names = list(models)
@@ -176,10 +183,10 @@ def _measure(
         with torch.no_grad():
             for rep in range(repeats):
                 for name in names[rep % len(names) :] + names[: rep % len(names)]:  # each pass starts elsewhere
-                    model = models[name]
+                    model, beam = models[name]
                     start = time.perf_counter()
                     for f in feats:
-                        _stream(model, f)
+                        _stream(model, f, beam)
                     seconds[name].append(time.perf_counter() - start)
         for name in names:
             out[name]["batch1_streaming_rtf"] = min(seconds[name]) / audio_seconds
@@ -285,20 +292,25 @@ def run_compute_bench(
 
     loaded = {name: load_checkpoint(path) for name, path in checkpoints.items()}
     results: dict[str, dict[str, Any]] = {}
-    models: dict[str, Transducer] = {}
+    models: dict[str, tuple[Transducer, int]] = {}
+    greedy_of: dict[str, str] = {}  # a row -> the row of the same model under greedy search
     for name, path in checkpoints.items():
-        models[name] = loaded[name].build()
-        scored = evaluate_wer(path, test_corpus, by=("accent", "fleet"), limit=plan.eval_utterances)
-        results[name] = {
-            "params": _params(models[name]),
-            "encoder_params": _params(models[name].encoder),
-            "wer": scored["wer"],
-            "words": scored["words"],
-            "by": scored["by"],
-        }
-        if plan.lead_silence_s > 0:
-            late = evaluate_wer(path, test_corpus, limit=plan.eval_utterances, lead_silence_s=plan.lead_silence_s)
-            results[name]["wer_lead_silence"] = late["wer"]
+        model = loaded[name].build()
+        for beam in (1, plan.beam) if plan.beam > 1 else (1,):
+            arm = name if beam == 1 else f"{name}+beam{beam}"
+            models[arm], greedy_of[arm] = (model, beam), name
+            scored = evaluate_wer(path, test_corpus, by=("accent", "fleet"), beam=beam, limit=plan.eval_utterances)
+            results[arm] = {
+                "params": _params(model),
+                "encoder_params": _params(model.encoder),
+                "beam": beam,
+                "wer": scored["wer"],
+                "words": scored["words"],
+                "by": scored["by"],
+            }
+            if plan.lead_silence_s > 0 and beam == 1:
+                late = evaluate_wer(path, test_corpus, limit=plan.eval_utterances, lead_silence_s=plan.lead_silence_s)
+                results[arm]["wer_lead_silence"] = late["wer"]
 
     frontend = loaded[DENSE].frontend
     assert frontend is not None  # a shipped base carries its front end
@@ -310,9 +322,9 @@ def run_compute_bench(
         results[name].update(measured)
     dense = results[DENSE]
     for name, row in results.items():
-        # WER against a dense model: the shipped one for itself and for every model measured as shipped, the
-        # continued one (as many training steps) for every fine-tuned model.
-        reference = results[DENSE if shipped or name in (DENSE, CONVRNNT) else DENSE_CONTINUED]["wer"]
+        # WER against a dense model under greedy search: the shipped one for itself and for every model measured
+        # as shipped, the continued one (as many training steps) for every fine-tuned model.
+        reference = results[DENSE if shipped or greedy_of[name] in (DENSE, CONVRNNT) else DENSE_CONTINUED]["wer"]
         row["relative_flops_vs_dense"] = row["encoder_gflops_per_audio_second"] / dense["encoder_gflops_per_audio_second"]
         ratios = sorted(t / d for t, d in zip(row["pass_seconds"], dense["pass_seconds"]))
         row["relative_wall_vs_dense"] = statistics.median(ratios)
@@ -424,9 +436,17 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
 
 
 def main(
-    *, quick: bool, workdir: Path, bench_id: str, reuse: bool, as_json: bool, train_device: str = "cpu", shipped: bool = False
+    *,
+    quick: bool,
+    workdir: Path,
+    bench_id: str,
+    reuse: bool,
+    as_json: bool,
+    train_device: str = "cpu",
+    shipped: bool = False,
+    beam: int = 1,
 ) -> None:
-    plan = QUICK if quick else FULL
+    plan = replace(QUICK if quick else FULL, beam=beam)
     with contextlib.redirect_stdout(sys.stderr):  # progress to stderr: stdout carries only the result
         summary = run_compute_bench(
             plan,

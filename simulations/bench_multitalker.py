@@ -66,7 +66,7 @@ class MultitalkerPlan:
     init_run: str = ""  # runs/<id> of an earlier bench whose systems this one continues training ("": the base)
     recognition_layers: int = 0  # the base encoder's top blocks moved after the separator, tied across channels
     turn_reset: bool = False  # the predictor's context starts afresh after <eot> (SeparatorConfig.turn_reset)
-    beam: int = 1  # search for the scored sessions: 1 greedy (what a device streams), more = modified beam search
+    beam: int = 1  # search for the scored and streamed sessions: 1 greedy, more = modified beam search (`--beam`)
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -114,8 +114,9 @@ def _corpora(plan: MultitalkerPlan, workdir: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def _stream_cost(model: SeparatorTransducer, sessions: list[Session], features: dict[str, Any]) -> dict[str, float]:
-    """Encoder + separator FLOPs per audio second, and batch-1 streaming RTF (encoder, separator, greedy search)."""
+def _stream_cost(model: SeparatorTransducer, sessions: list[Session], features: dict[str, Any], beam: int) -> dict[str, float]:
+    """Encoder + separator FLOPs per audio second, and batch-1 streaming RTF (encoder, separator, and the search:
+    greedy, or beam search of width ``beam`` carried across chunks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -135,7 +136,7 @@ def _stream_cost(model: SeparatorTransducer, sessions: list[Session], features: 
         for session in sessions:
             state = model.init_stream(1)
             for chunk in torch.from_numpy(features[session.id])[None].split(CHUNK_FRAMES, dim=1):
-                state = model.stream(chunk, state)
+                state = model.stream(chunk, state, beam=beam)
         wall = time.perf_counter() - began
     finally:
         torch.set_num_threads(threads)
@@ -231,7 +232,7 @@ def run_multitalker_bench(
         scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam)
         penalty = plan.turn_penalty if penalized else 0.0
         result["arms"][arm] = {"kind": kind, "turn_penalty": penalty, "training": training, **scores}
-        result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features))
+        result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features, plan.beam))
     arms = result["arms"]
     base_wer, sts, mt = arms["mt-rnnt"]["all"]["wer"], arms["sts+penalty"]["all"], arms["mt-rnnt"]["all"]
     result["comparison"] = {

@@ -299,6 +299,12 @@ def bench_compute_cmd(
     shipped: Annotated[
         bool, typer.Option(help="Measure the shipped dense, amortized and ConvRNN-T bases as they are (no training).")
     ] = False,
+    beam: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Also measure every model under modified beam search of this width, streamed (1 = greedy only)."
+        ),
+    ] = 1,
 ) -> None:
     """Dense vs sliding-window vs ConvRNN-T vs compute-amortized Transformer: WER, FLOPs, batch-1 RTF."""
     from simulations.bench_compute import main
@@ -311,6 +317,7 @@ def bench_compute_cmd(
         as_json=json_,
         train_device=train_device,
         shipped=shipped,
+        beam=beam,
     )
 
 
@@ -331,7 +338,9 @@ def bench_multitalker_cmd(
     ] = "cpu",
     beam: Annotated[
         int,
-        typer.Option(min=1, help="Search for scored sessions: 1 = greedy (as a device streams); more = modified beam search."),
+        typer.Option(
+            min=1, help="Search for scored and streamed sessions: 1 = greedy; more = modified beam search, chunk by chunk."
+        ),
     ] = 1,
 ) -> None:
     """Separator-transducer-segmenter vs MT-RNN-T on two-talker sessions: WER, turn counting, end-of-turn latency."""

@@ -71,9 +71,19 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
 def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) -> None:
     """``--shipped`` trains nothing: the dense, amortized and ConvRNN-T bases as shipped, side by side, every WER
     against the dense base's."""
-    result = _quick_bench(tmp_path, "--shipped")
-    models = result["models"]
+    result = _quick_bench(tmp_path, "--shipped", "--beam", "2")
+    everything = result["models"]
+    # --beam 2: every model measured a second time under beam search, streamed, against the dense greedy row.
+    searched = {name: row for name, row in everything.items() if name.endswith("+beam2")}
+    models = {name: row for name, row in everything.items() if name not in searched}
     assert set(models) == {"transformer", "amortized", "convrnnt"} and result["amortized_curve"] == []
+    assert set(searched) == {f"{name}+beam2" for name in models}
+    for name, row in searched.items():
+        greedy = models[name.removesuffix("+beam2")]
+        assert row["beam"] == 2 and greedy["beam"] == 1 and row["params"] == greedy["params"]
+        assert row["relative_wer_vs_dense"] == pytest.approx(row["wer"] / models["transformer"]["wer"])
+        assert row["encoder_gflops_per_audio_second"] == pytest.approx(greedy["encoder_gflops_per_audio_second"])
+        assert len(row["pass_seconds"]) == 2 and row["batch1_streaming_rtf"] > 0
     manifest = shipped_manifest()
     by_architecture = {e["model_config"]["name"]: n for n, e in manifest.items() if "model_config" in e and not e.get("withheld")}
     for name, row in models.items():

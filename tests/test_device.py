@@ -104,7 +104,11 @@ def test_streaming_equals_offline_greedy_and_amortized_skip_share(assets: dict[s
     cmvn = GlobalCMVN.load(assets["artifacts"] / "cmvn.json")
     feats = torch.from_numpy(cmvn.apply(compute_fbank(soundfile.read(str(assets["wav16"]), dtype="float32")[0])))
     tokens = model.greedy_search(feats[None], torch.tensor([feats.shape[0]]))[0]
-    assert result.text == Tokenizer.load(assets["artifacts"] / f"tokenizer-{VOCAB}.model").decode(tokens)
+    tokenizer = Tokenizer.load(assets["artifacts"] / f"tokenizer-{VOCAB}.model")
+    assert result.text == tokenizer.decode(tokens)
+    # And beam search carried across chunks gives the text of beam search on the whole utterance.
+    searched = transcribe(assets["wav16"], checkpoint=assets["amortized"], artifacts=assets["artifacts"], chunk_ms=80, beam=4)
+    assert searched.text == tokenizer.decode(model.beam_search(feats[None], torch.tensor([feats.shape[0]]), beam=4)[0])
 
 
 @needs_espeak
@@ -128,6 +132,8 @@ def test_transcribe_bad_inputs_name_the_file(assets: dict[str, Path], tmp_path: 
     assert result.exit_code == 2 and str(tmp_path / "none.pt") in result.output
     result = _run("transcribe", assets["wav16"], "--checkpoint", assets["transformer"], "--artifacts", tmp_path)
     assert result.exit_code == 2 and str(tmp_path / f"tokenizer-{VOCAB}.model") in result.output
+    result = _run("transcribe", assets["wav16"], *common, "--beam", "0")
+    assert result.exit_code == 2 and "--beam" in result.output
 
 
 # -- deployment data ----------------------------------------------------------------------------------------

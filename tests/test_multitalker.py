@@ -13,6 +13,9 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from client.device import transcribe_talkers
+from shared.data.audio import load_audio
+from shared.data.features import compute_fbank
 from shared.data.mix import MixError, Session, Turn, load_sessions, mix_sessions, plan_timeline, speech_span
 from shared.data.synth import SAMPLE_RATE, synthesize
 from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint, sha256_of, shipped_manifest
@@ -213,6 +216,14 @@ def test_streaming_equals_the_whole_input_for_any_chunking(recognition_layers: i
         assert [[(list(state.hypotheses[c * 2 + b]), list(state.frames[c * 2 + b])) for c in range(2)] for b in range(2)] == [
             [(tokens, frames) for tokens, frames in session] for session in decoded
         ]
+        searched = model.beam_search(feats, torch.tensor([150, 150]), beam=4)  # and beam search, chunk by chunk
+        state = model.init_stream(2)
+        for chunk in feats.split(13, dim=1):
+            state = model.stream(chunk, state, beam=4)
+        assert [[(list(state.hypotheses[c * 2 + b]), list(state.frames[c * 2 + b])) for c in range(2)] for b in range(2)] == [
+            [(tokens, frames) for tokens, frames in session] for session in searched
+        ]
+        assert any(tokens for session in searched for tokens, _ in session)
         if turn_reset:
             assert any(eot in tokens and tokens[-1] != eot for session in decoded for tokens, _ in session)
     assert lengths.tolist() == [36, 36, 36, 36]
@@ -363,6 +374,15 @@ def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_p
     result = CliRunner().invoke(app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path)])
     assert result.exit_code == 0, result.output
     assert "final [1]:" in result.output and "final [2]:" in result.output and "RTF" in result.output
+    searched = transcribe_talkers(session.audio, checkpoint=path, beam=4)  # beam search as it streams = offline
+    feats = torch.from_numpy(frontend.cmvn.apply(compute_fbank(load_audio(session.audio)))).float()[None]
+    offline = loaded.beam_search(feats, torch.tensor([feats.shape[1]]), beam=4)[0]
+    pieces = frontend.tokenizer.vocab_size
+    assert searched.channels == tuple(frontend.tokenizer.decode([t for t in tokens if t < pieces]) for tokens, _ in offline)
+    result = CliRunner().invoke(
+        app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path), "--beam", "4"]
+    )
+    assert result.exit_code == 0 and "beam 4)" in result.output, result.output
     wrong = CliRunner().invoke(
         app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(SHIPPED_DIR / "dense-6.pt")]
     )
@@ -371,10 +391,11 @@ def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_p
 
 @pytest.mark.slow
 def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["bench", "multitalker", "--quick", "--json", "--workdir", str(tmp_path)])
+    # --beam 2: scored and streamed by beam search (the pipeline end to end; greedy search is the default)
+    result = CliRunner().invoke(app, ["bench", "multitalker", "--quick", "--beam", "2", "--json", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
-    assert list(report["arms"]) == ["sts+penalty", "mt-rnnt", "sts"]
+    assert list(report["arms"]) == ["sts+penalty", "mt-rnnt", "sts"] and report["plan"]["beam"] == 2
     for arm in report["arms"].values():
         assert arm["all"]["sessions"] == 4 and arm["all"]["words"] > 0 and 0.0 <= arm["all"]["wer"]
         assert arm["training"]["steps"] == 2 and arm["batch1_streaming_rtf"] > 0
@@ -383,7 +404,8 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     assert arms["sts"]["encoder_gflops_per_audio_second"] > arms["mt-rnnt"]["encoder_gflops_per_audio_second"]
     assert arms["sts"]["encoder_gflops_per_audio_second"] == pytest.approx(arms["sts+penalty"]["encoder_gflops_per_audio_second"])
     assert arms["sts+penalty"]["turn_penalty"] > 0 and arms["sts"]["turn_penalty"] == 0
-    assert (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text().startswith("# Multi-talker benchmark")
+    text = (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text()
+    assert text.startswith("# Multi-talker benchmark") and "modified beam search, beam 2." in text
 
 
 def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_speakers(tmp_path: Path) -> None:

@@ -69,10 +69,10 @@ def overfitted(_one_thread: None) -> Overfitted:
     return Overfitted(model=model.eval(), batch=batch, losses=losses)
 
 
-def _stream(model: Transducer, feats: torch.Tensor, sizes: list[int]) -> StreamState:
+def _stream(model: Transducer, feats: torch.Tensor, sizes: list[int], beam: int = 1) -> StreamState:
     state, start = model.init_stream(batch_size=feats.shape[0]), 0
     for size in sizes:
-        state = model.stream(feats[:, start : start + size], state)
+        state = model.stream(feats[:, start : start + size], state, beam=beam)
         start += size
     assert start == feats.shape[1]
     return state
@@ -102,6 +102,24 @@ def test_streaming_greedy_equals_offline_greedy(overfitted: Overfitted, trained:
     state = _stream(model, feats, sizes)
     assert [list(tokens) for tokens in state.hypotheses] == offline
     assert len(offline[0]) > 0
+
+
+@pytest.mark.parametrize("trained", [True, False])
+@pytest.mark.parametrize("chunk", [5, 16, 33])
+def test_streaming_beam_search_equals_offline_beam_search(overfitted: Overfitted, trained: bool, chunk: int) -> None:
+    model = overfitted.model if trained else _tiny_model(seed=3).eval()
+    feats = torch.cat([overfitted.batch.feats[:1], torch.randn_like(overfitted.batch.feats[:1])])
+    lengths = torch.full((2,), feats.shape[1])
+    sizes = [min(chunk, feats.shape[1] - start) for start in range(0, feats.shape[1], chunk)]
+    state = _stream(model, feats, sizes, beam=4)
+    offline = model.beam_search(feats, lengths, beam=4)
+    assert [list(tokens) for tokens in state.hypotheses] == offline
+    assert all(b.frames == int(model.encoder.subsampled_length(lengths)[0]) for b in state.beams)
+    assert len(offline[0]) > 0 and len(state.beams[0].hypotheses) > 1  # a beam, not one path
+    if trained:
+        assert offline[0] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="beam"):
+        model.stream(feats[:, :8], model.init_stream(batch_size=2), beam=0)
 
 
 def test_batched_greedy_equals_greedy_per_utterance() -> None:

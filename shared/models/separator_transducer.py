@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.models.encoder import BlockList, check_batch, check_chunk
-from shared.models.transducer import Transducer
+from shared.models.transducer import Beam, Transducer
 from shared.models.transformer import BlockCache, CausalTransformerEncoder, TransformerBlock, TransformerConfig, TransformerState
 
 __all__ = [
@@ -134,19 +134,21 @@ class SeparatorState(NamedTuple):
 
 
 class MultiStreamState(NamedTuple):
-    """Streaming greedy-decoding state; rows are channel-major: row ``c * B + b`` is channel c of stream b.
+    """Streaming decoding state; rows are channel-major: row ``c * B + b`` is channel c of stream b.
 
     Attributes:
         separator: ``SeparatorState``.
-        context: (C * B, c) predictor contexts.
-        hypotheses: tokens emitted so far per row.
+        context: (C * B, c) predictor contexts (greedy search).
+        hypotheses: tokens emitted so far per row (beam search: the row's best hypothesis so far).
         frames: the encoder frame (absolute) at which each of those tokens was emitted.
+        beams: beam search's ``Beam`` per row; empty under greedy search.
     """
 
     separator: SeparatorState
     context: Tensor
     hypotheses: tuple[tuple[int, ...], ...]
     frames: tuple[tuple[int, ...], ...]
+    beams: tuple[Beam, ...] = ()
 
 
 class SeparatorTransducer(nn.Module):
@@ -354,8 +356,8 @@ class SeparatorTransducer(nn.Module):
     @torch.no_grad()
     def beam_search(self, feats: Tensor, feat_lens: Tensor, beam: int = 8) -> list[list[tuple[list[int], list[int]]]]:
         """Per session, per channel: (token ids, encoder frame of each) by modified beam search
-        (``Transducer.beam_frames``, with the turn bonus), each channel on its own. Not streaming: a device
-        streams with greedy search; beam search is for offline scoring."""
+        (``Transducer.beam_frames``, with the turn bonus), each channel on its own; ``stream(..., beam=N)`` gives
+        the same chunk by chunk."""
         if beam < 1:
             raise ValueError(f"beam must be positive, got {beam}")
         frames, lengths = self.channel_frames(feats, feat_lens)
@@ -402,10 +404,31 @@ class SeparatorTransducer(nn.Module):
         return channel_frames, SeparatorState(encoder=encoder_state, channels=caches, offset=state.offset + frames.shape[1])
 
     @torch.no_grad()
-    def stream(self, chunk: Tensor, state: MultiStreamState, max_symbols_per_frame: int = 3) -> MultiStreamState:
-        """Greedy-decode the next chunk (B, t, F); tokens and their frames accumulate per row (channel-major)."""
+    def stream(self, chunk: Tensor, state: MultiStreamState, max_symbols_per_frame: int = 3, beam: int = 1) -> MultiStreamState:
+        """Decode the next chunk (B, t, F); tokens and their frames accumulate per row (channel-major).
+
+        ``beam`` 1 is greedy search (``greedy_search`` after the last chunk); a wider one is modified beam search
+        per row carried from chunk to chunk, each row's best hypothesis so far shown (``beam_search`` after the
+        last chunk). Keep one width for a whole stream.
+        """
+        if beam < 1:
+            raise ValueError(f"beam must be positive, got {beam}")
         start = state.separator.offset
         frames, separator = self.infer(chunk, state.separator)
+        if beam > 1:
+            bonus = self._bonus()
+            beams = tuple(
+                self.transducer.extend_beam(old, frames[row], beam, bonus)
+                for row, old in enumerate(state.beams or (Beam(),) * frames.shape[0])
+            )
+            best = [b.best() for b in beams]
+            return MultiStreamState(
+                separator=separator,
+                context=state.context,
+                hypotheses=tuple(tokens for tokens, _ in best),
+                frames=tuple(when for _, when in best),
+                beams=beams,
+            )
         counts = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
         context, emitted, when = self.transducer.greedy_frames(
             frames, counts, state.context, max_symbols_per_frame, self._bonus()

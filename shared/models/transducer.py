@@ -25,6 +25,11 @@ Example:
     ...     state = model.stream(chunk, state)
     >>> list(state.hypotheses[0]) == model.greedy_search(feats[:1], feat_lens[:1])[0]
     True
+    >>> state = model.init_stream(batch_size=1)
+    >>> for chunk in feats[:1].split(32, dim=1):
+    ...     state = model.stream(chunk, state, beam=4)
+    >>> list(state.hypotheses[0]) == model.beam_search(feats[:1], feat_lens[:1], beam=4)[0]
+    True
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from torch import Tensor, nn
 from shared.models.encoder import StreamingEncoder
 from shared.models.rnnt_loss import rnnt_loss
 
-__all__ = ["Joiner", "StatelessPredictor", "StreamState", "Transducer", "TransducerConfig", "TransducerOutput"]
+__all__ = ["Beam", "Joiner", "StatelessPredictor", "StreamState", "Transducer", "TransducerConfig", "TransducerOutput"]
 
 
 @dataclass(frozen=True)
@@ -167,18 +172,38 @@ class TransducerOutput(NamedTuple):
     ctc_loss_per_utt: Tensor | None = None
 
 
+class Beam(NamedTuple):
+    """Modified beam search between two frames, so that a stream can carry it from chunk to chunk.
+
+    Attributes:
+        hypotheses: the surviving hypotheses: (token ids, the encoder frame of each).
+        scores: their log-probabilities.
+        frames: encoder frames searched so far (the next frame's index).
+    """
+
+    hypotheses: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (((), ()),)
+    scores: tuple[float, ...] = (0.0,)
+    frames: int = 0
+
+    def best(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The most probable hypothesis: (token ids, frame of each)."""
+        return self.hypotheses[max(range(len(self.scores)), key=self.scores.__getitem__)]
+
+
 class StreamState(NamedTuple):
-    """Streaming greedy-decoding state of a ``Transducer``.
+    """Streaming decoding state of a ``Transducer``.
 
     Attributes:
         encoder: the encoder's own streaming state (e.g. ``TransformerState``).
-        context: (B, c) last c emitted token ids, left-padded with blank.
-        hypotheses: token ids emitted so far, one tuple per stream.
+        context: (B, c) last c emitted token ids, left-padded with blank (greedy search).
+        hypotheses: token ids emitted so far, one tuple per stream (beam search: its best hypothesis so far).
+        beams: beam search's ``Beam`` per stream; empty under greedy search.
     """
 
     encoder: Any
     context: Tensor
     hypotheses: tuple[tuple[int, ...], ...]
+    beams: tuple[Beam, ...] = ()
 
 
 def _log_add(a: float, b: float) -> float:
@@ -338,11 +363,16 @@ class Transducer(nn.Module):
         """Modified beam search over one utterance's (T', D) frames, at most one label per frame: the tokens of the
         most probable hypothesis and the frame of each. ``bonus``: optional (V + 1,) scores added to the joiner's
         logits before the softmax (decoding only, as in ``greedy_frames``)."""
+        tokens, when = self.extend_beam(Beam(), frames, beam, bonus).best()
+        return list(tokens), list(when)
+
+    def extend_beam(self, state: Beam, frames: Tensor, beam: int, bonus: Tensor | None = None) -> Beam:
+        """``state`` carried over the next (n, D) frames of one stream by modified beam search (``beam_frames``):
+        searching a stream chunk by chunk gives the same beam as searching all of its frames at once."""
         num_classes = self.blank + 1
-        hypotheses: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
-        scores = [0.0]
+        hypotheses, scores = list(state.hypotheses), list(state.scores)
         padding = (self.blank,) * self.predictor.context_size
-        for t, frame in enumerate(frames):
+        for t, frame in enumerate(frames, start=state.frames):
             contexts = [(padding + tokens)[-self.predictor.context_size :] for tokens, _ in hypotheses]
             predicted = self.predictor(torch.tensor(contexts, device=frames.device))
             logits = self.joiner(frame.expand(len(hypotheses), 1, -1), predicted)[:, 0, 0]
@@ -359,8 +389,7 @@ class Transducer(nn.Module):
                 merged[tokens] = (_log_add(merged[tokens][0], score), merged[tokens][1]) if tokens in merged else (score, when)
             hypotheses = [(tokens, when) for tokens, (_, when) in merged.items()]
             scores = [score for score, _ in merged.values()]
-        tokens, when = hypotheses[max(range(len(scores)), key=scores.__getitem__)]
-        return list(tokens), list(when)
+        return Beam(hypotheses=tuple(hypotheses), scores=tuple(scores), frames=state.frames + frames.shape[0])
 
     @torch.no_grad()
     def beam_search(self, feats: Tensor, feat_lens: Tensor, beam: int = 4) -> list[list[int]]:
@@ -391,14 +420,23 @@ class Transducer(nn.Module):
         )
 
     @torch.no_grad()
-    def stream(self, chunk: Tensor, state: StreamState, max_symbols_per_frame: int = 3) -> StreamState:
-        """Greedy-decode the next chunk (B, t, F) of B streams; the tokens accumulate in ``state.hypotheses``.
+    def stream(self, chunk: Tensor, state: StreamState, max_symbols_per_frame: int = 3, beam: int = 1) -> StreamState:
+        """Decode the next chunk (B, t, F) of B streams; the tokens accumulate in ``state.hypotheses``.
 
-        After the last chunk, the hypotheses equal ``greedy_search`` on the whole utterances.
+        ``beam`` 1 is greedy search (up to ``max_symbols_per_frame`` labels a frame); after the last chunk the
+        hypotheses equal ``greedy_search`` on the whole utterances. A wider ``beam`` is modified beam search
+        carried from chunk to chunk (``state.beams``); the hypotheses are each stream's best so far (a later
+        chunk may revise them) and after the last chunk equal ``beam_search``. Keep one width for a whole stream.
         """
-        if max_symbols_per_frame < 1:
-            raise ValueError(f"max_symbols_per_frame must be positive, got {max_symbols_per_frame}")
+        if max_symbols_per_frame < 1 or beam < 1:
+            raise ValueError(f"max_symbols_per_frame and beam must be positive, got {max_symbols_per_frame} and {beam}")
         frames, encoder_state = self.encoder.infer(chunk, state.encoder)
+        if beam > 1:
+            beams = tuple(
+                self.extend_beam(old, frames[row], beam) for row, old in enumerate(state.beams or (Beam(),) * frames.shape[0])
+            )
+            hypotheses = tuple(b.best()[0] for b in beams)
+            return StreamState(encoder=encoder_state, context=state.context, hypotheses=hypotheses, beams=beams)
         counts = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
         context, emitted, _ = self.greedy_frames(frames, counts, state.context, max_symbols_per_frame)
         hypotheses = tuple(old + tuple(new) for old, new in zip(state.hypotheses, emitted, strict=True))
