@@ -82,6 +82,8 @@ def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) ->
         greedy = models[name.removesuffix("+beam2")]
         assert row["beam"] == 2 and greedy["beam"] == 1 and row["params"] == greedy["params"]
         assert row["relative_wer_vs_dense"] == pytest.approx(row["wer"] / models["transformer"]["wer"])
+        assert row["relative_wer_vs_dense_same_search"] == pytest.approx(row["wer"] / searched["transformer+beam2"]["wer"])
+        assert greedy["relative_wer_vs_dense_same_search"] == greedy["relative_wer_vs_dense"]
         assert row["encoder_gflops_per_audio_second"] == pytest.approx(greedy["encoder_gflops_per_audio_second"])
         assert len(row["pass_seconds"]) == 2 and row["batch1_streaming_rtf"] > 0
     manifest = shipped_manifest()
