@@ -13,11 +13,11 @@
   SuperNode on a machine.
 
 ``chorus device transcribe`` pushes audio through the on-device pipeline chunk by chunk, exactly as a
-microphone would: StreamingFbank -> global CMVN -> ``Transducer.stream``; it prints partial hypotheses as
-they grow, the final text, the real-time factor, and (amortized model) the share of encoder compute its
-gates skipped. With ``--talkers 2`` it runs the separator-transducer-segmenter instead (a ``chorus bench
-multitalker`` model, the shipped one by default): each channel's partial words and the turn boundaries (``<sot>``,
-``<eot>``) as the chunks arrive.
+microphone would: StreamingFbank -> global CMVN -> ``Transducer.stream`` (greedy search, or with ``--beam N``
+modified beam search carried from chunk to chunk); it prints partial hypotheses as they grow, the final text, the
+real-time factor, and (amortized model) the share of encoder compute its gates skipped. With ``--talkers 2`` it
+runs the separator-transducer-segmenter instead (a ``chorus bench multitalker`` model, the shipped one by default):
+each channel's partial words and the turn boundaries (``<sot>``, ``<eot>``) as the chunks arrive.
 """
 
 from __future__ import annotations

@@ -9,15 +9,17 @@ shipped, against the dense base as shipped (another base: its encoder learned fr
 dense base's predictor and joiner). ``--shipped`` measures only the shipped bases as they are (dense, amortized,
 ConvRNN-T), with no training: the compute table of what ships, in minutes. Measured in this one process, on
 unseen speakers of a test corpus:
-    wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet
+    wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet;
+                                     with ``--beam N`` each model again as ``<model>+beam<N>`` (modified beam search)
     encoder_gflops_per_audio_second  FLOPs actually executed (torch FlopCounterMode) by the encoder while
                                      streaming batch-1 chunks of 160 ms, per second of audio
-    batch1_streaming_rtf             wall time of batch-1 streaming (encoder + greedy search) / audio time,
+    batch1_streaming_rtf             wall time of batch-1 streaming (encoder + the row's search) / audio time,
                                      one thread, best of `repeats` interleaved passes
     relative_*_vs_dense              ratios to the dense model measured in the same run; wall time: the median
                                      over passes of the model's time / the dense model's in the same pass
                                      (``relative_wall_range``: their min and max), so a machine that slows for a
-                                     while slows both sides of a ratio
+                                     while slows both sides of a ratio; ``relative_wer_vs_dense_same_search``:
+                                     WER against the reference dense model under the row's own search
     *_lead_silence                   WER, FLOPs and executed share again with ``lead_silence_s`` of each test
                                      recording's own noise floor before it: a device's recording, which starts
                                      before anyone speaks (the gates may skip what is not speech)
