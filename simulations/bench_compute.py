@@ -54,7 +54,7 @@ from simulations.train import TrainPlan, train_central
 
 __all__ = ["BenchPlan", "QUICK", "FULL", "train_models", "run_compute_bench"]
 
-CHUNK_FRAMES = 16  # 160 ms of features per streaming call: a typical on-device chunk
+CHUNK_MS = 160  # audio per streaming call by default: a typical on-device chunk
 DENSE = "transformer"  # the shipped dense base, as shipped
 DENSE_CONTINUED = "transformer-continued"  # the dense base fine-tuned as long as the other models
 CONVRNNT = "convrnnt"  # measured as shipped
@@ -77,6 +77,7 @@ class BenchPlan:
     # Every model measured a second time decoding by modified beam search of this width (streamed chunk by chunk:
     # WER and wall time; a row "<model>+beam<N>"); 1: greedy search only, what a device runs by default.
     beam: int = 1
+    chunk_ms: int = CHUNK_MS  # audio per streaming call (FLOPs and wall time): a multiple of the 10 ms frame shift
 
 
 # CI-sized: a tiny corpus, a few steps; the numbers only prove the pipeline runs.
@@ -129,25 +130,25 @@ def _params(model: torch.nn.Module | StreamingEncoder) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _stream(model: Transducer, feats: torch.Tensor, beam: int = 1) -> None:
+def _stream(model: Transducer, feats: torch.Tensor, chunk: int, beam: int = 1) -> None:
     state = model.init_stream(batch_size=1)
-    for start in range(0, feats.shape[0], CHUNK_FRAMES):
-        state = model.stream(feats[None, start : start + CHUNK_FRAMES], state, beam=beam)
+    for start in range(0, feats.shape[0], chunk):
+        state = model.stream(feats[None, start : start + chunk], state, beam=beam)
 
 
-def _encoder_stream(model: Transducer, feats: torch.Tensor) -> None:
+def _encoder_stream(model: Transducer, feats: torch.Tensor, chunk: int) -> None:
     state = model.encoder.init_state(batch_size=1)
-    for start in range(0, feats.shape[0], CHUNK_FRAMES):
-        _, state = model.encoder.infer(feats[None, start : start + CHUNK_FRAMES], state)
+    for start in range(0, feats.shape[0], chunk):
+        _, state = model.encoder.infer(feats[None, start : start + chunk], state)
 
 
-def _flops(model: Transducer, feats: list[torch.Tensor], suffix: str = "") -> dict[str, float]:
+def _flops(model: Transducer, feats: list[torch.Tensor], chunk: int, suffix: str = "") -> dict[str, float]:
     """Encoder GFLOPs per audio second streaming ``feats``, and an amortized encoder's executed share."""
     audio_seconds = sum(f.shape[0] for f in feats) / FRAME_RATE
     if isinstance(model.encoder, AmortizedTransformerEncoder):
         model.encoder.reset_gate_stats()
     with torch.no_grad():
-        flops = sum(measure_flops(_encoder_stream, model, f) for f in feats)
+        flops = sum(measure_flops(_encoder_stream, model, f, chunk) for f in feats)
     out = {f"encoder_gflops_per_audio_second{suffix}": flops / audio_seconds / 1e9}
     if isinstance(model.encoder, AmortizedTransformerEncoder):
         out[f"executed_share{suffix}"] = model.encoder.gate_stats().executed_share
@@ -167,9 +168,10 @@ def _measure(
     features: FeatureCache,
     repeats: int,
     lead_silence_s: float,
+    chunk: int,
 ) -> dict[str, dict[str, Any]]:
     """FLOPs (also with ``lead_silence_s`` of noise floor first, if > 0) and batch-1 streaming wall time of every
-    (model, beam width), on the same utterances, interleaved."""
+    (model, beam width) in chunks of ``chunk`` feature frames, on the same utterances, interleaved."""
     feats = [torch.from_numpy(f.copy()) for f in (features.features(u) for u in utterances) if f is not None]
     late = _with_lead(feats, lead_silence_s) if lead_silence_s > 0 else []
     audio_seconds = sum(f.shape[0] for f in feats) / FRAME_RATE
@@ -179,7 +181,7 @@ def _measure(
         out: dict[str, dict[str, Any]] = {}
         for name, (model, _) in models.items():
             model.eval()
-            out[name] = _flops(model, feats) | (_flops(model, late, "_lead_silence") if late else {})
+            out[name] = _flops(model, feats, chunk) | (_flops(model, late, chunk, "_lead_silence") if late else {})
         names = list(models)
         seconds: dict[str, list[float]] = {name: [] for name in names}
         with torch.no_grad():
@@ -188,7 +190,7 @@ def _measure(
                     model, beam = models[name]
                     start = time.perf_counter()
                     for f in feats:
-                        _stream(model, f, beam)
+                        _stream(model, f, chunk, beam)
                     seconds[name].append(time.perf_counter() - start)
         for name in names:
             out[name]["batch1_streaming_rtf"] = min(seconds[name]) / audio_seconds
@@ -320,7 +322,9 @@ def run_compute_bench(
     utterances = sorted(corpus.utterances, key=lambda u: u.id)
     stream_utts = utterances[:: max(1, len(utterances) // plan.stream_utterances)][: plan.stream_utterances]
     features = FeatureCache(corpus, frontend.cmvn, max_items=len(stream_utts))
-    for name, measured in _measure(models, stream_utts, features, plan.repeats, plan.lead_silence_s).items():
+    for name, measured in _measure(
+        models, stream_utts, features, plan.repeats, plan.lead_silence_s, plan.chunk_ms * FRAME_RATE // 1000
+    ).items():
         results[name].update(measured)
     dense = results[DENSE]
     for name, row in results.items():
@@ -349,7 +353,7 @@ def run_compute_bench(
             "plan": {k: v for k, v in asdict(plan).items()},
             "shipped": shipped,
             "test_corpus": str(test_corpus),
-            "chunk_ms": CHUNK_FRAMES * 10,
+            "chunk_ms": plan.chunk_ms,
             "stream_utterances": len(stream_utts),
             "threads_for_timing": 1,
             "torch": torch.__version__,
@@ -452,8 +456,9 @@ def main(
     train_device: str = "cpu",
     shipped: bool = False,
     beam: int = 1,
+    chunk_ms: int = CHUNK_MS,
 ) -> None:
-    plan = replace(QUICK if quick else FULL, beam=beam)
+    plan = replace(QUICK if quick else FULL, beam=beam, chunk_ms=chunk_ms)
     with contextlib.redirect_stdout(sys.stderr):  # progress to stderr: stdout carries only the result
         summary = run_compute_bench(
             plan,

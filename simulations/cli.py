@@ -305,8 +305,13 @@ def bench_compute_cmd(
             min=1, help="Also measure every model under modified beam search of this width, streamed (1 = greedy only)."
         ),
     ] = 1,
+    chunk_ms: Annotated[
+        int, typer.Option(min=10, help="Audio per streaming call for FLOPs and wall time, ms (a multiple of 10).")
+    ] = 160,
 ) -> None:
     """Dense vs sliding-window vs ConvRNN-T vs compute-amortized Transformer: WER, FLOPs, batch-1 RTF."""
+    if chunk_ms % 10:
+        fail(f"--chunk-ms {chunk_ms}: a chunk is a whole number of 10 ms feature frames")
     from simulations.bench_compute import main
 
     main(
@@ -318,6 +323,7 @@ def bench_compute_cmd(
         train_device=train_device,
         shipped=shipped,
         beam=beam,
+        chunk_ms=chunk_ms,
     )
 
 

@@ -71,7 +71,8 @@ def test_quick_bench_prints_json(tmp_path: Path) -> None:
 def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) -> None:
     """``--shipped`` trains nothing: the dense, amortized and ConvRNN-T bases as shipped, side by side, every WER
     against the dense base's."""
-    result = _quick_bench(tmp_path, "--shipped", "--beam", "2")
+    result = _quick_bench(tmp_path, "--shipped", "--beam", "2", "--chunk-ms", "320")
+    assert result["settings"]["chunk_ms"] == 320
     everything = result["models"]
     # --beam 2: every model measured a second time under beam search, streamed, against the dense greedy row.
     searched = {name: row for name, row in everything.items() if name.endswith("+beam2")}
@@ -108,3 +109,12 @@ def test_shipped_bench_measures_the_shipped_bases_as_they_are(tmp_path: Path) ->
         assert low <= row["relative_wall_vs_dense"] <= high
     assert models["transformer"]["relative_wall_range"] == [1.0, 1.0]
     assert not (tmp_path / "runs" / "bench-compute-shipped-quick" / "transformer-continued").exists()  # nothing trained
+
+
+def test_a_chunk_that_is_not_whole_frames_is_refused_by_name() -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "compute", "--shipped", "--chunk-ms", "155"])
+    assert result.exit_code != 0 and "--chunk-ms 155" in result.output
