@@ -12,7 +12,7 @@ unseen speakers of a test corpus:
     wer                              greedy search (``evaluate_wer``: jiwer, pooled counts), also per accent/fleet;
                                      with ``--beam N`` each model again as ``<model>+beam<N>`` (modified beam search)
     encoder_gflops_per_audio_second  FLOPs actually executed (torch FlopCounterMode) by the encoder while
-                                     streaming batch-1 chunks of 160 ms, per second of audio
+                                     streaming batch-1 chunks (``--chunk-ms``, 160 by default), per second of audio
     batch1_streaming_rtf             wall time of batch-1 streaming (encoder + the row's search) / audio time,
                                      one thread, best of `repeats` interleaved passes
     relative_*_vs_dense              ratios to the dense model measured in the same run; wall time: the median
@@ -179,9 +179,12 @@ def _measure(
     torch.set_num_threads(1)  # a device decodes on one core; also keeps the comparison fair
     try:
         out: dict[str, dict[str, Any]] = {}
+        counted: dict[int, dict[str, float]] = {}  # the encoder's FLOPs do not depend on the search: once per model
         for name, (model, _) in models.items():
-            model.eval()
-            out[name] = _flops(model, feats, chunk) | (_flops(model, late, chunk, "_lead_silence") if late else {})
+            if id(model) not in counted:
+                model.eval()
+                counted[id(model)] = _flops(model, feats, chunk) | (_flops(model, late, chunk, "_lead_silence") if late else {})
+            out[name] = dict(counted[id(model)])
         names = list(models)
         seconds: dict[str, list[float]] = {name: [] for name in names}
         with torch.no_grad():

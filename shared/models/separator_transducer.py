@@ -416,11 +416,7 @@ class SeparatorTransducer(nn.Module):
         start = state.separator.offset
         frames, separator = self.infer(chunk, state.separator)
         if beam > 1:
-            bonus = self._bonus()
-            beams = tuple(
-                self.transducer.extend_beam(old, frames[row], beam, bonus)
-                for row, old in enumerate(state.beams or (Beam(),) * frames.shape[0])
-            )
+            beams = self.transducer.extend_beams(state.beams, frames, beam, self._bonus())
             best = [b.best() for b in beams]
             return MultiStreamState(
                 separator=separator,

@@ -391,6 +391,12 @@ class Transducer(nn.Module):
             scores = [score for score, _ in merged.values()]
         return Beam(hypotheses=tuple(hypotheses), scores=tuple(scores), frames=state.frames + frames.shape[0])
 
+    def extend_beams(self, beams: tuple[Beam, ...], frames: Tensor, beam: int, bonus: Tensor | None = None) -> tuple[Beam, ...]:
+        """Each row's beam carried over its (B, n, D) ``frames`` (``extend_beam``); ``beams`` empty: fresh ones."""
+        return tuple(
+            self.extend_beam(old, frames[row], beam, bonus) for row, old in enumerate(beams or (Beam(),) * frames.shape[0])
+        )
+
     @torch.no_grad()
     def beam_search(self, feats: Tensor, feat_lens: Tensor, beam: int = 4) -> list[list[int]]:
         """Time-synchronous modified beam search (icefall), one utterance at a time.
@@ -432,9 +438,7 @@ class Transducer(nn.Module):
             raise ValueError(f"max_symbols_per_frame and beam must be positive, got {max_symbols_per_frame} and {beam}")
         frames, encoder_state = self.encoder.infer(chunk, state.encoder)
         if beam > 1:
-            beams = tuple(
-                self.extend_beam(old, frames[row], beam) for row, old in enumerate(state.beams or (Beam(),) * frames.shape[0])
-            )
+            beams = self.extend_beams(state.beams, frames, beam)
             hypotheses = tuple(b.best()[0] for b in beams)
             return StreamState(encoder=encoder_state, context=state.context, hypotheses=hypotheses, beams=beams)
         counts = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
