@@ -839,13 +839,15 @@ def eval_fairness_cmd(
     arms: Annotated[
         str,
         typer.Option(
-            help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw,qfedavg); also targeted, arw-batch, ewc+arw-batch."
+            help="Comma-separated arms (default: fedavg,ewc,arw,ewc+arw,qfedavg,fedavg+personal); also targeted, "
+            "arw-batch, ewc+arw-batch, arw+personal."
         ),
     ] = "",
     set_: SetOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (default: the report).")] = False,
 ) -> None:
-    """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both; automatic vs metadata cohorts."""
+    """Fairness without demographics: FedAvg vs +EWC vs +ARW vs +both vs q-FedAvg vs on-device personalization;
+    automatic vs metadata cohorts."""
     from dataclasses import replace
 
     from simulations.eval_fairness import ARMS, FULL, QUICK, check_inputs, main

@@ -14,6 +14,11 @@ devices fine-tune it in each arm; every arm runs our ServerApp workflow (``serve
     ewc+arw     both
     qfedavg     q-FedAvg (Li et al. 2020, Flower's ``QFedAvg``, ``strategy.qffl-q``): the fairness baseline a user would
                 pick instead, which needs no cohorts: each update weighs by its device's training loss to the power q
+    fedavg+personal  FedAvg's final global model personalized on every device, as ``chorus device personalize``
+                does (``client.train.personalize``: ``personal_steps`` AdamW steps at ``personal_lr`` on the device's
+                own training utterances, kept only where a check on set-aside ones says it helps; nothing of it leaves
+                the device): the personalization answer to fairness (Li et al. 2021, Ditto), measured on the same
+                devices and cohorts. It reuses the FedAvg arm's federation (``arw+personal``: the ARW arm's)
     (``arm_overrides`` also knows ``targeted``: the targeted rounds without EWC, what EWC adds to targeting alone,
     and ``arw-batch`` / ``ewc+arw-batch``: ARL's in-batch normalization, ``fairness.arw-normalization=batch``,
     which with one speaker per device reweights only a speaker's own utterances; pick arms with ``--arms``)
@@ -96,6 +101,10 @@ class FairnessPlan:
     ewc_lambda: float
     arms: tuple[str, ...]
     shipped_base: bool = False  # the default corpus starts from the shipped base (else one trained base_steps here)
+    # The ``+personal`` arms: each device fine-tunes the arm's final global model with ``personal_steps`` AdamW steps
+    # at ``personal_lr`` (the new-market evaluation's personalization recipe) and keeps it where a check says so.
+    personal_steps: int = 24
+    personal_lr: float = 3e-4
 
     def with_overrides(self, overrides: dict[str, Any]) -> FairnessPlan:
         """The plan with extra run-config keys (``--set``), checked against the run config at once."""
@@ -142,7 +151,9 @@ QUICK = FairnessPlan(
     targeted_rounds=1,
     base_steps=20,
     ewc_lambda=10.0,
-    arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg"),
+    arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg", "fedavg+personal"),
+    personal_steps=2,
+    personal_lr=1e-3,
 )
 # The full plan: the default corpus from the shipped base, 100 devices (one fresh federated speaker each: seed 7,
 # none of them in the base's seed-1 pool) in automatic cohorts of at least 5 devices (9 k-means clusters, those
@@ -176,13 +187,18 @@ FULL = FairnessPlan(
     targeted_rounds=1,
     base_steps=1500,
     ewc_lambda=10.0,
-    arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg"),
+    arms=("fedavg", "ewc", "arw", "ewc+arw", "qfedavg", "fedavg+personal"),
     shipped_base=True,
 )
 
 
+PERSONAL = "+personal"  # an arm's final global model, personalized on every device
+
+
 def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
-    """The run-config keys that make an arm (on top of the plan's shared ones)."""
+    """The run-config keys that make an arm's federation (on top of the plan's shared ones); a ``+personal`` arm's
+    are its federated arm's."""
+    arm = arm.removesuffix(PERSONAL)
     targeted = {"fairness.targeted-rounds": plan.targeted_rounds}
     ewc = {**targeted, "fairness.ewc-lambda": plan.ewc_lambda, "fairness.fisher": "federated"}
     batch = {"fairness.arw": True, "fairness.arw-normalization": "batch"}
@@ -201,7 +217,18 @@ def arm_overrides(arm: str, plan: FairnessPlan) -> dict[str, Any]:
     return arms[arm]
 
 
-ARMS = ("fedavg", "targeted", "ewc", "arw", "ewc+arw", "arw-batch", "ewc+arw-batch", "qfedavg")
+ARMS = (
+    "fedavg",
+    "targeted",
+    "ewc",
+    "arw",
+    "ewc+arw",
+    "arw-batch",
+    "ewc+arw-batch",
+    "qfedavg",
+    "fedavg+personal",
+    "arw+personal",
+)
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
@@ -217,6 +244,30 @@ def _device_counts(cfg: RunConfig, checkpoint: Path, devices: int) -> dict[str, 
     state = load_checkpoint(checkpoint).state_dict
     prepared = open_prepared(cfg)
     return {prepared.speaker_for_partition(pid): evaluate_local(cfg, state, device_data(cfg, pid)) for pid in range(devices)}
+
+
+def _personal_counts(cfg: RunConfig, plan: FairnessPlan, checkpoint: Path, devices: int) -> tuple[dict[str, ErrorCounts], int]:
+    """speaker -> ErrorCounts, on each device's local-eval utterances, of the model the device keeps after
+    personalizing ``checkpoint`` (``client.train.personalize`` with the plan's personalization recipe), and how
+    many devices kept a personalized one."""
+    from client.data import device_data
+    from client.evaluate import evaluate_local
+    from client.train import personalize
+    from shared.data.prepare import open_prepared
+    from shared.models.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint).state_dict
+    prepared = open_prepared(cfg)
+    recipe = RunConfig.from_flat(
+        {**cfg.to_flat(), "train.optimizer": "adamw", "train.lr": plan.personal_lr, "train.local-steps": plan.personal_steps}
+    )
+    counts, kept = {}, 0
+    for pid in range(devices):
+        data = device_data(cfg, pid)
+        weights, check = personalize(recipe, state, data, partition_id=pid)
+        counts[prepared.speaker_for_partition(pid)] = evaluate_local(cfg, weights, data)
+        kept += check.keep
+    return counts, kept
 
 
 def _automatic_cohorts(cfg: RunConfig, prepared: Prepared, centroids: np.ndarray, devices: int) -> Cohorts:
@@ -348,7 +399,8 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
     first_centroids: np.ndarray | None = None
     for arm in plan.arms:
         arm_start = time.monotonic()
-        cfg = RunConfig.from_flat({**flat, **arm_overrides(arm, plan), "run-id": f"{out.parent.name}/{key}/{arm}"})
+        federated = arm.removesuffix(PERSONAL)  # a +personal arm personalizes its federated arm's model
+        cfg = RunConfig.from_flat({**flat, **arm_overrides(arm, plan), "run-id": f"{out.parent.name}/{key}/{federated}"})
         run_dir = _finished_run(cfg)
         if run_dir is None:
             grid = InProcessGrid(client_app, devices, flat)  # devices read only the shared keys; the rest: messages
@@ -364,7 +416,12 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
             partitions.update(_metadata_partitions(key, attributes, base_counts, len(centroids)))
         elif not np.allclose(centroids, first_centroids):
             raise RuntimeError(f"arm {arm}: federated k-means found other centroids than the first arm")
-        counts = _device_counts(base_cfg, run_dir / "checkpoints" / "global.pt", devices)
+        final = run_dir / "checkpoints" / "global.pt"
+        kept: int | None = None
+        if arm.endswith(PERSONAL):
+            counts, kept = _personal_counts(base_cfg, plan, final, devices)
+        else:
+            counts = _device_counts(base_cfg, final, devices)
         last = [e for e in fairness["log"] if e["phase"] == "evaluate"][-1]
         recount = cohort_counts_by_speaker(partitions["automatic"], counts)
         _note(f"{key}: arm {arm} done in {time.monotonic() - arm_start:.0f} s")
@@ -379,6 +436,7 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
                 [e["arw_weight_min"], e["arw_weight_max"]] for e in fairness["log"] if "arw_weight_min" in e
             ],
             "cohort_sizes": fairness["cohort_sizes"],
+            "personalized_devices": kept,  # +personal arms: devices that kept a personalized model
             **{name: _summary(_report(cohorts, counts), cohorts) for name, cohorts in partitions.items()},
         }
     base_row = {name: _summary(_report(cohorts, base_counts), cohorts) for name, cohorts in partitions.items()}
@@ -513,6 +571,13 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
                 )
         checks = {arm: row["federated_matches_recount"] for arm, row in section["arms"].items()}
         lines += ["", f"Federated per-cohort counts equal the harness's central recount: {checks}.", ""]
+        kept = {arm: n for arm, row in section["arms"].items() if (n := row.get("personalized_devices")) is not None}
+        if kept:
+            lines += [
+                "Personalized arms: devices that kept a personalized model (the others kept the global one): "
+                + "; ".join(f"{arm} {n} of {section['devices']}" for arm, n in kept.items()),
+                "",
+            ]
         spreads = {arm: row["arw_weight_range"] for arm, row in section["arms"].items() if row.get("arw_weight_range")}
         if spreads:
             lines += [

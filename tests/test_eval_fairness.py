@@ -65,8 +65,16 @@ def test_quick_fairness_eval_prints_one_json_object(tmp_path: Path) -> None:
         assert len(spread) == QUICK.rounds and np.allclose(spread[0], 2.0), (name, spread)
         assert spread[-1][0] < spread[-1][1], (name, spread)
         assert not section["arms"]["fedavg"]["arw_weight_range"]
+        # The personalized arm personalizes FedAvg's own final model (one federation, reused) on every device; a
+        # device that keeps the received model scores as FedAvg's, so with none kept the rows are equal.
+        personal, fedavg = section["arms"]["fedavg+personal"], section["arms"]["fedavg"]
+        assert personal["run_dir"] == fedavg["run_dir"] and fedavg["personalized_devices"] is None
+        assert 0 <= personal["personalized_devices"] <= section["devices"], name
+        if personal["personalized_devices"] == 0:
+            assert personal["automatic"] == fedavg["automatic"], name
     report = Path(summary["report"]).read_text()
     assert "| fedavg | automatic |" in report and "| ewc+arw | metadata |" in report
+    assert "| fedavg+personal | automatic |" in report and "fedavg+personal " in report.split("Personalized arms:")[1]
     assert (Path(summary["report"]).parent / "fairness-synth.png").exists()
 
 
