@@ -397,6 +397,7 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
     arms: dict[str, Any] = {}
     partitions: dict[str, Cohorts] = {}
     first_centroids: np.ndarray | None = None
+    global_counts: dict[Path, dict[str, ErrorCounts]] = {}  # per federation: a +personal arm reuses its arm's
     for arm in plan.arms:
         arm_start = time.monotonic()
         federated = arm.removesuffix(PERSONAL)  # a +personal arm personalizes its federated arm's model
@@ -417,13 +418,14 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
         elif not np.allclose(centroids, first_centroids):
             raise RuntimeError(f"arm {arm}: federated k-means found other centroids than the first arm")
         final = run_dir / "checkpoints" / "global.pt"
-        kept: int | None = None
+        if run_dir not in global_counts:
+            global_counts[run_dir] = _device_counts(base_cfg, final, devices)
+        counts, kept = global_counts[run_dir], None
         if arm.endswith(PERSONAL):
             counts, kept = _personal_counts(base_cfg, plan, final, devices)
-        else:
-            counts = _device_counts(base_cfg, final, devices)
         last = [e for e in fairness["log"] if e["phase"] == "evaluate"][-1]
-        recount = cohort_counts_by_speaker(partitions["automatic"], counts)
+        # The federation's own per-cohort sums are of the global model: checked against its recount.
+        recount = cohort_counts_by_speaker(partitions["automatic"], global_counts[run_dir])
         _note(f"{key}: arm {arm} done in {time.monotonic() - arm_start:.0f} s")
         arms[arm] = {
             "run_dir": str(run_dir),
