@@ -146,7 +146,7 @@ class SessionBatch:
 
 def session_features(sessions: Sequence[Session], cmvn: GlobalCMVN) -> dict[str, np.ndarray]:
     """session id -> (T, F) normalized fbank of its audio."""
-    return {s.id: cmvn.apply(compute_fbank(load_audio(s.audio))).astype(np.float32) for s in sessions}
+    return {s.id: cmvn.apply(compute_fbank(load_audio(s.audio, resample=True))).astype(np.float32) for s in sessions}
 
 
 def make_session_batches(

@@ -8,8 +8,9 @@ Three systems start from the shipped single-talker base and are trained on the s
     sts+penalty   the same with the turn-token latency penalty (``plan.turn_penalty``)
 
 Measured in this one process (see ``shared/multitalker.py`` for the definitions): WER (permutation-invariant over
-channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket;
-encoder + separator FLOPs per audio second actually executed (FlopCounterMode) while streaming 160 ms chunks, and
+channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket; the
+same on the test speakers' own utterances one talker at a time (what a device mostly hears; the other channel's words
+are insertions); encoder + separator FLOPs per audio second actually executed (FlopCounterMode) while streaming 160 ms chunks, and
 batch-1 streaming RTF (one thread). One JSON object goes to stdout; the run directory keeps the models and report.md.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from shared.data.mix import Session, load_sessions, mix_sessions
+from shared.data.mix import LEAD_S, Session, load_sessions, mix_sessions, single_talker_sessions
 from shared.data.synth import synthesize
 from shared.data.tokenizer import Tokenizer
 from shared.files import write_text_atomic
@@ -54,7 +55,7 @@ class MultitalkerPlan:
     test_corpus: str  # unseen speakers; "" as above
     train_sessions: int
     test_sessions: int
-    turns: tuple[int, int]
+    turns: tuple[int, int]  # turns of a test session
     max_overlap: float
     steps: int
     peak_lr: float
@@ -67,6 +68,9 @@ class MultitalkerPlan:
     recognition_layers: int = 0  # the base encoder's top blocks moved after the separator, tied across channels
     turn_reset: bool = False  # the predictor's context starts afresh after <eot> (SeparatorConfig.turn_reset)
     beam: int = 1  # search for the scored and streamed sessions: 1 greedy, more = modified beam search (`--beam`)
+    train_turns: tuple[int, int] = (2, 3)  # turns of a training session; 1 adds sessions of a single talker
+    train_lead: tuple[float, float] = LEAD_S  # silence before a training session's first turn (0: speech at once)
+    train_mix_seed: int = 1  # `chorus data mix --seed` of the training sessions (the test sessions': 99)
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -88,9 +92,9 @@ QUICK = MultitalkerPlan(
 )
 # The README's table: sessions of the base's training corpus and of the unseen eval corpus (see README).
 FULL = MultitalkerPlan(
-    train_corpus="data/synth-seed1-1200x20",
+    train_corpus="data/synth-seed1-600x20",  # the first 600 of the base's 1,200 training speakers
     test_corpus="data/eval-seed99",
-    train_sessions=1500,
+    train_sessions=6000,
     test_sessions=300,
     turns=(2, 3),
     max_overlap=0.4,
@@ -102,6 +106,9 @@ FULL = MultitalkerPlan(
     layers=2,
     stream_sessions=10,
     turn_reset=True,
+    train_turns=(1, 3),  # a third of the training sessions one talker alone, as a device mostly hears
+    train_lead=(0.0, 0.5),  # some start speaking with the audio
+    train_mix_seed=3,
 )
 
 
@@ -154,13 +161,17 @@ def run_multitalker_bench(
         if not corpus.is_dir():
             raise FileNotFoundError(f"corpus {corpus} does not exist (see the README's multi-talker section)")
     data = workdir / "data"
+    (low, high), (lead_low, lead_high) = plan.train_turns, plan.train_lead
+    default = (low, high) == plan.turns and plan.train_lead == LEAD_S and plan.train_mix_seed == 1
+    variant = "" if default else f"-turns{low}-{high}-lead{lead_low:g}-{lead_high:g}-seed{plan.train_mix_seed}"
     train_dir = mix_sessions(
         train_corpus,
-        data / f"mix-{train_corpus.name}-{plan.train_sessions}",
+        data / f"mix-{train_corpus.name}-{plan.train_sessions}{variant}",
         sessions=plan.train_sessions,
-        seed=1,
-        turns=plan.turns,
+        seed=plan.train_mix_seed,
+        turns=plan.train_turns,
         max_overlap=plan.max_overlap,
+        lead=plan.train_lead,
     )
     test_dir = mix_sessions(
         test_corpus,
@@ -176,7 +187,8 @@ def run_multitalker_bench(
     if frontend is None:
         raise ValueError(f"{base_path} carries no front end")
     train_set, test_set = load_sessions(train_dir), load_sessions(test_dir)
-    features = session_features(train_set + test_set, frontend.cmvn)
+    single_set = single_talker_sessions(test_corpus)  # the test speakers alone: what the base's single-talker WER is on
+    features = session_features(train_set + test_set + single_set, frontend.cmvn)
     stream_set = test_set[: plan.stream_sessions]
     result: dict[str, Any] = {
         "plan": asdict(plan),
@@ -231,7 +243,14 @@ def run_multitalker_bench(
             save_multitalker(path, model, base.model_config, kind, frontend=frontend, training=training, plan=asdict(plan))
         scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam)
         penalty = plan.turn_penalty if penalized else 0.0
-        result["arms"][arm] = {"kind": kind, "turn_penalty": penalty, "training": training, **scores}
+        single = evaluate(model, kind, single_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam)
+        result["arms"][arm] = {
+            "kind": kind,
+            "turn_penalty": penalty,
+            "training": training,
+            **scores,
+            "single_talker": single["all"],
+        }
         result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features, plan.beam))
     arms = result["arms"]
     base_wer, sts, mt = arms["mt-rnnt"]["all"]["wer"], arms["sts+penalty"]["all"], arms["mt-rnnt"]["all"]
@@ -239,6 +258,7 @@ def run_multitalker_bench(
         "sts+penalty_vs_mt-rnnt_relative_wer": (sts["wer"] - base_wer) / base_wer if base_wer else None,
         "sts+penalty_vs_mt-rnnt_turn_counting_abs": sts["turn_counting_accuracy"] - mt["turn_counting_accuracy"],
         "eot_latency_median_ms": {a: arms[a]["all"]["end_of_turn_latency_ms"]["median"] for a in ("sts", "sts+penalty")},
+        "single_talker_wer": {a: arms[a]["single_talker"]["wer"] for a in arms},
         "overlap<=20%_wer_over_single_talker_wer": (
             arms["sts+penalty"]["overlap<=20%"]["wer"] / result["base"]["single_talker_wer"]
             if result["base"]["single_talker_wer"] and arms["sts+penalty"]["overlap<=20%"]["wer"] is not None
@@ -290,6 +310,17 @@ def report(result: dict[str, Any]) -> str:
                 f"{_fmt(scores['turn_start_abs_error_ms']['median'], digits=0)} | "
                 f"{_fmt(lat['median'], digits=0)} / {_fmt(lat['p90'], digits=0)} |"
             )
+    lines += [
+        "",
+        f"The same systems on the test speakers' own utterances, one talker each ({_fmt(result['base']['single_talker_wer'])} "
+        "for the base): the other channel's words count as insertions.",
+        "",
+        "| system | utterances | single-talker WER | one turn found |",
+        "|---|---|---|---|",
+    ]
+    for arm, row in result["arms"].items():
+        one = row["single_talker"]
+        lines.append(f"| {arm} | {one['sessions']} | {_fmt(one['wer'])} | {_fmt(one['turn_counting_accuracy'])} |")
     lines += ["", "| system | encoder GFLOPs / audio s | batch-1 RTF | training steps | training s |", "|---|---|---|---|---|"]
     for arm, row in result["arms"].items():
         lines.append(

@@ -84,6 +84,9 @@ def data_mix(
     turns: Annotated[str, typer.Option(help="Turns per session, MIN-MAX; talkers alternate.")] = "2-4",
     max_overlap: Annotated[float, typer.Option(help="Overlap ratio drawn per session in [0, this].")] = 0.4,
     level_db: Annotated[float, typer.Option(help="Second talker's level drawn in [-this, +this] dB of the first's.")] = 0.0,
+    lead: Annotated[
+        str, typer.Option(help="Silence before the first turn, MIN-MAX seconds (0-0.5: some start at once).")
+    ] = "0.2-0.5",
     seed: int = 7,
     workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
 ) -> None:
@@ -95,6 +98,10 @@ def data_mix(
     except ValueError:
         fail(f"--turns {turns!r}: expected MIN-MAX, e.g. 2-4")
     try:
+        lead_min, lead_max = (float(x) for x in lead.split("-"))
+    except ValueError:
+        fail(f"--lead {lead!r}: expected MIN-MAX seconds, e.g. 0.2-0.5")
+    try:
         path = mix_sessions(
             corpus,
             out,
@@ -103,6 +110,7 @@ def data_mix(
             turns=(low, high),
             max_overlap=max_overlap,
             level_db=level_db,
+            lead=(lead_min, lead_max),
             workers=workers,
         )
     except MixError as err:

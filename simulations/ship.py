@@ -175,9 +175,9 @@ def ship_multitalker(
 ) -> dict[str, Any]:
     """Ship the ``arm`` model of a ``chorus bench multitalker`` run as ``shared/models/shipped/sts-2.pt`` (float16,
     with its front end and ``turn_bonus``, its decoding setting) and its manifest entry: sha256, size, the commands,
-    the training record and the scores of the *shipped* file on the run's test sessions (unseen speakers). Returns
-    the entry."""
-    from shared.data.mix import load_sessions
+    the training record and the scores of the *shipped* file on the run's test sessions (unseen speakers) and on
+    those speakers' utterances one talker at a time. Returns the entry."""
+    from shared.data.mix import load_sessions, single_talker_sessions
     from shared.multitalker import SHIPPED_MULTITALKER, load_multitalker, save_multitalker, session_features
     from simulations.bench_multitalker import evaluate
 
@@ -188,9 +188,13 @@ def ship_multitalker(
     base = load_checkpoint(SHIPPED_DIR / result["base"]["file"])
     save_multitalker(out, model, base.model_config, kind, frontend=frontend, dtype=torch.float16, training=meta["training"])
     shipped, _, _, _ = load_multitalker(out)
-    sessions = load_sessions(Path(result["sessions"]["test"]))
-    features = session_features(sessions, frontend.cmvn)
-    scores = evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=result["plan"]["batch_frames"])
+    test_dir = Path(result["sessions"]["test"])
+    sessions = load_sessions(test_dir)
+    alone = single_talker_sessions(json.loads((test_dir / "mix.json").read_text())["corpus"])  # the test speakers, one at a time
+    features = session_features(sessions + alone, frontend.cmvn)
+    batch_frames = result["plan"]["batch_frames"]
+    scores = evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=batch_frames)
+    single = evaluate(shipped, kind, alone, features, frontend.tokenizer, batch_frames=batch_frames)["all"]
     entry = {
         "kind": "multitalker",
         "arm": arm,
@@ -200,7 +204,7 @@ def ship_multitalker(
         "separator": dataclasses.asdict(shipped.config),
         **_file_facts(out, shipped, command=command, hardware=hardware),
         "training": meta["training"] | {"plan": result["plan"], "train_sessions": result["sessions"]["train_count"]},
-        "eval": {"sessions": result["sessions"]["test_count"], **scores},
+        "eval": {"sessions": result["sessions"]["test_count"], **scores, "single_talker": single},
     }
     _add_to_manifest({out.name: entry})
     return entry

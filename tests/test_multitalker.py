@@ -16,7 +16,16 @@ from typer.testing import CliRunner
 from client.device import transcribe_talkers
 from shared.data.audio import load_audio
 from shared.data.features import compute_fbank
-from shared.data.mix import MixError, Session, Turn, load_sessions, mix_sessions, plan_timeline, speech_span
+from shared.data.mix import (
+    MixError,
+    Session,
+    Turn,
+    load_sessions,
+    mix_sessions,
+    plan_timeline,
+    single_talker_sessions,
+    speech_span,
+)
 from shared.data.synth import SAMPLE_RATE, synthesize
 from shared.models.checkpoint import SHIPPED_DIR, load_checkpoint, sha256_of, shipped_manifest
 from shared.models.separator_transducer import SeparatorConfig, SeparatorTransducer, extended_vocabulary
@@ -158,6 +167,7 @@ def test_mix_is_deterministic_cached_and_records_turns_that_fit_the_audio(
         ({"turns": (3, 2)}, "--turns"),
         ({"max_overlap": 0.9}, "--max-overlap"),
         ({"level_db": -1.0}, "--level-db"),
+        ({"lead": (0.5, 0.2)}, "--lead"),
     ],
 )
 def test_bad_mix_arguments_name_the_option(tmp_path: Path, kwargs: dict[str, object], culprit: str) -> None:
@@ -166,6 +176,18 @@ def test_bad_mix_arguments_name_the_option(tmp_path: Path, kwargs: dict[str, obj
         mix_sessions(tmp_path, tmp_path / "out", **arguments)  # type: ignore[arg-type]
     with pytest.raises(MixError, match="no such directory"):
         mix_sessions(tmp_path / "missing", tmp_path / "out", sessions=1, seed=0)
+
+
+def test_single_talker_sessions_can_start_with_the_audio(synth_corpus: Path, tmp_path: Path) -> None:
+    sessions = load_sessions(
+        mix_sessions(synth_corpus, tmp_path / "one", sessions=3, seed=5, turns=(1, 1), lead=(0.0, 0.0), workers=1)
+    )
+    for session in sessions:
+        (turn,) = session.turns
+        assert turn.start == 0.0 and turn.end < session.duration and session.overlap == 0.0
+        audio, _ = sf.read(session.audio)
+        first = np.abs(audio[: SAMPLE_RATE // 20])  # speech from the first 50 ms on: no silence before it
+        assert first.max() > 0.1 * np.abs(audio).max()
 
 
 def test_mixing_real_recordings(tmp_path: Path) -> None:
@@ -399,6 +421,8 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     for arm in report["arms"].values():
         assert arm["all"]["sessions"] == 4 and arm["all"]["words"] > 0 and 0.0 <= arm["all"]["wer"]
         assert arm["training"]["steps"] == 2 and arm["batch1_streaming_rtf"] > 0
+        # and on the test speakers' own utterances, one talker each (3 speakers x 3 utterances)
+        assert arm["single_talker"]["sessions"] == 9 and arm["single_talker"]["words"] > 0
     arms = report["arms"]
     # two channels of separator blocks cost more than one, and all three share the encoder
     assert arms["sts"]["encoder_gflops_per_audio_second"] > arms["mt-rnnt"]["encoder_gflops_per_audio_second"]
@@ -406,6 +430,7 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     assert arms["sts+penalty"]["turn_penalty"] > 0 and arms["sts"]["turn_penalty"] == 0
     text = (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text()
     assert text.startswith("# Multi-talker benchmark") and "modified beam search, beam 2." in text
+    assert "| mt-rnnt | 9 |" in text  # the single-talker table
 
 
 def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_speakers(tmp_path: Path) -> None:
@@ -417,6 +442,9 @@ def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_sp
     # The eval corpus's first speakers (`chorus data synth --seed 99`: no training session has them), new sessions.
     corpus = synthesize(tmp_path / "unseen", speakers=4, utterances=4, seed=99, workers=1, progress=False)
     sessions = load_sessions(mix_sessions(corpus, tmp_path / "mix", sessions=10, seed=98, turns=(2, 3), workers=1))
-    features = session_features(sessions, frontend.cmvn)
+    alone = single_talker_sessions(corpus)  # and the same speakers one at a time, speech from the first frame on
+    features = session_features(sessions + alone, frontend.cmvn)
     scores = evaluate(model, kind, sessions, features, frontend.tokenizer, batch_frames=4000)["all"]
     assert scores["wer"] <= entry["eval"]["all"]["wer"] + WER_MARGIN
+    single = evaluate(model, kind, alone, features, frontend.tokenizer, batch_frames=4000)["all"]
+    assert single["sessions"] == 16 and single["wer"] <= entry["eval"]["single_talker"]["wer"] + WER_MARGIN

@@ -5,8 +5,10 @@ B answers or interrupts, A goes on; each *turn* is one utterance of the corpus.
 
 Timeline of one session (all randomness from ``(seed, session index)``, so a mix does not depend on the workers):
 
-1. Two speakers, a number of turns in ``turns`` (talkers alternate, the first one drawn at random), an utterance
-   per turn drawn from its speaker without repeats; the **speech** of a turn is the part of its waveform above an
+1. Two speakers, a number of turns in ``turns`` (talkers alternate, the first one drawn at random; one turn is a
+   session of a single talker, what a device mostly hears), an utterance per turn drawn from its speaker without
+   repeats, the first turn after a silence drawn in ``lead`` (0: the speech starts with the audio, as when a device
+   starts listening on a wake word); the **speech** of a turn is the part of its waveform above an
    energy floor (:func:`speech_span`), so turn times mark voice, not the silence espeak or a microphone adds.
 2. A target overlap ratio ``r ~ U(0, max_overlap)``, where overlap ratio (LibriCSS's) is the time both talk over
    the time anyone talks. The overlap it needs is shared among the turn changes at random; a change given less
@@ -41,11 +43,20 @@ from shared.data.corpora import Corpus, Utterance, load_corpus
 from shared.data.synth import PEAK_LEVEL, SAMPLE_RATE, Speaker, DeviceChannel, espeak_executable, sample_population, speak
 from shared.files import write_text_atomic
 
-__all__ = ["MixError", "Session", "Turn", "load_sessions", "mix_sessions", "plan_timeline", "speech_span"]
+__all__ = [
+    "MixError",
+    "Session",
+    "Turn",
+    "load_sessions",
+    "mix_sessions",
+    "plan_timeline",
+    "single_talker_sessions",
+    "speech_span",
+]
 
 FORMAT_VERSION = 1
 _MIX_STREAM = 0x6D6978  # "mix": keeps session seeds apart from the synthesizer's streams
-_LEAD_S = (0.2, 0.5)  # silence before the first turn
+LEAD_S = (0.2, 0.5)  # default range of the silence before the first turn
 _TAIL_S = 0.6  # silence after the last turn: room for a streaming model to end-point it
 _PAUSE_S = (0.1, 0.6)
 _MIN_OVERLAP_S = 0.05
@@ -127,6 +138,7 @@ class _Job:
     turns: tuple[int, int]
     max_overlap: float
     level_db: float
+    lead: tuple[float, float]
 
 
 class _Mixer:
@@ -168,7 +180,7 @@ class _Mixer:
         speech = [s[a:b] for s, (a, b) in zip(signals, spans, strict=True)]
         durations = [len(s) / SAMPLE_RATE for s in speech]
         target = float(rng.uniform(0.0, job.max_overlap))
-        lead = float(rng.uniform(*_LEAD_S))
+        lead = float(rng.uniform(*job.lead))
         starts = [lead + s for s in plan_timeline(durations, target, rng)]
         length = int((max(s + d for s, d in zip(starts, durations, strict=True)) + _TAIL_S) * SAMPLE_RATE)
         mixture = np.zeros(length, dtype=np.float32)
@@ -213,6 +225,7 @@ def mix_sessions(
     turns: tuple[int, int] = (2, 4),
     max_overlap: float = 0.4,
     level_db: float = 0.0,
+    lead: tuple[float, float] = LEAD_S,
     workers: int | None = None,
 ) -> Path:
     """Build (or reuse, when ``out/mix.json`` records the same arguments) ``sessions`` two-talker sessions of
@@ -226,6 +239,8 @@ def mix_sessions(
         raise MixError(f"--max-overlap must lie in [0, 0.5], got {max_overlap}")
     if not 0.0 <= level_db <= 20.0:
         raise MixError(f"--level-db must lie in [0, 20], got {level_db}")
+    if not 0.0 <= lead[0] <= lead[1] <= 5.0:
+        raise MixError(f"--lead must be MIN-MAX seconds with 0 <= MIN <= MAX <= 5, got {lead[0]}-{lead[1]}")
     if not corpus.is_dir():
         raise MixError(f"--corpus {corpus}: no such directory")
     arguments = {
@@ -236,6 +251,7 @@ def mix_sessions(
         "turns": list(turns),
         "max_overlap": max_overlap,
         "level_db": level_db,
+        "lead": list(lead),
     }
     marker = out / "mix.json"
     if marker.is_file() and (out / "sessions.jsonl").is_file() and json.loads(marker.read_text()) == arguments:
@@ -244,7 +260,7 @@ def mix_sessions(
     if len(_Mixer.by_speaker) < 2:
         raise MixError(f"--corpus {corpus}: needs two speakers with two or more utterances each")
     marker.unlink(missing_ok=True)
-    jobs = [_Job(out, i, seed, turns, max_overlap, level_db) for i in range(sessions)]
+    jobs = [_Job(out, i, seed, turns, max_overlap, level_db, lead) for i in range(sessions)]
     workers = min(sessions, (os.cpu_count() or 1) if workers is None else max(1, workers))
     if workers == 1:
         made = [_Mixer.session(job) for job in jobs]
@@ -279,4 +295,26 @@ def load_sessions(path: Path | str) -> list[Session]:
             )
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise MixError(f"{manifest}:{number}: malformed session ({err})") from err
+    return out
+
+
+def single_talker_sessions(corpus: Path | str) -> list[Session]:
+    """Every utterance of ``corpus`` as a one-turn session, as recorded (speech from its first frames on, no lead-in):
+    what a two-talker model on a device hears most of the time. The turn's times bound its speech."""
+    loaded = load_corpus(corpus, validate=False)
+    out = []
+    for utt in loaded.utterances:
+        samples = loaded.load_audio(utt)
+        first, last = speech_span(samples)
+        turn = Turn(talker=0, speaker=utt.speaker, start=first / SAMPLE_RATE, end=last / SAMPLE_RATE, text=utt.text)
+        out.append(
+            Session(
+                id=utt.id,
+                audio=utt.audio,
+                duration=len(samples) / SAMPLE_RATE,
+                overlap=0.0,
+                speakers=(utt.speaker, ""),
+                turns=(turn,),
+            )
+        )
     return out
