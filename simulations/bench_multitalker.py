@@ -10,8 +10,9 @@ Three systems start from the shipped single-talker base and are trained on the s
 Measured in this one process (see ``shared/multitalker.py`` for the definitions): WER (permutation-invariant over
 channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket; the
 same on the test speakers' own utterances one talker at a time (what a device mostly hears; the other channel's words
-are insertions); encoder + separator FLOPs per audio second actually executed (FlopCounterMode) while streaming 160 ms chunks, and
-batch-1 streaming RTF (one thread). One JSON object goes to stdout; the run directory keeps the models and report.md.
+are insertions); encoder + separator FLOPs per audio second actually executed (FlopCounterMode) while streaming
+160 ms chunks, and batch-1 streaming RTF (one thread). One JSON object goes to stdout; the run directory keeps the
+models and report.md.
 """
 
 from __future__ import annotations
@@ -161,9 +162,10 @@ def run_multitalker_bench(
         if not corpus.is_dir():
             raise FileNotFoundError(f"corpus {corpus} does not exist (see the README's multi-talker section)")
     data = workdir / "data"
+    # The training mix's folder keeps its old name for the old sessions (2-3 turns, default lead, seed 1).
     (low, high), (lead_low, lead_high) = plan.train_turns, plan.train_lead
-    default = (low, high) == plan.turns and plan.train_lead == LEAD_S and plan.train_mix_seed == 1
-    variant = "" if default else f"-turns{low}-{high}-lead{lead_low:g}-{lead_high:g}-seed{plan.train_mix_seed}"
+    old = plan.train_turns == (2, 3) and plan.train_lead == LEAD_S and plan.train_mix_seed == 1
+    variant = "" if old else f"-turns{low}-{high}-lead{lead_low:g}-{lead_high:g}-seed{plan.train_mix_seed}"
     train_dir = mix_sessions(
         train_corpus,
         data / f"mix-{train_corpus.name}-{plan.train_sessions}{variant}",
