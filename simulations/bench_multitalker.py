@@ -11,15 +11,17 @@ Measured in this one process (see ``shared/multitalker.py`` for the definitions)
 channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket; the
 same on the test speakers' own utterances one talker at a time (what a device mostly hears; the other channel's words
 are insertions); encoder + separator FLOPs per audio second actually executed (FlopCounterMode) while streaming
-160 ms chunks, and batch-1 streaming RTF (one thread). One JSON object goes to stdout; the run directory keeps the
-models and report.md.
+160 ms chunks, and batch-1 streaming RTF (one thread). Then, where the plan names validation speakers, each system
+again with the decoding it does best with (``choose_decoding``: the turn-token bonus and the beam width with the fewest
+errors on validation sessions of other speakers and on those speakers' utterances alone), which is how the issue's
+targets compare the systems. One JSON object goes to stdout; the run directory keeps the models and report.md.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from shared.multitalker import (
     train_sessions,
 )
 
-__all__ = ["ARMS", "FULL", "QUICK", "MultitalkerPlan", "evaluate", "run_multitalker_bench"]
+__all__ = ["ARMS", "FULL", "QUICK", "MultitalkerPlan", "choose_decoding", "evaluate", "run_multitalker_bench"]
 
 BASE = "dense-6.pt"
 CHUNK_FRAMES = 16  # 160 ms of features per streaming call
@@ -72,6 +74,16 @@ class MultitalkerPlan:
     train_turns: tuple[int, int] = (2, 3)  # turns of a training session; 1 adds sessions of a single talker
     train_lead: tuple[float, float] = LEAD_S  # silence before a training session's first turn (0: speech at once)
     train_mix_seed: int = 1  # `chorus data mix --seed` of the training sessions (the test sessions': 99)
+    # Validation speakers (none of the training or test ones) on which each system's decoding is chosen: their
+    # sessions (`chorus data mix --seed 97`) and their utterances alone. 0 sessions: no choice is made.
+    val_corpus: str = ""  # a `chorus data synth` corpus; "" synthesizes the quick one under the workdir
+    val_sessions: int = 0
+    val_turns: tuple[int, int] = (2, 4)
+    # The grids searched, in this order (ties go to the earlier value): the bonus added to a turn's start token
+    # (<sot>, or MT-RNN-T's <sc>) with none on <eot>, greedy; then <eot>'s (STS only); then the beam width.
+    start_bonuses: tuple[float, ...] = (0.0,)
+    end_bonuses: tuple[float, ...] = (0.0,)
+    beams: tuple[int, ...] = (1,)
 
 
 # CI-sized: tiny corpora, a few steps from the shipped base; the numbers prove the pipeline only.
@@ -90,6 +102,10 @@ QUICK = MultitalkerPlan(
     layers=1,
     stream_sessions=1,
     turn_reset=True,
+    val_sessions=4,
+    start_bonuses=(0.0, 1.0),
+    end_bonuses=(0.0, 1.0),
+    beams=(1, 2),
 )
 # The README's table: sessions of the base's training corpus and of the unseen eval corpus (see README).
 FULL = MultitalkerPlan(
@@ -110,16 +126,24 @@ FULL = MultitalkerPlan(
     train_turns=(1, 3),  # a third of the training sessions one talker alone, as a device mostly hears
     train_lead=(0.0, 0.5),  # some start speaking with the audio
     train_mix_seed=3,
+    val_corpus="data/synth-seed97-200x6",  # 200 other speakers, 6 utterances each
+    val_sessions=200,
+    start_bonuses=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0),
+    end_bonuses=(-1.0, 0.0, 1.0, 2.0),
+    beams=(1, 4, 8, 16),
 )
 
 
-def _corpora(plan: MultitalkerPlan, workdir: Path) -> tuple[Path, Path]:
+def _corpora(plan: MultitalkerPlan, workdir: Path) -> tuple[Path, Path, Path | None]:
+    """The training, test and validation corpora (None: no validation); the quick ones are synthesized."""
     if plan.train_corpus and plan.test_corpus:
-        return workdir / plan.train_corpus, workdir / plan.test_corpus
+        val = workdir / plan.val_corpus if plan.val_sessions and plan.val_corpus else None
+        return workdir / plan.train_corpus, workdir / plan.test_corpus, val
     data = workdir / "data"
     train = synthesize(data / "mt-quick-train", speakers=4, utterances=4, seed=11, progress=False)
     test = synthesize(data / "mt-quick-test", speakers=3, utterances=3, seed=12, progress=False)
-    return train, test
+    val = synthesize(data / "mt-quick-val", speakers=3, utterances=3, seed=13, progress=False) if plan.val_sessions else None
+    return train, test, val
 
 
 def _stream_cost(model: SeparatorTransducer, sessions: list[Session], features: dict[str, Any], beam: int) -> dict[str, float]:
@@ -157,9 +181,9 @@ def run_multitalker_bench(
     """Mix (or reuse) the sessions, train (or reuse) the three systems on ``train_device``, measure them on the CPU;
     returns the JSON result."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_corpus, test_corpus = _corpora(plan, workdir)
-    for corpus in (train_corpus, test_corpus):
-        if not corpus.is_dir():
+    train_corpus, test_corpus, val_corpus = _corpora(plan, workdir)
+    for corpus in (train_corpus, test_corpus, val_corpus):
+        if corpus is not None and not corpus.is_dir():
             raise FileNotFoundError(f"corpus {corpus} does not exist (see the README's multi-talker section)")
     data = workdir / "data"
     # The training mix's folder keeps its old name for the old sessions (2-3 turns, default lead, seed 1).
@@ -192,6 +216,19 @@ def run_multitalker_bench(
     single_set = single_talker_sessions(test_corpus)  # the test speakers alone: what the base's single-talker WER is on
     features = session_features(train_set + test_set + single_set, frontend.cmvn)
     stream_set = test_set[: plan.stream_sessions]
+    val_sets: list[list[Session]] = []
+    val_features: dict[str, Any] = {}  # apart from ``features``: utterance ids repeat across corpora
+    if val_corpus is not None:
+        val_dir = mix_sessions(
+            val_corpus,
+            data / f"mix-{val_corpus.name}-{plan.val_sessions}",
+            sessions=plan.val_sessions,
+            seed=97,
+            turns=plan.val_turns,
+            max_overlap=plan.max_overlap,
+        )
+        val_sets = [load_sessions(val_dir), single_talker_sessions(val_corpus)]
+        val_features = session_features(val_sets[0] + val_sets[1], frontend.cmvn)
     result: dict[str, Any] = {
         "plan": asdict(plan),
         "sessions": {"train": str(train_dir), "test": str(test_dir), "train_count": len(train_set), "test_count": len(test_set)},
@@ -254,22 +291,77 @@ def run_multitalker_bench(
             "single_talker": single["all"],
         }
         result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features, plan.beam))
-    arms = result["arms"]
-    base_wer, sts, mt = arms["mt-rnnt"]["all"]["wer"], arms["sts+penalty"]["all"], arms["mt-rnnt"]["all"]
-    result["comparison"] = {
-        "sts+penalty_vs_mt-rnnt_relative_wer": (sts["wer"] - base_wer) / base_wer if base_wer else None,
-        "sts+penalty_vs_mt-rnnt_turn_counting_abs": sts["turn_counting_accuracy"] - mt["turn_counting_accuracy"],
-        "eot_latency_median_ms": {a: arms[a]["all"]["end_of_turn_latency_ms"]["median"] for a in ("sts", "sts+penalty")},
-        "single_talker_wer": {a: arms[a]["single_talker"]["wer"] for a in arms},
-        "overlap<=20%_wer_over_single_talker_wer": (
-            arms["sts+penalty"]["overlap<=20%"]["wer"] / result["base"]["single_talker_wer"]
-            if result["base"]["single_talker_wer"] and arms["sts+penalty"]["overlap<=20%"]["wer"] is not None
-            else None
-        ),
-    }
+        if val_sets:
+            chosen = choose_decoding(model, kind, val_sets, val_features, frontend.tokenizer, plan)
+            model.config = replace(model.config, turn_bonus=tuple(chosen["turn_bonus"]))  # the model is not saved again
+            decode = dict(batch_frames=plan.batch_frames, beam=chosen["beam"])
+            result["arms"][arm]["validated"] = {
+                **chosen,
+                **evaluate(model, kind, test_set, features, frontend.tokenizer, **decode),
+                "single_talker": evaluate(model, kind, single_set, features, frontend.tokenizer, **decode)["all"],
+            }
+    arms, single_wer = result["arms"], result["base"]["single_talker_wer"]
+    result["comparison"] = _compare(arms, single_wer)
+    if val_sets:  # the targets' comparison: each system with the decoding chosen on validation data
+        result["comparison"]["validated"] = _compare({a: row["validated"] for a, row in arms.items()}, single_wer)
     write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(run_dir / "report.md", report(result))
     return result
+
+
+def _compare(arms: dict[str, dict[str, Any]], single_talker_wer: float | None) -> dict[str, Any]:
+    """STS + penalty against MT-RNN-T and STS without the penalty: the issue's targets."""
+    sts, mt = arms["sts+penalty"], arms["mt-rnnt"]
+    mt_wer, close = mt["all"]["wer"], sts["overlap<=20%"]["wer"]
+    return {
+        "sts+penalty_vs_mt-rnnt_relative_wer": (sts["all"]["wer"] - mt_wer) / mt_wer if mt_wer else None,
+        "sts+penalty_vs_mt-rnnt_turn_counting_abs": sts["all"]["turn_counting_accuracy"] - mt["all"]["turn_counting_accuracy"],
+        "eot_latency_median_ms": {a: arms[a]["all"]["end_of_turn_latency_ms"]["median"] for a in ("sts", "sts+penalty")},
+        "single_talker_wer": {a: row["single_talker"]["wer"] for a, row in arms.items()},
+        "overlap<=20%_wer_over_single_talker_wer": close / single_talker_wer if single_talker_wer and close is not None else None,
+    }
+
+
+def choose_decoding(
+    model: SeparatorTransducer,
+    kind: str,
+    sets: list[list[Session]],
+    features: dict[str, Any],
+    tokenizer: Tokenizer,
+    plan: MultitalkerPlan,
+) -> dict[str, Any]:
+    """The turn bonus and beam width with the fewest word errors over ``sets`` (validation sessions, and the
+    validation speakers' utterances alone, so a bonus that invents turns on one talker costs what it does): the
+    start bonus first (greedy, no end bonus), then the end bonus (STS only: MT-RNN-T has no ``<eot>``), then the
+    beam, each over the plan's grid. Returns the choice and every setting tried with its errors; ``model`` is left
+    as it came."""
+    untuned = model.config
+    tried: dict[tuple[float, float, int], int] = {}
+    words = 0
+
+    def errors(start: float, end: float, beam: int) -> int:
+        nonlocal words
+        if (start, end, beam) not in tried:
+            model.config = replace(untuned, turn_bonus=(start, end))
+            decode = dict(batch_frames=plan.batch_frames, beam=beam)
+            scores = [evaluate(model, kind, s, features, tokenizer, **decode)["all"] for s in sets]
+            tried[start, end, beam] = round(sum(a["wer"] * a["words"] for a in scores if a["words"]))
+            words = sum(a["words"] for a in scores)
+        return tried[start, end, beam]
+
+    try:
+        start = min(plan.start_bonuses, key=lambda b: errors(b, 0.0, 1))
+        end = min(plan.end_bonuses, key=lambda b: errors(start, b, 1)) if channels_of(kind) > 1 else 0.0
+        beam = min(plan.beams, key=lambda w: errors(start, end, w))
+    finally:
+        model.config = untuned
+    return {
+        "turn_bonus": [start, end],
+        "beam": beam,
+        "val_errors": tried[start, end, beam],
+        "val_words": words,
+        "tried": [{"turn_bonus": [a, b], "beam": w, "errors": n} for (a, b, w), n in tried.items()],
+    }
 
 
 def evaluate(
@@ -329,5 +421,26 @@ def report(result: dict[str, Any]) -> str:
             f"| {arm} | {row['encoder_gflops_per_audio_second']:.3f} | {row['batch1_streaming_rtf']:.3f} | "
             f"{row['training']['steps']} | {row['training']['seconds']} |"
         )
+    validated = {arm: row["validated"] for arm, row in result["arms"].items() if "validated" in row}
+    if validated:
+        plan = result["plan"]
+        lines += [
+            "",
+            f"Each system with the turn bonus and search chosen on validation data ({plan['val_sessions']} sessions of "
+            f"other speakers, `{plan['val_corpus'] or 'the quick corpus'}`, and their utterances alone; fewest errors "
+            "over both); the issue's targets compare these rows.",
+            "",
+            "| system | turn bonus (start, end) | beam | validation errors / words | WER | <= 20% overlap | turn counting | "
+            "end-of-turn latency, median / p90 ms | single-talker WER |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, row in validated.items():
+            lat = row["all"]["end_of_turn_latency_ms"]
+            lines.append(
+                f"| {arm} | {row['turn_bonus'][0]:g}, {row['turn_bonus'][1]:g} | {row['beam']} | "
+                f"{row['val_errors']} / {row['val_words']} | {_fmt(row['all']['wer'])} | "
+                f"{_fmt(row['overlap<=20%']['wer'])} | {_fmt(row['all']['turn_counting_accuracy'])} | "
+                f"{_fmt(lat['median'], digits=0)} / {_fmt(lat['p90'], digits=0)} | {_fmt(row['single_talker']['wer'])} |"
+            )
     lines += ["", "```json", json.dumps(result["comparison"], indent=2), "```", ""]
     return "\n".join(lines)

@@ -420,20 +420,24 @@ def model_ship_multitalker_cmd(
     turn_bonus: Annotated[
         str,
         typer.Option(
-            help="START,END: added in greedy search to <sot> (or MT-RNN-T's <sc>) and to <eot>, chosen on validation sessions."
+            help="START,END: added to the logits of <sot> (or MT-RNN-T's <sc>) and of <eot> in search (default: the "
+            "bonus the run chose on validation sessions, else 0,0)."
         ),
-    ] = "0,0",
+    ] = "",
 ) -> None:
     """Ship a two-talker model as shared/models/shipped/sts-2.pt with its manifest entry (re-scored in float16)."""
     from simulations.ship import ship_multitalker
 
-    try:
-        sot, eot = (float(x) for x in turn_bonus.split(","))
-    except ValueError:
-        fail(f"--turn-bonus must be two numbers START,END, got {turn_bonus!r}")
+    bonus: tuple[float, float] | None = None
+    if turn_bonus:
+        try:
+            sot, eot = (float(x) for x in turn_bonus.split(","))
+        except ValueError:
+            fail(f"--turn-bonus must be two numbers START,END, got {turn_bonus!r}")
+        bonus = (sot, eot)
     if not (run_dir / f"{arm}.pt").is_file() or not (run_dir / "result.json").is_file():
         fail(f"{run_dir}: no {arm}.pt and result.json (run `chorus bench multitalker` first)")
-    entry = ship_multitalker(run_dir, arm=arm, command=command, hardware=hardware, turn_bonus=(sot, eot))
+    entry = ship_multitalker(run_dir, arm=arm, command=command, hardware=hardware, turn_bonus=bonus)
     typer.echo(f"shipped {arm}: WER {entry['eval']['all']['wer']:.3f} on {entry['eval']['sessions']} unseen sessions")
 
 

@@ -171,18 +171,22 @@ def ship_verifiers(trained: Path, *, command: str, hardware: str, eval_corpus: P
 
 
 def ship_multitalker(
-    run_dir: Path, *, arm: str, command: str, hardware: str, turn_bonus: tuple[float, float] = (0.0, 0.0)
+    run_dir: Path, *, arm: str, command: str, hardware: str, turn_bonus: tuple[float, float] | None = None
 ) -> dict[str, Any]:
     """Ship the ``arm`` model of a ``chorus bench multitalker`` run as ``shared/models/shipped/sts-2.pt`` (float16,
-    with its front end and ``turn_bonus``, its decoding setting) and its manifest entry: sha256, size, the commands,
-    the training record and the scores of the *shipped* file on the run's test sessions (unseen speakers) and on
-    those speakers' utterances one talker at a time. Returns the entry."""
+    with its front end and ``turn_bonus``, its decoding setting: by default the one the run chose on validation data,
+    else none) and its manifest entry: sha256, size, the commands, the training record and the scores of the *shipped*
+    file on the run's test sessions (unseen speakers) and on those speakers' utterances one talker at a time, greedy
+    and, where the run chose a wider beam, with it too. Returns the entry."""
     from shared.data.mix import load_sessions, single_talker_sessions
     from shared.multitalker import SHIPPED_MULTITALKER, load_multitalker, save_multitalker, session_features
     from simulations.bench_multitalker import evaluate
 
     result = json.loads((run_dir / "result.json").read_text())
     model, kind, frontend, meta = load_multitalker(run_dir / f"{arm}.pt")
+    validated = result["arms"].get(arm, {}).get("validated", {})
+    if turn_bonus is None:
+        turn_bonus = tuple(validated.get("turn_bonus", (0.0, 0.0)))
     model.config = dataclasses.replace(model.config, turn_bonus=turn_bonus)
     out = SHIPPED_DIR / SHIPPED_MULTITALKER
     base = load_checkpoint(SHIPPED_DIR / result["base"]["file"])
@@ -195,6 +199,15 @@ def ship_multitalker(
     batch_frames = result["plan"]["batch_frames"]
     scores = evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=batch_frames)
     single = evaluate(shipped, kind, alone, features, frontend.tokenizer, batch_frames=batch_frames)["all"]
+    beam = int(validated.get("beam", 1))
+    if beam > 1:  # the search chosen on validation data: what `chorus device transcribe --beam` gets
+        scores["beam"] = {
+            "beam": beam,
+            **evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam),
+            "single_talker": evaluate(shipped, kind, alone, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam)[
+                "all"
+            ],
+        }
     entry = {
         "kind": "multitalker",
         "arm": arm,
@@ -206,5 +219,9 @@ def ship_multitalker(
         "training": meta["training"] | {"plan": result["plan"], "train_sessions": result["sessions"]["train_count"]},
         "eval": {"sessions": result["sessions"]["test_count"], **scores, "single_talker": single},
     }
+    if validated:  # how the run chose the decoding: on validation speakers, not the test ones
+        entry["decoding_chosen_on"] = {"corpus": result["plan"]["val_corpus"], "sessions": result["plan"]["val_sessions"]} | {
+            k: validated[k] for k in ("turn_bonus", "beam", "val_errors", "val_words")
+        }
     _add_to_manifest({out.name: entry})
     return entry

@@ -431,6 +431,15 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     text = (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text()
     assert text.startswith("# Multi-talker benchmark") and "modified beam search, beam 2." in text
     assert "| mt-rnnt | 9 |" in text  # the single-talker table
+    # Each system's decoding chosen on validation speakers (3 x 3 utterances, 4 sessions), then scored on the test ones:
+    # every stage of the search keeps the previous choice among its candidates, so the choice makes the fewest errors.
+    for name, arm in arms.items():
+        chosen, tried = arm["validated"], arm["validated"]["tried"]
+        assert chosen["val_errors"] == min(t["errors"] for t in tried) and chosen["val_words"] > 0
+        assert {tuple(t["turn_bonus"]) for t in tried} >= {(0.0, 0.0), (1.0, 0.0)} and {t["beam"] for t in tried} == {1, 2}
+        assert chosen["all"]["sessions"] == 4 and chosen["single_talker"]["sessions"] == 9
+        assert name != "mt-rnnt" or all(t["turn_bonus"][1] == 0.0 for t in tried)  # MT-RNN-T has no <eot>
+    assert "validated" in report["comparison"] and "chosen on validation data" in text
 
 
 def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_speakers(tmp_path: Path) -> None:
