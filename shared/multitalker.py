@@ -301,7 +301,8 @@ def score_sessions(
     tokenizer: Tokenizer,
     kind: str,
 ) -> dict[str, Any]:
-    """WER, turn counting and timing over ``sessions`` (see the module docstring), overall and by overlap bucket."""
+    """WER, turn counting and timing over ``sessions`` (see the module docstring), overall and by overlap bucket,
+    and each session's word errors."""
     ids = extended_vocabulary(tokenizer.vocab_size)
     rows: list[dict[str, Any]] = []
     for session in sessions:
@@ -362,7 +363,12 @@ def score_sessions(
         f"{int(100 * low)}-{int(100 * min(high, 0.4))}%": summary([r for r in rows if low <= r["overlap"] < high])
         for low, high in OVERLAP_BUCKETS
     }
-    return {"all": summary(rows), "overlap<=20%": summary([r for r in rows if r["overlap"] <= 0.2]), "by_overlap": by_overlap}
+    return {
+        "all": summary(rows),
+        "overlap<=20%": summary([r for r in rows if r["overlap"] <= 0.2]),
+        "by_overlap": by_overlap,
+        "session_errors": [r["errors"] for r in rows],  # in the order of ``sessions``: for paired comparisons
+    }
 
 
 def save_multitalker(

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.data.mix import LEAD_S, Session, load_sessions, mix_sessions, single_talker_sessions
@@ -309,12 +310,24 @@ def run_multitalker_bench(
     return result
 
 
+def _paired_interval(errors: list[int], baseline: list[int], resamples: int = 2000) -> list[float] | None:
+    """95% interval of sum(errors) / sum(baseline) - 1 over sessions resampled with replacement (the same sessions
+    for both systems: a paired bootstrap of the test set's sampling, not of training's)."""
+    a, b = np.asarray(errors, dtype=float), np.asarray(baseline, dtype=float)
+    if not b.sum():
+        return None
+    idx = np.random.default_rng(0).integers(0, len(b), size=(resamples, len(b)))
+    ratios = a[idx].sum(axis=1) / np.maximum(b[idx].sum(axis=1), 1.0) - 1.0
+    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
+
+
 def _compare(arms: dict[str, dict[str, Any]], single_talker_wer: float | None) -> dict[str, Any]:
     """STS + penalty against MT-RNN-T and STS without the penalty: the issue's targets."""
     sts, mt = arms["sts+penalty"], arms["mt-rnnt"]
     mt_wer, close = mt["all"]["wer"], sts["overlap<=20%"]["wer"]
     return {
         "sts+penalty_vs_mt-rnnt_relative_wer": (sts["all"]["wer"] - mt_wer) / mt_wer if mt_wer else None,
+        "sts+penalty_vs_mt-rnnt_relative_wer_95ci": _paired_interval(sts["session_errors"], mt["session_errors"]),
         "sts+penalty_vs_mt-rnnt_turn_counting_abs": sts["all"]["turn_counting_accuracy"] - mt["all"]["turn_counting_accuracy"],
         "eot_latency_median_ms": {a: arms[a]["all"]["end_of_turn_latency_ms"]["median"] for a in ("sts", "sts+penalty")},
         "single_talker_wer": {a: row["single_talker"]["wer"] for a, row in arms.items()},

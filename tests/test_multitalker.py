@@ -440,6 +440,11 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
         assert chosen["all"]["sessions"] == 4 and chosen["single_talker"]["sessions"] == 9
         assert name != "mt-rnnt" or all(t["turn_bonus"][1] == 0.0 for t in tried)  # MT-RNN-T has no <eot>
     assert "validated" in report["comparison"] and "chosen on validation data" in text
+    # each session's errors add up to the WER; the paired interval of STS against MT-RNN-T resamples those sessions
+    for arm in arms.values():
+        assert len(arm["session_errors"]) == 4 and sum(arm["session_errors"]) == round(arm["all"]["wer"] * arm["all"]["words"])
+    low, high = report["comparison"]["sts+penalty_vs_mt-rnnt_relative_wer_95ci"]
+    assert low <= high
 
 
 def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_speakers(tmp_path: Path) -> None:
