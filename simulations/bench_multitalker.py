@@ -46,7 +46,16 @@ from shared.multitalker import (
     train_sessions,
 )
 
-__all__ = ["ARMS", "FULL", "QUICK", "MultitalkerPlan", "choose_decoding", "evaluate", "run_multitalker_bench"]
+__all__ = [
+    "ARMS",
+    "FULL",
+    "QUICK",
+    "MultitalkerPlan",
+    "choose_decoding",
+    "evaluate",
+    "evaluate_with_single_talker",
+    "run_multitalker_bench",
+]
 
 BASE = "dense-6.pt"
 CHUNK_FRAMES = 16  # 160 ms of features per streaming call
@@ -281,26 +290,28 @@ def run_multitalker_bench(
                 "stages": stages,
             }
             save_multitalker(path, model, base.model_config, kind, frontend=frontend, training=training, plan=asdict(plan))
-        scores = evaluate(model, kind, test_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam)
-        penalty = plan.turn_penalty if penalized else 0.0
-        single = evaluate(model, kind, single_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam)
         result["arms"][arm] = {
             "kind": kind,
-            "turn_penalty": penalty,
+            "turn_penalty": plan.turn_penalty if penalized else 0.0,
             "training": training,
-            **scores,
-            "single_talker": single["all"],
+            **evaluate_with_single_talker(
+                model, kind, test_set, single_set, features, frontend.tokenizer, batch_frames=plan.batch_frames, beam=plan.beam
+            ),
         }
         result["arms"][arm].update(_stream_cost(model.eval(), stream_set, features, plan.beam))
         if val_sets:
             chosen = choose_decoding(model, kind, val_sets, val_features, frontend.tokenizer, plan)
             model.config = replace(model.config, turn_bonus=tuple(chosen["turn_bonus"]))  # the model is not saved again
-            decode = dict(batch_frames=plan.batch_frames, beam=chosen["beam"])
-            result["arms"][arm]["validated"] = {
-                **chosen,
-                **evaluate(model, kind, test_set, features, frontend.tokenizer, **decode),
-                "single_talker": evaluate(model, kind, single_set, features, frontend.tokenizer, **decode)["all"],
-            }
+            result["arms"][arm]["validated"] = chosen | evaluate_with_single_talker(
+                model,
+                kind,
+                test_set,
+                single_set,
+                features,
+                frontend.tokenizer,
+                batch_frames=plan.batch_frames,
+                beam=chosen["beam"],
+            )
     arms, single_wer = result["arms"], result["base"]["single_talker_wer"]
     result["comparison"] = _compare(arms, single_wer)
     if val_sets:  # the targets' comparison: each system with the decoding chosen on validation data
@@ -390,6 +401,24 @@ def evaluate(
     """``score_sessions`` of ``model``'s decoding of ``sessions``: greedy, or modified beam search with ``beam``."""
     batches = make_session_batches(sessions, features, tokenizer, kind, max_frames=batch_frames, shuffle=False, seed=0)
     return score_sessions(sessions, decode_sessions(model, batches, beam=beam), tokenizer, kind)
+
+
+def evaluate_with_single_talker(
+    model: SeparatorTransducer,
+    kind: str,
+    sessions: list[Session],
+    alone: list[Session],
+    features: dict[str, Any],
+    tokenizer: Tokenizer,
+    *,
+    batch_frames: int,
+    beam: int = 1,
+) -> dict[str, Any]:
+    """``evaluate`` of ``sessions``, with the summary of the same speakers' utterances ``alone`` (one-turn sessions)
+    under ``single_talker``: how every system and shipped file is scored."""
+    scores = evaluate(model, kind, sessions, features, tokenizer, batch_frames=batch_frames, beam=beam)
+    single = evaluate(model, kind, alone, features, tokenizer, batch_frames=batch_frames, beam=beam)["all"]
+    return scores | {"single_talker": single}
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:

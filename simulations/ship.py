@@ -180,7 +180,7 @@ def ship_multitalker(
     and, where the run chose a wider beam, with it too. Returns the entry."""
     from shared.data.mix import load_sessions, single_talker_sessions
     from shared.multitalker import SHIPPED_MULTITALKER, load_multitalker, save_multitalker, session_features
-    from simulations.bench_multitalker import evaluate
+    from simulations.bench_multitalker import evaluate_with_single_talker
 
     result = json.loads((run_dir / "result.json").read_text())
     model, kind, frontend, meta = load_multitalker(run_dir / f"{arm}.pt")
@@ -197,17 +197,12 @@ def ship_multitalker(
     alone = single_talker_sessions(json.loads((test_dir / "mix.json").read_text())["corpus"])  # the test speakers, one at a time
     features = session_features(sessions + alone, frontend.cmvn)
     batch_frames = result["plan"]["batch_frames"]
-    scores = evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=batch_frames)
-    single = evaluate(shipped, kind, alone, features, frontend.tokenizer, batch_frames=batch_frames)["all"]
+    scores = evaluate_with_single_talker(shipped, kind, sessions, alone, features, frontend.tokenizer, batch_frames=batch_frames)
     beam = int(validated.get("beam", 1))
     if beam > 1:  # the search chosen on validation data: what `chorus device transcribe --beam` gets
-        scores["beam"] = {
-            "beam": beam,
-            **evaluate(shipped, kind, sessions, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam),
-            "single_talker": evaluate(shipped, kind, alone, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam)[
-                "all"
-            ],
-        }
+        scores["beam"] = {"beam": beam} | evaluate_with_single_talker(
+            shipped, kind, sessions, alone, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam
+        )
     entry = {
         "kind": "multitalker",
         "arm": arm,
@@ -217,7 +212,7 @@ def ship_multitalker(
         "separator": dataclasses.asdict(shipped.config),
         **_file_facts(out, shipped, command=command, hardware=hardware),
         "training": meta["training"] | {"plan": result["plan"], "train_sessions": result["sessions"]["train_count"]},
-        "eval": {"sessions": result["sessions"]["test_count"], **scores, "single_talker": single},
+        "eval": {"sessions": result["sessions"]["test_count"], **scores},
     }
     if validated:  # how the run chose the decoding: on validation speakers, not the test ones
         entry["decoding_chosen_on"] = {"corpus": result["plan"]["val_corpus"], "sessions": result["plan"]["val_sessions"]} | {
