@@ -291,6 +291,7 @@ class MultiTalkerTranscript:
         turns: (channel, start s, end s or None) of every turn, in order of its ``<sot>``; times are when the
             device had heard enough to emit the turn token.
         audio_seconds, compute_seconds, native_rate: as in ``Transcript``.
+        beam: the search it ran (1: greedy).
     """
 
     channels: tuple[str, ...]
@@ -298,6 +299,7 @@ class MultiTalkerTranscript:
     audio_seconds: float
     compute_seconds: float
     native_rate: int
+    beam: int
 
     @property
     def rtf(self) -> float:
@@ -325,12 +327,13 @@ def transcribe_talkers(
     *,
     checkpoint: Path | None = None,
     chunk_ms: int = 160,
-    beam: int = 1,
+    beam: int | None = None,
     on_partial: Callable[[tuple[str, ...], tuple[tuple[int, float, float | None], ...]], None] | None = None,
 ) -> MultiTalkerTranscript:
     """Stream ``audio`` through a two-talker model (``checkpoint``, default the shipped one) in ``chunk_ms`` pieces;
     ``on_partial(channel texts, turns)`` is called each time either changes. ``beam`` as in :func:`transcribe`,
-    per channel.
+    per channel; None takes the search the model file was shipped with (``chorus model ship-multitalker`` records
+    the one chosen on validation speakers), greedy where it records none.
 
     Raises:
         DeviceError: a missing or unreadable audio file or model (named), or a bad ``chunk_ms`` or ``beam``.
@@ -343,11 +346,12 @@ def transcribe_talkers(
     from shared.models.separator_transducer import extended_vocabulary
     from shared.multitalker import SHIPPED_MULTITALKER, emission_seconds, load_multitalker
 
-    _check_search(chunk_ms, beam)
+    _check_search(chunk_ms, 1 if beam is None else beam)
     try:
-        model, _, frontend, _ = load_multitalker(checkpoint or SHIPPED_DIR / SHIPPED_MULTITALKER)
+        model, _, frontend, meta = load_multitalker(checkpoint or SHIPPED_DIR / SHIPPED_MULTITALKER)
     except CheckpointError as err:
         raise DeviceError(str(err)) from err
+    search = int(meta.get("beam", 1)) if beam is None else beam
     samples, native_rate = _load_samples(Path(audio).expanduser())
     tokenizer, ids = frontend.tokenizer, extended_vocabulary(frontend.tokenizer.vocab_size)
     channels = model.config.channels
@@ -373,7 +377,7 @@ def transcribe_talkers(
         nonlocal state, shown
         if frames.shape[0] == 0:
             return
-        state = model.stream(torch.from_numpy(frontend.cmvn.apply(frames)).float()[None], state, beam=beam)
+        state = model.stream(torch.from_numpy(frontend.cmvn.apply(frames)).float()[None], state, beam=search)
         now = view()
         if now != shown:
             shown = now
@@ -393,6 +397,7 @@ def transcribe_talkers(
         audio_seconds=samples.shape[0] / SAMPLE_RATE,
         compute_seconds=compute,
         native_rate=native_rate,
+        beam=search,
     )
 
 
@@ -474,13 +479,19 @@ def transcribe_cmd(
     chunk_ms: Annotated[int, typer.Option(min=10, help="Audio pushed per step, in ms.")] = 160,
     talkers: Annotated[int, typer.Option(min=1, max=2, help="2: two overlapping talkers, each turn's words and bounds.")] = 1,
     beam: Annotated[
-        int, typer.Option(min=1, help="1 = greedy search; more = modified beam search of that width, carried across chunks.")
-    ] = 1,
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="1 = greedy search; more = modified beam search of that width, carried across chunks (default: 1; "
+            "with --talkers 2 the search the model was shipped with).",
+        ),
+    ] = None,
 ) -> None:
     """Transcribe a recording as it streams: partial hypotheses, final text, real-time factor, compute skipped."""
     if talkers == 2:
         _transcribe_talkers_cmd(audio, checkpoint, chunk_ms, beam)
         return
+    beam = 1 if beam is None else beam
     if checkpoint is None or artifacts is None:
         fail("--checkpoint and --artifacts are required (or use --talkers 2 for the shipped two-talker model)")
     from rich.console import Console
@@ -527,7 +538,7 @@ def _search(beam: int) -> str:
     return "greedy search" if beam == 1 else f"beam {beam}"
 
 
-def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int, beam: int) -> None:
+def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int, beam: int | None) -> None:
     """`chorus device transcribe --talkers 2`: each channel's words and the turns as they stream."""
     from shared.data.audio import SAMPLE_RATE
 
@@ -546,7 +557,7 @@ def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int,
     typer.echo(f"turns: {len(result.turns)}" + (f" ({_turns_line(result.turns)})" if result.turns else ""))
     typer.echo(
         f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
-        f"of audio, {chunk_ms} ms chunks, {_search(beam)})"
+        f"of audio, {chunk_ms} ms chunks, {_search(result.beam)})"
     )
 
 

@@ -174,10 +174,11 @@ def ship_multitalker(
     run_dir: Path, *, arm: str, command: str, hardware: str, turn_bonus: tuple[float, float] | None = None
 ) -> dict[str, Any]:
     """Ship the ``arm`` model of a ``chorus bench multitalker`` run as ``shared/models/shipped/sts-2.pt`` (float16,
-    with its front end and ``turn_bonus``, its decoding setting: by default the one the run chose on validation data,
-    else none) and its manifest entry: sha256, size, the commands, the training record and the scores of the *shipped*
-    file on the run's test sessions (unseen speakers) and on those speakers' utterances one talker at a time, greedy
-    and, where the run chose a wider beam, with it too. Returns the entry."""
+    with its front end and its decoding: ``turn_bonus``, by default the one the run chose on validation data, else
+    none, and the beam chosen there, which the device then runs) and its manifest entry: sha256, size, the commands,
+    the training record and the scores of the *shipped* file on the run's test sessions (unseen speakers) and on
+    those speakers' utterances one talker at a time, greedy and, where the run chose a wider beam, with it too.
+    Returns the entry."""
     from shared.data.mix import load_sessions, single_talker_sessions
     from shared.multitalker import SHIPPED_MULTITALKER, load_multitalker, save_multitalker, session_features
     from simulations.bench_multitalker import evaluate_with_single_talker
@@ -188,9 +189,12 @@ def ship_multitalker(
     if turn_bonus is None:
         turn_bonus = tuple(validated.get("turn_bonus", (0.0, 0.0)))
     model.config = dataclasses.replace(model.config, turn_bonus=turn_bonus)
+    beam = int(validated.get("beam", 1))  # the search chosen on validation data: what `chorus device transcribe` runs
     out = SHIPPED_DIR / SHIPPED_MULTITALKER
     base = load_checkpoint(SHIPPED_DIR / result["base"]["file"])
-    save_multitalker(out, model, base.model_config, kind, frontend=frontend, dtype=torch.float16, training=meta["training"])
+    save_multitalker(
+        out, model, base.model_config, kind, frontend=frontend, dtype=torch.float16, training=meta["training"], beam=beam
+    )
     shipped, _, _, _ = load_multitalker(out)
     test_dir = Path(result["sessions"]["test"])
     sessions = load_sessions(test_dir)
@@ -198,8 +202,7 @@ def ship_multitalker(
     features = session_features(sessions + alone, frontend.cmvn)
     batch_frames = result["plan"]["batch_frames"]
     scores = evaluate_with_single_talker(shipped, kind, sessions, alone, features, frontend.tokenizer, batch_frames=batch_frames)
-    beam = int(validated.get("beam", 1))
-    if beam > 1:  # the search chosen on validation data: what `chorus device transcribe --beam` gets
+    if beam > 1:
         scores["beam"] = {"beam": beam} | evaluate_with_single_talker(
             shipped, kind, sessions, alone, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam
         )

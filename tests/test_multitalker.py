@@ -387,24 +387,30 @@ def test_score_of_a_perfect_and_of_a_swapped_hypothesis() -> None:
 def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_path: Path) -> None:
     config = SeparatorConfig(channels=2, layers=1, turn_reset=True, turn_bonus=(1.5, 1.0))
     model = SeparatorTransducer.from_transducer(BASE.build(), config).eval()
-    path = save_multitalker(tmp_path / "sts.pt", model, BASE.model_config, "sts", frontend=FRONTEND, dtype=torch.float16)
-    loaded, kind, frontend, _ = load_multitalker(path)
-    assert kind == "sts" and frontend.digest() == FRONTEND.digest()
+    # shipped with the search chosen on validation speakers (here beam 4), which the device runs unless told otherwise
+    path = save_multitalker(tmp_path / "sts.pt", model, BASE.model_config, "sts", frontend=FRONTEND, dtype=torch.float16, beam=4)
+    loaded, kind, frontend, meta = load_multitalker(path)
+    assert kind == "sts" and frontend.digest() == FRONTEND.digest() and meta["beam"] == 4
     eot = extended_vocabulary(BASE.model_config.vocab_size)["<eot>"]
     assert loaded.config == config and loaded.transducer.predictor.reset_token == eot
     session = load_sessions(mixed)[0]
     result = CliRunner().invoke(app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path)])
     assert result.exit_code == 0, result.output
-    assert "final [1]:" in result.output and "final [2]:" in result.output and "RTF" in result.output
-    searched = transcribe_talkers(session.audio, checkpoint=path, beam=4)  # beam search as it streams = offline
+    assert "final [1]:" in result.output and "final [2]:" in result.output and "beam 4)" in result.output
+    searched = transcribe_talkers(session.audio, checkpoint=path)  # beam search as it streams = offline
+    assert searched.beam == 4
     feats = torch.from_numpy(frontend.cmvn.apply(compute_fbank(load_audio(session.audio)))).float()[None]
     offline = loaded.beam_search(feats, torch.tensor([feats.shape[1]]), beam=4)[0]
     pieces = frontend.tokenizer.vocab_size
     assert searched.channels == tuple(frontend.tokenizer.decode([t for t in tokens if t < pieces]) for tokens, _ in offline)
+    greedy = transcribe_talkers(session.audio, checkpoint=path, beam=1)
+    offline = loaded.greedy_search(feats, torch.tensor([feats.shape[1]]))[0]
+    assert greedy.beam == 1
+    assert greedy.channels == tuple(frontend.tokenizer.decode([t for t in tokens if t < pieces]) for tokens, _ in offline)
     result = CliRunner().invoke(
-        app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path), "--beam", "4"]
+        app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(path), "--beam", "1"]
     )
-    assert result.exit_code == 0 and "beam 4)" in result.output, result.output
+    assert result.exit_code == 0 and "greedy search)" in result.output, result.output
     wrong = CliRunner().invoke(
         app, ["device", "transcribe", str(session.audio), "--talkers", "2", "--checkpoint", str(SHIPPED_DIR / "dense-6.pt")]
     )
