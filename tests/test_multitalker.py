@@ -457,8 +457,11 @@ def test_shipped_two_talker_model_is_the_one_measured_and_scores_so_on_unseen_sp
     entry = shipped_manifest()[SHIPPED_MULTITALKER]
     path = SHIPPED_DIR / SHIPPED_MULTITALKER
     assert sha256_of(path) == entry["sha256"], "the shipped file is not the one the manifest measured"
-    model, kind, frontend, _ = load_multitalker(path)
+    model, kind, frontend, meta = load_multitalker(path)
     assert kind == entry["system"] == "sts" and model.config.channels == 2
+    # the device runs the decoding chosen on validation speakers: the file carries its bonus and its beam
+    chosen = entry["decoding_chosen_on"]
+    assert list(model.config.turn_bonus) == chosen["turn_bonus"] and meta["beam"] == chosen["beam"]
     # The eval corpus's first speakers (`chorus data synth --seed 99`: no training session has them), new sessions.
     corpus = synthesize(tmp_path / "unseen", speakers=4, utterances=4, seed=99, workers=1, progress=False)
     sessions = load_sessions(mix_sessions(corpus, tmp_path / "mix", sessions=10, seed=98, turns=(2, 3), workers=1))
