@@ -206,6 +206,8 @@ def ship_multitalker(
         scores["beam"] = {"beam": beam} | evaluate_with_single_talker(
             shipped, kind, sessions, alone, features, frontend.tokenizer, batch_frames=batch_frames, beam=beam
         )
+    for search in (scores, scores.get("beam", {})):  # per-session errors serve paired comparisons in a run, not a manifest
+        search.pop("session_errors", None)
     entry = {
         "kind": "multitalker",
         "arm": arm,
