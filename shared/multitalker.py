@@ -208,19 +208,28 @@ def train_sessions(
     turn_penalty: float,
     seed: int,
     log_every: int = 0,
+    activity_weight: float = 0.0,
 ) -> list[dict[str, float]]:
     """``steps`` AdamW steps cycling over ``batches`` (SpecAugment, warm-up then cosine decay to 5% of
     ``peak_lr``); objective: the channels' transducer loss per target token, with the turn-token latency penalty
-    ``turn_penalty`` (``SeparatorTransducer.forward``). Trains on whatever device ``model`` is on. Returns the
-    loss every ``log_every`` steps (never when 0)."""
+    ``turn_penalty`` (``SeparatorTransducer.forward``), plus ``activity_weight`` x the **turn-activity loss**: a
+    linear head on each channel's frames predicts, frame by frame, whether a turn of that channel is under way
+    (``SeparatorTransducer.turn_activity``), binary cross-entropy averaged over the valid frames. It tells the
+    separator at every frame which channel a talker belongs to, where the transducer loss says it only through
+    the words; the head is for training and is dropped with it. Trains on whatever device ``model`` is on.
+    Returns the loss every ``log_every`` steps (never when 0); with the head, also its loss alone."""
     if not batches:
         raise ValueError("no training sessions")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=1e-3)
-    generator = torch.Generator().manual_seed(seed)
+    if activity_weight < 0:
+        raise ValueError(f"activity_weight must be >= 0, got {activity_weight}")
     device = next(model.parameters()).device
+    head = torch.nn.Linear(int(model.transducer.encoder.output_dim), 1).to(device) if activity_weight else None
+    parameters = [*model.parameters(), *(head.parameters() if head is not None else ())]
+    optimizer = torch.optim.AdamW(parameters, lr=peak_lr, weight_decay=1e-3)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     log: list[dict[str, float]] = []
-    running, began = 0.0, time.perf_counter()
+    running, running_activity, began = 0.0, 0.0, time.perf_counter()
     for step in range(steps):
         if step < warmup:
             lr = peak_lr * (step + 1) / warmup
@@ -231,25 +240,33 @@ def train_sessions(
             group["lr"] = lr
         batch = batches[step % len(batches)]
         feats = spec_augment(batch.feats, batch.feat_lens, generator=generator)  # masks drawn on the CPU: any device
-        losses = model(
-            feats.to(device),
-            batch.feat_lens.to(device),
-            batch.targets.to(device),
-            batch.target_lens.to(device),
-            turn_frames=batch.turn_frames.to(device),
-            turn_penalty=turn_penalty,
+        targets, turn_frames = batch.targets.to(device), batch.turn_frames.to(device)
+        frames, lengths = model.channel_frames(feats.to(device), batch.feat_lens.to(device))
+        losses = model.frames_loss(
+            frames, lengths, targets, batch.target_lens.to(device), turn_frames=turn_frames, turn_penalty=turn_penalty
         )
         loss = losses.sum() / batch.target_lens.sum().clamp(min=1)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} on sessions {batch.ids[:3]}")
+        activity = loss.new_zeros(())
+        if head is not None:
+            valid = (torch.arange(frames.shape[1], device=device) < lengths[:, None]).to(frames.dtype)  # (C * B, T')
+            truth = model.turn_activity(targets, turn_frames, frames.shape[1])
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(head(frames).squeeze(-1), truth, reduction="none")
+            activity = (bce * valid).sum() / valid.sum().clamp(min=1)
+        total = loss + activity_weight * activity
+        if not math.isfinite(total.item()):
+            raise FloatingPointError(f"non-finite loss {total.item()} at step {step} on sessions {batch.ids[:3]}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, GRAD_CLIP_NORM)
         optimizer.step()
         running += loss.item()
+        running_activity += activity.item()
         if log_every and (step + 1) % log_every == 0:
-            log.append({"step": step + 1, "loss": running / log_every, "seconds": time.perf_counter() - began})
-            running = 0.0
+            entry = {"step": step + 1, "loss": running / log_every, "seconds": time.perf_counter() - began}
+            if head is not None:
+                entry["activity_loss"] = running_activity / log_every
+            log.append(entry)
+            running, running_activity = 0.0, 0.0
     return log
 
 

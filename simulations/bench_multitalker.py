@@ -7,6 +7,8 @@ Three systems start from the shipped single-talker base and are trained on the s
     sts           separator into two channels, ``<sot>``/``<eot>`` per turn (HEAT routing)
     sts+penalty   the same with the turn-token latency penalty (``plan.turn_penalty``)
 
+(``plan.activity_weight`` adds the turn-activity loss of ``train_sessions`` to both two-channel systems.)
+
 Measured in this one process (see ``shared/multitalker.py`` for the definitions): WER (permutation-invariant over
 channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket; the
 same on the test speakers' own utterances one talker at a time (what a device mostly hears; the other channel's words
@@ -80,6 +82,7 @@ class MultitalkerPlan:
     init_run: str = ""  # runs/<id> of an earlier bench whose systems this one continues training ("": the base)
     recognition_layers: int = 0  # the base encoder's top blocks moved after the separator, tied across channels
     turn_reset: bool = False  # the predictor's context starts afresh after <eot> (SeparatorConfig.turn_reset)
+    activity_weight: float = 0.0  # the two-channel systems' turn-activity loss (`train_sessions`); MT-RNN-T has none
     beam: int = 1  # search for the scored and streamed sessions: 1 greedy, more = modified beam search (`--beam`)
     train_turns: tuple[int, int] = (2, 3)  # turns of a training session; 1 adds sessions of a single talker
     train_lead: tuple[float, float] = LEAD_S  # silence before a training session's first turn (0: speech at once)
@@ -133,6 +136,7 @@ FULL = MultitalkerPlan(
     layers=2,
     stream_sessions=10,
     turn_reset=True,
+    activity_weight=2.0,
     train_turns=(1, 3),  # a third of the training sessions one talker alone, as a device mostly hears
     train_lead=(0.0, 0.5),  # some start speaking with the audio
     train_mix_seed=3,
@@ -280,9 +284,15 @@ def run_multitalker_bench(
                 turn_penalty=plan.turn_penalty if penalized else 0.0,
                 seed=0,
                 log_every=max(1, plan.steps // 10),
+                activity_weight=plan.activity_weight if channels_of(kind) == 2 else 0.0,
             )
             model.cpu()
-            stage = {"steps": plan.steps, "seconds": round(time.perf_counter() - began, 1), "loss_curve": log}
+            stage = {
+                "steps": plan.steps,
+                "seconds": round(time.perf_counter() - began, 1),
+                "activity_weight": plan.activity_weight if channels_of(kind) == 2 else 0.0,
+                "loss_curve": log,
+            }
             stages = [*earlier.get("stages", [earlier] if earlier else []), stage]
             training = {
                 "steps": sum(x["steps"] for x in stages),

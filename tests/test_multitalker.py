@@ -138,6 +138,27 @@ def test_batches_anchor_each_turn_token_at_the_frame_its_event_becomes_audible()
     assert int(mt.turn_frames[0, 0].isnan().logical_not().sum()) == 1
 
 
+def test_turn_activity_marks_each_channels_turns_from_their_start_to_their_end() -> None:
+    tokenizer = FRONTEND.tokenizer
+    turns = (_turn(0, 0.4, 2.0, "play jazz"), _turn(1, 1.5, 3.0, "stop"), _turn(0, 3.5, 4.2, "louder"))
+    session = Session("x", Path("x.flac"), 5.0, 0.2, ("s0", "s1"), turns)
+    features = {"x": np.zeros((500, 80), dtype=np.float32)}
+    (batch,) = make_session_batches([session], features, tokenizer, "sts", max_frames=1000, shuffle=False, seed=0)
+    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1))
+    activity = model.turn_activity(batch.targets, batch.turn_frames, 124)
+    seconds = torch.tensor([emission_seconds(t) for t in range(124)])  # when each encoder frame's audio has arrived
+    heard = [(turns[0], turns[2]), (turns[1],)]  # HEAT: the third turn takes channel 0 again, free since 2.0 s
+    for channel, routed in enumerate(heard):
+        expected = torch.zeros(124, dtype=torch.bool)
+        for turn in routed:
+            expected |= (seconds >= turn.start - 1e-6) & (seconds <= turn.end + 1e-6)
+        assert activity[channel].bool().tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="two-channel"):
+        SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=1, layers=1)).turn_activity(
+            batch.targets[:1], batch.turn_frames[:1], 124
+        )
+
+
 def test_mix_is_deterministic_cached_and_records_turns_that_fit_the_audio(
     synth_corpus: Path, mixed: Path, tmp_path: Path
 ) -> None:
@@ -354,6 +375,21 @@ def test_training_lowers_the_loss_and_scoring_counts_words_turns_and_times(mixed
     words = sum(len(t.text.split()) for s in sessions for t in s.turns)
     assert scores["all"]["sessions"] == 6 and scores["all"]["words"] == words
     assert sum(b["sessions"] for b in scores["by_overlap"].values()) == 6
+
+
+def test_the_turn_activity_loss_is_learned_beside_the_transducer_loss(mixed: Path) -> None:
+    sessions = load_sessions(mixed)
+    features = session_features(sessions, FRONTEND.cmvn)
+    model = SeparatorTransducer.from_transducer(BASE.build(), SeparatorConfig(channels=2, layers=1))
+    batches = make_session_batches(sessions, features, FRONTEND.tokenizer, "sts", max_frames=2500, shuffle=True, seed=0)
+    names = {name for name, _ in model.named_parameters()}
+    log = train_sessions(
+        model, batches[:1], steps=6, peak_lr=1e-3, warmup=1, turn_penalty=0.1, seed=0, log_every=3, activity_weight=1.0
+    )
+    assert log[1]["activity_loss"] < log[0]["activity_loss"] and log[1]["loss"] < log[0]["loss"]
+    assert {name for name, _ in model.named_parameters()} == names  # the head is training's, not the model's
+    with pytest.raises(ValueError, match="activity_weight"):
+        train_sessions(model, batches[:1], steps=1, peak_lr=1e-3, warmup=1, turn_penalty=0.0, seed=0, activity_weight=-1.0)
 
 
 def test_score_of_a_perfect_and_of_a_swapped_hypothesis() -> None:

@@ -329,9 +329,23 @@ class SeparatorTransducer(nn.Module):
                 f"targets must be (C={channels}, B={feats.shape[0]}, U) and target_lens (C, B), got "
                 f"{tuple(targets.shape)} and {tuple(target_lens.shape)}"
             )
+        frames, lengths = self.channel_frames(feats, feat_lens)
+        return self.frames_loss(frames, lengths, targets, target_lens, turn_frames=turn_frames, turn_penalty=turn_penalty)
+
+    def frames_loss(
+        self,
+        frames: Tensor,
+        lengths: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        turn_frames: Tensor | None = None,
+        turn_penalty: float = 0.0,
+    ) -> Tensor:
+        """``forward`` from the channel frames (C * B, T', D) and lengths of ``channel_frames``: (B,) loss."""
+        channels = self.config.channels
         if turn_penalty and (turn_frames is None or turn_frames.shape != targets.shape):
             raise ValueError(f"turn_penalty needs turn_frames of the targets' shape {tuple(targets.shape)}")
-        frames, lengths = self.channel_frames(feats, feat_lens)
         flat_targets, flat_lens = targets.reshape(-1, targets.shape[2]), target_lens.reshape(-1)
         bonus = None
         if turn_penalty and turn_frames is not None:
@@ -342,6 +356,23 @@ class SeparatorTransducer(nn.Module):
             bonus = torch.nan_to_num(-turn_penalty * outside, nan=0.0)
         loss, _ = self.transducer.frames_loss(frames, lengths, flat_targets, flat_lens, emission_bonus=bonus)
         return loss.view(channels, -1).sum(dim=0)
+
+    def turn_activity(self, targets: Tensor, turn_frames: Tensor, frames: int) -> Tensor:
+        """(C * B, T') 1.0 at the encoder frames where a turn of the row's channel is under way: from the anchor of
+        each ``<sot>`` to that of the ``<eot>`` after it (``targets`` and ``turn_frames`` as in ``forward``); the
+        target of a training-only per-frame head that tells each channel when its talker speaks."""
+        if self.config.channels == 1:
+            raise ValueError("turn activity needs <sot>/<eot> turns: a two-channel model (MT-RNN-T has no turn end)")
+        ids = extended_vocabulary(self.blank - len(TURN_TOKENS))
+        flat, anchors = targets.reshape(-1, targets.shape[2]), turn_frames.reshape(-1, targets.shape[2])
+        starts = torch.where(flat == ids["<sot>"], anchors, torch.nan)
+        ends = torch.where(flat == ids["<eot>"], anchors, torch.nan)
+        # a turn is <sot> ... <eot> in order: the k-th start pairs with the k-th end of its row
+        starts = starts.gather(1, torch.argsort(starts.isnan().to(torch.int8), dim=1, stable=True))
+        ends = ends.gather(1, torch.argsort(ends.isnan().to(torch.int8), dim=1, stable=True))
+        t = torch.arange(frames, device=targets.device, dtype=anchors.dtype)[None, :, None]  # (1, T', 1)
+        inside = (t >= starts[:, None, :]) & (t <= ends[:, None, :])  # NaN compares False
+        return inside.any(dim=2).to(torch.float32)
 
     @torch.no_grad()
     def greedy_search(
