@@ -7,7 +7,8 @@ Three systems start from the shipped single-talker base and are trained on the s
     sts           separator into two channels, ``<sot>``/``<eot>`` per turn (HEAT routing)
     sts+penalty   the same with the turn-token latency penalty (``plan.turn_penalty``)
 
-(``plan.activity_weight`` adds the turn-activity loss of ``train_sessions`` to both two-channel systems.)
+(``plan.activity_weight``, ``--activity-weight``, adds the turn-activity loss of ``train_sessions`` to both two-channel
+systems; the plans have none.)
 
 Measured in this one process (see ``shared/multitalker.py`` for the definitions): WER (permutation-invariant over
 channels), turn-counting accuracy, turn-start error and end-of-turn latency (median, p90), by overlap bucket; the
@@ -136,7 +137,6 @@ FULL = MultitalkerPlan(
     layers=2,
     stream_sessions=10,
     turn_reset=True,
-    activity_weight=2.0,
     train_turns=(1, 3),  # a third of the training sessions one talker alone, as a device mostly hears
     train_lead=(0.0, 0.5),  # some start speaking with the audio
     train_mix_seed=3,

@@ -356,6 +356,10 @@ def bench_multitalker_cmd(
             min=1, help="Search for scored and streamed sessions: 1 = greedy; more = modified beam search, chunk by chunk."
         ),
     ] = 1,
+    activity_weight: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, help="Weight of the two-channel systems' turn-activity loss (default: the plan's; 0: none)."),
+    ] = None,
 ) -> None:
     """Separator-transducer-segmenter vs MT-RNN-T on two-talker sessions: WER, turn counting, end-of-turn latency."""
     import json
@@ -367,6 +371,7 @@ def bench_multitalker_cmd(
     plan = replace(plan, steps=steps) if steps is not None else plan
     plan = replace(plan, init_run=f"runs/{continue_from}") if continue_from else plan
     plan = replace(plan, beam=beam)
+    plan = replace(plan, activity_weight=activity_weight) if activity_weight is not None else plan
     workdir = workdir.resolve()
     run_dir = workdir / "runs" / (bench_id or ("bench-multitalker-quick" if quick else "bench-multitalker"))
     try:

@@ -456,7 +456,8 @@ def test_saved_model_loads_and_device_transcribes_two_talkers(mixed: Path, tmp_p
 @pytest.mark.slow
 def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -> None:
     # --beam 2: scored and streamed by beam search (the pipeline end to end; greedy search is the default)
-    result = CliRunner().invoke(app, ["bench", "multitalker", "--quick", "--beam", "2", "--json", "--workdir", str(tmp_path)])
+    args = ["bench", "multitalker", "--quick", "--beam", "2", "--activity-weight", "2", "--json", "--workdir", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert list(report["arms"]) == ["sts+penalty", "mt-rnnt", "sts"] and report["plan"]["beam"] == 2
@@ -470,6 +471,11 @@ def test_quick_benchmark_trains_and_measures_the_three_systems(tmp_path: Path) -
     assert arms["sts"]["encoder_gflops_per_audio_second"] > arms["mt-rnnt"]["encoder_gflops_per_audio_second"]
     assert arms["sts"]["encoder_gflops_per_audio_second"] == pytest.approx(arms["sts+penalty"]["encoder_gflops_per_audio_second"])
     assert arms["sts+penalty"]["turn_penalty"] > 0 and arms["sts"]["turn_penalty"] == 0
+    # the two-channel systems learn the turn-activity head beside the transducer loss; MT-RNN-T has no turns to route
+    for name, arm in arms.items():
+        stage = arm["training"]["stages"][-1]
+        assert stage["activity_weight"] == (0.0 if name == "mt-rnnt" else 2.0)
+        assert all(("activity_loss" in entry) == (name != "mt-rnnt") for entry in stage["loss_curve"])
     text = (tmp_path / "runs" / "bench-multitalker-quick" / "report.md").read_text()
     assert text.startswith("# Multi-talker benchmark") and "modified beam search, beam 2." in text
     assert "| mt-rnnt | 9 |" in text  # the single-talker table
