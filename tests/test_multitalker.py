@@ -351,6 +351,8 @@ def test_turn_penalty_weighs_only_anchored_tokens_and_grows_with_lambda() -> Non
     assert plain.item() < light.item() < heavy.item()  # weights <= 1 on alignments outside the slack
     with pytest.raises(ValueError, match="turn_frames"):
         model(feats, feat_lens, targets, target_lens, turn_penalty=1.0)
+    with pytest.raises(ValueError, match=r"targets must be \(C=2, B=1, U\)"):  # one channel's targets for two
+        model(feats, feat_lens, targets[:1], target_lens[:1])
 
 
 def test_training_lowers_the_loss_and_scoring_counts_words_turns_and_times(mixed: Path) -> None:

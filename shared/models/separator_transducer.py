@@ -323,12 +323,6 @@ class SeparatorTransducer(nn.Module):
             turn_penalty: lambda of the turn-token latency penalty, per encoder frame outside ``TURN_SLACK``
                 (0: the plain negative log-likelihood).
         """
-        channels = self.config.channels
-        if targets.dim() != 3 or targets.shape[:2] != (channels, feats.shape[0]) or target_lens.shape != targets.shape[:2]:
-            raise ValueError(
-                f"targets must be (C={channels}, B={feats.shape[0]}, U) and target_lens (C, B), got "
-                f"{tuple(targets.shape)} and {tuple(target_lens.shape)}"
-            )
         frames, lengths = self.channel_frames(feats, feat_lens)
         return self.frames_loss(frames, lengths, targets, target_lens, turn_frames=turn_frames, turn_penalty=turn_penalty)
 
@@ -344,6 +338,12 @@ class SeparatorTransducer(nn.Module):
     ) -> Tensor:
         """``forward`` from the channel frames (C * B, T', D) and lengths of ``channel_frames``: (B,) loss."""
         channels = self.config.channels
+        batch = frames.shape[0] // channels
+        if targets.dim() != 3 or targets.shape[:2] != (channels, batch) or target_lens.shape != targets.shape[:2]:
+            raise ValueError(
+                f"targets must be (C={channels}, B={batch}, U) and target_lens (C, B), got "
+                f"{tuple(targets.shape)} and {tuple(target_lens.shape)}"
+            )
         if turn_penalty and (turn_frames is None or turn_frames.shape != targets.shape):
             raise ValueError(f"turn_penalty needs turn_frames of the targets' shape {tuple(targets.shape)}")
         flat_targets, flat_lens = targets.reshape(-1, targets.shape[2]), target_lens.reshape(-1)
