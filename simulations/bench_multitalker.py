@@ -273,6 +273,7 @@ def run_multitalker_bench(
             batches = make_session_batches(
                 train_set, features, frontend.tokenizer, kind, max_frames=plan.batch_frames, shuffle=True, seed=len(earlier)
             )
+            activity = plan.activity_weight if channels_of(kind) == 2 else 0.0  # MT-RNN-T has no turns to route
             model.to(train_device)
             began = time.perf_counter()
             log = train_sessions(
@@ -284,13 +285,13 @@ def run_multitalker_bench(
                 turn_penalty=plan.turn_penalty if penalized else 0.0,
                 seed=0,
                 log_every=max(1, plan.steps // 10),
-                activity_weight=plan.activity_weight if channels_of(kind) == 2 else 0.0,
+                activity_weight=activity,
             )
             model.cpu()
             stage = {
                 "steps": plan.steps,
                 "seconds": round(time.perf_counter() - began, 1),
-                "activity_weight": plan.activity_weight if channels_of(kind) == 2 else 0.0,
+                "activity_weight": activity,
                 "loss_curve": log,
             }
             stages = [*earlier.get("stages", [earlier] if earlier else []), stage]
