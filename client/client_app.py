@@ -5,6 +5,9 @@ Every reply passes the privacy audit before it leaves: ``audit_mod`` (shared/pri
 handler of this app, in simulation and in deployment, checks the reply against the allowlist and against the
 arrays the server sent, and turns a violation into an error reply.
 
+Power-of-Choice selection (``strategy.selection``): a query handler (``query.loss``) answers with the global
+model's loss on the device's training utterances.
+
 Fairness phases (``fairness.enabled``; message contract in ``shared/fairness/protocol.py``, device side in
 ``client/fairness.py``): two query handlers (``query.kmeans``: federated k-means; ``query.fisher``: EWC's Fisher
 sums), and train / evaluate messages that may carry an EWC Fisher, ARW adversary arrays, targeted cohort ids or
@@ -34,7 +37,7 @@ from client.fairness import (
     secure_sum_reply,
 )
 from client.secagg import SecureAggregationRequired, secure_aggregation_mod
-from client.train import fine_tune
+from client.train import fine_tune, training_loss
 from shared.config import RunConfig
 from shared.fairness import protocol
 from shared.privacy.audit import audit_mod
@@ -160,3 +163,14 @@ def fisher(msg: Message, context: Context) -> Message:
     cfg, state, data, _, _ = _setup(msg, context)
     _unmasked(cfg, "Fisher sums")
     return Message(fisher_reply(cfg, state, data), reply_to=msg)
+
+
+@app.query("loss")
+def loss(msg: Message, context: Context) -> Message:
+    """Power-of-Choice selection: the global model's loss on this device's training utterances (one scalar, like a
+    train reply's ``train-loss``). Refused under DP-SGD, whose guarantee does not cover it."""
+    cfg, state, data, _, _ = _setup(msg, context)
+    if cfg.dp.enabled:
+        raise ValueError("dp.enabled: the training loss lies outside DP-SGD's guarantee, so this device does not send it")
+    value, utterances = training_loss(cfg, state, data)
+    return Message(RecordDict({"metrics": MetricRecord({"train-loss": value, "num-examples": utterances})}), reply_to=msg)

@@ -35,7 +35,7 @@ from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
 from shared.models.transducer import Transducer
 from shared.metrics import ErrorCounts
-from shared.training import Reweighter, score, train_steps
+from shared.training import Reweighter, mean_loss, score, train_steps
 
 if TYPE_CHECKING:
     from shared.privacy.dp import AccountantState
@@ -52,6 +52,7 @@ __all__ = [
     "trainable_parameters",
     "personalize",
     "store_accountant",
+    "training_loss",
 ]
 
 log = logging.getLogger("chorus.client")
@@ -160,6 +161,17 @@ def fine_tune(
         compute_cost=stats.compute_cost,
         skipped=len(data.features.skipped),
     )
+
+
+def training_loss(cfg: RunConfig, global_state: dict[str, torch.Tensor], data: DeviceData) -> tuple[float, int]:
+    """The global model's per-token loss on this device's training utterances, and how many they are: the answer
+    to Power-of-Choice's loss query (``query.loss``). Deterministic: eval mode, batches in order."""
+    model = build_model(cfg.model)
+    load_state(model, global_state, source="global model from the server")
+    batches = make_batches(
+        data.train, features=data.features, tokenizer=data.tokenizer, max_frames=cfg.train.batch_frames, shuffle=False, seed=0
+    )
+    return mean_loss(model, batches), sum(len(b.ids) for b in batches)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ What a valid reply is:
       ``strategy.max-update-norm`` (0: no absolute bound) and at most ``strategy.update-norm-factor`` times
       the median update norm of the round's other valid replies (0: off). The median is robust while fewer than
       half the replies are attacks; it is the lower median, so with two replies the smaller one sets the bound.
-    * evaluation counts (``word-errors``, ``words``, ``num-examples``) are non-negative whole numbers.
+    * evaluation counts (``word-errors``, ``words``, ``num-examples``) are non-negative whole numbers;
+    * a loss-query reply (``query.loss``, Power-of-Choice selection) carries a non-negative ``train-loss``.
 
 Under SecAgg+ (``strategy.secure-aggregation``) the server sees only the masked sum, so individual updates cannot
 be checked here; that path (server/secagg.py) has its own protocol checks.
@@ -41,6 +42,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
 from shared.config import StrategyConfig
+from shared.fairness.protocol import LOSS_QUERY
 from shared.privacy.audit import PrivacyViolation, audit_reply
 from shared.records import array_record
 
@@ -115,8 +117,9 @@ def validate_reply(reply: Message, request: Message, limits: StrategyConfig) -> 
                     raise InvalidReply(f"array {name}/{key} is not finite")
     kind = request.metadata.message_type.split(".")[0]  # "train", "evaluate" or "query"
     metrics = reply.content.get("metrics")
-    if kind in (MessageType.TRAIN, MessageType.EVALUATE) and not isinstance(metrics, MetricRecord):
-        raise InvalidReply(f"a {kind} reply without its 'metrics' record")
+    needs_metrics = kind in (MessageType.TRAIN, MessageType.EVALUATE) or request.metadata.message_type == LOSS_QUERY
+    if needs_metrics and not isinstance(metrics, MetricRecord):
+        raise InvalidReply(f"a {request.metadata.message_type} reply without its 'metrics' record")
     assert metrics is None or isinstance(metrics, MetricRecord)
     if metrics is None:  # a query reply without metrics
         return
@@ -128,6 +131,10 @@ def validate_reply(reply: Message, request: Message, limits: StrategyConfig) -> 
             raise InvalidReply(
                 f"num-examples={examples!r} is not a whole number in 0..{limits.max_examples} (strategy.max-examples)"
             )
+    elif request.metadata.message_type == LOSS_QUERY:
+        loss = metrics.get("train-loss")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not loss >= 0:
+            raise InvalidReply(f"loss query: train-loss={loss!r} is not a non-negative number")
     elif kind == MessageType.EVALUATE:
         for key in _COUNTS:
             count = metrics.get(key)

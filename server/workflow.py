@@ -5,6 +5,9 @@ The round loop calls the strategy's own ``configure_train`` / ``aggregate_train`
 of the global model and the strategy's state after every round, resume after a crash (server/checkpoint.py),
 per-round JSONL, a progress display, and the server-side evaluation on held-out speakers.
 
+Who trains: the strategy's uniform sample, or with ``strategy.selection = "power-of-choice"`` the devices the
+global model serves worst among candidates asked for their loss (server/selection.py).
+
 Privacy options of the train phase (run config): ``strategy.secure-aggregation`` runs it through SecAgg+
 (server/secagg.py: the server gets only the aggregate); ``strategy.central-dp`` wraps the strategy in Flower's
 fixed-clipping DP wrapper (server- or device-side clipping, Gaussian noise on the aggregate).
@@ -41,6 +44,7 @@ from server.exchange import Exchange, exchange
 from server.fairness import FairnessRounds, FairStrategy
 from server.report import MetricsLog, write_report
 from server.secagg import secure_train_round
+from server.selection import PowerOfChoice
 from shared.config import STRATEGIES, CentralDPConfig, RunConfig, StrategyConfig, TrainConfig
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
@@ -223,7 +227,7 @@ class TrainRound:
 
 def train_round(
     grid: Grid,
-    strategy: flwr_strategy.Strategy | FairStrategy,
+    strategy: flwr_strategy.Strategy | FairStrategy | PowerOfChoice,
     server_round: int,
     arrays: ArrayRecord,
     limits: StrategyConfig,
@@ -255,12 +259,18 @@ def train_round(
 
 
 def _train_phase(
-    grid: Grid, strategy: flwr_strategy.Strategy | FairStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid,
+    strategy: flwr_strategy.Strategy | FairStrategy | PowerOfChoice,
+    cfg: RunConfig,
+    server_round: int,
+    arrays: ArrayRecord,
 ) -> TrainRound:
     """One round's training, plainly or with ``strategy.secure-aggregation`` through SecAgg+ (server/secagg.py),
     where a device counts as answered when its masked update is in the sum (the server sees no single reply)."""
     if not cfg.strategy.secure_aggregation:
         return train_round(grid, strategy, server_round, arrays, cfg.strategy)
+    if isinstance(strategy, PowerOfChoice):  # shared/config.py refuses the pair; a guard for direct callers
+        raise ValueError("Power-of-Choice selection needs each device's loss in plain, which SecAgg+ runs do not send")
     secure = secure_train_round(
         grid,
         strategy,
@@ -316,7 +326,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         if cfg.fairness.enabled
         else None
     )
-    rounds = strategy if fairness is None else fairness.wrap(strategy)
+    fair = strategy if fairness is None else fairness.wrap(strategy)
+    # strategy.selection: who trains each round (Power-of-Choice asks candidates for their loss first).
+    selection = PowerOfChoice(fair, cfg.strategy, seed=cfg.train.seed) if cfg.strategy.selection == "power-of-choice" else None
+    rounds = fair if selection is None else selection
 
     def evaluate_heldout() -> tuple[ErrorCounts, dict[str, ErrorCounts]]:
         return score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=cfg.eval.beam)
@@ -390,6 +403,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "seconds": round(time.monotonic() - start, 3),
                 "train_seconds": round(train_seconds, 3),
                 **central,
+                **({} if selection is None else selection.round_fields(server_round)),
                 **({} if fairness is None else fairness.round_fields(server_round)),
             }
             metrics.append(record)  # first the line, then the checkpoint that commits the round (see rewind_metrics)

@@ -216,6 +216,7 @@ STRATEGIES = (
 # Strategies that need each device's update, which strategy.secure-aggregation hides.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PER_UPDATE_STRATEGIES = (*ROBUST_STRATEGIES, "qfedavg")  # q-FedAvg weighs each update by its device's loss
+SELECTIONS = ("uniform", "power-of-choice")  # strategy.selection
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,12 @@ class StrategyConfig:
     # choice). It reads L x (global - local weights) as a device's gradient: after AdamW's normalized steps that is
     # far larger than the gradient, the step comes out tiny, and the paper tunes L.
     qffl_lr: float = 0.0
+    # Which devices train each round: "uniform" (Flower's sampling) or "power-of-choice" (Cho et al. 2022): ask
+    # `candidates` devices sampled uniformly for the global model's loss on their training utterances, and train the
+    # ones with the highest loss (as many as uniform sampling would take). It finds the devices served worst without
+    # knowing who they are; each answer is one scalar, as a train reply's train-loss.
+    selection: str = "uniform"
+    candidates: int = 0  # devices asked each round (0: every connected device); at least the devices trained
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -274,6 +281,15 @@ class StrategyConfig:
                 f"strategy.secure-aggregation hides: use a mean-based strategy (fedavg, fedavgm, "
                 f"fedadam, fedyogi, fedadagrad)"
             )
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"strategy.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.selection == "power-of-choice" and self.secure_aggregation:
+            raise ConfigError(
+                'strategy.selection = "power-of-choice" ranks devices by the loss each one reports in plain, which '
+                'strategy.secure-aggregation keeps to sums: use strategy.selection = "uniform"'
+            )
+        if self.candidates < 0:
+            raise ConfigError(f"strategy.candidates must be >= 0 (0: every connected device), got {self.candidates}")
         if self.max_in_flight < 0:
             raise ConfigError(f"strategy.max-in-flight must be >= 0 (0: no limit), got {self.max_in_flight}")
         if self.num_malicious < 0:
@@ -510,6 +526,11 @@ class RunConfig:
             raise ConfigError(
                 'strategy.name = "qfedavg" weighs each update by its device\'s training loss, which DP-SGD replies '
                 "do not carry (it lies outside their guarantee): turn dp.enabled off or choose another strategy"
+            )
+        if self.strategy.selection == "power-of-choice" and self.dp.enabled:
+            raise ConfigError(
+                'strategy.selection = "power-of-choice" asks each device for its training loss, which lies outside '
+                'DP-SGD\'s guarantee: turn dp.enabled off or use strategy.selection = "uniform"'
             )
 
     @property

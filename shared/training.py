@@ -20,7 +20,7 @@ from shared.data.tokenizer import Tokenizer
 from shared.metrics import ErrorCounts, error_counts
 from shared.models.transducer import Transducer
 
-__all__ = ["Reweighter", "StepStats", "train_steps", "transcribe", "score"]
+__all__ = ["Reweighter", "StepStats", "mean_loss", "train_steps", "transcribe", "score"]
 
 # Transducer gradients spike early in training; clipping keeps a few local steps from wrecking a good model.
 GRAD_CLIP_NORM = 5.0
@@ -167,6 +167,22 @@ def train_steps(
         compute_cost=total_cost / max(steps, 1),
         penalty=total_penalty / max(steps, 1),
     )
+
+
+@torch.no_grad()
+def mean_loss(model: Transducer, batches: Sequence[Batch]) -> float:
+    """The per-token transducer loss of ``model`` over ``batches``, in eval mode and without augmentation: how well
+    the model fits these utterances (Power-of-Choice ranks devices by it)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in batches:
+        moved = on_device(batch, device)
+        total += float(model(moved.feats, moved.feat_lens, moved.targets, moved.target_lens).loss_per_utt.sum())
+        tokens += int(batch.target_lens.sum())
+    if tokens == 0:
+        raise ValueError("no target tokens: every utterance was skipped or there is no data")
+    return total / tokens
 
 
 @torch.no_grad()

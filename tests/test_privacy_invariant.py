@@ -34,6 +34,7 @@ from tests.conftest import TINY_RUN, TinyWorkdir, leaks, needs_espeak, sensitive
 TRAIN_METRICS = {"train-loss", "local-steps", "num-examples", "compute-cost", "skipped-utterances"}
 DP_TRAIN_METRICS = {"epsilon", "local-steps", "num-examples"}  # DP-SGD: only what the guarantee covers
 EVAL_METRICS = {"word-errors", "words", "num-examples", "wer"}
+LOSS_METRICS = {"train-loss", "num-examples"}  # Power-of-Choice's loss query (strategy.selection)
 TRANSCRIPT = "remind me to call doctor patel at noon"
 
 
@@ -64,6 +65,7 @@ def recorded_client_app(out_dir: Path, run_config: dict[str, bool | int | float 
 
     outer.train()(forward)
     outer.evaluate()(forward)
+    outer.query("loss")(forward)
     return outer
 
 
@@ -83,8 +85,17 @@ def test_every_reply_of_a_simulation_is_allowlisted(
 
     from server.workflow import run_federation
 
+    # Without DP the server also asks every device for its loss each round (Power-of-Choice; all four then train).
+    selection = "uniform" if dp else "power-of-choice"
     cfg = RunConfig.from_flat(
-        {**TINY_RUN, "num-server-rounds": 2, "workdir": str(tmp_path / "work"), "run-id": "privacy", "dp.enabled": dp}
+        {
+            **TINY_RUN,
+            "num-server-rounds": 2,
+            "workdir": str(tmp_path / "work"),
+            "run-id": "privacy",
+            "dp.enabled": dp,
+            "strategy.selection": selection,
+        }
     )
     tiny_workdir(cfg.workdir_path)
     sensitive = sensitive_strings(cfg)
@@ -133,8 +144,8 @@ def test_every_reply_of_a_simulation_is_allowlisted(
             names += list(arrays.keys())
         metrics = content["metrics"]
         assert isinstance(metrics, MetricRecord)
-        train_metrics = DP_TRAIN_METRICS if dp else TRAIN_METRICS
-        assert set(metrics.keys()) == (train_metrics if kind == MessageType.TRAIN else EVAL_METRICS), path.name
+        expected_metrics = {MessageType.TRAIN: DP_TRAIN_METRICS if dp else TRAIN_METRICS, "query.loss": LOSS_METRICS}
+        assert set(metrics.keys()) == expected_metrics.get(kind, EVAL_METRICS), path.name
         assert set(metrics.keys()) <= ALLOWED_METRICS
         for key, value in metrics.items():
             assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key
@@ -143,7 +154,9 @@ def test_every_reply_of_a_simulation_is_allowlisted(
 
     expected = {(MessageType.TRAIN, f"r{r}", f"p{p}") for r in (1, 2) for p in range(4)}
     expected |= {(MessageType.EVALUATE, f"r{r}", f"p{p}") for r in (0, 1, 2) for p in range(4)}
-    # train from every device in both rounds, evaluate also before round 1, and nothing else
+    if not dp:
+        expected |= {("query.loss", f"r{r}", f"p{p}") for r in (1, 2) for p in range(4)}
+    # train from every device in both rounds (asked for its loss first), evaluate also before round 1, nothing else
     assert seen == expected
     assert len(list(replies_dir.iterdir())) == len(expected)
     # The replies recorded are the ones the server got and used (Flower may still replace a reply after the

@@ -11,6 +11,8 @@ message type               server sends                                         
                            config ``kmeans-noise``                                "counts": (C,)} (dense, float64)
 ``query.fisher``           ``arrays`` (the global model)                          ``fisher-sums`` (the keys, dtypes and shapes
                                                                                   of ``arrays``), metric ``fisher-batches``
+``query.loss``             ``arrays`` (the global model)                          ``metrics`` {"train-loss", "num-examples"}:
+                           (Power-of-Choice selection, ``server/selection.py``)   the model's loss on its training utterances
 ``train``                  ``arrays`` (model, plus ``arw.*`` adversary arrays     ``arrays`` (same keys) and ``metrics``;
                            with ARW), optional ``fisher`` (EWC), ``centroids``    a device outside the targeted cohorts
                            and config ``target-cohorts`` (targeted round),        returns the received arrays unchanged
@@ -65,6 +67,7 @@ __all__ = [
     "KMEANS_NOISE",
     "KMEANS_QUERY",
     "KMEANS_STATS",
+    "LOSS_QUERY",
     "PEAK_EXPONENTS",
     "ProtocolError",
     "SECURE_SUM",
@@ -76,9 +79,10 @@ __all__ = [
     "split_adversary",
 ]
 
-# Message types of the two query phases (``@app.query("kmeans")`` / ``@app.query("fisher")`` on the device).
+# Message types of the query phases (``@app.query("kmeans")`` / ``("fisher")`` / ``("loss")`` on the device).
 KMEANS_QUERY = "query.kmeans"
 FISHER_QUERY = "query.fisher"
+LOSS_QUERY = "query.loss"
 
 # Records the server sends.
 CENTROIDS = "centroids"  # {"centroids": (C, E) float64}
