@@ -166,6 +166,9 @@ FULL = NewMarketPlan(
         "split.heldout-speakers": 80,
         "train.local-steps": 8,
         "train.lr": 1e-4,
+        # No lead-in silence: the launch base never trained with it, and devices fine-tune a base under its own
+        # recipe (as they take its dropout); with it uniform FedAvg forgot the served markets (README).
+        "train.lead-silence-s": 0.0,
         "eval.heldout-utterances": 200,
     },
     withheld=LEGACY,
