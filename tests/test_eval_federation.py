@@ -107,6 +107,17 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
             assert personal["wer"][f"{start}_checked"] == personal["wer"][f"{start}_personalized"]
     assert "Personalization" in Path(out["report"]).read_text()
 
+    # Who trained: the plan's Power-of-Choice, every round asking its candidates for their loss and training the
+    # per-round devices with the highest; the report names the selection and the search every model was decoded with.
+    assert out["selection"] == {"name": "power-of-choice", "candidates": QUICK.overrides["strategy.candidates"]}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r.get("round", 0) >= 1 and "selection_candidates" in r]
+    assert len(records) == QUICK.rounds
+    for record in records:
+        assert record["selection_candidates"] == QUICK.overrides["strategy.candidates"]
+        assert record["selected_loss_mean"] >= record["selection_loss_mean"]
+    assert out["beam"] == 1 and "Power-of-Choice" in Path(out["report"]).read_text()
+
     # The quick plan has no sweep (each candidate is a Flower simulation; `_choose` is tested below): the measured
     # run used the plan's own recipe.
     assert QUICK.sweep is None and out["sweep"] is None
