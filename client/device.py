@@ -571,11 +571,12 @@ class Personalization:
 
 
 def personalize_device(
-    *, checkpoint: Path, data: Path, artifacts: Path, out: Path, steps: int = 24, lr: float = 3e-4
+    *, checkpoint: Path, data: Path, artifacts: Path, out: Path, steps: int = 48, lr: float = 3e-4, beam: int = 1
 ) -> Personalization:
     """Fine-tune ``checkpoint`` on this device's own recordings (``steps`` AdamW steps at ``lr``: the personalization
-    ``chorus eval federation`` measures), keep it only where a check on set-aside training utterances says it helps
-    (``client.train.personalize``), and write the kept model to ``out``. Nothing leaves the device.
+    ``chorus eval federation`` measures), keep it only where a check on set-aside training utterances, decoded with
+    the search the device runs (``beam``; 1: greedy), says it helps (``client.train.personalize``), and write the kept
+    model to ``out``. Nothing leaves the device.
 
     Raises:
         DeviceError: a missing or unusable checkpoint, data or artifacts directory (the message names it).
@@ -590,7 +591,7 @@ def personalize_device(
     except CheckpointError as err:
         raise DeviceError(str(err)) from err
     model_keys = {f"model.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(ckpt.model_config).items()}
-    recipe = {"train.local-steps": steps, "train.lr": lr, "train.optimizer": "adamw"}
+    recipe = {"train.local-steps": steps, "train.lr": lr, "train.optimizer": "adamw", "eval.beam": beam}
     cfg = RunConfig.from_flat({**model_keys, **recipe, "model.init-checkpoint": str(checkpoint)})
     try:
         device = local_device_data(cfg, data_dir=data, artifacts_dir=artifacts)
@@ -604,10 +605,11 @@ def personalize_device(
     model = build_model(cfg.model)
     evaluated = None
     if device.eval:
-        before = device_errors(model, ckpt.state_dict, device.eval, device).wer
-        evaluated = (before, device_errors(model, kept_state, device.eval, device).wer if check.keep else before)
+        before = device_errors(model, ckpt.state_dict, device.eval, device, beam=beam).wer
+        after = device_errors(model, kept_state, device.eval, device, beam=beam).wer if check.keep else before
+        evaluated = (before, after)
     load_state(model, kept_state, source=str(checkpoint))
-    meta = {**ckpt.meta, "personalized": {"from": str(checkpoint), "kept": check.keep, "steps": steps, "lr": lr}}
+    meta = {**ckpt.meta, "personalized": {"from": str(checkpoint), "kept": check.keep, "steps": steps, "lr": lr, "beam": beam}}
     meta.pop("frontend", None)
     # At the precision it came in: a shipped float16 base stays a 3.5 MB file on the device.
     dtype = next(v.dtype for v in ckpt.state_dict.values() if v.is_floating_point())
@@ -627,19 +629,22 @@ def personalize_cmd(
     data: RecordingsOption,
     artifacts: ArtifactsOption,
     out: Annotated[Path, typer.Option(help="Where the model the device keeps is written (it never leaves the device).")],
-    steps: Annotated[int, typer.Option(min=1, help="AdamW fine-tuning steps.")] = 24,
+    steps: Annotated[int, typer.Option(min=1, help="AdamW fine-tuning steps.")] = 48,
     lr: Annotated[float, typer.Option(min=1e-8, help="AdamW learning rate.")] = 3e-4,
+    beam: Annotated[
+        int, typer.Option(min=1, help="The search the device decodes with (1 = greedy; `transcribe --beam`): the check uses it.")
+    ] = 1,
 ) -> None:
     """Personalize the recognizer to this device's user, keeping the result only where it helps."""
     try:
-        result = personalize_device(checkpoint=checkpoint, data=data, artifacts=artifacts, out=out, steps=steps, lr=lr)
+        result = personalize_device(checkpoint=checkpoint, data=data, artifacts=artifacts, out=out, steps=steps, lr=lr, beam=beam)
     except DeviceError as err:
         fail(str(err))
     received, personal = result.check_wer
     verdict = "kept the personalized model" if result.kept else "kept the received model (personalizing did not help)"
     typer.echo(
         f"{verdict}: WER on a third of the {result.utterances[0]} training recordings set aside {received:.3f} received, "
-        f"{personal:.3f} personalized"
+        f"{personal:.3f} personalized ({_search(beam)})"
     )
     if result.eval_wer is not None:
         before, after = result.eval_wer

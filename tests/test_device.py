@@ -250,9 +250,9 @@ def _recordings(assets: dict[str, Path], path: Path, count: int) -> Path:
 
 
 @needs_espeak
-@pytest.mark.parametrize(("steps", "lr", "kept"), [(1, 1e-8, False), (40, 1e-2, True)])
+@pytest.mark.parametrize(("steps", "lr", "beam", "kept"), [(1, 1e-8, 1, False), (40, 1e-2, 2, True)])
 def test_personalize_keeps_the_fine_tuned_model_only_where_it_helps(
-    assets: dict[str, Path], tmp_path: Path, steps: int, lr: float, kept: bool
+    assets: dict[str, Path], tmp_path: Path, steps: int, lr: float, beam: int, kept: bool
 ) -> None:
     from shared.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -264,12 +264,13 @@ def test_personalize_keeps_the_fine_tuned_model_only_where_it_helps(
         tmp_path / "half.pt", base.build(), base.model_config, frontend=base.frontend, dtype=torch.float16, **meta
     )
     args = ["--checkpoint", half, "--data", data, "--artifacts", assets["artifacts"], "--out", out]
-    result = _run("personalize", *args, "--steps", steps, "--lr", lr)
+    result = _run("personalize", *args, "--steps", steps, "--lr", lr, "--beam", beam)
     assert result.exit_code == 0, result.output
     assert ("kept the personalized model" if kept else "kept the received model") in result.output
     assert "of the 6 training recordings set aside" in result.output and "local-eval recordings (2" in result.output
     mine, received = load_checkpoint(out), load_checkpoint(half)
-    assert mine.meta["personalized"]["kept"] is kept
+    assert mine.meta["personalized"]["kept"] is kept and mine.meta["personalized"]["beam"] == beam
+    assert ("(greedy search)" if beam == 1 else f"(beam {beam})") in result.output
     assert {v.dtype for v in mine.state_dict.values() if v.is_floating_point()} == {torch.float16}
     same = all(torch.equal(mine.state_dict[k], received.state_dict[k]) for k in received.state_dict)
     assert same is not kept
