@@ -84,6 +84,7 @@ def test_quick_federation_eval_measures_every_market_every_round(tmp_path: Path)
     # very ones of the rounds, with each model as received and as it fine-tuned it on its own training utterances.
     personal = out["personalization"]
     assert personal["steps"] == QUICK.personal_steps and personal["devices"] == QUICK.devices
+    assert personal["beam"] == QUICK.personal_beam == out["beam"]  # so "as received" is the rounds' search
     rows = tuple(f"{start}{kind}" for start in ("launch_base", "federated") for kind in ("", "_personalized", "_checked"))
     assert set(personal["wer"]) == set(personal["summary"]) == set(rows)
     for row in rows:
