@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from shared.config import search_name
 from shared.console import fail
 from shared.processes import stop_tree
 
@@ -524,7 +525,7 @@ def transcribe_cmd(
     typer.echo(f"final: {result.text}")
     typer.echo(
         f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
-        f"of audio, {chunk_ms} ms chunks, {_search(beam)})"
+        f"of audio, {chunk_ms} ms chunks, {search_name(beam)})"
     )
     kind = "gated sub-blocks" if result.model_name == "amortized" else f"dense {result.model_name} model"
     typer.echo(f"encoder compute skipped: {100 * result.skipped_share:.1f}% ({kind})")
@@ -532,10 +533,6 @@ def transcribe_cmd(
 
 def _turns_line(turns: tuple[tuple[int, float, float | None], ...]) -> str:
     return ", ".join(f"talker channel {c + 1} {start:.2f}-{'...' if end is None else f'{end:.2f}'} s" for c, start, end in turns)
-
-
-def _search(beam: int) -> str:
-    return "greedy search" if beam == 1 else f"beam {beam}"
 
 
 def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int, beam: int | None) -> None:
@@ -557,7 +554,7 @@ def _transcribe_talkers_cmd(audio: Path, checkpoint: Path | None, chunk_ms: int,
     typer.echo(f"turns: {len(result.turns)}" + (f" ({_turns_line(result.turns)})" if result.turns else ""))
     typer.echo(
         f"RTF {result.rtf:.3f} ({result.compute_seconds:.2f} s compute for {result.audio_seconds:.2f} s "
-        f"of audio, {chunk_ms} ms chunks, {_search(result.beam)})"
+        f"of audio, {chunk_ms} ms chunks, {search_name(result.beam)})"
     )
 
 
@@ -644,7 +641,7 @@ def personalize_cmd(
     verdict = "kept the personalized model" if result.kept else "kept the received model (personalizing did not help)"
     typer.echo(
         f"{verdict}: WER on a third of the {result.utterances[0]} training recordings set aside {received:.3f} received, "
-        f"{personal:.3f} personalized ({_search(beam)})"
+        f"{personal:.3f} personalized ({search_name(beam)})"
     )
     if result.eval_wer is not None:
         before, after = result.eval_wer

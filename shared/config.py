@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "EvalConfig",
+    "search_name",
     "StrategyConfig",
     "DPConfig",
     "SecAggConfig",
@@ -198,6 +199,11 @@ class EvalConfig:
     # Also keep each round's global model (checkpoints/round-<r>.pt; round 0 = the starting model), for
     # measurements outside the run, e.g. `chorus eval federation`'s WER per market per round.
     keep_round_models: bool = False
+
+
+def search_name(beam: int) -> str:
+    """How reports and the device name ``eval.beam``'s search: "greedy search" or "beam N"."""
+    return "greedy search" if beam == 1 else f"beam {beam}"
 
 
 STRATEGIES = (

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from shared.config import TINY_MODEL, RunConfig
+from shared.config import TINY_MODEL, RunConfig, search_name
 from shared.console import progress_to_stderr
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache, make_batches
@@ -637,10 +637,6 @@ def _cell(markets: dict[str, Any], market: str) -> str:
     return "-" if wer is None else f"{wer:.3f}"
 
 
-def _search(beam: int) -> str:
-    return "greedy search" if beam == 1 else f"modified beam search of width {beam}"
-
-
 def _who_trains(selection: dict[str, Any]) -> str:
     if selection["name"] == "uniform":
         return "a uniform sample"
@@ -656,7 +652,7 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         f"Launch base `{result['launch_base']}` (never heard: {', '.join(result['withheld'])}); "
         f"{result['devices']} devices, {result['per_round']} per round, {result['rounds']} rounds, local recipe "
         f"{result['local_recipe']}; who trains: {_who_trains(result['selection'])}; the rounds and the central bound "
-        f"decoded with {_search(result['beam'])}.",
+        f"decoded with {search_name(result['beam'])}.",
         "",
         "| measured on | markets | WER before | WER after | relative | words | target |",
         "|---|---|---:|---:|---:|---:|---|",
@@ -690,7 +686,7 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
             "",
             f"Personalization: each of the first {personal['devices']} devices fine-tuned a model on its own training "
             f"utterances alone ({personal['steps']} AdamW steps at {personal['lr']}); its own local-eval utterances, "
-            f"decoded with {_search(personal['beam'])} with the model as received, as personalized, and as checked "
+            f"decoded with {search_name(personal['beam'])}, with the model as received, as personalized, and as checked "
             "(personalized only where that beat "
             "the received model on a third of its training utterances set aside: kept by "
             f"{personal['kept']['launch_base']} devices from the launch base, {personal['kept']['federated']} from the "
