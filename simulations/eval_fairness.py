@@ -107,7 +107,8 @@ class FairnessPlan:
     personal_lr: float = 3e-4
 
     def with_overrides(self, overrides: dict[str, Any]) -> FairnessPlan:
-        """The plan with extra run-config keys (``--set``), checked against the run config at once."""
+        """The plan with extra run-config keys (``--set``), checked against the run config at once; the plan's own
+        fields that are run-config keys (rounds, the EWC arms' strength and targeted rounds) take them too."""
         merged = {**self.overrides, **overrides}
         RunConfig.from_flat(merged)  # ConfigError naming an unknown key or a bad value
         per_corpus = {
@@ -118,6 +119,7 @@ class FairnessPlan:
             self,
             overrides=merged,
             corpus_overrides=per_corpus,
+            rounds=int(overrides.get("num-server-rounds", self.rounds)),
             ewc_lambda=float(overrides.get("fairness.ewc-lambda", self.ewc_lambda)),
             targeted_rounds=int(overrides.get("fairness.targeted-rounds", self.targeted_rounds)),
         )

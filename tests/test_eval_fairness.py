@@ -84,6 +84,7 @@ def test_plan_overrides_are_checked_and_win_over_corpus_defaults() -> None:
     assert "split.public-speakers" not in plan.corpus_overrides["synth"]
     ewc = arm_overrides("ewc", QUICK.with_overrides({"fairness.ewc-lambda": 0.1, "fairness.targeted-rounds": 2}))
     assert ewc["fairness.ewc-lambda"] == 0.1 and ewc["fairness.targeted-rounds"] == 2  # --set wins in the EWC arms too
+    assert QUICK.with_overrides({"num-server-rounds": 5}).rounds == 5  # the rounds every arm runs
     with pytest.raises(ConfigError, match="'fairness.num-cohort'"):
         QUICK.with_overrides({"fairness.num-cohort": 2})
 
