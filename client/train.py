@@ -35,7 +35,7 @@ from shared.data.dataset import Batch, make_batches
 from shared.models.checkpoint import build_model, load_state
 from shared.models.transducer import Transducer
 from shared.metrics import ErrorCounts
-from shared.training import Reweighter, mean_loss, score, train_steps
+from shared.training import Reweighter, mean_loss, score, train_recipe, train_steps
 
 if TYPE_CHECKING:
     from shared.privacy.dp import AccountantState
@@ -143,13 +143,7 @@ def fine_tune(
         batches,
         steps=cfg.train.local_steps,
         optimizer=optimizer,
-        spec_augment_seed=seed if cfg.train.spec_augment else None,
-        lead_silence_frames=cfg.train.lead_silence_frames,
-        lead_silence_prob=cfg.train.lead_silence_prob,
-        concat_prob=cfg.train.concat_prob,
-        compute_weight=cfg.train.compute_weight,
-        ctc_weight=cfg.train.ctc_weight,
-        fastemit_lambda=cfg.train.fastemit_lambda,
+        **train_recipe(cfg.train, seed),
         penalty=penalty,
         reweighter=reweighter,
     )

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from shared.config import TrainConfig
 from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, concatenate_neighbours, make_batches
 from shared.data.features import augment, prepend_silence
@@ -20,7 +21,7 @@ from shared.data.tokenizer import Tokenizer
 from shared.metrics import ErrorCounts, error_counts
 from shared.models.transducer import Transducer
 
-__all__ = ["Reweighter", "StepStats", "mean_loss", "train_steps", "transcribe", "score"]
+__all__ = ["Reweighter", "StepStats", "mean_loss", "train_recipe", "train_steps", "transcribe", "score"]
 
 # Transducer gradients spike early in training; clipping keeps a few local steps from wrecking a good model.
 GRAD_CLIP_NORM = 5.0
@@ -64,6 +65,20 @@ def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
         raise ValueError("no training batches: every utterance was skipped or the device has no data")
     while True:
         yield from batches
+
+
+def train_recipe(train: TrainConfig, seed: int) -> dict[str, Any]:
+    """``train_steps``' augmentation and objective keywords as the run config's ``train.*`` sets them, SpecAugment
+    seeded by ``seed``: every trainer of a run config (device, central, the central bound) trains alike."""
+    return {
+        "spec_augment_seed": seed if train.spec_augment else None,
+        "lead_silence_frames": train.lead_silence_frames,
+        "lead_silence_prob": train.lead_silence_prob,
+        "concat_prob": train.concat_prob,
+        "compute_weight": train.compute_weight,
+        "ctc_weight": train.ctc_weight,
+        "fastemit_lambda": train.fastemit_lambda,
+    }
 
 
 def train_steps(

@@ -53,7 +53,7 @@ from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import build_model, initial_model, load_checkpoint, save_checkpoint
 from shared.models.transducer import Transducer
-from shared.training import score, train_steps
+from shared.training import score, train_recipe, train_steps
 
 if TYPE_CHECKING:
     from client.data import DeviceData
@@ -331,12 +331,7 @@ def _central(
         batches,
         steps=plan.central_steps,
         optimizer=torch.optim.AdamW(model.parameters(), lr=plan.central_lr),
-        spec_augment_seed=cfg.train.seed if cfg.train.spec_augment else None,
-        lead_silence_frames=cfg.train.lead_silence_frames,
-        lead_silence_prob=cfg.train.lead_silence_prob,
-        concat_prob=cfg.train.concat_prob,
-        ctc_weight=cfg.train.ctc_weight,
-        fastemit_lambda=cfg.train.fastemit_lambda,
+        **train_recipe(cfg.train, cfg.train.seed),
     )
     save_checkpoint(path, model, cfg.model, central=key)
     return model

@@ -27,7 +27,7 @@ from shared.data.prepare import Prepared, prepare
 from shared.models.amortized_transformer import is_arbitrator
 from shared.models.checkpoint import Frontend, average_checkpoints, initial_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
-from shared.training import score, train_steps
+from shared.training import score, train_recipe, train_steps
 
 __all__ = ["TrainPlan", "base_model", "train_central"]
 
@@ -196,13 +196,7 @@ def train_central(cfg: RunConfig, plan: TrainPlan, *, run_dir: Path, resume: boo
                     [batches[step % len(batches)]],
                     steps=1,
                     optimizer=optimizer,
-                    spec_augment_seed=step if cfg.train.spec_augment else None,
-                    lead_silence_frames=cfg.train.lead_silence_frames,
-                    lead_silence_prob=cfg.train.lead_silence_prob,
-                    concat_prob=cfg.train.concat_prob,
-                    compute_weight=cfg.train.compute_weight,
-                    ctc_weight=cfg.train.ctc_weight,
-                    fastemit_lambda=cfg.train.fastemit_lambda,
+                    **train_recipe(cfg.train, step),
                 )
                 losses.append(stats.loss)
                 step += 1
