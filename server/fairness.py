@@ -47,8 +47,9 @@ adversary's arrays are averaged with the model's (same FedAvg weights) and sent 
 with one speaker per device, this reweights a speaker's utterances (long, noisy, hard ones up), not speakers
 against each other. With ``population``, every ARW reply carries its ``ScoreSums`` (summed adversary scores,
 utterance-steps, score x loss); the server sums them into ``PopulationStats`` (mean score m, score-weighted loss
-L_w) and sends them with the next round, where a device weighs utterance i by ``1 + s_i / m`` (Lahoti's form
-normalized over the federation) and its adversary ascends the population surrogate (``arw.population_surrogate``).
+L_w) and sends them with the next round, where a device weighs utterance i by ``(1 + s_i / m) / 2`` (Lahoti's form
+normalized over the federation, halved to mean 1 so that ARW does not rescale the loss: ``arw.LEARNER_SCALE``) and
+its adversary ascends the population surrogate (``arw.population_surrogate``).
 Adam's invariance to a constant loss scale would erase a device-wide factor, so the server also hands the
 strategy each update weighted by its ARL weight mass (the reply's ``arw-weight``, num-examples x the device's mean
 weight) instead of its utterance count: a device the adversary scores high pulls the average toward its update.

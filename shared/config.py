@@ -459,7 +459,7 @@ class FairnessConfig:
     # The adversary's Adam learning rate on the device. At 0.01 its weights stay within ~10% of uniform for the
     # few rounds of a run and no decoded word changes; at 0.3 they span most of [1, 1 + 1/m] (README: fairness).
     arw_lr: float = 0.3
-    arw_warmup: int = 1  # rounds in which the adversary stays uniform (all weights 2) before the min-max starts
+    arw_warmup: int = 1  # rounds in which the adversary stays uniform (every learner weight 1) before the min-max starts
     # population (default): the federation's mean score (devices report summable score sums), so whole devices
     # are up- or down-weighted (the server weighs each update by its ARL weight mass); it needs arw-warmup >= 1:
     # the first round measures the population. batch: ARL's in-batch normalization on each device, which with one

@@ -73,6 +73,9 @@ __all__ = [
 IMPOSTORS = "impostors"  # the train message's ArrayRecord: "centroids" (M, E), with ARW "clusters" (M,), "centres" (C, E)
 ADVERSARY_PREFIX = "arw."  # the adversary's arrays inside "arrays", as in the recognizer's ARW
 OPTIMIZERS = ("adam", "sgd")
+# A pair weighs w_i + w_j, 4 on average (ARL's sample weights average 2): the learner takes a quarter, mean 1, so that
+# ARW moves the loss between pairs without lengthening a plain-SGD step (Adam does not see the scale).
+LEARNER_PAIR_SCALE = 0.25
 SCALE, BIAS = 10.0, -5.0  # the pairwise recipe's starting calibration: "same" above cosine 0.5
 
 
@@ -253,7 +256,9 @@ def fine_tune_speaker(
         if adversary is not None and onehot is not None:
             batch_rows = torch.from_numpy(np.concatenate([rows, len(features) + np.arange(len(impostors))]))
             weights = arl_weights(adversary(onehot[batch_rows]))
-        learner = device_pair_loss(own, impostors, sample_weights=None if weights is None else weights.detach())
+        learner = device_pair_loss(
+            own, impostors, sample_weights=None if weights is None else LEARNER_PAIR_SCALE * weights.detach()
+        )
         optimizer.zero_grad(set_to_none=True)
         learner.backward()
         optimizer.step()

@@ -81,15 +81,16 @@ def test_an_adversary_step_increases_the_weighted_loss() -> None:
     before = weighted_loss()
     assert before == pytest.approx(float(2 * losses.sum() / tokens))  # starts uniform
     weights = reweighter(batch, losses)
-    torch.testing.assert_close(weights, torch.full((8,), 2.0))  # the weights before its step
+    torch.testing.assert_close(weights, torch.full((8,), 1.0))  # the weights before its step, halved: mean 1
     after = weighted_loss()
     assert after > before and reweighter.last_objective == pytest.approx(before)
     for _ in range(20):
         reweighter(batch, losses)
     assert weighted_loss() > after
-    # Mean weight stays 2, so a weighted loss above the uniform one means weights covary with the losses.
+    # The learner's mean weight stays 1 (ARL's 2, halved: the loss is moved, not rescaled), so a weighted loss
+    # above the uniform one means weights covary with the losses.
     weights = reweighter(batch, losses)
-    assert float(weights.mean()) == pytest.approx(2.0) and float(((weights - 2) * losses).sum()) > 0
+    assert float(weights.mean()) == pytest.approx(1.0) and float(((weights - 1) * losses).sum()) > 0
 
 
 def test_warm_up_keeps_the_adversary_frozen_and_uniform() -> None:
@@ -97,8 +98,8 @@ def test_warm_up_keeps_the_adversary_frozen_and_uniform() -> None:
     adversary = Adversary(UTTERANCE_STATISTICS, hidden_dim=4)
     reweighter = AdversarialReweighter(adversary, warmup_steps=3)
     initial = copy.deepcopy(adversary.state_dict())
-    for _ in range(3):
-        torch.testing.assert_close(reweighter(batch, losses), torch.full((4,), 2.0))
+    for _ in range(3):  # the warm-up trains as without ARW
+        torch.testing.assert_close(reweighter(batch, losses), torch.ones(4))
     assert all(torch.equal(initial[k], v) for k, v in adversary.state_dict().items())
     reweighter(batch, losses)
     assert not all(torch.equal(initial[k], v) for k, v in adversary.state_dict().items())
@@ -106,7 +107,8 @@ def test_warm_up_keeps_the_adversary_frozen_and_uniform() -> None:
 
 
 def test_population_weights_and_weight_mass() -> None:
-    """With the federation's mean score m, w_i = 1 + s_i / m; the reweighter keeps the mass it handed out."""
+    """With the federation's mean score m, ARL's w_i = 1 + s_i / m, of which the learner gets half; the reweighter
+    keeps the mass it handed out."""
     batch, losses = _batch(4), torch.tensor([1.0, 5.0, 2.0, 0.5])
     adversary = Adversary(UTTERANCE_STATISTICS)
     with torch.no_grad():
@@ -114,12 +116,12 @@ def test_population_weights_and_weight_mass() -> None:
     scores = torch.sigmoid(adversary(utterance_statistics(batch.feats, batch.feat_lens))).detach()
     population = PopulationStats(mean_score=0.8, weighted_loss=2.0)
     reweighter = AdversarialReweighter(adversary, warmup_steps=1, population=population)
-    assert reweighter.mean_weight() == 2.0  # nothing handed out yet: the uniform weight
-    torch.testing.assert_close(reweighter(batch, losses), torch.full((4,), 2.0))  # warm-up
+    assert reweighter.mean_weight() == 1.0  # nothing handed out yet: the uniform weight
+    torch.testing.assert_close(reweighter(batch, losses), torch.ones(4))  # warm-up
     weights = reweighter(batch, losses)
-    torch.testing.assert_close(weights, 1 + scores / 0.8)
-    assert reweighter.weight_sum == pytest.approx(8.0 + float(weights.sum()))
-    assert reweighter.mean_weight() == pytest.approx((8.0 + float(weights.sum())) / 8)
+    torch.testing.assert_close(weights, (1 + scores / 0.8) / 2)
+    assert reweighter.weight_sum == pytest.approx(4.0 + float(weights.sum()))
+    assert reweighter.mean_weight() == pytest.approx((4.0 + float(weights.sum())) / 8)
 
 
 def test_population_surrogate_gradients_sum_to_the_central_arl_gradient() -> None:

@@ -388,7 +388,7 @@ def test_adversary_arrays_round_trip_and_are_split_off_the_aggregate() -> None:
         with torch.no_grad():
             adversary.net.bias.fill_(value)  # type: ignore[union-attr]
         arrays = ArrayRecord(p.join_adversary(GLOBAL, adversary.state_dict()))
-        replies.append(_arw_reply(arrays, weight, score=0.5 * weight, score_loss=weight, weight_mass=2.0 * weight))
+        replies.append(_arw_reply(arrays, weight, score=0.5 * weight, score_loss=weight, weight_mass=1.0 * weight))
     arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 1, replies)
     assert arrays is not None and set(arrays.keys()) == set(GLOBAL)
     assert float(rounds.adversary.net.bias.detach()) == pytest.approx(2.5)  # type: ignore[union-attr]
@@ -421,23 +421,23 @@ def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_wei
         4,
         score=0.8,
         score_loss=0.8,
-        weight_mass=4 * 1.4,
+        weight_mass=4 * 0.7,
     )
     hard = _arw_reply(
         ArrayRecord(p.join_adversary({k: v * 0 + 1 for k, v in GLOBAL.items()}, adversary)),
         4,
         score=2.4,
         score_loss=7.2,
-        weight_mass=4 * 2.6,
+        weight_mass=4 * 1.3,
     )
     arrays, _ = rounds.aggregate_train(flwr_strategy.FedAvg(), 2, [easy, hard])
     # The population's mean score m = 3.2 / 8 and score-weighted loss L_w = 8 / 3.2, for the next round ...
     assert rounds.population == pytest.approx((0.4, 2.5))
-    # ... and FedAvg weighed the updates 5.6 : 10.4 (their ARL weight mass), not 4 : 4 (their utterances).
-    np.testing.assert_allclose(arrays["joiner.b"].numpy(), np.full(5, 10.4 / 16.0), rtol=1e-6)  # type: ignore[index]
-    # The round notes how far apart the devices' mean weights were: 1.4 and 2.6.
+    # ... and FedAvg weighed the updates 2.8 : 5.2 (their ARL weight mass), not 4 : 4 (their utterances).
+    np.testing.assert_allclose(arrays["joiner.b"].numpy(), np.full(5, 5.2 / 8.0), rtol=1e-6)  # type: ignore[index]
+    # The round notes how far apart the devices' mean weights were: 0.7 and 1.3.
     notes = rounds._round_notes[2]
-    assert (notes["arw_weight_min"], notes["arw_weight_max"]) == pytest.approx((1.4, 2.6))
+    assert (notes["arw_weight_min"], notes["arw_weight_max"]) == pytest.approx((0.7, 1.3))
 
     # The next round's message carries the normalizers; the device's reweighter uses them.
     content = _train_content(adversary=Adversary(UTTERANCE_STATISTICS + E))
@@ -452,7 +452,7 @@ def test_population_arw_normalizes_over_the_federation_and_weighs_updates_by_wei
     )
     assert local.reweighter is not None and local.reweighter.population == pytest.approx((0.4, 2.5))
     metrics = local.reply_metrics(num_examples=5)
-    assert list(metrics) == list(p.ARW_METRICS) and metrics[p.ARW_WEIGHT] == 10.0  # no step yet: weight 2 each
+    assert list(metrics) == list(p.ARW_METRICS) and metrics[p.ARW_WEIGHT] == 5.0  # no step yet: weight 1 each
     audit_reply(RecordDict({"metrics": MetricRecord(metrics)}), content)
 
     # Batch normalization keeps the strategy's utterance weights.

@@ -316,7 +316,8 @@ def test_device_loss_averages_target_and_impostor_pairs_separately() -> None:
 
 def test_under_sgd_a_device_the_adversary_upweights_moves_further_and_under_adam_it_does_not() -> None:
     """A device's ARL weight (its own cluster scored high or low against the impostors' clusters) scales its
-    whole loss; plain SGD (``sv.optimizer=sgd``) turns that into a longer step, Adam normalizes it away."""
+    whole loss; plain SGD (``sv.optimizer=sgd``) turns that into a longer step, Adam normalizes it away. A uniform
+    adversary leaves the step as long as without ARW: ARW moves the loss, it does not rescale it."""
     from shared.fairness.arw import Adversary
     from shared.federated_verification import fine_tune_speaker
 
@@ -327,12 +328,13 @@ def test_under_sgd_a_device_the_adversary_upweights_moves_further_and_under_adam
     features = [rng.normal(size=(60, 16)).astype(np.float32) for _ in range(6)]
     impostors = F.normalize(torch.randn(20, 8), dim=-1)
 
-    def step_length(optimizer: str, own_logit: float) -> float:
+    def step_length(optimizer: str, own_logit: float | None) -> float:
         adversary = Adversary(2)
         with torch.no_grad():  # cluster 0 (the device's) scored own_logit, cluster 1 (the impostors') 0
-            adversary.net.weight.copy_(torch.tensor([[own_logit, 0.0]]))
+            adversary.net.weight.copy_(torch.tensor([[own_logit or 0.0, 0.0]]))
+        arw = own_logit is not None  # None: no ARW
         recipe = DeviceRecipe(
-            local_steps=1, utterances_per_step=4, crop_frames=40, lr=1e-3, optimizer=optimizer, arw=True, arw_frozen=True
+            local_steps=1, utterances_per_step=4, crop_frames=40, lr=1e-3, optimizer=optimizer, arw=arw, arw_frozen=arw
         )
         update = fine_tune_speaker(
             init,
@@ -340,13 +342,14 @@ def test_under_sgd_a_device_the_adversary_upweights_moves_further_and_under_adam
             impostors,
             recipe,
             seed=0,
-            adversary=adversary,
-            own_clusters=np.zeros(6, dtype=np.int64),
-            impostor_clusters=np.ones(20, dtype=np.int64),
+            adversary=adversary if arw else None,
+            own_clusters=np.zeros(6, dtype=np.int64) if arw else None,
+            impostor_clusters=np.ones(20, dtype=np.int64) if arw else None,
         )
         return float(sum(((a - b) ** 2).sum() for a, b in zip(update.embedder.parameters(), init.parameters())) ** 0.5)
 
     assert step_length("sgd", 4.0) > 1.3 * step_length("sgd", -4.0)
+    assert step_length("sgd", 0.0) == pytest.approx(step_length("sgd", None), rel=1e-4)
     assert step_length("adam", 4.0) == pytest.approx(step_length("adam", -4.0), rel=0.05)
     with pytest.raises(SpeakerEmbeddingError, match="sv.optimizer"):
         DeviceRecipe(optimizer="rmsprop")

@@ -8,12 +8,13 @@ s_i = sigmoid(adversary(x_i)), and the utterance's loss weight is
 The learner (the transducer) minimizes the weighted per-token loss ``sum_i w_i * loss_i / sum_i tokens_i``;
 the adversary maximizes the same quantity (gradient ascent, with the learner's losses detached). Weights are
 at least 1 and sum to 2n, so their mean is exactly 2: the weighted objective is the plain loss plus an
-adversarially redistributed copy of it (the ``1 +`` keeps every example in play). A uniform adversary gives
-every utterance weight 2, so the objective is twice the usual per-token loss; Adam is invariant to that scale,
-and ``train_steps`` still reports the unweighted loss.
+adversarially redistributed copy of it (the ``1 +`` keeps every example in play). The learner trains on half of
+each weight (``LEARNER_SCALE``; mean 1), so a uniform adversary gives the usual per-token loss: Adam is invariant
+to the loss's scale, but plain SGD is not, and with ARL's own scale an ARW arm under SGD took twice the steps of
+the arm it is compared with. ``train_steps`` still reports the unweighted loss.
 
 Schedule (our choice; the papers do not fix one for this setting): for the first ``warmup_steps`` calls the
-adversary is frozen at uniform (all weights 2, i.e. plain training); after that every step alternates, on the
+adversary is frozen at uniform (all learner weights 1, i.e. plain training); after that every step alternates, on the
 same batch: the learner gets the current adversary's weights (detached), then the adversary takes one ascent
 step on the detached losses. Adversary: linear by default (ARL found a linear adversary best on small data),
 optionally one hidden layer.
@@ -23,16 +24,16 @@ Adversary input (``adversary_inputs``): only what the device has and no demograp
 optionally concatenated with the speaker embedding (``shared/models/speaker_embedding.py``) or any other
 device-side vector (Jin et al. feed k-means cluster ids; pass a one-hot cohort as the "embedding").
 
-Federated caveat, and what this module offers for it: a device holds one speaker, so every utterance of its
-batch shares the speaker embedding, and in-batch normalization (sum_j over the device's own batch) can only
-reweight utterances *within* that speaker. To reweight *across* devices, normalize by the population instead:
-devices report ``ScoreSums`` (sum of scores, count, sum of score x loss: three summable scalars), the server
-forms ``PopulationStats`` (mean score m, score-weighted mean loss L_w) and sends them back, and with
-``population`` set the learner's weights are ``w_i = 1 + s_i / m`` and the adversary ascends the surrogate
-``sum_i s_i (loss_i - L_w) / (m * tokens)``. Its gradient, summed over devices, is exactly the gradient of the
-population ARL objective (d/dtheta of sum_i s_i l_i / sum_j s_j = sum_j ds_j (l_j - L_w) / sum_j s_j); the
-stats are one round stale. A device-wide factor on the learner's loss does not change an Adam update (Adam is
-invariant to the loss scale), so the cross-device half of the weights has to act where updates meet: the server
+Federated caveat, and what this module offers for it: a device holds one speaker, so every utterance of its batch
+shares the speaker embedding, and in-batch normalization (sum_j over the device's own batch) can only reweight
+utterances *within* that speaker. To reweight *across* devices, normalize by the population instead: devices report
+``ScoreSums`` (sum of scores, count, sum of score x loss: three summable scalars), the server forms
+``PopulationStats`` (mean score m, score-weighted mean loss L_w) and sends them back, and with ``population`` set
+ARL's weights are ``w_i = 1 + s_i / m`` (the learner gets half of each: ``LEARNER_SCALE``) and the adversary ascends
+the surrogate ``sum_i s_i (loss_i - L_w) / (m * tokens)``. Its gradient, summed over devices, is exactly the
+gradient of the population ARL objective (d/dtheta of sum_i s_i l_i / sum_j s_j = sum_j ds_j (l_j - L_w) / sum_j
+s_j); the stats are one round stale. A device-wide factor on the learner's loss does not change an Adam update (Adam
+is invariant to the loss scale), so the cross-device half of the weights has to act where updates meet: the server
 weighs each device's update by its weight mass (``AdversarialReweighter.mean_weight`` x its utterances).
 
 Legend of tensor symbols:
@@ -191,7 +192,7 @@ def adversary_inputs(batch: Batch, speaker_embedding: Tensor | Mapping[str, Tens
 class Adversary(nn.Module):
     """(B, A) inputs -> (B,) logits: linear (``hidden_dim=0``, ARL's choice for small data) or one hidden layer.
 
-    Starts uniform: the output layer is zero-initialized, so every logit is 0 and every weight 2 until it learns.
+    Starts uniform: the output layer is zero-initialized, so every logit is 0 and every ARL weight 2 until it learns.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int = 0) -> None:
@@ -207,12 +208,20 @@ class Adversary(nn.Module):
         return self.net(inputs).squeeze(-1)
 
 
+LEARNER_SCALE = 0.5  # the learner's weights are ARL's halved: mean 1 (``AdversarialReweighter``)
+
+
 class AdversarialReweighter:
     """The ARL min-max step as a ``train_steps`` reweighter: ``(batch, losses) -> weights`` plus an ascent step.
 
-    Each call: compute the current adversary's weights for ``batch`` (returned detached: the learner's
-    weights), then, after the warm-up, take one adversary step that increases ``sum_i w_i * loss_i / tokens``
-    on the detached ``losses``. Also accumulates ``score_sums`` for population normalization.
+    Each call: compute the current adversary's weights for ``batch`` and return half of them, detached, as the
+    learner's weights; then, after the warm-up, take one adversary step that increases ``sum_i w_i * loss_i /
+    tokens`` on the detached ``losses``. Also accumulates ``score_sums`` for population normalization.
+
+    Why half: ARL's weights average 2 (over the batch, or over the population), so the learner's loss would be
+    twice the unweighted one, and under plain SGD every step twice as long as the same recipe's without ARW.
+    Halved, they average 1: ARW moves the loss between utterances and devices without rescaling it, so an ARW
+    arm trains at the learning rate its comparison trains at, and its warm-up equals training without ARW.
 
     Attributes:
         adversary: the module mapping ``inputs(batch)`` to logits.
@@ -220,7 +229,7 @@ class AdversarialReweighter:
         steps: calls so far.
         last_objective: the adversary's objective before its latest step (NaN until the first step).
         score_sums: ``ScoreSums`` accumulated over all calls (reset it between rounds).
-        weight_sum: the learner's weights summed over all calls (utterance-steps; 2 each while frozen).
+        weight_sum: the learner's weights summed over all calls (utterance-steps; 1 each while frozen).
     """
 
     def __init__(
@@ -238,7 +247,7 @@ class AdversarialReweighter:
             adversary: e.g. ``Adversary(UTTERANCE_STATISTICS + E)``.
             optimizer: for the adversary's parameters; default Adam at ``lr``.
             lr: the default optimizer's learning rate (1e-2: a linear model of a few inputs).
-            warmup_steps: calls during which the adversary stays frozen at uniform weights (2 each).
+            warmup_steps: calls during which the adversary stays frozen at uniform weights (1 each).
             inputs: batch -> (B, A) adversary input; e.g. ``functools.partial(adversary_inputs,
                 speaker_embedding=vector)`` on a device.
             population: see the class attributes.
@@ -256,8 +265,8 @@ class AdversarialReweighter:
         self.weight_sum = 0.0
 
     def mean_weight(self) -> float:
-        """The mean learner weight over all calls so far (2 before any call: the uniform weight)."""
-        return self.weight_sum / self.score_sums.count if self.score_sums.count else 2.0
+        """The mean learner weight over all calls so far (1 before any call: the uniform weight)."""
+        return self.weight_sum / self.score_sums.count if self.score_sums.count else 1.0
 
     def objective(self, logits: Tensor, losses: Tensor, tokens: Tensor) -> Tensor:
         """What the adversary maximizes, per token: the weighted loss (in-batch) or the population surrogate."""
@@ -284,9 +293,9 @@ class AdversarialReweighter:
         self.score_sums = self.score_sums + ScoreSums(float(scores.sum()), float(scores.numel()), float((scores * losses).sum()))
         self.steps += 1
         if self.steps <= self.warmup_steps:
-            self.weight_sum += 2.0 * losses.numel()
-            return torch.full_like(losses, 2.0)
-        weights = arl_weights(logits.detach(), population=self.population)
+            self.weight_sum += float(losses.numel())
+            return torch.ones_like(losses)
+        weights = LEARNER_SCALE * arl_weights(logits.detach(), population=self.population)
         self.weight_sum += float(weights.sum())
         objective = self.objective(logits, losses, tokens)
         self.optimizer.zero_grad(set_to_none=True)
