@@ -457,7 +457,7 @@ class FairnessConfig:
     arw: bool = False  # adversarial reweighting (ARL weights; the adversary is federated with the model)
     arw_hidden: int = 0  # 0 = a linear adversary (ARL's finding for small data); else one hidden layer
     # The adversary's Adam learning rate on the device. At 0.01 its weights stay within ~10% of uniform for the
-    # few rounds of a run and no decoded word changes; at 0.3 they span most of [1, 1 + 1/m] (README: fairness).
+    # few rounds of a run and no decoded word changes; at 0.3 ARL's weights span most of [1, 1 + 1/m] (README: fairness).
     arw_lr: float = 0.3
     arw_warmup: int = 1  # rounds in which the adversary stays uniform (every learner weight 1) before the min-max starts
     # population (default): the federation's mean score (devices report summable score sums), so whole devices

@@ -436,7 +436,7 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
                 np.allclose(recount.errors, last["cohort_errors"]) and np.allclose(recount.words, last["cohort_words"])
             ),
             "targeted_cohorts": sorted({c for e in fairness["log"] for c in e.get("targeted_cohorts", [])}),
-            "arw_weight_range": [  # per round: the lowest and highest device mean ARL weight
+            "arw_weight_range": [  # per round: the lowest and highest device mean learner weight (ARL's, halved)
                 [e["arw_weight_min"], e["arw_weight_max"]] for e in fairness["log"] if "arw_weight_min" in e
             ],
             "cohort_sizes": fairness["cohort_sizes"],
@@ -585,7 +585,7 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
         spreads = {arm: row["arw_weight_range"] for arm, row in section["arms"].items() if row.get("arw_weight_range")}
         if spreads:
             lines += [
-                "ARW: each round's lowest and highest device mean weight (2 everywhere = the devices weigh as in "
+                "ARW: each round's lowest and highest device mean weight (1 everywhere = the devices weigh as in "
                 "FedAvg): "
                 + "; ".join(f"{arm} " + ", ".join(f"{lo:.3f}-{hi:.3f}" for lo, hi in r) for arm, r in spreads.items()),
                 "",
