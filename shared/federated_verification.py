@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shared.fairness.arw import Adversary, arl_weights
+from shared.fairness.arw import LEARNER_SCALE, Adversary, arl_weights
 from shared.fairness.pairwise_arw import pair_losses, pair_weights, same_speaker
 from shared.models.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingError, crop
 
@@ -73,9 +73,9 @@ __all__ = [
 IMPOSTORS = "impostors"  # the train message's ArrayRecord: "centroids" (M, E), with ARW "clusters" (M,), "centres" (C, E)
 ADVERSARY_PREFIX = "arw."  # the adversary's arrays inside "arrays", as in the recognizer's ARW
 OPTIMIZERS = ("adam", "sgd")
-# A pair weighs w_i + w_j, 4 on average (ARL's sample weights average 2): the learner takes a quarter, mean 1, so that
-# ARW moves the loss between pairs without lengthening a plain-SGD step (Adam does not see the scale).
-LEARNER_PAIR_SCALE = 0.25
+# A pair weighs w_i + w_j, twice a sample's weight: the learner takes half of the recognizer's learner scale (a quarter
+# of Jin's pair weight, mean 1), so ARW moves the loss between pairs without lengthening a plain-SGD step.
+LEARNER_PAIR_SCALE = LEARNER_SCALE / 2
 SCALE, BIAS = 10.0, -5.0  # the pairwise recipe's starting calibration: "same" above cosine 0.5
 
 
