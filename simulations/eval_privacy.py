@@ -357,18 +357,20 @@ def run_privacy_eval(
     local_eval = [u for d in data.values() for u in d.eval]
     device_features = data[partitions[0]].features  # one cache of the whole corpus, shared by the devices' DeviceData
 
-    def wers(state: dict[str, torch.Tensor]) -> tuple[float, int, float]:
-        """(held-out-speaker WER, its words, WER on the devices' own local-eval utterances): the first asks
-        whether the federation still generalizes, the second whether the devices got what they trained for."""
+    def wers(state: dict[str, torch.Tensor]) -> tuple[float, int, float, int]:
+        """(held-out-speaker WER, its words, WER on the devices' own local-eval utterances, their words): the
+        first asks whether the federation still generalizes, the second whether the devices got what they trained
+        for."""
         model = build_model(base.model)
         load_state(model, state, source="model under evaluation")
         counts, _ = score(model, heldout, features=features, tokenizer=prepared.tokenizer, beam=base.eval.beam)
         local, _ = score(model, local_eval, features=device_features, tokenizer=prepared.tokenizer, beam=base.eval.beam)
-        return counts.wer, counts.words, local.wer
+        return counts.wer, counts.words, local.wer, local.words
 
-    base_wer, words, base_device_wer = wers(base_state)
+    base_wer, words, base_device_wer, device_words = wers(base_state)
     print(
-        f"base model {base_source}: held-out WER {base_wer:.4f} ({words} words), device WER {base_device_wer:.4f}",
+        f"base model {base_source}: held-out WER {base_wer:.4f} ({words} words), device WER {base_device_wer:.4f} "
+        f"({device_words} words)",
         file=sys.stderr,
         flush=True,
     )
@@ -387,7 +389,7 @@ def run_privacy_eval(
         start = time.monotonic()
         torch.manual_seed(cfg.train.seed)
         fed = _federate(cfg, base_state, partitions=partitions, rounds=plan.rounds)
-        wer, _, device_wer = wers(fed.global_state)
+        wer, _, device_wer, _ = wers(fed.global_state)
         model = build_model(cfg.model)
         load_state(model, fed.global_state, source="final global model")
         save_checkpoint(root / "models" / f"{name}.pt", model, cfg.model, setting=name)
@@ -467,6 +469,7 @@ def run_privacy_eval(
             "heldout_wer": base_wer,
             "heldout_words": words,
             "device_wer": base_device_wer,
+            "device_words": device_words,
             "checkpoint": base_source,
             "mia": base_mia,
         },
@@ -553,7 +556,8 @@ def _report(root: Path, summary: dict[str, Any]) -> None:
         f"{plan['local_steps']} local steps (FedAvg), DP sample rate q = {plan['dp']['sample_rate']}, clip C = "
         f"{plan['dp']['max_grad_norm']}, delta = {plan['dp']['delta']:g}. Base model: held-out WER "
         f"{summary['base']['heldout_wer']:.4f} ({summary['base']['heldout_words']} words), device WER "
-        f"{summary['base']['device_wer']:.4f} (`{summary['base']['checkpoint']}`). Held-out WER: held-out speakers "
+        f"{summary['base']['device_wer']:.4f} ({summary['base']['device_words']} words; "
+        f"`{summary['base']['checkpoint']}`). Held-out WER: held-out speakers "
         "the federation never saw; device WER: the devices' own local-eval utterances (same speakers, not trained "
         "on). Markets (accents) of the devices and held-out speakers: "
         + (", ".join(plan["markets"]) if plan["markets"] else "any")

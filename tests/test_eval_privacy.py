@@ -12,6 +12,7 @@ import pytest
 
 from typer.testing import CliRunner
 
+from client.data import device_data
 from shared.config import RunConfig
 from shared.data.corpora import read_speakers_tsv
 from shared.data.prepare import open_prepared
@@ -85,6 +86,9 @@ def test_quick_privacy_eval_prints_json(tmp_path: Path) -> None:
     federated = [prepared.speaker_for_partition(p) for p in range(len(prepared.split.federated))]
     expected = {str(p): accents[s] for p, s in enumerate(federated) if accents[s] in MARKETS}
     assert result["device_markets"] == dict(list(expected.items())[:3])
+    # Device WER is over these devices' own local-eval utterances; its word count says how many errors a figure is.
+    local_eval = [u for p in result["device_markets"] for u in device_data(cfg, int(p)).eval]
+    assert result["base"]["device_words"] == sum(len(u.text.split()) for u in local_eval) > 0
 
     settings = result["settings"]
     assert settings[0]["name"] == "non-dp" and settings[0]["epsilon"] is None and not settings[0]["dp"]
