@@ -50,7 +50,7 @@ from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache
 from shared.data.prepare import Prepared, prepare
 from shared.metrics import ErrorCounts
-from shared.models.checkpoint import Frontend, initial_model, load_state, save_checkpoint
+from shared.models.checkpoint import Frontend, initial_model, load_state, save_checkpoint, sha256_of
 from shared.privacy.dp import WIDE_ORDERS, AccountantState
 from shared.privacy.secure_reply import train_metrics
 from shared.records import metric_record, scalar
@@ -282,6 +282,24 @@ def _train_phase(
         metric_keys=train_metrics(cfg),
     )
     return TrainRound(secure.arrays, secure.metrics, [], secure.contributed, secure.failed, 0)
+
+
+def same_run_config(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a run of exactly ``cfg`` (its config.json), so an experiment may reuse it instead of
+    training it again. The starting checkpoint is compared by content: the same shipped file reached from another
+    checkout, under another absolute path, starts the same run."""
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    now = json.loads(json.dumps(cfg.to_flat()))
+    key = "model.init-checkpoint"
+    old, new = stored.get(key), now.get(key)
+    if old != new and old and new:
+        if not (Path(old).is_file() and Path(new).is_file() and sha256_of(old) == sha256_of(new)):
+            return False
+        stored[key] = new
+    return bool(stored == now)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:

@@ -464,13 +464,16 @@ def run_corpus(corpus: str, plan: FairnessPlan, *, workdir: Path, out: Path, che
 def _finished_run(cfg: RunConfig) -> Path | None:
     """The run directory of an arm that already completed with exactly this config (an interrupted experiment
     restarts at the first unfinished arm), else None."""
+    from server.workflow import same_run_config
+
     run_dir = cfg.workdir_path / "runs" / cfg.run_id
     try:
-        same = json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_flat()))
         rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError, KeyError):
         return None
-    done = same and (run_dir / "fairness.json").is_file() and rounds and rounds[-1] == cfg.num_server_rounds
+    done = (
+        same_run_config(run_dir, cfg) and (run_dir / "fairness.json").is_file() and rounds and rounds[-1] == cfg.num_server_rounds
+    )
     return run_dir if done else None
 
 

@@ -249,11 +249,9 @@ def _launch_base(cfg: RunConfig, plan: NewMarketPlan, out: Path, checkpoint: Pat
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     """An earlier federation of exactly this config kept all its round models (an interrupted evaluation restarts
     from the measurements)."""
-    try:
-        same = json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_flat()))
-    except (OSError, ValueError):
-        return False
-    return same and (run_dir / "checkpoints" / f"round-{cfg.num_server_rounds}.pt").is_file()
+    from server.workflow import same_run_config
+
+    return same_run_config(run_dir, cfg) and (run_dir / "checkpoints" / f"round-{cfg.num_server_rounds}.pt").is_file()
 
 
 def speaker_accents(corpus_root: Path) -> dict[str, str]:

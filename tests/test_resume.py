@@ -106,6 +106,29 @@ def test_rewind_metrics_drops_uncommitted_and_torn_lines(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left behind
 
 
+def test_a_finished_run_is_the_same_from_another_checkout_of_its_base_model(tmp_path: Path) -> None:
+    """Experiments reuse a finished arm by its config.json; the base checkpoint's path differs between two clones of
+    the repository, its bytes do not."""
+    here, there, other = tmp_path / "a" / "base.pt", tmp_path / "b" / "base.pt", tmp_path / "c" / "base.pt"
+    for path, data in ((here, b"weights"), (there, b"weights"), (other, b"other weights")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+
+    def cfg(checkpoint: Path, **extra: bool | int | float | str) -> RunConfig:
+        return RunConfig.from_flat({**RunConfig().to_flat(), "model.init-checkpoint": str(checkpoint), **extra})
+
+    run_dir = tmp_path / "run"
+    assert not server.workflow.same_run_config(run_dir, cfg(here))  # no config.json: nothing to reuse
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg(here).to_flat()))
+    assert server.workflow.same_run_config(run_dir, cfg(here))
+    assert server.workflow.same_run_config(run_dir, cfg(there))  # the same file under another path
+    assert not server.workflow.same_run_config(run_dir, cfg(other))  # another model
+    assert not server.workflow.same_run_config(run_dir, cfg(there, **{"train.lr": 0.5}))  # another recipe
+    here.unlink()  # the stored path is gone: nothing proves the two are the same model
+    assert not server.workflow.same_run_config(run_dir, cfg(there))
+
+
 # -- run_federation, crashed and resumed (scripted grid, real data preparation and held-out scoring) --------
 
 
