@@ -715,6 +715,8 @@ def eval_privacy_cmd(
     from dataclasses import replace
 
     from shared.data.synth import ACCENTS
+    from shared.data.corpora import CorpusError
+    from shared.data.prepare import PrepareError
     from simulations.eval_privacy import FULL, QUICK, main
 
     plan = (QUICK if quick else FULL).with_overrides(_parse_sets(set_))
@@ -741,7 +743,7 @@ def eval_privacy_cmd(
             reuse=reuse,
             as_json=json_,
         )
-    except FileNotFoundError as err:  # the full plan's launch base is not shipped and none was given
+    except (FileNotFoundError, CorpusError, PrepareError) as err:  # no launch base shipped and none given; too few devices
         fail(str(err))
 
 
@@ -816,6 +818,8 @@ def eval_federation_cmd(
     """New markets: a launch base that never heard them, federated with devices of every market; WER per market
     per round on the devices' own utterances and on held-out speakers."""
     from shared.models.checkpoint import CheckpointError, load_checkpoint
+    from shared.data.corpora import CorpusError
+    from shared.data.prepare import PrepareError
     from simulations.eval_federation import FULL, QUICK, main
 
     try:
@@ -834,7 +838,7 @@ def eval_federation_cmd(
             checkpoint=checkpoint.resolve() if checkpoint else None,
             as_json=json_,
         )
-    except FileNotFoundError as err:  # no launch base shipped and none given
+    except (FileNotFoundError, CorpusError, PrepareError) as err:  # no launch base shipped and none given; too few devices
         fail(str(err))
 
 

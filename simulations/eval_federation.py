@@ -49,7 +49,7 @@ from shared.config import TINY_MODEL, RunConfig, search_name
 from shared.console import progress_to_stderr
 from shared.data.corpora import Utterance, read_speakers_tsv
 from shared.data.dataset import FeatureCache, make_batches
-from shared.data.prepare import Prepared, prepare
+from shared.data.prepare import Prepared, PrepareError, corpus_dir, plan_split, prepare
 from shared.metrics import ErrorCounts
 from shared.models.checkpoint import build_model, initial_model, load_checkpoint, save_checkpoint
 from shared.models.transducer import Transducer
@@ -399,10 +399,8 @@ def _federate(
             "run-id": run_id,
         }
     )
+    _enough_devices(cfg, devices)
     prepared = prepare(cfg, progress=False)
-    if devices > len(prepared.split.federated):
-        federated = len(prepared.split.federated)
-        raise ValueError(f"{devices} devices exceed the {federated} federated speakers of {prepared.corpus.root}")
     run_dir = cfg.workdir_path / "runs" / cfg.run_id
     if _finished(run_dir, cfg):
         _note(f"{run_id}: reusing {run_dir} (same config, all rounds done)")
@@ -549,11 +547,19 @@ def _sweep(flat: dict[str, Any], plan: NewMarketPlan, base: Path, out: Path) -> 
     return {**asdict(sweep), "rows": rows, "chosen": chosen}
 
 
+def _enough_devices(cfg: RunConfig, devices: int) -> None:
+    """More devices than the corpus' split has fail here, before anything is synthesized or trained."""
+    federated = len(plan_split(cfg)[0].federated)
+    if devices > federated:
+        raise PrepareError(f"--devices {devices} exceeds the {federated} federated speakers of {corpus_dir(cfg)}")
+
+
 def run_federation_eval(plan: NewMarketPlan, *, workdir: Path, out: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     """Train or take the launch base, sweep the local recipe, federate, measure every round per market; returns
     the JSON summary."""
     start = time.monotonic()
     flat: dict[str, Any] = {**RunConfig().to_flat(), **plan.overrides, "workdir": str(workdir)}
+    _enough_devices(RunConfig.from_flat(flat), plan.devices)
     if checkpoint is None and plan.base_steps == 0:
         checkpoint = shipped_launch_base()
     # The base model's architecture wins over the plan's, its dropout too: devices fine-tune it under the

@@ -62,14 +62,14 @@ from server.workflow import make_strategy, train_round
 from shared.config import TINY_MODEL, RunConfig
 from shared.data.corpora import Utterance
 from shared.data.dataset import Batch, FeatureCache, make_batches
-from shared.data.prepare import Prepared, prepare
+from shared.data.prepare import Prepared, PrepareError, plan_split, prepare
 from shared.models.checkpoint import build_model, load_checkpoint, load_state, save_checkpoint
 from shared.models.transducer import Transducer
 from shared.privacy.dp import DPSGD, GradSampleMode, make_dp_compatible, validate
 from shared.privacy.membership import MembershipAttack, loss_threshold_attack, utterance_losses
 from shared.records import array_record, metric_record, scalar
 from shared.training import score, train_steps
-from simulations.eval_federation import LEGACY, shipped_launch_base, speaker_accents
+from simulations.eval_federation import LEGACY, shipped_launch_base
 from simulations.harness import InProcessGrid, server_identity
 from simulations.train import base_model
 
@@ -330,20 +330,25 @@ def run_privacy_eval(
         {"strategy.fraction-train": 1.0, "strategy.min-train-nodes": plan.devices, "strategy.min-available-nodes": plan.devices}
     )
     base = RunConfig.from_flat(flat)
-    phases: dict[str, float] = {}
-    mark = time.monotonic()
-    prepared = prepare(base, progress=progress)
-    phases["prepare"] = round(time.monotonic() - mark, 1)
-    accent = speaker_accents(prepared.corpus.root)
+    split, attributes = plan_split(base)
+    accent = {speaker: row.get("accent", "?") for speaker, row in attributes.items()}
 
     def in_markets(speaker: str) -> bool:
         return not plan.markets or accent.get(speaker) in plan.markets
 
-    partitions = [p for p in range(len(prepared.split.federated)) if in_markets(prepared.speaker_for_partition(p))]
-    if plan.devices > len(partitions):
-        where = f" of {', '.join(plan.markets)}" if plan.markets else ""
-        raise ValueError(f"{plan.devices} devices, but the corpus has {len(partitions)} federated speakers{where}")
-    partitions = partitions[: plan.devices]
+    def device_partitions(federated: Sequence[str]) -> list[int]:
+        partitions = [p for p, speaker in enumerate(federated) if in_markets(speaker)]
+        if plan.devices > len(partitions):
+            where = f" of {', '.join(plan.markets)}" if plan.markets else ""
+            raise PrepareError(f"--devices {plan.devices}: the corpus has {len(partitions)} federated speakers{where}")
+        return partitions[: plan.devices]
+
+    device_partitions(split.federated)  # before the corpus is synthesized or featurized
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+    prepared = prepare(base, progress=progress)
+    phases["prepare"] = round(time.monotonic() - mark, 1)
+    partitions = device_partitions(prepared.split.federated)
     root = base.workdir_path / "runs" / eval_id
     root.mkdir(parents=True, exist_ok=True)
     mark = time.monotonic()

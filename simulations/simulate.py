@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared.config import RunConfig, StrategyConfig
-from shared.data.prepare import prepare
+from shared.data.prepare import corpus_dir, plan_split, prepare
 from shared.models.checkpoint import init_checkpoint_path
 from shared.processes import stop_pid, stop_tree
 
@@ -237,12 +237,13 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
     init = init_checkpoint_path(cfg.model)
     if init is not None:  # an absolute path: the app runs from a bundle (FAB) that carries no weights
         cfg = RunConfig.from_flat({**cfg.to_flat(), "model.init-checkpoint": str(init.resolve())})
-    prepared = prepare(cfg, progress=progress)
-    if num_supernodes > len(prepared.split.federated):
+    federated = len(plan_split(cfg)[0].federated)  # known before the corpus is synthesized
+    if num_supernodes > federated:
         raise SimulationError(
-            f"--clients {num_supernodes} exceeds the {len(prepared.split.federated)} federated "
-            f"speakers of {prepared.corpus.root}; synthesize more speakers"
+            f"--clients {num_supernodes} exceeds the {federated} federated speakers of {corpus_dir(cfg)}; "
+            "synthesize more speakers"
         )
+    prepare(cfg, progress=progress)
     run_dir = cfg.workdir_path / "runs" / cfg.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = run_dir / "run_config.toml"

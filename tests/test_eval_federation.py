@@ -148,6 +148,8 @@ def test_bad_inputs_are_named_before_anything_runs(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "nope.pt" in missing.output
     too_many = runner.invoke(app, ["eval", "federation", "--quick", "--per-round", "11", "--workdir", str(tmp_path)])
     assert too_many.exit_code == 2 and "per-round (11) <= devices (10)" in too_many.output
+    beyond = runner.invoke(app, ["eval", "federation", "--quick", "--devices", "50", "--workdir", str(tmp_path)])
+    assert beyond.exit_code == 2 and "--devices 50 exceeds the " in beyond.output  # the split, before any synthesis
     bad_key = runner.invoke(app, ["eval", "federation", "--quick", "--set", "train.nope=1", "--workdir", str(tmp_path)])
     assert bad_key.exit_code == 2 and "train.nope" in bad_key.output
     if not (SHIPPED_DIR / LAUNCH_BASE).exists():  # until a launch base ships, the full plan names what it lacks

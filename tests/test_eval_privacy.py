@@ -134,6 +134,8 @@ def test_bad_markets_and_a_missing_launch_base_are_named_before_anything_runs(tm
     runner = CliRunner()
     bad = runner.invoke(app, ["eval", "privacy", "--quick", "--markets", "en-029,en-mars", "--workdir", str(tmp_path)])
     assert bad.exit_code == 2 and "['en-mars'] is not one of" in bad.output
+    beyond = runner.invoke(app, ["eval", "privacy", "--quick", "--devices", "50", "--markets", "any", "--workdir", str(tmp_path)])
+    assert beyond.exit_code == 2 and "--devices 50: the corpus has " in beyond.output  # the split, before any synthesis
     if not (SHIPPED_DIR / LAUNCH_BASE).exists():  # the full plan starts from the launch base, or --checkpoint
         unshipped = runner.invoke(app, ["eval", "privacy", "--workdir", str(tmp_path)])
         assert unshipped.exit_code == 2 and f"{LAUNCH_BASE} is not shipped yet; pass --checkpoint" in unshipped.output

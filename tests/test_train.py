@@ -170,7 +170,7 @@ def test_split_market_draws_devices_and_held_out_speakers_from_the_market_and_pu
 
     from shared.config import ConfigError
     from shared.data.corpora import read_speakers_tsv
-    from shared.data.prepare import PrepareError, artifact_dir, prepare, split_speakers
+    from shared.data.prepare import PrepareError, artifact_dir, plan_split, prepare, split_speakers
 
     root = prepare(cfg, progress=False).corpus.root
     accents = {speaker: row["accent"] for speaker, row in read_speakers_tsv(root).items()}
@@ -178,6 +178,7 @@ def test_split_market_draws_devices_and_held_out_speakers_from_the_market_and_pu
     assert count >= 2, "the tiny corpus needs one accent with a held-out and a federated speaker"
     flat = {**cfg.to_flat(), "split.market": f"accent={accent}", "split.heldout-speakers": 1}
     split = prepare(RunConfig.from_flat(flat), progress=False).split
+    assert plan_split(RunConfig.from_flat(flat))[0] == split  # what a command checks before any synthesis
     market = {speaker for speaker, a in accents.items() if a == accent}
     assert set(split.heldout) | set(split.federated) == market and len(split.heldout) == 1
     assert len(split.public) == cfg.split.public_speakers and not set(split.public) & market

@@ -224,16 +224,17 @@ def parse_speaker_filter(spec: str) -> tuple[str, frozenset[str]]:
     return key, chosen
 
 
-def speakers_matching(root: Path | str, spec: str) -> frozenset[str]:
+def speakers_matching(root: Path | str, spec: str, attributes: dict[str, dict[str, str]] | None = None) -> frozenset[str]:
     """The speakers of the corpus at ``root`` whose ``speakers.tsv`` attribute is one of the values of ``spec``
-    (``"ATTRIBUTE=V1,V2"``): whole markets, for `chorus train --withhold` and ``split.market``.
+    (``"ATTRIBUTE=V1,V2"``): whole markets, for `chorus train --withhold` and ``split.market``. ``attributes``
+    stands for the file where it is known before the file is written (a synthetic corpus not yet synthesized).
 
     Raises:
         ValueError: a malformed ``spec``, a column the file does not have, or a value no speaker has (a typo would
             otherwise select nobody), each named.
     """
     key, values = parse_speaker_filter(spec)
-    attributes = read_speakers_tsv(root)
+    attributes = read_speakers_tsv(root) if attributes is None else attributes
     columns = {column for row in attributes.values() for column in row}
     if key not in columns:
         raise ValueError(f"{spec!r}: {Path(root) / _SPEAKERS_FILE} has no column {key!r} ({sorted(columns)})")

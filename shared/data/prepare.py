@@ -21,7 +21,7 @@ import numpy as np
 from typing import Collection, Sequence
 
 from shared.config import RunConfig
-from shared.data.corpora import Corpus, Utterance, load_corpus, speakers_matching
+from shared.data.corpora import Corpus, Utterance, load_corpus, read_speakers_tsv, speakers_matching
 from shared.data.dataset import FeatureCache
 from shared.data.features import GlobalCMVN
 from shared.data.tokenizer import Tokenizer
@@ -33,6 +33,7 @@ __all__ = [
     "SpeakerSplit",
     "Prepared",
     "split_speakers",
+    "plan_split",
     "prepare",
     "open_prepared",
     "corpus_dir",
@@ -194,26 +195,46 @@ def build_speaker_embedder(cfg: RunConfig, corpus: Corpus, public: Sequence[str]
     return save_speaker_embedder(path, model)
 
 
-def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
-    """Synthesize (if needed), split, and build the tokenizer and CMVN artifacts (and, with ``fairness.enabled``,
-    the speaker-embedding extractor); cached on disk."""
+def plan_split(cfg: RunConfig, speakers: Sequence[str] | None = None) -> tuple[SpeakerSplit, dict[str, dict[str, str]]]:
+    """The split ``prepare`` makes and the speakers' ``speakers.tsv`` attributes, known before anything is
+    synthesized or featurized (a synthetic corpus' speakers are drawn from its seed), so that a command asking for
+    more devices than the split has fails before the expensive work. ``speakers``: the corpus' speakers where the
+    caller has loaded it (default: the synthetic population, or the corpus listed without validating its audio)."""
     root = corpus_dir(cfg)
     if cfg.corpus == "synth":
-        from shared.data.synth import synthesize  # espeak-ng is only needed for the default corpus
+        from shared.data.synth import SPEAKER_COLUMNS, sample_population
 
-        synthesize(root, speakers=cfg.synth.speakers, utterances=cfg.synth.utterances, seed=cfg.synth.seed, progress=progress)
-    try:  # speakers.tsv alone names the market: checked before the corpus' audio is
-        market = speakers_matching(root, cfg.split.market) if cfg.split.market else None
+        population = sample_population(cfg.synth.speakers, cfg.synth.seed)
+        attributes = {p.id: dict(zip(SPEAKER_COLUMNS[1:], p.tsv_row().split("\t")[1:], strict=True)) for p in population}
+        speakers = list(attributes) if speakers is None else speakers
+    else:
+        attributes = read_speakers_tsv(root)
+        speakers = load_corpus(root, validate=False).speakers() if speakers is None else speakers
+    try:  # speakers.tsv alone names the market
+        market = speakers_matching(root, cfg.split.market, attributes) if cfg.split.market else None
     except ValueError as err:
         raise PrepareError(f"split.market = {err}") from None
-    corpus = load_corpus(root)
     split = split_speakers(
-        corpus.speakers(),
+        speakers,
         public=cfg.split.public_speakers,
         heldout=cfg.split.heldout_speakers,
         seed=cfg.split.seed,
         market=market,
     )
+    return split, attributes
+
+
+def prepare(cfg: RunConfig, *, progress: bool = True) -> Prepared:
+    """Synthesize (if needed), split, and build the tokenizer and CMVN artifacts (and, with ``fairness.enabled``,
+    the speaker-embedding extractor); cached on disk."""
+    root = corpus_dir(cfg)
+    plan_split(cfg)  # a split the corpus cannot make fails here, before the synthesis or the audio's validation
+    if cfg.corpus == "synth":
+        from shared.data.synth import synthesize  # espeak-ng is only needed for the default corpus
+
+        synthesize(root, speakers=cfg.synth.speakers, utterances=cfg.synth.utterances, seed=cfg.synth.seed, progress=progress)
+    corpus = load_corpus(root)
+    split, _ = plan_split(cfg, corpus.speakers())
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
     write_text_atomic(
