@@ -38,7 +38,7 @@ import typer
 
 from shared.config import search_name
 from shared.console import fail
-from shared.processes import stop_tree
+from shared.processes import interrupt, stop_tree
 
 # torch, the model and the audio stack load inside `transcribe`: `chorus --help` and `device join` stay fast.
 if TYPE_CHECKING:
@@ -430,7 +430,7 @@ def join_cmd(
     from shared.data.corpora import CorpusError, load_corpus
 
     state_dir = (state_dir or data.resolve().parent / f".supernode-{port}").resolve()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
     try:
         corpus = load_corpus(data)
         proc = start_supernode(
@@ -698,7 +698,3 @@ def verify_cmd(
         f"{'accept' if decision.accepted else 'reject'}: score {decision.score:.4f} "
         f"{'>=' if decision.accepted else '<'} threshold {decision.threshold:.4f}{far}"
     )
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

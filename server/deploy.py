@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.console import fail
-from shared.processes import stop_tree
+from shared.processes import interrupt, stop_tree
 
 __all__ = [
     "CONNECTION_NAME",
@@ -468,7 +468,7 @@ def start_cmd(
         proc = start_superlink(certs=certs, port=port, state_dir=state_dir, host=host, supernode_auth=not no_auth)
     except DeployError as err:
         fail(str(err))
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the Flower processes too, as Ctrl-C does
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # reach it through an address in the SAN
     try:
         wait_until_listening(proc, local, port, log_file=log_file)
@@ -494,7 +494,3 @@ def start_cmd(
         stop_process(proc)
     if code:
         raise typer.Exit(code=1)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

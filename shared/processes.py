@@ -15,10 +15,19 @@ import subprocess
 import threading
 import time
 from typing import Any
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["PSS_EVERY", "SAMPLE_INTERVAL", "TreeMemorySampler", "stop_pid", "stop_tree", "tree_cpu_seconds"]
+__all__ = [
+    "PSS_EVERY",
+    "SAMPLE_INTERVAL",
+    "TreeMemorySampler",
+    "interrupt",
+    "sigterm_as_interrupt",
+    "stop_pid",
+    "stop_tree",
+    "tree_cpu_seconds",
+]
 
 SAMPLE_INTERVAL = 0.5  # seconds between /proc samples of the process tree
 PSS_EVERY = 20  # samples between PSS readings (every 10 s): smaps_rollup costs far more CPU than RSS
@@ -58,6 +67,26 @@ def stop_tree(proc: subprocess.Popen[Any], timeout: float, *, first: signal.Sign
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """A signal handler that raises KeyboardInterrupt: installed for SIGTERM, ``kill`` (a scheduler, ``timeout``) runs
+    the cleanup Ctrl-C runs, so the Flower and Ray processes a command started stop with it."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """:func:`interrupt` as the SIGTERM handler inside the block (the previous one after it); a no-op outside the
+    main thread, where Python cannot install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_pid(pid: int, timeout: float) -> None:

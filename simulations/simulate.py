@@ -43,7 +43,7 @@ from pathlib import Path
 from shared.config import RunConfig, StrategyConfig
 from shared.data.prepare import corpus_dir, plan_split, prepare
 from shared.models.checkpoint import init_checkpoint_path
-from shared.processes import stop_pid, stop_tree
+from shared.processes import sigterm_as_interrupt, stop_pid, stop_tree
 
 __all__ = [
     "REPO_ROOT",
@@ -252,26 +252,27 @@ def simulate(cfg: RunConfig, *, num_supernodes: int, progress: bool = True, para
     flwr_home.mkdir(parents=True, exist_ok=True)
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"
     env = _flower_env(flwr_home)
-    superlink, port, log_file = _start_superlink(flwr_home, env)
-    try:
-        _write_connection(flwr_home, port)
-        with tempfile.TemporaryDirectory(prefix="chorus-app-") as app:
-            cmd = [
-                flwr,
-                "run",
-                str(stage_app(Path(app))),
-                CONNECTION,
-                "--run-config",
-                str(overrides),
-                "--federation-config",
-                f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={parallel}",
-                "--stream",
-            ]
-            result = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
-    finally:
-        stop_tree(superlink, timeout=10.0)  # with its SuperExec, ServerApp, simulation process and Ray
-        for suffix in ("", "-wal", "-shm", "-journal"):  # the run's record is runs/<run-id>/, not this state
-            Path(f"{_database(flwr_home, port)}{suffix}").unlink(missing_ok=True)
+    with sigterm_as_interrupt():  # `kill` stops the SuperLink, its run and Ray, as Ctrl-C does
+        superlink, port, log_file = _start_superlink(flwr_home, env)
+        try:
+            _write_connection(flwr_home, port)
+            with tempfile.TemporaryDirectory(prefix="chorus-app-") as app:
+                cmd = [
+                    flwr,
+                    "run",
+                    str(stage_app(Path(app))),
+                    CONNECTION,
+                    "--run-config",
+                    str(overrides),
+                    "--federation-config",
+                    f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={parallel}",
+                    "--stream",
+                ]
+                result = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
+        finally:
+            stop_tree(superlink, timeout=10.0)  # with its SuperExec, ServerApp, simulation process and Ray
+            for suffix in ("", "-wal", "-shm", "-journal"):  # the run's record is runs/<run-id>/, not this state
+                Path(f"{_database(flwr_home, port)}{suffix}").unlink(missing_ok=True)
     report = run_dir / "report.md"
     if result.returncode != 0 or not report.exists():
         raise SimulationError(f"flwr run exited with {result.returncode} and wrote no {report}; see the SuperLink log {log_file}")
