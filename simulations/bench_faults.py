@@ -48,7 +48,7 @@ from shared.config import TINY_RUN, RunConfig
 from shared.data.prepare import prepare
 from shared.files import write_text_atomic
 from shared.models.checkpoint import load_checkpoint
-from shared.processes import stop_tree
+from shared.processes import sigterm_as_interrupt, stop_tree
 from simulations.simulate import REPO_ROOT, free_port, stage_app, toml_value
 
 __all__ = ["FAULT_RUN", "device_dirs", "main", "run_faults"]
@@ -247,7 +247,7 @@ def run_faults(workdir: Path, *, bench_id: str = "bench-faults", timeout: float 
 
 def main(*, workdir: Path, bench_id: str, as_json: bool) -> None:
     """Progress to stderr; stdout carries the outcome (JSON with ``as_json``, else one line per round)."""
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), sigterm_as_interrupt():  # `kill` stops the deployment too
         outcome = run_faults(workdir, bench_id=bench_id)
     if as_json:
         print(json.dumps(outcome))

@@ -77,7 +77,7 @@ from typing import Any
 
 from shared.config import TINY_RUN, RunConfig
 from shared.console import progress_to_stderr
-from shared.processes import SAMPLE_INTERVAL, TreeMemorySampler, tree_cpu_seconds
+from shared.processes import SAMPLE_INTERVAL, TreeMemorySampler, sigterm_as_interrupt, tree_cpu_seconds
 from simulations.simulate import available_cores, sampling_overrides, simulate
 
 __all__ = ["FederationPlan", "QUICK", "FULL", "run_federation_bench", "main"]
@@ -600,7 +600,7 @@ def _report(root: Path, s: dict[str, Any]) -> None:
 
 
 def main(plan: FederationPlan, *, workdir: Path, bench_id: str, as_json: bool) -> None:
-    with progress_to_stderr():
+    with progress_to_stderr(), sigterm_as_interrupt():  # `kill` stops its simulations and baseline child too
         summary = run_federation_bench(plan, workdir=workdir, bench_id=bench_id, progress=sys.stderr.isatty())
     if as_json:
         json.dump(summary, sys.stdout, indent=1)
